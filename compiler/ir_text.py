@@ -1,0 +1,323 @@
+"""The IR's text form: a printer and a parser that round-trip.
+
+    graph "tiny" {
+      input %ids: i64[batch, seq]
+      const %emb: q8_0[64, 32] = external
+      const %eps: f32[] = 1e-05
+      %x: f32[batch, seq, 32] = embedding(%emb, %ids) loc "token_embd"
+      %a: f32[batch, seq, 16], %b: f32[batch, seq, 16] = split(%x) {axis=-1, sizes=[16, 16]}
+      output %a, %b
+    }
+
+Large constants print as `external`; `parse_graph(text, weights)` takes their arrays from
+`weights` (keyed by value name). Small float/int constants print inline, exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import numpy as np
+
+from isthmus.compiler.ir import Graph, Node, TensorType, Value, numpy_dtype, verify
+from isthmus.errors import IRError
+
+INLINE_LIMIT = 16
+_BARE = re.compile(r"[A-Za-z0-9_.]+\Z")
+_BARE_DIM = re.compile(r"[A-Za-z_?][A-Za-z0-9_+*?]*\Z")
+
+
+# -- printing --------------------------------------------------------------------------------
+
+def _name(v: Value) -> str:
+    return "%" + (v.name if _BARE.match(v.name) else json.dumps(v.name))
+
+
+def _dim(d) -> str:
+    if isinstance(d, int):
+        return str(d)
+    return d if _BARE_DIM.match(d) else json.dumps(d)
+
+
+def _type(t: TensorType) -> str:
+    return f"{t.dtype}[{', '.join(_dim(d) for d in t.shape)}]"
+
+
+def _scalar(x) -> str:
+    if isinstance(x, (bool, np.bool_)):
+        return "true" if x else "false"
+    if isinstance(x, (int, np.integer)):
+        return str(int(x))
+    if isinstance(x, (float, np.floating)):
+        f = float(x)
+        if math.isnan(f):
+            return "nan"
+        if math.isinf(f):
+            return "inf" if f > 0 else "-inf"
+        return repr(f)
+    if x is None:
+        return "null"
+    if isinstance(x, str):
+        return json.dumps(x)
+    raise IRError(f"cannot print attribute value {x!r}")
+
+
+def _attr(x) -> str:
+    if isinstance(x, (list, tuple)):
+        return "[" + ", ".join(_attr(e) for e in x) + "]"
+    return _scalar(x)
+
+
+def _literal(a: np.ndarray) -> str:
+    return _attr(a.tolist()) if a.ndim else _scalar(a.item())
+
+
+def is_inline(v: Value) -> bool:
+    return isinstance(v.data, np.ndarray) and v.data.size <= INLINE_LIMIT and v.dtype in (
+        "f32", "f16", "f64", "i64", "i32", "i8", "u8", "bool")
+
+
+def print_graph(g: Graph) -> str:
+    lines = [f"graph {json.dumps(g.name)} {{"]
+    for v in g.inputs:
+        lines.append(f"  input {_name(v)}: {_type(v.type)}")
+    for v in g.constants:
+        rhs = _literal(v.data) if is_inline(v) else "external"
+        lines.append(f"  const {_name(v)}: {_type(v.type)} = {rhs}")
+    for n in g.nodes:
+        outs = ", ".join(f"{_name(v)}: {_type(v.type)}" for v in n.outputs)
+        ins = ", ".join(_name(v) for v in n.inputs)
+        line = f"  {outs} = {n.op}({ins})"
+        if n.attrs:
+            line += " {" + ", ".join(f"{k}={_attr(v)}" for k, v in n.attrs.items()) + "}"
+        if n.source:
+            line += f" loc {json.dumps(n.source)}"
+        lines.append(line)
+    lines.append("  output " + ", ".join(_name(v) for v in g.outputs))
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+# -- parsing ---------------------------------------------------------------------------------
+
+_TOKEN = re.compile(r"""
+    (?P<ws>[ \t\r\n]+|\#[^\n]*)
+  | (?P<str>"(?:[^"\\]|\\.)*")
+  | (?P<num>-?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?|-inf\b)
+  | (?P<word>[A-Za-z_?][A-Za-z0-9_.+*?]*)
+  | (?P<val>%(?:[A-Za-z0-9_.]+|"(?:[^"\\]|\\.)*"))
+  | (?P<punct>[()\[\]{},:=])
+""", re.VERBOSE)
+
+
+class _Parser:
+    def __init__(self, text: str):
+        self.toks: list[tuple[str, str, int]] = []
+        pos, line = 0, 1
+        while pos < len(text):
+            m = _TOKEN.match(text, pos)
+            if not m:
+                raise IRError(f"IR text line {line}: unexpected character {text[pos]!r}")
+            kind = m.lastgroup
+            if kind != "ws":
+                self.toks.append((kind, m.group(), line))
+            line += m.group().count("\n")
+            pos = m.end()
+        self.i = 0
+
+    def peek(self):
+        return self.toks[self.i] if self.i < len(self.toks) else ("eof", "", self.toks[-1][2] if self.toks else 1)
+
+    def error(self, msg: str):
+        kind, text, line = self.peek()
+        raise IRError(f"IR text line {line}: {msg} (at {text or 'end of text'!r})")
+
+    def next(self, kind=None, text=None):
+        tok = self.peek()
+        if (kind and tok[0] != kind) or (text and tok[1] != text) or tok[0] == "eof":
+            self.error(f"expected {text or kind}")
+        self.i += 1
+        return tok[1]
+
+    def accept(self, text):
+        if self.peek()[1] == text and self.peek()[0] in ("punct", "word"):
+            self.i += 1
+            return True
+        return False
+
+    def string(self) -> str:
+        raw = self.next("str")
+        try:
+            return json.loads(raw)
+        except ValueError:
+            self.error("bad string literal")
+
+    def value_name(self) -> str:
+        raw = self.next("val")[1:]
+        if raw.startswith('"'):
+            try:
+                return json.loads(raw)
+            except ValueError:
+                self.error("bad quoted value name")
+        return raw
+
+    def dim(self):
+        kind, text, _ = self.peek()
+        if kind == "num" and re.fullmatch(r"\d+", text):
+            self.i += 1
+            return int(text)
+        if kind == "word":
+            self.i += 1
+            return text
+        if kind == "str":
+            return self.string()
+        self.error("expected a dimension")
+
+    def type(self) -> TensorType:
+        dtype = self.next("word")
+        self.next("punct", "[")
+        dims = []
+        if not self.accept("]"):
+            dims.append(self.dim())
+            while self.accept(","):
+                dims.append(self.dim())
+            self.next("punct", "]")
+        try:
+            return TensorType(tuple(dims), dtype)
+        except IRError as e:
+            self.error(str(e))
+
+    def attr_value(self):
+        kind, text, _ = self.peek()
+        if self.accept("["):
+            items = []
+            if not self.accept("]"):
+                items.append(self.attr_value())
+                while self.accept(","):
+                    items.append(self.attr_value())
+                self.next("punct", "]")
+            return items
+        if kind == "str":
+            return self.string()
+        if kind == "num":
+            self.i += 1
+            if text == "-inf":
+                return -math.inf
+            return float(text) if any(c in text for c in ".eE") else int(text)
+        if kind == "word" and text in ("true", "false", "null", "inf", "nan"):
+            self.i += 1
+            return {"true": True, "false": False, "null": None, "inf": math.inf, "nan": math.nan}[text]
+        self.error("expected an attribute value")
+
+
+def parse_graph(text: str, weights: dict | None = None) -> Graph:
+    """Parse the text form; `weights` maps the names of `external` constants to their arrays."""
+    from isthmus.compiler.ops import get_op
+
+    p = _Parser(text)
+    weights = weights or {}
+    p.next("word", "graph")
+    g = Graph(p.string())
+    p.next("punct", "{")
+    env: dict[str, Value] = {}
+
+    def define(v: Value):
+        if v.name in env:
+            p.error(f"value %{v.name} is defined twice")
+        env[v.name] = v
+
+    def use() -> Value:
+        name = p.value_name()
+        if name not in env:
+            p.i -= 1
+            p.error(f"value %{name} is not defined")
+        return env[name]
+
+    while True:
+        kind, text, _ = p.peek()
+        if kind == "word" and text == "input":
+            p.i += 1
+            name = p.value_name()
+            p.next("punct", ":")
+            v = Value(name, p.type())
+            define(v)
+            g.inputs.append(v)
+        elif kind == "word" and text == "const":
+            p.i += 1
+            name = p.value_name()
+            p.next("punct", ":")
+            t = p.type()
+            p.next("punct", "=")
+            if p.accept("external"):
+                if name not in weights:
+                    p.error(f"no weight given for external constant %{name}")
+                data = weights[name]
+            else:
+                lit = p.attr_value()
+                try:
+                    data = np.array(lit, dtype=numpy_dtype(t.dtype)).reshape(
+                        tuple(d for d in t.shape))
+                except (ValueError, TypeError, IRError) as e:
+                    p.error(f"literal does not fit {t}: {e}")
+            if tuple(data.shape) != t.shape:
+                p.error(f"constant %{name} data shape {tuple(data.shape)} does not match {t}")
+            v = Value(name, t, data=data)
+            define(v)
+            g.constants.append(v)
+        elif kind == "word" and text == "output":
+            p.i += 1
+            if p.peek()[0] == "val":
+                g.outputs.append(use())
+                while p.accept(","):
+                    g.outputs.append(use())
+            p.next("punct", "}")
+            if p.peek()[0] != "eof":
+                p.error("text after the end of the graph")
+            break
+        elif kind == "val":
+            outs = []
+            while True:
+                name = p.value_name()
+                p.next("punct", ":")
+                outs.append(Value(name, p.type()))
+                if not p.accept(","):
+                    break
+            p.next("punct", "=")
+            op = p.next("word")
+            try:
+                opdef = get_op(op)
+            except Exception:
+                p.i -= 1
+                p.error(f"unknown op {op!r}")
+            p.next("punct", "(")
+            ins = []
+            if not p.accept(")"):
+                ins.append(use())
+                while p.accept(","):
+                    ins.append(use())
+                p.next("punct", ")")
+            attrs = {}
+            if p.accept("{"):
+                if not p.accept("}"):
+                    while True:
+                        key = p.next("word")
+                        p.next("punct", "=")
+                        attrs[key] = p.attr_value()
+                        if not p.accept(","):
+                            break
+                    p.next("punct", "}")
+            source = ""
+            if p.accept("loc"):
+                source = p.string()
+            node = Node(op, ins, outs, opdef.complete_attrs(attrs, where=f"op {op}"), source)
+            for v in outs:
+                v.producer = node
+                define(v)
+            g.nodes.append(node)
+        else:
+            p.error("expected input, const, a node or output")
+    g.rebuild_names()
+    verify(g)
+    return g

@@ -1,0 +1,42 @@
+"""Common subexpression elimination: one node per (op, inputs, attributes); one copy per small literal."""
+
+import numpy as np
+
+from isthmus.compiler.ir import Graph
+from isthmus.compiler.ir_text import is_inline
+
+
+def _freeze(x):
+    if isinstance(x, (list, tuple)):
+        return tuple(_freeze(e) for e in x)
+    if isinstance(x, float) and x != x:
+        return "nan"
+    return x
+
+
+def cse(g: Graph) -> Graph:
+    replace: dict[int, object] = {}
+    literals: dict[tuple, object] = {}
+    for v in g.constants:
+        if is_inline(v):
+            key = (v.dtype, v.shape, np.ascontiguousarray(v.data).tobytes())
+            keeper = literals.setdefault(key, v)
+            if keeper is not v:
+                replace[id(v)] = keeper
+    seen: dict[tuple, object] = {}
+    kept = []
+    for node in g.nodes:
+        node.inputs = [replace.get(id(v), v) for v in node.inputs]
+        key = (node.op, tuple(id(v) for v in node.inputs),
+               tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items())))
+        twin = seen.setdefault(key, node)
+        if twin is node:
+            kept.append(node)
+        else:
+            for old, new in zip(node.outputs, twin.outputs):
+                replace[id(old)] = new
+    g.nodes = kept
+    g.outputs = [replace.get(id(v), v) for v in g.outputs]
+    g.constants = [v for v in g.constants if id(v) not in replace]
+    g.rebuild_names()
+    return g
