@@ -1,0 +1,266 @@
+"""The `isthmus` command.
+
+Every user mistake (bad path, corrupt file, unsupported op, bad flag) ends in one line on
+stderr and exit status 2; a failed numerical check exits 1; an internal error says it is one
+and points to `--debug` for the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from isthmus.errors import InputError, IsthmusError
+
+EXIT_USAGE, EXIT_CHECK_FAILED, EXIT_INTERNAL = 2, 1, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage dump
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _add_model(p, required=True, help_extra=""):
+    from isthmus.models import DEFAULT_MODEL
+    if required:
+        p.add_argument("model", help="a registry name (e.g. smollm2-135m-instruct) or a path: .gguf, .onnx, HF folder"
+                       + help_extra)
+    else:
+        p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or path (default {DEFAULT_MODEL})")
+
+
+def _add_target(p):
+    from isthmus.runtime.executable import TARGETS
+    p.add_argument("--target", default="reference", choices=TARGETS, help="where to run (default reference)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show the full traceback on errors")
+    parser = _Parser(prog="isthmus", parents=[common],
+                     description="Compile third-party LLMs, run them sealed, serve them over the chat API.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("pull", parents=[common], help="fetch a registry model into the cache")
+    p.add_argument("name", nargs="?", default=None, help="registry name (default: the default model)")
+    p.add_argument("--force", action="store_true", help="fetch again even if cached")
+    p.set_defaults(fn=cmd_pull)
+
+    p = sub.add_parser("info", parents=[common], help="architecture, parameters, quantization, op histogram")
+    _add_model(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("compile", parents=[common], help="run the pass pipeline and lower to a target")
+    _add_model(p)
+    _add_target(p)
+    p.add_argument("--dump-ir", action="store_true", help="print the IR after each pass")
+    p.add_argument("-o", "--output", help="write the final IR text here")
+    p.set_defaults(fn=cmd_compile)
+
+    p = sub.add_parser("run", parents=[common], help="run any graph on named inputs from an .npz file")
+    _add_model(p)
+    _add_target(p)
+    p.add_argument("--inputs", required=True, help=".npz file of named input arrays")
+    p.add_argument("-o", "--output", help="write the named outputs to this .npz")
+    p.add_argument("--check", choices=("reference", "onnxruntime"),
+                   help="compare against the unoptimised graph on the reference target, or onnxruntime")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max abs error allowed by --check (default 1e-4)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("chat", parents=[common], help="chat with a model (the default model unless --model)")
+    p.add_argument("prompt", help="the user message")
+    _add_model(p, required=False)
+    _add_target(p)
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--verbose", action="store_true", help="print timings to stderr, as `ollama run --verbose`")
+    p.set_defaults(fn=cmd_chat)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+
+def cmd_pull(args) -> int:
+    from isthmus.models import DEFAULT_MODEL, pull
+    path = pull(args.name or DEFAULT_MODEL, force=args.force)
+    print(path)
+    return 0
+
+
+def cmd_info(args) -> int:
+    import json
+
+    from isthmus.models import load, resolve
+    path = resolve(args.model)
+    model = load(path)
+    cfg = {k: v for k, v in model.config.items() if k != "chat_template"}
+    info = {
+        "path": str(path), "format": model.format, "graph": model.graph.name,
+        "architecture": cfg.get("architecture", "graph"),
+        "parameters": model.parameter_count(), "weight_bytes": model.weight_bytes(),
+        "quantization": model.quantization(),
+        "inputs": {v.name: str(v.type) for v in model.graph.inputs if not v.name.startswith("past_")},
+        "outputs": {v.name: str(v.type) for v in model.graph.outputs if not v.name.startswith("present_")},
+        "config": cfg, "chat_template": bool(model.chat_template),
+        "ops": model.graph.op_histogram(),
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{'model':<16}{info['graph']}  ({info['format']}, {path})")
+    print(f"{'architecture':<16}{info['architecture']}")
+    print(f"{'parameters':<16}{info['parameters'] / 1e6:.1f}M  ({info['weight_bytes'] / 1e6:.1f} MB of weights)")
+    print(f"{'quantization':<16}" + ", ".join(f"{k} x{n}" for k, n in info["quantization"].items()))
+    for key in ("n_layers", "hidden", "ffn", "n_heads", "n_kv_heads", "head_dim", "vocab_size", "context_length",
+                "rope_theta", "rms_eps"):
+        if key in cfg:
+            print(f"{key:<16}{cfg[key]}")
+    print(f"{'inputs':<16}" + ", ".join(f"{k}: {t}" for k, t in info["inputs"].items()))
+    print(f"{'outputs':<16}" + ", ".join(f"{k}: {t}" for k, t in info["outputs"].items()))
+    print("ops")
+    for op, n in info["ops"].items():
+        print(f"  {op:<14}{n:>6}")
+    return 0
+
+
+def cmd_compile(args) -> int:
+    import isthmus
+    from isthmus.compiler.ir_text import print_graph
+
+    model = isthmus.load(args.model)
+    before = len(model.graph.nodes)
+
+    def dump(name, graph):
+        print(f"// ----- IR after {name} ({len(graph.nodes)} nodes)")
+        print(print_graph(graph), end="")
+
+    exe = isthmus.compile(model, target=args.target, on_pass=dump if args.dump_ir else None)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(print_graph(exe.graph))
+    print(f"compiled {model.graph.name} for {args.target}: {before} -> {len(exe.graph.nodes)} nodes "
+          f"in {exe.compile_seconds:.2f} s; ops: " +
+          ", ".join(f"{op} x{n}" for op, n in exe.graph.op_histogram().items()),
+          file=sys.stderr if args.dump_ir else sys.stdout)
+    return 0
+
+
+def _load_npz(path) -> dict:
+    import zipfile
+
+    import numpy as np
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+        raise InputError(f"{path}: not a readable .npz file ({e})") from None
+
+
+def cmd_run(args) -> int:
+    import numpy as np
+
+    import isthmus
+    from isthmus.runtime.check import compare, onnxruntime_outputs
+
+    model = isthmus.load(args.model)
+    inputs = _load_npz(args.inputs)
+    exe = isthmus.compile(model, target=args.target)
+    outputs = exe.run(inputs)
+    if args.output:
+        np.savez(args.output, **outputs)
+    for name, a in outputs.items():
+        print(f"{name:<24}{a.dtype!s:<9}{a.shape!s}")
+    if not args.check:
+        return 0
+    if args.check == "onnxruntime":
+        if model.format != "onnx":
+            raise InputError("--check onnxruntime needs an ONNX model; use --check reference")
+        expected = onnxruntime_outputs(model.path, inputs)
+    else:
+        expected = isthmus.compile(model, target="reference", passes=[]).run(inputs)
+    ok = compare(outputs, expected, args.tolerance, label=args.check)
+    return 0 if ok else EXIT_CHECK_FAILED
+
+
+def cmd_chat(args) -> int:
+    import isthmus
+
+    t0 = time.perf_counter()
+    model = isthmus.load(args.model)
+    exe = isthmus.compile(model, target=args.target)
+    load_seconds = time.perf_counter() - t0
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+        [{"role": "user", "content": args.prompt}]
+    stream = isthmus.chat(exe, messages, max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.verbose:
+        s = stream.stats
+        total = time.perf_counter() - t0
+        lines = [("total duration", _dur(total)), ("load duration", _dur(load_seconds)),
+                 ("prompt eval count", f"{s.prompt_tokens} token(s)"),
+                 ("prompt eval duration", _dur(s.prompt_seconds)),
+                 ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),
+                 ("eval count", f"{s.eval_tokens} token(s)"), ("eval duration", _dur(s.eval_seconds)),
+                 ("eval rate", f"{s.eval_rate:.2f} tokens/s")]
+        for k, v in lines:
+            print(f"{k + ':':<22}{v}", file=sys.stderr)
+    return 0
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.3f}s"
+
+
+# -- entry point ---------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if not getattr(args, "fn", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return args.fn(args)
+    except _UsageError as e:
+        print(e, file=sys.stderr)
+        return EXIT_USAGE
+    except IsthmusError as e:
+        if debug:
+            raise
+        print(f"isthmus: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("isthmus: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as e:  # a bug: say so, keep it to one line unless asked
+        if debug:
+            raise
+        print(f"isthmus: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(run again with --debug for the traceback)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,165 @@
+"""The generation loop: prefill the prompt, then decode one token at a time over the KV cache.
+
+`TextStream` is what `isthmus.chat` and the CLI iterate: text pieces as they are decoded,
+with stop strings cut out (never half-printed) and timing statistics at the end.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+
+from isthmus.errors import InputError, UnsupportedError
+from isthmus.runtime.kv_cache import KVCache
+from isthmus.runtime.sampling import Sampler, SamplingParams
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    eval_tokens: int = 0
+    eval_seconds: float = 0.0
+    finish_reason: str = ""      # "stop" (end token or stop string) or "length"
+
+    @property
+    def prompt_rate(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def eval_rate(self) -> float:
+        return self.eval_tokens / self.eval_seconds if self.eval_seconds else 0.0
+
+
+def _model_of(exe):
+    model = exe.model
+    if model is None or not getattr(model, "is_decoder", False):
+        raise UnsupportedError("this graph is not a decoder with the input_ids/position_ids/logits interface; "
+                               "use `isthmus run` for arbitrary graphs")
+    return model
+
+
+def context_length(exe) -> int:
+    return int(_model_of(exe).config.get("context_length") or 2048)
+
+
+def generate(exe, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
+             stop_ids=()) -> Iterator[int]:
+    """Yield generated token ids; stops at an end token (not yielded), max_tokens or the context end."""
+    _model_of(exe)
+    stats = stats if stats is not None else GenerationStats()
+    n_ctx = context_length(exe)
+    if not prompt_ids:
+        raise InputError("the prompt is empty")
+    if len(prompt_ids) >= n_ctx:
+        raise InputError(f"the prompt is {len(prompt_ids)} tokens; the model's context window is {n_ctx}")
+    budget = min(params.max_tokens, n_ctx - len(prompt_ids))
+    sampler = Sampler(params)
+    cache = KVCache(exe.graph)
+    stop_ids = frozenset(stop_ids)
+
+    def step(ids: list[int]) -> np.ndarray:
+        start = cache.length
+        feeds = cache.feeds()
+        feeds["input_ids"] = np.asarray([ids], np.int64)
+        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
+        out = exe.run(feeds)
+        cache.update(out)
+        return out["logits"][0, -1]
+
+    t0 = time.perf_counter()
+    logits = step(list(prompt_ids))
+    stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), time.perf_counter() - t0
+    t0 = time.perf_counter()
+    stats.finish_reason = "length"
+    try:
+        for i in range(budget):
+            token = sampler(logits)
+            stats.eval_tokens += 1
+            if token in stop_ids:
+                stats.finish_reason = "stop"
+                return
+            yield token
+            if i + 1 < budget:
+                logits = step([token])
+    finally:
+        stats.eval_seconds = time.perf_counter() - t0
+
+
+class TextStream:
+    """Iterate for text pieces; `stats` and `text` are complete once iteration ends."""
+
+    def __init__(self, exe, prompt_ids: list[int], params: SamplingParams):
+        self.exe, self.prompt_ids, self.params = exe, prompt_ids, params
+        self.stats = GenerationStats()
+        self.text = ""
+        self.token_ids: list[int] = []
+
+    def __iter__(self) -> Iterator[str]:
+        tok = _model_of(self.exe).tokenizer
+        decoder = tok.stream(skip_special=True)
+        stops = [s for s in self.params.stop if s]
+        pending = ""    # decoded text not yet emitted: it might be the start of a stop string
+        for token in generate(self.exe, self.prompt_ids, self.params, self.stats, tok.stop_ids):
+            self.token_ids.append(token)
+            pending += decoder.feed(token)
+            hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
+            if hit >= 0:
+                self.stats.finish_reason = "stop"
+                yield from self._emit(pending[:hit])
+                return
+            safe = len(pending) - _held_back(pending, stops)
+            yield from self._emit(pending[:safe])
+            pending = pending[safe:]
+        pending += decoder.flush()
+        yield from self._emit(pending)
+
+    def _emit(self, piece: str) -> Iterator[str]:
+        if piece:
+            self.text += piece
+            yield piece
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+def chat(exe, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+         top_k: int = 0, seed: int | None = None, stop=None) -> TextStream:
+    """Stream the assistant's reply to OpenAI-style `messages` using the model's chat template."""
+    model = _model_of(exe)
+    if model.tokenizer is None:
+        raise UnsupportedError("this model carries no tokenizer, so it cannot chat")
+    _check_messages(messages)
+    prompt = model.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    ids = model.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                            seed=seed, stop=list(stop or []))
+    return TextStream(exe, ids, params)
+
+
+def complete(exe, prompt: str, **kwargs) -> TextStream:
+    """Continue raw `prompt` text (no chat template)."""
+    model = _model_of(exe)
+    ids = model.tokenizer.encode(prompt)
+    return TextStream(exe, ids, SamplingParams(**kwargs))
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise InputError("messages must be a non-empty list of {role, content} objects")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise InputError(f"messages[{i}] must be an object with a string 'content'")
+        if m.get("role") not in ("system", "developer", "user", "assistant"):
+            raise InputError(f"messages[{i}].role must be system, developer, user or assistant, got {m.get('role')!r}")
