@@ -36,7 +36,8 @@ def _add_model(p, required=True, help_extra=""):
 
 def _add_target(p):
     from isthmus.runtime.executable import TARGETS
-    p.add_argument("--target", default="reference", choices=TARGETS, help="where to run (default reference)")
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help="where to run (default: numba on a CPU, triton with a CUDA GPU, when available)")
 
 
 def build_parser() -> argparse.ArgumentParser:

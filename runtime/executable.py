@@ -109,22 +109,51 @@ class Executable:
                 p.seconds += time.perf_counter() - t0
         return {v.name: env[id(v)] for v in self.graph.outputs}
 
+    def decoder(self):
+        """A fresh decoding state (KV cache + step function) for a decoder graph."""
+        from isthmus.runtime.kv_cache import FunctionalDecoder
+
+        return FunctionalDecoder(self)
+
     def profile(self) -> list[OpProfile]:
         """Time per op over the runs made while `profiling` was on, slowest first."""
         return sorted(self._profile.values(), key=lambda p: -p.seconds)
 
 
-def compile_model(model, target: str = "reference", *, passes=None, dump_dir=None, on_pass=None) -> Executable:
+# Each non-reference target lowers the optimised graph in its own module: "module:function".
+LOWERINGS = {
+    "numba": "isthmus.compiler.lower.kernels:lower_numba",
+    "triton": "isthmus.compiler.lower.kernels:lower_triton",
+    "npu": "isthmus.compiler.lower.npu:lower_npu",
+}
+
+
+def default_target() -> str:
+    """What `isthmus chat` and `isthmus.compile` use when no target is named."""
+    return "reference"
+
+
+def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None) -> Executable:
     """Run the pass pipeline over a Model (or bare Graph) and lower it for `target`."""
+    import importlib
+
     from isthmus.compiler.passes.pipeline import run_pipeline
 
+    target = target or default_target()
     if target not in TARGETS:
         raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    if target != "reference":
-        raise UnsupportedError(f"target {target!r} is not built yet; use --target reference")
     graph = model if isinstance(model, Graph) else model.graph
+    meta = None if isinstance(model, Graph) else model
     t0 = time.perf_counter()
     graph = run_pipeline(graph, passes=passes, dump_dir=dump_dir, on_pass=on_pass)
-    exe = Executable(graph, target, model=None if isinstance(model, Graph) else model)
+    if target == "reference":
+        exe = Executable(graph, target, model=meta)
+    else:
+        module, fn = LOWERINGS[target].split(":")
+        try:
+            lower = getattr(importlib.import_module(module), fn)
+        except (ImportError, AttributeError) as e:
+            raise UnsupportedError(f"target {target!r} is not available here ({e}); use --target reference") from None
+        exe = lower(graph, model=meta)
     exe.compile_seconds = time.perf_counter() - t0
     return exe

@@ -10,10 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
-
 from isthmus.errors import InputError, UnsupportedError
-from isthmus.runtime.kv_cache import KVCache
 from isthmus.runtime.sampling import Sampler, SamplingParams
 
 
@@ -58,20 +55,11 @@ def generate(exe, prompt_ids: list[int], params: SamplingParams, stats: Generati
         raise InputError(f"the prompt is {len(prompt_ids)} tokens; the model's context window is {n_ctx}")
     budget = min(params.max_tokens, n_ctx - len(prompt_ids))
     sampler = Sampler(params)
-    cache = KVCache(exe.graph)
+    decoder = exe.decoder()
     stop_ids = frozenset(stop_ids)
 
-    def step(ids: list[int]) -> np.ndarray:
-        start = cache.length
-        feeds = cache.feeds()
-        feeds["input_ids"] = np.asarray([ids], np.int64)
-        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
-        out = exe.run(feeds)
-        cache.update(out)
-        return out["logits"][0, -1]
-
     t0 = time.perf_counter()
-    logits = step(list(prompt_ids))
+    logits = decoder.step(list(prompt_ids))
     stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), time.perf_counter() - t0
     t0 = time.perf_counter()
     stats.finish_reason = "length"
@@ -84,7 +72,7 @@ def generate(exe, prompt_ids: list[int], params: SamplingParams, stats: Generati
                 return
             yield token
             if i + 1 < budget:
-                logits = step([token])
+                logits = decoder.step([token])
     finally:
         stats.eval_seconds = time.perf_counter() - t0
 

@@ -1,4 +1,10 @@
-"""The KV cache a decoder graph reads as `past_*` inputs and returns, one step longer, as `present_*`."""
+"""Decoding state: the KV cache of one conversation and the step function that advances it.
+
+A decoder graph reads its cache as `past_*` inputs and returns it, one step longer, as
+`present_*` outputs. `FunctionalDecoder` drives any executable that follows that interface;
+a target with a preallocated, in-place cache provides its own decoder with the same methods
+(`length`, `step(ids) -> logits of the last position`).
+"""
 
 from __future__ import annotations
 
@@ -19,12 +25,30 @@ class KVCache:
         first = next(iter(self.arrays.values()), None)
         return 0 if first is None else first.shape[2]
 
-    def feeds(self) -> dict:
-        return dict(self.arrays)
-
     def update(self, outputs: dict) -> None:
         for name in self.names:
             self.arrays[name] = outputs["present" + name[len("past"):]]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
+
+
+class FunctionalDecoder:
+    """Runs the whole graph per step, feeding the cache in and taking the longer one out."""
+
+    def __init__(self, exe):
+        self.exe = exe
+        self.cache = KVCache(exe.graph)
+
+    @property
+    def length(self) -> int:
+        return self.cache.length
+
+    def step(self, ids: list[int]) -> np.ndarray:
+        start = self.cache.length
+        feeds = dict(self.cache.arrays)
+        feeds["input_ids"] = np.asarray([ids], np.int64)
+        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
+        out = self.exe.run(feeds)
+        self.cache.update(out)
+        return out["logits"][0, -1]

@@ -70,3 +70,16 @@ def tiny_llama_graph():
     from isthmus.compiler.frontends.llama import build_llama
 
     return build_llama(TINY_CONFIG, tiny_llama_weights(), rope_layout="half", name="tiny")
+
+
+@pytest.fixture
+def tiny_config():
+    return dict(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_model(tiny_llama_graph):
+    """The tiny graph as a decoder Model (no tokenizer), ready for `generate`."""
+    from isthmus.compiler.frontends import Model
+
+    return Model(tiny_llama_graph, "tiny", "test", dict(TINY_CONFIG))

@@ -1,0 +1,292 @@
+"""The model's tokenizer, rebuilt from the vocabulary a GGUF file carries, and its chat template.
+
+GGUF has no tokenizer.json: it stores the tokens, merges and token types under
+`tokenizer.ggml.*`, and names the pre-tokenizer (the regex that cuts text into words before BPE)
+only by a label, `tokenizer.ggml.pre`. We rebuild a byte-level BPE with Hugging Face `tokenizers`
+and choose the split for that label as llama.cpp does (llama-vocab.cpp). Decoding does not need
+the library: each token is a fixed byte string, so text is the UTF-8 decoding of their
+concatenation, and a stream of tokens can be decoded incrementally without ever emitting half
+a character.
+"""
+
+from __future__ import annotations
+
+import codecs
+import functools
+import json
+from datetime import datetime
+from typing import Iterable
+
+from isthmus.errors import InputError, ModelFormatError, UnsupportedError
+
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
+
+# tokenizer.ggml.pre -> how text is split before BPE. llama.cpp's SMOLLM/STARCODER family splits
+# every digit off first ("\p{N}", HF's Digits(individual_digits=True)), then applies GPT-2's regex.
+_GPT2, _DIGITS, _LLAMA3, _QWEN2 = "gpt2", "digits", "llama3", "qwen2"
+_PRE_TOKENIZERS = {
+    None: _GPT2, "gpt-2": _GPT2, "gpt2": _GPT2, "mpt": _GPT2, "olmo": _GPT2, "jais": _GPT2,
+    "smollm": _DIGITS, "starcoder": _DIGITS, "refact": _DIGITS, "command-r": _DIGITS,
+    "codeshell": _DIGITS, "exaone": _DIGITS, "minerva-7b": _DIGITS,
+    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "smaug-bpe": _LLAMA3,
+    "dbrx": _LLAMA3, "falcon3": _LLAMA3,
+    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2,
+}
+_SPLIT_REGEX = {
+    _LLAMA3: r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    _QWEN2: r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, in which byte-level vocabularies are spelled."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    spelled, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in spelled:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return spelled
+
+
+class Tokenizer:
+    """Text <-> token ids for one model. Build it with `Tokenizer.from_gguf`."""
+
+    def __init__(self, backend, token_bytes: list[bytes], special_ids: Iterable[int], *, bos_id: int | None,
+                 eos_id: int | None, stop_ids: Iterable[int] = (), add_bos: bool = False,
+                 chat_template: str | None = None):
+        self._backend = backend
+        self._bytes = token_bytes
+        self.special_ids = frozenset(special_ids)
+        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.stop_ids = frozenset(i for i in (eos_id, *stop_ids) if i is not None)
+        self.chat_template = chat_template
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._bytes)
+
+    @classmethod
+    def from_gguf(cls, gguf_file) -> Tokenizer:
+        """Build from a `GGUFFile` (or a path to one)."""
+        if not hasattr(gguf_file, "metadata"):
+            from isthmus.compiler.frontends.gguf import read_gguf
+
+            gguf_file = read_gguf(gguf_file)
+        return _build(gguf_file.metadata, gguf_file.path)
+
+    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+        """Token ids for `text`. Control tokens written in the text (e.g. `<|im_start|>`) become
+        their single ids, as in Hugging Face. `add_bos=None` follows the model's GGUF setting."""
+        ids = self._backend.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+            ids.insert(0, self.bos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text for `ids`; bytes that do not form valid UTF-8 become U+FFFD, as in Hugging Face."""
+        return b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
+        """The bytes one token stands for (empty for a special token when `skip_special`)."""
+        if not 0 <= token_id < len(self._bytes):
+            raise InputError(f"token id {token_id} is outside the vocabulary (0..{len(self._bytes) - 1})")
+        if skip_special and token_id in self.special_ids:
+            return b""
+        return self._bytes[token_id]
+
+    def token_to_id(self, token: str) -> int | None:
+        """The id of a token as the vocabulary spells it (`"<|im_end|>"`, `"Ġthe"`), or None."""
+        return self._backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._backend.id_to_token(token_id)
+
+    def stream(self, skip_special: bool = False) -> StreamDecoder:
+        return StreamDecoder(self, skip_special)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The prompt text for `messages`, rendered with the model's own chat template."""
+        if not self.chat_template:
+            raise UnsupportedError("this model has no chat template; give it a raw prompt instead")
+        names = {"bos_token": self.bos_id, "eos_token": self.eos_id}
+        tokens = {k: self.id_to_token(v) or "" for k, v in names.items() if v is not None}
+        return render_chat(self.chat_template, messages, add_generation_prompt, **{**tokens, **kwargs})
+
+
+class StreamDecoder:
+    """Decodes tokens one at a time and returns only complete characters.
+
+    A character of several UTF-8 bytes may be split over tokens (emoji usually are); its first
+    bytes are held back until the rest arrive. The concatenation of everything `feed` and
+    `flush` return equals `tokenizer.decode` of all the ids.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+        self._tokenizer, self._skip = tokenizer, skip_special
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def feed(self, token_id: int) -> str:
+        return self._utf8.decode(self._tokenizer.token_bytes(token_id, self._skip))
+
+    def flush(self) -> str:
+        """Whatever is held back, as U+FFFD if it never became a character; resets the decoder."""
+        text = self._utf8.decode(b"", final=True)
+        self._utf8.reset()
+        return text
+
+
+def _build(md: dict, path: str) -> Tokenizer:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
+
+    kind = md.get("tokenizer.ggml.model")
+    if kind != "gpt2":
+        raise UnsupportedError(
+            f"{path}: tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)"
+        )
+    tokens = _string_list(md, "tokenizer.ggml.tokens", path)
+    merges = _string_list(md, "tokenizer.ggml.merges", path)
+    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    if len(types) != len(tokens) or not all(type(t) is int for t in types):
+        raise ModelFormatError(f"{path}: tokenizer.ggml.token_type does not give one integer per token")
+    pre = md.get("tokenizer.ggml.pre")
+    split = _PRE_TOKENIZERS.get(pre)
+    if split is None:
+        raise UnsupportedError(
+            f"{path}: pre-tokenizer {pre!r} is not supported; supported: "
+            f"{', '.join(sorted(k for k in _PRE_TOKENIZERS if k))}"
+        )
+
+    spelled = _byte_alphabet()
+    alphabet = {c: b for b, c in spelled.items()}
+    # Tokens are spelled in GPT-2's byte alphabet; the odd one with other characters (an added
+    # token holding a real space, say) is respelled, as transformers does, so BPE can reach it.
+    vocab = {}
+    for i, tok in enumerate(tokens):
+        vocab[tok if all(c in alphabet for c in tok) else "".join(spelled[b] for b in tok.encode())] = i
+    pairs = []
+    for rank, merge in enumerate(merges):
+        parts = merge.split(" ")
+        if len(parts) != 2:
+            raise ModelFormatError(f"{path}: merge {rank} ({merge[:40]!r}) is not two tokens separated by a space")
+        pairs.append((parts[0], parts[1]))
+    try:
+        bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
+                         end_of_word_suffix="", fuse_unk=False)
+    except Exception as e:  # the Rust side raises plain Exception for merges outside the vocabulary
+        raise ModelFormatError(f"{path}: the tokenizer merges do not fit its vocabulary ({e})") from None
+    backend = Backend(bpe)
+    if split == _GPT2:
+        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    elif split == _DIGITS:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ])
+    else:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_SPLIT_REGEX[split]), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    backend.decoder = decoders.ByteLevel()
+
+    # Control tokens (<|im_start|>) must match whole wherever they appear in the text; a control
+    # token spelled outside the byte alphabet is a converter's mislabel and is left alone.
+    control = [i for i, t in enumerate(types) if t == CONTROL and all(c in alphabet for c in tokens[i])]
+    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in control])
+    user = [i for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] in vocab]
+    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in user])
+
+    token_bytes = [_token_bytes(tok, alphabet) for tok in tokens]
+    bos = _id(md, "tokenizer.ggml.bos_token_id", len(tokens), path)
+    eos = _id(md, "tokenizer.ggml.eos_token_id", len(tokens), path)
+    stops = [_id(md, f"tokenizer.ggml.{k}_token_id", len(tokens), path) for k in ("eot", "eom")]
+    return Tokenizer(
+        backend, token_bytes, [*control, *(i for i in (bos, eos) if i is not None)],
+        bos_id=bos, eos_id=eos, stop_ids=[s for s in stops if s is not None],
+        add_bos=md.get("tokenizer.ggml.add_bos_token") is True,
+        chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
+    )
+
+
+def _token_bytes(token: str, alphabet: dict[str, int]) -> bytes:
+    # As Hugging Face's ByteLevel decoder: a token wholly in the byte alphabet stands for those
+    # bytes; any other token (only ever a special one) stands for its own UTF-8 text.
+    try:
+        return bytes(alphabet[c] for c in token)
+    except KeyError:
+        return token.encode()
+
+
+def _string_list(md: dict, key: str, path: str) -> list[str]:
+    value = md.get(key)
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ModelFormatError(f"{path}: metadata {key} is missing or is not a list of strings")
+    return value
+
+
+def _id(md: dict, key: str, n: int, path: str) -> int | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or not 0 <= value < n:
+        raise ModelFormatError(f"{path}: metadata {key} is {value!r}, not a token id below {n}")
+    return value
+
+
+# --- chat templates ------------------------------------------------------------------------------
+
+def render_chat(template: str, messages: list[dict], add_generation_prompt: bool = True,
+                bos_token: str = "", eos_token: str = "", **kwargs) -> str:
+    """Render a Hugging Face chat template (Jinja) as transformers' `apply_chat_template` does.
+
+    Templates come with the model file and are untrusted, so they run in Jinja's immutable sandbox.
+    """
+    import jinja2
+
+    compiled = _compile(template)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token, **kwargs)
+    except jinja2.TemplateError as e:
+        raise InputError(f"the chat template rejected the conversation: {e.message or e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _compile(template: str):
+    import jinja2
+    from jinja2.ext import Extension, loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class Generation(Extension):
+        # `{% generation %}` marks assistant text for training masks; rendering just keeps it.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
+
+        def _keep(self, caller):
+            return caller()
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # Jinja's own tojson escapes HTML characters, which would change the prompt.
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(template)
+    except jinja2.TemplateError as e:
+        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise ModelFormatError(f"the model's chat template does not parse: {e.message or e}{line}") from None
