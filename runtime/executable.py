@@ -123,7 +123,7 @@ class Executable:
 # Each non-reference target lowers the optimised graph in its own module: "module:function".
 LOWERINGS = {
     "numba": "isthmus.compiler.lower.kernels:lower_numba",
-    "triton": "isthmus.compiler.lower.kernels:lower_triton",
+    "triton": "isthmus.compiler.lower.triton:lower_triton",
     "npu": "isthmus.compiler.lower.npu:lower_npu",
 }
 
