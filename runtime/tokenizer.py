@@ -249,6 +249,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
     import jinja2
 
     compiled = _compile(template)
+    # transformers passes these as None, and templates test `tools is not none`.
+    kwargs.setdefault("tools", None)
+    kwargs.setdefault("documents", None)
     try:
         return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token, **kwargs)

@@ -1,0 +1,351 @@
+"""GGUF reader, written from the format spec (ggml/docs/gguf.md); it imports no GGUF library.
+
+A GGUF file is: magic "GGUF", u32 version, u64 tensor count, u64 metadata count, the metadata
+(key string, u32 value type, value), the tensor index (name, u32 n_dims, u64 dims with the
+fastest-varying first, u32 ggml type, u64 offset), padding to the alignment, then the tensor data.
+Strings are a u64 byte length then UTF-8 bytes; everything is little-endian.
+
+The file is memory-mapped read-only and tensors are views into it, so opening a model costs the
+time to parse its index, not to read its weights. The file is untrusted input: every length
+and count is checked against what is left of the file before it is used, and any malformation
+ends in a one-line `ModelFormatError` naming the file.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from isthmus.compiler.quant import GGML_TYPES, PLAIN_DTYPES, SUPPORTED, QuantizedArray, check_supported
+from isthmus.errors import ModelFormatError, UnsupportedError
+
+MAGIC = b"GGUF"
+VERSIONS = (2, 3)  # version 1 used 32-bit lengths and predates every model worth running
+DEFAULT_ALIGNMENT = 32
+MAX_DIMS = 4  # GGML_MAX_DIMS
+MAX_NESTING = 8  # arrays of arrays: real files use none, so this only stops runaway recursion
+
+# GGUF value type -> struct format of one scalar; 7 is bool, 8 string, 9 array.
+_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRUCTS = {t: struct.Struct("<" + c) for t, c in _FORMATS.items()}
+# Bool arrays are read as bytes: numpy's bool dtype would keep values other than 0 and 1 as-is.
+_SCALARS = {t: np.dtype("u1" if c == "?" else "<" + c) for t, c in _FORMATS.items()}
+BOOL, STRING, ARRAY = 7, 8, 9
+_MIN_SIZE = {**{t: dt.itemsize for t, dt in _SCALARS.items()}, STRING: 8, ARRAY: 12}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(eq=False)
+class GGUFFile:
+    """A parsed GGUF file. `tensors` maps names to numpy arrays (F32, F16) or `QuantizedArray`s,
+    all read-only views of the mapped file, in numpy dimension order (slowest first)."""
+
+    path: str
+    version: int
+    metadata: dict[str, Any]
+    tensors: dict[str, np.ndarray | QuantizedArray]
+    tensor_types: dict[str, str]  # tensor name -> ggml type name, e.g. "Q4_1"
+    alignment: int
+    data_offset: int  # where the tensor data section starts
+    _mmap: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:
+        return f"GGUFFile({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
+
+
+def read_gguf(path) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor index, and map its tensors without reading them."""
+    name = os.fspath(path)
+    mm = _map(name)
+    try:
+        return _Parser(mm, name).parse()
+    except (ModelFormatError, UnsupportedError):
+        raise
+    except (struct.error, IndexError, KeyError, UnicodeDecodeError, ValueError, OverflowError, MemoryError, RecursionError) as e:
+        # The checks below should leave nothing for this to catch; it keeps the promise anyway.
+        raise ModelFormatError(f"{name}: corrupt GGUF file ({type(e).__name__}: {_one_line(str(e))})") from None
+
+
+def _map(name: str) -> mmap.mmap:
+    try:
+        with open(name, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise ModelFormatError(f"{name}: not a GGUF file (only {size} bytes long)")
+            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    except FileNotFoundError:
+        raise ModelFormatError(f"{name}: no such file") from None
+    except IsADirectoryError:
+        raise ModelFormatError(f"{name}: is a directory, not a GGUF file") from None
+    except OSError as e:
+        raise ModelFormatError(f"{name}: cannot read ({e.strerror or e})") from None
+
+
+def _one_line(text: str, limit: int = 120) -> str:
+    """Untrusted text (keys, tensor names) made safe for a one-line message."""
+    if text.isprintable() and len(text) <= limit:
+        return text
+    return repr(text[:limit])
+
+
+class _Parser:
+    def __init__(self, buf: mmap.mmap, name: str):
+        self.buf, self.name, self.pos, self.size = buf, name, 0, len(buf)
+
+    def fail(self, what: str) -> ModelFormatError:
+        return ModelFormatError(f"{self.name}: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            raise self.fail(f"truncated {what} at byte {self.pos} (needs {n} bytes, {self.size - self.pos} left)")
+
+    def u32(self, what: str) -> int:
+        self.need(4, what)
+        (v,) = _U32.unpack_from(self.buf, self.pos)
+        self.pos += 4
+        return v
+
+    def u64(self, what: str) -> int:
+        self.need(8, what)
+        (v,) = _U64.unpack_from(self.buf, self.pos)
+        self.pos += 8
+        return v
+
+    def string(self, what: str) -> str:
+        n = self.u64(what)
+        if n > self.size - self.pos:
+            raise self.fail(f"{what} at byte {self.pos - 8} claims {n} bytes but only {self.size - self.pos} remain")
+        raw = self.buf[self.pos : self.pos + n]
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise self.fail(f"{what} at byte {self.pos} is not valid UTF-8") from None
+        self.pos += n
+        return text
+
+    def parse(self) -> GGUFFile:
+        magic = self.buf[:4]
+        if magic != MAGIC:
+            raise self.fail(f"not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
+        self.pos = 4
+        version = self.u32("header")
+        if version not in VERSIONS:
+            if version & 0xFFFF == 0 and (version >> 24) in VERSIONS:
+                raise self.fail("big-endian GGUF files are not supported")
+            raise self.fail(f"GGUF version {version} is not supported (isthmus reads versions 2 and 3)")
+        n_tensors = self.u64("header")
+        n_kv = self.u64("header")
+        self.check_count(n_kv, 8 + 4 + 1, "metadata entries")
+        self.check_count(n_tensors, 8 + 4 + 4 + 8, "tensors")
+
+        metadata: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key = self.string("metadata key")
+            if key in metadata:
+                raise self.fail(f"metadata key {_one_line(key)} appears twice")
+            vtype = self.u32(f"metadata {_one_line(key)}")
+            metadata[key] = self.value(vtype, key, 0)
+
+        alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if type(alignment) is not int or alignment <= 0 or alignment & (alignment - 1):
+            raise self.fail(f"general.alignment is {alignment!r}; it must be a positive power of two")
+
+        index = [self.tensor_info() for _ in range(n_tensors)]
+        data_offset = -(-self.pos // alignment) * alignment
+        tensors, types = self.map_tensors(index, data_offset, alignment)
+        return GGUFFile(self.name, version, metadata, tensors, types, alignment, data_offset, self.buf)
+
+    def check_count(self, count: int, min_size: int, what: str) -> None:
+        left = self.size - self.pos
+        if count * min_size > left:
+            raise self.fail(f"header claims {count} {what} but only {left} bytes remain")
+
+    def value(self, vtype: int, key: str, depth: int) -> Any:
+        if vtype in _STRUCTS:
+            size = _STRUCTS[vtype].size
+            self.need(size, f"metadata {_one_line(key)}")
+            (v,) = _STRUCTS[vtype].unpack_from(self.buf, self.pos)
+            self.pos += size
+            return bool(v) if vtype == BOOL else v
+        if vtype == STRING:
+            return self.string(f"metadata {_one_line(key)}")
+        if vtype == ARRAY:
+            if depth >= MAX_NESTING:
+                raise self.fail(f"metadata {_one_line(key)} nests arrays deeper than {MAX_NESTING}")
+            etype = self.u32(f"metadata {_one_line(key)}")
+            count = self.u64(f"metadata {_one_line(key)}")
+            if etype not in _MIN_SIZE:
+                raise self.fail(f"metadata {_one_line(key)} is an array of unknown value type {etype}")
+            if count * _MIN_SIZE[etype] > self.size - self.pos:
+                raise self.fail(
+                    f"metadata {_one_line(key)} claims {count} elements but only {self.size - self.pos} bytes remain"
+                )
+            return self.array(etype, count, key, depth)
+        raise self.fail(f"metadata {_one_line(key)} has unknown value type {vtype}")
+
+    def array(self, etype: int, count: int, key: str, depth: int) -> list:
+        if count == 0:
+            return []
+        if etype in _SCALARS:
+            # One numpy read for the whole array: token type lists run to 100k+ entries.
+            values = np.frombuffer(self.buf, dtype=_SCALARS[etype], count=count, offset=self.pos)
+            self.pos += values.nbytes
+            return values.astype(bool).tolist() if etype == BOOL else values.tolist()
+        if etype == STRING:
+            return self.strings(count, key)
+        return [self.value(etype, key, depth + 1) for _ in range(count)]
+
+    def strings(self, count: int, key: str) -> list[str]:
+        # The vocabulary is ~50k-250k strings: keep this loop tight.
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out = []
+        append = out.append
+        try:
+            for _ in range(count):
+                if pos + 8 > size:
+                    raise self.fail(f"truncated metadata {_one_line(key)} at byte {pos}")
+                (n,) = unpack(buf, pos)
+                pos += 8
+                if n > size - pos:
+                    raise self.fail(f"string in metadata {_one_line(key)} at byte {pos - 8} claims {n} bytes but only {size - pos} remain")
+                append(buf[pos : pos + n].decode("utf-8"))
+                pos += n
+        except UnicodeDecodeError:
+            raise self.fail(f"string in metadata {_one_line(key)} at byte {pos} is not valid UTF-8") from None
+        self.pos = pos
+        return out
+
+    def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
+        name = self.string("tensor name")
+        shown = _one_line(name)
+        n_dims = self.u32(f"tensor {shown} info")
+        if n_dims > MAX_DIMS:
+            raise self.fail(f"tensor {shown} has {n_dims} dimensions (at most {MAX_DIMS} allowed)")
+        dims = [self.u64(f"tensor {shown} info") for _ in range(n_dims)]
+        if any(d >= 1 << 62 for d in dims):
+            raise self.fail(f"tensor {shown} has an absurd dimension in {dims}")
+        type_id = self.u32(f"tensor {shown} info")
+        offset = self.u64(f"tensor {shown} info")
+        return name, tuple(reversed(dims)), type_id, offset
+
+    def map_tensors(self, index, data_offset: int, alignment: int):
+        tensors: dict[str, np.ndarray | QuantizedArray] = {}
+        types: dict[str, str] = {}
+        unsupported = None
+        for name, shape, type_id, offset in index:
+            shown = _one_line(name)
+            if name in types:
+                raise self.fail(f"tensor {shown} appears twice")
+            ggml_type = GGML_TYPES.get(type_id)
+            types[name] = ggml_type.name if ggml_type else f"type {type_id}"
+            if ggml_type is None or ggml_type.name not in SUPPORTED:
+                # Raised after the whole index is checked, so a corrupt file is called corrupt.
+                unsupported = unsupported or (type_id, name)
+                if ggml_type is None:
+                    continue
+            n = math.prod(shape)
+            cols = shape[-1] if shape else 1
+            if cols % ggml_type.block_size:
+                raise self.fail(
+                    f"tensor {shown} has rows of {cols} values, not a multiple of the "
+                    f"{ggml_type.name} block size {ggml_type.block_size}"
+                )
+            nbytes = n // ggml_type.block_size * ggml_type.type_size
+            if offset % alignment:
+                raise self.fail(f"tensor {shown} data offset {offset} is not a multiple of the alignment {alignment}")
+            start = data_offset + offset
+            if start + nbytes > self.size:
+                raise self.fail(
+                    f"tensor {shown} data ({nbytes} bytes at byte {start}) runs past the end of the file "
+                    f"({self.size} bytes); the file is truncated"
+                )
+            if unsupported is None:
+                tensors[name] = self.view(ggml_type.name, shape, start, n, nbytes)
+        if unsupported is not None:
+            check_supported(unsupported[0], _one_line(unsupported[1]))
+        return tensors, types
+
+    def view(self, type_name: str, shape: tuple[int, ...], start: int, n: int, nbytes: int):
+        dtype = PLAIN_DTYPES.get(type_name)
+        if dtype is not None:
+            if n == 0:
+                arr = np.zeros(shape, dtype)
+                arr.flags.writeable = False
+                return arr
+            return np.frombuffer(self.buf, dtype=dtype, count=n, offset=start).reshape(shape)
+        raw = np.frombuffer(self.buf, dtype=np.uint8, count=nbytes, offset=start) if nbytes else np.zeros(0, np.uint8)
+        return QuantizedArray(type_name.lower(), shape or (1,), raw)
+
+
+# --- model configuration ---------------------------------------------------------------------
+
+def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
+    """The hyperparameters a Llama-family builder needs, from llama.cpp's metadata keys."""
+    md, name = gguf_file.metadata, gguf_file.path
+
+    def get(key: str, kind: type, default: Any = ...) -> Any:
+        if key not in md:
+            if default is ...:
+                raise ModelFormatError(f"{name}: metadata key {key} is missing")
+            return default
+        value = md[key]
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else type(value) is kind
+        if not ok or (kind is int and value <= 0):
+            raise ModelFormatError(f"{name}: metadata {key} is {_one_line(repr(value))}, expected a positive {kind.__name__}")
+        return kind(value)
+
+    arch = get("general.architecture", str)
+    if arch != "llama":
+        raise UnsupportedError(f"{name}: architecture {_one_line(arch)!r} is not supported; supported: llama")
+    scaling = md.get("llama.rope.scaling.type", "none")
+    if scaling != "none":
+        raise UnsupportedError(f"{name}: rope scaling {_one_line(str(scaling))!r} is not supported")
+    hidden, n_heads = get("llama.embedding_length", int), get("llama.attention.head_count", int)
+    n_kv_heads = get("llama.attention.head_count_kv", int, n_heads)
+    head_dim = get("llama.attention.key_length", int, hidden // n_heads)
+    if "llama.attention.key_length" not in md and hidden % n_heads:
+        raise ModelFormatError(f"{name}: embedding length {hidden} is not a multiple of the head count {n_heads}")
+    if n_heads % n_kv_heads:
+        raise ModelFormatError(f"{name}: head count {n_heads} is not a multiple of the KV head count {n_kv_heads}")
+    tokens = md.get("tokenizer.ggml.tokens")
+    embedding = gguf_file.tensors.get("token_embd.weight")
+    vocab = len(tokens) if isinstance(tokens, list) else embedding.shape[0] if embedding is not None else ...
+    rms_eps = get("llama.attention.layer_norm_rms_epsilon", float)
+    if not rms_eps > 0:
+        raise ModelFormatError(f"{name}: metadata llama.attention.layer_norm_rms_epsilon is {rms_eps}, expected > 0")
+    return {
+        "architecture": arch,
+        "name": md.get("general.name") if isinstance(md.get("general.name"), str) else Path(name).stem,
+        "n_layers": get("llama.block_count", int),
+        "hidden": hidden,
+        "ffn": get("llama.feed_forward_length", int),
+        "n_heads": n_heads,
+        "n_kv_heads": n_kv_heads,
+        "head_dim": head_dim,
+        "rope_dim": get("llama.rope.dimension_count", int, head_dim),
+        "rms_eps": rms_eps,
+        "rope_theta": get("llama.rope.freq_base", float, 10000.0),
+        "context_length": get("llama.context_length", int),
+        "vocab_size": get("llama.vocab_size", int, vocab),
+        "bos_token_id": _token_id(md, "tokenizer.ggml.bos_token_id", name),
+        "eos_token_id": _token_id(md, "tokenizer.ggml.eos_token_id", name),
+        "chat_template": md.get("tokenizer.chat_template"),
+        "tied_embeddings": "output.weight" not in gguf_file.tensors,
+    }
+
+
+def _token_id(md: dict, key: str, name: str) -> int | None:
+    value = md.get(key)
+    if value is None:
+        return None
+    if type(value) is not int or value < 0:
+        raise ModelFormatError(f"{name}: metadata {key} is {_one_line(repr(value))}, expected a token id")
+    return value
