@@ -45,6 +45,8 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
 
     tok = w("token_embd.weight", (V, D))
     x = g.add("embedding", [tok, ids], name="embed", source="token_embd")
+    if x.dtype != "f32":   # an f16 table gives f16 rows; the residual stream and KV cache are f32
+        x = g.add("cast", [x], {"to": "f32"}, source="token_embd")
     presents = []
     for i, (past_k, past_v) in enumerate(pasts):
         p = f"blk.{i}"
