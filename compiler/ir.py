@@ -13,12 +13,13 @@ The text form (`print_graph` / `parse_graph` in `isthmus.compiler.ir_text`) roun
 
 from __future__ import annotations
 
+from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
 
-from isthmus.errors import IRError
+from isthmus.errors import IRError, UnsupportedError
 
 Dim = int | str
 
@@ -240,7 +241,14 @@ def verify(graph: Graph) -> None:
         for v in node.inputs:
             if id(v) not in defined:
                 raise IRError(f"{where}: input %{v.name} is used before it is defined")
-        opdef = get_op(node.op)
+        try:
+            opdef = get_op(node.op)
+        except UnsupportedError as e:
+            raise IRError(f"{where}: {e}") from None
+        unknown, missing = set(node.attrs) - set(opdef.attrs), set(opdef.attrs) - set(node.attrs)
+        if unknown or missing:
+            raise IRError(f"{where}: op {node.op} has no attribute(s) {sorted(unknown)}" if unknown
+                          else f"{where}: attribute(s) {sorted(missing)} of op {node.op} are missing")
         expected = opdef.infer([v.type for v in node.inputs], node.attrs, where=where)
         if len(expected) != len(node.outputs):
             raise IRError(f"{where}: op gives {len(expected)} outputs, node has {len(node.outputs)}")
@@ -268,7 +276,7 @@ def clone(graph: Graph) -> Graph:
     g.inputs = [copy(v) for v in graph.inputs]
     g.constants = [copy(v) for v in graph.constants]
     for n in graph.nodes:
-        nn = Node(n.op, [vmap[id(v)] for v in n.inputs], [], dict(n.attrs), n.source)
+        nn = Node(n.op, [vmap[id(v)] for v in n.inputs], [], deepcopy(n.attrs), n.source)
         for v in n.outputs:
             nv = copy(v)
             nv.producer = nn

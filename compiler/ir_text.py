@@ -25,6 +25,7 @@ from isthmus.compiler.ir import Graph, Node, TensorType, Value, numpy_dtype, ver
 from isthmus.errors import IRError
 
 INLINE_LIMIT = 16
+MAX_NESTING = 32   # attribute lists nest at most this deep (the parser recurses per level)
 _BARE = re.compile(r"[A-Za-z0-9_.]+\Z")
 _BARE_DIM = re.compile(r"[A-Za-z_?][A-Za-z0-9_+*?]*\Z")
 
@@ -130,9 +131,16 @@ class _Parser:
     def peek(self):
         return self.toks[self.i] if self.i < len(self.toks) else ("eof", "", self.toks[-1][2] if self.toks else 1)
 
-    def error(self, msg: str):
-        kind, text, line = self.peek()
+    def error(self, msg: str, at: int | None = None):
+        """Raise IRError at the current token, or at token index `at` (a statement's start)."""
+        kind, text, line = self.peek() if at is None else self.toks[at]
         raise IRError(f"IR text line {line}: {msg} (at {text or 'end of text'!r})")
+
+    def integer(self, text: str) -> int:
+        try:
+            return int(text)
+        except ValueError:   # past Python's limit on digits in an int literal
+            self.error("integer literal too long")
 
     def next(self, kind=None, text=None):
         tok = self.peek()
@@ -167,7 +175,7 @@ class _Parser:
         kind, text, _ = self.peek()
         if kind == "num" and re.fullmatch(r"\d+", text):
             self.i += 1
-            return int(text)
+            return self.integer(text)
         if kind == "word":
             self.i += 1
             return text
@@ -176,6 +184,7 @@ class _Parser:
         self.error("expected a dimension")
 
     def type(self) -> TensorType:
+        start = self.i
         dtype = self.next("word")
         self.next("punct", "[")
         dims = []
@@ -187,16 +196,18 @@ class _Parser:
         try:
             return TensorType(tuple(dims), dtype)
         except IRError as e:
-            self.error(str(e))
+            self.error(str(e), at=start)
 
-    def attr_value(self):
+    def attr_value(self, depth: int = 0):
         kind, text, _ = self.peek()
+        if depth > MAX_NESTING:
+            self.error(f"lists nested more than {MAX_NESTING} deep")
         if self.accept("["):
             items = []
             if not self.accept("]"):
-                items.append(self.attr_value())
+                items.append(self.attr_value(depth + 1))
                 while self.accept(","):
-                    items.append(self.attr_value())
+                    items.append(self.attr_value(depth + 1))
                 self.next("punct", "]")
             return items
         if kind == "str":
@@ -205,11 +216,17 @@ class _Parser:
             self.i += 1
             if text == "-inf":
                 return -math.inf
-            return float(text) if any(c in text for c in ".eE") else int(text)
+            return float(text) if any(c in text for c in ".eE") else self.integer(text)
         if kind == "word" and text in ("true", "false", "null", "inf", "nan"):
             self.i += 1
             return {"true": True, "false": False, "null": None, "inf": math.inf, "nan": math.nan}[text]
         self.error("expected an attribute value")
+
+
+def _is_number_literal(x) -> bool:
+    if isinstance(x, list):
+        return all(_is_number_literal(e) for e in x)
+    return isinstance(x, (bool, int, float))
 
 
 def parse_graph(text: str, weights: dict | None = None) -> Graph:
@@ -225,7 +242,7 @@ def parse_graph(text: str, weights: dict | None = None) -> Graph:
 
     def define(v: Value):
         if v.name in env:
-            p.error(f"value %{v.name} is defined twice")
+            p.error(f"value %{v.name} is defined twice", at=start)
         env[v.name] = v
 
     def use() -> Value:
@@ -237,6 +254,7 @@ def parse_graph(text: str, weights: dict | None = None) -> Graph:
 
     while True:
         kind, text, _ = p.peek()
+        start = p.i   # errors found after a statement is read point at its first token
         if kind == "word" and text == "input":
             p.i += 1
             name = p.value_name()
@@ -252,17 +270,20 @@ def parse_graph(text: str, weights: dict | None = None) -> Graph:
             p.next("punct", "=")
             if p.accept("external"):
                 if name not in weights:
-                    p.error(f"no weight given for external constant %{name}")
+                    p.error(f"no weight given for external constant %{name}", at=start)
                 data = weights[name]
             else:
                 lit = p.attr_value()
+                if not _is_number_literal(lit):
+                    p.error(f"constant %{name}: a literal holds numbers and true/false only", at=start)
                 try:
-                    data = np.array(lit, dtype=numpy_dtype(t.dtype)).reshape(
-                        tuple(d for d in t.shape))
-                except (ValueError, TypeError, IRError) as e:
-                    p.error(f"literal does not fit {t}: {e}")
+                    with np.errstate(over="raise"):   # 1e300 as f16 does not fit; inf does
+                        data = np.array(lit, dtype=numpy_dtype(t.dtype)).reshape(
+                            tuple(d for d in t.shape))
+                except (ValueError, TypeError, ArithmeticError, IRError) as e:
+                    p.error(f"literal does not fit {t}: {e}", at=start)
             if tuple(data.shape) != t.shape:
-                p.error(f"constant %{name} data shape {tuple(data.shape)} does not match {t}")
+                p.error(f"constant %{name} data shape {tuple(data.shape)} does not match {t}", at=start)
             v = Value(name, t, data=data)
             define(v)
             g.constants.append(v)
@@ -311,7 +332,18 @@ def parse_graph(text: str, weights: dict | None = None) -> Graph:
             source = ""
             if p.accept("loc"):
                 source = p.string()
-            node = Node(op, ins, outs, opdef.complete_attrs(attrs, where=f"op {op}"), source)
+            try:
+                where = _name(outs[0])
+                attrs = opdef.complete_attrs(attrs, where=where)
+                expected = opdef.infer([v.type for v in ins], attrs, where=where)
+            except IRError as e:
+                p.error(str(e), at=start)
+            if len(expected) != len(outs):
+                p.error(f"op {op} gives {len(expected)} outputs, {len(outs)} declared", at=start)
+            for v, t in zip(outs, expected):
+                if v.type != t:
+                    p.error(f"%{v.name} is declared {v.type}, but {op} gives {t}", at=start)
+            node = Node(op, ins, outs, attrs, source)
             for v in outs:
                 v.producer = node
                 define(v)

@@ -85,7 +85,13 @@ def _gelu(x, approximate):
     return y.astype(x.dtype)
 
 
-define("gelu", infer=_float_rule, reference=_gelu, attrs={"approximate": "none"}, traits={ELEMENTWISE},
+def _gelu_rule(types, attrs):
+    if attrs["approximate"] not in ("none", "tanh"):
+        fail(f"gelu approximate must be 'none' or 'tanh', got {attrs['approximate']!r}")
+    return _float_rule(types, attrs)
+
+
+define("gelu", infer=_gelu_rule, reference=_gelu, attrs={"approximate": "none"}, traits={ELEMENTWISE},
        doc="x * Phi(x); approximate='tanh' is GPT-2's formula")
 
 
@@ -112,6 +118,8 @@ define("where", infer=_where_rule, reference=lambda c, a, b: np.where(c, a, b), 
 
 
 def _cast_rule(types, attrs):
+    from isthmus.compiler.ir import numpy_dtype
+    numpy_dtype(attrs["to"])     # a plain element type: nothing casts into a quantized format
     return TensorType(types[0].shape, attrs["to"])
 
 

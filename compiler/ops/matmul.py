@@ -25,12 +25,17 @@ def _matmul_rule(types, attrs):
         fail(f"matmul contraction dims differ: {a} @ {b}")
     batch = broadcast_shapes(a_shape[:-2], b_shape[:-2])
     shape = batch + ((a_shape[-2],) if a.rank > 1 else ()) + ((b_shape[-1],) if b.rank > 1 else ())
-    return TensorType(shape, float_result(a, b))
+    same_int = a.dtype == b.dtype and a.dtype in ("i64", "i32", "i8", "u8")
+    return TensorType(shape, a.dtype if same_int else float_result(a, b))
 
 
 def matmul(a, b):
     out = np.matmul(a, dense(b))
-    return out.astype(np.result_type(a.dtype, np.float32) if a.dtype.kind == "f" else out.dtype, copy=False)
+    if a.dtype.kind in "iu" and getattr(b, "dtype", None) == a.dtype:
+        return out
+    # as the rule says: the first float operand's type (numpy would promote f16 @ f32 to f32)
+    floats = [x.dtype for x in (a, b) if isinstance(x, np.ndarray) and x.dtype.kind == "f"]
+    return out.astype(floats[0] if floats else np.float32, copy=False)
 
 
 define("matmul", infer=_matmul_rule, reference=matmul, inputs=2, doc="numpy matmul semantics")

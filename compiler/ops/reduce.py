@@ -11,7 +11,10 @@ def _reduce_rule(types, attrs):
     axes = attrs["axes"]
     if axes is None:
         axes = list(range(t.rank))
-    axes = {norm_axis(a, t.rank) for a in axes}
+    normed = [norm_axis(a, t.rank) for a in axes]
+    if len(set(normed)) != len(normed):
+        fail(f"reduction axes {list(axes)} name an axis twice")
+    axes = set(normed)
     if attrs["keepdims"]:
         shape = tuple(1 if i in axes else d for i, d in enumerate(t.shape))
     else:

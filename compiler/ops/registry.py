@@ -54,6 +54,12 @@ class OpDef:
             out = self.rule(types, attrs)
         except IRError as e:
             raise IRError(f"{where}: {e}" if where else str(e)) from None
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, OverflowError) as e:
+            # A rule handed attributes of the wrong kind (perm=[0, "a"], axes=1, a missing key)
+            # fails inside Python; report it as the bad node it is, not as a crash.
+            prefix = f"{where}: " if where else ""
+            raise IRError(f"{prefix}op {self.name}: invalid attributes {attrs} for inputs "
+                          f"{', '.join(map(str, types))} ({type(e).__name__}: {e})") from None
         return list(out) if isinstance(out, (list, tuple)) else [out]
 
 

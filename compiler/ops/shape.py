@@ -17,6 +17,8 @@ def _reshape_rule(types, attrs):
     target = list(attrs["shape"])
     if target.count(-1) > 1:
         fail("reshape has more than one -1")
+    if any(d < -1 for d in target):
+        fail(f"reshape target {target} has a negative dim other than -1")
     out: list = []
     leftover = []          # input dims not copied through a 0
     for i, d in enumerate(t.shape):
@@ -97,7 +99,8 @@ def _split_rule(types, attrs):
 
 
 def split(x, axis, sizes):
-    return tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+    parts = tuple(np.split(x, np.cumsum(sizes)[:-1], axis=axis))
+    return parts if len(parts) > 1 else parts[0]   # a one-output node's reference returns the array
 
 
 define("split", infer=_split_rule, reference=split, attrs={"axis": 0, "sizes": None}, traits={SHAPE_ONLY})

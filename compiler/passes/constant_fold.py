@@ -1,7 +1,8 @@
 """Constant folding: evaluate nodes whose inputs are all constants, with the op's reference.
 
-Quantized constants are never folded (that would dequantize a weight into f32), and nor
-is anything whose result would be much larger than its inputs (an `expand` of a scalar).
+`shape` of a statically shaped value folds too, whatever computes the value. Quantized
+constants are never folded (that would dequantize a weight into f32), and nor is anything
+whose result would be much larger than its inputs (an `expand` of a scalar).
 """
 
 import numpy as np
@@ -26,11 +27,18 @@ def constant_fold(g: Graph) -> Graph:
     kept = []
     for node in g.nodes:
         node.inputs = [replace.get(id(v), v) for v in node.inputs]
+        if node.op == "shape" and node.inputs[0].type.is_static:   # needs only the input's type
+            dims = node.inputs[0].shape[node.attrs["start"]:node.attrs["end"]]
+            out = node.outputs[0]
+            g._names.discard(out.name)
+            replace[id(out)] = g.add_constant(out.name, np.array(dims, dtype=np.int64))
+            continue
         if not _foldable(node):
             kept.append(node)
             continue
         result = get_op(node.op).reference(*(v.data for v in node.inputs), **node.attrs)
-        results = [np.ascontiguousarray(r) for r in (result if len(node.outputs) > 1 else (result,))]
+        # np.asarray(order="C"), not np.ascontiguousarray: the latter turns a 0-d result into shape (1,)
+        results = [np.asarray(r, order="C") for r in (result if len(node.outputs) > 1 else (result,))]
         if any(r.shape != out.shape or dtype_name(r.dtype) != out.dtype for r, out in zip(results, node.outputs)):
             kept.append(node)   # the rule and the reference disagree: leave it for the verifier to report
             continue

@@ -17,8 +17,11 @@ def _freeze(x):
 def cse(g: Graph) -> Graph:
     replace: dict[int, object] = {}
     literals: dict[tuple, object] = {}
+    # A graph output is the interface (its name is the key `run` returns): it may absorb
+    # duplicates but is never itself replaced by a twin under another name.
+    interface = {id(v) for v in g.outputs}
     for v in g.constants:
-        if is_inline(v):
+        if is_inline(v) and id(v) not in interface:
             key = (v.dtype, v.shape, np.ascontiguousarray(v.data).tobytes())
             keeper = literals.setdefault(key, v)
             if keeper is not v:
@@ -30,7 +33,7 @@ def cse(g: Graph) -> Graph:
         key = (node.op, tuple(id(v) for v in node.inputs),
                tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items())))
         twin = seen.setdefault(key, node)
-        if twin is node:
+        if twin is node or any(id(v) in interface for v in node.outputs):
             kept.append(node)
         else:
             for old, new in zip(node.outputs, twin.outputs):
