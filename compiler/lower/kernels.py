@@ -1,0 +1,489 @@
+"""Lowering for the kernel targets: fusion groups -> a plan of kernel calls over planned buffers.
+
+The plan is backend-neutral; `lower_numba` binds it to the Numba kernels in isthmus.kernels.numba
+and a GPU backend can bind the same plan to its own kernels.
+
+Plan format
+  `make_plan(graph) -> Plan`, after `compiler.passes.fusion` has grouped the nodes:
+  Plan.steps    list[Step] in execution order, one kernel call each:
+      step.kind      "linear" | "attention" | "embedding" | "op"   (the fusion group's kind)
+      step.group     the fusion Group: its nodes, the input/output Values, and `attrs`
+                     (linear: norm node or None, linears, weights, epilogue None|"add"|"swiglu"|"qkv",
+                      residual Value, qkv {q_heads, kv_heads, head_dim, rope, rope_k, positions, past})
+      step.ins       Values read (activations and graph inputs; constants are the backend's to pack)
+      step.outs      Values written
+      step.flops, step.bytes   cost record for one token (linear: 2 * rows * cols, packed weight bytes)
+  Plan.caches   list[CachePair(past_k, past_v, present_k, present_v, step)]: the KV appends a decoder
+                keeps in place (a `qkv` step writes rows past .. past + seq of a preallocated cache,
+                and the attention step reads rows 0 .. past + seq of it)
+  Plan.last_use {Value: index of the last step that reads it}
+
+Buffer planning (`BufferPool`): binding a plan for concrete dims {batch, seq} gives every value a
+`qkv`/`linear`/`attention`/`embedding` step writes a preallocated buffer; a buffer is reused by a
+later value of the same shape and dtype once the last reader of its previous value has run (outputs
+are taken before inputs are released, so no step reads and writes the same buffer). `op` steps
+(anything without a fused kernel) return fresh arrays. A bound plan is a list of closures
+`call(past)`: the decode loop runs the one bound for seq = 1 over and over, allocating nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isthmus.compiler.ir import Graph, Value
+from isthmus.compiler.passes.fusion import Group, format_groups, fuse
+from isthmus.errors import InputError
+from isthmus.runtime.executable import Executable, OpProfile
+
+
+@dataclass(eq=False)
+class Step:
+    kind: str
+    group: Group
+    ins: list[Value]
+    outs: list[Value]
+    flops: float = 0.0
+    bytes: float = 0.0
+
+
+@dataclass(eq=False)
+class CachePair:
+    past_k: Value
+    past_v: Value
+    present_k: Value
+    present_v: Value
+    step: Step
+
+
+@dataclass(eq=False)
+class Plan:
+    steps: list[Step]
+    caches: list[CachePair] = field(default_factory=list)
+    last_use: dict = field(default_factory=dict)
+
+
+def make_plan(graph: Graph, groups: list[Group] | None = None) -> Plan:
+    groups = fuse(graph) if groups is None else groups
+    steps, caches = [], []
+    for g in groups:
+        ins = [v for v in g.inputs if not v.is_constant]
+        st = Step(g.kind, g, ins, list(g.outputs))
+        if g.kind == "linear":
+            cols = g.attrs["weights"][0].shape[1]
+            rows = sum(w.shape[0] for w in g.attrs["weights"])
+            st.flops = 2.0 * rows * cols
+            st.bytes = float(sum(w.data.nbytes for w in g.attrs["weights"]))
+            if g.attrs["epilogue"] == "qkv":
+                q = g.attrs["qkv"]
+                caches.append(CachePair(q["past"][0], q["past"][1], g.outputs[1], g.outputs[2], st))
+        steps.append(st)
+    last_use = {}
+    for i, st in enumerate(steps):
+        for v in st.ins:
+            last_use[v] = i
+    return Plan(steps, caches, last_use)
+
+
+def eval_dim(d, dims: dict) -> int:
+    """A dim's value: an int, or a symbol / sum / product of symbols bound in `dims`."""
+    if isinstance(d, int):
+        return d
+    if "+" in d:
+        return sum(eval_dim(p if not p.lstrip("-").isdigit() else int(p), dims) for p in d.split("+"))
+    if "*" in d:
+        out = 1
+        for p in d.split("*"):
+            out *= eval_dim(int(p) if p.isdigit() else p, dims)
+        return out
+    if d not in dims:
+        raise InputError(f"dim {d!r} is not bound")
+    return dims[d]
+
+
+class BufferPool:
+    def __init__(self):
+        self.free: dict[tuple, list[np.ndarray]] = {}
+
+    def take(self, shape, dtype=np.float32) -> np.ndarray:
+        key = (tuple(shape), np.dtype(dtype).str)
+        bucket = self.free.get(key)
+        return bucket.pop() if bucket else np.empty(shape, dtype)
+
+    def give(self, a: np.ndarray) -> None:
+        self.free.setdefault((a.shape, a.dtype.str), []).append(a)
+
+
+# -- the Numba binding -----------------------------------------------------------------------------
+
+def _f32(v: Value) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(v.data), np.float32)
+
+
+class NumbaExecutable(Executable):
+    """A graph lowered to Numba kernels. `run` binds the plan per call; `decoder()` keeps a
+    preallocated KV cache and a plan bound for seq = 1, so a decode step allocates nothing."""
+
+    def __post_init__(self):
+        from isthmus.kernels.numba import linear
+
+        self.groups = fuse(self.graph)
+        self.plan = make_plan(self.graph, self.groups)
+        self._packed: dict[tuple, object] = {}
+        for st in self.plan.steps:
+            g = st.group
+            if g.kind == "linear":
+                g.attrs["packed"] = self._pack(g.attrs["weights"])
+                n = g.attrs["norm"]
+                g.attrs["norm_w"] = None if n is None else (_f32(n.inputs[1]), float(n.attrs["eps"]))
+            elif g.kind == "embedding":
+                g.attrs["packed"] = self._pack([g.nodes[0].inputs[0]])
+        self.workspace = linear.Workspace()
+        self._scratch = np.empty(0, np.float32)
+        outs = set(self.graph.outputs)
+        pasts = {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
+        presents = {v for c in self.plan.caches for v in (c.present_k, c.present_v)}
+        self.in_place_cache = (
+            bool(self.plan.caches)
+            and {v for v in self.graph.inputs if v.name.startswith("past_")} == pasts
+            and {v for v in self.graph.outputs if v.name.startswith("present_")} == presents
+            and all(v in outs for v in presents)
+            and all(st.kind == "attention" for st in self.plan.steps for v in st.ins if v in presents))
+
+    def _pack(self, weights: list[Value]):
+        from isthmus.kernels.numba.linear import pack
+
+        key = tuple(id(w.data) for w in weights)
+        if key not in self._packed:
+            self._packed[key] = pack([w.data for w in weights])
+        return self._packed[key]
+
+    def weight_bytes(self) -> int:
+        return sum(p.nbytes for p in self._packed.values())
+
+    def describe(self) -> str:
+        return format_groups(self.groups)
+
+    def scratch(self, rows: int, cols: int) -> np.ndarray:
+        if self._scratch.size < rows * cols:
+            self._scratch = np.empty(rows * cols, np.float32)
+        return self._scratch[: rows * cols].reshape(rows, cols)
+
+    # -- execution -------------------------------------------------------------------------------
+
+    def run(self, inputs: dict) -> dict[str, np.ndarray]:
+        inputs = self.check_inputs(inputs)
+        dims: dict[str, int] = {}
+        for v in self.graph.inputs:
+            for d, n in zip(v.shape, inputs[v.name].shape):
+                if isinstance(d, str):
+                    dims[d] = n
+        env = {v: inputs[v.name] for v in self.graph.inputs}
+        caches = {}
+        for c in self.plan.caches:
+            past = env[c.past_k]
+            b, h, p, hd = past.shape
+            total = p + eval_dim(c.present_k.shape[2], dims) - eval_dim(c.past_k.shape[2], dims)
+            kc, vc = np.empty((b, h, total, hd), np.float32), np.empty((b, h, total, hd), np.float32)
+            kc[:, :, :p], vc[:, :, :p] = past, env[c.past_v]
+            caches[c.step] = (kc, vc)
+            env[c.present_k], env[c.present_v] = kc, vc
+        past_len = next((env[c.past_k].shape[2] for c in self.plan.caches), 0)
+        bound = Bound(self, dims, env, caches, last_only=False)
+        bound.run(past_len)
+        return {v.name: env[v] for v in self.graph.outputs}
+
+    def decoder(self):
+        from isthmus.runtime.kv_cache import FunctionalDecoder
+
+        if not self.in_place_cache or (self.model is not None and not getattr(self.model, "is_decoder", True)):
+            return FunctionalDecoder(self)
+        return NumbaDecoder(self)
+
+
+class Bound:
+    """The plan bound to concrete dims and buffers: `run(past)` calls each step's kernel in order."""
+
+    def __init__(self, exe: NumbaExecutable, dims: dict, env: dict, caches: dict, last_only: bool):
+        self.exe, self.dims, self.env, self.caches, self.last_only = exe, dims, env, caches, last_only
+        self.pool = BufferPool()
+        self._owned: dict[Value, np.ndarray] = {}   # values held in pooled buffers
+        self._pinned: set[Value] = set()             # read by an `op` step, which may keep a view
+        self.calls, self.kinds = [], []
+        plan = exe.plan
+        outs = set(exe.graph.outputs)
+        for i, st in enumerate(plan.steps):
+            self.calls.append(getattr(self, "_bind_" + st.kind)(st))
+            self.kinds.append(_label(st))
+            for v in st.ins:     # outputs were taken above; now release what no later step reads
+                if plan.last_use.get(v) == i and v not in outs and v not in self._pinned and v in self._owned:
+                    self.pool.give(self._owned.pop(v))
+
+    # buffers ------------------------------------------------------------------------------------
+    def _buffer(self, v: Value, shape=None) -> np.ndarray:
+        shape = tuple(eval_dim(d, self.dims) for d in v.shape) if shape is None else shape
+        a = self.pool.take(shape)
+        self._owned[v] = a
+        self.env[v] = a
+        return a
+
+    def _rows(self, v: Value):
+        """A 2-D [rows, last] view of v's buffer when it exists now, else a getter for run time."""
+        a = self.env.get(v)
+        if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == np.float32:
+            view = a.reshape(-1, a.shape[-1])
+            return lambda: view
+        env = self.env
+        return lambda: np.ascontiguousarray(env[v], np.float32).reshape(-1, env[v].shape[-1])
+
+    # steps --------------------------------------------------------------------------------------
+    def _bind_linear(self, st: Step):
+        from isthmus.kernels.numba import linear as L
+        from isthmus.kernels.numba.rope import inv_freq, qkv_epilogue
+
+        g, exe = st.group, self.exe
+        w, epi = g.attrs["packed"], g.attrs["epilogue"]
+        x_val = (g.attrs["norm"].inputs[0] if g.attrs["norm"] is not None else g.attrs["linears"][0].inputs[0])
+        x_get = self._rows(x_val)
+        norm = g.attrs["norm_w"]
+        ws = exe.workspace
+        if epi == "qkv":
+            q = g.attrs["qkv"]
+            kc, vc = self.caches[st]
+            q_out = self._buffer(g.outputs[0])
+            n = q_out.shape[0] * q_out.shape[2]
+            qkv = np.empty((n, w.rows), np.float32)
+            h = np.empty((n, w.cols), np.float32) if norm else None
+            pos_get = self._positions(q["positions"], q_out.shape[0], q_out.shape[2])
+            hd = q["head_dim"]
+            inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"])
+            inter = q["rope"]["layout"] == "interleaved"
+            nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
+
+            def call(past):
+                L.linear(x_get(), w, qkv, ws, norm=norm, h=h)
+                qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
+            return call
+        out_val = g.outputs[0]
+        x_rows = x_get
+        if self.last_only and out_val in set(exe.graph.outputs) and epi is None:
+            # a decoder needs the logits of the last position only: row-wise ops allow the cut
+            b = eval_dim(out_val.shape[0], self.dims)
+            out = self._buffer(out_val, (b, 1, out_val.shape[-1]))
+
+            def x_rows():
+                x2 = x_get()
+                return x2.reshape(b, -1, x2.shape[-1])[:, -1]
+        else:
+            out = self._buffer(out_val)
+        out2 = out.reshape(-1, out.shape[-1])
+        h = np.empty((out2.shape[0], w.cols), np.float32) if norm else None
+        if epi == "add":
+            res_get = self._rows(g.attrs["residual"])
+
+            def call(past):
+                L.linear(x_rows(), w, out2, ws, res=res_get(), epilogue=L.EPI_ADD, norm=norm, h=h)
+            return call
+        code = L.EPI_SWIGLU if epi == "swiglu" else L.EPI_NONE
+
+        def call(past):
+            L.linear(x_rows(), w, out2, ws, epilogue=code, norm=norm, h=h)
+        return call
+
+    def _positions(self, v: Value, b: int, s: int):
+        a = self.env.get(v)
+        if isinstance(a, np.ndarray) and a.shape == (b, s) and a.dtype == np.int64 and a.flags.c_contiguous:
+            return lambda: a
+        env = self.env
+        return lambda: np.ascontiguousarray(np.broadcast_to(np.asarray(env[v], np.int64).reshape(-1, s), (b, s)))
+
+    def _bind_attention(self, st: Step):
+        from isthmus.kernels.numba.attention import attention_kv
+
+        node = st.group.attrs["node"]
+        qv, kv, vv = node.inputs
+        out = self._buffer(st.outs[0])
+        causal = bool(node.attrs["causal"])
+        hd = qv.shape[3]
+        scale = np.float32(node.attrs["scale"] or 1.0 / np.sqrt(hd))
+        cache = next((self.caches[c.step] for c in self.exe.plan.caches
+                      if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
+        env, exe = self.env, self.exe
+
+        def call(past):
+            q = env[qv]
+            if q.dtype != np.float32 or not q.flags.c_contiguous:
+                q = np.ascontiguousarray(q, np.float32)
+            if cache is not None:
+                k, v, p = cache[0], cache[1], past
+            else:
+                k, v = (np.ascontiguousarray(env[x], np.float32) for x in (kv, vv))
+                p = k.shape[2] - q.shape[2]
+            jobs = q.shape[0] * q.shape[1] * q.shape[2]
+            attention_kv(q, k, v, p, causal, scale, out, exe.scratch(jobs, p + q.shape[2]))
+        return call
+
+    def _bind_embedding(self, st: Step):
+        from isthmus.kernels.numba.linear import embedding
+
+        node = st.group.attrs["node"]
+        table, ids_v = node.inputs
+        p = st.group.attrs["packed"]
+        out = self._buffer(st.outs[0])
+        out2 = out.reshape(-1, out.shape[-1])
+        env, vocab = self.env, table.shape[0]
+
+        def call(past):
+            ids = env[ids_v].reshape(-1)
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise InputError(f"token id out of range [0, {vocab}): min {ids.min()}, max {ids.max()}")
+            embedding(p, ids, out2)
+        return call
+
+    def _bind_op(self, st: Step):
+        node = st.group.attrs["node"]
+        impl = _op_impl(node)
+        env = self.env
+        ins, outs = node.inputs, node.outputs
+        consts = {v: (v.data.dequantize() if hasattr(v.data, "dequantize") else v.data) for v in ins if v.is_constant}
+        self._pinned.update(v for v in ins if v in self._owned)
+
+        def call(past):
+            args = [consts[v] if v in consts else env[v] for v in ins]
+            r = impl(*args, **node.attrs)
+            if len(outs) == 1:
+                env[outs[0]] = r
+            else:
+                for v, a in zip(outs, r):
+                    env[v] = a
+        return call
+
+    def run(self, past: int):
+        exe = self.exe
+        if not exe.profiling:
+            for call in self.calls:
+                call(past)
+            return
+        prof = exe._profile
+        for call, kind in zip(self.calls, self.kinds):
+            t0 = time.perf_counter()
+            call(past)
+            p = prof.setdefault(kind, OpProfile(kind))
+            p.calls += 1
+            p.seconds += time.perf_counter() - t0
+
+
+def _label(st: Step) -> str:
+    if st.kind == "linear":
+        e = st.group.attrs["epilogue"]
+        return "linear" + ("+norm" if st.group.attrs["norm"] is not None else "") + (f"+{e}" if e else "")
+    if st.kind == "op":
+        return st.group.nodes[0].op
+    return st.kind
+
+
+def _op_impl(node):
+    """A Numba kernel for an op outside any fused group, where one applies; else the reference."""
+    from isthmus.compiler.ops import get_op
+    from isthmus.kernels.numba import activation, norm, rope, softmax
+
+    ref = get_op(node.op).reference
+    f32 = all(v.dtype == "f32" for v in node.outputs)
+    table = {
+        "rmsnorm": lambda x, w, eps: norm.rmsnorm(x, w, eps),
+        "layernorm": lambda x, w, b=None, eps=1e-5: norm.layernorm(x, w, b, eps),
+        "softmax": lambda x, axis: softmax.softmax(x, axis),
+        "swiglu": lambda g, u: activation.swiglu(g, u) if g.shape == u.shape else ref(g, u),
+        "silu": lambda x: activation.silu(x),
+        "gelu": lambda x, approximate: activation.gelu(x, approximate),
+        "rope": lambda x, pos, theta, layout, dim: rope.rope(x, pos, theta, layout, dim),
+    }
+    if f32 and node.op in table:
+        return table[node.op]
+    if f32 and node.op == "attention" and len(node.inputs) == 3:
+        from isthmus.kernels.numba.attention import attention
+
+        def attn(q, k, v, causal, scale):
+            b, h, s, hd = q.shape
+            k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
+            out = attention(q, k, v, k.shape[2] - s, causal, scale)
+            return out.reshape(b, s, h, hd).transpose(0, 2, 1, 3)
+        return attn
+    return ref
+
+
+class NumbaDecoder:
+    """The decoder protocol over a preallocated, in-place KV cache.
+
+    `step(ids)` returns the last position's logits as a view of a buffer that the next step
+    overwrites (copy it to keep it). The cache holds `capacity` positions (the model's context
+    length); its pages are touched only as it fills.
+    """
+
+    def __init__(self, exe: NumbaExecutable, capacity: int | None = None):
+        from isthmus.runtime.generate import context_length
+
+        self.exe = exe
+        self.capacity = capacity or (context_length(exe) if exe.model is not None else 2048)
+        self.caches = {}
+        for c in exe.plan.caches:
+            _, h, _, hd = c.past_k.shape
+            self.caches[c.step] = (np.zeros((1, h, self.capacity, hd), np.float32),
+                                   np.zeros((1, h, self.capacity, hd), np.float32))
+        self.length = 0
+        self._bound: dict[int, tuple] = {}
+
+    def _bind(self, n: int):
+        if n not in self._bound:
+            exe = self.exe
+            env = {}
+            ids = np.zeros((1, n), np.int64)
+            pos = np.zeros((1, n), np.int64)
+            for v in exe.graph.inputs:
+                if v.name == "input_ids":
+                    env[v] = ids
+                elif v.name == "position_ids":
+                    env[v] = pos
+            bound = Bound(exe, {"batch": 1, "seq": n}, env, self.caches, last_only=True)
+            logits = env[exe.graph.outputs[0]]
+            entry = (bound, ids, pos, logits[0, -1])
+            if n != 1:
+                return entry      # prefill bindings are used once
+            self._bound[n] = entry
+        return self._bound[n]
+
+    def step(self, ids) -> np.ndarray:
+        n = len(ids)
+        if n == 0:
+            raise InputError("step needs at least one token")
+        if self.length + n > self.capacity:
+            raise InputError(f"the KV cache holds {self.capacity} positions; {self.length} used, {n} more asked")
+        bound, id_buf, pos_buf, logits = self._bind(n)
+        if n == 1:
+            id_buf[0, 0] = ids[0]
+            pos_buf[0, 0] = self.length
+        else:
+            id_buf[0] = ids
+            pos_buf[0] = np.arange(self.length, self.length + n)
+        bound.run(self.length)
+        self.length += n
+        return logits
+
+
+def lower_numba(graph: Graph, model=None) -> NumbaExecutable:
+    """Lower an optimised graph to Numba kernels (fusion groups -> plan -> bound kernel calls)."""
+    import os
+
+    try:
+        import numba  # noqa: F401
+    except ImportError as e:     # pragma: no cover - numba is a dependency
+        raise ImportError(f"numba is not installed: {e}") from None
+    exe = NumbaExecutable(graph, "numba", model=model)
+    dump = os.environ.get("ISTHMUS_DUMP")
+    if dump:
+        from pathlib import Path
+        Path(dump).mkdir(parents=True, exist_ok=True)
+        (Path(dump) / "99-fusion.groups").write_text(exe.describe())
+    return exe

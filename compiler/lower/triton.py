@@ -1,0 +1,526 @@
+"""Lowering for `--target triton`: the graph runs op by op on a CUDA device, each op a Triton
+kernel from isthmus.kernels.triton where one exists and a torch op where the op only moves
+data; any op neither covers runs its numpy reference on the host (correct, slow, rare).
+
+At compile time the plan
+  - uploads every weight once: floats in the activation type (bf16 by default on a GPU),
+    GGUF q4_0 / q4_1 / q8_0 repacked for the quantized kernels (never dequantized);
+  - fuses sibling linears (the same input, e.g. q|k|v and gate|up) into one matmul whose
+    outputs are views of one buffer (the strided kernels read them in place), and a linear
+    whose only use is a residual `add` into the matmul's epilogue.
+`exe.decoder()` keeps a preallocated KV cache per layer on the device: a `concat(past, new)`
+that makes a graph's `present_*` output becomes a write into the cache (rope writes keys
+there directly), attention reads a view of the cache, and only the last position's logits
+are computed. Activations are `ISTHMUS_TRITON_DTYPE` (bf16 | f16 | f32); under
+TRITON_INTERPRET=1 the plan runs on CPU tensors in f32, which is how CI tests it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from isthmus.compiler.ir import Graph, numpy_dtype
+from isthmus.errors import InputError, UnsupportedError
+from isthmus.kernels.triton import attention as k_attn
+from isthmus.kernels.triton import elementwise as k_ew
+from isthmus.kernels.triton import embedding as k_emb
+from isthmus.kernels.triton import matmul as k_mm
+from isthmus.kernels.triton import norm as k_norm
+from isthmus.kernels.triton import qmatmul as k_q
+from isthmus.kernels.triton import rope as k_rope
+from isthmus.kernels.triton import softmax as k_sm
+from isthmus.kernels.triton._util import interpreting
+from isthmus.runtime.executable import Executable, OpProfile
+
+DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
+_INT = {"i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool}
+
+
+def lower_triton(graph: Graph, model=None, *, dtype: str | None = None, device: str | None = None) -> "TritonExecutable":
+    if device is None:
+        if torch.cuda.is_available():
+            device = "cuda"
+        elif interpreting():
+            device = "cpu"
+        else:
+            raise UnsupportedError("target 'triton' needs a CUDA GPU (or TRITON_INTERPRET=1 to run its kernels "
+                                   "on the CPU, slowly); use --target numba or reference")
+    dtype = dtype or os.environ.get("ISTHMUS_TRITON_DTYPE") or ("f32" if device == "cpu" else "bf16")
+    if dtype not in DTYPES:
+        raise UnsupportedError(f"ISTHMUS_TRITON_DTYPE must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return TritonExecutable(graph, "triton", model=model, device=device, act_dtype=dtype)
+
+
+# -- the plan -------------------------------------------------------------------------------------
+
+@dataclass
+class Step:
+    name: str                 # the node's name (profiles, errors)
+    op: str
+    fn: object                # fn(state, *inputs) -> tensor | tuple of tensors
+    inputs: list              # value ids
+    outputs: list             # value ids
+
+
+@dataclass
+class _State:
+    """What a step may need beyond its inputs: the decoder's cache (None outside a decoder)."""
+    cache: dict | None = None     # past input name -> [batch, heads, capacity, dim] tensor
+    length: int = 0               # cached positions before this step
+    host: dict = field(default_factory=dict)   # value id -> numpy copy of a graph input (id checks)
+
+
+_FLOATS = ("f32", "f16", "f64")
+_NP = {"f32", "f16", "f64", "i64", "i32", "i8", "u8", "bool"}
+
+
+class _Plan:
+    def __init__(self, graph: Graph, device, act: torch.dtype, decoder: bool):
+        self.graph, self.device, self.act = graph, device, act
+        self._converted: dict[tuple, object] = {}
+        self.steps: list[Step] = []
+        self.rope_into_cache: dict[int, str] = {}   # rope output id -> cache its keys are written to
+        nodes = graph.nodes
+        index = {id(v): i for i, n in enumerate(nodes) for v in n.outputs}
+        users: dict[int, list[int]] = {}
+        for i, n in enumerate(nodes):
+            for v in n.inputs:
+                users.setdefault(id(v), []).append(i)
+        outputs = {id(v) for v in graph.outputs}
+        self.kv = _kv_concats(graph) if decoder else {}
+        logits = next((v for v in graph.outputs if v.name == "logits"), None) if decoder else None
+        done: set[int] = set()
+        for i, n in enumerate(nodes):
+            if i in done:
+                continue
+            if n.op == "linear" and _const_weight(n):
+                o = n.outputs[0]
+                sibs = [j for j in users.get(id(n.inputs[0]), []) if j > i and j not in done
+                        and _fusable(nodes[j], n) and nodes[j].outputs[0] is not logits]
+                if sibs and o is not logits:
+                    self._fused_linears([n] + [nodes[j] for j in sibs])
+                    done.update(sibs)
+                    continue
+                us = users.get(id(o), [])
+                if len(us) == 1 and id(o) not in outputs and nodes[us[0]].op == "add" and o is not logits:
+                    a = nodes[us[0]]
+                    other = a.inputs[1] if a.inputs[0] is o else a.inputs[0]
+                    if (a.inputs[0] is not a.inputs[1] and other.type.shape == o.type.shape
+                            and other.dtype == o.dtype and index.get(id(other), -1) < i):
+                        self._linear(n, residual=other, out_value=a.outputs[0])
+                        done.add(us[0])
+                        continue
+                self._linear(n, last_only=o is logits)
+                continue
+            if id(n.outputs[0]) in self.kv:
+                self._kv_concat(n)
+                continue
+            self._node(n)
+        # values no step needs after step i
+        last: dict[int, int] = {}
+        for si, s in enumerate(self.steps):
+            for v in s.inputs:
+                last[v] = si
+        self.free_after = [[] for _ in self.steps]
+        for v, si in last.items():
+            if v not in outputs:
+                self.free_after[si].append(v)
+
+    # -- constants: uploaded once, captured by the steps that use them -----------------------
+
+    def const(self, v, as_="tensor", cache=True):
+        """A constant on the device: 'tensor' (floats in the activation type) or 'weight'
+        (a PackedWeight when block-quantized, else an activation-type tensor)."""
+        key = (id(v.data), as_)
+        got = self._converted.get(key)
+        if got is None:
+            data = v.data
+            if as_ == "weight" and getattr(data, "qtype", None) in k_q.QTYPES:
+                got = k_q.repack(data.qtype, data.shape, data.raw, self.device)
+            else:
+                got = self.tensor(data.dequantize() if hasattr(data, "dequantize") else np.asarray(data))
+            if cache:
+                self._converted[key] = got
+        return got
+
+    def tensor(self, a: np.ndarray) -> torch.Tensor:
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        return t.to(self.device, self.act if t.is_floating_point() else t.dtype)
+
+    # -- steps -------------------------------------------------------------------------------
+
+    def add_step(self, n, fn, inputs, outputs=None, op=None):
+        self.steps.append(Step(n.outputs[0].name, op or n.op, fn, [id(v) for v in inputs],
+                               [id(v) for v in (outputs if outputs is not None else n.outputs)]))
+
+    def _linear(self, n, residual=None, out_value=None, last_only=False):
+        w = self.const(n.inputs[1], "weight")
+        b = self.const(n.inputs[2]) if len(n.inputs) == 3 else None
+        mm = k_q.qlinear if isinstance(w, k_q.PackedWeight) else k_mm.linear
+
+        def linear(state, x, r=None):
+            if last_only:
+                x = x[..., -1:, :]
+            return mm(x, w, b, residual=r)
+
+        ins = [n.inputs[0]] + ([residual] if residual is not None else [])
+        self.add_step(n, linear, ins, [out_value or n.outputs[0]])
+
+    def _fused_linears(self, group):
+        """Linears of one input as one matmul over their stacked weights; outputs are views."""
+        ws = [self.const(n.inputs[1], "weight", cache=False) for n in group]
+        if isinstance(ws[0], k_q.PackedWeight):
+            def cat(name):
+                return None if getattr(ws[0], name) is None else torch.cat([getattr(w, name) for w in ws])
+            w = k_q.PackedWeight(ws[0].qtype, sum(x.n for x in ws), ws[0].k, cat("qs"), cat("d"), cat("m"))
+            mm, sizes = k_q.qlinear, [x.n for x in ws]
+        else:
+            w, mm, sizes = torch.cat(ws).contiguous(), k_mm.linear, [x.shape[0] for x in ws]
+        del ws
+        bias = None
+        if any(len(n.inputs) == 3 for n in group):
+            bias = torch.cat([self.const(n.inputs[2]) if len(n.inputs) == 3 else
+                              torch.zeros(s, dtype=self.act, device=self.device) for n, s in zip(group, sizes)])
+
+        def linears(state, x):
+            return tuple(torch.split(mm(x, w, bias), sizes, dim=-1))
+
+        self.add_step(group[0], linears, [group[0].inputs[0]], [n.outputs[0] for n in group])
+
+    def _kv_concat(self, n):
+        past, new = n.inputs
+        name = past.name
+
+        def kv_write(state, past_t, new_t):
+            cache = state.cache[name]
+            hi = state.length + new_t.shape[2]
+            dst = cache[:, :, state.length:hi]
+            if new_t.data_ptr() != dst.data_ptr() or new_t.stride() != dst.stride():
+                dst.copy_(new_t)
+            return cache[:, :, :hi]
+
+        self.add_step(n, kv_write, [past, new])
+        if new.producer is not None and new.producer.op == "rope":
+            self.rope_into_cache[id(new)] = name
+
+    def _node(self, n):
+        op, attrs = n.op, n.attrs
+        consts = [self.const(v) if v.is_constant else None for v in n.inputs]
+        ins = [v for v in n.inputs if not v.is_constant]
+
+        def step(fn, with_state=False):
+            """fn(*all inputs), constants filled in; with_state: fn(state, *all inputs)."""
+            def run(state, *vals):
+                it = iter(vals)
+                args = [c if c is not None else next(it) for c in consts]
+                return fn(state, *args) if with_state else fn(*args)
+            return self.add_step(n, run, ins)
+
+        floats = n.outputs[0].dtype in _FLOATS and all(v.dtype in _FLOATS for v in n.inputs
+                                                          if v.dtype not in ("i64", "i32"))
+        if op == "embedding" and n.inputs[0].is_constant:
+            return self._embedding(n)
+        if op in ("rmsnorm", "layernorm") and floats:
+            f = k_norm.rmsnorm if op == "rmsnorm" else k_norm.layernorm
+            return step(lambda x, *p: f(x, *p, eps=attrs["eps"]))
+        if op == "rope" and floats:
+            key = id(n.outputs[0])
+
+            def rope(state, x, pos):
+                name = self.rope_into_cache.get(key)
+                out = None
+                if name is not None and state.cache is not None:
+                    out = state.cache[name][:, :, state.length:state.length + x.shape[2]]
+                return k_rope.rope(x, pos, attrs["theta"], attrs["layout"], attrs["dim"], out=out)
+            return step(rope, with_state=True)
+        if op == "attention" and len(n.inputs) == 3 and floats:
+            return step(lambda q, k, v: k_attn.attention(q, k, v, attrs["causal"], attrs["scale"]))
+        if op == "softmax" and floats:
+            return step(lambda x: _softmax(x, attrs["axis"]))
+        if op == "swiglu" and floats and n.inputs[0].shape == n.inputs[1].shape:
+            return step(k_ew.swiglu)
+        if op in ("silu", "sigmoid", "gelu") and floats:
+            kind = op if op != "gelu" else ("gelu" if attrs["approximate"] == "none" else "gelu_tanh")
+            return step(lambda x: k_ew.activation(x, kind))
+        if op in k_ew.BINARY and floats:
+            return step(lambda a, b: _binary(op, a, b))
+        if op == "matmul" and floats:
+            return step(_matmul)
+        if op == "linear" and floats:        # a weight computed at run time
+            return step(lambda x, w, b=None: k_mm.linear(x, w, b))
+        fn = _torch_op(n, self.act)
+        return step(fn if fn is not None else self._reference(n))
+
+    def _embedding(self, n):
+        table = self.const(n.inputs[0], "weight")
+        vocab = n.inputs[0].shape[0]
+        ids_value = n.inputs[1]
+
+        def embed(state, ids):
+            host = state.host.get(id(ids_value))
+            lo, hi = (int(host.min()), int(host.max())) if host is not None else (int(ids.min()), int(ids.max()))
+            if ids.numel() and (lo < 0 or hi >= vocab):
+                raise InputError(f"token id out of range [0, {vocab}): min {lo}, max {hi}")
+            return k_emb.embedding(table, ids, dtype=self.act)
+
+        self.add_step(n, embed, [ids_value])
+
+    def _reference(self, n):
+        """The op's numpy reference on the host: inputs down, result up."""
+        from isthmus.compiler.ops import get_op
+
+        ref = get_op(n.op).reference
+        types = [numpy_dtype(v.dtype) if v.dtype in _NP else None for v in n.inputs]
+
+        def run(*xs):
+            out = ref(*(_to_numpy(x, t) for x, t in zip(xs, types)), **n.attrs)
+            if isinstance(out, tuple):
+                return tuple(self.tensor(np.asarray(o)) for o in out)
+            return self.tensor(np.asarray(out))
+        return run
+
+
+def _to_numpy(x, dtype=None) -> np.ndarray:
+    if isinstance(x, k_q.PackedWeight):
+        x = k_q.dequantize(x)
+    a = x.detach().float().cpu().numpy() if x.is_floating_point() else x.detach().cpu().numpy()
+    return a.astype(dtype, copy=False) if dtype is not None else a
+
+
+def _const_weight(n) -> bool:
+    return (len(n.inputs) >= 2 and n.inputs[1].is_constant and n.inputs[1].type.rank == 2
+            and all(v.is_constant for v in n.inputs[2:]) and n.outputs[0].dtype in _FLOATS
+            and n.inputs[0].dtype in _FLOATS)
+
+
+def _fusable(m, n) -> bool:
+    """m can share one matmul with n: a linear of the same input, weight of the same kind and width."""
+    if m.op != "linear" or not _const_weight(m) or m.inputs[0] is not n.inputs[0]:
+        return False
+    a, b = n.inputs[1], m.inputs[1]
+    quant = ("q4_0", "q4_1", "q8_0")
+    return a.shape[1] == b.shape[1] and (a.dtype == b.dtype or (a.dtype not in quant and b.dtype not in quant))
+
+
+def _kv_concats(graph: Graph) -> dict:
+    """present_* outputs made by concat(past_* input, new) along the sequence axis: id -> past name."""
+    inputs = {id(v): v.name for v in graph.inputs if v.name.startswith(("past_key", "past_value"))}
+    found = {}
+    for v in graph.outputs:
+        n = v.producer
+        if (v.name.startswith("present") and n is not None and n.op == "concat" and len(n.inputs) == 2
+                and id(n.inputs[0]) in inputs and v.type.rank == 4 and n.attrs["axis"] % 4 == 2):
+            found[id(v)] = inputs[id(n.inputs[0])]
+    return found
+
+
+def _softmax(x, axis):
+    axis = axis % x.dim()
+    if axis == x.dim() - 1:
+        return k_sm.softmax(x)
+    return k_sm.softmax(x.movedim(axis, -1).contiguous()).movedim(-1, axis).contiguous()
+
+
+def _binary(op, a, b):
+    if a.shape == b.shape or (b.dim() == 1 and a.dim() >= 1 and b.shape[0] == a.shape[-1]):
+        return k_ew.binary(a, b, op)
+    if op in ("add", "mul") and a.dim() == 1 and b.dim() >= 1 and a.shape[0] == b.shape[-1]:
+        return k_ew.binary(b, a, op)
+    return _TORCH_BINARY[op](a, b).to(a.dtype)
+
+
+def _matmul(a, b):
+    if a.dim() == 1:
+        return _matmul(a[None], b)[..., 0, :]
+    if b.dim() == 1:
+        return _matmul(a, b[:, None])[..., 0]
+    return k_mm.matmul(a, b)
+
+
+_TORCH_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div, "pow": torch.pow,
+                 "max": torch.maximum, "min": torch.minimum}
+_UNARY = {"neg": torch.neg, "abs": torch.abs, "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt,
+          "rsqrt": torch.rsqrt, "reciprocal": torch.reciprocal, "erf": torch.erf, "tanh": torch.tanh,
+          "sigmoid": torch.sigmoid, "cos": torch.cos, "sin": torch.sin, "not": torch.logical_not,
+          "equal": torch.eq, "less": torch.lt, "greater": torch.gt, "and": torch.logical_and,
+          "or": torch.logical_or, "where": torch.where}
+
+
+def _torch_op(n, act):
+    """Data movement and the small integer/shape arithmetic of exported graphs, as torch ops."""
+    op, a = n.op, n.attrs
+    out = n.outputs[0].dtype
+    if op == "reshape":
+        return lambda x: x.reshape([x.shape[i] if d == 0 else d for i, d in enumerate(a["shape"])])
+    if op == "transpose":
+        return lambda x: x.permute(*(a["perm"] or reversed(range(x.dim()))))
+    if op == "concat":
+        return lambda *xs: torch.cat(xs, dim=a["axis"])
+    if op == "unsqueeze":
+        def unsqueeze(x):
+            rank = x.dim() + len(a["axes"])
+            for ax in sorted(d % rank for d in a["axes"]):
+                x = x.unsqueeze(ax)
+            return x
+        return unsqueeze
+    if op == "squeeze":
+        return lambda x: x.squeeze(tuple(a["axes"])) if a["axes"] else x.squeeze()
+    if op == "split" and len(n.outputs) > 1:
+        return lambda x: tuple(torch.split(x, list(a["sizes"]), dim=a["axis"]))
+    if op == "expand":
+        return lambda x: x.expand(torch.broadcast_shapes(x.shape, tuple(a["shape"]))).contiguous()
+    if op == "cast" and (a["to"] in _FLOATS or a["to"] in _INT):
+        return lambda x: x.to(act if a["to"] in _FLOATS else _INT[a["to"]])
+    if op == "div" and out in ("i64", "i32"):
+        return lambda x, y: torch.div(x, y, rounding_mode="trunc")
+    if op in _TORCH_BINARY and (out in _FLOATS or out in ("i64", "i32")):
+        return lambda x, y: _TORCH_BINARY[op](x, y).to(act if out in _FLOATS else _INT[out])
+    if op in _UNARY and (out in _FLOATS or op in ("not", "equal", "less", "greater", "and", "or", "where")):
+        return _UNARY[op]
+    if op in ("reduce_sum", "reduce_mean", "reduce_max") and out in _FLOATS:
+        def reduce(x):
+            dims = list(range(x.dim())) if a["axes"] is None else list(a["axes"])
+            if op == "reduce_max":
+                return torch.amax(x, dim=dims, keepdim=bool(a["keepdims"]))
+            f = torch.sum if op == "reduce_sum" else torch.mean
+            return f(x.float(), dim=dims, keepdim=bool(a["keepdims"])).to(x.dtype)
+        return reduce
+    return None
+
+
+# -- the executable ---------------------------------------------------------------------------
+
+@dataclass
+class TritonExecutable(Executable):
+    device: str = "cuda"
+    act_dtype: str = "bf16"
+
+    def __post_init__(self):     # replaces the reference's, which would dequantize every weight
+        self.act = DTYPES[self.act_dtype]
+        self._plan = _Plan(self.graph, self.device, self.act, decoder=False)
+        self._decoder_plan = None
+
+    def _execute(self, plan: _Plan, feeds: dict, state: _State) -> dict:
+        env: dict[int, object] = dict(feeds)
+        prof = self._profile if self.profiling else None
+        cuda = str(self.device).startswith("cuda")
+        for si, s in enumerate(plan.steps):
+            if prof is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+            out = s.fn(state, *(env[v] for v in s.inputs))
+            if len(s.outputs) == 1:
+                env[s.outputs[0]] = out
+            else:
+                env.update(zip(s.outputs, out))
+            for v in plan.free_after[si]:
+                env.pop(v, None)
+            if prof is not None:
+                if cuda:
+                    torch.cuda.synchronize()
+                p = prof.setdefault(s.op, OpProfile(s.op))
+                p.calls += 1
+                p.seconds += time.perf_counter() - t0
+        return env
+
+    def upload(self, a: np.ndarray) -> torch.Tensor:
+        a = np.ascontiguousarray(a)
+        t = torch.from_numpy(a if a.flags.writeable else a.copy())
+        return t.to(self.device, self.act if t.is_floating_point() else t.dtype)
+
+    def run(self, inputs: dict) -> dict[str, np.ndarray]:
+        inputs = self.check_inputs(inputs)
+        state = _State()
+        feeds = {}
+        for v in self.graph.inputs:
+            feeds[id(v)] = self.upload(inputs[v.name])
+            state.host[id(v)] = inputs[v.name]
+        env = self._execute(self._plan, feeds, state)
+        out = {}
+        for v in self.graph.outputs:
+            if id(v) in env:
+                out[v.name] = _download(env[id(v)], v.dtype)
+            else:                      # a constant returned as it is
+                data = v.data.dequantize() if hasattr(v.data, "dequantize") else np.asarray(v.data)
+                out[v.name] = data
+        return out
+
+    def decoder(self, batch: int = 1, capacity: int = 256):
+        """A decoding state whose KV cache is preallocated on the device for `capacity` positions
+        (grown by doubling, up to the model's context length).
+
+        Graphs whose cache is not made by concat(past_*, new) get the functional decoder."""
+        kv = _kv_concats(self.graph)
+        past = [v for v in self.graph.inputs if v.name.startswith(("past_key", "past_value"))]
+        names = {v.name for v in self.graph.inputs}
+        if ({"input_ids", "position_ids"} - names or sorted(kv.values()) != sorted(v.name for v in past)
+                or not self.graph.outputs or self.graph.outputs[0].name != "logits"):
+            return super().decoder()
+        if self._decoder_plan is None:
+            self._decoder_plan = _Plan(self.graph, self.device, self.act, decoder=True)
+        return TritonDecoder(self, self._decoder_plan, batch, capacity)
+
+
+def _download(x, dtype: str) -> np.ndarray:
+    a = _to_numpy(x)
+    return a.astype(numpy_dtype(dtype), copy=False) if dtype in _NP else a
+
+
+class TritonDecoder:
+    """Prefill and decode steps over a KV cache that lives on the device."""
+
+    def __init__(self, exe: TritonExecutable, plan: _Plan, batch: int = 1, capacity: int = 256):
+        self.exe, self.plan, self.batch, self.min_capacity = exe, plan, batch, capacity
+        self.inputs = {v.name: v for v in exe.graph.inputs}
+        self.past = [v for v in exe.graph.inputs if v.name.startswith(("past_key", "past_value"))]
+        self.state = _State(cache={}, length=0)
+        self.capacity = 0
+        config = getattr(exe.model, "config", None) or {}
+        self.max_len = int(config.get("context_length") or 1 << 20)
+
+    @property
+    def length(self) -> int:
+        return self.state.length
+
+    def _reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        if n > self.max_len:
+            raise InputError(f"the sequence would be {n} tokens; the model's context window is {self.max_len}")
+        cap = min(max(n, 2 * self.capacity, self.min_capacity), self.max_len)
+        for v in self.past:
+            shape = [self.batch if d == "batch" else d for d in v.shape]
+            shape[2] = cap
+            new = torch.zeros(shape, dtype=self.exe.act, device=self.exe.device)
+            old = self.state.cache.get(v.name)
+            if old is not None:
+                new[:, :, :self.state.length].copy_(old[:, :, :self.state.length])
+            self.state.cache[v.name] = new
+        self.capacity = cap
+
+    def step(self, ids: list[int]) -> np.ndarray:
+        """Run `ids` through the model at the next positions; the logits of the last one (f32)."""
+        n = len(ids)
+        if n == 0:
+            raise InputError("a decoder step needs at least one token")
+        start = self.state.length
+        self._reserve(start + n)
+        host = {"input_ids": np.asarray([list(ids)] * self.batch, np.int64),
+                "position_ids": np.tile(np.arange(start, start + n, dtype=np.int64), (self.batch, 1))}
+        feeds = {}
+        for name, arr in host.items():
+            v = self.inputs[name]
+            feeds[id(v)] = self.exe.upload(arr)
+            self.state.host[id(v)] = arr
+        for v in self.past:
+            feeds[id(v)] = self.state.cache[v.name][:, :, :start]
+        env = self.exe._execute(self.plan, feeds, self.state)
+        self.state.length = start + n
+        return _to_numpy(env[id(self.exe.graph.outputs[0])][0, -1])
