@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="print timings to stderr, as `ollama run --verbose`")
     p.set_defaults(fn=cmd_chat)
+    from isthmus.npu.cli import register as register_npu; register_npu(sub, common)  # noqa: E702
     return parser
 
 

@@ -28,3 +28,53 @@ class PullError(IsthmusError):
 
 class InputError(IsthmusError):
     """Bad run-time input: wrong names, shapes or dtypes, or a prompt longer than the context."""
+
+
+class NpuError(IsthmusError):
+    """An NPU program breaks a machine rule (capacity, bounds, alignment, dtype, deadlock) or does not assemble."""
+
+
+class NpuDecodeError(NpuError):
+    """An NPU binary (a program file or one instruction word) is malformed."""
+
+
+# -- the simulated TEE (runtime/tee/) -------------------------------------------------------------
+
+class SealError(IsthmusError):
+    """A sealed package (.isth) or sealed blob is malformed, truncated, tampered with or opened with the wrong key."""
+
+
+class AttestationError(IsthmusError):
+    """An attestation report is malformed, its signature does not verify, or it does not meet a policy."""
+
+
+class KeyReleaseError(IsthmusError):
+    """The key release service refuses to release a data key (each refusal below has its own type)."""
+
+
+class ChainError(AttestationError, KeyReleaseError):
+    """The report's certificate chain is broken or does not end at the pinned simulated root."""
+
+
+class StaleReportError(KeyReleaseError):
+    """The report's timestamp is outside the freshness window."""
+
+
+class ReplayError(KeyReleaseError):
+    """The report's nonce has been used before (nonces are single-use)."""
+
+
+class DebugReportError(KeyReleaseError):
+    """The report comes from an enclave running in debug mode."""
+
+
+class MeasurementError(KeyReleaseError):
+    """The report's PCRs are not in the allow-list for the (tenant, model)."""
+
+
+class RollbackError(KeyReleaseError):
+    """The package's version is older than the rollback counter for its (tenant, model)."""
+
+
+class TenantMismatchError(KeyReleaseError):
+    """A report bound to one tenant asks for another tenant's key."""
