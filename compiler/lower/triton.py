@@ -13,6 +13,11 @@ that makes a graph's `present_*` output becomes a write into the cache (rope wri
 there directly), attention reads a view of the cache, and only the last position's logits
 are computed. Activations are `ISTHMUS_TRITON_DTYPE` (bf16 | f16 | f32); under
 TRITON_INTERPRET=1 the plan runs on CPU tensors in f32, which is how CI tests it.
+
+The fusion groups of compiler/lower/kernels.py (make_plan) are not bound here yet: fuse() asks
+isthmus.kernels.numba.linear which weights stack together, which imports numba, and a GPU
+machine need not have numba. Once that check is a parameter of fuse(), this module can bind
+the same groups (linear + norm prologue + add/swiglu/qkv epilogues, attention, embedding).
 """
 
 from __future__ import annotations
