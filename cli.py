@@ -87,8 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--verbose", action="store_true", help="print timings to stderr, as `ollama run --verbose`")
+    p.add_argument("--sealed", metavar="PACKAGE", help="chat with a sealed .isth package inside the simulated "
+                   "enclave (the key comes from the local key release service; --model is ignored)")
     p.set_defaults(fn=cmd_chat)
     from isthmus.npu.cli import register as register_npu; register_npu(sub, common)  # noqa: E702
+    from isthmus.runtime.tee.cli import register as register_tee; register_tee(sub, common)  # noqa: E702
     return parser
 
 
@@ -202,9 +205,25 @@ def cmd_chat(args) -> int:
     import isthmus
 
     t0 = time.perf_counter()
-    model = isthmus.load(args.model)
-    exe = isthmus.compile(model, target=args.target)
+    session = None
+    if args.sealed:    # the simulated TEE: attest, get the key, unseal in memory, check the program
+        from isthmus.runtime.tee.cli import open_sealed
+        session = open_sealed(args)
+        exe = session.exe
+    else:
+        model = isthmus.load(args.model)
+        exe = isthmus.compile(model, target=args.target)
     load_seconds = time.perf_counter() - t0
+    try:
+        return _chat(args, exe, t0, load_seconds, session)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _chat(args, exe, t0: float, load_seconds: float, session) -> int:
+    import isthmus
+
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
         [{"role": "user", "content": args.prompt}]
     stream = isthmus.chat(exe, messages, max_tokens=args.max_tokens, temperature=args.temperature,
@@ -217,6 +236,7 @@ def cmd_chat(args) -> int:
         s = stream.stats
         total = time.perf_counter() - t0
         lines = [("total duration", _dur(total)), ("load duration", _dur(load_seconds)),
+                 *((f"  {k} duration", _dur(v)) for k, v in (session.timings.items() if session else ())),
                  ("prompt eval count", f"{s.prompt_tokens} token(s)"),
                  ("prompt eval duration", _dur(s.prompt_seconds)),
                  ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),

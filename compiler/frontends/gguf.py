@@ -6,9 +6,11 @@ fastest-varying first, u32 ggml type, u64 offset), padding to the alignment, the
 Strings are a u64 byte length then UTF-8 bytes; everything is little-endian.
 
 The file is memory-mapped read-only and tensors are views into it, so opening a model costs the
-time to parse its index, not to read its weights. The file is untrusted input: every length
-and count is checked against what is left of the file before it is used, and any malformation
-ends in a one-line `ModelFormatError` naming the file.
+time to parse its index, not to read its weights. An in-memory buffer (bytes, bytearray,
+memoryview) is read the same way, through a read-only view: a sealed model is unsealed into
+enclave memory and parsed there, so its plaintext never touches disk. The file is untrusted
+input: every length and count is checked against what is left of the file before it is used,
+and any malformation ends in a one-line `ModelFormatError` naming the file.
 """
 
 from __future__ import annotations
@@ -61,10 +63,17 @@ class GGUFFile:
         return f"GGUFFile({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
 
 
-def read_gguf(path) -> GGUFFile:
-    """Parse a GGUF file's metadata and tensor index, and map its tensors without reading them."""
-    name = os.fspath(path)
-    mm = _map(name)
+def read_gguf(source, name: str | None = None) -> GGUFFile:
+    """Parse a GGUF file's metadata and tensor index, and map its tensors without reading them.
+
+    `source` is a path (memory-mapped) or a buffer (bytes, bytearray, memoryview; the tensors are
+    then read-only views of it). `name` labels errors: by default the path, or "<buffer>"."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        name = name or "<buffer>"
+        mm = _view(source, name)
+    else:
+        name = name or os.fspath(source)
+        mm = _map(os.fspath(source))
     try:
         return _Parser(mm, name).parse()
     except (ModelFormatError, UnsupportedError):
@@ -89,6 +98,17 @@ def _map(name: str) -> mmap.mmap:
         raise ModelFormatError(f"{name}: cannot read ({e.strerror or e})") from None
 
 
+def _view(buf, name: str) -> memoryview:
+    view = memoryview(buf)
+    if view.ndim != 1 or view.itemsize != 1:
+        if not view.c_contiguous:
+            raise ModelFormatError(f"{name}: a GGUF buffer must be contiguous")
+        view = view.cast("B")
+    if len(view) < 8:
+        raise ModelFormatError(f"{name}: not a GGUF file (only {len(view)} bytes long)")
+    return view.toreadonly()
+
+
 def _one_line(text: str, limit: int = 120) -> str:
     """Untrusted text (keys, tensor names) made safe for a one-line message."""
     if text.isprintable() and len(text) <= limit:
@@ -97,7 +117,7 @@ def _one_line(text: str, limit: int = 120) -> str:
 
 
 class _Parser:
-    def __init__(self, buf: mmap.mmap, name: str):
+    def __init__(self, buf: mmap.mmap | memoryview, name: str):
         self.buf, self.name, self.pos, self.size = buf, name, 0, len(buf)
 
     def fail(self, what: str) -> ModelFormatError:
@@ -123,16 +143,16 @@ class _Parser:
         n = self.u64(what)
         if n > self.size - self.pos:
             raise self.fail(f"{what} at byte {self.pos - 8} claims {n} bytes but only {self.size - self.pos} remain")
-        raw = self.buf[self.pos : self.pos + n]
         try:
-            text = raw.decode("utf-8")
+            # str(): mmap slices are bytes, memoryview slices are not (and have no .decode)
+            text = str(self.buf[self.pos : self.pos + n], "utf-8")
         except UnicodeDecodeError:
             raise self.fail(f"{what} at byte {self.pos} is not valid UTF-8") from None
         self.pos += n
         return text
 
     def parse(self) -> GGUFFile:
-        magic = self.buf[:4]
+        magic = bytes(self.buf[:4])
         if magic != MAGIC:
             raise self.fail(f"not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
         self.pos = 4
@@ -216,7 +236,7 @@ class _Parser:
                 pos += 8
                 if n > size - pos:
                     raise self.fail(f"string in metadata {_one_line(key)} at byte {pos - 8} claims {n} bytes but only {size - pos} remain")
-                append(buf[pos : pos + n].decode("utf-8"))
+                append(str(buf[pos : pos + n], "utf-8"))
                 pos += n
         except UnicodeDecodeError:
             raise self.fail(f"string in metadata {_one_line(key)} at byte {pos} is not valid UTF-8") from None

@@ -9,12 +9,13 @@ from isthmus.compiler.frontends.gguf import llama_config_from_gguf, read_gguf
 from isthmus.compiler.frontends.llama import build_llama
 
 
-def load_gguf(path) -> Model:
-    f = read_gguf(path)
+def load_gguf(source, name: str | None = None) -> Model:
+    """A Model from a GGUF path or an in-memory buffer (see `read_gguf`); `name` labels errors."""
+    f = read_gguf(source, name)
     config = llama_config_from_gguf(f)
     # llama.cpp's converter permutes Q/K rows so rotation pairs are adjacent (the Meta layout)
     graph = build_llama(config, f.tensors, rope_layout="interleaved",
-                        name=config.get("name") or Path(path).stem, where=str(path))
+                        name=config.get("name") or Path(f.path).stem, where=f.path)
     from isthmus.runtime.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
-    return Model(graph, str(path), "gguf", config, tokenizer)
+    return Model(graph, f.path, "gguf", config, tokenizer)

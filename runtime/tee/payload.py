@@ -1,0 +1,139 @@
+"""The plaintext inside a sealed package: named sections behind a small table.
+
+    u32 table length | table (canonical JSON: {"format": 1, "sections": [{name, offset, size}, ...]})
+    | zero padding | section | zero padding | section ...
+
+Every section starts at a multiple of 64 bytes, so tensors parsed in place from the unsealed buffer
+keep the alignment the GGUF file gave them. A sealed model carries `model.gguf` (weights, tokenizer,
+hyperparameters) and `program.ir` (the compiled program: the IR text after the pass pipeline).
+`PayloadReader` streams the payload from the source files without building it in memory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+from pathlib import Path
+
+from isthmus.errors import SealError
+from isthmus.runtime.tee.crypto import canonical
+
+ALIGN = 64
+_U32 = struct.Struct("<I")
+
+
+def _pad(n: int) -> int:
+    return -n % ALIGN
+
+
+def _size(source) -> int:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return memoryview(source).nbytes
+    return os.stat(source).st_size
+
+
+def layout(parts: list[tuple[str, int]]) -> tuple[bytes, list[tuple[str, int, int]], int]:
+    """The table and (name, offset, size) of each section for sections of the given sizes."""
+    names = [n for n, _ in parts]
+    if len(set(names)) != len(names):
+        raise ValueError(f"section names repeat: {names}")
+    # The table's length depends on the offsets, which depend on its length: iterate to a fixed point.
+    table_len = 0
+    while True:
+        offset = _U32.size + table_len
+        offset += _pad(offset)
+        placed = []
+        for name, size in parts:
+            placed.append((name, offset, size))
+            offset += size + _pad(size)
+        table = canonical({"format": 1, "sections": [{"name": n, "offset": o, "size": s} for n, o, s in placed]})
+        if len(table) == table_len:
+            return table, placed, placed[-1][1] + placed[-1][2] if placed else _U32.size + table_len
+        table_len = len(table)
+
+
+class PayloadReader(io.RawIOBase):
+    """A read-only stream of the payload for `parts` [(name, path or bytes)]; files are memory-mapped
+    and read lazily. `readview(n, scratch)` hands out the next n bytes without a copy when they lie
+    inside one section (sealing encrypts straight from the mapped model file)."""
+
+    def __init__(self, parts: list[tuple[str, object]]):
+        table, placed, self.size = layout([(name, _size(src)) for name, src in parts])
+        self._pieces: list[object] = [_U32.pack(len(table)) + table]
+        end = len(self._pieces[0])
+        for (_, offset, size), (_, src) in zip(placed, parts):
+            self._pieces += [bytes(offset - end), src]
+            end = offset + size
+        self._index, self._pos, self._view = 0, 0, None
+
+    def readable(self) -> bool:
+        return True
+
+    def _current(self) -> memoryview | None:
+        while self._index < len(self._pieces):
+            if self._view is None:
+                piece = self._pieces[self._index]
+                if isinstance(piece, (bytes, bytearray, memoryview)):
+                    self._view = memoryview(piece).cast("B")
+                else:
+                    self._view = _map_file(piece)
+            if self._pos < len(self._view):
+                return self._view
+            self._view, self._index, self._pos = None, self._index + 1, 0
+        return None
+
+    def readinto(self, buf) -> int:
+        out = memoryview(buf).cast("B")
+        view = self._current()
+        if view is None:
+            return 0
+        n = min(len(out), len(view) - self._pos)
+        out[:n] = view[self._pos:self._pos + n]
+        self._pos += n
+        return n
+
+    def readview(self, n: int, scratch: memoryview) -> memoryview:
+        """The next `n` bytes: a view into the source when they are contiguous, else copied into `scratch`."""
+        view = self._current()
+        if view is not None and len(view) - self._pos >= n:
+            self._pos += n
+            return view[self._pos - n:self._pos]
+        got = 0
+        while got < n:
+            k = self.readinto(scratch[got:n])
+            if not k:
+                break
+            got += k
+        return scratch[:got]
+
+
+def _map_file(path) -> memoryview:
+    import mmap
+    with open(Path(path), "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def sections(buf) -> dict[str, memoryview]:
+    """The named sections of an unsealed payload, as read-only views of `buf` (no copies)."""
+    view = memoryview(buf).cast("B").toreadonly()
+    try:
+        (n,) = _U32.unpack_from(view, 0)
+        if n > len(view) - _U32.size:
+            raise ValueError("table runs past the end")
+        table = json.loads(str(view[_U32.size:_U32.size + n], "utf-8"))
+        if table.get("format") != 1:
+            raise ValueError(f"unknown payload format {table.get('format')!r}")
+        out = {}
+        for s in table["sections"]:
+            name, offset, size = s["name"], s["offset"], s["size"]
+            if not (isinstance(name, str) and type(offset) is int and type(size) is int
+                    and 0 <= offset <= offset + size <= len(view)) or name in out:
+                raise ValueError(f"bad section entry {s!r}")
+            out[name] = view[offset:offset + size]
+        return out
+    except (ValueError, KeyError, TypeError, AttributeError, struct.error, RecursionError) as e:
+        raise SealError(f"the unsealed payload's section table is malformed ({e})") from None

@@ -1,0 +1,178 @@
+"""Fixtures for the simulated TEE: a tiny chat model as a GGUF file, a fresh platform, key release
+service and owner key per test, and a scanner that looks for plaintext in files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
+            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+TINY = dict(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, context_length=256)
+
+
+def _byte_tokens() -> list[str]:
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    spelled, extra = {b: chr(b) for b in printable}, 0
+    for b in range(256):
+        if b not in spelled:
+            spelled[b] = chr(256 + extra)
+            extra += 1
+    return [spelled[b] for b in range(256)]
+
+
+def write_chat_gguf(path: Path, seed: int = 0) -> Path:
+    """A 2-layer Llama with random weights and a byte-level vocabulary (260 tokens): it chats
+    (nonsense) through the whole stack in milliseconds."""
+    import gguf
+
+    tokens = SPECIALS + _byte_tokens() + ["Ġt"]
+    V, D, F, H, KVH, hd = len(tokens), TINY["hidden"], TINY["ffn"], TINY["n_heads"], TINY["n_kv_heads"], TINY["head_dim"]
+    rng = np.random.default_rng(seed)
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_string("general.name", "tiny-chat")
+    w.add_uint32("llama.block_count", TINY["n_layers"])
+    w.add_uint32("llama.embedding_length", D)
+    w.add_uint32("llama.feed_forward_length", F)
+    w.add_uint32("llama.attention.head_count", H)
+    w.add_uint32("llama.attention.head_count_kv", KVH)
+    w.add_uint32("llama.context_length", TINY["context_length"])
+    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
+    w.add_float32("llama.rope.freq_base", 10000.0)
+    w.add_string("tokenizer.ggml.model", "gpt2")
+    w.add_string("tokenizer.ggml.pre", "smollm")
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", [3] * len(SPECIALS) + [1] * 257)
+    w.add_array("tokenizer.ggml.merges", ["Ġ t"])
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    w.add_string("tokenizer.chat_template", TEMPLATE)
+
+    def mat(rows, cols):
+        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
+
+    w.add_tensor("token_embd.weight", rng.standard_normal((V, D)).astype(np.float32))
+    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
+    w.add_tensor("output.weight", 2 * mat(V, D))        # untied: tied random embeddings repeat the last token
+    for i in range(TINY["n_layers"]):
+        p = f"blk.{i}"
+        w.add_tensor(f"{p}.attn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(f"{p}.attn_q.weight", mat(H * hd, D))
+        w.add_tensor(f"{p}.attn_k.weight", mat(KVH * hd, D))
+        w.add_tensor(f"{p}.attn_v.weight", mat(KVH * hd, D))
+        w.add_tensor(f"{p}.attn_output.weight", mat(D, H * hd))
+        w.add_tensor(f"{p}.ffn_norm.weight", np.ones(D, np.float32))
+        w.add_tensor(f"{p}.ffn_gate.weight", mat(F, D))
+        w.add_tensor(f"{p}.ffn_up.weight", mat(F, D))
+        w.add_tensor(f"{p}.ffn_down.weight", mat(D, F))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def chat_gguf(tmp_path_factory) -> Path:
+    return write_chat_gguf(tmp_path_factory.mktemp("tee-model") / "tiny-chat.gguf")
+
+
+@pytest.fixture
+def tee(tmp_path):
+    """A fresh simulated platform, key release service (pinned to its root) and owner key."""
+    from isthmus.runtime.tee.attestation import Platform
+    from isthmus.runtime.tee.crypto import generate_signing_key
+    from isthmus.runtime.tee.keyrelease import KeyReleaseService
+
+    platform = Platform.create(tmp_path / "platform")
+    kms = KeyReleaseService(tmp_path / "kms", root_fingerprint=platform.root_fingerprint)
+    yield SimpleNamespace(platform=platform, kms=kms, owner=generate_signing_key(), dir=tmp_path)
+    kms.close()
+
+
+@pytest.fixture
+def sealed(tee, chat_gguf):
+    """The tiny chat model sealed for tenant "acme" (reference target), registered with `tee.kms`."""
+    from isthmus.runtime.tee.owner import seal_model
+
+    pkg, allow = seal_model(chat_gguf, tee.dir / "tiny.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
+                            targets=["reference"], chunk_size=4096)
+    return SimpleNamespace(path=tee.dir / "tiny.isth", pkg=pkg, allow=allow)
+
+
+# -- finding plaintext in files ------------------------------------------------------------------
+
+_K = np.array([0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0x27D4EB2F165667C5], np.uint64)
+
+
+def _block_hashes(words: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each run of 4 consecutive uint64 words (32 bytes)."""
+    n = len(words) - 3
+    with np.errstate(over="ignore"):
+        return words[:n] * _K[0] + words[1:n + 1] * _K[1] + words[2:n + 2] * _K[2] + words[3:n + 3] * _K[3]
+
+
+def find_plaintext(files, secrets: list[bytes], window: int = 64, min_distinct: int = 8) -> list[str]:
+    """Each place where a file holds `window` consecutive bytes of a secret.
+
+    Any run of 63 or more bytes of a secret contains a whole 32-byte
+    block aligned to 32 in the secret's own coordinates. Those blocks are hashed, and so is every
+    32-byte run of each file (at all 8 byte offsets, vectorised); each hash hit is compared byte by
+    byte and grown in both directions, and reported when the common run reaches `window` bytes.
+    Blocks with fewer than `min_distinct` distinct byte values (zero padding, runs of one value)
+    are not looked for: they are not secret, and every file format has them."""
+    assert window >= 63
+    hashes, owners = [], []
+    for si, s in enumerate(secrets):
+        n = len(s) // 32 * 32
+        if n < 32:
+            continue
+        rows = np.sort(np.frombuffer(s[:n], np.uint8).reshape(-1, 32), axis=1)
+        keep = np.nonzero(1 + (rows[:, 1:] != rows[:, :-1]).sum(axis=1) >= min_distinct)[0]
+        hashes.append(_block_hashes(np.frombuffer(s[:n], np.uint64))[::4][keep])
+        owners.append(np.stack([np.full(len(keep), si), keep * 32]))
+    if not hashes:
+        return []
+    table = np.concatenate(hashes)
+    order = np.argsort(table, kind="stable")
+    table, owners = table[order], np.concatenate(owners, axis=1)[:, order]
+    found = []
+    for path in files:
+        data = Path(path).read_bytes()
+        for r in range(8):
+            m = (len(data) - r) // 8
+            if m < 4:
+                continue
+            h = _block_hashes(np.frombuffer(data, np.uint64, m, r))
+            hs = np.sort(h)                          # sorted queries: the search walks the table in order
+            pos = np.minimum(np.searchsorted(table, hs), len(table) - 1)
+            common = np.unique(hs[table[pos] == hs])
+            if not common.size:
+                continue
+            for j in np.nonzero(np.isin(h, common))[0]:
+                at = r + 8 * int(j)
+                lo, hi_ = np.searchsorted(table, h[j], "left"), np.searchsorted(table, h[j], "right")
+                for si, off in owners[:, lo:hi_].T.tolist():
+                    s = secrets[si]
+                    if data[at:at + 32] != s[off:off + 32]:
+                        continue
+                    lo = 0
+                    while at - lo > 0 and off - lo > 0 and data[at - lo - 1] == s[off - lo - 1]:
+                        lo += 1
+                    hi = 32
+                    while at + hi < len(data) and off + hi < len(s) and data[at + hi] == s[off + hi]:
+                        hi += 1
+                    leak = f"{path}: {lo + hi} bytes of secret {si} (at its offset {off - lo}) at offset {at - lo}"
+                    if lo + hi >= window and leak not in found:
+                        found.append(leak)
+    return found
+
+
+@pytest.fixture
+def scan():
+    """`find_plaintext` (test modules cannot import conftest under --import-mode=importlib)."""
+    return find_plaintext
