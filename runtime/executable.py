@@ -129,8 +129,40 @@ LOWERINGS = {
 
 
 def default_target() -> str:
-    """What `isthmus chat` and `isthmus.compile` use when no target is named."""
+    """What `isthmus chat` and `isthmus.compile` use when no target is named: triton with a CUDA
+    GPU and triton installed, else numba when it imports, else the numpy reference.
+    `ISTHMUS_TARGET` overrides."""
+    import importlib.util
+    import os
+
+    forced = os.environ.get("ISTHMUS_TARGET")
+    if forced:
+        return forced
+    if importlib.util.find_spec("triton") is not None and _cuda_available():
+        return "triton"
+    if importlib.util.find_spec("numba") is not None:
+        return "numba"
     return "reference"
+
+
+def _cuda_available() -> bool:
+    import importlib.util
+    import sys
+
+    if importlib.util.find_spec("torch") is None:
+        return False
+    if "torch" not in sys.modules and not _has_nvidia_device():
+        return False       # don't pay torch's import on a machine without an NVIDIA device
+    try:
+        import torch
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
+
+
+def _has_nvidia_device() -> bool:
+    import os
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
 def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None) -> Executable:

@@ -140,8 +140,7 @@ class NumbaExecutable(Executable):
                 g.attrs["norm_w"] = None if n is None else (_f32(n.inputs[1]), float(n.attrs["eps"]))
             elif g.kind == "embedding":
                 g.attrs["packed"] = self._pack([g.nodes[0].inputs[0]])
-        self.workspace = linear.Workspace()
-        self._scratch = np.empty(0, np.float32)
+        _release_mapped_pages(self.graph)
         outs = set(self.graph.outputs)
         pasts = {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
         presents = {v for c in self.plan.caches for v in (c.present_k, c.present_v)}
@@ -165,11 +164,6 @@ class NumbaExecutable(Executable):
 
     def describe(self) -> str:
         return format_groups(self.groups)
-
-    def scratch(self, rows: int, cols: int) -> np.ndarray:
-        if self._scratch.size < rows * cols:
-            self._scratch = np.empty(rows * cols, np.float32)
-        return self._scratch[: rows * cols].reshape(rows, cols)
 
     # -- execution -------------------------------------------------------------------------------
 
@@ -203,11 +197,50 @@ class NumbaExecutable(Executable):
         return NumbaDecoder(self)
 
 
+def _release_mapped_pages(graph: Graph) -> None:
+    """Drop the model file's pages from this process's resident set once the weights are repacked.
+
+    Quantized constants are views into the memory-mapped GGUF file; reading them to repack faulted
+    every page in (file-backed, but counted as resident). MADV_DONTNEED on the read-only mapping
+    forgets them; anything still read from it later (f32 norm weights) faults back in from the
+    page cache.
+    """
+    import mmap
+
+    seen = set()
+    for v in graph.constants:
+        a = getattr(v.data, "raw", v.data)
+        while isinstance(a, np.ndarray) and a.base is not None:
+            a = a.base
+        m = a.obj if isinstance(a, memoryview) else a
+        if isinstance(m, mmap.mmap) and id(m) not in seen and hasattr(m, "madvise"):
+            seen.add(id(m))
+            try:
+                m.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
+
+
+def _zeros(shape) -> np.ndarray:
+    """A zero f32 array in fresh anonymous pages: resident only as it is written (numpy's calloc may
+    reuse heap memory and memset all of it, which for a KV cache of the full context is hundreds of MB)."""
+    import mmap
+
+    n = int(np.prod(shape)) * 4
+    return np.frombuffer(mmap.mmap(-1, max(n, 1)), np.float32, count=int(np.prod(shape))).reshape(shape)
+
+
 class Bound:
     """The plan bound to concrete dims and buffers: `run(past)` calls each step's kernel in order."""
 
-    def __init__(self, exe: NumbaExecutable, dims: dict, env: dict, caches: dict, last_only: bool):
+    def __init__(self, exe: NumbaExecutable, dims: dict, env: dict, caches: dict, last_only: bool,
+                 workspace=None):
+        from isthmus.kernels.numba.linear import Workspace
+
         self.exe, self.dims, self.env, self.caches, self.last_only = exe, dims, env, caches, last_only
+        # scratch of this binding alone: decoders in different threads never share a buffer
+        self.workspace = workspace if workspace is not None else Workspace()
+        self._scratch = np.empty(0, np.float32)
         self.pool = BufferPool()
         self._owned: dict[Value, np.ndarray] = {}   # values held in pooled buffers
         self._pinned: set[Value] = set()             # read by an `op` step, which may keep a view
@@ -222,6 +255,11 @@ class Bound:
                     self.pool.give(self._owned.pop(v))
 
     # buffers ------------------------------------------------------------------------------------
+    def scratch(self, rows: int, cols: int) -> np.ndarray:
+        if self._scratch.size < rows * cols:
+            self._scratch = np.empty(rows * cols, np.float32)
+        return self._scratch[: rows * cols].reshape(rows, cols)
+
     def _buffer(self, v: Value, shape=None) -> np.ndarray:
         shape = tuple(eval_dim(d, self.dims) for d in v.shape) if shape is None else shape
         a = self.pool.take(shape)
@@ -229,11 +267,17 @@ class Bound:
         self.env[v] = a
         return a
 
-    def _rows(self, v: Value):
-        """A 2-D [rows, last] view of v's buffer when it exists now, else a getter for run time."""
+    def _static(self, v: Value):
+        """A 2-D [rows, last] view of v's buffer when a fused step owns it (fixed for this binding)."""
         a = self.env.get(v)
-        if isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == np.float32:
-            view = a.reshape(-1, a.shape[-1])
+        if v in self._owned and a.flags.c_contiguous and a.dtype == np.float32:
+            return a.reshape(-1, a.shape[-1])
+        return None
+
+    def _rows(self, v: Value):
+        """A getter of the 2-D [rows, last] view of v's value at run time."""
+        view = self._static(v)
+        if view is not None:
             return lambda: view
         env = self.env
         return lambda: np.ascontiguousarray(env[v], np.float32).reshape(-1, env[v].shape[-1])
@@ -248,7 +292,7 @@ class Bound:
         x_val = (g.attrs["norm"].inputs[0] if g.attrs["norm"] is not None else g.attrs["linears"][0].inputs[0])
         x_get = self._rows(x_val)
         norm = g.attrs["norm_w"]
-        ws = exe.workspace
+        ws = self.workspace
         if epi == "qkv":
             q = g.attrs["qkv"]
             kc, vc = self.caches[st]
@@ -262,12 +306,24 @@ class Bound:
             inter = q["rope"]["layout"] == "interleaved"
             nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
 
+            x_static = self._static(x_val)
+            bound = None if x_static is None else L.matvec_call(x_static, w, qkv, ws, norm=norm, h=h)
+            if bound is not None and self.env.get(q["positions"]) is not None:
+                fn, args = bound
+                pos = pos_get()
+
+                def call(past):
+                    fn(*args)
+                    qkv_epilogue(qkv, pos, inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
+                return call
+
             def call(past):
                 L.linear(x_get(), w, qkv, ws, norm=norm, h=h)
                 qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
             return call
         out_val = g.outputs[0]
         x_rows = x_get
+        x_static = self._static(x_val)
         if self.last_only and out_val in set(exe.graph.outputs) and epi is None:
             # a decoder needs the logits of the last position only: row-wise ops allow the cut
             b = eval_dim(out_val.shape[0], self.dims)
@@ -276,20 +332,33 @@ class Bound:
             def x_rows():
                 x2 = x_get()
                 return x2.reshape(b, -1, x2.shape[-1])[:, -1]
+            if x_static is not None and b == 1:
+                x_static = x_static[-1:]
         else:
             out = self._buffer(out_val)
         out2 = out.reshape(-1, out.shape[-1])
         h = np.empty((out2.shape[0], w.cols), np.float32) if norm else None
+        kw = dict(epilogue={None: L.EPI_NONE, "add": L.EPI_ADD, "swiglu": L.EPI_SWIGLU}[epi], norm=norm, h=h)
         if epi == "add":
+            res_static = self._static(g.attrs["residual"])
+            if x_static is not None and res_static is not None:
+                bound = L.matvec_call(x_static, w, out2, ws, res=res_static, **kw)
+                if bound is not None:        # a decode step: the kernel and its arguments, bound once
+                    fn, args = bound
+                    return lambda past: fn(*args)
             res_get = self._rows(g.attrs["residual"])
 
             def call(past):
-                L.linear(x_rows(), w, out2, ws, res=res_get(), epilogue=L.EPI_ADD, norm=norm, h=h)
+                L.linear(x_rows(), w, out2, ws, res=res_get(), **kw)
             return call
-        code = L.EPI_SWIGLU if epi == "swiglu" else L.EPI_NONE
+        if x_static is not None:
+            bound = L.matvec_call(x_static, w, out2, ws, **kw)
+            if bound is not None:
+                fn, args = bound
+                return lambda past: fn(*args)
 
         def call(past):
-            L.linear(x_rows(), w, out2, ws, epilogue=code, norm=norm, h=h)
+            L.linear(x_rows(), w, out2, ws, **kw)
         return call
 
     def _positions(self, v: Value, b: int, s: int):
@@ -310,7 +379,7 @@ class Bound:
         scale = np.float32(node.attrs["scale"] or 1.0 / np.sqrt(hd))
         cache = next((self.caches[c.step] for c in self.exe.plan.caches
                       if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
-        env, exe = self.env, self.exe
+        env = self.env
 
         def call(past):
             q = env[qv]
@@ -322,7 +391,7 @@ class Bound:
                 k, v = (np.ascontiguousarray(env[x], np.float32) for x in (kv, vv))
                 p = k.shape[2] - q.shape[2]
             jobs = q.shape[0] * q.shape[1] * q.shape[2]
-            attention_kv(q, k, v, p, causal, scale, out, exe.scratch(jobs, p + q.shape[2]))
+            attention_kv(q, k, v, p, causal, scale, out, self.scratch(jobs, p + q.shape[2]))
         return call
 
     def _bind_embedding(self, st: Step):
@@ -430,10 +499,11 @@ class NumbaDecoder:
         self.caches = {}
         for c in exe.plan.caches:
             _, h, _, hd = c.past_k.shape
-            self.caches[c.step] = (np.zeros((1, h, self.capacity, hd), np.float32),
-                                   np.zeros((1, h, self.capacity, hd), np.float32))
+            self.caches[c.step] = (_zeros((1, h, self.capacity, hd)), _zeros((1, h, self.capacity, hd)))
         self.length = 0
         self._bound: dict[int, tuple] = {}
+        from isthmus.kernels.numba.linear import Workspace
+        self.workspace = Workspace()
 
     def _bind(self, n: int):
         if n not in self._bound:
@@ -446,7 +516,7 @@ class NumbaDecoder:
                     env[v] = ids
                 elif v.name == "position_ids":
                     env[v] = pos
-            bound = Bound(exe, {"batch": 1, "seq": n}, env, self.caches, last_only=True)
+            bound = Bound(exe, {"batch": 1, "seq": n}, env, self.caches, last_only=True, workspace=self.workspace)
             logits = env[exe.graph.outputs[0]]
             entry = (bound, ids, pos, logits[0, -1])
             if n != 1:
@@ -481,6 +551,13 @@ def lower_numba(graph: Graph, model=None) -> NumbaExecutable:
     except ImportError as e:     # pragma: no cover - numba is a dependency
         raise ImportError(f"numba is not installed: {e}") from None
     exe = NumbaExecutable(graph, "numba", model=model)
+    if isinstance(exe.decoder(), NumbaDecoder):
+        # Load the kernels' machine code now (from Numba's cache, or compile it on a first run),
+        # so that it counts as load time and not as the first prompt's evaluation.
+        from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
+
+        exe.decoder().step([0] * (MATVEC_MAX_ROWS + 1))
+        exe.decoder().step([0])
     dump = os.environ.get("ISTHMUS_DUMP")
     if dump:
         from pathlib import Path

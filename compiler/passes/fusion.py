@@ -1,10 +1,9 @@
 """Fusion: partition a graph's nodes into the groups a kernel target runs as one kernel call.
 
-An analysis pass for the kernel targets (numba, triton): the graph is left unchanged and the
-groups are returned (`fuse(graph) -> list[Group]`), so the IR stays that of the op table and the
-reference interpreter can still run it. `fusion_pass` is the pipeline form, for dumps: it records
-the groups on the graph as `graph.fusion_groups` and, under `ISTHMUS_DUMP`, they are printed
-after the IR by `format_groups`.
+An analysis pass for the kernel targets (numba, triton), run by their lowering after the shared
+pipeline: the graph is left unchanged and the groups are returned (`fuse(graph) -> list[Group]`),
+so the IR stays that of the op table and the reference interpreter can still run it. Under
+`ISTHMUS_DUMP=dir` the numba lowering writes them (`format_groups`) to dir/99-fusion.groups.
 
 Groups, in graph order, covering every node exactly once:
 
@@ -227,8 +226,3 @@ def format_groups(groups: list[Group]) -> str:
         lines.append(f"group {i} {g.kind}{extra}: {' '.join(n.op for n in g.nodes)} -> "
                      f"{', '.join('%' + v.name for v in g.outputs)}")
     return "\n".join(lines) + "\n"
-
-
-def fusion_pass(graph: Graph) -> Graph:
-    graph.fusion_groups = fuse(graph)
-    return graph

@@ -1,1 +1,26 @@
-"""numba."""
+"""CPU kernels compiled with Numba: one file per op family, each holding its kernels and the
+shape rules that pick one (`linear.py` chooses matvec or dequantize+BLAS by the number of rows).
+
+Every kernel is `@njit(cache=True)`: the first start compiles (one to two minutes for the whole
+set on 2 cores) and writes machine code to `__pycache__`; later starts load it in about a second
+(`lower_numba` does that up front, so it counts as load time, not as the first prompt's).
+Numba's cache tracks each kernel's own file only: after editing simd.py (whose helpers are
+inlined into the other files' kernels) delete kernels/numba/__pycache__.
+
+Threading (see docs/performance.md):
+  * Kernels parallelise with `prange`; each prange is one parallel launch, so the fused kernels
+    keep to one launch each and a decode step of the default model makes ~121 (4 per layer:
+    QKV, attention output, gate/up, down; attention itself runs serially while it is small).
+  * Numba's OpenMP layer is the fastest launcher here. Under `OMP_WAIT_POLICY=PASSIVE` (what the
+    CI script exports) idle workers sleep instead of spinning, which costs ~10 us per launch but
+    leaves the cores to BLAS and to the Python thread; that is the setting the figures in
+    docs/performance.md were measured with. `NUMBA_THREADING_LAYER=workqueue` also works, slower.
+  * `NUMBA_NUM_THREADS` (default: all cores) bounds the kernels' threads; BLAS (used for prefill
+    matmuls) keeps its own pool; the two never run at the same time.
+"""
+
+# Fast-math flags for the kernels: reassociation lets LLVM vectorise reductions; no `nnan`/`ninf`,
+# because masked scores and fully masked rows carry -inf and must stay exact.
+FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
+JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
+PJIT = dict(JIT, parallel=True)

@@ -1,0 +1,108 @@
+"""Scaled dot-product attention: causal, grouped-query, over a KV cache, in one kernel.
+
+q [batch, heads, seq, hd]; k, v [batch, kv_heads, capacity, hd] of which rows 0 .. past + seq
+are valid (the cache, this step's keys included); query i sits at position past + i and, when
+causal, sees keys 0 .. past + i. The output is written as [batch, seq, heads * hd], i.e. with the
+transpose + reshape that always follows attention in a decoder folded in.
+
+Decode: one kernel over (batch, head, query) work items, each computing its scores, softmax and
+weighted sum of values in a row of `scratch` (no allocation). Prefill: BLAS per KV head for the
+two products, the causal softmax in between (`attention_kv` holds the dispatch rule).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.softmax import softmax_row
+
+
+@njit(inline="always", **JIT)
+def _attend(q, k, v, past, causal, scale, out, scratch, job):
+    nb, hq, seq, hd = q.shape
+    group = hq // k.shape[1]
+    b = job // (hq * seq)
+    h = (job // seq) % hq
+    i = job % seq
+    kh = h // group
+    n = past + i + 1 if causal else past + seq
+    for t in range(n):
+        s = np.float32(0.0)
+        for j in range(hd):
+            s += q[b, h, i, j] * k[b, kh, t, j]
+        scratch[job, t] = s * scale
+    softmax_row(scratch, scratch, job, n)
+    for j in range(hd):
+        out[b, i, h * hd + j] = 0.0
+    for t in range(n):
+        p = scratch[job, t]
+        for j in range(hd):
+            out[b, i, h * hd + j] += p * v[b, kh, t, j]
+
+
+@njit(**PJIT)
+def attention_par(q, k, v, past, causal, scale, out, scratch):
+    for job in prange(q.shape[0] * q.shape[1] * q.shape[2]):
+        _attend(q, k, v, past, causal, scale, out, scratch, job)
+
+
+@njit(**JIT)
+def attention_serial(q, k, v, past, causal, scale, out, scratch):
+    for job in range(q.shape[0] * q.shape[1] * q.shape[2]):
+        _attend(q, k, v, past, causal, scale, out, scratch, job)
+
+
+@njit(**JIT)
+def causal_softmax(scores, past, seq, causal):
+    """Row i of scores [group * seq, total] (query i % seq) keeps keys 0 .. past + i % seq."""
+    for r in range(scores.shape[0]):
+        n = past + r % seq + 1 if causal else scores.shape[1]
+        softmax_row(scores, scores, r, n)
+        for t in range(n, scores.shape[1]):
+            scores[r, t] = 0.0
+
+
+def attention_blas(q, k, v, past, causal, scale, out, scratch):
+    """Prefill: per KV head, the group's queries at once through BLAS (scores, then values)."""
+    nb, hq, seq, hd = q.shape
+    kvh = k.shape[1]
+    group, total = hq // kvh, past + seq
+    for b in range(nb):
+        for h in range(kvh):
+            qh = q[b, h * group:(h + 1) * group].reshape(group * seq, hd)
+            sc = scratch[: group * seq, :total]
+            np.matmul(qh, k[b, h, :total].T, out=sc)
+            sc *= scale
+            causal_softmax(sc, past, seq, causal)
+            o = sc @ v[b, h, :total]                     # [group * seq, hd]
+            out[b, :, h * group * hd:(h + 1) * group * hd] = \
+                o.reshape(group, seq, hd).transpose(1, 0, 2).reshape(seq, group * hd)
+
+
+PARALLEL_MIN = 1 << 16     # multiply-adds below which one thread beats a parallel launch
+BLAS_MIN_SEQ = 16          # queries from which BLAS (as for the prefill's matmuls) wins
+
+
+def attention_kv(q, k, v, past, causal, scale, out, scratch):
+    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more, scratch rows for a group of
+    heads); else one kernel, serial below PARALLEL_MIN multiply-adds (a decode step early in a
+    conversation), parallel above."""
+    if q.shape[2] >= BLAS_MIN_SEQ:
+        return attention_blas(q, k, v, past, causal, scale, out, scratch)
+    work = q.shape[0] * q.shape[1] * q.shape[2] * (past + q.shape[2]) * q.shape[3]
+    (attention_serial if work < PARALLEL_MIN else attention_par)(q, k, v, past, causal, scale, out, scratch)
+
+
+def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None):
+    """Reference-compatible entry: returns [batch, seq, heads * hd] (reshape for the op's layout)."""
+    nb, hq, seq, hd = q.shape
+    scale = np.float32(scale or 1.0 / np.sqrt(hd))
+    if out is None:
+        out = np.empty((nb, seq, hq * hd), np.float32)
+    need = (nb * hq * seq, past + seq)
+    if scratch is None or scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:
+        scratch = np.empty(need, np.float32)
+    attention_kv(np.ascontiguousarray(q, np.float32), k, v, past, causal, scale, out, scratch)
+    return out

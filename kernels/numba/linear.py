@@ -1,0 +1,406 @@
+"""linear (y = x @ W.T [+ residual | swiglu]) over GGUF-quantized weights, and embedding lookups.
+
+Weights are repacked once, at load, into a layout whose inner loops vectorise (`pack`):
+
+    4-bit (q4_0, q4_1): qs u8[rows, cols/2]   byte 16*b + j holds value 32*b + j (low nibble)
+                                              and 32*b + 16 + j (high nibble), as in the GGUF block
+                        d, m f16[rows, cols/32]   value = q * d + m   (q4_0: m = -8 d, exact in f16)
+    8-bit (q8_0):       qs i8[rows, cols], d f16[rows, cols/32], m empty     value = q * d
+    dense (f32/f16/bf16): qs f32[rows, cols], d and m empty
+
+(f16 held as u16 bits, converted in registers), so the block scales leave the byte stream, each
+block keeps its GGUF size (q4_1: 20 bytes per 32 weights; q4_0 grows from 18 to 20), and no fp32
+copy of a quantized matrix is ever kept. Sibling linears that read the same input
+(Q, K and V; gate and up) are packed as one matrix by stacking rows (`pack([w1, w2, ...])`).
+
+Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode) use the fused matvec
+kernels below: one parallel launch over weight rows, each block multiplied in registers (integer
+dot products with i16 activations on AVX2 hosts, f32 elsewhere). More rows (prefill) dequantize
+`TILE` weight rows at a time into a reused f32 tile, on the calling thread (BLAS's workers are
+still spinning from the previous call; a parallel launch would fight them), and multiply with BLAS,
+which at 256 rows beats the integer kernel by ~1.5x here.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from numba import njit, prange, types
+from numba.extending import overload
+
+from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.norm import rmsnorm_into
+from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
+                                        row_dot_q8, row_dot_q8_i16, sigmoid_f32)
+
+MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
+TILE = 2048               # weight rows dequantized per BLAS call in the prefill path
+CHUNK = 16                # weight rows per parallel work item
+
+EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
+
+# Decode-sized inputs are quantized to i16 per 32-block and dotted with the weights' integers where
+# the host has AVX2 (simd.py says why i16 and not llama.cpp's i8); elsewhere, or with
+# ISTHMUS_NUMBA_INT_DOT=0, they stay f32 and each block is dequantized in registers.
+INT_ACTIVATIONS = HAVE_AVX2 and os.environ.get("ISTHMUS_NUMBA_INT_DOT", "1") != "0"
+
+
+
+class Packed:
+    """A repacked weight [rows, cols] (several stacked siblings when `splits` has more than one part)."""
+
+    __slots__ = ("kind", "qs", "d", "m", "rows", "cols", "splits", "nbytes")
+
+    def __init__(self, kind, qs, d, m, splits):
+        self.kind, self.qs, self.d, self.m = kind, qs, d, m
+        self.rows, self.cols = qs.shape[0], (qs.shape[1] * 2 if kind == "q4" else qs.shape[1])
+        self.splits = tuple(splits)
+        self.nbytes = qs.nbytes + d.nbytes + m.nbytes
+
+    @property
+    def arrays(self):
+        return self.qs, self.d, self.m
+
+    def dequantize(self) -> np.ndarray:
+        tile = np.empty((self.rows, self.cols), np.float32)
+        dequant_rows(self.qs, self.d, self.m, 0, self.rows, tile)
+        return tile
+
+
+_EMPTY = np.zeros((0, 0), np.uint16)
+
+
+def _f16(raw_cols) -> np.ndarray:
+    return np.ascontiguousarray(np.ascontiguousarray(raw_cols).view("<u2")[..., 0])
+
+
+def _pack_one(w):
+    qtype = getattr(w, "qtype", None)
+    if qtype in ("q4_0", "q4_1"):
+        rows = w.raw.shape[0]
+        size = 18 if qtype == "q4_0" else 20
+        blk = w.raw.reshape(rows, -1, size)
+        d = _f16(blk[:, :, 0:2])
+        m = _f16(blk[:, :, 2:4]) if qtype == "q4_1" else (np.float16(-8.0) * d.view(np.float16)).view(np.uint16)
+        return "q4", np.ascontiguousarray(blk[:, :, size - 16:]).reshape(rows, -1), d, m
+    if qtype == "q8_0":
+        rows = w.raw.shape[0]
+        blk = w.raw.reshape(rows, -1, 34)
+        qs = np.ascontiguousarray(blk[:, :, 2:]).view(np.int8).reshape(rows, -1)
+        return "q8", qs, _f16(blk[:, :, 0:2]), _EMPTY
+    dense = w.dequantize() if qtype else np.asarray(w)
+    return "f32", np.ascontiguousarray(dense, np.float32).reshape(dense.shape[0], -1), _EMPTY, _EMPTY
+
+
+def pack(weights) -> Packed:
+    """Repack one weight, or several with the same column count stacked by rows (fused siblings)."""
+    if not isinstance(weights, (list, tuple)):
+        weights = [weights]
+    parts = [_pack_one(w) for w in weights]
+    kinds = {p[0] for p in parts}
+    if len(kinds) > 1:      # mixed formats: stack as dense would copy; the caller fuses only alike
+        raise ValueError(f"cannot stack weights of formats {sorted(kinds)}")
+    kind = parts[0][0]
+    splits = [p[1].shape[0] for p in parts]
+    if len(parts) == 1:
+        return Packed(kind, *parts[0][1:], splits)
+    qs = np.concatenate([p[1] for p in parts])
+    d = np.concatenate([p[2] for p in parts]) if kind != "f32" else _EMPTY
+    m = np.concatenate([p[3] for p in parts]) if kind == "q4" else _EMPTY
+    return Packed(kind, qs, d, m, splits)
+
+
+def packable_together(weights) -> bool:
+    kinds = {"q4" if getattr(w, "qtype", None) in ("q4_0", "q4_1") else getattr(w, "qtype", None) or "f32"
+             for w in weights}
+    return len(kinds) == 1 and len({w.shape[1] for w in weights}) == 1
+
+
+# -- per-format row primitives (dispatched on the dtype of qs) -------------------------------------
+
+def row_dot(qs, d, m, r, x, t, sx):
+    """dot(W[r], x[t]); sx[t, b] holds the block sums of x (used by the 4-bit formats)."""
+
+
+def dequant_row(qs, d, m, r, out, t):
+    """out[t] = W[r] as f32."""
+
+
+@overload(row_dot, jit_options=dict(fastmath=JIT["fastmath"]))
+def _row_dot(qs, d, m, r, x, t, sx):
+    if qs.dtype == types.uint8:
+        def dot_q4(qs, d, m, r, x, t, sx):
+            return row_dot_q4(qs, d, m, r, x, t, sx)
+        return dot_q4
+    if qs.dtype == types.int8:
+        def dot_q8(qs, d, m, r, x, t, sx):
+            return row_dot_q8(qs, d, m, r, x, t, sx)
+        return dot_q8
+
+    def dot_f32(qs, d, m, r, x, t, sx):
+        acc = np.float32(0.0)
+        for j in range(qs.shape[1]):
+            acc += qs[r, j] * x[t, j]
+        return acc
+    return dot_f32
+
+
+@overload(dequant_row, jit_options=dict(fastmath=JIT["fastmath"]))
+def _dequant_row(qs, d, m, r, out, t):
+    if qs.dtype == types.uint8:
+        def deq_q4(qs, d, m, r, out, t):
+            for b in range(d.shape[1]):
+                db, mb = f16_to_f32(d[r, b]), f16_to_f32(m[r, b])
+                for j in range(16):
+                    v = qs[r, 16 * b + j]
+                    out[t, 32 * b + j] = np.float32(v & 15) * db + mb
+                    out[t, 32 * b + 16 + j] = np.float32(v >> 4) * db + mb
+        return deq_q4
+    if qs.dtype == types.int8:
+        def deq_q8(qs, d, m, r, out, t):
+            for b in range(d.shape[1]):
+                db = f16_to_f32(d[r, b])
+                for j in range(32):
+                    out[t, 32 * b + j] = np.float32(qs[r, 32 * b + j]) * db
+        return deq_q8
+
+    def deq_f32(qs, d, m, r, out, t):
+        for j in range(qs.shape[1]):
+            out[t, j] = qs[r, j]
+    return deq_f32
+
+
+# -- kernels ---------------------------------------------------------------------------------------
+
+@njit(**JIT)
+def block_sums(x, sx):
+    """sx[t, b] = sum of block b of x[t] (q4 rows add m * sx)."""
+    for t in range(x.shape[0]):
+        for b in range(sx.shape[1]):
+            s = np.float32(0.0)
+            for j in range(32):
+                s += x[t, 32 * b + j]
+            sx[t, b] = s
+
+
+@njit(**PJIT)
+def matvec(x, qs, d, m, sx, res, out, epilogue):
+    """out[t, r] = x[t] . W[r] for every input row t (a few), one parallel launch over weight rows.
+
+    epilogue EPI_ADD: out = res + x W^T (res may be out itself); EPI_SWIGLU: W stacks gate and up
+    (rows [0, F) and [F, 2F)) and out[t, r] = silu(gate) * up, out being [n, F].
+    """
+    n = x.shape[0]
+    block_sums(x, sx)
+    rows = out.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for t in range(n):
+                y = row_dot(qs, d, m, r, x, t, sx)
+                if epilogue == EPI_ADD:
+                    y += res[t, r]
+                elif epilogue == EPI_SWIGLU:
+                    y = y * sigmoid_f32(y) * row_dot(qs, d, m, r + rows, x, t, sx)
+                out[t, r] = y
+
+
+@njit(**PJIT)
+def norm_matvec(x, norm_w, eps, h, qs, d, m, sx, res, out, epilogue):
+    """rmsnorm(x) into h, then `matvec` of h: the norm is the matvec's prologue (same launch)."""
+    rmsnorm_into(x, norm_w, eps, h)
+    n = h.shape[0]
+    block_sums(h, sx)
+    rows = out.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for t in range(n):
+                y = row_dot(qs, d, m, r, h, t, sx)
+                if epilogue == EPI_ADD:
+                    y += res[t, r]
+                elif epilogue == EPI_SWIGLU:
+                    y = y * sigmoid_f32(y) * row_dot(qs, d, m, r + rows, h, t, sx)
+                out[t, r] = y
+
+
+def row_dot_i16(qs, d, m, r, xq, xd, xs, t):
+    """dot(W[r], x[t]) with x quantized to i16 per block (`quantize_rows_i16`)."""
+
+
+@overload(row_dot_i16)
+def _row_dot_i16(qs, d, m, r, xq, xd, xs, t):
+    if qs.dtype == types.uint8:
+        return lambda qs, d, m, r, xq, xd, xs, t: row_dot_q4_i16(qs, d, m, r, xq, xd, xs, t)
+    return lambda qs, d, m, r, xq, xd, xs, t: row_dot_q8_i16(qs, d, m, r, xq, xd, xs, t)
+
+
+@njit(**PJIT)
+def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue):
+    """`matvec` with the input rows quantized to i16 first (AVX2 integer dot products)."""
+    quantize_rows_i16(x, xq, xd, xs)
+    n = x.shape[0]
+    rows = out.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for t in range(n):
+                y = row_dot_i16(qs, d, m, r, xq, xd, xs, t)
+                if epilogue == EPI_ADD:
+                    y += res[t, r]
+                elif epilogue == EPI_SWIGLU:
+                    y = y * sigmoid_f32(y) * row_dot_i16(qs, d, m, r + rows, xq, xd, xs, t)
+                out[t, r] = y
+
+
+@njit(**PJIT)
+def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue):
+    rmsnorm_into(x, norm_w, eps, h)
+    quantize_rows_i16(h, xq, xd, xs)
+    n = h.shape[0]
+    rows = out.shape[1]
+    for c in prange((rows + CHUNK - 1) // CHUNK):
+        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
+            for t in range(n):
+                y = row_dot_i16(qs, d, m, r, xq, xd, xs, t)
+                if epilogue == EPI_ADD:
+                    y += res[t, r]
+                elif epilogue == EPI_SWIGLU:
+                    y = y * sigmoid_f32(y) * row_dot_i16(qs, d, m, r + rows, xq, xd, xs, t)
+                out[t, r] = y
+
+
+@njit(**PJIT)
+def dequant_rows(qs, d, m, r0, r1, tile):
+    """tile[i] = W[r0 + i] for i < r1 - r0, in f32."""
+    for i in prange(r1 - r0):
+        dequant_row(qs, d, m, r0 + i, tile, i)
+
+
+@njit(**JIT)
+def dequant_rows_serial(qs, d, m, r0, r1, tile):
+    """`dequant_rows` on the calling thread: between BLAS calls, whose workers still spin."""
+    for i in range(r1 - r0):
+        dequant_row(qs, d, m, r0 + i, tile, i)
+
+
+@njit(**JIT)
+def embedding_rows(qs, d, m, ids, out):
+    """out[i] = table[ids[i]]; the caller has checked the ids are in range."""
+    for i in range(ids.shape[0]):
+        dequant_row(qs, d, m, ids[i], out, i)
+
+
+@njit(**PJIT)
+def swiglu_rows(gu, out):
+    """out[t, j] = silu(gu[t, j]) * gu[t, F + j], gu being [n, 2F] (gate and up side by side)."""
+    f = out.shape[1]
+    for t in prange(out.shape[0]):
+        for j in range(f):
+            g = gu[t, j]
+            out[t, j] = g * sigmoid_f32(g) * gu[t, f + j]
+
+
+# -- dispatch ------------------------------------------------------------------------------------
+
+class Workspace:
+    """Scratch reused across calls: block sums and the dequantized tile of the prefill path."""
+
+    def __init__(self):
+        self.tile = np.empty(0, np.float32)
+        self.sx = {}
+
+    def act_i16(self, n, cols):
+        """Views of the first n rows of (grown as needed) quantized-activation buffers."""
+        key = ("i16", cols)
+        if key not in self.sx or self.sx[key][0].shape[0] < n:
+            nb = max(cols // 32, 1)
+            self.sx[key] = (np.empty((n, cols), np.int16), np.empty((n, nb), np.float32),
+                            np.empty((n, nb), np.float32))
+        xq, xd, xs = self.sx[key]
+        return xq[:n], xd[:n], xs[:n]
+
+    def sums(self, n, cols):
+        key = (n, cols)
+        if key not in self.sx:
+            self.sx[key] = np.empty((n, max(cols // 32, 1)), np.float32)
+        return self.sx[key]
+
+    def tile_for(self, rows, cols):
+        if self.tile.size < rows * cols:
+            self.tile = np.empty(rows * cols, np.float32)
+        return self.tile[: rows * cols].reshape(rows, cols)
+
+
+def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None):
+    """The fused matvec kernel and its arguments for `linear` of up to MATVEC_MAX_ROWS rows (None
+    for more): a caller that runs the same shapes again (a decode step) binds this once."""
+    n = x2.shape[0]
+    integer = INT_ACTIVATIONS and w.kind != "f32"
+    if n > MATVEC_MAX_ROWS:
+        return None
+    res_arr = out if res is None else res
+    if integer:
+        xq, xd, xs = ws.act_i16(n, w.cols)
+        if norm is not None:
+            return norm_matvec_i16, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, xq, xd, xs, res_arr,
+                                    out, epilogue)
+        return matvec_i16, (x2, w.qs, w.d, w.m, xq, xd, xs, res_arr, out, epilogue)
+    sx = ws.sums(n, w.cols)
+    if norm is not None:
+        return norm_matvec, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
+    return matvec, (x2, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
+
+
+def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None):
+    """out = [rmsnorm](x2) @ W.T with an epilogue; x2 [n, cols] f32 C-contiguous, out [n, rows'].
+
+    `norm` = (weight, eps) fuses an rmsnorm prologue (h receives the normalised rows).
+    """
+    call = matvec_call(x2, w, out, ws, res=res, epilogue=epilogue, norm=norm, h=h)
+    if call is not None:
+        call[0](*call[1])
+        return out
+    n = x2.shape[0]
+    src = x2
+    if norm is not None:
+        rmsnorm_into(x2, norm[0], np.float32(norm[1]), h)
+        src = h
+    if epilogue == EPI_SWIGLU:
+        gu = np.empty((n, w.rows), np.float32)
+        _dense_matmul(src, w, gu, ws)
+        swiglu_rows(gu, out)
+    elif epilogue == EPI_ADD:
+        y = np.empty((n, w.rows), np.float32)
+        _dense_matmul(src, w, y, ws)
+        np.add(res, y, out=out)
+    else:
+        _dense_matmul(src, w, out, ws)
+    return out
+
+
+def _dense_matmul(x2, w: Packed, out, ws: Workspace):
+    if w.kind == "f32":
+        np.matmul(x2, w.qs.T, out=out)
+        return
+    for r0 in range(0, w.rows, TILE):
+        r1 = min(w.rows, r0 + TILE)
+        tile = ws.tile_for(r1 - r0, w.cols)
+        dequant_rows_serial(w.qs, w.d, w.m, r0, r1, tile)
+        if r0 == 0 and r1 == w.rows:
+            np.matmul(x2, tile.T, out=out)
+        else:
+            out[:, r0:r1] = x2 @ tile.T
+
+
+def embedding(table: Packed, ids, out2):
+    """out2[i] = table[ids[i]] (ids flat, checked by the caller)."""
+    embedding_rows(table.qs, table.d, table.m, ids, out2)
+    return out2
+
+
+def flops_bytes(n: int, w: Packed) -> tuple[float, float]:
+    """Cost record of one linear: FLOPs and bytes of weights read."""
+    return 2.0 * n * w.rows * w.cols, float(w.nbytes)
+
+
+__all__ = ["Packed", "pack", "packable_together", "linear", "matvec_call", "embedding", "matvec", "norm_matvec",
+           "dequant_rows", "swiglu_rows", "Workspace", "EPI_NONE", "EPI_ADD", "EPI_SWIGLU"]

@@ -1,0 +1,123 @@
+"""Rotary position embedding, and the fused Q/K/V epilogue of the attention input projection.
+
+Angles are computed as the reference does (f32 position * f32 inverse frequency, then cos/sin,
+here with the vectorisable `simd.sincos_f32`, as accurate as numpy's f32 sin/cos for positions
+below 8192), once per token and reused for every head. `layout` is "interleaved" (pairs 2i, 2i+1: GGUF/Meta)
+or "half" (pairs i, i + dim/2: HF); features past `dim` pass through.
+Dispatch rule: fewer than `PARALLEL_MIN` elements run serially, more split tokens across threads.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from isthmus.kernels.numba import JIT, PJIT
+
+# No fast-math anywhere in this file: rotation has no reductions to reassociate, and under a
+# function's fast-math flags LLVM rewrites the inlined three-part range reduction of sincos_f32.
+JIT = dict(JIT, fastmath=False)
+PJIT = dict(PJIT, fastmath=False)
+from isthmus.kernels.numba.simd import sincos_f32
+
+PARALLEL_MIN = 1 << 15
+
+
+def inv_freq(dim: int, theta: float) -> np.ndarray:
+    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+
+
+@njit(inline="always", **JIT)
+def _angles(pos, inv, cs, sn):
+    p = np.float32(pos)
+    for i in range(inv.shape[0]):
+        sn[i], cs[i] = sincos_f32(p * inv[i])
+
+
+@njit(inline="always", **JIT)
+def _rotate(src, dst, cs, sn, interleaved):
+    """dst = rope(src) for one head vector (src and dst 1-D, may be the same array)."""
+    half = cs.shape[0]
+    if interleaved:
+        for i in range(half):
+            a, b = src[2 * i], src[2 * i + 1]
+            dst[2 * i] = a * cs[i] - b * sn[i]
+            dst[2 * i + 1] = a * sn[i] + b * cs[i]
+    else:
+        for i in range(half):
+            a, b = src[i], src[i + half]
+            dst[i] = a * cs[i] - b * sn[i]
+            dst[i + half] = a * sn[i] + b * cs[i]
+    for j in range(2 * half, src.shape[0]):
+        dst[j] = src[j]
+
+
+@njit(inline="always", **JIT)
+def _rope_token(x, pos, inv, interleaved, out, bs, cs, sn):
+    b, s = bs
+    _angles(pos[b, s], inv, cs, sn)
+    for h in range(x.shape[1]):
+        _rotate(x[b, h, s], out[b, h, s], cs, sn, interleaved)
+
+
+@njit(**JIT)
+def rope_serial(x, pos, inv, interleaved, out):
+    """x, out [batch, heads, seq, head_dim]; pos [batch, seq]."""
+    cs = np.empty(inv.shape[0], np.float32)
+    sn = np.empty(inv.shape[0], np.float32)
+    for b in range(x.shape[0]):
+        for s in range(x.shape[2]):
+            _rope_token(x, pos, inv, interleaved, out, (b, s), cs, sn)
+
+
+@njit(**PJIT)
+def rope_par(x, pos, inv, interleaved, out):
+    nb, ns = x.shape[0], x.shape[2]
+    for job in prange(nb * ns):
+        cs = np.empty(inv.shape[0], np.float32)
+        sn = np.empty(inv.shape[0], np.float32)
+        _rope_token(x, pos, inv, interleaved, out, (job // ns, job % ns), cs, sn)
+
+
+_INV = {}
+
+
+def rope(x, positions, theta=10000.0, layout="half", dim=0, out=None):
+    x4 = np.ascontiguousarray(x, np.float32)
+    d = dim or x4.shape[-1]
+    pos = np.asarray(positions, np.int64)
+    if pos.shape != (x4.shape[0], x4.shape[2]):
+        pos = np.ascontiguousarray(np.broadcast_to(pos if pos.ndim == 2 else pos[None], (x4.shape[0], x4.shape[2])))
+    out = np.empty_like(x4) if out is None else out
+    key = (d, float(theta))
+    if key not in _INV:
+        _INV[key] = inv_freq(d, theta)
+    fn = rope_serial if x4.size < PARALLEL_MIN else rope_par
+    fn(x4, pos, _INV[key], layout == "interleaved", out)
+    return out
+
+
+@njit(**JIT)
+def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_out, past):
+    """Split the fused projection qkv [batch * seq, (n_q + 2 n_kv) * hd] into heads:
+
+    q_out [batch, n_q, seq, hd] rotated; k (rotated when rope_k) and v written into the caches
+    k_out, v_out [batch, n_kv, capacity, hd] at rows past .. past + seq (the in-place KV append).
+    """
+    nb, seq = q_out.shape[0], q_out.shape[2]
+    hd = q_out.shape[3]
+    cs = np.empty(inv.shape[0], np.float32)
+    sn = np.empty(inv.shape[0], np.float32)
+    for b in range(nb):
+        for s in range(seq):
+            row = qkv[b * seq + s]
+            _angles(pos[b, s], inv, cs, sn)
+            for h in range(n_q):
+                _rotate(row[h * hd:(h + 1) * hd], q_out[b, h, s], cs, sn, interleaved)
+            for h in range(n_kv):
+                src = row[(n_q + h) * hd:(n_q + h + 1) * hd]
+                if rope_k:
+                    _rotate(src, k_out[b, h, past + s], cs, sn, interleaved)
+                else:
+                    k_out[b, h, past + s] = src
+                v_out[b, h, past + s] = row[(n_q + n_kv + h) * hd:(n_q + n_kv + h + 1) * hd]

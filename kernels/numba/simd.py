@@ -1,0 +1,371 @@
+"""Scalar helpers that LLVM vectorises: a bit-exact-enough exp, sigmoid, and the f32 bitcast
+they need (an llvmlite intrinsic, since Numba has no scalar bit reinterpretation).
+
+`exp_f32` is Cephes' expf (range reduction by ln 2, degree-6 polynomial, exponent built in the
+float's bits): within 2 ulp of libm over the range that matters, and, unlike a call to libm's
+expf, it inlines into vector code. Inputs below -87.3 give exactly 0 (so -inf does), above 88.3 +inf.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+from isthmus.kernels.numba import FASTMATH
+
+
+@intrinsic
+def i32_as_f32(typingctx, i):
+    sig = types.float32(types.int32)
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def f16_to_f32(typingctx, h):
+    """The f32 value of IEEE half bits (u16): F16C's vcvtph2ps where the host has it."""
+    sig = types.float32(types.uint16)
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.FloatType())
+    return sig, codegen
+
+
+@intrinsic
+def fma_f32(typingctx, a, b, c):
+    """a * b + c rounded once (llvm.fma): fast-math reassociation cannot split it."""
+    sig = types.float32(types.float32, types.float32, types.float32)
+
+    def codegen(context, builder, signature, args):
+        return _fma(builder, *args)
+    return sig, codegen
+
+
+_LOG2E = np.float32(1.4426950408889634)
+_LN2_HI = np.float32(0.693359375)
+_LN2_LO = np.float32(-2.12194440e-4)
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def exp_f32(x):
+    x = np.float32(x)
+    if x < np.float32(-87.3):
+        return np.float32(0.0)
+    if x > np.float32(88.3):
+        return np.float32(np.inf)
+    k = np.floor(x * _LOG2E + np.float32(0.5))
+    r = fma_f32(k, -_LN2_LO, fma_f32(k, -_LN2_HI, x))    # Cody-Waite, immune to reassociation
+    p = np.float32(1.9875691500e-4)
+    p = p * r + np.float32(1.3981999507e-3)
+    p = p * r + np.float32(8.3334519073e-3)
+    p = p * r + np.float32(4.1665795894e-2)
+    p = p * r + np.float32(1.6666665459e-1)
+    p = p * r + np.float32(5.0000001201e-1)
+    p = p * r * r + r + np.float32(1.0)
+    return p * i32_as_f32((np.int32(k) + np.int32(127)) << np.int32(23))
+
+
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def sigmoid_f32(x):
+    return np.float32(1.0) / (np.float32(1.0) + exp_f32(-x))
+
+
+# -- block dot products written as LLVM vector IR ----------------------------------------------------
+#
+# Scales d (and offsets m) are f16 bits, as in the GGUF blocks. LLVM's loop vectoriser, left to itself, vectorises the block loop of a quantized dot product
+# across blocks (gathers) instead of within a block. These intrinsics spell the loop out: one
+# <16 x float> (4-bit) or <32 x float> (8-bit) accumulator kept across the row's blocks, each
+# block's nibbles / bytes widened and converted in registers, one horizontal sum per row.
+# The IR is target-neutral: LLVM lowers it to AVX-512, AVX2 or SSE as the host has.
+
+def _array_parts(context, builder, aryty, value):
+    from numba.core import cgutils
+
+    ary = context.make_array(aryty)(context, builder, value)
+    return ary.data, cgutils.unpack_tuple(builder, ary.strides, aryty.ndim), \
+        cgutils.unpack_tuple(builder, ary.shape, aryty.ndim)
+
+
+def _row_ptr(builder, data, stride, row, elem_ty):
+    i8p = ir.IntType(8).as_pointer()
+    base = builder.bitcast(data, i8p)
+    p = builder.gep(base, [builder.mul(row, stride)])
+    return builder.bitcast(p, elem_ty.as_pointer())
+
+
+def _half(builder, bits):
+    return builder.fpext(builder.bitcast(bits, ir.HalfType()), ir.FloatType())
+
+
+def _fma(builder, a, b, c):
+    from numba.core import cgutils
+
+    ty = a.type
+    name = f"llvm.fma.v{ty.count}f32" if isinstance(ty, ir.VectorType) else "llvm.fma.f32"
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ty, [ty, ty, ty]), name)
+    return builder.call(fn, [a, b, c])
+
+
+def _reduce_fadd(builder, vec):
+    width = vec.type.count
+    while width > 1:     # pairwise halving: log2(width) shuffles and adds
+        width //= 2
+        lo = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(width))))
+        hi = builder.shuffle_vector(vec, vec, ir.Constant(ir.VectorType(ir.IntType(32), width),
+                                                          list(range(width, 2 * width))))
+        vec = builder.fadd(lo, hi)
+    return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
+
+
+def _make_row_dot(bits: int):
+    lanes = 16 if bits == 4 else 32
+    qbytes = 16 if bits == 4 else 32
+
+    def typer(typingctx, qs, d, m, r, x, t, sx):
+        return types.float32(qs, d, m, r, x, t, sx), codegen
+
+    def codegen(context, builder, sig, args):
+        qs_t, d_t, m_t, _, x_t, _, sx_t = sig.args
+        qs, d, m, r, x, t, sx = args
+        f32, i64, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(8)
+        vf = ir.VectorType(f32, lanes)
+        qdata, qstr, _ = _array_parts(context, builder, qs_t, qs)
+        ddata, dstr, dshape = _array_parts(context, builder, d_t, d)
+        mdata, mstr, _ = _array_parts(context, builder, m_t, m)
+        xdata, xstr, _ = _array_parts(context, builder, x_t, x)
+        sdata, sstr, _ = _array_parts(context, builder, sx_t, sx)
+        r = context.cast(builder, r, sig.args[3], types.int64)
+        t = context.cast(builder, t, sig.args[5], types.int64)
+        qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
+        i16 = ir.IntType(16)
+        drow = _row_ptr(builder, ddata, dstr[0], r, i16)
+        xrow = _row_ptr(builder, xdata, xstr[0], t, f32)
+        if bits == 4:
+            mrow = _row_ptr(builder, mdata, mstr[0], r, i16)
+            srow = _row_ptr(builder, sdata, sstr[0], t, f32)
+        nb = dshape[1]
+
+        entry = builder.block
+        loop = builder.append_basic_block("blocks")
+        done = builder.append_basic_block("done")
+        zero_v = ir.Constant(vf, [0.0] * lanes)
+        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        b = builder.phi(i64)
+        acc = builder.phi(vf)
+        macc = builder.phi(f32)
+        qp = builder.gep(qrow, [builder.mul(b, ir.Constant(i64, qbytes))])
+        qv = builder.load(builder.bitcast(qp, ir.VectorType(i8, qbytes).as_pointer()), align=1)
+        xo = builder.mul(b, ir.Constant(i64, 32))
+        if bits == 4:
+            lo = builder.and_(qv, ir.Constant(qv.type, [15] * 16))
+            hi = builder.lshr(qv, ir.Constant(qv.type, [4] * 16))
+            xl = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
+            xh = builder.load(builder.bitcast(builder.gep(xrow, [builder.add(xo, ir.Constant(i64, 16))]),
+                                              vf.as_pointer()), align=4)
+            s = builder.fmul(builder.uitofp(lo, vf), xl)
+            s = _fma(builder, builder.uitofp(hi, vf), xh, s)
+            mb = _half(builder, builder.load(builder.gep(mrow, [b])))
+            sb = builder.load(builder.gep(srow, [b]))
+            macc2 = _fma(builder, mb, sb, macc)
+        else:
+            xv = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
+            s = builder.fmul(builder.sitofp(qv, vf), xv)
+            macc2 = macc
+        db = _half(builder, builder.load(builder.gep(drow, [b])))
+        dv = builder.insert_element(ir.Constant(vf, ir.Undefined), db, ir.Constant(ir.IntType(32), 0))
+        dv = builder.shuffle_vector(dv, dv, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+        acc2 = _fma(builder, s, dv, acc)
+        b2 = builder.add(b, ir.Constant(i64, 1))
+        b.add_incoming(ir.Constant(i64, 0), entry)
+        b.add_incoming(b2, loop)
+        acc.add_incoming(zero_v, entry)
+        acc.add_incoming(acc2, loop)
+        macc.add_incoming(ir.Constant(f32, 0.0), entry)
+        macc.add_incoming(macc2, loop)
+        builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
+
+        builder.position_at_end(done)
+        accf = builder.phi(vf)
+        accf.add_incoming(zero_v, entry)
+        accf.add_incoming(acc2, loop)
+        maccf = builder.phi(f32)
+        maccf.add_incoming(ir.Constant(f32, 0.0), entry)
+        maccf.add_incoming(macc2, loop)
+        return builder.fadd(_reduce_fadd(builder, accf), maccf)
+
+    return intrinsic(typer)
+
+
+row_dot_q4 = _make_row_dot(4)
+row_dot_q8 = _make_row_dot(8)
+
+
+_FOPI = np.float32(1.27323954473516)        # 4 / pi
+_DP1, _DP2, _DP3 = np.float32(0.78515625), np.float32(2.4187564849853515625e-4), np.float32(3.77489497744594108e-8)
+
+
+@njit(inline="always", cache=True)
+def sincos_f32(x):
+    """(sin x, cos x) for 0 <= x < 8192 (rope angles), Cephes' sinf/cosf: quadrant reduction by
+    pi/4 in three parts, then the two polynomials; branch-free so a loop of it vectorises.
+    Still, call it from code compiled without fast-math: Numba inlines with the caller's flags."""
+    j = np.int32(x * _FOPI)
+    j = (j + np.int32(1)) & np.int32(-2)
+    y = np.float32(j)
+    z = fma_f32(y, -_DP3, fma_f32(y, -_DP2, fma_f32(y, -_DP1, x)))
+    zz = z * z
+    ps = ((np.float32(-1.9515295891e-4) * zz + np.float32(8.3321608736e-3)) * zz
+          - np.float32(1.6666654611e-1)) * zz * z + z
+    pc = ((np.float32(2.443315711809948e-5) * zz - np.float32(1.388731625493765e-3)) * zz
+          + np.float32(4.166664568298827e-2)) * zz * zz - np.float32(0.5) * zz + np.float32(1.0)
+    q = j & np.int32(7)
+    swap = (q & np.int32(2)) != 0
+    s = pc if swap else ps
+    c = ps if swap else pc
+    s = -s if (q & np.int32(4)) != 0 else s
+    c = -c if ((q + np.int32(2)) & np.int32(4)) != 0 else c
+    return s, c
+
+
+# -- int16 activations: x quantized per 32-block, dotted with the weights' integers -------------------
+#
+# AVX2 integer dot products: the weights' 4-bit (0..15; their offset lives in m) or 8-bit values are
+# widened to i16 and multiplied with the activations quantized to i16 (scale amax / 32767) by
+# vpmaddwd (i16 x i16 -> pairwise i32 sums); one conversion and one FMA per 32 weights, about half
+# the instructions of the f32 path. i16 rather than llama.cpp's i8 activations: the rounding error
+# (1.5e-5 of a block's largest value) is below what turns a greedy choice, so the target keeps the
+# reference's greedy continuations. Nothing overflows: 32 * 127 * 32767 < 2^31.
+# Used only where the host has AVX2 (`HAVE_AVX2`).
+
+def _host_has_avx2() -> bool:
+    try:
+        from llvmlite import binding as llb
+        return "+avx2" in llb.get_host_cpu_features().flatten().split(",")
+    except Exception:        # pragma: no cover - llvmlite without the query
+        return False
+
+
+HAVE_AVX2 = _host_has_avx2()
+
+
+def _x86(builder, name, ret, args):
+    from numba.core import cgutils
+
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, [a.type for a in args]), name)
+    return builder.call(fn, args)
+
+
+def _make_row_dot_i16(bits: int):
+    def typer(typingctx, qs, d, m, r, xq, xd, xs, t):
+        return types.float32(qs, d, m, r, xq, xd, xs, t), codegen
+
+    def codegen(context, builder, sig, args):
+        qs_t, d_t, m_t, _, xq_t, xd_t, xs_t, _ = sig.args
+        qs, d, m, r, xq, xd, xs, t = args
+        f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+        v16i8, v16i16, v8i32, v8f = (ir.VectorType(i8, 16), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
+                                     ir.VectorType(f32, 8))
+        qdata, qstr, _ = _array_parts(context, builder, qs_t, qs)
+        ddata, dstr, dshape = _array_parts(context, builder, d_t, d)
+        mdata, mstr, _ = _array_parts(context, builder, m_t, m)
+        xqdata, xqstr, _ = _array_parts(context, builder, xq_t, xq)
+        xddata, xdstr, _ = _array_parts(context, builder, xd_t, xd)
+        xsdata, xsstr, _ = _array_parts(context, builder, xs_t, xs)
+        r = context.cast(builder, r, sig.args[3], types.int64)
+        t = context.cast(builder, t, sig.args[7], types.int64)
+        qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
+        drow = _row_ptr(builder, ddata, dstr[0], r, i16)
+        xqrow = _row_ptr(builder, xqdata, xqstr[0], t, i16)
+        xdrow = _row_ptr(builder, xddata, xdstr[0], t, f32)
+        if bits == 4:
+            mrow = _row_ptr(builder, mdata, mstr[0], r, i16)
+            xsrow = _row_ptr(builder, xsdata, xsstr[0], t, f32)
+        nb = dshape[1]
+
+        entry = builder.block
+        loop = builder.append_basic_block("blocks")
+        done = builder.append_basic_block("done")
+        zero_v = ir.Constant(v8f, [0.0] * 8)
+        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        b = builder.phi(i64)
+        acc = builder.phi(v8f)
+        macc = builder.phi(f32)
+        xo = builder.mul(b, ir.Constant(i64, 32))
+        xl = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
+        xh = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(xo, ir.Constant(i64, 16))]),
+                                          v16i16.as_pointer()), align=2)
+        if bits == 4:
+            qv = builder.load(builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(i64, 16))]),
+                                              v16i8.as_pointer()), align=1)
+            w16 = builder.zext(qv, v16i16)
+            lo = builder.and_(w16, ir.Constant(v16i16, [15] * 16))
+            hi = builder.lshr(w16, ir.Constant(v16i16, [4] * 16))
+            mb = _half(builder, builder.load(builder.gep(mrow, [b])))
+            sb = builder.load(builder.gep(xsrow, [b]))
+            macc2 = _fma(builder, mb, sb, macc)
+        else:
+            qp = builder.gep(qrow, [xo])
+            lo = builder.sext(builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1), v16i16)
+            hi = builder.sext(builder.load(builder.bitcast(builder.gep(qp, [ir.Constant(i64, 16)]),
+                                                           v16i8.as_pointer()), align=1), v16i16)
+            macc2 = macc
+        p32 = builder.add(_x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [lo, xl]),
+                          _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [hi, xh]))
+        db = _half(builder, builder.load(builder.gep(drow, [b])))
+        scale = builder.fmul(db, builder.load(builder.gep(xdrow, [b])))
+        sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
+        sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
+        acc2 = _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+        b2 = builder.add(b, ir.Constant(i64, 1))
+        b.add_incoming(ir.Constant(i64, 0), entry)
+        b.add_incoming(b2, loop)
+        acc.add_incoming(zero_v, entry)
+        acc.add_incoming(acc2, loop)
+        macc.add_incoming(ir.Constant(f32, 0.0), entry)
+        macc.add_incoming(macc2, loop)
+        builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
+
+        builder.position_at_end(done)
+        accf = builder.phi(v8f)
+        accf.add_incoming(zero_v, entry)
+        accf.add_incoming(acc2, loop)
+        maccf = builder.phi(f32)
+        maccf.add_incoming(ir.Constant(f32, 0.0), entry)
+        maccf.add_incoming(macc2, loop)
+        return builder.fadd(_reduce_fadd(builder, accf), maccf)
+
+    return intrinsic(typer)
+
+
+row_dot_q4_i16 = _make_row_dot_i16(4)
+row_dot_q8_i16 = _make_row_dot_i16(8)
+
+_Q16 = np.float32(32767.0)
+
+
+@njit(fastmath=False, cache=True)
+def quantize_rows_i16(x, xq, xd, xs):
+    """x [n, k] f32 -> per 32-block i16 xq, scale xd = amax / 32767 and xs = xd * sum(xq)
+    (the sum carries the 4-bit formats' offsets m). Rounds half away from zero."""
+    for t in range(x.shape[0]):
+        for b in range(xd.shape[1]):
+            amax = np.float32(0.0)
+            for j in range(32):
+                amax = max(amax, abs(x[t, 32 * b + j]))
+            dd = amax / _Q16
+            inv = _Q16 / amax if amax > 0 else np.float32(0.0)
+            s = 0
+            for j in range(32):
+                v = x[t, 32 * b + j] * inv
+                q = np.int32(v + np.float32(0.5)) if v >= 0 else -np.int32(np.float32(0.5) - v)
+                q = min(max(q, -32767), 32767)
+                xq[t, 32 * b + j] = q
+                s += q
+            xd[t, b] = dd
+            xs[t, b] = dd * np.float32(s)

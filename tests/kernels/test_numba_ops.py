@@ -1,0 +1,146 @@
+"""Each Numba kernel against its op's numpy reference, over random shapes (odd sizes included)."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+from isthmus.compiler.ops import get_op  # noqa: E402
+from isthmus.compiler.quant import quantize  # noqa: E402
+from isthmus.kernels.numba import activation, attention, linear, norm, rope, softmax  # noqa: E402
+
+RNG = np.random.default_rng(1234)
+SHAPES = [(1, 7), (3, 5, 33), (2, 1, 96), (17, 130)]
+
+
+def ref(op, *args, **attrs):
+    return get_op(op).reference(*args, **attrs)
+
+
+def rand(*shape):
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def close_linear(got, want):
+    """Decode-sized linears quantize activations to i16 per block (simd.py): errors scale with
+    the magnitude of the values summed, so the tolerance does too."""
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + np.abs(want).max()))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rmsnorm_layernorm(shape):
+    x, w, b = rand(*shape), rand(shape[-1]), rand(shape[-1])
+    np.testing.assert_allclose(norm.rmsnorm(x, w, 1e-5), ref("rmsnorm", x, w, eps=1e-5), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(norm.layernorm(x, w, b, 1e-5), ref("layernorm", x, w, b, eps=1e-5), rtol=1e-4, atol=1e-4)
+
+
+def test_norm_parallel_path():
+    x, w = rand(300, 257), rand(257)
+    np.testing.assert_allclose(norm.rmsnorm(x, w, 1e-6), ref("rmsnorm", x, w, eps=1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(130, 257)])
+def test_softmax(shape):
+    x = rand(*shape) * 10
+    np.testing.assert_allclose(softmax.softmax(x), ref("softmax", x, axis=-1), rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_masked_rows_and_axis():
+    x = rand(4, 9)
+    x[1] = -np.inf
+    x[2, :4] = -np.inf
+    got = softmax.softmax(x)
+    np.testing.assert_allclose(got, ref("softmax", x, axis=-1), rtol=1e-5, atol=1e-7)
+    assert np.all(got[1] == 0)
+    y = rand(5, 6, 7)
+    np.testing.assert_allclose(softmax.softmax(y, axis=1), ref("softmax", y, axis=1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("shape", SHAPES + [(70, 1001)])
+def test_activations(shape):
+    g, u = rand(*shape) * 4, rand(*shape)
+    np.testing.assert_allclose(activation.swiglu(g, u), ref("swiglu", g, u), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(activation.silu(g), ref("silu", g), rtol=1e-5, atol=1e-6)
+    for approx in ("none", "tanh"):
+        np.testing.assert_allclose(activation.gelu(g, approx), ref("gelu", g, approximate=approx), rtol=1e-5, atol=1e-5)
+
+
+def test_exp_edges():
+    x = np.array([-np.inf, -100, -87.0, -1e-3, 0, 1, 50, 88.0, 89, np.inf], np.float32)
+    got = activation.silu(x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        want = ref("silu", x)
+    np.testing.assert_allclose(got[1:-1], want[1:-1], rtol=1e-5, atol=1e-30)
+
+
+@pytest.mark.parametrize("layout", ["interleaved", "half"])
+@pytest.mark.parametrize("shape,dim", [((1, 3, 5, 8), 0), ((2, 4, 3, 10), 6), ((1, 9, 1, 64), 0), ((1, 16, 70, 64), 0)])
+def test_rope(layout, shape, dim):
+    x = rand(*shape)
+    pos = RNG.integers(0, 500, size=(shape[0], shape[2]))
+    want = ref("rope", x, pos, theta=10000.0, layout=layout, dim=dim)
+    np.testing.assert_allclose(rope.rope(x, pos, 10000.0, layout, dim), want, rtol=1e-4, atol=2e-5)
+    np.testing.assert_allclose(rope.rope(x, pos[0], 10000.0, layout, dim)[:1], ref(
+        "rope", x[:1], pos[0], theta=10000.0, layout=layout, dim=dim), rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("b,hq,hkv,seq,past,hd,causal", [
+    (1, 9, 3, 1, 0, 64, True), (1, 9, 3, 1, 37, 64, True), (2, 4, 4, 5, 3, 7, True),
+    (1, 6, 2, 11, 0, 16, True), (2, 2, 1, 3, 4, 5, False),
+    (1, 6, 2, 20, 3, 16, True), (2, 4, 2, 17, 0, 9, False)])     # seq >= 16: the BLAS prefill path
+def test_attention(b, hq, hkv, seq, past, hd, causal):
+    q, k, v = rand(b, hq, seq, hd), rand(b, hkv, past + seq, hd), rand(b, hkv, past + seq, hd)
+    want = ref("attention", q, k, v, causal=causal, scale=0.0)
+    cap = past + seq + 3           # a cache with spare capacity, as the decoder holds it
+    kc = np.zeros((b, hkv, cap, hd), np.float32)
+    vc = np.zeros_like(kc)
+    kc[:, :, :past + seq], vc[:, :, :past + seq] = k, v
+    got = attention.attention(q, kc, vc, past, causal)
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("int_dot", [True, False], ids=["i16-act", "f32-act"])
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
+@pytest.mark.parametrize("n", [1, 3, 20])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (5, 96)])
+def test_linear(qtype, n, rows, cols, int_dot, monkeypatch):
+    if int_dot and not linear.INT_ACTIVATIONS:
+        pytest.skip("no AVX2 here: the integer dot products are not used")
+    monkeypatch.setattr(linear, "INT_ACTIVATIONS", int_dot)
+    wf = rand(rows, cols)
+    w = quantize(wf, qtype) if qtype else wf
+    x = rand(n, cols)
+    want = ref("linear", x, w)
+    ws = linear.Workspace()
+    p = linear.pack(w)
+    out = np.empty((n, rows), np.float32)
+    close_linear(linear.linear(x, p, out, ws), want)
+    # epilogues: residual add, and a norm prologue
+    res = rand(n, rows)
+    close_linear(linear.linear(x, p, np.empty_like(out), ws, res=res, epilogue=linear.EPI_ADD), want + res)
+    nw = rand(cols)
+    h = np.empty_like(x)
+    got = linear.linear(x, p, np.empty_like(out), ws, norm=(nw, 1e-5), h=h)
+    close_linear(got, ref("linear", ref("rmsnorm", x, nw, eps=1e-5), w))
+
+
+@pytest.mark.parametrize("n", [1, 2, 12])
+def test_linear_swiglu_stacked(n):
+    gf, uf = rand(29, 64), rand(29, 64)
+    g, u = quantize(gf, "q4_1"), quantize(uf, "q4_1")
+    x = rand(n, 64)
+    p = linear.pack([g, u])
+    assert p.splits == (29, 29) and linear.packable_together([g, u])
+    got = linear.linear(x, p, np.empty((n, 29), np.float32), linear.Workspace(), epilogue=linear.EPI_SWIGLU)
+    close_linear(got, ref("swiglu", ref("linear", x, g), ref("linear", x, u)))
+
+
+@pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
+def test_embedding_and_dequantize(qtype):
+    tf = rand(50, 64)
+    t = quantize(tf, qtype) if qtype else tf
+    ids = np.array([0, 49, 7, 7], np.int64)
+    p = linear.pack(t)
+    got = linear.embedding(p, ids, np.empty((4, 64), np.float32))
+    np.testing.assert_allclose(got, ref("embedding", t, ids), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(p.dequantize(), ref("embedding", t, np.arange(50)), rtol=1e-6, atol=1e-6)
