@@ -91,7 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "enclave (the key comes from the local key release service; --model is ignored)")
     p.set_defaults(fn=cmd_chat)
     from isthmus.npu.cli import register as register_npu; register_npu(sub, common)  # noqa: E702
+    from isthmus.compiler.lower.npu_profile import register as register_profile; register_profile(sub, common)  # noqa: E702,E501
     from isthmus.runtime.tee.cli import register as register_tee; register_tee(sub, common)  # noqa: E702
+    from isthmus.interop.cli import register as register_serve; register_serve(sub, common)  # noqa: E702
     return parser
 
 
@@ -155,7 +157,7 @@ def cmd_compile(args) -> int:
     if args.output:
         with open(args.output, "w") as f:
             f.write(print_graph(exe.graph))
-    print(f"compiled {model.graph.name} for {args.target}: {before} -> {len(exe.graph.nodes)} nodes "
+    print(f"compiled {model.graph.name} for {exe.target}: {before} -> {len(exe.graph.nodes)} nodes "
           f"in {exe.compile_seconds:.2f} s; ops: " +
           ", ".join(f"{op} x{n}" for op, n in exe.graph.op_histogram().items()),
           file=sys.stderr if args.dump_ir else sys.stdout)

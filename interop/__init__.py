@@ -1,1 +1,13 @@
-"""interop."""
+"""Serving: the OpenAI-compatible Chat Completions API and a messaging-platform webhook.
+
+    app.py         create_app(): routes, auth, limits (413), errors in OpenAI's shape, metrics
+    openai_api.py  request/response schemas and the chat completion handler (JSON and SSE)
+    scheduler.py   Engine: continuous batching over one model instance, a KV cache per sequence
+    tenants.py     API keys (hashed), model allow-lists, token-bucket rate limits
+    webhook.py     /webhooks/whatsapp: handshake, signed notifications, de-duplication, replies
+    e2e.py         end-to-end encrypted message envelopes to the (attested) enclave key
+    metrics.py     Prometheus text exposition
+    cli.py         `isthmus serve`
+
+See docs/api.md (the API) and docs/serving.md (scheduling, limits, measured figures).
+"""

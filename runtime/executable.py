@@ -115,6 +115,14 @@ class Executable:
 
         return FunctionalDecoder(self)
 
+    def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+        """One decode step for many conversations (token_ids[i] fed to decoders[i]): logits [B, vocab].
+        The reference interpreter runs the graph once for the batch (runtime/batch.py); a target
+        without its own version steps each decoder in turn."""
+        from isthmus.runtime.batch import reference_decode_batch
+
+        return reference_decode_batch(self, decoders, token_ids)
+
     def profile(self) -> list[OpProfile]:
         """Time per op over the runs made while `profiling` was on, slowest first."""
         return sorted(self._profile.values(), key=lambda p: -p.seconds)

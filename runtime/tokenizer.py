@@ -81,7 +81,10 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids for `text`. Control tokens written in the text (e.g. `<|im_start|>`) become
         their single ids, as in Hugging Face. `add_bos=None` follows the model's GGUF setting."""
-        ids = self._backend.encode(text, add_special_tokens=False).ids
+        try:
+            ids = self._backend.encode(text, add_special_tokens=False).ids
+        except TypeError:  # the Rust side refuses str that is not valid Unicode (lone surrogates)
+            raise InputError("the text is not valid Unicode (it contains a lone surrogate)") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
         return ids

@@ -93,14 +93,15 @@ def test_compile_dump_ir_shows_every_pass(default_model_path):
 
 
 @pytest.mark.slow
-def test_run_with_reference_check(tmp_path, default_model, default_model_path):
+@pytest.mark.parametrize("target, tolerance", [("reference", "1e-4"), ("numba", "2e-2")])
+def test_run_with_reference_check(tmp_path, default_model, default_model_path, target, tolerance):
     feeds = {v.name: np.zeros((1, 3, 0, 64), np.float32) for v in default_model.graph.inputs
              if v.name.startswith("past_")}
     feeds["input_ids"] = np.array([[1, 504, 3458, 282, 4649]], np.int64)
     feeds["position_ids"] = np.arange(5, dtype=np.int64)[None]
     np.savez(tmp_path / "in.npz", **feeds)
     rc, out, err = isthmus("run", default_model_path, "--inputs", tmp_path / "in.npz", "-o", tmp_path / "out.npz",
-                           "--check", "reference", "--tolerance", "1e-4")
+                           "--target", target, "--check", "reference", "--tolerance", tolerance)
     assert rc == 0, out + err
     assert "logits" in out and "PASS" in out and "FAIL" not in out
     with np.load(tmp_path / "out.npz") as z:

@@ -53,7 +53,9 @@ def _linear_rule(types, attrs):
 
 
 def linear(x, weight, bias=None):
-    y = x @ dense(weight).T
+    w = dense(weight)
+    # a 2-D product goes to BLAS; numpy's batched matmul of [b, s, k] @ [k, n] does not
+    y = (x.reshape(-1, x.shape[-1]) @ w.T).reshape(x.shape[:-1] + (w.shape[0],))
     if bias is not None:
         y = y + bias
     return y.astype(x.dtype, copy=False)

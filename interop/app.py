@@ -1,0 +1,262 @@
+"""The FastAPI application: routes, authentication, limits, errors, metrics.
+
+    app = create_app({"smollm2": Engine(exe, name="smollm2")}, tenants=Tenants.from_config(doc))
+    uvicorn.run(app, host="127.0.0.1", port=8000)
+
+Every response that is not a success is `{"error": {"message", "type", "param", "code"}}`: 400
+invalid request (validation included: FastAPI's 422 becomes 400, as OpenAI answers), 401 key, 403
+model not allowed, 404 unknown model or URL, 413 body too large, 429 rate limited (Retry-After),
+503 overloaded (Retry-After) or no attestation. No input yields a 500; one would be a bug.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from isthmus import __version__
+from isthmus.interop import openai_api as api
+from isthmus.interop.metrics import Metrics
+from isthmus.interop.tenants import AuthError, Tenant, Tenants
+
+log = logging.getLogger("isthmus.serve")
+
+
+@dataclass
+class Limits:
+    max_body_bytes: int = 1 << 20
+
+
+class ServerState:
+    def __init__(self, engines: dict, tenants: Tenants, metrics: Metrics, limits: Limits, attestation=None):
+        self.engines, self.tenants, self.metrics, self.limits = engines, tenants, metrics, limits
+        self.attestation = attestation          # anything with report(nonce: bytes) -> bytes, or None
+        self.created = int(time.time())
+
+    def engine_for(self, model: str, tenant: Tenant):
+        engine = self.engines.get(model)
+        if engine is None:
+            raise api.ApiError(404, f"The model `{model}` does not exist. Served: {', '.join(self.engines)}.",
+                               param="model", code="model_not_found")
+        if not tenant.may_use(model):
+            raise api.ApiError(403, f"Tenant `{tenant.id}` may not use the model `{model}`.",
+                               "permission_error", "model", "model_not_allowed")
+        return engine
+
+    @staticmethod
+    def fingerprint(engine) -> str:
+        return f"isthmus-{__version__}-{engine.exe.target}"
+
+
+_bearer = HTTPBearer(auto_error=False, description="a tenant API key (any value when the server runs without tenants)")
+
+
+async def authorize(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> Tenant:
+    """The caller's tenant, after its rate limit; 401 and 429 in OpenAI's shape."""
+    state: ServerState = request.app.state.isthmus
+    try:
+        tenant = state.tenants.authenticate(request.headers.get("authorization"))
+    except AuthError as e:
+        raise api.ApiError(401, str(e), code="invalid_api_key") from None
+    if tenant.bucket is not None:
+        wait = tenant.bucket.take()
+        if wait > 0:
+            state.metrics.rate_limited.inc(tenant=tenant.id)
+            raise api.ApiError(429, f"Rate limit reached for tenant `{tenant.id}`: retry in {wait:.2f} s.",
+                               "requests", code="rate_limit_exceeded",
+                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    return tenant
+
+
+class AttestationReport(BaseModel):
+    body: dict
+    signature: str
+    certificates: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str]
+    running: int
+    waiting: int
+
+
+def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None = None, metrics: Metrics | None = None,
+               attestation=None, whatsapp=None) -> FastAPI:
+    """`engines`: {model id: Engine} (or one Engine, served under its name). `attestation`: an object
+    with `report(nonce) -> bytes` (the simulated TEE's EnclaveSession). `whatsapp`: a
+    `webhook.WhatsAppAdapter` to mount at /webhooks/whatsapp."""
+    if not isinstance(engines, dict):
+        engines = {engines.name: engines}
+    metrics = metrics or Metrics()
+    state = ServerState(engines, tenants or Tenants(), metrics, limits or Limits(), attestation)
+    for e in engines.values():
+        e.metrics = metrics
+    metrics.gauge("isthmus_running_sequences", "sequences in the decode batch",
+                  lambda: {(("model", k),): e.running for k, e in engines.items()})
+    metrics.gauge("isthmus_waiting_requests", "requests queued for a batch slot",
+                  lambda: {(("model", k),): e.waiting for k, e in engines.items()})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        for e in engines.values():
+            e.start()
+        try:
+            yield
+        finally:
+            for e in engines.values():
+                e.stop()
+            if whatsapp is not None:
+                await whatsapp.aclose()
+
+    app = FastAPI(title="isthmus", version=__version__, lifespan=lifespan,
+                  description="OpenAI-compatible Chat Completions over models compiled by isthmus. See docs/api.md.")
+    app.state.isthmus = state
+
+    @app.exception_handler(api.ApiError)
+    async def _api_error(request, exc: api.ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "header", "path")]
+        param = ".".join(loc) or None
+        msg = str(first.get("msg", "invalid request"))
+        if first.get("type") == "json_invalid":
+            msg, param = "We could not parse the JSON body of your request.", None
+        return api.bad_request(f"{msg}" + (f" (at {param})" if param else ""), param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, exc: StarletteHTTPException):
+        if exc.status_code == 404:
+            msg = f"Unknown request URL: {request.method} {request.url.path}."
+            return api.ApiError(404, msg, code="unknown_url").response()
+        return api.ApiError(exc.status_code, str(exc.detail), "invalid_request_error",
+                            headers=dict(exc.headers or {})).response()
+
+    @app.exception_handler(Exception)
+    async def _bug(request, exc: Exception):
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return api.ApiError(500, "The server had an internal error.", "server_error").response()
+
+    @app.post("/v1/chat/completions", response_model=api.ChatCompletion, responses=api.CHAT_RESPONSES,
+              summary="Create a chat completion (OpenAI-compatible)", tags=["openai"])
+    async def chat_completions(body: api.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(authorize)):
+        return await api.chat_completions(body, request, tenant, state)
+
+    @app.get("/v1/models", response_model=api.ModelList, responses=api.error_responses(401, 429),
+             summary="List the models this key may use", tags=["openai"])
+    async def list_models(tenant: Tenant = Depends(authorize)):
+        return {"object": "list", "data": [api.model_card(m, state.created) for m in engines if tenant.may_use(m)]}
+
+    @app.get("/v1/models/{model}", response_model=api.ModelCard, responses=api.error_responses(401, 403, 404, 429),
+             summary="Describe one model", tags=["openai"])
+    async def get_model(model: str, tenant: Tenant = Depends(authorize)):
+        state.engine_for(model, tenant)
+        return api.model_card(model, state.created)
+
+    @app.get("/v1/attestation", response_model=AttestationReport, responses=api.error_responses(400, 503),
+             summary="A signed attestation report of the (simulated) enclave, bound to your nonce", tags=["tee"])
+    async def attestation(nonce: str = Query(..., pattern=r"^([0-9a-fA-F]{2}){1,64}$",
+                                             description="1 to 64 bytes of hex, fresh per request")):
+        if state.attestation is None:
+            raise api.ApiError(503, "This server runs without the simulated TEE, so it has no attestation report.",
+                               "server_error", code="attestation_unavailable", headers={"Retry-After": "3600"})
+        raw = await run_in_threadpool(state.attestation.report, bytes.fromhex(nonce))
+        return Response(raw, media_type="application/json")
+
+    @app.get("/health", response_model=Health, summary="Liveness and load", tags=["ops"])
+    async def health():
+        return {"status": "ok", "models": list(engines), "running": sum(e.running for e in engines.values()),
+                "waiting": sum(e.waiting for e in engines.values())}
+
+    @app.get("/metrics", summary="Prometheus metrics", tags=["ops"],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    if whatsapp is not None:
+        app.include_router(whatsapp.router(state))
+    app.add_middleware(Guard, state=state)
+    return app
+
+
+class Guard:
+    """Outermost ASGI layer: the body size limit (413) and per-route request metrics.
+
+    The body is read here, up to the limit, before the application sees it; a larger body (by
+    Content-Length or as it streams in) is refused without being parsed.
+    """
+
+    ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics", "/webhooks/whatsapp",
+              "/openapi.json", "/docs")
+
+    def __init__(self, app, state: ServerState):
+        self.app, self.state = app, state
+
+    def _route(self, path: str) -> str:
+        if path in self.ROUTES:
+            return path
+        return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0, status = time.perf_counter(), [0]
+
+        async def send_status(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            limit = self.state.limits.max_body_bytes
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                return await self._too_large(send_status, limit)
+            chunks, size, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return                  # the client left before sending its body
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                more = message.get("more_body", False)
+                if size > limit:
+                    return await self._too_large(send_status, limit)
+            body, replayed = b"".join(chunks), [False]
+
+            async def replay():
+                if not replayed[0]:
+                    replayed[0] = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_status)
+        except Exception:
+            status[0] = status[0] or 500
+            raise
+        finally:
+            route = self._route(scope.get("path", ""))
+            self.state.metrics.requests.inc(route=route, status=str(status[0] or 499))
+            self.state.metrics.latency.observe(time.perf_counter() - t0, route=route)
+
+    @staticmethod
+    async def _too_large(send, limit: int):
+        resp = api.ApiError(413, f"The request body is over the limit of {limit} bytes.",
+                            code="request_too_large").response()
+        await send({"type": "http.response.start", "status": 413, "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})

@@ -1,0 +1,120 @@
+"""`isthmus serve`: the Chat Completions server (and the messaging webhook) under uvicorn."""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sys
+
+from isthmus.errors import InputError
+
+
+def register(sub, common) -> None:
+    from isthmus.models import DEFAULT_MODEL
+    from isthmus.runtime.executable import TARGETS
+
+    p = sub.add_parser("serve", parents=[common], help="serve a model over the OpenAI Chat Completions API")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"registry name or path (default {DEFAULT_MODEL})")
+    p.add_argument("--sealed", help="serve this sealed package (.isth) inside the simulated TEE instead")
+    p.add_argument("--model-id", help="the model id clients send (default: the registry name or file stem)")
+    p.add_argument("--target", default=None, choices=TARGETS,
+                   help="where to run (default: numba on a CPU, triton with a CUDA GPU, when available)")
+    p.add_argument("--tenants", help="tenants file (TOML or JSON): API key hashes, model lists, rate limits, "
+                   "and an optional [whatsapp] table for the webhook; without it the server is open")
+    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 503 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    p.add_argument("--new-key", action="store_true", help="print a fresh API key and its hash for the tenants file, and exit")
+    p.set_defaults(fn=cmd_serve)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    if not 0 <= port <= 65535:
+        raise InputError(f"--port must be 0..65535, got {port}")
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        family = socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise InputError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock.listen(2048)
+    return sock
+
+
+def build(args):
+    """The ASGI app and what it needs, from parsed `serve` arguments (also used by tests)."""
+    import isthmus
+    from isthmus.interop.app import Limits, create_app
+    from isthmus.interop.e2e import SessionKey
+    from isthmus.interop.scheduler import Engine
+    from isthmus.interop.tenants import Tenants, load_config
+    from isthmus.interop.webhook import WhatsAppAdapter, WhatsAppConfig
+    from isthmus.models import REGISTRY
+
+    if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
+        raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
+    doc = load_config(args.tenants) if args.tenants else {}
+    tenants = Tenants.from_config(doc, args.tenants or "tenants")
+    whatsapp_cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp") if "whatsapp" in doc else None
+    session = None
+    if args.sealed:
+        from isthmus.runtime.tee.cli import open_sealed
+        session = open_sealed(args)
+        exe, model_id = session.exe, args.model_id or session.package.header.model
+        attestation, enclave = session, SessionKey(session)
+    else:
+        from pathlib import Path
+        model = isthmus.load(args.model)
+        exe = isthmus.compile(model, target=args.target)
+        model_id = args.model_id or (args.model if args.model in REGISTRY else Path(args.model).stem)
+        attestation, enclave = None, None     # no attested key, so no end-to-end envelopes either
+    engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
+    app = create_app({model_id: engine}, tenants=tenants, limits=Limits(args.max_body_bytes),
+                     attestation=attestation, whatsapp=whatsapp)
+    return app, session, tenants
+
+
+def cmd_serve(args) -> int:
+    if args.new_key:
+        from isthmus.interop.tenants import new_key
+        key, digest = new_key()
+        print(f"api key (give to the tenant, not stored anywhere): {key}")
+        print(f'tenants file entry:  api_key_sha256 = ["{digest}"]')
+        return 0
+    import uvicorn
+
+    sock = _listen(args.host, args.port)
+    app, session, tenants = build(args)
+    host, port = sock.getsockname()[:2]
+    if tenants.open and not (_is_ip(host) and ipaddress.ip_address(host).is_loopback):
+        print(f"isthmus: warning: serving on {host} without a tenants file: anyone who can reach it may use it",
+              file=sys.stderr)
+    print(f"isthmus: serving {', '.join(app.state.isthmus.engines)} on http://{host}:{port}/v1 "
+          f"({'sealed, attested' if session else 'unsealed'}; Ctrl-C stops)", file=sys.stderr)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:       # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught
+        pass
+    finally:
+        sock.close()
+        if session is not None:
+            session.close()
+    return 0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,132 @@
+"""Prometheus metrics in the text exposition format (version 0.0.4), without a client library.
+
+Counters, gauges read at scrape time, and cumulative histograms, each with labels. Thread-safe:
+the engine's worker thread observes batch sizes while the event loop counts requests.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Callable
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def _labels(labels: dict) -> str:
+    if not labels:
+        return ""
+    esc = (str(v).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"') for v in labels.values())
+    return "{" + ",".join(f'{k}="{v}"' for k, v in zip(labels, esc)) + "}"
+
+
+def _num(x: float) -> str:
+    if math.isinf(x):
+        return "+Inf" if x > 0 else "-Inf"
+    return repr(float(x)) if not float(x).is_integer() else str(int(x))
+
+
+class _Metric:
+    kind = ""
+
+    def __init__(self, name: str, help: str):
+        self.name, self.help = name, help
+        self._lock = threading.Lock()
+
+    def header(self) -> list[str]:
+        return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
+
+
+class Counter(_Metric):
+    kind = "counter"
+
+    def __init__(self, name, help):
+        super().__init__(name, help)
+        self._values: dict[tuple, float] = {}
+
+    def inc(self, amount: float = 1.0, **labels) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            self._values[key] = self._values.get(key, 0.0) + amount
+
+    def value(self, **labels) -> float:
+        return self._values.get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> list[str]:
+        with self._lock:
+            items = sorted(self._values.items())
+        return self.header() + [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items]
+
+
+class Gauge(_Metric):
+    """A value read when scraped, from `fn() -> {labels tuple: value}` or a plain number."""
+    kind = "gauge"
+
+    def __init__(self, name, help, fn: Callable[[], dict | float]):
+        super().__init__(name, help)
+        self.fn = fn
+
+    def render(self) -> list[str]:
+        got = self.fn()
+        items = got.items() if isinstance(got, dict) else [((), got)]
+        return self.header() + [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items]
+
+
+class Histogram(_Metric):
+    kind = "histogram"
+
+    def __init__(self, name, help, buckets=LATENCY_BUCKETS):
+        super().__init__(name, help)
+        self.buckets = tuple(buckets)
+        self._series: dict[tuple, list] = {}      # labels -> [bucket counts..., sum, count]
+
+    def observe(self, value: float, **labels) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            s = self._series.setdefault(key, [0] * len(self.buckets) + [0.0, 0])
+            for i, b in enumerate(self.buckets):
+                if value <= b:
+                    s[i] += 1
+            s[-2] += value
+            s[-1] += 1
+
+    def count(self, **labels) -> int:
+        s = self._series.get(tuple(sorted(labels.items())))
+        return s[-1] if s else 0
+
+    def render(self) -> list[str]:
+        lines = self.header()
+        with self._lock:
+            items = sorted((k, list(v)) for k, v in self._series.items())
+        for key, s in items:
+            labels = dict(key)
+            for b, c in zip(self.buckets, s):
+                lines.append(f"{self.name}_bucket{_labels({**labels, 'le': _num(b)})} {c}")
+            lines.append(f"{self.name}_bucket{_labels({**labels, 'le': '+Inf'})} {s[-1]}")
+            lines.append(f"{self.name}_sum{_labels(labels)} {_num(s[-2])}")
+            lines.append(f"{self.name}_count{_labels(labels)} {s[-1]}")
+        return lines
+
+
+class Metrics:
+    """Everything the server exports at GET /metrics."""
+
+    def __init__(self):
+        self.requests = Counter("isthmus_requests_total", "HTTP requests by route and status code")
+        self.latency = Histogram("isthmus_request_duration_seconds", "time from request to last byte, by route")
+        self.ttft = Histogram("isthmus_time_to_first_token_seconds", "time from request to the first generated token")
+        self.prompt_tokens = Counter("isthmus_prompt_tokens_total", "prompt tokens read, by model and tenant")
+        self.completion_tokens = Counter("isthmus_completion_tokens_total", "tokens generated, by model and tenant")
+        self.rate_limited = Counter("isthmus_rate_limited_total", "requests refused with 429, by tenant")
+        self.webhook = Counter("isthmus_webhook_events_total", "messaging webhook events by outcome")
+        self.batch_size = Histogram("isthmus_decode_batch_size", "sequences per batched decode step", BATCH_BUCKETS)
+        self._gauges: list[Gauge] = []
+
+    def gauge(self, name: str, help: str, fn) -> None:
+        self._gauges.append(Gauge(name, help, fn))
+
+    def render(self) -> str:
+        parts = [self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
+                 self.rate_limited, self.webhook, self.batch_size, *self._gauges]
+        return "\n".join(line for m in parts for line in m.render()) + "\n"

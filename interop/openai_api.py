@@ -1,0 +1,394 @@
+"""The Chat Completions API: request and response schemas, and the handlers behind them.
+
+Shapes follow OpenAI's API reference, because the official `openai` client is the contract:
+a completion, the SSE chunks of a stream (`data: {...}` lines ending in `data: [DONE]`, a usage
+chunk with `choices: []` only when `stream_options.include_usage` asks for it) and errors as
+`{"error": {"message", "type", "param", "code"}}` with OpenAI's status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import Annotated, Literal
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from isthmus.errors import IsthmusError
+from isthmus.interop.scheduler import Delta, Failed, Finished, Overloaded
+from isthmus.runtime.sampling import SamplingParams
+
+MAX_N = 8
+MAX_STOP = 4
+MAX_TOP_LOGPROBS = 20
+INT64 = 2**63
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+class ClientGone(Exception):
+    """The client disconnected while waiting for a non-streamed completion."""
+
+
+def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request_error", param, code)
+
+
+# -- request schema --------------------------------------------------------------------------------
+
+def _integral(v):
+    # JSON Schema's "integer" includes 1.0; strict pydantic would not (nor "1", which stays refused)
+    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**64 else v
+
+
+JsonInt = Annotated[int, BeforeValidator(_integral)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = None
+
+
+class ChatCompletionRequest(_Strict):
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    max_tokens: JsonInt | None = Field(None, ge=1, lt=INT64)
+    max_completion_tokens: JsonInt | None = Field(None, ge=1, lt=INT64)
+    stop: str | list[str] | None = Field(None, max_length=MAX_STOP)
+    n: JsonInt | None = Field(None, ge=1, le=MAX_N)
+    seed: JsonInt | None = Field(None, ge=-INT64, lt=INT64)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = None
+    top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    user: str | None = None
+    ignore_eos: bool | None = Field(None, description="extension (as in vLLM): keep generating past the "
+                                    "end-of-turn token, up to max_tokens; for benchmarks")
+
+
+# -- response schema -------------------------------------------------------------------------------
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: list[TokenLogprob] | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str | None
+    refusal: str | None = None
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str | None
+    choices: list[Choice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI documentation of the error statuses an operation can answer."""
+    what = {400: "invalid request", 401: "missing or invalid API key", 403: "model not allowed for the tenant",
+            404: "unknown model", 413: "request body over the limit", 429: "rate limited",
+            500: "internal error", 503: "overloaded or unavailable"}
+    out = {}
+    for s in statuses:
+        out[s] = {"model": ErrorResponse, "description": what[s]}
+        if s in (429, 503):
+            out[s]["headers"] = {"Retry-After": {"description": "seconds to wait before retrying",
+                                                 "schema": {"type": "string"}}}
+    return out
+
+
+CHAT_RESPONSES = {
+    200: {"model": ChatCompletion, "description": "a completion; with `stream: true`, server-sent events: "
+          "`data: {chat.completion.chunk}` lines, then `data: [DONE]` (an error after the stream began is an "
+          "`event: error` line with an error object, then `data: [DONE]`)",
+          "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+    **error_responses(400, 401, 403, 404, 413, 429, 503),
+}
+
+
+# -- the handler -----------------------------------------------------------------------------------
+
+def _text_of(m: ChatMessage, i: int) -> str:
+    if m.content is None:
+        if m.role != "assistant":
+            raise bad_request(f"messages[{i}].content is required for role {m.role!r}", f"messages[{i}].content")
+        return ""
+    text = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:           # JSON can carry lone surrogates ("\ud800"); text cannot
+        raise bad_request(f"messages[{i}].content is not valid Unicode (a lone surrogate)",
+                          f"messages[{i}].content") from None
+    return text
+
+
+def prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
+    """The model's chat template applied to `messages`, tokenized (runs in a worker thread)."""
+    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
+            for i, m in enumerate(messages)]
+    try:
+        text = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        return engine.tokenizer.encode(text)
+    except IsthmusError as e:
+        raise bad_request(str(e), "messages") from None
+
+
+def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int) -> SamplingParams:
+    if n_prompt >= n_ctx:
+        raise bad_request(f"This model's maximum context length is {n_ctx} tokens. However, your messages "
+                          f"resulted in {n_prompt} tokens. Please reduce the length of the messages.",
+                          "messages", "context_length_exceeded")
+    max_tokens = req.max_completion_tokens or req.max_tokens
+    param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    if max_tokens is None:
+        max_tokens = n_ctx - n_prompt
+    elif n_prompt + max_tokens > n_ctx:
+        raise bad_request(f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                          f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
+                          f"completion). Please reduce the length of the messages or completion.",
+                          param, "context_length_exceeded")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(req, name):
+            raise bad_request(f"{name} is not supported (only 0)", name, "unsupported_parameter")
+    temperature = 1.0 if req.temperature is None else req.temperature
+    top_p = 1.0 if req.top_p is None else req.top_p
+    if top_p == 0.0:            # the smallest nucleus is the single most likely token
+        temperature, top_p = 0.0, 1.0
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                          seed=req.seed, stop=stop)
+
+
+class SSEResponse(StreamingResponse):
+    """A stream that always runs `on_close` when it ends, the client left, or sending failed."""
+
+    def __init__(self, content, on_close, **kw):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}, **kw)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request, tenant, state):
+    t_arrival = time.perf_counter()
+    engine = state.engine_for(req.model, tenant)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
+    ids = await run_in_threadpool(prompt_ids, engine, req.messages)
+    params = sampling(req, len(ids), engine.n_ctx)
+    n = req.n or 1
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+
+    def sink(event):
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    try:
+        ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top, ignore_eos=bool(req.ignore_eos))
+    except Overloaded as e:
+        raise ApiError(503, f"The server is overloaded: {e}. Retry shortly.", "server_error",
+                       code="overloaded", headers={"Retry-After": "1"}) from None
+    labels = {"model": engine.name, "tenant": tenant.id}
+    state.metrics.prompt_tokens.inc(len(ids) * n, **labels)
+    head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
+            "system_fingerprint": state.fingerprint(engine)}
+    run = _Run(state, engine, ticket, queue, t_arrival, labels)
+    if req.stream:
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return SSEResponse(run.stream(head, n, len(ids), include_usage, top is not None), on_close=ticket.cancel)
+    try:
+        return JSONResponse(await run.collect(head, n, len(ids), top is not None, request))
+    except ClientGone:
+        return Response(status_code=499)        # nobody is listening; nginx's "client closed request"
+    finally:
+        ticket.cancel()
+
+
+class _Run:
+    """Turns one ticket's engine events into a completion or a stream of chunks."""
+
+    def __init__(self, state, engine, ticket, queue, t_arrival, labels):
+        self.state, self.engine, self.ticket, self.queue = state, engine, ticket, queue
+        self.t_arrival, self.labels, self.first = t_arrival, labels, True
+
+    def _seen(self, event) -> None:
+        if self.first and isinstance(event, (Delta, Finished)):
+            self.first = False
+            self.state.metrics.ttft.observe(time.perf_counter() - self.t_arrival, model=self.engine.name)
+        if isinstance(event, Finished):
+            self.state.metrics.completion_tokens.inc(event.completion_tokens, **self.labels)
+
+    async def collect(self, head: dict, n: int, n_prompt: int, logprobs: bool, request: Request) -> dict:
+        texts, logs, reasons, completion = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, 0
+        remaining = n
+        while remaining:
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    raise ClientGone from None
+                continue
+            self._seen(event)
+            if isinstance(event, Failed):
+                raise ApiError(event.status, event.message,
+                               "invalid_request_error" if event.status == 400 else "server_error")
+            if isinstance(event, Delta):
+                texts[event.index].append(event.text)
+                logs[event.index].extend(event.logprobs or [])
+            elif isinstance(event, Finished):
+                reasons[event.index] = event.reason
+                completion += event.completion_tokens
+                remaining -= 1
+        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
+                    "logprobs": {"content": logs[i], "refusal": None} if logprobs else None,
+                    "finish_reason": reasons[i]} for i in range(n)]
+        return {**head, "object": "chat.completion", "choices": choices,
+                "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                          "total_tokens": n_prompt + completion}}
+
+    async def stream(self, head: dict, n: int, n_prompt: int, include_usage: bool, logprobs: bool):
+        head = {**head, "object": "chat.completion.chunk"}
+        if include_usage:
+            head["usage"] = None
+
+        def chunk(index, delta, finish=None, logs=None):
+            return _sse({**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
+                                              "logprobs": {"content": logs, "refusal": None} if logprobs else None}]})
+
+        completion, remaining = 0, n
+        try:
+            for i in range(n):
+                yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+            while remaining:
+                event = await self.queue.get()
+                self._seen(event)
+                if isinstance(event, Failed):
+                    kind = "invalid_request_error" if event.status == 400 else "server_error"
+                    yield f"event: error\ndata: {json.dumps(error_body(event.message, kind))}\n\n"
+                    yield "data: [DONE]\n\n"
+                    return
+                if isinstance(event, Delta):
+                    yield chunk(event.index, {"content": event.text}, logs=event.logprobs or [])
+                elif isinstance(event, Finished):
+                    completion += event.completion_tokens
+                    remaining -= 1
+                    yield chunk(event.index, {}, event.reason)
+            if include_usage:
+                yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
+                                                             "total_tokens": n_prompt + completion}})
+            yield "data: [DONE]\n\n"
+        except Exception:           # a bug in this generator: the stream has begun, so say it as an event
+            import logging
+            logging.getLogger("isthmus.serve").exception("stream failed")
+            yield f"event: error\ndata: {json.dumps(error_body('internal error while streaming', 'server_error'))}\n\n"
+            yield "data: [DONE]\n\n"
+
+
+def model_card(model_id: str, created: int) -> dict:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "isthmus"}

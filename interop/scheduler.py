@@ -1,0 +1,342 @@
+"""Continuous batching: one model instance, many conversations, one KV cache per sequence.
+
+An `Engine` owns an executable and a worker thread. Requests wait in a bounded queue (a full
+queue is `Overloaded`, which the server answers with 503); each loop iteration
+
+  1. admits waiting requests while batch slots are free, prefilling their prompts (at most
+     `prefill_tokens` prompt tokens per iteration, so running streams are not starved);
+  2. samples the next token of every running sequence from its pending logits, emits the text
+     (stop strings held back and cut exactly as `runtime.generate.TextStream` does), and retires
+     the sequences that finished;
+  3. runs ONE batched decode step for all the sequences still running
+     (`runtime.batch.decode_batch`: the reference target runs the graph once for the batch).
+
+A request is cancelled (client gone) by `Ticket.cancel()`: its sequences leave the batch before
+the next decode step, so the slot is free at once. Events reach the caller through `sink`, a
+callable run on the worker thread (the server hops them onto its event loop).
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from isthmus.errors import InputError
+from isthmus.runtime.batch import decode_batch, prefill
+from isthmus.runtime.generate import _held_back, context_length
+from isthmus.runtime.sampling import Sampler, SamplingParams
+
+log = logging.getLogger("isthmus.serve")
+
+
+class Overloaded(Exception):
+    """The waiting queue is full."""
+
+
+# -- events (worker thread -> request owner) -------------------------------------------------------
+
+@dataclass
+class Delta:
+    index: int                      # the choice
+    text: str
+    logprobs: list | None = None    # OpenAI-shaped entries for the tokens behind `text`
+
+
+@dataclass
+class Finished:
+    index: int
+    reason: str                     # "stop" | "length"
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500               # what a non-streaming response answers: 400, 500 or 503
+
+
+# -- per-sequence state ----------------------------------------------------------------------------
+
+class _TextTail:
+    """Token ids in, text out: stop strings are cut out and never half-emitted."""
+
+    def __init__(self, tokenizer, stops: list[str]):
+        self.decoder = tokenizer.stream(skip_special=True)
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, token: int) -> tuple[str, bool]:
+        self.pending += self.decoder.feed(token)
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[:min(hits)], ""
+            return out, True
+        safe = len(self.pending) - _held_back(self.pending, self.stops)
+        out, self.pending = self.pending[:safe], self.pending[safe:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending + self.decoder.flush(), ""
+        return out
+
+
+@dataclass(eq=False)
+class _Seq:
+    request: "Ticket"
+    index: int
+    sampler: Sampler
+    budget: int
+    text: _TextTail
+    decoder: object = None
+    logits: np.ndarray | None = None
+    generated: int = 0
+    last: int = -1
+    logged: list = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class Ticket:
+    """One submitted request (n sequences sharing a prompt)."""
+    id: int
+    prompt_ids: list[int]
+    params: SamplingParams
+    n: int
+    sink: Callable[[object], None]
+    top_logprobs: int | None        # None: no logprobs; k: the chosen token and k alternatives
+    ignore_eos: bool = False        # generate past the end-of-turn token (benchmarks)
+    cancelled: bool = False
+    done: bool = False
+    running: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Engine:
+    def __init__(self, exe, *, max_batch: int = 32, max_waiting: int = 64, prefill_tokens: int = 512,
+                 metrics=None, name: str = "model"):
+        model = exe.model
+        if model is None or not getattr(model, "is_decoder", False):
+            raise InputError("only decoder models (input_ids/position_ids -> logits) can be served")
+        if model.tokenizer is None:
+            raise InputError("this model carries no tokenizer, so it cannot be served for chat")
+        if max_batch < 1 or max_waiting < 0:
+            raise InputError("max_batch must be >= 1 and max_waiting >= 0")
+        self.exe, self.model, self.tokenizer, self.name = exe, model, model.tokenizer, name
+        self.n_ctx = context_length(exe)
+        self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
+        self.metrics = metrics
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: list[_Seq] = []
+        self._cond = threading.Condition()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._held = False
+        self.steps = 0                        # batched decode steps run (for metrics and tests)
+        self.decode = decode_batch            # swappable in tests (fault injection)
+
+    # -- control -----------------------------------------------------------------------------------
+
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name=f"isthmus-engine-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        for t in list(self._waiting) + list({s.request for s in self._running}):
+            self._fail(t, "the server is shutting down", 503)
+        self._waiting.clear()
+        self._running.clear()
+
+    def hold(self, held: bool = True) -> None:
+        """Stop (or resume) admitting waiting requests; running ones go on. For draining and tests."""
+        with self._cond:
+            self._held = held
+            self._cond.notify_all()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, sink, *, n: int = 1,
+               top_logprobs: int | None = None, ignore_eos: bool = False) -> Ticket:
+        """Queue a request; `Overloaded` when the waiting queue is full. The prompt must already
+        fit the context (the API layer checks it, with the error the client expects)."""
+        if not prompt_ids or len(prompt_ids) >= self.n_ctx:
+            raise InputError(f"the prompt must hold 1 to {self.n_ctx - 1} tokens, got {len(prompt_ids)}")
+        ticket = Ticket(next(self._ids), list(prompt_ids), params, n, sink, top_logprobs, ignore_eos)
+        with self._cond:
+            if any(w.cancelled for w in self._waiting):
+                self._waiting = collections.deque(w for w in self._waiting if not w.cancelled)
+            queued = sum(w.n for w in self._waiting) + len(self._running)
+            if queued + n > self.max_batch + self.max_waiting:
+                raise Overloaded(f"{len(self._waiting)} requests are waiting and {len(self._running)} "
+                                 f"sequences running; the limit is {self.max_batch} running + {self.max_waiting} waiting")
+            self._waiting.append(ticket)
+            self._cond.notify_all()
+        return ticket
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stop and not self._running and (self._held or not self._waiting):
+                    self._cond.wait()
+                if self._stop:
+                    return
+                admitted = self._take_admissions()
+            try:
+                self._iteration(admitted)
+            except Exception:              # a bug: fail what is in flight, keep serving
+                log.exception("engine iteration failed")
+                for t in {s.request for s in self._running} | set(admitted):
+                    self._fail(t, "internal error while generating")
+                self._running = [s for s in self._running if not s.request.done]
+
+    def _take_admissions(self) -> list[Ticket]:
+        admitted, tokens = [], 0
+        while self._waiting and not self._held:
+            t = self._waiting[0]
+            if t.cancelled:
+                self._waiting.popleft()
+                continue
+            if len(self._running) + sum(a.n for a in admitted) + t.n > self.max_batch and (self._running or admitted):
+                break
+            if admitted and tokens + len(t.prompt_ids) * t.n > self.prefill_tokens:
+                break
+            self._waiting.popleft()
+            admitted.append(t)
+            tokens += len(t.prompt_ids) * t.n
+        return admitted
+
+    def _iteration(self, admitted: list[Ticket]) -> None:
+        for t in admitted:
+            self._prefill(t)
+        still = []
+        for s in self._running:
+            if s.request.cancelled:
+                self._release(s)
+            elif self._advance(s):
+                still.append(s)
+        self._running = still
+        if not still:
+            return
+        try:
+            logits = self.decode(self.exe, [s.decoder for s in still], [s.last for s in still])
+        except Exception as e:
+            log.exception("batched decode failed")
+            bad = isinstance(e, InputError)
+            for t in {s.request for s in still}:
+                self._fail(t, str(e) if bad else "internal error while generating", 400 if bad else 500)
+            self._running = []
+            return
+        self.steps += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.observe(len(still), model=self.name)
+        for s, row in zip(still, logits):
+            s.logits = row
+
+    def _prefill(self, t: Ticket) -> None:
+        params, seqs = t.params, []
+        budget = min(params.max_tokens, self.n_ctx - len(t.prompt_ids))
+        try:
+            for i in range(t.n):
+                sampler = Sampler(params)
+                if params.seed is not None:   # choice i draws its own stream, reproducibly
+                    sampler.rng = np.random.default_rng([params.seed % 2**64, i])
+                s = _Seq(t, i, sampler, budget, _TextTail(self.tokenizer, params.stop))
+                s.decoder = self.exe.decoder()
+                s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
+                seqs.append(s)
+        except Exception as e:
+            log.exception("prefill failed")
+            bad = isinstance(e, InputError)
+            self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
+            return
+        t.running = len(seqs)
+        self._running.extend(seqs)
+
+    def _advance(self, s: _Seq) -> bool:
+        """Sample one token for `s` and emit its text; False when the sequence has finished."""
+        t = s.request
+        token = s.sampler(s.logits)
+        if token in self.tokenizer.stop_ids and not t.ignore_eos:
+            return self._finish(s, "stop", s.text.flush())
+        s.generated += 1
+        if t.top_logprobs is not None:
+            s.logged.append(self._logprob_entry(s.logits, token, t.top_logprobs))
+        piece, stopped = s.text.feed(token)
+        if stopped:
+            return self._finish(s, "stop", piece)
+        if s.generated >= s.budget:
+            return self._finish(s, "length", piece + s.text.flush())
+        if piece:
+            self._emit(t, Delta(s.index, piece, self._take_logged(s)))
+        s.last = token
+        return True
+
+    def _finish(self, s: _Seq, reason: str, text: str) -> bool:
+        t = s.request
+        if text or s.logged:
+            self._emit(t, Delta(s.index, text, self._take_logged(s)))
+        self._emit(t, Finished(s.index, reason, s.generated))
+        return self._release(s)
+
+    @staticmethod
+    def _release(s: _Seq) -> bool:
+        t = s.request
+        s.decoder, s.logits = None, None         # the KV cache goes with its decoder
+        t.running -= 1
+        if t.running <= 0:
+            t.done = True
+        return False
+
+    @staticmethod
+    def _take_logged(s: _Seq):
+        if not s.logged:
+            return None
+        out, s.logged = s.logged, []
+        return out
+
+    def _logprob_entry(self, logits: np.ndarray, token: int, k: int) -> dict:
+        z = logits.astype(np.float64)
+        logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
+
+        def item(i):
+            raw = self.tokenizer.token_bytes(int(i))
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(max(logp[i], -9999.0)),
+                    "bytes": list(raw)}
+
+        top = np.argsort(-logp, kind="stable")[:k] if k else []
+        return {**item(token), "top_logprobs": [item(i) for i in top]}
+
+    def _emit(self, t: Ticket, event) -> None:
+        try:
+            t.sink(event)
+        except Exception:                   # the owner went away (event loop closed): drop the request
+            t.cancelled = True
+
+    def _fail(self, t: Ticket, message: str, status: int = 500) -> None:
+        if not t.done:
+            t.done = True
+            self._emit(t, Failed(message, status))
