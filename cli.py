@@ -91,7 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "enclave (the key comes from the local key release service; --model is ignored)")
     p.set_defaults(fn=cmd_chat)
     from isthmus.npu.cli import register as register_npu; register_npu(sub, common)  # noqa: E702
-    from isthmus.compiler.lower.npu_profile import register as register_profile; register_profile(sub, common)  # noqa: E702,E501
     from isthmus.runtime.tee.cli import register as register_tee; register_tee(sub, common)  # noqa: E702
     from isthmus.interop.cli import register as register_serve; register_serve(sub, common)  # noqa: E702
     return parser
