@@ -90,9 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sealed", metavar="PACKAGE", help="chat with a sealed .isth package inside the simulated "
                    "enclave (the key comes from the local key release service; --model is ignored)")
     p.set_defaults(fn=cmd_chat)
-    from isthmus.npu.cli import register as register_npu; register_npu(sub, common)  # noqa: E702
-    from isthmus.runtime.tee.cli import register as register_tee; register_tee(sub, common)  # noqa: E702
-    from isthmus.interop.cli import register as register_serve; register_serve(sub, common)  # noqa: E702
+    # Subcommands that belong to one layer live with it and register themselves here.
+    from isthmus.compiler.lower.npu_profile import register as register_profile
+    from isthmus.interop.cli import register as register_serve
+    from isthmus.npu.cli import register as register_npu
+    from isthmus.runtime.tee.cli import register as register_tee
+    for register in (register_profile, register_npu, register_tee, register_serve):
+        register(sub, common)
     return parser
 
 

@@ -26,7 +26,7 @@ from isthmus.npu.isa import (AP, AP_BITS, AP_LAYOUT, DTYPE_BY_CODE, DTYPES, MAX_
 WORD_BYTES = 160
 HEADER_BITS = 32
 MAGIC = b"ISNPU\0"
-VERSION = 1
+VERSION = 2                 # 2: the AP row count is 24 bits (HBM tables of more than 255 rows)
 _HEAD = struct.Struct("<6sHHHIIIQ")
 NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*\Z")
 
@@ -43,7 +43,8 @@ def ap_problem(a) -> str | None:
         return f"unknown dtype {a.dtype!r}"
     if not 1 <= len(a.dims) <= MAX_DIMS:
         return f"an access pattern has 1 to {MAX_DIMS} free dims, not {len(a.dims)}"
-    checks = [("count", a.count, 1, 255), ("offset", a.offset, 0, 2**32 - 1), ("pstride", a.pstride, 0, 2**32 - 1),
+    rows = 2**24 - 1 if a.space == "hbm" else 255          # HBM rows (a gather table) vs partitions
+    checks = [("count", a.count, 1, rows), ("offset", a.offset, 0, 2**32 - 1), ("pstride", a.pstride, 0, 2**32 - 1),
               ("start", a.start, 0, 255)]
     for i, (n, s) in enumerate(a.dims):
         checks += [(f"dim {i} size", n, 1, 2**16 - 1), (f"dim {i} stride", s, 0, 2**24 - 1)]

@@ -116,7 +116,9 @@ class AP:
 
 # -- fields and the op table -------------------------------------------------------------------------
 # Bit widths of one encoded access pattern, in packing order (low bits first).
-AP_LAYOUT = (("space", 2), ("dtype", 3), ("start", 8), ("count", 8), ("offset", 32), ("pstride", 32),
+# `count` is wide enough for an HBM table of many rows (dma_gather over a vocabulary); SBUF/PSUM
+# access patterns still name at most 255 partitions (encoding.ap_problem).
+AP_LAYOUT = (("space", 2), ("dtype", 3), ("start", 8), ("count", 24), ("offset", 32), ("pstride", 32),
              ("ndims", 2)) + tuple((f"{k}{i}", w) for i in range(MAX_DIMS) for k, w in (("size", 16), ("stride", 24)))
 AP_BITS = sum(w for _, w in AP_LAYOUT)
 

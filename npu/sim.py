@@ -41,28 +41,38 @@ class Machine:
     first `sbuf_width`/`psum_width` bytes of each partition (what the program touches: `for_program`),
     so partitions sit close together in host memory."""
 
-    def __init__(self, cfg: NpuConfig, hbm_bytes: int, sbuf_width: int | None = None, psum_width: int | None = None):
+    def __init__(self, cfg: NpuConfig, hbm_bytes: int, sbuf_width: int | None = None, psum_width: int | None = None,
+                 hbm: np.ndarray | None = None):
         self.cfg = cfg
         self.sbuf = np.full((cfg.partitions, sbuf_width or cfg.sbuf_bytes_per_partition), 0xFF, np.uint8)
         self.psum = np.full((cfg.partitions, psum_width or cfg.psum_bytes_per_partition), 0xFF, np.uint8)
-        self.hbm = np.full(hbm_bytes, 0xFF, np.uint8)
+        if hbm is not None and (hbm.dtype != np.uint8 or hbm.ndim != 1 or hbm.size < hbm_bytes):
+            raise NpuError(f"a shared HBM must be a flat uint8 array of at least {hbm_bytes:,} bytes")
+        self.hbm = np.full(hbm_bytes, 0xFF, np.uint8) if hbm is None else hbm
+        self.resident: list[tuple[int, int]] = []      # HBM byte ranges `reset` leaves alone
         self._scratch: dict = {}
         self._views: dict = {}
 
     @classmethod
-    def for_program(cls, cfg: NpuConfig, prog: Program) -> "Machine":
+    def for_program(cls, cfg: NpuConfig, prog: Program, hbm: np.ndarray | None = None) -> "Machine":
         width = {"sbuf": 1, "psum": 1}
         for ins in prog.instructions:
             for a in ins.args.values():
                 if isinstance(a, AP) and a.space in width:
                     width[a.space] = max(width[a.space], a.offset + a.extent)
         return cls(cfg, prog.hbm_bytes, min(-(-width["sbuf"] // 64) * 64, cfg.sbuf_bytes_per_partition),
-                   min(-(-width["psum"] // 64) * 64, cfg.psum_bytes_per_partition))
+                   min(-(-width["psum"] // 64) * 64, cfg.psum_bytes_per_partition), hbm)
 
     def reset(self) -> None:
-        """Fresh memory again (all bytes 0xFF, NaN), keeping every prepared view valid."""
-        for mem in (self.sbuf, self.psum, self.hbm):
-            mem.fill(0xFF)
+        """Fresh memory again (all bytes 0xFF, NaN), keeping every prepared view valid; resident HBM
+        ranges (`LoadedProgram.bind`) keep their contents."""
+        self.sbuf.fill(0xFF)
+        self.psum.fill(0xFF)
+        pos = 0
+        for lo, hi in sorted(self.resident) + [(self.hbm.size, self.hbm.size)]:
+            if lo > pos:
+                self.hbm[pos:lo].fill(0xFF)
+            pos = max(pos, hi)
 
     def scratch(self, shape, slot: str, dtype=F32) -> np.ndarray:
         """A reusable buffer: instructions run one at a time, so one per (shape, dtype, slot) suffices."""
@@ -120,7 +130,11 @@ class Machine:
         convert(self, view, arr.astype(F32) if arr.dtype != view.dtype else arr, "input")()
 
     def read_tensor(self, t) -> np.ndarray:
-        return np.ndarray(t.shape, DTYPES[t.dtype].np, self.hbm, t.offset).copy()
+        return self.tensor_view(t).copy()
+
+    def tensor_view(self, t) -> np.ndarray:
+        """A numpy view of HBM tensor `t` (a TensorDecl): what the host sees through its DMA window."""
+        return np.ndarray(t.shape, DTYPES[t.dtype].np, self.hbm, t.offset)
 
 
 def chain(*fns):
@@ -229,6 +243,52 @@ def prepare(prog: Program, m: Machine, indices=None) -> list:
     return fns
 
 
+@contextlib.contextmanager
+def blas_single_threaded():
+    """Run numpy's BLAS on one thread: the simulator calls it on small tiles, where a threaded BLAS
+    only adds hand-offs, and on a loaded machine its spinning threads make each 128x128x512 matmul
+    tens of times slower. Restores the previous thread count; a no-op where the library is unknown."""
+    lib = _openblas()
+    if lib is None:
+        yield
+        return
+    get, set_ = lib
+    before = get()
+    if before != 1:
+        set_(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            set_(before)
+
+
+_BLAS: list = []
+
+
+def _openblas():
+    """(get_num_threads, set_num_threads) of the OpenBLAS numpy loaded, or None."""
+    if not _BLAS:
+        _BLAS.append(None)
+        try:
+            import ctypes
+            with open("/proc/self/maps") as f:
+                paths = sorted({line.split()[-1] for line in f if "openblas" in line and ".so" in line})
+            for path in paths:
+                lib = ctypes.CDLL(path)
+                for suffix in ("64_", "_64_", ""):
+                    for prefix in ("scipy_openblas", "openblas"):
+                        get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
+                        set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
+                        if get is not None and set_ is not None:
+                            get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
+                            _BLAS[0] = (get, set_)
+                            return _BLAS[0]
+        except (OSError, AttributeError):
+            pass
+    return _BLAS[0]
+
+
 def execute(prog: Program, m: Machine, order: list[int], fns: list, calls: list | None = None) -> None:
     """Call the prepared closures (`fns[k]` for instruction `order[k]`; None: nothing to do) in order.
     `calls`, if given, is `fns` already reduced to its (k, fn) pairs with fn not None."""
@@ -236,7 +296,7 @@ def execute(prog: Program, m: Machine, order: list[int], fns: list, calls: list 
         calls = [(k, fn) for k, fn in enumerate(fns) if fn is not None]
     k = 0
     try:
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"), blas_single_threaded():
             for k, fn in calls:
                 fn()
     except NpuError as e:
@@ -251,10 +311,15 @@ class LoadedProgram:
 
     `serial` (or ISTHMUS_NPU_FORCE_SERIAL=1 in the environment) is FORCE_SERIAL: program order, no
     overlap. `check_races` rejects engines touching the same memory without a semaphore ordering
-    them (races.py)."""
+    them (races.py).
+
+    A compiled model's programs (one per shape bucket) share their weights: `hbm` is a host buffer
+    used as this machine's HBM (several loaded programs that declare their common tensors at the same
+    offsets may share one), and `bind` writes tensors that stay resident across runs (weights, a KV
+    cache): `run` neither resets them nor asks for them."""
 
     def __init__(self, prog: Program, config: NpuConfig | str | None = None, serial: bool = False,
-                 check_races: bool = True):
+                 check_races: bool = True, hbm: np.ndarray | None = None):
         cfg = self.config = load_config(config)
         serial = serial or os.environ.get("ISTHMUS_NPU_FORCE_SERIAL", "") not in ("", "0")
         if prog.hbm_bytes > cfg.hbm_capacity_bytes:
@@ -263,7 +328,7 @@ class LoadedProgram:
         self.program = prog
         with gc_paused():
             self.timeline = schedule(prog, cfg, serial)
-            self.machine = Machine.for_program(cfg, prog)
+            self.machine = Machine.for_program(cfg, prog, hbm)
             self._fns = prepare(prog, self.machine, self.timeline.order)
             self._calls = [(k, fn) for k, fn in enumerate(self._fns) if fn is not None]
             if check_races:
@@ -271,6 +336,19 @@ class LoadedProgram:
                 check(prog, self.timeline)
             self.stats = stats(prog, self.timeline, cfg)
         self._runs = 0
+        self._bound: set[str] = set()
+
+    def bind(self, values: dict | None = None, names=()) -> None:
+        """Make tensors resident: write `values` (name -> array) now, and mark them and `names` (tensors
+        some other loaded program sharing this HBM wrote) as kept across runs."""
+        m = self.machine
+        for name in [*(values or {}), *names]:
+            t = self.program.tensor(name)
+            if values and name in values:
+                m.write_tensor(t, values[name])
+            if name not in self._bound:
+                self._bound.add(name)
+                m.resident.append((t.offset, t.offset + t.nbytes))
 
     def run(self, inputs: dict | None = None) -> RunResult:
         prog, m = self.program, self.machine
@@ -281,7 +359,7 @@ class LoadedProgram:
         for t in prog.tensors:
             if t.name in inputs:
                 m.write_tensor(t, inputs.pop(t.name))
-            elif t.kind in ("input", "inout"):
+            elif t.kind in ("input", "inout") and t.name not in self._bound:
                 raise NpuError(f"missing input {t.name} ({t.dtype}{list(t.shape)})")
         if inputs:
             raise NpuError(f"unknown input(s) {', '.join(sorted(inputs))}; the program declares "

@@ -1,0 +1,187 @@
+"""Attention on the NPU: rotary embedding by a rotation matmul, and a flash-attention-style loop
+over key blocks with an online softmax, reading a KV window resident in SBUF.
+
+Shapes (feature-major, see npu_kernels): q^T and k^T hold one head per *slot*, a partition range
+[s, s+hd) of a chunk (s a multiple of the PE partition alignment), so a head's q^T and its kv
+head's k^T start at the same partition, as the PE array requires of its two operands.
+
+One *unit* of work is a set of query rows of one kv head: several query heads of the group
+(decode: one row each, M = heads) or a block of up to 128 queries of one head (prefill). Per key
+block of up to one PSUM bank (512 keys):
+
+    S = q_unit^T . K_block                 TENSOR    [M, kb] in PSUM
+    L = S + bias_row                       VECTOR    (the window's validity mask, pre-divided by scale)
+    L = select(causal)                     VECTOR    (new keys only: key j visible to query i iff j <= i)
+    m = max(L); p = exp(scale*L - scale*m)  VECTOR, ACT (with the row sums accumulated on the fly)
+    p^T per 128 keys                        VECTOR    transpose
+    O += p . V                              TENSOR    [M, hd] accumulated in PSUM over the block
+    (later blocks rescale O and the sums by exp(scale*(m_old - m_new)): the online softmax)
+
+then O / sum is transposed back into the head's slot of attn^T.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from isthmus.compiler.lower.npu_emit import Emitter, Tile
+from isthmus.compiler.lower.npu_kernels import Act, bcast
+
+NEG = -30000.0          # a masked logit: exp(scale * (NEG - max)) is exactly 0 in fp32
+
+
+def rotation_matrix(parts: int, stride: int, hd: int, layout: str) -> np.ndarray:
+    """The stationary operand R^T [K=parts, M=parts] with (R x)[f] = -x[pair] or +x[pair] per slot, so
+    rope(x) = x * cos + (R x) * sin (cos/sin repeated per pair)."""
+    r = np.zeros((parts, parts), np.float32)          # r[out, in]
+    for s in range(0, parts - hd + 1, stride):
+        for i in range(hd // 2):
+            if layout == "interleaved":
+                a, b = s + 2 * i, s + 2 * i + 1
+            else:
+                a, b = s + i, s + i + hd // 2
+            r[a, b] = -1.0
+            r[b, a] = 1.0
+    return np.ascontiguousarray(r.T)
+
+
+def rope_table(max_pos: int, parts: int, stride: int, hd: int, theta: float, layout: str) -> np.ndarray:
+    """[max_pos, 2, parts] f32: cos and sin of each partition's pair angle, per slot, as the reference
+    computes them (rope_angles in compiler/ops/attention.py)."""
+    from isthmus.compiler.ops.attention import rope_angles
+    cos, sin = rope_angles(np.arange(max_pos), hd, theta)             # [max_pos, hd/2]
+    per = np.arange(hd)
+    pair = per // 2 if layout == "interleaved" else per % (hd // 2)
+    t = np.zeros((max_pos, 2, parts), np.float32)
+    for s in range(0, parts - hd + 1, stride):
+        t[:, 0, s:s + hd] = cos[:, pair]
+        t[:, 1, s:s + hd] = sin[:, pair]
+    return t
+
+
+def rope(em: Emitter, src: Act, dst: Tile, rot: Tile, cos: Tile, sin: Tile) -> None:
+    """dst[:, c, :] = src * cos + (R src) * sin for every chunk; cos/sin are [P, rows] f32."""
+    R = src.rows
+    g = max(1, (em.cfg.psum_bank_bytes // 4) // R)
+    for c0 in range(0, src.chunks, g):
+        c1 = min(src.chunks, c0 + g)
+        ps = em.psum((c1 - c0, R))
+        for c in range(c0, c1):
+            kp = src.parts(c)
+            em.matmul(ps[0:kp, c - c0, :], rot[0:kp, 0:kp], src.tile[0:kp, c, :])
+        t1 = em.sbuf((c1 - c0, R), "f32", what="rope")
+        t2 = em.sbuf((c1 - c0, R), "f32", what="rope")
+        em.tt(t1[:, :, :], src.block(c0, c1), bcast(cos, c0, c1, 0, R, "chunks"), "mul")
+        em.tt(t2[:, :, :], ps[:, :, :], bcast(sin, c0, c1, 0, R, "chunks"), "mul")
+        em.tt(dst[:, c0:c1, 0:R], t1[:, :, :], t2[:, :, :], "add")
+        em.free(t1, t2, ps)
+
+
+@dataclass
+class Unit:
+    """Query rows of one kv head: `q` is the stationary [hd, M] AP (at partition s), `out` the [hd, M]
+    AP of attn^T to write (or None: `attend` returns O [M, hd] in SBUF), keys at k-slot (kchunk, s)."""
+
+    q: object
+    out: object
+    kchunk: int
+    start: int
+    group: int
+    m: int
+    query0: int          # the first query's index among this step's new tokens
+    per_query: bool      # rows are queries (pcoef 1 in the causal mask) rather than heads
+    row0: int = 0        # first row in a batch of units (a multiple of the PE partition alignment)
+
+
+def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C: int, new: int, scale: float,
+           mm_dtype: str, offset: int | None = None, dead_below: float | None = None):
+    """Units (one, or several decode units batched: each at its own `row0`, a multiple of the PE
+    alignment) over C keys; see the module docstring. The softmax work runs once over all the rows;
+    only the two matmuls are per unit. Causality: with `offset` None (the decoder's window
+    [new keys 0:new | older keys]), query i sees new key j <= i and every older key; with an `offset`,
+    query i sees key j <= i + offset (the reference's rule, offset = keys - queries); `new` = 0 and
+    `offset` None: no causal mask. `dead_below`: a row whose largest (bias-added) score is below it
+    gives zeros, as the reference's softmax does for a row of -inf (see npu_nodes_nn._mask)."""
+    units = [units] if isinstance(units, Unit) else list(units)
+    P = em.cfg.partitions
+    kb_max = em.cfg.moving_max
+    M = max(u.row0 + u.m for u in units)
+    u0 = units[0]
+    state = None          # (max, sum, O) after the previous key block
+    for k0 in range(0, C, kb_max):
+        k1 = min(C, k0 + kb_max)
+        kb = k1 - k0
+        S = em.psum((kb,), parts=M)
+        for u in units:
+            em.matmul(S[u.row0:u.row0 + u.m, :], u.q, Kw[u.start:u.start + hd, u.kchunk, k0:k1])
+        L = em.sbuf((kb,), "f32", parts=M, what="scores")
+        if bias is not None:
+            em.tt(L[0:M, :], S[0:M, :], bias[0:M, k0:k1], "add")
+        else:
+            em.copy(L[0:M, :], S[0:M, :])
+        em.free(S)
+        if offset is None and k0 < new and new > 1:          # causal among this step's tokens
+            n1 = min(k1, new)
+            em.select(L[0:M, 0:n1 - k0], L[0:M, 0:n1 - k0], "ge", NEG, base=u0.query0 - k0,
+                      pcoef=1 if u0.per_query else 0, c0=-1)
+        elif offset is not None and k1 - 1 > u0.query0 + offset:   # some key of the block is in the future
+            em.select(L[0:M, :], L[0:M, :], "ge", NEG, base=u0.query0 + offset - k0,
+                      pcoef=1 if u0.per_query else 0, c0=-1)
+        mx = em.sbuf((1,), "f32", parts=M, what="max")
+        em.reduce(mx[0:M, :], L[0:M, :], "max")
+        if state is not None:
+            em.tt(mx[0:M, :], mx[0:M, :], state[0][0:M, :], "max")
+        negm = em.sbuf((1,), "f32", parts=M, what="-max")
+        em.ts(negm[0:M, :], mx[0:M, :], "mul", -scale)
+        p = em.sbuf((kb,), mm_dtype, parts=M, what="probabilities")
+        lsum = em.sbuf((1,), "f32", parts=M, what="sum")
+        em.act(p[0:M, :], L[0:M, :], "exp", scale=scale, bias=negm[0:M, 0:1], accum=lsum[0:M, 0:1])
+        em.free(L)
+        nkc = -(-kb // P)
+        pT = em.sbuf((nkc, M), mm_dtype, what="p^T")
+        for j in range(nkc):
+            a, z = j * P, min(kb, (j + 1) * P)
+            em.transpose(pT[0:z - a, j, :], p[0:M, a:z])
+        em.free(p)
+        O = em.psum((hd,), parts=M)
+        for u in units:
+            for j in range(nkc):
+                a, z = k0 + j * P, min(k1, k0 + (j + 1) * P)
+                em.matmul(O[u.row0:u.row0 + u.m, :], pT[0:z - a, j, u.row0:u.row0 + u.m],
+                          Vw[0:z - a, a // P, u.group * hd:(u.group + 1) * hd], acc=j > 0)
+        em.free(pT)
+        if state is None:
+            em.free(negm)
+            state = (mx, lsum, O)
+            continue
+        # the online softmax: alpha = exp(scale*(m_old - m_new)); sum = sum*alpha + s_b; O = O*alpha + O_b
+        m_old, l_old, O_old = state
+        alpha = em.sbuf((1,), "f32", parts=M, what="alpha")
+        em.act(alpha[0:M, :], m_old[0:M, :], "exp", scale=scale, bias=negm[0:M, 0:1])
+        em.ts(l_old[0:M, :], l_old[0:M, :], "mul", alpha[0:M, 0:1])
+        em.tt(lsum[0:M, :], lsum[0:M, :], l_old[0:M, :], "add")
+        acc = em.sbuf((hd,), "f32", parts=M, what="O")
+        em.ts(acc[0:M, :], O_old[0:M, :], "mul", alpha[0:M, 0:1])
+        em.tt(acc[0:M, :], acc[0:M, :], O[0:M, :], "add")
+        em.free(O, alpha, m_old, l_old, negm, O_old)
+        state = (mx, lsum, acc)
+    mx, lsum, O = state
+    rl = em.sbuf((1,), "f32", parts=M, what="1/sum")
+    em.act(rl[0:M, :], lsum[0:M, :], "reciprocal")
+    if dead_below is not None:      # live = clamp(max - dead_below, 0, 1)
+        live = em.sbuf((1,), "f32", parts=M, what="live row")
+        em.ts(live[0:M, :], mx[0:M, :], "sub", dead_below)
+        em.ts(live[0:M, :], live[0:M, :], "max", 0.0)
+        em.ts(live[0:M, :], live[0:M, :], "min", 1.0)
+        em.tt(rl[0:M, :], rl[0:M, :], live[0:M, :], "mul")
+        em.free(live)
+    Of = em.sbuf((hd,), "f32", parts=M, what="O/sum")
+    em.ts(Of[0:M, :], O[0:M, :], "mul", rl[0:M, 0:1])
+    em.free(rl, O, mx, lsum)
+    if u0.out is None:
+        return Of
+    for u in units:
+        em.transpose(u.out, Of[u.row0:u.row0 + u.m, :])
+    em.free(Of)

@@ -1,0 +1,444 @@
+"""A Llama decoder as NPU programs: one *chunk program* per (new tokens P, KV window C) bucket.
+
+A chunk program runs the whole model over P new tokens with every activation resident in SBUF
+(feature-major, npu_kernels), weights streamed through an SBUF ring (npu_weights), and the KV
+cache in HBM. Nothing in it depends on how long the conversation is: the caller passes the token
+ids, their positions and a validity row for the window, so one program serves every decode step
+of a bucket, loaded once (`LoadedProgram`) and re-run.
+
+KV cache. HBM holds, per layer, K^T [kv_heads, head_dim, Cmax] and V [Cmax, kv_heads*head_dim],
+right-aligned: the newest entry is at Cmax-1. A program with window C reads the last C entries
+and shifts by P: SBUF window slots [0, P) take this step's keys/values, slots [P, C) the cache's
+last C-P entries; after the layer it writes the window back in time order, oldest first. The
+runtime's validity row (0 for a live slot, -30000 for an empty or left-padding one) masks the
+rest, and a static affine `select` masks future tokens among the new ones. Programs of every
+bucket share one HBM image (`LoadedProgram(hbm=...)`), so growing the window needs no copy.
+
+Positions are data too: the rotary tables are gathered by position (`dma_gather`), and token
+embeddings by id, so prefill (P up to 512, padded on the left to a bucket) and decode (P = 1)
+are the same generator.
+
+Head slots. The PE array needs a head's q^T and its kv head's k^T at the same partition start
+(a multiple of 32). Heads are assigned to (chunk, start) slots start-major, grouped by kv head;
+k^T gets one copy of a kv head at every start its query heads use (for SmolLM2: 2 chunks, as
+many as the plain layout). The permutation is folded into the packed weights of q, k and o.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isthmus.compiler.lower.npu_attention import Unit, attend, rope, rope_table, rotation_matrix
+from isthmus.compiler.lower.npu_emit import Emitter, Tile
+from isthmus.compiler.lower.npu_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
+from isthmus.compiler.lower.npu_match import LlamaSpec
+from isthmus.compiler.lower.npu_weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
+from isthmus.npu.config import NpuConfig
+from isthmus.npu.isa import DTYPES, Program
+
+
+@dataclass
+class Slots:
+    stride: int                       # partitions per slot (head_dim rounded up to the PE alignment)
+    per_chunk: int
+    q_chunks: int
+    head_slot: list[tuple[int, int]]  # query head -> (chunk, start)
+    k_chunks: int
+    k_groups: list[list[int | None]]  # [k chunk][slot index] -> kv head held there
+    q_rows: int                       # rows of the permuted q / attn^T (trailing unused slots trimmed)
+
+
+def assign_slots(H: int, G: int, hd: int, parts: int, align: int) -> Slots | None:
+    stride = -(-hd // align) * align
+    if stride > parts or parts % stride:
+        return None
+    per = parts // stride
+    nqc = -(-H // per)
+    order = [(c, i) for i in range(per) for c in range(nqc)][:H]
+    head_slot = [(c, i * stride) for c, i in order]
+    group = H // G
+    need: dict[int, list[int]] = {}
+    for h, (c, s) in enumerate(head_slot):
+        lst = need.setdefault(s // stride, [])
+        if h // group not in lst:
+            lst.append(h // group)
+    nkc = max(len(v) for v in need.values())
+    k_groups = [[need.get(i, [])[j] if j < len(need.get(i, [])) else None for i in range(per)] for j in range(nkc)]
+    q_rows = max(c * parts + s + hd for c, s in head_slot)
+    return Slots(stride, per, nqc, head_slot, nkc, k_groups, q_rows)
+
+
+@dataclass
+class DecoderImage:
+    """Everything host-side a chunk program needs: packed weights, tables, the resident HBM layout."""
+
+    spec: LlamaSpec
+    cfg: NpuConfig
+    precision: str                            # "bf16x3" | "bf16" | "f32" (see npu.py)
+    slots: Slots
+    cmax: int
+    max_pos: int
+    weights: list[dict] = field(default_factory=list)     # per layer: name -> PackedWeight
+    head: PackedWeight | None = None
+    resident: list[tuple[str, str, tuple, np.ndarray | None]] = field(default_factory=list)
+    ring_piece_bytes: int = 0
+    released: bool = False
+
+    @property
+    def wdt(self) -> str:
+        """Dtype of the weights' matmul operands (and of the activations feeding them)."""
+        return "f32" if self.precision == "f32" else "bf16"
+
+    @property
+    def adt(self) -> str:
+        """Dtype of the other matmul operands: attention, rotary, norms; and of the KV cache."""
+        return "bf16" if self.precision == "bf16" else "f32"
+
+    @property
+    def split(self) -> bool:
+        return self.precision == "bf16x3"
+
+    def release_host_copies(self) -> None:
+        """Drop the packed host arrays once they are bound into HBM (the HBM image holds them)."""
+        self.resident = [(n, d, s, None) for n, d, s, _ in self.resident]
+        for w in [w for lw in self.weights for w in lw.values()] + [self.head]:
+            w.data = None
+            if w.lo is not None:
+                w.lo.data = None
+        self.released = True
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of weights the program streams from HBM per token (all linears, the head included)."""
+        ws = [w for layer in self.weights for w in layer.values()] + [self.head]
+        return sum(w.nbytes + (w.lo.nbytes if w.lo is not None else 0) for w in ws)
+
+
+def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -> DecoderImage:
+    from isthmus.compiler.lower.npu_pack import dequantize
+    P = cfg.partitions
+    sl = assign_slots(spec.heads, spec.kv_heads, spec.head_dim, P, cfg.pe_partition_align)
+    if sl is None:
+        raise ValueError("head_dim does not fit the partition layout")
+    hd, G, D = spec.head_dim, spec.kv_heads, spec.hidden
+    cmax = max(64, 1 << (max(context, 1) - 1).bit_length())
+    img = DecoderImage(spec, cfg, precision, sl, cmax, cmax)
+    wdt, split = img.wdt, img.split
+    budget = cfg.sbuf_bytes_per_partition // (16 if split else 8)    # one piece (hi or lo) in the ring
+    img.ring_piece_bytes = budget * (2 if split else 1)
+
+    q_map = np.full(sl.q_rows, -1)
+    for h, (c, s) in enumerate(sl.head_slot):
+        q_map[c * P + s:c * P + s + hd] = np.arange(h * hd, (h + 1) * hd)
+    k_map = np.full(sl.k_chunks * P, -1)
+    for j, row in enumerate(sl.k_groups):
+        for i, g in enumerate(row):
+            if g is not None:
+                k_map[j * P + i * sl.stride:j * P + i * sl.stride + hd] = np.arange(g * hd, (g + 1) * hd)
+    k_map = k_map[:int(np.max(np.nonzero(k_map >= 0)[0])) + 1]
+
+    def pack(name, node, rows=None, cols=None):
+        data = node.inputs[1].data
+        n = len(rows) if rows is not None else data.shape[0]
+        k = len(cols) if cols is not None else data.shape[1]
+        return make_weight(name, data, wdt, P, piece_cols_for(k, n, P, wdt, budget), rows=rows, cols=cols,
+                           split=split, label=node.outputs[0].name)
+
+    for L in spec.layers:
+        i = L.index
+        img.weights.append({"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
+                            "v": pack(f"L{i}.v", L.v), "o": pack(f"L{i}.o", L.o, cols=q_map),
+                            "gate": pack(f"L{i}.gate", L.gate), "up": pack(f"L{i}.up", L.up),
+                            "down": pack(f"L{i}.down", L.down)})
+    img.head = pack("head", spec.head)
+
+    nc = -(-D // P)
+    norms = np.zeros((2 * len(spec.layers) + 1, P, nc), np.float32)
+
+    def lay(vec):
+        v = np.zeros(nc * P, np.float32)
+        v[:D] = vec
+        return v.reshape(nc, P).T
+
+    for L in spec.layers:
+        norms[2 * L.index] = lay(dense_f32(L.attn_norm.inputs[1].data))
+        norms[2 * L.index + 1] = lay(dense_f32(L.ffn_norm.inputs[1].data))
+    norms[-1] = lay(dense_f32(spec.final_norm.inputs[1].data))
+    Lc = len(spec.layers)
+    res = img.resident
+    res.append(("embed", "f32", (spec.vocab, D), dequantize(spec.embed.inputs[0].data)))
+    for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
+        for part in (w, w.lo):
+            if part is not None:
+                res.append((part.name, wdt, part.data.shape, part.data))
+    res.append(("norms", "f32", norms.shape, norms))
+    res.append(("rope", "f32", (img.max_pos, 2 * P),
+                rope_table(img.max_pos, P, sl.stride, hd, spec.rope_theta, spec.rope_layout).reshape(img.max_pos, -1)))
+    res.append(("rot", img.adt, (P, P), rotation_matrix(P, sl.stride, hd, spec.rope_layout)))
+    res.append(("kcache", img.adt, (Lc, G, hd, cmax), None))
+    res.append(("vcache", img.adt, (Lc, cmax, G * hd), None))
+    return img
+
+
+def resident_values(img: DecoderImage, skip=()) -> dict:
+    """Host arrays to bind (the caches start at zero: empty slots must not be NaN)."""
+    if img.released:
+        raise RuntimeError("the decoder image's host arrays were released after binding")
+    out = {}
+    for name, dtype, shape, data in img.resident:
+        if name not in skip:
+            out[name] = data if data is not None else np.zeros(shape, DTYPES[dtype].np)
+    return out
+
+
+def _declare(em: Emitter, img: DecoderImage) -> dict:
+    t = {}
+    for name, dtype, shape, _ in img.resident:
+        t[name] = em.tensor(name, shape, dtype, "input")
+    for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
+        w.hbm = t[w.name]
+        if w.lo is not None:
+            w.lo.hbm = t[w.lo.name]
+    return t
+
+
+def resident_end(img: DecoderImage) -> int:
+    """Bytes of HBM the resident tensors take (every chunk program declares them first, identically)."""
+    em = Emitter(img.cfg)
+    _declare(em, img)
+    return em._hbm_top
+
+
+def io_bytes(img: DecoderImage, P: int, C: int) -> int:
+    return 4 * (2 * P + C + img.spec.vocab) + 4 * 64
+
+
+def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
+    """The program for P new tokens over a window of C (P <= C <= Cmax, powers of two)."""
+    spec, cfg, sl = img.spec, img.cfg, img.slots
+    wdt, adt, split = img.wdt, img.adt, img.split
+    NP = cfg.partitions
+    D, F, hd, G, V = spec.hidden, spec.ffn, spec.head_dim, spec.kv_heads, spec.vocab
+    Lc, cmax = len(spec.layers), img.cmax
+    nc = -(-D // NP)
+    em = Emitter(cfg)
+    hbm = _declare(em, img)
+    ids_t = em.tensor("ids", (P,), "i32", "input")
+    pos_t = em.tensor("pos", (P,), "i32", "input")
+    bias_t = em.tensor("kvbias", (C,), "f32", "input")
+    logits_t = em.tensor("logits", (V,), "f32", "output")
+    nb = -(-P // NP)
+    nvch = -(-C // NP)
+    consts = Consts(em)
+
+    # -- resident SBUF ------------------------------------------------------------------------------
+    x = new_act(em, D, P, "f32", "residual stream")
+    h = new_act(em, D, P, wdt, "normed", split)
+    qT = new_act(em, sl.q_rows, P, adt, "q")
+    qr = new_act(em, sl.q_rows, P, adt, "q roped")
+    kT = new_act(em, img.weights[0]["k"].n, P, adt, "k")
+    Kw = em.sbuf((sl.k_chunks, C), adt, what="K window")
+    Vw = em.sbuf((nvch, G * hd), adt, what="V window")
+    attnT = new_act(em, sl.q_rows, P, "f32" if split else wdt, "attention out")
+    attnS = new_act(em, sl.q_rows, P, wdt, "attention out, split", True) if split else attnT
+    a = new_act(em, F, P, wdt, "ffn", split)
+    cosT = em.sbuf((P,), "f32", what="cos")
+    sinT = em.sbuf((P,), "f32", what="sin")
+    kvb = em.sbuf((C,), "f32", what="window bias")
+    norms = em.sbuf((2 * Lc + 1, nc), "f32", what="norm weights")
+    rot = em.sbuf((NP,), adt, what="rotation")
+    idx = em.sbuf((nb, 2), "i32", what="ids, positions")
+    reserve = 8 * nc * P + 4 * 2 * NP * 4 + 24 * 1024
+    hole = max(hi - lo for lo, hi in em.sbuf_alloc.holes)
+    ring_bytes = max(hole - reserve, 2 * img.ring_piece_bytes)
+    ring = em.sbuf((ring_bytes,), "i8", what="weight ring")
+    stream = WeightStream(em, ring)
+    for lw in img.weights:
+        stream.add(lw["q"])
+        stream.add(lw["k"])
+        for _ in range(nb):                      # V is computed per block of 128 rows
+            stream.add(lw["v"])
+        stream.add(lw["o"])
+        stream.add(lw["gate"], lw["up"])
+        stream.add(lw["down"])
+    stream.add(img.head)
+
+    with em.label(spec.embed.outputs[0].name):
+        em.dma(norms[:, :, :], hbm["norms"].ap(0, NP, nc, [(2 * Lc + 1, NP * nc), (nc, 1)]))
+        em.dma(rot[:, :], hbm["rot"][0:NP, 0:NP])
+        em.dma(kvb[:, :], bias_t.ap(0, NP, 0, [(C, 1)]))
+        em.memset(attnT.tile.ap(), 0.0)
+        for b in range(nb):
+            r0, r1 = b * NP, min(P, (b + 1) * NP)
+            rn = r1 - r0
+            em.dma(idx[0:rn, b, 0:1], ids_t.ap(r0, rn, 1, [(1, 1)]))
+            em.dma(idx[0:rn, b, 1:2], pos_t.ap(r0, rn, 1, [(1, 1)]))
+            xr = em.sbuf((D,), "f32", what="embedding rows")
+            em.gather(xr[0:rn, :], hbm["embed"].ap(0, V, D, [(D, 1)]), idx[0:rn, b, 0:1])
+            for c in range(nc):
+                pc = min(NP, D - c * NP)
+                em.transpose(x.tile[0:pc, c, r0:r1], xr[0:rn, c * NP:c * NP + pc])
+            em.free(xr)
+            tr = em.sbuf((2 * NP,), "f32", what="rope rows")
+            em.gather(tr[0:rn, :], hbm["rope"].ap(0, img.max_pos, 2 * NP, [(2 * NP, 1)]), idx[0:rn, b, 1:2])
+            em.transpose(cosT[0:NP, r0:r1], tr[0:rn, 0:NP])
+            em.transpose(sinT[0:NP, r0:r1], tr[0:rn, NP:2 * NP])
+            em.free(tr)
+
+    kc, vc = hbm["kcache"], hbm["vcache"]
+    kslot = {}                                   # kv head -> first (chunk, start) holding it
+    for j, row in enumerate(sl.k_groups):
+        for i, g in enumerate(row):
+            if g is not None:
+                kslot.setdefault(g, (j, i * sl.stride))
+    GH = G * hd
+
+    def v_rows(layer, lo, hi, slot0, store):
+        """Move cache rows [lo, hi) of `layer` <-> window slots [slot0, slot0 + hi - lo)."""
+        base = layer * cmax * GH
+        s, r = slot0, lo
+        while r < hi:
+            ch, p = divmod(s, NP)
+            if p == 0 and hi - r >= NP:
+                n = (hi - r) // NP
+                dst_sb = Vw[0:NP, ch:ch + n, :]
+                hb = vc.ap(base + r * GH, NP, GH, [(n, NP * GH), (GH, 1)])
+                s, r = s + n * NP, r + n * NP
+            else:
+                n = min(NP - p, hi - r)
+                dst_sb = Vw[p:p + n, ch, :]
+                hb = vc.ap(base + r * GH, n, GH, [(GH, 1)])
+                s, r = s + n, r + n
+            em.dma(hb, dst_sb) if store else em.dma(dst_sb, hb)
+
+    def k_cols(layer, g, j, st, c0, c1, w0, store):
+        """cache K^T columns [c0, c1) of kv head g <-> window columns [w0, ...) at slot (j, st)."""
+        off = ((layer * G + g) * hd) * cmax + c0
+        hb = kc.ap(off, hd, cmax, [(c1 - c0, 1)])
+        sb = Kw[st:st + hd, j, w0:w0 + c1 - c0]
+        em.dma(hb, sb) if store else em.dma(sb, hb)
+
+    scale = spec.scale
+    for L, lw in zip(spec.layers, img.weights):
+        l = L.index
+        with em.label(L.k_cat.outputs[0].name):          # the cache's older part into the window
+            if C > P:
+                for j, row in enumerate(sl.k_groups):
+                    for i, g in enumerate(row):
+                        if g is not None:
+                            k_cols(l, g, j, i * sl.stride, cmax - C + P, cmax, P, store=False)
+        with em.label(L.v_cat.outputs[0].name):
+            if C > P:
+                v_rows(l, cmax - C + P, cmax, P, store=False)
+        with em.label(L.attn_norm.outputs[0].name):
+            rmsnorm(em, consts, x, _norm_tile(norms, 2 * l, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
+        with em.label(L.q.outputs[0].name):
+            linear(em, h, lw["q"], stream, qT)
+        with em.label(L.k.outputs[0].name):
+            linear(em, h, lw["k"], stream, kT)
+        with em.label(L.v.outputs[0].name):
+            for b in range(nb):
+                r0, r1 = b * NP, min(P, (b + 1) * NP)
+                linear_rows(em, h, lw["v"], stream, Tile("sbuf", adt, 0, NP, Vw.offset + b * GH * DTYPES[adt].size,
+                                                          (GH,)), r0, r1)
+        with em.label(L.q_rope.outputs[0].name):
+            rope(em, qT, qr.tile, rot, cosT, sinT)
+        with em.label(L.k_rope.outputs[0].name):
+            rope(em, kT, Kw, rot, cosT, sinT)
+        with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first
+            for g, (j, st) in sorted(kslot.items()):
+                if C > P:
+                    k_cols(l, g, j, st, cmax - C, cmax - P, P, store=True)
+                k_cols(l, g, j, st, cmax - P, cmax, 0, store=True)
+        with em.label(L.v_cat.outputs[0].name):
+            if C > P:
+                v_rows(l, cmax - C, cmax - P, P, store=True)
+            v_rows(l, cmax - P, cmax, 0, store=True)
+        with em.label(L.attn.outputs[0].name):
+            units = _units(sl, qr, attnT, hd, P)
+            if P == 1:               # decode: batch units at aligned rows, one softmax for all of them
+                align = cfg.pe_partition_align
+                batch, top = [], 0
+                for u in units + [None]:
+                    if u is None or top + u.m > NP:
+                        attend(em, batch, Kw, Vw, kvb, hd, C, P, scale, adt)
+                        batch, top = [], 0
+                    if u is not None:
+                        u.row0 = top
+                        batch.append(u)
+                        top = -(-(top + u.m) // align) * align
+            else:
+                for u in units:
+                    attend(em, u, Kw, Vw, kvb, hd, C, P, scale, adt)
+            if split:
+                split_into(em, attnS, attnT.tile[:, :, :], 0, attnT.chunks, 0, P)
+        with em.label(L.o.outputs[0].name):
+            linear(em, attnS, lw["o"], stream, x, epilogue="residual", residual=x)
+        with em.label(L.ffn_norm.outputs[0].name):
+            rmsnorm(em, consts, x, _norm_tile(norms, 2 * l + 1, nc, NP), L.ffn_norm.attrs["eps"], h, mm_dtype=adt)
+        with em.label(L.gate.outputs[0].name):
+            linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"])
+        with em.label(L.down.outputs[0].name):
+            linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
+    hl = new_act(em, D, 1, wdt, "last row", split)
+    with em.label(spec.final_norm.outputs[0].name):
+        rmsnorm(em, consts, x, _norm_tile(norms, 2 * Lc, nc, NP), spec.final_norm.attrs["eps"], hl, P - 1, P,
+                mm_dtype=adt)
+    lg = new_act(em, V, 1, "f32", "logits")
+    with em.label(spec.head.outputs[0].name):
+        linear(em, hl, img.head, stream, lg)
+        nfull = V // NP
+        if nfull:
+            em.dma(logits_t.ap(0, NP, 1, [(nfull, NP)]), lg.tile[0:NP, 0:nfull, 0])
+        if V % NP:
+            em.dma(logits_t.ap(nfull * NP, V % NP, 1, [(1, 1)]), lg.tile[0:V % NP, nfull, 0])
+    prog = em.build()
+    from isthmus.compiler.lower.npu_ops import memory_report
+    prog.memory = memory_report(em)
+    prog.memory["weight_ring"] = ring_bytes
+    return prog
+
+
+def _norm_tile(norms: Tile, i: int, nc: int, NP: int) -> Tile:
+    return Tile("sbuf", "f32", 0, NP, norms.offset + 4 * i * nc, (nc,))
+
+
+def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int) -> list[Unit]:
+    NP = qr.tile.parts
+    units = []
+    H = len(sl.head_slot)
+    G = max(g for row in sl.k_groups for g in row if g is not None) + 1
+    per_group = H // G
+    kpos = {}
+    for j, row in enumerate(sl.k_groups):
+        for i, g in enumerate(row):
+            if g is not None:
+                kpos[(g, i * sl.stride)] = j
+    if P == 1:
+        by = {}
+        for h, (c, s) in enumerate(sl.head_slot):
+            by.setdefault((h // per_group, s), []).append(c)
+        for (g, s), cs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            cs.sort()
+            runs, run = [], [cs[0]]
+            for c in cs[1:]:
+                if c == run[-1] + 1:
+                    run.append(c)
+                else:
+                    runs.append(run)
+                    run = [c]
+            runs.append(run)
+            for run in runs:
+                ca, cb = run[0], run[-1] + 1
+                units.append(Unit(qr.tile[s:s + hd, ca:cb, 0], attnT.tile[s:s + hd, ca:cb, 0], kpos[(g, s)], s, g,
+                                  cb - ca, 0, False))
+        return units
+    for h, (c, s) in enumerate(sl.head_slot):
+        g = h // per_group
+        for r0 in range(0, P, NP):
+            r1 = min(P, r0 + NP)
+            units.append(Unit(qr.tile[s:s + hd, c, r0:r1], attnT.tile[s:s + hd, c, r0:r1], kpos[(g, s)], s, g,
+                              r1 - r0, r0, True))
+    return units

@@ -1,0 +1,269 @@
+"""Building blocks on SBUF-resident activations, shared by the decoder and the per-op lowering.
+
+Layout. An activation of `features` x `rows` lives *feature-major* ("transposed") in one SBUF tile
+`[P partitions, chunks, rows]`: feature `c*P + p` of row `r` is at partition p, free index (c, r).
+That is what the PE array wants on both sides of a linear layer: with the weight tile W^T
+[K=in, M=out] stationary and x^T [K=in, N=rows] moving, the output y^T [M=out, N=rows] comes out
+feature-major again, so a chain of linears never transposes. A decode step (rows = 1) streams one
+moving column per weight tile: the cheapest matmul the array has (docs/npu-performance.md). The
+last chunk may be partial: its padding partitions hold garbage that nothing real ever reads
+(matmuls contract over the real partitions only).
+
+Fused epilogues: a linear's PSUM result is evacuated by one VECTOR/ACT instruction per group of
+output chunks that also applies the epilogue: residual add (`x + W a` into x, in place), bias,
+activation, or SwiGLU (`silu(gate) * up` from two PSUM tiles), so no intermediate makes a round
+trip through HBM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from isthmus.compiler.lower.npu_emit import Emitter, Tile
+from isthmus.compiler.lower.npu_weights import PackedWeight, WeightStream
+from isthmus.npu.isa import AP
+
+
+@dataclass
+class Act:
+    """A feature-major activation: `tile` [P, chunks, rows]; a *split* one ("bf16x3") holds the bf16
+    value in columns [0, rows) and the bf16 rounding of its remainder in [rows, 2*rows)."""
+
+    tile: Tile
+    features: int
+    rows: int
+    split: bool = False
+
+    @property
+    def dtype(self) -> str:
+        return self.tile.dtype
+
+    @property
+    def chunks(self) -> int:
+        return self.tile.shape[0]
+
+    def parts(self, c: int) -> int:
+        P = self.tile.parts
+        return min(P, self.features - c * P)
+
+    def chunk(self, c: int, r0: int = 0, r1: int | None = None) -> AP:
+        return self.tile[0:self.parts(c), c, r0:self.rows if r1 is None else r1]
+
+    def block(self, c0: int, c1: int, r0: int = 0, r1: int | None = None) -> AP:
+        """Chunks c0:c1 on every partition (padding partitions included): for elementwise work."""
+        return self.tile[:, c0:c1, r0:self.rows if r1 is None else r1]
+
+
+def new_act(em: Emitter, features: int, rows: int, dtype: str, what: str = "", split: bool = False) -> Act:
+    P = em.cfg.partitions
+    return Act(em.sbuf((-(-features // P), rows * (2 if split else 1)), dtype, what=what), features, rows, split)
+
+
+def store(em: Emitter, out: Act, c0: int, c1: int, r0: int, r1: int, compute) -> None:
+    """Write chunks c0:c1, rows r0:r1 of `out` with `compute(dst_ap)` (one instruction writing an AP of
+    that shape): straight into `out`, or, for a split `out`, into f32 and then as hi + lo."""
+    if not out.split:
+        compute(out.tile[:, c0:c1, r0:r1])
+        return
+    tmp = em.sbuf((c1 - c0, r1 - r0), "f32", what="split")
+    compute(tmp[:, :, :])
+    split_into(em, out, tmp[:, :, :], c0, c1, r0, r1)
+    em.free(tmp)
+
+
+def split_into(em: Emitter, out: Act, src, c0: int, c1: int, r0: int, r1: int) -> None:
+    """hi = bf16(src); lo = bf16(src - hi)."""
+    R = out.rows
+    hi, lo = out.tile[:, c0:c1, r0:r1], out.tile[:, c0:c1, R + r0:R + r1]
+    em.copy(hi, src)
+    em.tt(lo, src, hi, "sub")
+
+
+def bcast(t: Tile, c0: int, c1: int, r0: int, r1: int, over: str) -> AP:
+    """A [P, (c1-c0), (r1-r0)] view of a smaller tile repeated along one axis:
+    over="rows": t is [P, chunks] (one value per feature), repeated over rows;
+    over="chunks": t is [P, rows] (one value per row and partition), repeated over chunks."""
+    P = t.parts
+    if over == "rows":
+        return t.raw(0, P, c0, [(c1 - c0, 1), (r1 - r0, 0)])
+    rows = t.shape[-1]
+    return t.raw(0, P, r0, [(c1 - c0, 0), (r1 - r0, 1)]) if rows else None
+
+
+class Consts:
+    """Constant tiles a program builds once: ones, identity (for PE transposes) per dtype."""
+
+    def __init__(self, em: Emitter):
+        self.em = em
+        self._ones: dict[str, Tile] = {}
+
+    def ones(self, dtype: str) -> Tile:
+        t = self._ones.get(dtype)
+        if t is None:
+            P = self.em.cfg.partitions
+            t = self._ones[dtype] = self.em.sbuf((P,), dtype, what="ones")
+            self.em.memset(t.ap(), 1.0)
+        return t
+
+
+def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act, *, epilogue: str = "copy",
+           residual: Act | None = None, bias: Tile | None = None, func: str = "identity",
+           up: PackedWeight | None = None) -> Act:
+    """out^T = epilogue(W x^T) for every row of x. Epilogues: "copy", "bias" (per-feature bias tile
+    [P, chunks]), "act" (func), "bias_act", "residual" (out = residual + W x; out may be residual),
+    "swiglu" (out = silu(W x) * (U x), with U = `up`, a weight of the same shape).
+
+    A split x and weight (bf16x3) compute W x as W_hi x_hi + W_hi x_lo + W_lo x_hi, accumulated in
+    PSUM. When the hi and lo columns together fit the tensor engine's minimum moving width (decode),
+    W_hi takes [x_hi | x_lo] in one matmul and the eviction adds the two halves, so the product
+    costs two matmuls per weight tile instead of three."""
+    cfg = em.cfg
+    P = cfg.partitions
+    split = w.lo is not None
+    if split != x.split:
+        raise ValueError("a split weight needs a split activation and the reverse")
+    R = x.rows
+    rb_max = cfg.moving_max
+    paired = split and 2 * R <= cfg.tensor_min_moving          # [hi | lo] in one moving operand
+    width = 2 * R if paired else min(R, rb_max)
+    pairs = [w] if up is None else [w, up]
+    for pcs in zip(*(ww.pieces for ww in pairs)):
+        for ww, pc in zip(pairs, pcs):
+            stream.acquire(ww, pc)
+            if split:
+                stream.acquire(ww.lo, ww.lo.pieces[ww.pieces.index(pc)])
+        pc0 = pcs[0]
+        for r0 in range(0, R, rb_max):
+            r1 = min(R, r0 + rb_max)
+            rn = r1 - r0
+            cols = 2 * rn if paired else rn
+            g = max(1, (cfg.psum_bank_bytes // 4) // cols)
+            chunk_lo, chunk_hi = pc0.o0 // P, -(-pc0.o1 // P)
+            for gc0 in range(chunk_lo, chunk_hi, g):
+                gc1 = min(chunk_hi, gc0 + g)
+                ps = [em.psum((gc1 - gc0, cols)) for _ in pairs]
+                for ww, pc, pt in zip(pairs, pcs, ps):
+                    lpc = ww.lo.pieces[ww.pieces.index(pc)] if split else None
+                    for c in range(gc0, gc1):
+                        m0, m1 = c * P, min(ww.n, (c + 1) * P)
+                        dst = pt[0:m1 - m0, c - gc0, :]
+                        for t in range(ww.kt):
+                            kp = P if t < ww.kt - 1 else ww.kp
+                            sta = ww.stationary(pc, t, m0, m1)
+                            if not split:
+                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                            elif paired:
+                                em.matmul(dst, sta, x.tile[0:kp, t, 0:2 * R], acc=t > 0)
+                                em.matmul(pt[0:m1 - m0, c - gc0, 0:R], ww.lo.stationary(lpc, t, m0, m1),
+                                          x.tile[0:kp, t, 0:R], acc=True)
+                            else:
+                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                                em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
+                                em.matmul(dst, ww.lo.stationary(lpc, t, m0, m1), x.tile[0:kp, t, r0:r1], acc=True)
+                srcs = []
+                for pt in ps:
+                    if paired:          # fold the x_lo half into the first
+                        em.tt(pt[:, :, 0:R], pt[:, :, 0:R], pt[:, :, R:2 * R], "add")
+                        srcs.append(pt[:, :, 0:R])
+                    else:
+                        srcs.append(pt[:, :, :])
+                _epilogue(em, out, gc0, gc1, r0, r1, epilogue, residual, bias, func, srcs)
+                em.free(*ps)
+        for ww, pc in zip(pairs, pcs):
+            stream.release(ww, pc)
+            if split:
+                stream.release(ww.lo, ww.lo.pieces[ww.pieces.index(pc)])
+    return out
+
+
+def _epilogue(em, out: Act, c0, c1, r0, r1, epilogue, residual, bias, func, srcs):
+    src = srcs[0]
+    if epilogue == "copy":
+        store(em, out, c0, c1, r0, r1, lambda d: em.copy(d, src))
+    elif epilogue == "residual":
+        res = residual.tile[:, c0:c1, r0:r1]
+        store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, src, res, "add"))
+    elif epilogue == "bias":
+        b = bcast(bias, c0, c1, r0, r1, "rows")
+        store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, src, b, "add"))
+    elif epilogue == "bias_act":
+        b = bcast(bias, c0, c1, r0, r1, "rows")
+        tmp = em.sbuf((c1 - c0, r1 - r0), "f32", what="epilogue")
+        em.tt(tmp[:, :, :], src, b, "add")
+        store(em, out, c0, c1, r0, r1, lambda d: em.act(d, tmp[:, :, :], func=func))
+        em.free(tmp)
+    elif epilogue == "act":
+        store(em, out, c0, c1, r0, r1, lambda d: em.act(d, src, func=func))
+    elif epilogue == "swiglu":
+        tmp = em.sbuf((c1 - c0, r1 - r0), "f32", what="swiglu")
+        em.act(tmp[:, :, :], src, func="silu")
+        store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, tmp[:, :, :], srcs[1], "mul"))
+        em.free(tmp)
+    else:
+        raise ValueError(f"unknown epilogue {epilogue}")
+
+
+def linear_rows(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, dst: Tile, r0: int, r1: int,
+                copy_engine: str | None = None) -> None:
+    """Rows r0:r1 (at most P) of y = x W^T in *row-major* layout: dst [rows on partitions, outputs],
+    with the weight as the moving operand (outputs up to one PSUM bank per matmul)."""
+    cfg = em.cfg
+    P = cfg.partitions
+    per = cfg.moving_max
+    split = w.lo is not None
+    R = x.rows
+    for pc in w.pieces:
+        stream.acquire(w, pc)
+        lpc = w.lo.pieces[w.pieces.index(pc)] if split else None
+        if split:
+            stream.acquire(w.lo, lpc)
+        for o0 in range(pc.o0, pc.o1, per):
+            o1 = min(pc.o1, o0 + per)
+            pt = em.psum((o1 - o0,))
+            for t in range(w.kt):
+                kp = P if t < w.kt - 1 else w.kp
+                mov = pc.tile[0:kp, t, o0 - pc.o0:o1 - pc.o0]
+                em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, r0:r1], mov, acc=t > 0)
+                if split:
+                    em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, R + r0:R + r1], mov, acc=True)
+                    em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, r0:r1], lpc.tile[0:kp, t, o0 - pc.o0:o1 - pc.o0],
+                              acc=True)
+            em.copy(dst[0:r1 - r0, o0:o1], pt[0:r1 - r0, :], engine=copy_engine)
+            em.free(pt)
+        stream.release(w, pc)
+        if split:
+            stream.release(w.lo, lpc)
+
+
+def rmsnorm(em: Emitter, consts: Consts, x: Act, g: Tile, eps: float, out: Act, r0: int = 0,
+            r1: int | None = None, mm_dtype: str = "bf16") -> Act:
+    """out[:, :, 0:n] = x[:, :, r0:r1] / sqrt(mean over features of x^2 + eps) * g (g: [P, chunks] f32).
+    The sum over features crosses partitions: VECTOR sums each partition's squares over the chunks,
+    then one ones-matrix matmul sums over the partitions and broadcasts the total to all of them."""
+    P = em.cfg.partitions
+    r1 = x.rows if r1 is None else r1
+    n = r1 - r0
+    nc = x.chunks
+    per_bank = em.cfg.psum_bank_bytes // 4
+    sq = em.sbuf((nc, n), "f32", what="rmsnorm squares")
+    em.act(sq[:, :, :], x.block(0, nc, r0, r1), func="square")
+    last = x.parts(nc - 1)
+    if last < P:                                  # the last chunk's padding partitions hold garbage
+        em.memset(sq[last:P, nc - 1, :], 0.0)
+    part = em.sbuf((n,), mm_dtype, what="rmsnorm partial sums")
+    em.reduce(part[:, :], sq.raw(0, P, 0, [(n, 1), (nc, n)]), "sum")
+    em.free(sq)
+    ones = consts.ones(mm_dtype)
+    rstd = em.sbuf((n,), "f32", what="rmsnorm rstd")
+    for q0 in range(0, n, per_bank):
+        q1 = min(n, q0 + per_bank)
+        ss = em.psum((q1 - q0,))
+        em.matmul(ss[:, :], ones[0:P, 0:P], part[:, q0:q1])
+        em.act(rstd[:, q0:q1], ss[:, :], func="rsqrt", scale=1.0 / x.features, bias=eps)
+        em.free(ss)
+    em.free(part)
+    tmp = em.sbuf((nc, n), "f32", what="rmsnorm scaled")
+    em.tt(tmp[:, :, :], x.block(0, nc, r0, r1), bcast(rstd, 0, nc, 0, n, "chunks"), "mul")
+    store(em, out, 0, nc, 0, n, lambda d: em.tt(d, tmp[:, :, :], bcast(g, 0, nc, 0, n, "rows"), "mul"))
+    em.free(tmp, rstd)
+    return out

@@ -1,0 +1,204 @@
+"""Per-op profile of NPU programs, and `isthmus profile MODEL --target npu [--trace out.json]`.
+
+Every instruction carries the label of the graph node it was lowered from, so the modeled
+timeline attributes to nodes: per node (or per op kind, summed over nodes) the busy cycles of each
+engine, the HBM bytes its DMAs moved and its FLOPs. A node's *cycles* are what bounds it alone:
+max(TENSOR busy, VECTOR busy, ACT busy, bytes / HBM bandwidth); the share column divides by the
+sum over nodes (nodes overlap in the real timeline, whose total is printed above the table).
+*Bound* names the largest term: compute (and which engine) or memory.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from isthmus.npu.isa import OPS
+
+COMPUTE = ("tensor", "vector", "act")
+
+
+@dataclass
+class OpRow:
+    name: str
+    op: str
+    count: int = 0                                  # graph nodes aggregated
+    instructions: int = 0
+    busy: dict = field(default_factory=dict)        # engine class -> busy cycles
+    bytes: int = 0
+    flops: int = 0
+    cycles: float = 0.0
+    bound: str = ""
+
+
+def _node_ops(graph) -> dict:
+    return {n.outputs[0].name: n.op for n in graph.nodes} if graph is not None else {}
+
+
+def op_rows(program, timeline, graph, cfg=None, by: str = "op") -> list[OpRow]:
+    """Rows per op kind (`by="op"`) or per node (`by="node"`), most cycles first."""
+    from isthmus.npu.config import load_config
+    cfg = cfg or load_config(None)
+    ops = _node_ops(graph)
+    rows: dict[str, OpRow] = {}
+    nodes_of: dict[str, set] = {}
+    ins_list = program.instructions
+    for i in timeline.order:
+        ins = ins_list[i]
+        label = ins.label or "(unlabelled)"
+        op = ops.get(label, "other")
+        key = label if by == "node" else op
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = OpRow(key, op)
+        nodes_of.setdefault(key, set()).add(label)
+        if OPS[ins.op].cost == "sync":
+            continue
+        row.instructions += 1
+        eng = timeline.engine[i]
+        cls = "dma" if eng.startswith("dma") else eng
+        row.busy[cls] = row.busy.get(cls, 0) + timeline.end[i] - timeline.start[i]
+        row.bytes += timeline.dma_bytes[i]
+        row.flops += timeline.flops[i]
+    bpc = cfg.hbm_bytes_per_cycle
+    for key, row in rows.items():
+        row.count = len(nodes_of[key])
+        terms = {e: row.busy.get(e, 0) for e in COMPUTE}
+        terms["memory"] = row.bytes / bpc
+        worst = max(terms, key=terms.get)
+        row.cycles = terms[worst]
+        row.bound = "memory" if worst == "memory" else f"compute ({worst})"
+    return sorted(rows.values(), key=lambda r: -r.cycles)
+
+
+def op_table(program, timeline, stats, graph, cfg, by: str = "op", limit: int = 0) -> str:
+    rows = op_rows(program, timeline, graph, cfg, by)
+    total = sum(r.cycles for r in rows) or 1.0
+    head = f"{'op' if by == 'op' else 'node':<24}{'nodes':>6}{'instrs':>8}{'cycles':>12}{'share':>8}{'bytes':>14}" \
+           f"{'FLOPs':>15}{'tensor':>8}{'vector':>8}{'act':>7}{'dma':>7}  bound"
+    lines = [f"{stats.cycles:,} cycles = {stats.seconds * 1e6:.1f} us modeled on {cfg.name}; "
+             f"{len(program.instructions):,} instructions; HBM read {stats.hbm_read_bytes / 1e6:.1f} MB "
+             f"(bound {stats.hbm_read_bytes / cfg.hbm_bytes_per_s * 1e6:.1f} us at "
+             f"{cfg.hbm_bytes_per_s / 1e9:.0f} GB/s)", head, "-" * len(head)]
+    for r in rows[:limit or None]:
+        c = max(r.cycles, 1.0)
+        util = [f"{r.busy.get(e, 0) / c:>{w}.0%}" for e, w in (("tensor", 8), ("vector", 8), ("act", 7))]
+        dma = f"{(r.bytes / cfg.hbm_bytes_per_cycle) / c:>7.0%}"
+        lines.append(f"{r.name[:23]:<24}{r.count:>6}{r.instructions:>8,}{r.cycles:>12,.0f}{r.cycles / total:>8.1%}"
+                     f"{r.bytes:>14,}{r.flops:>15,}{''.join(util)}{dma}  {r.bound}")
+    lines.append("cycles: what bounds the op alone, max(engine busy, bytes / HBM bandwidth); engine columns: "
+                 "busy / cycles; dma: bandwidth time / cycles.")
+    return "\n".join(lines)
+
+
+# -- the CLI command ------------------------------------------------------------------------------------------
+
+def register(sub, common) -> None:
+    p = sub.add_parser("profile", parents=[common],
+                       help="modeled per-op profile of a model on the NPU (prefill + one decode step)")
+    p.add_argument("model", help="a registry name or a path (.gguf, .onnx, HF folder)")
+    p.add_argument("--target", default="npu", choices=("npu",), help="only the NPU has a modeled profile")
+    p.add_argument("--trace", help="write the decode step's Chrome/Perfetto trace (.json) here")
+    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
+                   help="text to prefill before the profiled decode step")
+    p.add_argument("--config", default="datacenter", help="NPU preset (datacenter, edge) or a .json config")
+    p.add_argument("--precision", default=None, choices=("bf16x3", "bf16", "f32"),
+                   help="matmul precision (default bf16x3; see docs/npu-performance.md)")
+    p.add_argument("--by", default="op", choices=("op", "node"), help="one row per op kind or per graph node")
+    p.add_argument("--limit", type=int, default=30, help="rows to print (0: all)")
+    p.add_argument("--prefill", action="store_true", help="also print the prefill program's table")
+    p.set_defaults(fn=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    import time
+
+    import isthmus
+    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.passes.pipeline import run_pipeline
+    from isthmus.errors import InputError, UnsupportedError
+    from isthmus.npu.config import load_config
+    from isthmus.npu.trace import write_trace
+
+    cfg = load_config(args.config)
+    model = isthmus.load(args.model)
+    if not getattr(model, "is_decoder", False):
+        raise UnsupportedError("profile runs a decoder model (prefill and a decode step); "
+                               "for other graphs use `isthmus run --target npu`")
+    t0 = time.perf_counter()
+    exe = lower_npu(run_pipeline(model.graph), model=model, config=cfg, precision=args.precision)
+    print(f"compiled in {time.perf_counter() - t0:.2f} s (precision {exe.precision}, config {cfg.name})",
+          file=sys.stderr)
+    if exe.spec is None:
+        raise UnsupportedError("this graph is not a Llama decoder the NPU lowering recognises; "
+                               "profile the per-op lowering with `isthmus run --target npu`")
+    ids = model.tokenizer.encode(args.prompt) if model.tokenizer is not None else [1, 2, 3]
+    if not ids:
+        raise InputError("--prompt encodes to no tokens")
+    exe.profiling = True
+    dec = exe.decoder()
+    logits = dec.step(ids)
+    dec.step([int(logits.argmax())])
+    (pre_prog, pre_tl, pre_st), (prog, tl, st) = exe.runs[0], exe.runs[-1]
+    if args.prefill:
+        print(f"prefill of {len(ids)} tokens:")
+        print(op_table(pre_prog, pre_tl, pre_st, exe.graph, cfg, args.by, args.limit))
+        print()
+    print(f"one decode step at position {dec.length - 1}:")
+    print(op_table(prog, tl, st, exe.graph, cfg, args.by, args.limit))
+    mem = getattr(prog, "memory", {})
+    if mem:
+        print(f"memory plan: SBUF peak {mem['sbuf_peak']:,} of {mem['sbuf_capacity']:,} bytes per partition "
+              f"(weight ring {mem.get('weight_ring', 0):,}), PSUM peak {mem['psum_peak']:,} of "
+              f"{mem['psum_capacity']:,}; spills: {len(mem['spills']) or 'none'}; HBM {mem['hbm_bytes'] / 1e6:.1f} MB"
+              + (f"; chunks split to fit SBUF: {sorted(exe.runtime.unfit)}" if exe.runtime.unfit else ""))
+    wb = exe.image.weight_bytes
+    bound = wb / cfg.hbm_bytes_per_s
+    print(f"weights streamed per token: {wb / 1e6:.1f} MB; HBM-bandwidth bound {bound * 1e6:.1f} us; "
+          f"the step takes {st.seconds / bound:.2f}x that")
+    if args.trace:
+        write_trace(args.trace, prog, tl, cfg)
+        print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+# -- figures the docs and tests quote ---------------------------------------------------------------------------
+
+def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="datacenter") -> dict:
+    """Lower x[m, k] @ W[k, n] (W a constant, as a model's weight) and run the timing model only:
+    cycles, FLOP utilisation (achieved / peak) and tensor-engine busy fraction."""
+    import numpy as np
+
+    from isthmus.compiler.ir import Graph
+    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu_ops import Compiled, GenericRunner
+    from isthmus.npu.timing import schedule, stats
+    g = Graph(f"matmul_{m}x{k}x{n}")
+    x = g.add_input("x", (m, k), "f32")
+    w = g.add_constant("w", np.zeros((k, n), np.float32))
+    g.set_outputs([g.add("matmul", [x, w], name="matmul")])
+    exe = lower_npu(g, config=config, precision=precision)
+    prog = Compiled(GenericRunner(exe), {"x": np.zeros((m, k), np.float32)}, load=False).segments[0].program
+    cfg = exe.config
+    tl = schedule(prog, cfg)
+    st = stats(prog, tl, cfg)
+    ideal = 2.0 * m * k * n / cfg.peak_flops * cfg.clock_hz
+    return {"program": prog, "stats": st, "cycles": st.cycles, "flop_utilisation": ideal / st.cycles,
+            "tensor_busy": st.engines["tensor"].busy / st.cycles, "ideal_cycles": ideal}
+
+
+def decode_figures(exe, window: int = 64) -> dict:
+    """One decode step of a compiled decoder (timing model only): cycles, time, the HBM-bandwidth bound
+    of its weight bytes, and the tensor-issue bound of its matmuls."""
+    from isthmus.compiler.lower.npu_decoder import build_chunk_program
+    from isthmus.npu.timing import engine_bound, schedule, stats
+    cfg = exe.config
+    prog = build_chunk_program(exe.image, 1, window)
+    tl = schedule(prog, cfg)
+    st = stats(prog, tl, cfg)
+    wb = exe.image.weight_bytes
+    hbm = wb / cfg.hbm_bytes_per_cycle
+    return {"program": prog, "stats": st, "cycles": st.cycles, "seconds": st.seconds, "weight_bytes": wb,
+            "hbm_bound_cycles": hbm, "hbm_ratio": st.cycles / hbm,
+            "tensor_bound_cycles": engine_bound(prog, cfg, "tensor"),
+            "memory": prog.memory}
