@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from isthmus.compiler.quant import GGML_TYPES, PLAIN_DTYPES, SUPPORTED, QuantizedArray, check_supported
+from isthmus.compiler.frontends.files import map_readonly, one_line
 from isthmus.errors import ModelFormatError, UnsupportedError
 
 MAGIC = b"GGUF"
@@ -73,29 +74,14 @@ def read_gguf(source, name: str | None = None) -> GGUFFile:
         mm = _view(source, name)
     else:
         name = name or os.fspath(source)
-        mm = _map(os.fspath(source))
+        mm = map_readonly(os.fspath(source), "GGUF")
     try:
         return _Parser(mm, name).parse()
     except (ModelFormatError, UnsupportedError):
         raise
     except (struct.error, IndexError, KeyError, UnicodeDecodeError, ValueError, OverflowError, MemoryError, RecursionError) as e:
         # The checks below should leave nothing for this to catch; it keeps the promise anyway.
-        raise ModelFormatError(f"{name}: corrupt GGUF file ({type(e).__name__}: {_one_line(str(e))})") from None
-
-
-def _map(name: str) -> mmap.mmap:
-    try:
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ModelFormatError(f"{name}: not a GGUF file (only {size} bytes long)")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        raise ModelFormatError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ModelFormatError(f"{name}: is a directory, not a GGUF file") from None
-    except OSError as e:
-        raise ModelFormatError(f"{name}: cannot read ({e.strerror or e})") from None
+        raise ModelFormatError(f"{name}: corrupt GGUF file ({type(e).__name__}: {one_line(str(e))})") from None
 
 
 def _view(buf, name: str) -> memoryview:
@@ -107,13 +93,6 @@ def _view(buf, name: str) -> memoryview:
     if len(view) < 8:
         raise ModelFormatError(f"{name}: not a GGUF file (only {len(view)} bytes long)")
     return view.toreadonly()
-
-
-def _one_line(text: str, limit: int = 120) -> str:
-    """Untrusted text (keys, tensor names) made safe for a one-line message."""
-    if text.isprintable() and len(text) <= limit:
-        return text
-    return repr(text[:limit])
 
 
 class _Parser:
@@ -170,8 +149,8 @@ class _Parser:
         for _ in range(n_kv):
             key = self.string("metadata key")
             if key in metadata:
-                raise self.fail(f"metadata key {_one_line(key)} appears twice")
-            vtype = self.u32(f"metadata {_one_line(key)}")
+                raise self.fail(f"metadata key {one_line(key)} appears twice")
+            vtype = self.u32(f"metadata {one_line(key)}")
             metadata[key] = self.value(vtype, key, 0)
 
         alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
@@ -191,25 +170,25 @@ class _Parser:
     def value(self, vtype: int, key: str, depth: int) -> Any:
         if vtype in _STRUCTS:
             size = _STRUCTS[vtype].size
-            self.need(size, f"metadata {_one_line(key)}")
+            self.need(size, f"metadata {one_line(key)}")
             (v,) = _STRUCTS[vtype].unpack_from(self.buf, self.pos)
             self.pos += size
             return bool(v) if vtype == BOOL else v
         if vtype == STRING:
-            return self.string(f"metadata {_one_line(key)}")
+            return self.string(f"metadata {one_line(key)}")
         if vtype == ARRAY:
             if depth >= MAX_NESTING:
-                raise self.fail(f"metadata {_one_line(key)} nests arrays deeper than {MAX_NESTING}")
-            etype = self.u32(f"metadata {_one_line(key)}")
-            count = self.u64(f"metadata {_one_line(key)}")
+                raise self.fail(f"metadata {one_line(key)} nests arrays deeper than {MAX_NESTING}")
+            etype = self.u32(f"metadata {one_line(key)}")
+            count = self.u64(f"metadata {one_line(key)}")
             if etype not in _MIN_SIZE:
-                raise self.fail(f"metadata {_one_line(key)} is an array of unknown value type {etype}")
+                raise self.fail(f"metadata {one_line(key)} is an array of unknown value type {etype}")
             if count * _MIN_SIZE[etype] > self.size - self.pos:
                 raise self.fail(
-                    f"metadata {_one_line(key)} claims {count} elements but only {self.size - self.pos} bytes remain"
+                    f"metadata {one_line(key)} claims {count} elements but only {self.size - self.pos} bytes remain"
                 )
             return self.array(etype, count, key, depth)
-        raise self.fail(f"metadata {_one_line(key)} has unknown value type {vtype}")
+        raise self.fail(f"metadata {one_line(key)} has unknown value type {vtype}")
 
     def array(self, etype: int, count: int, key: str, depth: int) -> list:
         if count == 0:
@@ -231,21 +210,21 @@ class _Parser:
         try:
             for _ in range(count):
                 if pos + 8 > size:
-                    raise self.fail(f"truncated metadata {_one_line(key)} at byte {pos}")
+                    raise self.fail(f"truncated metadata {one_line(key)} at byte {pos}")
                 (n,) = unpack(buf, pos)
                 pos += 8
                 if n > size - pos:
-                    raise self.fail(f"string in metadata {_one_line(key)} at byte {pos - 8} claims {n} bytes but only {size - pos} remain")
+                    raise self.fail(f"string in metadata {one_line(key)} at byte {pos - 8} claims {n} bytes but only {size - pos} remain")
                 append(str(buf[pos : pos + n], "utf-8"))
                 pos += n
         except UnicodeDecodeError:
-            raise self.fail(f"string in metadata {_one_line(key)} at byte {pos} is not valid UTF-8") from None
+            raise self.fail(f"string in metadata {one_line(key)} at byte {pos} is not valid UTF-8") from None
         self.pos = pos
         return out
 
     def tensor_info(self) -> tuple[str, tuple[int, ...], int, int]:
         name = self.string("tensor name")
-        shown = _one_line(name)
+        shown = one_line(name)
         n_dims = self.u32(f"tensor {shown} info")
         if n_dims > MAX_DIMS:
             raise self.fail(f"tensor {shown} has {n_dims} dimensions (at most {MAX_DIMS} allowed)")
@@ -261,7 +240,7 @@ class _Parser:
         types: dict[str, str] = {}
         unsupported = None
         for name, shape, type_id, offset in index:
-            shown = _one_line(name)
+            shown = one_line(name)
             if name in types:
                 raise self.fail(f"tensor {shown} appears twice")
             ggml_type = GGML_TYPES.get(type_id)
@@ -290,7 +269,7 @@ class _Parser:
             if unsupported is None:
                 tensors[name] = self.view(ggml_type.name, shape, start, n, nbytes)
         if unsupported is not None:
-            check_supported(unsupported[0], _one_line(unsupported[1]))
+            check_supported(unsupported[0], one_line(unsupported[1]))
         return tensors, types
 
     def view(self, type_name: str, shape: tuple[int, ...], start: int, n: int, nbytes: int):
@@ -319,15 +298,15 @@ def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
         value = md[key]
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else type(value) is kind
         if not ok or (kind is int and value <= 0):
-            raise ModelFormatError(f"{name}: metadata {key} is {_one_line(repr(value))}, expected a positive {kind.__name__}")
+            raise ModelFormatError(f"{name}: metadata {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
         return kind(value)
 
     arch = get("general.architecture", str)
     if arch != "llama":
-        raise UnsupportedError(f"{name}: architecture {_one_line(arch)!r} is not supported; supported: llama")
+        raise UnsupportedError(f"{name}: architecture {one_line(arch)!r} is not supported; supported: llama")
     scaling = md.get("llama.rope.scaling.type", "none")
     if scaling != "none":
-        raise UnsupportedError(f"{name}: rope scaling {_one_line(str(scaling))!r} is not supported")
+        raise UnsupportedError(f"{name}: rope scaling {one_line(str(scaling))!r} is not supported")
     hidden, n_heads = get("llama.embedding_length", int), get("llama.attention.head_count", int)
     n_kv_heads = get("llama.attention.head_count_kv", int, n_heads)
     head_dim = get("llama.attention.key_length", int, hidden // n_heads)
@@ -367,5 +346,5 @@ def _token_id(md: dict, key: str, name: str) -> int | None:
     if value is None:
         return None
     if type(value) is not int or value < 0:
-        raise ModelFormatError(f"{name}: metadata {key} is {_one_line(repr(value))}, expected a token id")
+        raise ModelFormatError(f"{name}: metadata {key} is {one_line(repr(value))}, expected a token id")
     return value

@@ -28,6 +28,7 @@ import numpy as np
 
 from isthmus.compiler.frontends import Model
 from isthmus.compiler.quant import QuantizedArray
+from isthmus.compiler.frontends.files import map_readonly, one_line
 from isthmus.errors import ModelFormatError, UnsupportedError
 
 _PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
@@ -82,7 +83,7 @@ def llama_weights(hf: dict, config: dict, where: str) -> dict:
         if name is None:
             if _IGNORED_RE.fullmatch(hf_name):
                 continue
-            raise UnsupportedError(f"{where}: tensor {_one_line(hf_name)} is not part of the Llama architecture "
+            raise UnsupportedError(f"{where}: tensor {one_line(hf_name)} is not part of the Llama architecture "
                                    f"isthmus builds")
         weights[name] = array
     if config["tied_embeddings"]:
@@ -129,7 +130,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         raise ModelFormatError(f"{where}: expected a JSON object")
     model_type = cfg.get("model_type")
     if model_type != "llama":
-        raise UnsupportedError(f"{where}: model_type {_one_line(repr(model_type))} is not supported; "
+        raise UnsupportedError(f"{where}: model_type {one_line(repr(model_type))} is not supported; "
                                f"supported: 'llama'")
 
     def get(key: str, kind: type, default=...):
@@ -140,7 +141,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
             return default
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else type(value) is kind
         if not ok or value <= 0:
-            raise ModelFormatError(f"{where}: {key} is {_one_line(repr(value))}, expected a positive {kind.__name__}")
+            raise ModelFormatError(f"{where}: {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
         return kind(value)
 
     for key in ("attention_bias", "mlp_bias"):
@@ -148,7 +149,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
             raise UnsupportedError(f"{where}: {key} is true; isthmus builds Llama without biases")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
-        raise UnsupportedError(f"{where}: hidden_act {_one_line(repr(act))} is not supported; supported: 'silu'")
+        raise UnsupportedError(f"{where}: hidden_act {one_line(repr(act))} is not supported; supported: 'silu'")
     if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
         raise UnsupportedError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not supported")
     rope_theta = _rope_theta(cfg, where)
@@ -195,14 +196,14 @@ def _rope_theta(cfg: dict, where: str) -> float:
         if params is None:
             continue
         if not isinstance(params, dict):
-            raise ModelFormatError(f"{where}: {key} is {_one_line(repr(params))}, expected an object")
+            raise ModelFormatError(f"{where}: {key} is {one_line(repr(params))}, expected an object")
         kind = params.get("rope_type", params.get("type", "default"))
         if kind != "default":
-            raise UnsupportedError(f"{where}: rope scaling {_one_line(repr(kind))} is not supported")
+            raise UnsupportedError(f"{where}: rope scaling {one_line(repr(kind))} is not supported")
         theta = params.get("rope_theta", theta)
     theta = 10000.0 if theta is None else theta
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
-        raise ModelFormatError(f"{where}: rope_theta is {_one_line(repr(theta))}, expected a positive number")
+        raise ModelFormatError(f"{where}: rope_theta is {one_line(repr(theta))}, expected a positive number")
     return float(theta)
 
 
@@ -212,7 +213,7 @@ def _token_ids(value, key: str, vocab: int, where: str) -> list[int]:
         return []
     values = value if isinstance(value, list) else [value]
     if not all(type(v) is int and 0 <= v < vocab for v in values):
-        raise ModelFormatError(f"{where}: {key} is {_one_line(repr(value))}, expected token ids below {vocab}")
+        raise ModelFormatError(f"{where}: {key} is {one_line(repr(value))}, expected token ids below {vocab}")
     return values
 
 
@@ -223,7 +224,7 @@ def _chat_template(folder: Path, tok_config: dict) -> str | None:
         try:
             return path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
-            raise ModelFormatError(f"{path}: cannot read ({_one_line(str(e))})") from None
+            raise ModelFormatError(f"{path}: cannot read ({one_line(str(e))})") from None
     template = tok_config.get("chat_template")
     if isinstance(template, list):   # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -237,7 +238,7 @@ def _read_json(path: Path):
     except FileNotFoundError:
         raise ModelFormatError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as e:
-        raise ModelFormatError(f"{path}: cannot read ({_one_line(str(e))})") from None
+        raise ModelFormatError(f"{path}: cannot read ({one_line(str(e))})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
@@ -259,7 +260,7 @@ def read_checkpoint(folder) -> dict:
                                    f"to file names")
         for file in set(weight_map.values()):
             if Path(file).name != file:
-                raise ModelFormatError(f"{index_path}: shard {_one_line(file)} is not a file name inside the folder")
+                raise ModelFormatError(f"{index_path}: shard {one_line(file)} is not a file name inside the folder")
         files = [folder / f for f in sorted(set(weight_map.values()))]
     else:
         weight_map = None
@@ -270,14 +271,14 @@ def read_checkpoint(folder) -> dict:
     for path in files:
         for name, array in read_safetensors(path).items():
             if name in tensors:
-                raise ModelFormatError(f"{path}: tensor {_one_line(name)} also appears in another file")
+                raise ModelFormatError(f"{path}: tensor {one_line(name)} also appears in another file")
             if weight_map is not None and weight_map.get(name) != path.name:
-                raise ModelFormatError(f"{path}: tensor {_one_line(name)} is not listed there in {INDEX_FILE}")
+                raise ModelFormatError(f"{path}: tensor {one_line(name)} is not listed there in {INDEX_FILE}")
             tensors[name] = array
     if weight_map is not None:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
-            raise ModelFormatError(f"{folder / weight_map[missing[0]]}: tensor {_one_line(missing[0])} "
+            raise ModelFormatError(f"{folder / weight_map[missing[0]]}: tensor {one_line(missing[0])} "
                                    f"listed in {INDEX_FILE} is not in the file")
     return tensors
 
@@ -285,7 +286,7 @@ def read_checkpoint(folder) -> dict:
 def read_safetensors(path) -> dict:
     """Name -> read-only view of one safetensors file (np.ndarray for F32/F16, QuantizedArray for BF16)."""
     name = os.fspath(path)
-    mm = _map(name)
+    mm = map_readonly(name, "safetensors")
     (n,) = struct.unpack_from("<Q", mm, 0)
     if n > min(len(mm) - 8, MAX_HEADER):
         raise ModelFormatError(f"{name}: header claims {n} bytes but the file has {len(mm) - 8} after the length; "
@@ -301,17 +302,17 @@ def read_safetensors(path) -> dict:
     for tname, info in header.items():
         if tname == "__metadata__":
             continue
-        shown = _one_line(tname)
+        shown = one_line(tname)
         if not isinstance(info, dict):
             raise ModelFormatError(f"{name}: tensor {shown} has no dtype/shape/data_offsets entry")
         dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if dtype not in _ITEM_BITS:
-            raise ModelFormatError(f"{name}: tensor {shown} has unknown dtype {_one_line(repr(dtype))}")
+            raise ModelFormatError(f"{name}: tensor {shown} has unknown dtype {one_line(repr(dtype))}")
         if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
-            raise ModelFormatError(f"{name}: tensor {shown} has a bad shape {_one_line(repr(shape))}")
+            raise ModelFormatError(f"{name}: tensor {shown} has a bad shape {one_line(repr(shape))}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
                 or not 0 <= offsets[0] <= offsets[1]):
-            raise ModelFormatError(f"{name}: tensor {shown} has bad data_offsets {_one_line(repr(offsets))}")
+            raise ModelFormatError(f"{name}: tensor {shown} has bad data_offsets {one_line(repr(offsets))}")
         begin, end = offsets
         nbytes = math.prod(shape) * _ITEM_BITS[dtype] // 8
         if end - begin != nbytes:
@@ -341,23 +342,3 @@ def _view(mm: mmap.mmap, dtype: str, shape: tuple, start: int, nbytes: int):
     return np.frombuffer(mm, _PLAIN[dtype], math.prod(shape), start).reshape(shape)
 
 
-def _map(name: str) -> mmap.mmap:
-    try:
-        with open(name, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            if size < 8:
-                raise ModelFormatError(f"{name}: not a safetensors file (only {size} bytes long)")
-            return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-    except FileNotFoundError:
-        raise ModelFormatError(f"{name}: no such file") from None
-    except IsADirectoryError:
-        raise ModelFormatError(f"{name}: is a directory, not a safetensors file") from None
-    except OSError as e:
-        raise ModelFormatError(f"{name}: cannot read ({e.strerror or e})") from None
-
-
-def _one_line(text: str, limit: int = 120) -> str:
-    """Untrusted text (names, values) made safe for a one-line message."""
-    if text.isprintable() and len(text) <= limit:
-        return text
-    return repr(text[:limit])
