@@ -5,13 +5,11 @@ Dispatch rule: fewer than `PARALLEL_MIN` elements run serially, more in parallel
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numba import njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
-from isthmus.kernels.numba.simd import exp_f32, sigmoid_f32
+from isthmus.kernels.numba.simd import erf_f32, exp_f32, sigmoid_f32
 
 PARALLEL_MIN = 1 << 15
 CHUNK = 4096
@@ -57,7 +55,7 @@ def gelu_par(x, out, tanh_approx):
                 # tanh(z) = 2 sigmoid(2z) - 1
                 out[i] = np.float32(0.5) * v * (np.float32(2.0) * sigmoid_f32(np.float32(2.0) * z))
             else:
-                out[i] = np.float32(0.5) * v * (np.float32(1.0) + np.float32(math.erf(v * np.float32(0.7071067811865476))))
+                out[i] = np.float32(0.5) * v * (np.float32(1.0) + erf_f32(v * np.float32(0.7071067811865476)))
 
 
 def _flat(x):

@@ -72,6 +72,21 @@ def sigmoid_f32(x):
     return np.float32(1.0) / (np.float32(1.0) + exp_f32(-x))
 
 
+@njit(inline="always", fastmath=FASTMATH, cache=True)
+def erf_f32(x):
+    """Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, ~3e-7 in f32): branch-free, so loops over it
+    vectorise, where libm's erf is a scalar call per element (7x slower in gelu)."""
+    a = np.abs(np.float32(x))
+    t = np.float32(1.0) / (np.float32(1.0) + np.float32(0.3275911) * a)
+    p = np.float32(1.061405429)
+    p = p * t - np.float32(1.453152027)
+    p = p * t + np.float32(1.421413741)
+    p = p * t - np.float32(0.284496736)
+    p = p * t + np.float32(0.254829592)
+    y = np.float32(1.0) - p * t * exp_f32(-a * a)
+    return y if x >= np.float32(0.0) else -y
+
+
 # -- block dot products written as LLVM vector IR ----------------------------------------------------
 #
 # Scales d (and offsets m) are f16 bits, as in the GGUF blocks. LLVM's loop vectoriser, left to itself, vectorises the block loop of a quantized dot product
