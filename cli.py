@@ -91,11 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "enclave (the key comes from the local key release service; --model is ignored)")
     p.set_defaults(fn=cmd_chat)
     # Subcommands that belong to one layer live with it and register themselves here.
+    from isthmus.bench.cli import register as register_bench
     from isthmus.compiler.lower.npu_profile import register as register_profile
     from isthmus.interop.cli import register as register_serve
     from isthmus.npu.cli import register as register_npu
     from isthmus.runtime.tee.cli import register as register_tee
-    for register in (register_profile, register_npu, register_tee, register_serve):
+    for register in (register_profile, register_bench, register_npu, register_tee, register_serve):
         register(sub, common)
     return parser
 

@@ -1,0 +1,35 @@
+"""`isthmus bench`: a fixed set of comparisons, isthmus against a peer doing the same work, run in
+one process and printed side by side (the figures docs/performance.md quotes).
+
+Groups (each a function `(quick, log) -> list[Row]`):
+  kernels  numba kernels vs numpy (ops.py)
+  onnx     isthmus's ONNX import + numba vs onnxruntime on one-node models (ops.py)
+  e2e      the default model's prefill/decode vs llama.cpp and the reference target (model.py)
+  npu      modeled cycles of compiled programs vs the machine's bounds (npu.py)
+  tee      seal/unseal vs AES-256-GCM alone (tee.py)
+
+The asv suite (benchmarks/, asv.conf.json) tracks figures across commits; this command answers
+"where does isthmus stand against its peers on this machine, now".
+"""
+
+from __future__ import annotations
+
+import time
+
+GROUPS = ("kernels", "onnx", "e2e", "npu", "tee")
+
+
+def _group(name: str):
+    from isthmus.bench import model, npu, ops, tee
+    return {"kernels": ops.kernels, "onnx": ops.onnx, "e2e": model.e2e, "npu": npu.npu, "tee": tee.tee}[name]
+
+
+def run(groups=GROUPS, quick: bool = False, log=print) -> list:
+    """Every row of the chosen groups, in order. `log` gets one progress line per step."""
+    rows = []
+    for name in groups:
+        t0 = time.perf_counter()
+        log(f"{name} ...")
+        rows += _group(name)(quick=quick, log=log)
+        log(f"{name}: {time.perf_counter() - t0:.1f} s")
+    return rows

@@ -1,0 +1,40 @@
+"""The modeled NPU (datacenter preset, timing model only: deterministic, so any change is a real
+change): programs the compiler emits against the bounds the machine sets.
+
+ratio = bound / modeled cycles, the fraction of the bound reached (1.0 is the bound itself).
+docs/npu-performance.md explains each bound.
+"""
+
+from __future__ import annotations
+
+from isthmus.bench.measure import Row
+
+
+def npu(quick: bool = False, log=print) -> list[Row]:
+    from isthmus.compiler.lower.npu_profile import decode_figures, matmul_figures
+
+    log("  matmul 1024x4096x4096 bf16")
+    mm = matmul_figures(1024, 4096, 4096, "bf16", "datacenter")
+    rows = [Row("npu", "matmul bf16", "1024x4096x4096", "npu", mm["cycles"], "tensor-engine peak (FLOPs)",
+                mm["ideal_cycles"], "cycles")]
+    from isthmus.models import DEFAULT_MODEL, REGISTRY, cache_path, is_pulled
+
+    precisions = ("bf16",) if quick else ("bf16", "bf16x3")
+    if not is_pulled():
+        return rows + [Row("npu", f"decode step {p}", DEFAULT_MODEL, "npu", None, "HBM bound", None, "cycles",
+                           note=f"{DEFAULT_MODEL} not pulled: run `isthmus pull`") for p in precisions]
+    from isthmus.compiler.frontends import load_model
+    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.passes.pipeline import run_pipeline
+
+    model = load_model(cache_path(REGISTRY[DEFAULT_MODEL]))
+    graph = run_pipeline(model.graph)
+    for p in precisions:
+        log(f"  decode step {p}")
+        f = decode_figures(lower_npu(graph, model=model, precision=p), window=64)
+        case, shape = f"decode step {p}", "SmolLM2, window 64"
+        rows.append(Row("npu", case, shape, "npu", f["cycles"], "HBM bound (weight bytes / bandwidth)",
+                        f["hbm_bound_cycles"], "cycles"))
+        rows.append(Row("npu", case, shape, "npu", f["cycles"], "tensor-engine bound (its matmuls)",
+                        f["tensor_bound_cycles"], "cycles"))
+    return rows

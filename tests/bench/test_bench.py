@@ -1,0 +1,75 @@
+"""`isthmus bench`: every comparison it prints is made, checked and written; figures themselves are
+timings and are not asserted (docs/performance.md quotes them)."""
+
+import json
+import sys
+
+import pytest
+
+from isthmus.bench import run
+from isthmus.bench.measure import Row
+from isthmus.bench.report import markdown, table
+from isthmus.cli import main
+
+
+def test_ratio_is_isthmus_over_peer_in_the_better_direction():
+    assert Row("g", "c", "s", "e", 2.0, "p", 8.0, "us").ratio == 4.0                # 4x less time
+    assert Row("g", "c", "s", "e", 30.0, "p", 10.0, "tok/s", True).ratio == 3.0     # 3x the throughput
+    assert Row("g", "c", "s", "e", 1000, "bound", 900, "cycles").ratio == 0.9       # 90 % of a bound
+    assert Row("g", "c", "s", "e", None, "p", 1.0, "us", note="absent").ratio is None
+    assert Row("g", "c", "s", "e", 1.0, "p", None, "us").to_dict()["ratio"] is None
+
+
+def test_onnx_group_agrees_with_onnxruntime_before_timing():
+    pytest.importorskip("onnxruntime")
+    rows = run(["onnx"], quick=True, log=lambda m: None)
+    assert {r.case for r in rows} == {"Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "MatMul"}
+    for r in rows:
+        assert r.peer == "onnxruntime"
+        assert "DIFFER" not in r.note, r
+        if not r.note:                      # an onnxruntime too old for an opset says so in the note
+            assert r.value > 0 and r.peer_value > 0 and r.ratio == pytest.approx(r.peer_value / r.value)
+
+
+def test_cli_writes_table_json_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out_json, out_png = tmp_path / "b.json", tmp_path / "b.png"
+    assert main(["bench", "--quick", "--only", "tee", "--only", "npu", "--json", str(out_json),
+                 "--plot", str(out_png)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out_json.read_text())
+    assert doc["command"] == "isthmus bench --quick --only tee --only npu" and doc["quick"] is True
+    assert doc["machine"]["cores"] >= 1
+    groups = {r["group"] for r in doc["rows"]}
+    assert groups == {"tee", "npu"}
+    for r in doc["rows"]:
+        assert r["peer"] in printed and r["case"] in printed       # every peer side by side
+        if r["value"] and r["peer_value"]:
+            assert f"{r['ratio']:.2f}x" in printed
+    mm = next(r for r in doc["rows"] if r["case"] == "matmul bf16")
+    assert mm["peer_value"] == 2 * 1024 * 4096 * 4096 / (2 * 128 * 128)      # the FLOP-peak bound, in cycles
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_markdown_table_has_a_line_per_comparison():
+    rows = [Row("kernels", "rmsnorm", "1x576", "numba", 5.0, "numpy reference", 25.0, "us"),
+            Row("e2e", "decode", "16 tokens", "numba", None, "llama.cpp", None, "tok/s", True, note="not installed")]
+    md = markdown(rows).splitlines()
+    assert len(md) == 2 + len(rows)
+    assert "**5.00x**" in md[2] and "not installed" in md[3] and md[3].endswith("| - |")
+    assert "5.00x" in table(rows)
+
+
+@pytest.mark.parametrize("argv, needle", [(["bench", "--only", "gpu"], "unknown bench group(s) gpu"),
+                                          (["bench", "--quick", "--fast"], "--fast")])
+def test_bad_arguments_are_one_line(argv, needle, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
+    assert main(["bench", "--only", "tee", "--plot", "x.png"]) == 2
+    captured = capsys.readouterr()
+    assert "isthmus[plot]" in captured.err and captured.out == ""
