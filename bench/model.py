@@ -30,61 +30,67 @@ def chat_ids(tok) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True))
 
 
-def isthmus_rates(model, target: str, n_prefill: int, n_decode: int, rounds: int = 3) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of `target` on `model`."""
-    import isthmus
+class IsthmusEngine:
+    """A compiled target with its kernels loaded and buffers bound."""
 
-    exe = isthmus.compile(model, target=target)
-    ids = prompt_ids(model.tokenizer, n_prefill)
-    exe.decoder().step(ids[:8])                     # warm: kernels loaded, buffers bound
-    best = float("inf")
-    for _ in range(rounds):
-        d = exe.decoder()
+    def __init__(self, model, target: str):
+        import isthmus
+
+        self.exe = isthmus.compile(model, target=target)
+        self.exe.decoder().step(prompt_ids(model.tokenizer, 8))
+
+    def prefill(self, ids) -> None:
+        self.exe.decoder().step(ids)
+
+    def decode(self, chat, n: int) -> float:
+        """Seconds of n greedy steps after prefilling `chat` (not timed)."""
+        d = self.exe.decoder()
+        tok = int(np.argmax(d.step(chat)))
         t0 = time.perf_counter()
-        d.step(ids)
-        best = min(best, time.perf_counter() - t0)
-    d = exe.decoder()
-    tok = int(np.argmax(d.step(chat_ids(model.tokenizer))))
-    d.step([tok])
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        tok = int(np.argmax(d.step([tok])))
-    return n_prefill / best, n_decode / (time.perf_counter() - t0)
+        for _ in range(n):
+            tok = int(np.argmax(d.step([tok])))
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        pass
 
 
-def llama_cpp_rates(path, tokenizer, n_prefill: int, n_decode: int, rounds: int = 3) -> tuple[float, float] | None:
-    """The same through llama.cpp with one thread per core; None when llama-cpp-python is absent."""
-    try:
+class LlamaCppEngine:
+    """llama.cpp with one thread per core; ImportError without llama-cpp-python (the `peers` extra)."""
+
+    def __init__(self, path, tokenizer):
         from llama_cpp import Llama
-    except ImportError:
-        return None
-    threads = os.cpu_count() or 1
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
-    try:
-        return _llama_cpp_rates(llm, tokenizer, n_prefill, n_decode, rounds)
-    finally:
-        llm.close()           # its worker threads would otherwise go on competing with what runs next
+
+        threads = os.cpu_count() or 1
+        self.llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
+                         n_batch=512, verbose=False)
+        self.llm.eval(prompt_ids(tokenizer, 8))
+
+    def prefill(self, ids) -> None:
+        self.llm.reset()
+        self.llm.eval(ids)
+
+    def decode(self, chat, n: int) -> float:
+        llm = self.llm
+        llm.reset()
+        llm.eval(chat)
+        t0 = time.perf_counter()
+        for _ in range(n):
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        self.llm.close()        # its worker threads would otherwise compete with what runs next
 
 
-def _llama_cpp_rates(llm, tokenizer, n_prefill, n_decode, rounds):
-    ids = prompt_ids(tokenizer, n_prefill)
-    llm.eval(ids[:8])
+def rates(engine, ids, chat, n_decode: int, rounds: int = 3) -> tuple[float, float]:
+    """(prefill tok/s, best of `rounds` over `ids`; decode tok/s of n_decode greedy steps after `chat`)."""
     best = float("inf")
     for _ in range(rounds):
-        llm.reset()
         t0 = time.perf_counter()
-        llm.eval(ids)
+        engine.prefill(ids)
         best = min(best, time.perf_counter() - t0)
-    llm.reset()
-    llm.eval(chat_ids(tokenizer))
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    llm.eval([tok])
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([tok])
-    return n_prefill / best, n_decode / (time.perf_counter() - t0)
+    return len(ids) / best, n_decode / engine.decode(chat, n_decode)
 
 
 def e2e(quick: bool = False, log=print) -> list[Row]:
@@ -100,12 +106,21 @@ def e2e(quick: bool = False, log=print) -> list[Row]:
     from isthmus.compiler.frontends import load_model
 
     model = load_model(path)
+    ids, chat = prompt_ids(model.tokenizer, n_prefill), chat_ids(model.tokenizer)
     log("  isthmus numba")
-    ours = isthmus_rates(model, "numba", n_prefill, n_decode)
+    ours = rates(IsthmusEngine(model, "numba"), ids, chat, n_decode)
     log("  isthmus reference")
-    ref = isthmus_rates(model, "reference", n_prefill, n_decode, rounds=1 if quick else 2)
+    ref = rates(IsthmusEngine(model, "reference"), ids, chat, n_decode, rounds=1 if quick else 2)
     log("  llama.cpp")
-    llama = llama_cpp_rates(path, model.tokenizer, n_prefill, n_decode)
+    try:
+        engine = LlamaCppEngine(path, model.tokenizer)
+    except ImportError:
+        llama = None
+    else:
+        try:
+            llama = rates(engine, ids, chat, n_decode)
+        finally:
+            engine.close()
     rows = []
     for i, (case, shape) in enumerate(zip(("prefill", "decode"), shapes)):
         rows.append(Row("e2e", case, shape, "numba", ours[i], "llama.cpp", llama and llama[i], "tok/s", True,

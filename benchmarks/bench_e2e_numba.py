@@ -18,78 +18,21 @@ import os
 import re
 import subprocess
 import sys
-import time
-
-import numpy as np
-
-PROMPT = "Explain in a few sentences why the sky is blue."
 
 
-def _prompt_ids(tok, n):
-    text = ("The history of the printing press begins in the fifteenth century, when movable type "
-            "changed how books were made and read across Europe. ") * 40
-    ids = tok.encode(text)
-    assert len(ids) >= n
-    return ids[:n]
+def bench(engine, tok, n_prefill, n_decode):
+    from isthmus.bench.model import chat_ids, prompt_ids, rates
 
-
-def bench_isthmus(model, target, n_prefill, n_decode):
-    import isthmus
-
-    exe = isthmus.compile(model, target=target)
-    ids = _prompt_ids(model.tokenizer, n_prefill)
-    chat = model.tokenizer.encode(model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True))
-    exe.decoder().step(ids[:8])                     # warm: kernels loaded, buffers bound
-    best = float("inf")
-    for _ in range(3 if target != "reference" else 2):
-        d = exe.decoder()
-        t0 = time.perf_counter()
-        d.step(ids)
-        best = min(best, time.perf_counter() - t0)
-    d = exe.decoder()
-    logits = d.step(chat)
-    tok = int(np.argmax(logits))
-    d.step([tok])
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        tok = int(np.argmax(d.step([tok])))
-    dec = time.perf_counter() - t0
-    return n_prefill / best, n_decode / dec
-
-
-def bench_llama_cpp(path, n_prefill, n_decode, tokenizer):
     try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    threads = os.cpu_count() or 1
-    llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False)
-    ids = _prompt_ids(tokenizer, n_prefill)
-    llm.eval(ids[:8])
-    best = float("inf")
-    for _ in range(3):
-        llm.reset()
-        t0 = time.perf_counter()
-        llm.eval(ids)
-        best = min(best, time.perf_counter() - t0)
-    chat = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}],
-                                                          add_generation_prompt=True))
-    llm.reset()
-    llm.eval(chat)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    llm.eval([tok])
-    t0 = time.perf_counter()
-    for _ in range(n_decode):
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-        llm.eval([tok])
-    dec = time.perf_counter() - t0
-    return n_prefill / best, n_decode / dec
+        return rates(engine, prompt_ids(tok, n_prefill), chat_ids(tok), n_decode)
+    finally:
+        engine.close()
 
 
 def chat_cli(target, n_decode):
     """`isthmus chat --verbose` as a subprocess: (prompt eval rate, eval rate, peak RSS MB)."""
+    from isthmus.bench.model import PROMPT
+
     cmd = [sys.executable, "-m", "isthmus.cli", "chat", PROMPT, "--target", target, "--verbose",
            "--max-tokens", str(n_decode)]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -120,10 +63,16 @@ def main(argv=None):
     # the CLI first, while this process is small: a child's peak RSS counts what fork copied
     chat = None if args.skip_chat else chat_cli("numba", args.decode)
     model = load_model(path)
+    from isthmus.bench.model import IsthmusEngine, LlamaCppEngine
+
     rows = []
     for target in ("numba",) + (() if args.skip_reference else ("reference",)):
-        rows.append((f"isthmus {target}",) + bench_isthmus(model, target, args.prefill, args.decode))
-    peer = bench_llama_cpp(path, args.prefill, args.decode, model.tokenizer)
+        rows.append((f"isthmus {target}",) + bench(IsthmusEngine(model, target), model.tokenizer, args.prefill,
+                                                   args.decode))
+    try:
+        peer = bench(LlamaCppEngine(path, model.tokenizer), model.tokenizer, args.prefill, args.decode)
+    except ImportError:
+        peer = None
     rows.append(("llama.cpp", *peer) if peer else ("llama.cpp (llama-cpp-python not installed)", float("nan"),
                                                    float("nan")))
     print(f"threads: NUMBA_NUM_THREADS={os.environ.get('NUMBA_NUM_THREADS', 'all')} "
