@@ -15,10 +15,8 @@ import asyncio
 import functools
 import importlib.util
 import json
-import socket
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,17 +26,23 @@ MAX_TOKENS = 16
 
 
 @functools.cache
+def _serving_tests():
+    """tests/interop/conftest.py: the tiny chat model and the in-process uvicorn server."""
+    spec = importlib.util.spec_from_file_location(
+        "_interop_conftest", Path(__file__).resolve().parents[2] / "tests" / "interop" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    return conftest
+
+
+@functools.cache
 def _executable(model: str):
     import isthmus
     from isthmus.models import is_pulled, pull
 
     if model == "tiny":
-        spec = importlib.util.spec_from_file_location(
-            "_interop_conftest", Path(__file__).resolve().parents[2] / "tests" / "interop" / "conftest.py")
-        conftest = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(conftest)
         folder = tempfile.TemporaryDirectory(prefix="isthmus-bench-")   # lives as long as the cache
-        path = conftest.write_tiny_chat_gguf(Path(folder.name) / "tiny-chat.gguf")
+        path = _serving_tests().write_tiny_chat_gguf(Path(folder.name) / "tiny-chat.gguf")
         return folder, isthmus.compile(isthmus.load(path), target="reference")
     if not is_pulled(model):
         raise NotImplementedError(f"{model} is not pulled (isthmus pull)")
@@ -77,30 +81,17 @@ class Serve:
     timeout = 300
 
     def setup(self, model, concurrency):
-        import uvicorn
-
         from isthmus.interop.app import create_app
         from isthmus.interop.scheduler import Engine
 
         exe = _executable(model)[1]
-        app = create_app({"bench": Engine(exe, name="bench", max_batch=max(CONCURRENCY))})
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.01)
+        self.server = _serving_tests().LiveServer(
+            create_app({"bench": Engine(exe, name="bench", max_batch=max(CONCURRENCY))}))
+        self.url = self.server.url
         asyncio.run(_round(self.url, 1))            # warm: the first request binds the decoder
 
     def teardown(self, model, concurrency):
-        self.server.should_exit = True
-        self.thread.join(timeout=15)
-        self.sock.close()
+        self.server.stop()
 
     def track_requests_per_second(self, model, concurrency):
         wall, _ = asyncio.run(_round(self.url, concurrency))
