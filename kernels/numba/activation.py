@@ -36,6 +36,21 @@ def swiglu_par(g, u, out):
             out[i] = g[i] * sigmoid_f32(g[i]) * u[i]
 
 
+@njit(inline="always", **JIT)
+def _gelu_one(v, tanh_approx):
+    if tanh_approx:
+        z = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)
+        # tanh(z) = 2 sigmoid(2z) - 1
+        return np.float32(0.5) * v * (np.float32(2.0) * sigmoid_f32(np.float32(2.0) * z))
+    return np.float32(0.5) * v * (np.float32(1.0) + erf_f32(v * np.float32(0.7071067811865476)))
+
+
+@njit(**JIT)
+def silu_serial(x, out):
+    for i in range(x.shape[0]):
+        out[i] = x[i] * sigmoid_f32(x[i])
+
+
 @njit(**PJIT)
 def silu_par(x, out):
     n = x.shape[0]
@@ -44,18 +59,18 @@ def silu_par(x, out):
             out[i] = x[i] * sigmoid_f32(x[i])
 
 
+@njit(**JIT)
+def gelu_serial(x, out, tanh_approx):
+    for i in range(x.shape[0]):
+        out[i] = _gelu_one(x[i], tanh_approx)
+
+
 @njit(**PJIT)
 def gelu_par(x, out, tanh_approx):
     n = x.shape[0]
     for c in prange((n + CHUNK - 1) // CHUNK):
         for i in range(c * CHUNK, min(n, c * CHUNK + CHUNK)):
-            v = x[i]
-            if tanh_approx:
-                z = np.float32(0.7978845608028654) * (v + np.float32(0.044715) * v * v * v)
-                # tanh(z) = 2 sigmoid(2z) - 1
-                out[i] = np.float32(0.5) * v * (np.float32(2.0) * sigmoid_f32(np.float32(2.0) * z))
-            else:
-                out[i] = np.float32(0.5) * v * (np.float32(1.0) + erf_f32(v * np.float32(0.7071067811865476)))
+            out[i] = _gelu_one(x[i], tanh_approx)
 
 
 def _flat(x):
@@ -78,14 +93,14 @@ def swiglu(g, u, out=None):
 def silu(x):
     x1 = _flat(x)
     out = np.empty_like(x1)
-    silu_par(x1, out)
+    (silu_serial if x1.size < PARALLEL_MIN else silu_par)(x1, out)
     return out.reshape(x.shape)
 
 
 def gelu(x, approximate="none"):
     x1 = _flat(x)
     out = np.empty_like(x1)
-    gelu_par(x1, out, approximate == "tanh")
+    (gelu_serial if x1.size < PARALLEL_MIN else gelu_par)(x1, out, approximate == "tanh")
     return out.reshape(x.shape)
 
 
