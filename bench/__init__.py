@@ -8,7 +8,7 @@ Groups (each a function `(quick, log) -> list[Row]`):
   npu      modeled cycles of compiled programs vs the machine's bounds (npu.py)
   tee      seal/unseal vs AES-256-GCM alone (tee.py)
 
-The asv suite (benchmarks/, asv.conf.json) tracks figures across commits; this command answers
+The asv suite (benchmarks/asv_suite/, asv.conf.json) tracks figures across commits; this command answers
 "where does isthmus stand against its peers on this machine, now".
 """
 

@@ -36,7 +36,7 @@ class Row:
     group: str
     case: str
     shape: str
-    engine: str                   # what ran on the isthmus side, e.g. "numba", "npu bf16"
+    engine: str                   # what ran on the isthmus side: "numba", "npu", "package.seal"
     value: float | None           # isthmus's figure in `unit`
     peer: str
     peer_value: float | None

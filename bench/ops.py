@@ -9,6 +9,7 @@ rows x features: 1x576 is a decode step of the default model, 256x576 a 256-toke
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -19,27 +20,28 @@ SHAPES = [(1, 576), (256, 576), (4096, 4096)]
 
 
 def kernel_cases(quick: bool = False):
-    """(name, shape, numba call, numpy call) for each op; `benchmarks/bench_ops_numba.py` and the
-    asv suite time the same cases."""
+    """(name, shape, numba call, numpy call) for each op; `benchmarks/bench_ops_numba.py` and
+    `benchmarks/test_bench_numba.py` time the same cases."""
     from isthmus.compiler.ops import get_op
     from isthmus.compiler.quant import quantize
     from isthmus.kernels.numba import activation, linear, norm, rope, softmax
 
     rng = np.random.default_rng(0)
     ref = {k: get_op(k).reference for k in ("rmsnorm", "rope", "swiglu", "softmax")}
+    # partial, not lambdas: callers may collect every case before timing any (pytest-benchmark),
+    # and a lambda would see the loop's last arrays
     for rows, cols in SHAPES[:2] if quick else SHAPES:
         x = rng.standard_normal((rows, cols)).astype(np.float32)
         w = rng.standard_normal(cols).astype(np.float32)
         out = np.empty_like(x)
-        yield "rmsnorm", (rows, cols), lambda: norm.rmsnorm(x, w, 1e-5, out), lambda: ref["rmsnorm"](x, w, 1e-5)
+        yield "rmsnorm", (rows, cols), partial(norm.rmsnorm, x, w, 1e-5, out), partial(ref["rmsnorm"], x, w, 1e-5)
         u = rng.standard_normal((rows, cols)).astype(np.float32)
-        yield "swiglu", (rows, cols), lambda: activation.swiglu(x, u, out), lambda: ref["swiglu"](x, u)
-        yield "softmax", (rows, cols), lambda: softmax.softmax(x, -1, out), lambda: ref["softmax"](x, -1)
+        yield "swiglu", (rows, cols), partial(activation.swiglu, x, u, out), partial(ref["swiglu"], x, u)
+        yield "softmax", (rows, cols), partial(softmax.softmax, x, -1, out), partial(ref["softmax"], x, -1)
         x4 = x.reshape(1, rows, cols // 64, 64).transpose(0, 2, 1, 3).copy()
         pos = np.arange(rows)[None]
-        o4 = np.empty_like(x4)
-        yield "rope", (rows, cols), lambda: rope.rope(x4, pos, 1e5, "interleaved", 0, o4), \
-            lambda: ref["rope"](x4, pos, 1e5, "interleaved", 0)
+        yield "rope", (rows, cols), partial(rope.rope, x4, pos, 1e5, "interleaved", 0, np.empty_like(x4)), \
+            partial(ref["rope"], x4, pos, 1e5, "interleaved", 0)
     mats = [(1536, 576, "q4_1"), (49152, 576, "q8_0")] + ([] if quick else
                                                           [(4096, 4096, q) for q in ("q4_0", "q4_1", "q8_0")])
     ws = linear.Workspace()
@@ -49,8 +51,7 @@ def kernel_cases(quick: bool = False):
         dense = wq.dequantize()
         xv = rng.standard_normal((1, c)).astype(np.float32)
         o = np.empty((1, r), np.float32)
-        yield f"matvec {q}", (r, c), lambda p=p, xv=xv, o=o: linear.linear(xv, p, o, ws), \
-            lambda dense=dense, xv=xv: dense @ xv[0]
+        yield f"matvec {q}", (r, c), partial(linear.linear, xv, p, o, ws), partial(np.matmul, dense, xv[0])
 
 
 def kernels(quick: bool = False, log=print) -> list[Row]:

@@ -73,3 +73,11 @@ def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys):
     assert main(["bench", "--only", "tee", "--plot", "x.png"]) == 2
     captured = capsys.readouterr()
     assert "isthmus[plot]" in captured.err and captured.out == ""
+
+
+def test_without_the_default_model_the_rows_say_how_to_get_it(monkeypatch, tmp_path):
+    monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path))           # an empty model cache
+    rows = run(["e2e"], quick=True, log=lambda m: None)
+    assert [r.case for r in rows] == ["prefill", "decode"]
+    assert all(r.value is None and r.ratio is None and "isthmus pull" in r.note for r in rows)
+    assert "isthmus pull" in table(rows)
