@@ -140,6 +140,8 @@ class NumbaExecutable(Executable):
                 g.attrs["norm_w"] = None if n is None else (_f32(n.inputs[1]), float(n.attrs["eps"]))
             elif g.kind == "embedding":
                 g.attrs["packed"] = self._pack([g.nodes[0].inputs[0]])
+            elif st.kind == "op":        # chosen once: `run` binds the plan on every call
+                g.attrs["impl"] = _op_impl(g.attrs["node"])
         _release_mapped_pages(self.graph)
         outs = set(self.graph.outputs)
         pasts = {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
@@ -412,11 +414,14 @@ class Bound:
         return call
 
     def _bind_op(self, st: Step):
-        node = st.group.attrs["node"]
-        impl = _op_impl(node)
+        attrs = st.group.attrs
+        node, impl = attrs["node"], attrs["impl"]
         env = self.env
         ins, outs = node.inputs, node.outputs
-        consts = {v: (v.data.dequantize() if hasattr(v.data, "dequantize") else v.data) for v in ins if v.is_constant}
+        consts = attrs.get("consts")
+        if consts is None:         # on first use: a quantized constant is dequantized once, not per call
+            consts = attrs["consts"] = {v: (v.data.dequantize() if hasattr(v.data, "dequantize") else v.data)
+                                        for v in ins if v.is_constant}
         self._pinned.update(v for v in ins if v in self._owned)
 
         def call(past):
