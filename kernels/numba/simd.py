@@ -134,6 +134,41 @@ def _reduce_fadd(builder, vec):
     return builder.extract_element(vec, ir.Constant(ir.IntType(32), 0))
 
 
+def _block_loop(builder, nb, vtype, body):
+    """An LLVM loop over blocks b in [0, nb) carrying a vector and a scalar f32 accumulator:
+    body(b, acc, macc) -> (acc', macc') emits one block's work. Returns hsum(acc) + macc (0.0 when
+    nb == 0)."""
+    f32, i64 = ir.FloatType(), ir.IntType(64)
+    entry = builder.block
+    loop = builder.append_basic_block("blocks")
+    done = builder.append_basic_block("done")
+    zero_v = ir.Constant(vtype, [0.0] * vtype.count)
+    builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, done)
+
+    builder.position_at_end(loop)
+    b = builder.phi(i64)
+    acc = builder.phi(vtype)
+    macc = builder.phi(f32)
+    acc2, macc2 = body(b, acc, macc)
+    b2 = builder.add(b, ir.Constant(i64, 1))
+    b.add_incoming(ir.Constant(i64, 0), entry)
+    b.add_incoming(b2, loop)
+    acc.add_incoming(zero_v, entry)
+    acc.add_incoming(acc2, loop)
+    macc.add_incoming(ir.Constant(f32, 0.0), entry)
+    macc.add_incoming(macc2, loop)
+    builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
+
+    builder.position_at_end(done)
+    accf = builder.phi(vtype)
+    accf.add_incoming(zero_v, entry)
+    accf.add_incoming(acc2, loop)
+    maccf = builder.phi(f32)
+    maccf.add_incoming(ir.Constant(f32, 0.0), entry)
+    maccf.add_incoming(macc2, loop)
+    return builder.fadd(_reduce_fadd(builder, accf), maccf)
+
+
 def _make_row_dot(bits: int):
     lanes = 16 if bits == 4 else 32
     qbytes = 16 if bits == 4 else 32
@@ -162,55 +197,32 @@ def _make_row_dot(bits: int):
             srow = _row_ptr(builder, sdata, sstr[0], t, f32)
         nb = dshape[1]
 
-        entry = builder.block
-        loop = builder.append_basic_block("blocks")
-        done = builder.append_basic_block("done")
-        zero_v = ir.Constant(vf, [0.0] * lanes)
-        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, done)
+        def block(b, acc, macc):
+            qp = builder.gep(qrow, [builder.mul(b, ir.Constant(i64, qbytes))])
+            qv = builder.load(builder.bitcast(qp, ir.VectorType(i8, qbytes).as_pointer()), align=1)
+            xo = builder.mul(b, ir.Constant(i64, 32))
+            if bits == 4:
+                lo = builder.and_(qv, ir.Constant(qv.type, [15] * 16))
+                hi = builder.lshr(qv, ir.Constant(qv.type, [4] * 16))
+                xl = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
+                xh = builder.load(builder.bitcast(builder.gep(xrow, [builder.add(xo, ir.Constant(i64, 16))]),
+                                                  vf.as_pointer()), align=4)
+                s = builder.fmul(builder.uitofp(lo, vf), xl)
+                s = _fma(builder, builder.uitofp(hi, vf), xh, s)
+                mb = _half(builder, builder.load(builder.gep(mrow, [b])))
+                sb = builder.load(builder.gep(srow, [b]))
+                macc2 = _fma(builder, mb, sb, macc)
+            else:
+                xv = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
+                s = builder.fmul(builder.sitofp(qv, vf), xv)
+                macc2 = macc
+            db = _half(builder, builder.load(builder.gep(drow, [b])))
+            dv = builder.insert_element(ir.Constant(vf, ir.Undefined), db, ir.Constant(ir.IntType(32), 0))
+            dv = builder.shuffle_vector(dv, dv, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
+            acc2 = _fma(builder, s, dv, acc)
+            return acc2, macc2
 
-        builder.position_at_end(loop)
-        b = builder.phi(i64)
-        acc = builder.phi(vf)
-        macc = builder.phi(f32)
-        qp = builder.gep(qrow, [builder.mul(b, ir.Constant(i64, qbytes))])
-        qv = builder.load(builder.bitcast(qp, ir.VectorType(i8, qbytes).as_pointer()), align=1)
-        xo = builder.mul(b, ir.Constant(i64, 32))
-        if bits == 4:
-            lo = builder.and_(qv, ir.Constant(qv.type, [15] * 16))
-            hi = builder.lshr(qv, ir.Constant(qv.type, [4] * 16))
-            xl = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
-            xh = builder.load(builder.bitcast(builder.gep(xrow, [builder.add(xo, ir.Constant(i64, 16))]),
-                                              vf.as_pointer()), align=4)
-            s = builder.fmul(builder.uitofp(lo, vf), xl)
-            s = _fma(builder, builder.uitofp(hi, vf), xh, s)
-            mb = _half(builder, builder.load(builder.gep(mrow, [b])))
-            sb = builder.load(builder.gep(srow, [b]))
-            macc2 = _fma(builder, mb, sb, macc)
-        else:
-            xv = builder.load(builder.bitcast(builder.gep(xrow, [xo]), vf.as_pointer()), align=4)
-            s = builder.fmul(builder.sitofp(qv, vf), xv)
-            macc2 = macc
-        db = _half(builder, builder.load(builder.gep(drow, [b])))
-        dv = builder.insert_element(ir.Constant(vf, ir.Undefined), db, ir.Constant(ir.IntType(32), 0))
-        dv = builder.shuffle_vector(dv, dv, ir.Constant(ir.VectorType(ir.IntType(32), lanes), [0] * lanes))
-        acc2 = _fma(builder, s, dv, acc)
-        b2 = builder.add(b, ir.Constant(i64, 1))
-        b.add_incoming(ir.Constant(i64, 0), entry)
-        b.add_incoming(b2, loop)
-        acc.add_incoming(zero_v, entry)
-        acc.add_incoming(acc2, loop)
-        macc.add_incoming(ir.Constant(f32, 0.0), entry)
-        macc.add_incoming(macc2, loop)
-        builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
-
-        builder.position_at_end(done)
-        accf = builder.phi(vf)
-        accf.add_incoming(zero_v, entry)
-        accf.add_incoming(acc2, loop)
-        maccf = builder.phi(f32)
-        maccf.add_incoming(ir.Constant(f32, 0.0), entry)
-        maccf.add_incoming(macc2, loop)
-        return builder.fadd(_reduce_fadd(builder, accf), maccf)
+        return _block_loop(builder, nb, vf, block)
 
     return intrinsic(typer)
 
@@ -301,59 +313,36 @@ def _make_row_dot_i16(bits: int):
             xsrow = _row_ptr(builder, xsdata, xsstr[0], t, f32)
         nb = dshape[1]
 
-        entry = builder.block
-        loop = builder.append_basic_block("blocks")
-        done = builder.append_basic_block("done")
-        zero_v = ir.Constant(v8f, [0.0] * 8)
-        builder.cbranch(builder.icmp_signed(">", nb, ir.Constant(i64, 0)), loop, done)
+        def block(b, acc, macc):
+            xo = builder.mul(b, ir.Constant(i64, 32))
+            xl = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
+            xh = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(xo, ir.Constant(i64, 16))]),
+                                              v16i16.as_pointer()), align=2)
+            if bits == 4:
+                qv = builder.load(builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(i64, 16))]),
+                                                  v16i8.as_pointer()), align=1)
+                w16 = builder.zext(qv, v16i16)
+                lo = builder.and_(w16, ir.Constant(v16i16, [15] * 16))
+                hi = builder.lshr(w16, ir.Constant(v16i16, [4] * 16))
+                mb = _half(builder, builder.load(builder.gep(mrow, [b])))
+                sb = builder.load(builder.gep(xsrow, [b]))
+                macc2 = _fma(builder, mb, sb, macc)
+            else:
+                qp = builder.gep(qrow, [xo])
+                lo = builder.sext(builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1), v16i16)
+                hi = builder.sext(builder.load(builder.bitcast(builder.gep(qp, [ir.Constant(i64, 16)]),
+                                                               v16i8.as_pointer()), align=1), v16i16)
+                macc2 = macc
+            p32 = builder.add(_x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [lo, xl]),
+                              _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [hi, xh]))
+            db = _half(builder, builder.load(builder.gep(drow, [b])))
+            scale = builder.fmul(db, builder.load(builder.gep(xdrow, [b])))
+            sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
+            sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
+            acc2 = _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+            return acc2, macc2
 
-        builder.position_at_end(loop)
-        b = builder.phi(i64)
-        acc = builder.phi(v8f)
-        macc = builder.phi(f32)
-        xo = builder.mul(b, ir.Constant(i64, 32))
-        xl = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
-        xh = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(xo, ir.Constant(i64, 16))]),
-                                          v16i16.as_pointer()), align=2)
-        if bits == 4:
-            qv = builder.load(builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(i64, 16))]),
-                                              v16i8.as_pointer()), align=1)
-            w16 = builder.zext(qv, v16i16)
-            lo = builder.and_(w16, ir.Constant(v16i16, [15] * 16))
-            hi = builder.lshr(w16, ir.Constant(v16i16, [4] * 16))
-            mb = _half(builder, builder.load(builder.gep(mrow, [b])))
-            sb = builder.load(builder.gep(xsrow, [b]))
-            macc2 = _fma(builder, mb, sb, macc)
-        else:
-            qp = builder.gep(qrow, [xo])
-            lo = builder.sext(builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1), v16i16)
-            hi = builder.sext(builder.load(builder.bitcast(builder.gep(qp, [ir.Constant(i64, 16)]),
-                                                           v16i8.as_pointer()), align=1), v16i16)
-            macc2 = macc
-        p32 = builder.add(_x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [lo, xl]),
-                          _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [hi, xh]))
-        db = _half(builder, builder.load(builder.gep(drow, [b])))
-        scale = builder.fmul(db, builder.load(builder.gep(xdrow, [b])))
-        sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
-        sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
-        acc2 = _fma(builder, builder.sitofp(p32, v8f), sv, acc)
-        b2 = builder.add(b, ir.Constant(i64, 1))
-        b.add_incoming(ir.Constant(i64, 0), entry)
-        b.add_incoming(b2, loop)
-        acc.add_incoming(zero_v, entry)
-        acc.add_incoming(acc2, loop)
-        macc.add_incoming(ir.Constant(f32, 0.0), entry)
-        macc.add_incoming(macc2, loop)
-        builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
-
-        builder.position_at_end(done)
-        accf = builder.phi(v8f)
-        accf.add_incoming(zero_v, entry)
-        accf.add_incoming(acc2, loop)
-        maccf = builder.phi(f32)
-        maccf.add_incoming(ir.Constant(f32, 0.0), entry)
-        maccf.add_incoming(macc2, loop)
-        return builder.fadd(_reduce_fadd(builder, accf), maccf)
+        return _block_loop(builder, nb, v8f, block)
 
     return intrinsic(typer)
 
