@@ -27,16 +27,7 @@ finally:                                # the rest of the session sees the varia
         os.environ["TRITON_INTERPRET"] = _SAVED
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter():
-    """triton also reads TRITON_INTERPRET at launch (and when it lazily imports its own modules)."""
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    yield
-    if saved is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = saved
+pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py
 
 from isthmus.compiler import quant  # noqa: E402
 from isthmus.compiler.ops import attention as ref_attn  # noqa: E402
