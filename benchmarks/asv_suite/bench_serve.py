@@ -3,7 +3,7 @@ Chat Completions at once, each asking for 16 tokens (`ignore_eos`, so every repl
 
 The app is `isthmus serve`'s (interop.app.create_app over one Engine), under uvicorn on a free
 127.0.0.1 port in a thread of this process; the clients are httpx on an asyncio loop in the main
-thread. Models: `tiny` is the serving tests' 2-layer random chat model (tests/interop/conftest.py)
+thread. Models: `tiny` is the serving tests' 2-layer random chat model (tests/support/tiny_models.py)
 on the reference target, so its figures are the serving stack's own cost (HTTP, SSE, scheduler,
 tokenizer); the default model (n/a until `isthmus pull`) runs on the default CPU target.
 benchmarks/test_bench_serve.py is the heavier load test with the server in its own process.
@@ -16,6 +16,7 @@ import functools
 import importlib.util
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +26,15 @@ CONCURRENCY = [1, 8]
 MAX_TOKENS = 16
 
 
+TESTS = Path(__file__).resolve().parents[2] / "tests"
+
+
 @functools.cache
 def _serving_tests():
-    """tests/interop/conftest.py: the tiny chat model and the in-process uvicorn server."""
-    spec = importlib.util.spec_from_file_location(
-        "_interop_conftest", Path(__file__).resolve().parents[2] / "tests" / "interop" / "conftest.py")
+    """tests/interop/conftest.py (the in-process uvicorn server) and tests/support/tiny_models.py
+    (the tiny chat model), importable as pytest makes them."""
+    sys.path.insert(0, str(TESTS / "support"))
+    spec = importlib.util.spec_from_file_location("_interop_conftest", TESTS / "interop" / "conftest.py")
     conftest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(conftest)
     return conftest

@@ -1,8 +1,9 @@
-"""Fixtures for the serving tests: a tiny chat model WITH a tokenizer (a random-weight Llama written as
-GGUF with a byte-level BPE vocabulary and a ChatML template), and live uvicorn servers on 127.0.0.1.
+"""Fixtures for the serving tests: a tiny chat model WITH a tokenizer (tests/support/tiny_models.py:
+a random-weight Llama written as GGUF with a byte-level BPE vocabulary and a ChatML template), and
+live uvicorn servers on 127.0.0.1.
 
-Helpers hang off fixtures (`live.start(app)`, `tiny_chat.expected(...)`) because tests import no
-modules from tests/ (pytest runs with --import-mode=importlib).
+Helpers hang off fixtures (`live.start(app)`, `tiny_chat.expected(...)`): with
+--import-mode=importlib, only tests/support is importable from tests.
 """
 
 from __future__ import annotations
@@ -11,79 +12,13 @@ import socket
 import threading
 import time
 
-import numpy as np
 import pytest
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-MERGES = ["Ġ t", "h e", "Ġt he", "Ġ Ġ", "i n", "Ġ a", "e r", "o n"]
-TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-CONFIG = dict(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, context_length=256)
+from tiny_models import write_tiny_chat_gguf  # tests/support, on pythonpath
+
 KEYS = {"acme": "sk-test-acme-0123456789", "limited": "sk-test-limited-0123456789",
         "other": "sk-test-other-0123456789"}
 MODEL_ID = "tiny-chat"
-
-
-def _byte_alphabet():
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    spelled, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in spelled:
-            spelled[b] = chr(256 + extra)
-            extra += 1
-    return [spelled[b] for b in range(256)]
-
-
-def write_tiny_chat_gguf(path, seed=0):
-    """A 2-layer random Llama with a real (tiny) tokenizer and chat template, as a GGUF file."""
-    import gguf
-
-    tokens = SPECIALS + _byte_alphabet() + ["".join(m.split(" ")) for m in MERGES]
-    V, D, F = len(tokens), CONFIG["hidden"], CONFIG["ffn"]
-    H, KVH, hd = CONFIG["n_heads"], CONFIG["n_kv_heads"], CONFIG["head_dim"]
-    rng = np.random.default_rng(seed)
-
-    def mat(rows, cols, scale=1.0):
-        return (scale * rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-chat")
-    w.add_uint32("llama.context_length", CONFIG["context_length"])
-    w.add_uint32("llama.embedding_length", D)
-    w.add_uint32("llama.block_count", CONFIG["n_layers"])
-    w.add_uint32("llama.feed_forward_length", F)
-    w.add_uint32("llama.attention.head_count", H)
-    w.add_uint32("llama.attention.head_count_kv", KVH)
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "smollm")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", [3] * len(SPECIALS) + [1] * (len(tokens) - len(SPECIALS)))
-    w.add_array("tokenizer.ggml.merges", MERGES)
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_string("tokenizer.chat_template", TEMPLATE)
-    out = mat(V, D, 4.0)           # sharp logits: greedy choices are far from ties
-    out[2] *= 0.3                  # <|im_end|> is rare, so replies run to max_tokens mostly
-    tensors = {"token_embd.weight": rng.standard_normal((V, D)).astype(np.float32),
-               "output_norm.weight": np.ones(D, np.float32), "output.weight": out}
-    for i in range(CONFIG["n_layers"]):
-        p = f"blk.{i}"
-        tensors.update({
-            f"{p}.attn_norm.weight": np.ones(D, np.float32), f"{p}.ffn_norm.weight": np.ones(D, np.float32),
-            f"{p}.attn_q.weight": mat(H * hd, D), f"{p}.attn_k.weight": mat(KVH * hd, D),
-            f"{p}.attn_v.weight": mat(KVH * hd, D), f"{p}.attn_output.weight": mat(D, H * hd),
-            f"{p}.ffn_gate.weight": mat(F, D), f"{p}.ffn_up.weight": mat(F, D), f"{p}.ffn_down.weight": mat(D, F)})
-    for name, arr in tensors.items():
-        w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
 
 
 class TinyChat:

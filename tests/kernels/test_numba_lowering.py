@@ -7,29 +7,17 @@ import pytest
 pytest.importorskip("numba")
 
 import isthmus  # noqa: E402
-from isthmus.compiler.frontends import Model  # noqa: E402
-from isthmus.compiler.frontends.llama import build_llama  # noqa: E402
 from isthmus.compiler.ir import Graph  # noqa: E402
 from isthmus.compiler.passes.fusion import format_groups, fuse  # noqa: E402
+from tiny_models import tiny_llama_model  # noqa: E402  # tests/support, on pythonpath
 
 # hidden and ffn are multiples of 32 so every linear is really quantized
 CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=67,
            rms_eps=1e-5, rope_theta=10000.0, context_length=48)
 
 
-def _conftest():
-    import importlib.util
-    from pathlib import Path
-
-    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def tiny(quant, layout="interleaved", seed=0):
-    g = build_llama(CFG, _conftest().tiny_llama_weights(CFG, seed=seed, quant=quant), rope_layout=layout, name="tiny")
-    return Model(g, "tiny", "test", dict(CFG))
+    return tiny_llama_model(CFG, seed=seed, quant=quant, layout=layout)
 
 
 def feeds(model, batch, seq, past, seed=0):

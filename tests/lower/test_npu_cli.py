@@ -1,23 +1,16 @@
 """`isthmus profile MODEL --target npu`: the per-op table and a Perfetto trace naming graph nodes."""
 
 import json
-import importlib.util
-from pathlib import Path
 
 import pytest
 
 import isthmus
 from isthmus.cli import main
+from tiny_models import tiny_llama_model  # tests/support, on pythonpath
 
 
 def _tiny_model():
-    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    from isthmus.compiler.frontends import Model
-    from isthmus.compiler.frontends.llama import build_llama
-    g = build_llama(conftest.TINY_CONFIG, conftest.tiny_llama_weights(), rope_layout="half", name="tiny")
-    return Model(g, "tiny", "test", dict(conftest.TINY_CONFIG))
+    return tiny_llama_model()
 
 
 def test_profile_prints_ops_and_writes_a_trace(monkeypatch, tmp_path, capsys):

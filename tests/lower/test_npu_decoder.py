@@ -3,15 +3,11 @@ on tiny random models: every precision, both rope layouts, quantized weights, pr
 power-of-two chunking, window growth, interleaved conversations, generation; plus the per-op path
 on the same graph (run() with past_* inputs) and the fallbacks."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 import isthmus
 from isthmus.compiler.frontends import Model
-from isthmus.compiler.frontends.llama import build_llama
 from isthmus.compiler.lower.npu import NpuDecoder, lower_npu
 from isthmus.compiler.lower.npu_decoder import assign_slots
 from isthmus.compiler.lower.npu_match import match_llama
@@ -20,6 +16,7 @@ from isthmus.errors import InputError
 from isthmus.runtime.generate import generate
 from isthmus.runtime.kv_cache import FunctionalDecoder
 from isthmus.runtime.sampling import SamplingParams
+from tiny_models import tiny_llama_model  # tests/support, on pythonpath
 
 # head_dim 16 (slots of 32 partitions), hidden/ffn multiples of 32 so the linears really quantize
 CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=6, n_kv_heads=2, head_dim=16, vocab_size=131,
@@ -27,16 +24,8 @@ CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=6, n_kv_heads=2, head_dim=16, 
 TOL = {"f32": 1e-5, "bf16x3": 1e-4, "bf16": 3e-2}       # of max |logit|
 
 
-def _conftest():
-    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def tiny(quant=None, layout="interleaved", cfg=CFG, seed=0) -> Model:
-    g = build_llama(cfg, _conftest().tiny_llama_weights(cfg, seed=seed, quant=quant), rope_layout=layout, name="tiny")
-    return Model(g, "tiny", "test", dict(cfg))
+    return tiny_llama_model(cfg, seed=seed, quant=quant, layout=layout)
 
 
 def npu(model, precision):

@@ -4,19 +4,17 @@ A change to the generated code (tiling, scheduling, semaphores, layouts) shows u
 tests/lower/golden/decode_step.s in review. After a deliberate change, rewrite it with
 `ISTHMUS_UPDATE_GOLDEN=1 pytest tests/lower/test_npu_golden.py` and review the diff."""
 
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 
-from isthmus.compiler.frontends import Model
-from isthmus.compiler.frontends.llama import build_llama
 from isthmus.compiler.lower.npu import lower_npu
 from isthmus.compiler.lower.npu_decoder import build_chunk_program, resident_values
 from isthmus.compiler.passes.pipeline import run_pipeline
 from isthmus.npu import sim
 from isthmus.npu.asm import format_program, parse_program
+from tiny_models import tiny_llama_model  # tests/support, on pythonpath
 
 GOLDEN = Path(__file__).parent / "golden" / "decode_step.s"
 CFG = dict(n_layers=1, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=32, vocab_size=40,
@@ -24,12 +22,8 @@ CFG = dict(n_layers=1, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=32, 
 
 
 def _program():
-    spec = importlib.util.spec_from_file_location("_tests_conftest", Path(__file__).parents[1] / "conftest.py")
-    conftest = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(conftest)
-    g = build_llama(CFG, conftest.tiny_llama_weights(CFG, seed=3, quant="q8_0"), rope_layout="interleaved",
-                    name="golden")
-    exe = lower_npu(run_pipeline(g), model=Model(g, "golden", "test", dict(CFG)), precision="bf16x3",
+    model = tiny_llama_model(CFG, seed=3, quant="q8_0", layout="interleaved", name="golden")
+    exe = lower_npu(run_pipeline(model.graph), model=model, precision="bf16x3",
                     config="datacenter", eager=False)
     return exe, build_chunk_program(exe.image, 1, 64)
 

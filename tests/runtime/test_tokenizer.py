@@ -7,7 +7,6 @@ slow tests compare the default model's tokenizer with transformers' (a test-only
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -15,23 +14,9 @@ from hypothesis import strategies as st
 from isthmus.compiler.frontends.gguf import read_gguf
 from isthmus.errors import InputError, ModelFormatError, UnsupportedError
 from isthmus.runtime.tokenizer import StreamDecoder, Tokenizer, render_chat
+from tiny_models import SPECIALS, TEMPLATE, byte_alphabet  # tests/support, on pythonpath
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ Ġ", "i n"]
-TEMPLATE = (
-    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-
-
-def byte_alphabet():
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    spelled, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in spelled:
-            spelled[b] = chr(256 + extra)
-            extra += 1
-    return [spelled[b] for b in range(256)]
 
 
 def write_vocab(path, model="gpt2", pre="smollm", merges=MERGES, **extra):

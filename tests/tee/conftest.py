@@ -9,76 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}"
-            "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-TINY = dict(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, context_length=256)
-
-
-def _byte_tokens() -> list[str]:
-    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
-    spelled, extra = {b: chr(b) for b in printable}, 0
-    for b in range(256):
-        if b not in spelled:
-            spelled[b] = chr(256 + extra)
-            extra += 1
-    return [spelled[b] for b in range(256)]
-
-
-def write_chat_gguf(path: Path, seed: int = 0) -> Path:
-    """A 2-layer Llama with random weights and a byte-level vocabulary (260 tokens): it chats
-    (nonsense) through the whole stack in milliseconds."""
-    import gguf
-
-    tokens = SPECIALS + _byte_tokens() + ["Ġt"]
-    V, D, F, H, KVH, hd = len(tokens), TINY["hidden"], TINY["ffn"], TINY["n_heads"], TINY["n_kv_heads"], TINY["head_dim"]
-    rng = np.random.default_rng(seed)
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_string("general.name", "tiny-chat")
-    w.add_uint32("llama.block_count", TINY["n_layers"])
-    w.add_uint32("llama.embedding_length", D)
-    w.add_uint32("llama.feed_forward_length", F)
-    w.add_uint32("llama.attention.head_count", H)
-    w.add_uint32("llama.attention.head_count_kv", KVH)
-    w.add_uint32("llama.context_length", TINY["context_length"])
-    w.add_float32("llama.attention.layer_norm_rms_epsilon", 1e-5)
-    w.add_float32("llama.rope.freq_base", 10000.0)
-    w.add_string("tokenizer.ggml.model", "gpt2")
-    w.add_string("tokenizer.ggml.pre", "smollm")
-    w.add_array("tokenizer.ggml.tokens", tokens)
-    w.add_array("tokenizer.ggml.token_type", [3] * len(SPECIALS) + [1] * 257)
-    w.add_array("tokenizer.ggml.merges", ["Ġ t"])
-    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
-    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_string("tokenizer.chat_template", TEMPLATE)
-
-    def mat(rows, cols):
-        return (rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
-
-    w.add_tensor("token_embd.weight", rng.standard_normal((V, D)).astype(np.float32))
-    w.add_tensor("output_norm.weight", np.ones(D, np.float32))
-    w.add_tensor("output.weight", 2 * mat(V, D))        # untied: tied random embeddings repeat the last token
-    for i in range(TINY["n_layers"]):
-        p = f"blk.{i}"
-        w.add_tensor(f"{p}.attn_norm.weight", np.ones(D, np.float32))
-        w.add_tensor(f"{p}.attn_q.weight", mat(H * hd, D))
-        w.add_tensor(f"{p}.attn_k.weight", mat(KVH * hd, D))
-        w.add_tensor(f"{p}.attn_v.weight", mat(KVH * hd, D))
-        w.add_tensor(f"{p}.attn_output.weight", mat(D, H * hd))
-        w.add_tensor(f"{p}.ffn_norm.weight", np.ones(D, np.float32))
-        w.add_tensor(f"{p}.ffn_gate.weight", mat(F, D))
-        w.add_tensor(f"{p}.ffn_up.weight", mat(F, D))
-        w.add_tensor(f"{p}.ffn_down.weight", mat(D, F))
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
-
+from tiny_models import write_tiny_chat_gguf  # tests/support, on pythonpath
 
 @pytest.fixture(scope="session")
 def chat_gguf(tmp_path_factory) -> Path:
-    return write_chat_gguf(tmp_path_factory.mktemp("tee-model") / "tiny-chat.gguf")
+    return write_tiny_chat_gguf(tmp_path_factory.mktemp("tee-model") / "tiny-chat.gguf")
 
 
 @pytest.fixture
