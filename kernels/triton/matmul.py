@@ -22,19 +22,24 @@ GEMV_MAX_M = 4
 
 
 @triton.jit
-def _matmul_kernel(A, B, C, bias_ptr, R, M, N, K, M_BUCKET,
-                   sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, srb, srm, srn,
-                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    batch = tl.program_id(1).to(tl.int64)
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """The (row, column) output tile of program `pid`, walking GROUP_M row tiles down a column
+    before moving right, so neighbouring programs share operand tiles in L2."""
     n_m = tl.cdiv(M, BLOCK_M)
     n_n = tl.cdiv(N, BLOCK_N)
     width = GROUP_M * n_n
     first_m = (pid // width) * GROUP_M
     group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    return first_m + (pid % width) % group_rows, (pid % width) // group_rows
+
+
+@triton.jit
+def _matmul_kernel(A, B, C, bias_ptr, R, M, N, K, M_BUCKET,
+                   sab, sam, sak, sbb, sbk, sbn, scb, scm, scn, srb, srm, srn,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, EVEN_K: tl.constexpr, DOT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    batch = tl.program_id(1).to(tl.int64)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from ._util import check_float, dot_dtype, interpreting, launch, pow2
+from .matmul import grouped_tile
 
 GEMV_MAX_M = 4
 QTYPES = {"q4_0": 0, "q4_1": 1, "q8_0": 2}
@@ -142,14 +143,7 @@ def _qgemv_kernel(X, QS, D, MN, Y, bias_ptr, R, N, K, sxm, sym, srm,
 def _qmatmul_kernel(X, QS, D, MN, Y, bias_ptr, R, M, N, K, M_BUCKET, sxm, sym, srm,
                     QTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, DOT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    pid = tl.program_id(0)
-    n_m = tl.cdiv(M, BLOCK_M)
-    n_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * n_n
-    first_m = (pid // width) * GROUP_M
-    group_rows = tl.minimum(n_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % group_rows
-    pid_n = (pid % width) // group_rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = (offs_m % M).to(tl.int64)
