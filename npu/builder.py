@@ -97,6 +97,16 @@ class Tile:
                   ((nc, 1),))
 
 
+def declare_tensor(tensors: list[TensorDecl], top: int, name: str, shape, dtype: str, kind: str,
+                   align: int) -> TensorDecl:
+    """Append a named HBM tensor at the first `align`-byte boundary at or after `top`."""
+    if any(o.name == name for o in tensors):
+        raise NpuError(f"tensor {name} is declared twice")
+    t = TensorDecl(name, dtype, tuple(int(d) for d in shape), -(-top // align) * align, kind)
+    tensors.append(t)
+    return t
+
+
 class ProgramBuilder:
     def __init__(self, config: NpuConfig | str | None = None):
         self.config = load_config(config)
@@ -110,12 +120,8 @@ class ProgramBuilder:
 
     # -- memory ---------------------------------------------------------------------------------------------
     def tensor(self, name: str, shape, dtype: str, kind: str = "input", align: int = 64) -> HbmTensor:
-        offset = -(-self._hbm_top // align) * align
-        t = TensorDecl(name, dtype, tuple(int(d) for d in shape), offset, kind)
-        if any(o.name == name for o in self.tensors):
-            raise NpuError(f"tensor {name} is declared twice")
-        self.tensors.append(t)
-        self._hbm_top = offset + t.nbytes
+        t = declare_tensor(self.tensors, self._hbm_top, name, shape, dtype, kind, align)
+        self._hbm_top = t.offset + t.nbytes
         return HbmTensor(t)
 
     def _alloc(self, space, free, dtype, partitions, align) -> Tile:

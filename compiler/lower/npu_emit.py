@@ -28,6 +28,7 @@ import numpy as np
 
 from isthmus.compiler.lower.npu_tiles import Allocator, Hbm, Tile  # noqa: F401  (the emitter's vocabulary)
 from isthmus.errors import NpuError
+from isthmus.npu.builder import declare_tensor
 from isthmus.npu.config import NpuConfig, load_config
 from isthmus.npu.isa import AP, DTYPES, ENGINES, OPS, Instruction, Program, TensorDecl
 from isthmus.npu.races import footprint_box, overlap
@@ -92,12 +93,8 @@ class Emitter:
 
     # -- HBM --------------------------------------------------------------------------------------------
     def tensor(self, name: str, shape, dtype: str, kind: str = "input", align: int = 64) -> Hbm:
-        offset = -(-self._hbm_top // align) * align
-        t = TensorDecl(name, dtype, tuple(int(d) for d in shape), offset, kind)
-        if any(o.name == name for o in self.tensors):
-            raise NpuError(f"tensor {name} is declared twice")
-        self.tensors.append(t)
-        self._hbm_top = offset + t.nbytes
+        t = declare_tensor(self.tensors, self._hbm_top, name, shape, dtype, kind, align)
+        self._hbm_top = t.offset + t.nbytes
         return Hbm(t)
 
     # -- SBUF / PSUM ------------------------------------------------------------------------------------
