@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="fetch again even if cached")
     p.set_defaults(fn=cmd_pull)
 
+    p = sub.add_parser("list", parents=[common], help="the pulled models: name, size, digest, modified")
+    p.add_argument("--json", action="store_true", help="print JSON (with the full sha256)")
+    p.set_defaults(fn=cmd_list)
+
+    p = sub.add_parser("rm", parents=[common], help="remove pulled models from the cache")
+    p.add_argument("models", nargs="+", metavar="MODEL", help="registry name, as `isthmus list` shows it")
+    p.set_defaults(fn=cmd_rm)
+
     p = sub.add_parser("info", parents=[common], help="architecture, parameters, quantization, op histogram")
     _add_model(p)
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -76,7 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_run)
 
     p = sub.add_parser("chat", parents=[common], help="chat with a model (the default model unless --model)")
-    p.add_argument("prompt", help="the user message")
+    p.add_argument("prompt", nargs="?", default=None,
+                   help="the user message (none: stdin if piped, else an interactive session; /? there for help)")
     _add_model(p, required=False)
     _add_target(p)
     p.add_argument("--system", help="a system message")
@@ -107,6 +116,36 @@ def cmd_pull(args) -> int:
     from isthmus.models import DEFAULT_MODEL, pull
     path = pull(args.name or DEFAULT_MODEL, force=args.force)
     print(path)
+    return 0
+
+
+def cmd_list(args) -> int:
+    import json
+
+    from isthmus.models import list_pulled
+    models = list_pulled()
+    if args.json:
+        print(json.dumps([{"name": m.name, "path": str(m.path), "size": m.size, "sha256": m.sha256,
+                           "modified": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(m.modified)),
+                           "intact": m.intact} for m in models], indent=2))
+        return 0
+    rows = [("NAME", "ID", "SIZE", "MODIFIED")] + [
+        (m.name, m.sha256[:12] + ("" if m.intact else " (corrupt: pull --force)"), f"{m.size / 1e6:.0f} MB",
+         time.strftime("%Y-%m-%d %H:%M", time.localtime(m.modified))) for m in models]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print("    ".join(c.ljust(w) for c, w in zip(r, widths)) + "    " + r[3])
+    return 0
+
+
+def cmd_rm(args) -> int:
+    from isthmus.models import pulled_path, remove
+    names = list(dict.fromkeys(args.models))
+    for name in names:    # check them all first: nothing is removed if one name is wrong
+        pulled_path(name)
+    for name in names:
+        remove(name)
+        print(f"deleted '{name}'")
     return 0
 
 
@@ -211,6 +250,16 @@ def cmd_chat(args) -> int:
     import isthmus
 
     t0 = time.perf_counter()
+    interactive = args.prompt is None and sys.stdin is not None and sys.stdin.isatty()
+    if args.prompt is None and not interactive:    # piped: all of stdin is one prompt, as `ollama run`
+        try:
+            # without the newline `echo` ends it with: `echo Q | isthmus chat` asks what `isthmus chat Q` asks
+            args.prompt = sys.stdin.read().rstrip() if sys.stdin is not None else ""
+        except UnicodeDecodeError as e:
+            raise InputError(f"stdin is not text in the locale's encoding ({e.reason})") from None
+    if not interactive and not args.prompt.strip():
+        raise InputError("the prompt is empty (give one as an argument, on stdin, or none on a terminal "
+                         "for an interactive session)")
     session = None
     if args.sealed:    # the simulated TEE: attest, get the key, unseal in memory, check the program
         from isthmus.runtime.tee.cli import open_sealed
@@ -221,6 +270,9 @@ def cmd_chat(args) -> int:
         exe = isthmus.compile(model, target=args.target)
     load_seconds = time.perf_counter() - t0
     try:
+        if interactive:
+            from isthmus.chat_repl import repl
+            return repl(exe, args, load_seconds, session.timings if session else None)
         return _chat(args, exe, t0, load_seconds, session)
     finally:
         if session is not None:
@@ -239,18 +291,21 @@ def _chat(args, exe, t0: float, load_seconds: float, session) -> int:
         sys.stdout.flush()
     sys.stdout.write("\n")
     if args.verbose:
-        s = stream.stats
-        total = time.perf_counter() - t0
-        lines = [("total duration", _dur(total)), ("load duration", _dur(load_seconds)),
-                 *((f"  {k} duration", _dur(v)) for k, v in (session.timings.items() if session else ())),
-                 ("prompt eval count", f"{s.prompt_tokens} token(s)"),
-                 ("prompt eval duration", _dur(s.prompt_seconds)),
-                 ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),
-                 ("eval count", f"{s.eval_tokens} token(s)"), ("eval duration", _dur(s.eval_seconds)),
-                 ("eval rate", f"{s.eval_rate:.2f} tokens/s")]
-        for k, v in lines:
-            print(f"{k + ':':<22}{v}", file=sys.stderr)
+        print_timings(stream.stats, time.perf_counter() - t0, load_seconds, session.timings if session else {})
     return 0
+
+
+def print_timings(s, total: float, load_seconds: float, timings: dict) -> None:
+    """The --verbose lines of one reply on stderr, as `ollama run --verbose`."""
+    lines = [("total duration", _dur(total)), ("load duration", _dur(load_seconds)),
+             *((f"  {k} duration", _dur(v)) for k, v in timings.items()),
+             ("prompt eval count", f"{s.prompt_tokens} token(s)"),
+             ("prompt eval duration", _dur(s.prompt_seconds)),
+             ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),
+             ("eval count", f"{s.eval_tokens} token(s)"), ("eval duration", _dur(s.eval_seconds)),
+             ("eval rate", f"{s.eval_rate:.2f} tokens/s")]
+    for k, v in lines:
+        print(f"{k + ':':<22}{v}", file=sys.stderr)
 
 
 def _dur(seconds: float) -> str:

@@ -228,3 +228,67 @@ def load(name_or_path=DEFAULT_MODEL):
 
     return load_model(resolve(name_or_path))
 
+
+
+# -- the cache: list and remove pulled models ------------------------------------------------------
+
+@dataclass(frozen=True)
+class CachedModel:
+    name: str
+    path: Path
+    size: int             # bytes on disk
+    sha256: str           # of the file as it is now (hashed on every listing)
+    modified: float       # mtime, seconds since the epoch
+
+    @property
+    def intact(self) -> bool:
+        """The file is what the registry says it should be (size and sha256)."""
+        spec = REGISTRY[self.name]
+        return self.size == spec.size and self.sha256 == spec.sha256
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def list_pulled() -> list[CachedModel]:
+    """The registry models present in the cache, by name."""
+    found = []
+    for name, spec in sorted(REGISTRY.items()):
+        path = cache_path(spec)
+        try:
+            st = path.stat()
+            if not path.is_file():
+                continue
+            found.append(CachedModel(name, path, st.st_size, _sha256_file(path), st.st_mtime))
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise ModelFormatError(f"cannot read the cached model {path}: {e.strerror or e}") from None
+    return found
+
+
+def pulled_path(name: str) -> Path:
+    """The cache file of a pulled registry model; an error naming the problem if there is none."""
+    if name not in REGISTRY:
+        raise ModelFormatError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}")
+    path = cache_path(REGISTRY[name])
+    if not path.is_file():
+        raise ModelFormatError(f"{name} is not pulled (no {path}); `isthmus list` shows what is")
+    return path
+
+
+def remove(name: str) -> Path:
+    """Delete a pulled model from the cache; returns the path it had."""
+    path = pulled_path(name)
+    try:
+        path.unlink()
+    except FileNotFoundError:   # removed by someone else meanwhile
+        raise ModelFormatError(f"{name} is not pulled (no {path}); `isthmus list` shows what is") from None
+    except OSError as e:
+        raise ModelFormatError(f"cannot remove {path}: {e.strerror or e}") from None
+    return path
