@@ -26,6 +26,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from isthmus import __version__
+from isthmus.errors import IsthmusError
 from isthmus.interop import openai_api as api
 from isthmus.interop.metrics import Metrics
 from isthmus.interop.tenants import AuthError, Tenant, Tenants
@@ -42,7 +43,27 @@ class ServerState:
     def __init__(self, engines: dict, tenants: Tenants, metrics: Metrics, limits: Limits, attestation=None):
         self.engines, self.tenants, self.metrics, self.limits = engines, tenants, metrics, limits
         self.attestation = attestation          # anything with report(nonce: bytes) -> bytes, or None
+        self.usage = None                       # a runtime.privacy.UsageStats, or None: see record_usage
         self.created = int(time.time())
+
+    # -- the usage hook (differentially private statistics, runtime/privacy.py) ------------------
+    @staticmethod
+    def usage_user(authorization: str | None, end_user: str | None = None) -> str:
+        """Who a request counts for: the end-user id the client sent, else the SHA-256 of its API key."""
+        from isthmus.interop.tenants import hash_key
+        if end_user:
+            return "end-user:" + end_user
+        return "api-key:" + hash_key((authorization or "").partition(" ")[2].strip())
+
+    def record_usage(self, tenant_id: str, user: str, tokens: int, messages: int = 1) -> None:
+        """Call once per completed request (chat completion, answered webhook message): counts that
+        leave only through `isthmus usage export`, with differential privacy. Never raises."""
+        if self.usage is None:
+            return
+        try:
+            self.usage.record(tenant_id, user, time.time(), messages, tokens)
+        except Exception:
+            log.warning("usage statistics: a completed request was not counted", exc_info=True)
 
     def engine_for(self, model: str, tenant: Tenant):
         engine = self.engines.get(model)
@@ -93,14 +114,16 @@ class Health(BaseModel):
 
 
 def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None = None, metrics: Metrics | None = None,
-               attestation=None, whatsapp=None) -> FastAPI:
+               attestation=None, whatsapp=None, usage=None) -> FastAPI:
     """`engines`: {model id: Engine} (or one Engine, served under its name). `attestation`: an object
     with `report(nonce) -> bytes` (the simulated TEE's EnclaveSession). `whatsapp`: a
-    `webhook.WhatsAppAdapter` to mount at /webhooks/whatsapp."""
+    `webhook.WhatsAppAdapter` to mount at /webhooks/whatsapp. `usage`: a `runtime.privacy.UsageStats`
+    that counts completed requests (`ServerState.record_usage`)."""
     if not isinstance(engines, dict):
         engines = {engines.name: engines}
     metrics = metrics or Metrics()
     state = ServerState(engines, tenants or Tenants(), metrics, limits or Limits(), attestation)
+    state.usage = usage
     for e in engines.values():
         e.metrics = metrics
     metrics.gauge("isthmus_running_sequences", "sequences in the decode batch",
@@ -175,7 +198,14 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
         if state.attestation is None:
             raise api.ApiError(503, "This server runs without the simulated TEE, so it has no attestation report.",
                                "server_error", code="attestation_unavailable", headers={"Retry-After": "3600"})
-        raw = await run_in_threadpool(state.attestation.report, bytes.fromhex(nonce))
+        # A sealed server's report binds, in its user data, this nonce and the loaded package's identity
+        # (tenant, model, version, header digest, Merkle root, owner key), which PCR3 measures.
+        try:
+            raw = await run_in_threadpool(state.attestation.report, bytes.fromhex(nonce))
+        except IsthmusError as e:             # e.g. the audit log cannot be written: no unlogged report
+            log.error("attestation refused: %s", e)
+            raise api.ApiError(503, "The attestation report cannot be made right now.", "server_error",
+                               code="attestation_unavailable", headers={"Retry-After": "60"}) from None
         return Response(raw, media_type="application/json")
 
     @app.get("/health", response_model=Health, summary="Liveness and load", tags=["ops"])

@@ -78,8 +78,9 @@ def build(args):
         attestation, enclave = None, None     # no attested key, so no end-to-end envelopes either
     engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting)
     whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
+    from isthmus.runtime.privacy import UsageStats      # counts under $ISTHMUS_HOME/usage, released only with DP
     app = create_app({model_id: engine}, tenants=tenants, limits=Limits(args.max_body_bytes),
-                     attestation=attestation, whatsapp=whatsapp)
+                     attestation=attestation, whatsapp=whatsapp, usage=UsageStats.local())
     return app, session, tenants
 
 

@@ -299,6 +299,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": state.fingerprint(engine)}
     run = _Run(state, engine, ticket, queue, t_arrival, labels)
+    run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return SSEResponse(run.stream(head, n, len(ids), include_usage, top is not None), on_close=ticket.cancel)
@@ -324,6 +325,13 @@ class _Run:
         if isinstance(event, Finished):
             self.state.metrics.completion_tokens.inc(event.completion_tokens, **self.labels)
 
+    user: str | None = None         # who the request counts for in the usage statistics
+
+    def _count(self, tokens: int) -> None:
+        """The request completed: one message answered, `tokens` used (ServerState.record_usage)."""
+        if self.user is not None:
+            self.state.record_usage(self.labels["tenant"], self.user, tokens)
+
     async def collect(self, head: dict, n: int, n_prompt: int, logprobs: bool, request: Request) -> dict:
         texts, logs, reasons, completion = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, 0
         remaining = n
@@ -348,6 +356,7 @@ class _Run:
         choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
                     "logprobs": {"content": logs[i], "refusal": None} if logprobs else None,
                     "finish_reason": reasons[i]} for i in range(n)]
+        self._count(n_prompt + completion)
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
                           "total_tokens": n_prompt + completion}}
@@ -379,6 +388,7 @@ class _Run:
                     completion += event.completion_tokens
                     remaining -= 1
                     yield chunk(event.index, {}, event.reason)
+            self._count(n_prompt + completion)
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
                                                              "total_tokens": n_prompt + completion}})

@@ -226,15 +226,82 @@ def pcrs_allowed(pcrs: dict[str, str], allow_list: list[dict]) -> bool:
                for entry in allow_list)
 
 
+_NUMBER = (int, float)
+POLICY_FIELDS = {"root_sha256": str, "pcrs": list, "max_age_s": _NUMBER, "allow_debug": bool, "module_id": str,
+                 "tenant": str, "model": str, "version": int, "min_version": int, "owner_key_sha256": str,
+                 "merkle_root": str, "header_sha384": str, "package": str}
+# Policy fields checked against the package the report claims (and PCR3 proves): exact matches,
+# but min_version, which accepts the package's version or any later one.
+PACKAGE_FIELDS = ("tenant", "model", "version", "min_version", "owner_key_sha256", "merkle_root", "header_sha384",
+                  "package")
+
+
+def package_claim(report: Report) -> dict | None:
+    """The package identity an enclave states in a verifier's report (`EnclaveSession.claim`), after
+    checking that the claim carries the report's nonce and that its digest is what PCR3 measured.
+    None when the enclave states that it has loaded no package."""
+    from isthmus.runtime.tee.measurement import PACKAGE, expected_package_pcr
+    try:
+        doc = json.loads(report.user_data)
+        ok = isinstance(doc, dict) and doc.get("purpose") == "attestation" and set(doc) == {"purpose", "nonce", "package"}
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        ok = False
+    if not ok:
+        raise AttestationError("the report's user data is not an enclave's package claim (a report from "
+                               "`isthmus attest --user-data`, or from an older isthmus?)")
+    if doc["nonce"] != report.nonce.hex():
+        raise AttestationError("the report's package claim carries another nonce than the report")
+    identity = doc["package"]
+    if identity is None:
+        return None
+    if not isinstance(identity, dict) or expected_package_pcr(identity) != report.pcrs.get(str(PACKAGE)):
+        raise AttestationError(f"the report's package claim does not match its PCR{PACKAGE} measurement")
+    return identity
+
+
+def _check_package(report: Report, policy: dict) -> None:
+    named = [k for k in PACKAGE_FIELDS if k in policy]
+    if not named:
+        return
+    claim = package_claim(report)
+    if claim is None:
+        raise AttestationError(f"the policy names a package ({', '.join(named)}) but the enclave reports that it "
+                               "has loaded none")
+    for key in named:
+        want, have = policy[key], claim.get("version" if key == "min_version" else key)
+        if key == "min_version":
+            if not isinstance(have, int) or have < want:
+                raise AttestationError(f"the enclave runs version {have}, older than the policy's min_version {want}")
+        elif _fold(key, have) != _fold(key, want):
+            raise AttestationError(f"the enclave runs a package with {key} {have!r}, not the policy's {want!r}")
+
+
+def _fold(key: str, value):
+    """Hex digests compare case-insensitively; names and versions exactly."""
+    return value.lower() if key not in ("tenant", "model") and isinstance(value, str) else value
+
+
 def check_policy(raw: bytes, policy: dict, *, nonce: bytes | None = None, now: float | None = None) -> Report:
     """What a third party does with a report: every check of `verify_report`, then the policy:
 
         {"root_sha256": hex, "pcrs": [{"0": hex, "1": hex, "2": hex}, ...], "max_age_s": 300,
-         "allow_debug": false, "module_id": "isthmus-simulated-enclave"}
+         "allow_debug": false, "module_id": "isthmus-simulated-enclave",
+         "tenant": "acme", "model": "m", "version": 3 (or "min_version": 3), "owner_key_sha256": hex,
+         "merkle_root": hex, "header_sha384": hex, "package": hex}
 
-    and, when given, that the report carries `nonce`. AttestationError names the first failed check."""
+    and, when given, that the report carries `nonce`. Every field the policy names is enforced; the
+    package fields against the identity the enclave claims in its user data, which must match its
+    PCR3. A field not listed here is refused, so a misspelt check cannot pass silently.
+    AttestationError names the first failed check."""
     if not isinstance(policy, dict) or not isinstance(policy.get("root_sha256"), str):
         raise AttestationError("the policy must be a JSON object with root_sha256 (the pinned root's fingerprint)")
+    unknown = sorted(set(policy) - set(POLICY_FIELDS))
+    if unknown:
+        raise AttestationError(f"the policy has unknown field(s) {', '.join(unknown)}; known: "
+                               f"{', '.join(POLICY_FIELDS)}")
+    for key, kind in POLICY_FIELDS.items():
+        if key in policy and (not isinstance(policy[key], kind) or (kind is not bool and isinstance(policy[key], bool))):
+            raise AttestationError(f"policy field {key} has the wrong type")
     allow = policy.get("pcrs", [])
     if not isinstance(allow, list) or not allow:
         raise AttestationError("the policy must list at least one allowed PCR set under pcrs")
@@ -253,6 +320,7 @@ def check_policy(raw: bytes, policy: dict, *, nonce: bytes | None = None, now: f
         raise AttestationError(f"module {report.module_id!r} is not the policy's {policy['module_id']!r}")
     if not pcrs_allowed(report.pcrs, allow):
         raise AttestationError("the report's PCRs match no entry of the policy's allow-list")
+    _check_package(report, policy)
     return report
 
 

@@ -31,7 +31,7 @@ from isthmus.errors import InputError, SealError
 from isthmus.runtime.tee import measurement
 from isthmus.runtime.tee.attestation import Platform, random_nonce
 from isthmus.runtime.tee.conversations import DEFAULT_BUDGET, ConversationStore
-from isthmus.runtime.tee.crypto import public_bytes, sha384, unwrap_with, zeroise
+from isthmus.runtime.tee.crypto import canonical, public_bytes, sha384, unwrap_with, zeroise
 from isthmus.runtime.tee.keyrelease import key_request
 from isthmus.runtime.tee.package import Package, read_header, unseal
 from isthmus.runtime.tee.payload import sections
@@ -39,9 +39,10 @@ from isthmus.runtime.tee.payload import sections
 
 class EnclaveSession:
     def __init__(self, platform: Platform, *, target: str | None = None, debug: bool = False,
-                 kv_budget_bytes: int = DEFAULT_BUDGET, blob_store: MutableMapping | None = None):
+                 kv_budget_bytes: int = DEFAULT_BUDGET, blob_store: MutableMapping | None = None, audit=None):
         from isthmus.runtime.executable import default_target
         self.platform, self.debug = platform, debug
+        self.audit = audit                                  # an audit.AuditLog, or None: reports are not logged
         self.target = target or default_target()
         self._key = X25519PrivateKey.generate()
         self._secret = bytearray(os.urandom(32))          # per-session root of the per-tenant keys
@@ -61,15 +62,33 @@ class EnclaveSession:
     def pcrs(self) -> dict[str, str]:
         return self.registers.as_dict()
 
-    def report(self, nonce: bytes, user_data: bytes = b"") -> bytes:
-        """A signed attestation report of this enclave: its registers, key, debug flag, and the caller's data."""
-        return self.platform.sign_report(pcrs=self.pcrs, enclave_key=self.public_key, nonce=nonce,
-                                         user_data=user_data, debug=self.debug)
+    def claim(self, nonce: bytes) -> bytes:
+        """The user data of a report for a verifier: the verifier's nonce and the identity of the
+        package this enclave measured (None before one is), whose digest PCR3 holds."""
+        return canonical({"purpose": "attestation", "nonce": nonce.hex(),
+                          "package": self.package.identity() if self.package is not None else None})
+
+    def report(self, nonce: bytes, user_data: bytes | None = None) -> bytes:
+        """A signed attestation report of this enclave: its registers, key, debug flag, and user data:
+        the caller's, or by default `claim(nonce)`. Logged to the audit log when there is one."""
+        if user_data is None:
+            user_data = self.claim(nonce)
+        raw = self.platform.sign_report(pcrs=self.pcrs, enclave_key=self.public_key, nonce=nonce,
+                                        user_data=user_data, debug=self.debug)
+        if self.audit is not None:
+            h = self.package.header if self.package is not None else None
+            self.audit.record("attestation", report_sha384=sha384(raw).hex(), nonce=nonce.hex(),
+                              purpose=_purpose(user_data),
+                              enclave_key=self.public_key.hex(), tenant=h and h.tenant, model=h and h.model,
+                              version=h and h.version)
+        return raw
 
     def measure_program(self, pkg: Package) -> None:
+        """Measure a package before it is loaded: its compiled program into PCR1, its identity into PCR3."""
         if self.package is not None:
             raise InputError("this enclave session already runs a sealed model; start another session")
         self.registers.extend(measurement.PROGRAM, pkg.header.program_digest, "compiled program")
+        self.registers.extend(measurement.PACKAGE, measurement.identity_digest(pkg.identity()), "package identity")
         self.package = pkg
 
     # -- loading ---------------------------------------------------------------------------------
@@ -240,6 +259,16 @@ class _Turn:
             if started or self.stream.token_ids:    # a turn that failed before generating keeps no history
                 self.conv.messages = self.history + [{"role": "assistant", "content": self.stream.text}]
             self.store.enforce_budget()
+
+
+def _purpose(user_data: bytes) -> str:
+    """What a report is for, as its user data says: "key-release", "attestation", or "other"."""
+    try:
+        doc = json.loads(user_data)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return "other"
+    purpose = doc.get("purpose") if isinstance(doc, dict) else None
+    return purpose if purpose in ("key-release", "attestation") else "other"
 
 
 @contextlib.contextmanager

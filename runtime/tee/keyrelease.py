@@ -25,6 +25,7 @@ restart does not reopen a replay or a rollback.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sqlite3
@@ -35,10 +36,10 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from isthmus.errors import (DebugReportError, KeyReleaseError, MeasurementError, ReplayError, RollbackError,
+from isthmus.errors import (DebugReportError, IsthmusError, KeyReleaseError, MeasurementError, ReplayError, RollbackError,
                             StaleReportError, TenantMismatchError)
 from isthmus.runtime.tee.attestation import pcrs_allowed, verify_report
-from isthmus.runtime.tee.crypto import (KEY_BYTES, NONCE_BYTES, canonical, hkdf, public_bytes, unhex,
+from isthmus.runtime.tee.crypto import (KEY_BYTES, NONCE_BYTES, canonical, hkdf, public_bytes, sha384, unhex,
                                         verify_ed25519, wrap_to, zeroise)
 from isthmus.runtime.tee.measurement import NAMES
 from isthmus.runtime.tee.package import ID_RE, Package, read_header
@@ -83,9 +84,10 @@ class KeyReleaseService:
     later with another root is refused."""
 
     def __init__(self, directory, *, root_fingerprint: str | None = None, freshness_s: float = FRESHNESS_S,
-                 clock=time.time):
+                 clock=time.time, audit=None):
         self.dir = Path(directory)
         self.freshness_s, self.clock = freshness_s, clock
+        self.audit = audit              # an audit.AuditLog: every registration, release and refusal is logged
         self._lock = threading.Lock()
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -110,7 +112,9 @@ class KeyReleaseService:
         """The service under $ISTHMUS_HOME/tee/kms, pinned to this machine's simulated platform root."""
         from isthmus.models import home
         from isthmus.runtime.tee.attestation import Platform, default_dir
+        from isthmus.runtime.tee.audit import AuditLog
         platform = Platform.load_or_create(default_dir())
+        kwargs.setdefault("audit", AuditLog.local())
         return cls(home() / "tee" / "kms", root_fingerprint=platform.root_fingerprint, **kwargs)
 
     def close(self) -> None:
@@ -195,6 +199,9 @@ class KeyReleaseService:
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
+        if self.audit is not None:
+            self.audit.record("package-registration", tenant=tenant, model=model, version=version,
+                              package=package.hex(), owner_key_sha256=hashlib.sha256(owner).hexdigest())
         dek = bytearray(os.urandom(KEY_BYTES))
         nonce = os.urandom(NONCE_BYTES)
         blob = nonce + self._kek(tenant).encrypt(nonce, bytes(dek), _blob_aad(tenant, model, version, package))
@@ -208,7 +215,22 @@ class KeyReleaseService:
 
     def release(self, report_raw: bytes, header: bytes) -> bytes:
         """Check a report and a package header (see the module docstring); on success, the data key
-        wrapped to the report's enclave key, as canonical JSON {"wrapped": {...}}."""
+        wrapped to the report's enclave key, as canonical JSON {"wrapped": {...}}. With an audit log,
+        the release or the refusal (its error type) is logged first; if that fails, nothing is released."""
+        if self.audit is None:
+            return self._release(report_raw, header)[0]
+        digests = {"report_sha384": sha384(report_raw).hex() if isinstance(report_raw, (bytes, bytearray)) else None,
+                   "header_sha384": sha384(header).hex() if isinstance(header, (bytes, bytearray)) else None}
+        try:
+            answer, h = self._release(report_raw, header)
+        except IsthmusError as e:
+            self.audit.record("key-release", outcome="refused", reason=type(e).__name__, **digests)
+            raise
+        self.audit.record("key-release", outcome="released", tenant=h.tenant, model=h.model, version=h.version,
+                          package=h.package.hex(), **digests)
+        return answer
+
+    def _release(self, report_raw: bytes, header: bytes):
         report = verify_report(report_raw, self.root_fingerprint)                        # 1
         now = self.clock()
         age = now - report.timestamp
@@ -244,7 +266,7 @@ class KeyReleaseService:
             wrapped = wrap_to(report.enclave_key, dek, report.digest)
         finally:
             zeroise(dek)
-        return canonical({"wrapped": wrapped, "tenant": h.tenant, "model": h.model, "version": h.version})
+        return canonical({"wrapped": wrapped, "tenant": h.tenant, "model": h.model, "version": h.version}), h
 
     def _use_nonce(self, nonce: bytes, now: float) -> None:
         if not NONCE_MIN <= len(nonce) <= NONCE_MAX:

@@ -3,6 +3,9 @@
     PCR0  runtime code      every .py file of the isthmus package (path and content), in path order
     PCR1  compiled program  the SHA-384 of the compiled program's IR text (from the sealed header)
     PCR2  config            canonical JSON of the settings that change what runs (target, formats, version)
+    PCR3  package identity  the SHA-384 of the loaded package's identity (tenant, model, version, header
+                            digest, Merkle root, owner key fingerprint): PCR1 alone cannot tell two
+                            packages of the same architecture with different weights apart
 
 A register starts at 48 zero bytes and is only ever extended: PCR = SHA-384(PCR || digest), as a
 TPM does, so its final value commits to every digest extended into it and their order. The model
@@ -22,8 +25,9 @@ from pathlib import Path
 
 from isthmus.runtime.tee.crypto import canonical, sha384
 
-RUNTIME, PROGRAM, CONFIG = 0, 1, 2
-NAMES = {RUNTIME: "runtime code", PROGRAM: "compiled program", CONFIG: "config"}
+RUNTIME, PROGRAM, CONFIG, PACKAGE = 0, 1, 2, 3
+NAMES = {RUNTIME: "runtime code", PROGRAM: "compiled program", CONFIG: "config", PACKAGE: "package identity"}
+OWNER_PCRS = (RUNTIME, PROGRAM, CONFIG)      # what an owner's allow-list pins (PCR3 is known only after sealing)
 DIGEST_BYTES = 48
 TEE_FORMAT = 1
 
@@ -86,6 +90,16 @@ def program_digest(program_text: str) -> bytes:
     return sha384(program_text.encode())
 
 
+def identity_digest(identity: dict) -> bytes:
+    """The measurement of a package identity (`Package.identity()`), extended into PCR3."""
+    return sha384(b"isthmus package identity v1\0", canonical(identity))
+
+
+def expected_package_pcr(identity: dict) -> str:
+    """PCR3 of an enclave that loaded the package with this identity, as hex."""
+    return sha384(bytes(DIGEST_BYTES), identity_digest(identity)).hex()
+
+
 def measure(program: bytes | None, target: str) -> Registers:
     """The registers of an enclave running `program` (a digest, or None before any is loaded) on `target`."""
     r = Registers()
@@ -97,5 +111,6 @@ def measure(program: bytes | None, target: str) -> Registers:
 
 
 def expected_pcrs(program: bytes, target: str) -> dict[str, str]:
-    """What an honest enclave reports for `program` on `target`: an allow-list entry."""
-    return measure(program, target).as_dict()
+    """What an honest enclave reports for `program` on `target` in PCR0-2: an owner's allow-list entry."""
+    values = measure(program, target).as_dict()
+    return {str(i): values[str(i)] for i in OWNER_PCRS}

@@ -74,7 +74,9 @@ def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | 
 
 
 def policy_for(pkg: Package, allow: list[dict], root_fingerprint: str, max_age_s: int = 300) -> dict:
-    """A verification policy a third party can give `isthmus verify` for reports of this package's enclave."""
-    h = pkg.header
+    """A verification policy a third party can give `isthmus verify` for reports of this package's enclave:
+    the code and program (PCR0-2), and this very package (tenant, model, version, owner key, Merkle root)."""
+    identity = pkg.identity()
     return {"root_sha256": root_fingerprint, "module_id": MODULE_ID, "pcrs": allow, "max_age_s": max_age_s,
-            "allow_debug": False, "tenant": h.tenant, "model": h.model, "version": h.version}
+            "allow_debug": False, **{k: identity[k] for k in ("tenant", "model", "version", "owner_key_sha256",
+                                                                "merkle_root")}}

@@ -120,6 +120,15 @@ class Package:
     def digest(self) -> bytes:
         return sha384(self.signed_bytes())
 
+    def identity(self) -> dict:
+        """What names this package to a verifier: the enclave measures it into PCR3 and states it in
+        its reports. `header_sha384` and `merkle_root` pin these exact bytes (the weights included);
+        the owner key appears as the SHA-256 of its 32-byte public key."""
+        h = self.header
+        return {"tenant": h.tenant, "model": h.model, "version": h.version, "package": h.package.hex(),
+                "header_sha384": self.digest.hex(), "merkle_root": h.merkle_root.hex(),
+                "program_sha384": h.program_digest.hex(), "owner_key_sha256": hashlib.sha256(h.owner_key).hexdigest()}
+
 
 def chunk_count(payload_size: int, chunk_size: int) -> int:
     return max(1, -(-payload_size // chunk_size))

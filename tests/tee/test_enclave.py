@@ -46,7 +46,10 @@ def test_the_sealed_model_produces_the_same_tokens_as_the_unsealed_one(session, 
 
 
 def test_session_state_and_timings(session, sealed):
-    assert session.pcrs == sealed.allow[0]
+    from isthmus.runtime.tee.measurement import expected_package_pcr
+    pcrs = dict(session.pcrs)
+    assert pcrs.pop("3") == expected_package_pcr(sealed.pkg.identity())      # PCR3: this very package
+    assert pcrs == sealed.allow[0]                                             # PCR0-2: what the owner allowed
     assert set(session.timings) == {"attest", "unseal", "compile"}
     assert session.package.header.tenant == "acme"
     with pytest.raises(InputError, match="already runs"):
