@@ -4,16 +4,18 @@
     uvicorn.run(app, host="127.0.0.1", port=8000)
 
 Every response that is not a success is `{"error": {"message", "type", "param", "code"}}`: 400
-invalid request (validation included: FastAPI's 422 becomes 400, as OpenAI answers), 401 key, 403
-model not allowed, 404 unknown model or URL, 413 body too large, 429 rate limited (Retry-After),
-503 overloaded (Retry-After) or no attestation. No input yields a 500; one would be a bug.
+invalid request (validation included: FastAPI's 422 becomes 400, as OpenAI answers), 401 key, 404
+unknown model (or one the tenant may not use: the two are not told apart) or URL, 408 body not
+received in time, 413 body too large, 429 rate limited (Retry-After), 503 overloaded (Retry-After)
+or no attestation. No input yields a 500; one would be a bug. Connection limits and the header
+timeout live in interop/connections.py.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass
 
@@ -28,15 +30,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from isthmus import __version__
 from isthmus.errors import IsthmusError
 from isthmus.interop import openai_api as api
+from isthmus.interop.connections import ConnectionGuard
 from isthmus.interop.metrics import Metrics
-from isthmus.interop.tenants import AuthError, Tenant, Tenants
+from isthmus.interop.tenants import AuthError, RateLimited, Tenant, Tenants
 
 log = logging.getLogger("isthmus.serve")
 
 
 @dataclass
 class Limits:
+    """What one client may hold of the server (docs/security.md, "Denial of service")."""
     max_body_bytes: int = 1 << 20
+    max_connections: int = 1000         # open connections in all (then the longest-idle one is evicted)
+    max_connections_per_client: int = 100   # per client address (0: no limit; behind a proxy, raise it)
+    header_timeout: float = 10.0        # seconds for a request head to arrive (0: none)
+    body_timeout: float = 30.0          # seconds for the whole body once the head is in (0: none), then 408
 
 
 class ServerState:
@@ -45,6 +53,8 @@ class ServerState:
         self.attestation = attestation          # anything with report(nonce: bytes) -> bytes, or None
         self.usage = None                       # a runtime.privacy.UsageStats, or None: see record_usage
         self.created = int(time.time())
+        self.connections = ConnectionGuard(limits.max_connections, limits.max_connections_per_client,
+                                           limits.header_timeout, metrics)
 
     # -- the usage hook (differentially private statistics, runtime/privacy.py) ------------------
     @staticmethod
@@ -67,12 +77,9 @@ class ServerState:
 
     def engine_for(self, model: str, tenant: Tenant):
         engine = self.engines.get(model)
-        if engine is None:
-            raise api.ApiError(404, f"The model `{model}` does not exist. Served: {', '.join(self.engines)}.",
+        if engine is None or not tenant.may_use(model):     # a model the tenant may not use is not named
+            raise api.ApiError(404, f"The model `{model}` does not exist or you do not have access to it.",
                                param="model", code="model_not_found")
-        if not tenant.may_use(model):
-            raise api.ApiError(403, f"Tenant `{tenant.id}` may not use the model `{model}`.",
-                               "permission_error", "model", "model_not_allowed")
         return engine
 
     @staticmethod
@@ -90,13 +97,11 @@ async def authorize(request: Request, _: HTTPAuthorizationCredentials | None = D
         tenant = state.tenants.authenticate(request.headers.get("authorization"))
     except AuthError as e:
         raise api.ApiError(401, str(e), code="invalid_api_key") from None
-    if tenant.bucket is not None:
-        wait = tenant.bucket.take()
-        if wait > 0:
-            state.metrics.rate_limited.inc(tenant=tenant.id)
-            raise api.ApiError(429, f"Rate limit reached for tenant `{tenant.id}`: retry in {wait:.2f} s.",
-                               "requests", code="rate_limit_exceeded",
-                               headers={"Retry-After": str(max(1, math.ceil(wait)))})
+    try:
+        tenant.admit(tokens=0, sequences=0, requests=1)
+    except RateLimited as e:
+        state.metrics.rate_limited.inc(tenant=tenant.id)
+        raise api.rate_limited(e) from None
     return tenant
 
 
@@ -108,9 +113,6 @@ class AttestationReport(BaseModel):
 
 class Health(BaseModel):
     status: str
-    models: list[str]
-    running: int
-    waiting: int
 
 
 def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None = None, metrics: Metrics | None = None,
@@ -130,6 +132,8 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
                   lambda: {(("model", k),): e.running for k, e in engines.items()})
     metrics.gauge("isthmus_waiting_requests", "requests queued for a batch slot",
                   lambda: {(("model", k),): e.waiting for k, e in engines.items()})
+    metrics.gauge("isthmus_open_connections", "HTTP connections open (under the connection guard)",
+                  lambda: state.connections.open)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -208,15 +212,22 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
                                code="attestation_unavailable", headers={"Retry-After": "60"}) from None
         return Response(raw, media_type="application/json")
 
-    @app.get("/health", response_model=Health, summary="Liveness and load", tags=["ops"])
+    @app.get("/health", response_model=Health, summary="Liveness (says nothing else, and needs no key)", tags=["ops"])
     async def health():
-        return {"status": "ok", "models": list(engines), "running": sum(e.running for e in engines.values()),
-                "waiting": sum(e.waiting for e in engines.values())}
+        return {"status": "ok"}
 
-    @app.get("/metrics", summary="Prometheus metrics", tags=["ops"],
-             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def prometheus():
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+    @app.get("/metrics", summary="Prometheus metrics: all series with the admin key, a tenant's own with its key",
+             tags=["ops"], responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}},
+                                      **api.error_responses(401)})
+    async def prometheus(request: Request, _: HTTPAuthorizationCredentials | None = Depends(_bearer)):
+        authorization = request.headers.get("authorization")
+        only = None
+        if not state.tenants.open and not state.tenants.is_admin(authorization):
+            try:
+                only = state.tenants.authenticate(authorization).id
+            except AuthError as e:
+                raise api.ApiError(401, str(e), code="invalid_api_key") from None
+        return PlainTextResponse(metrics.render(tenant=only), media_type="text/plain; version=0.0.4")
 
     if whatsapp is not None:
         app.include_router(whatsapp.router(state))
@@ -225,10 +236,11 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
 
 
 class Guard:
-    """Outermost ASGI layer: the body size limit (413) and per-route request metrics.
+    """Outermost ASGI layer: the body size limit (413), the body timeout (408), per-route request
+    metrics, and telling the connection guard when a request starts and ends.
 
-    The body is read here, up to the limit, before the application sees it; a larger body (by
-    Content-Length or as it streams in) is refused without being parsed.
+    The body is read here, up to the limit and within `body_timeout`, before the application sees
+    it; a larger body (by Content-Length or as it streams in) is refused without being parsed.
     """
 
     ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics", "/webhooks/whatsapp",
@@ -246,6 +258,8 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0, status = time.perf_counter(), [0]
+        connections = self.state.connections
+        connections.request_started(scope.get("client"))
 
         async def send_status(message):
             if message["type"] == "http.response.start":
@@ -258,8 +272,14 @@ class Guard:
             if length is not None and (not length.isdigit() or int(length) > limit):
                 return await self._too_large(send_status, limit)
             chunks, size, more = [], 0, True
+            timeout = self.state.limits.body_timeout or None
+            deadline = t0 + timeout if timeout else None
             while more:
-                message = await receive()
+                try:
+                    message = await asyncio.wait_for(receive(), None if deadline is None
+                                                     else max(0.0, deadline - time.perf_counter()))
+                except asyncio.TimeoutError:
+                    return await self._timeout(send_status, timeout)
                 if message["type"] != "http.request":
                     return                  # the client left before sending its body
                 chunks.append(message.get("body", b""))
@@ -280,9 +300,17 @@ class Guard:
             status[0] = status[0] or 500
             raise
         finally:
+            connections.request_finished(scope.get("client"))
             route = self._route(scope.get("path", ""))
             self.state.metrics.requests.inc(route=route, status=str(status[0] or 499))
             self.state.metrics.latency.observe(time.perf_counter() - t0, route=route)
+
+    @staticmethod
+    async def _timeout(send, timeout: float):
+        resp = api.ApiError(408, f"The request body did not arrive within {timeout:g} s.",
+                            code="request_timeout", headers={"Connection": "close"}).response()
+        await send({"type": "http.response.start", "status": 408, "headers": resp.raw_headers})
+        await send({"type": "http.response.body", "body": resp.body})
 
     @staticmethod
     async def _too_large(send, limit: int):

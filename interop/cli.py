@@ -26,6 +26,15 @@ def register(sub, common) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 503 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
+    p.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections in all; when full, the one idle longest is closed (default 1000)")
+    p.add_argument("--max-connections-per-client", type=int, default=100,
+                   help="open connections per client address, more are closed (default 100; 0: no limit, "
+                   "e.g. behind a proxy that is the only client)")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds for a request's head to arrive, else the connection is closed (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds for a request's body to arrive, else 408 (default 30)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--new-key", action="store_true", help="print a fresh API key and its hash for the tenants file, and exit")
     p.set_defaults(fn=cmd_serve)
@@ -52,7 +61,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def build(args):
     """The ASGI app and what it needs, from parsed `serve` arguments (also used by tests)."""
     import isthmus
-    from isthmus.interop.app import Limits, create_app
+    from isthmus.interop.app import create_app
     from isthmus.interop.e2e import SessionKey
     from isthmus.interop.scheduler import Engine
     from isthmus.interop.tenants import Tenants, load_config
@@ -61,6 +70,7 @@ def build(args):
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
         raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
+    limits = _limits(args)
     doc = load_config(args.tenants) if args.tenants else {}
     tenants = Tenants.from_config(doc, args.tenants or "tenants")
     whatsapp_cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp") if "whatsapp" in doc else None
@@ -79,9 +89,33 @@ def build(args):
     engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting)
     whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
     from isthmus.runtime.privacy import UsageStats      # counts under $ISTHMUS_HOME/usage, released only with DP
-    app = create_app({model_id: engine}, tenants=tenants, limits=Limits(args.max_body_bytes),
+    app = create_app({model_id: engine}, tenants=tenants, limits=limits,
                      attestation=attestation, whatsapp=whatsapp, usage=UsageStats.local())
     return app, session, tenants
+
+
+def _limits(args):
+    """The connection and timeout limits, checked against the process's open-file limit (a
+    connection is a file descriptor: past the limit, accept() fails and nothing is served)."""
+    import math
+    import resource
+
+    from isthmus.interop.app import Limits
+    if not 1 <= args.max_connections <= 1_000_000 or args.max_connections_per_client < 0:
+        raise InputError("--max-connections must be 1..1000000 and --max-connections-per-client >= 0")
+    for flag, value in (("--header-timeout", args.header_timeout), ("--body-timeout", args.body_timeout)):
+        if not (math.isfinite(value) and 0 < value <= 3600):
+            raise InputError(f"{flag} must be a number of seconds in (0, 3600], got {value}")
+    need = args.max_connections + 256          # model files, threads, the outbox, logs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        if hard == resource.RLIM_INFINITY or hard >= need:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+        else:
+            raise InputError(f"--max-connections {args.max_connections} needs {need} open files, over this "
+                             f"process's limit of {hard} (ulimit -n); lower it")
+    return Limits(args.max_body_bytes, args.max_connections, args.max_connections_per_client,
+                  args.header_timeout, args.body_timeout)
 
 
 def cmd_serve(args) -> int:
@@ -93,6 +127,7 @@ def cmd_serve(args) -> int:
         return 0
     import uvicorn
 
+    _limits(args)                    # a bad flag fails before the model loads
     sock = _listen(args.host, args.port)
     app, session, tenants = build(args)
     host, port = sock.getsockname()[:2]
@@ -101,7 +136,8 @@ def cmd_serve(args) -> int:
               file=sys.stderr)
     print(f"isthmus: serving {', '.join(app.state.isthmus.engines)} on http://{host}:{port}/v1 "
           f"({'sealed, attested' if session else 'unsealed'}; Ctrl-C stops)", file=sys.stderr)
-    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
+    from isthmus.interop.connections import uvicorn_config
+    config = uvicorn_config(app, log_level=args.log_level, timeout_graceful_shutdown=5)
     try:
         uvicorn.Server(config).run(sockets=[sock])
     except KeyboardInterrupt:       # uvicorn shut down gracefully, then re-raised the Ctrl-C it caught

@@ -2,6 +2,8 @@
 
 Counters, gauges read at scrape time, and cumulative histograms, each with labels. Thread-safe:
 the engine's worker thread observes batch sizes while the event loop counts requests.
+`render(tenant=T)` gives only the series labelled with tenant T (what a tenant's key may read);
+`render()` everything (the admin key, or a server without tenants).
 """
 
 from __future__ import annotations
@@ -37,6 +39,16 @@ class _Metric:
     def header(self) -> list[str]:
         return [f"# HELP {self.name} {self.help}", f"# TYPE {self.name} {self.kind}"]
 
+    def render(self, tenant: str | None = None) -> list[str]:
+        return self.header() + self.lines(tenant)
+
+    def lines(self, tenant: str | None) -> list[str]:
+        raise NotImplementedError
+
+
+def _keep(key: tuple, tenant: str | None) -> bool:
+    return tenant is None or ("tenant", tenant) in key
+
 
 class Counter(_Metric):
     kind = "counter"
@@ -53,10 +65,10 @@ class Counter(_Metric):
     def value(self, **labels) -> float:
         return self._values.get(tuple(sorted(labels.items())), 0.0)
 
-    def render(self) -> list[str]:
+    def lines(self, tenant):
         with self._lock:
-            items = sorted(self._values.items())
-        return self.header() + [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items]
+            items = sorted((k, v) for k, v in self._values.items() if _keep(k, tenant))
+        return [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items]
 
 
 class Gauge(_Metric):
@@ -67,10 +79,10 @@ class Gauge(_Metric):
         super().__init__(name, help)
         self.fn = fn
 
-    def render(self) -> list[str]:
+    def lines(self, tenant):
         got = self.fn()
         items = got.items() if isinstance(got, dict) else [((), got)]
-        return self.header() + [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items]
+        return [f"{self.name}{_labels(dict(k))} {_num(v)}" for k, v in items if _keep(tuple(k), tenant)]
 
 
 class Histogram(_Metric):
@@ -95,10 +107,10 @@ class Histogram(_Metric):
         s = self._series.get(tuple(sorted(labels.items())))
         return s[-1] if s else 0
 
-    def render(self) -> list[str]:
-        lines = self.header()
+    def lines(self, tenant):
+        lines = []
         with self._lock:
-            items = sorted((k, list(v)) for k, v in self._series.items())
+            items = sorted((k, list(v)) for k, v in self._series.items() if _keep(k, tenant))
         for key, s in items:
             labels = dict(key)
             for b, c in zip(self.buckets, s):
@@ -121,12 +133,20 @@ class Metrics:
         self.rate_limited = Counter("isthmus_rate_limited_total", "requests refused with 429, by tenant")
         self.webhook = Counter("isthmus_webhook_events_total", "messaging webhook events by outcome")
         self.batch_size = Histogram("isthmus_decode_batch_size", "sequences per batched decode step", BATCH_BUCKETS)
+        self.connections_closed = Counter("isthmus_connections_closed_total",
+                                          "connections the server closed to protect itself, by reason")
         self._gauges: list[Gauge] = []
 
     def gauge(self, name: str, help: str, fn) -> None:
         self._gauges.append(Gauge(name, help, fn))
 
-    def render(self) -> str:
+    def render(self, tenant: str | None = None) -> str:
+        """The exposition text; with `tenant`, only the metrics and series labelled with it."""
         parts = [self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
-                 self.rate_limited, self.webhook, self.batch_size, *self._gauges]
-        return "\n".join(line for m in parts for line in m.render()) + "\n"
+                 self.rate_limited, self.webhook, self.batch_size, self.connections_closed, *self._gauges]
+        out = []
+        for m in parts:
+            lines = m.lines(tenant)
+            if lines or tenant is None:
+                out += m.header() + lines
+        return "\n".join(out) + "\n"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from typing import Annotated, Literal
@@ -21,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from isthmus.errors import IsthmusError
 from isthmus.interop.scheduler import Delta, Failed, Finished, Overloaded
+from isthmus.interop.tenants import RateLimited
 from isthmus.runtime.sampling import SamplingParams
 
 MAX_N = 8
@@ -251,8 +253,9 @@ def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int) -> SamplingP
     if top_p == 0.0:            # the smallest nucleus is the single most likely token
         temperature, top_p = 0.0, 1.0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    seed = None if req.seed is None else req.seed % 2**64      # the schema allows negative seeds
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=req.seed, stop=stop)
+                          seed=seed, stop=stop)
 
 
 class SSEResponse(StreamingResponse):
@@ -268,6 +271,12 @@ class SSEResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.on_close()
+
+
+def rate_limited(e: RateLimited) -> ApiError:
+    """A tenant limit's refusal as OpenAI answers it: 429, with Retry-After when waiting helps."""
+    headers = {"Retry-After": str(max(1, math.ceil(e.wait)))} if e.wait is not None and math.isfinite(e.wait) else {}
+    return ApiError(429, str(e), e.kind, code="rate_limit_exceeded", headers=headers)
 
 
 def _sse(obj) -> str:
@@ -289,11 +298,23 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     def sink(event):
         loop.call_soon_threadsafe(queue.put_nowait, event)
 
+    try:                # the most this request can cost, refunded down to what it used when it ends
+        grant = tenant.admit(tokens=(len(ids) + params.max_tokens) * n, sequences=n)
+    except RateLimited as e:
+        state.metrics.rate_limited.inc(tenant=tenant.id)
+        raise rate_limited(e) from None
     try:
-        ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top, ignore_eos=bool(req.ignore_eos))
+        ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top, ignore_eos=bool(req.ignore_eos),
+                               tenant=tenant.id)
     except Overloaded as e:
+        grant.release(used_tokens=0)
         raise ApiError(503, f"The server is overloaded: {e}. Retry shortly.", "server_error",
                        code="overloaded", headers={"Retry-After": "1"}) from None
+
+    def done():
+        ticket.cancel()
+        grant.release(used_tokens=len(ids) * n + ticket.generated)
+
     labels = {"model": engine.name, "tenant": tenant.id}
     state.metrics.prompt_tokens.inc(len(ids) * n, **labels)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
@@ -302,13 +323,29 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return SSEResponse(run.stream(head, n, len(ids), include_usage, top is not None), on_close=ticket.cancel)
+        return SSEResponse(run.stream(head, n, len(ids), include_usage, top is not None), on_close=done)
+    watcher = loop.create_task(_watch_disconnect(request, ticket, queue))
     try:
-        return JSONResponse(await run.collect(head, n, len(ids), top is not None, request))
+        return JSONResponse(await run.collect(head, n, len(ids), top is not None))
     except ClientGone:
         return Response(status_code=499)        # nobody is listening; nginx's "client closed request"
     finally:
-        ticket.cancel()
+        watcher.cancel()
+        done()
+
+
+_GONE = object()
+
+
+async def _watch_disconnect(request: Request, ticket, queue: asyncio.Queue) -> None:
+    """Cancel `ticket` as soon as the client of a non-streamed request disconnects (its sequences
+    leave the batch before the next decode step), and wake the collector."""
+    while True:
+        message = await request.receive()
+        if message.get("type") == "http.disconnect":
+            ticket.cancel()
+            queue.put_nowait(_GONE)
+            return
 
 
 class _Run:
@@ -332,16 +369,13 @@ class _Run:
         if self.user is not None:
             self.state.record_usage(self.labels["tenant"], self.user, tokens)
 
-    async def collect(self, head: dict, n: int, n_prompt: int, logprobs: bool, request: Request) -> dict:
+    async def collect(self, head: dict, n: int, n_prompt: int, logprobs: bool) -> dict:
         texts, logs, reasons, completion = [[] for _ in range(n)], [[] for _ in range(n)], [None] * n, 0
         remaining = n
         while remaining:
-            try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=1.0)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise ClientGone from None
-                continue
+            event = await self.queue.get()
+            if event is _GONE:
+                raise ClientGone
             self._seen(event)
             if isinstance(event, Failed):
                 raise ApiError(event.status, event.message,

@@ -11,6 +11,15 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
   3. runs ONE batched decode step for all the sequences still running
      (`runtime.batch.decode_batch`: the reference target runs the graph once for the batch).
 
+Tenants share the engine fairly. A submit is refused (`Overloaded`) when the engine is full AND
+the tenant already holds its share of it (capacity / tenants with work), so a tenant that filled
+the queue cannot keep another out. Batch slots go first to the tenant with the fewest running
+sequences; when the batch is full and a tenant below its share (max_batch / tenants with work)
+waits, sequences of a tenant above its share are preempted: their KV cache is dropped and they
+wait at the head of their tenant's line, keeping their sampler state and pending logits; when
+they are resumed, the prompt and the tokens generated so far are prefilled again (recompute, as
+vLLM preempts), and generation goes on where it stopped.
+
 A request is cancelled (client gone) by `Ticket.cancel()`: its sequences leave the batch before
 the next decode step, so the slot is free at once. Events reach the caller through `sink`, a
 callable run on the worker thread (the server hops them onto its event loop).
@@ -61,6 +70,16 @@ class Failed:
     status: int = 500               # what a non-streaming response answers: 400, 500 or 503
 
 
+@dataclass
+class _Start:
+    ticket: "Ticket"
+    index: int
+
+
+def _ticket(unit) -> "Ticket":
+    return unit.request if isinstance(unit, _Seq) else getattr(unit, "ticket", unit)
+
+
 # -- per-sequence state ----------------------------------------------------------------------------
 
 class _TextTail:
@@ -98,6 +117,7 @@ class _Seq:
     generated: int = 0
     last: int = -1
     logged: list = field(default_factory=list)
+    fed: list = field(default_factory=list)     # generated tokens already in the KV cache (to resume)
 
 
 @dataclass(eq=False)
@@ -110,9 +130,12 @@ class Ticket:
     sink: Callable[[object], None]
     top_logprobs: int | None        # None: no logprobs; k: the chosen token and k alternatives
     ignore_eos: bool = False        # generate past the end-of-turn token (benchmarks)
+    tenant: str = "default"         # whose work it is (fair shares)
     cancelled: bool = False
     done: bool = False
-    running: int = 0
+    started: int = 0                # sequences admitted into the batch so far (of n)
+    running: int = 0                # ... and not finished
+    generated: int = 0              # tokens generated over all its sequences (for token limits)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -133,6 +156,7 @@ class Engine:
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
         self.metrics = metrics
         self._waiting: collections.deque[Ticket] = collections.deque()
+        self._paused: collections.deque[_Seq] = collections.deque()     # preempted, to resume first
         self._running: list[_Seq] = []
         self._cond = threading.Condition()
         self._ids = itertools.count(1)
@@ -140,6 +164,7 @@ class Engine:
         self._stop = False
         self._held = False
         self.steps = 0                        # batched decode steps run (for metrics and tests)
+        self.preemptions = 0                  # sequences preempted for another tenant's fair share
         self.decode = decode_batch            # swappable in tests (fault injection)
 
     # -- control -----------------------------------------------------------------------------------
@@ -158,9 +183,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
-        for t in list(self._waiting) + list({s.request for s in self._running}):
+        for t in list(self._waiting) + list({s.request for s in self._running + list(self._paused)}):
             self._fail(t, "the server is shutting down", 503)
         self._waiting.clear()
+        self._paused.clear()
         self._running.clear()
 
     def hold(self, held: bool = True) -> None:
@@ -171,26 +197,40 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        return len(self._waiting)
+        return len(self._waiting) + len(self._paused)
+
+    def load(self) -> dict[str, int]:
+        """Sequences in the engine (running, paused or queued) by tenant."""
+        out: dict[str, int] = collections.Counter()
+        for s in self._running + list(self._paused):
+            out[s.request.tenant] += 1
+        for t in self._waiting:
+            if not t.cancelled:
+                out[t.tenant] += t.n - t.started
+        return out
 
     @property
     def running(self) -> int:
         return len(self._running)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink, *, n: int = 1,
-               top_logprobs: int | None = None, ignore_eos: bool = False) -> Ticket:
-        """Queue a request; `Overloaded` when the waiting queue is full. The prompt must already
-        fit the context (the API layer checks it, with the error the client expects)."""
+               top_logprobs: int | None = None, ignore_eos: bool = False, tenant: str = "default") -> Ticket:
+        """Queue a request; `Overloaded` when the engine is full and `tenant` already holds its
+        share of it. The prompt must already fit the context (the API layer checks it, with the
+        error the client expects)."""
         if not prompt_ids or len(prompt_ids) >= self.n_ctx:
             raise InputError(f"the prompt must hold 1 to {self.n_ctx - 1} tokens, got {len(prompt_ids)}")
-        ticket = Ticket(next(self._ids), list(prompt_ids), params, n, sink, top_logprobs, ignore_eos)
+        ticket = Ticket(next(self._ids), list(prompt_ids), params, n, sink, top_logprobs, ignore_eos, tenant)
         with self._cond:
             if any(w.cancelled for w in self._waiting):
                 self._waiting = collections.deque(w for w in self._waiting if not w.cancelled)
-            queued = sum(w.n for w in self._waiting) + len(self._running)
-            if queued + n > self.max_batch + self.max_waiting:
-                raise Overloaded(f"{len(self._waiting)} requests are waiting and {len(self._running)} "
-                                 f"sequences running; the limit is {self.max_batch} running + {self.max_waiting} waiting")
+            load = self.load()
+            capacity = self.max_batch + self.max_waiting
+            share = max(1, capacity // len(set(load) | {tenant}))
+            if sum(load.values()) + n > capacity and load.get(tenant, 0) + n > share:
+                raise Overloaded(f"{self.waiting} requests are waiting and {len(self._running)} "
+                                 f"sequences running; the limit is {self.max_batch} running + {self.max_waiting} "
+                                 f"waiting, and {share} for one tenant while others wait")
             self._waiting.append(ticket)
             self._cond.notify_all()
         return ticket
@@ -200,7 +240,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stop and not self._running and (self._held or not self._waiting):
+                while not self._stop and not self._running and (self._held or not (self._waiting or self._paused)):
                     self._cond.wait()
                 if self._stop:
                     return
@@ -209,29 +249,71 @@ class Engine:
                 self._iteration(admitted)
             except Exception:              # a bug: fail what is in flight, keep serving
                 log.exception("engine iteration failed")
-                for t in {s.request for s in self._running} | set(admitted):
+                for t in {s.request for s in self._running} | {_ticket(u) for u in admitted}:
                     self._fail(t, "internal error while generating")
                 self._running = [s for s in self._running if not s.request.done]
 
-    def _take_admissions(self) -> list[Ticket]:
+    def _take_admissions(self) -> list:
+        """The sequences to prefill this iteration (new ones, and preempted ones to resume), one at a
+        time and fairly: the tenant with the fewest running sequences goes first (oldest request
+        first within a tenant), and when the batch is full it may preempt a tenant above its share."""
+        self._waiting = collections.deque(w for w in self._waiting if not w.cancelled)
+        for s in [s for s in self._paused if s.request.cancelled]:
+            self._paused.remove(s)
+            self._release(s)
         admitted, tokens = [], 0
-        while self._waiting and not self._held:
-            t = self._waiting[0]
-            if t.cancelled:
-                self._waiting.popleft()
-                continue
-            if len(self._running) + sum(a.n for a in admitted) + t.n > self.max_batch and (self._running or admitted):
+        running = collections.Counter(s.request.tenant for s in self._running)
+        while (self._waiting or self._paused) and not self._held:
+            heads: dict[str, object] = {}                       # each tenant's next sequence
+            for s in self._paused:
+                heads.setdefault(s.request.tenant, s)
+            for t in self._waiting:
+                heads.setdefault(t.tenant, t)
+            tenant = min(heads, key=lambda k: (running[k], _ticket(heads[k]).id))
+            unit = heads[tenant]
+            size = len(unit.request.prompt_ids) + len(unit.fed) if isinstance(unit, _Seq) else len(unit.prompt_ids)
+            if admitted and tokens + size > self.prefill_tokens:
                 break
-            if admitted and tokens + len(t.prompt_ids) * t.n > self.prefill_tokens:
-                break
-            self._waiting.popleft()
-            admitted.append(t)
-            tokens += len(t.prompt_ids) * t.n
+            busy = sum(running.values())
+            if busy >= self.max_batch:
+                share = max(1, self.max_batch // len(set(heads) | set(+running)))
+                victim = max(running, key=lambda k: running[k])
+                if running[tenant] >= share or running[victim] <= share or not self._preempt(victim):
+                    break
+                running[victim] -= 1
+            if isinstance(unit, _Seq):
+                self._paused.remove(unit)
+            else:
+                admitted.append(_Start(unit, unit.started))
+                unit.started += 1
+                unit.running += 1
+                if unit.started == unit.n:
+                    self._waiting.remove(unit)
+                unit = None
+            if unit is not None:
+                admitted.append(unit)
+            running[tenant] += 1
+            tokens += size
         return admitted
 
-    def _iteration(self, admitted: list[Ticket]) -> None:
-        for t in admitted:
-            self._prefill(t)
+    def _preempt(self, tenant: str) -> bool:
+        """Take the most recently admitted running sequence of `tenant` out of the batch."""
+        for i in range(len(self._running) - 1, -1, -1):
+            s = self._running[i]
+            if s.request.tenant == tenant:
+                del self._running[i]
+                s.decoder = None                    # the KV cache goes; its pending logits and sampler stay
+                self._paused.appendleft(s)
+                self.preemptions += 1
+                return True
+        return False
+
+    def _iteration(self, admitted: list) -> None:
+        for u in admitted:
+            if isinstance(u, _Seq):
+                self._resume(u)
+            elif not u.ticket.done:
+                self._prefill(u.ticket, u.index)
         still = []
         for s in self._running:
             if s.request.cancelled:
@@ -256,25 +338,35 @@ class Engine:
         for s, row in zip(still, logits):
             s.logits = row
 
-    def _prefill(self, t: Ticket) -> None:
-        params, seqs = t.params, []
+    def _prefill(self, t: Ticket, i: int) -> None:
+        """Start choice `i` of `t` (its slot is already counted in `t.running`)."""
+        params = t.params
         budget = min(params.max_tokens, self.n_ctx - len(t.prompt_ids))
         try:
-            for i in range(t.n):
-                sampler = Sampler(params)
-                if params.seed is not None:   # choice i draws its own stream, reproducibly
-                    sampler.rng = np.random.default_rng([params.seed % 2**64, i])
-                s = _Seq(t, i, sampler, budget, _TextTail(self.tokenizer, params.stop))
-                s.decoder = self.exe.decoder()
-                s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
-                seqs.append(s)
+            sampler = Sampler(params)
+            if params.seed is not None:   # choice i draws its own stream, reproducibly
+                sampler.rng = np.random.default_rng([params.seed % 2**64, i])
+            s = _Seq(t, i, sampler, budget, _TextTail(self.tokenizer, params.stop))
+            s.decoder = self.exe.decoder()
+            s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
         except Exception as e:
             log.exception("prefill failed")
             bad = isinstance(e, InputError)
             self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
             return
-        t.running = len(seqs)
-        self._running.extend(seqs)
+        self._running.append(s)
+
+    def _resume(self, s: _Seq) -> None:
+        """Rebuild a preempted sequence's KV cache: prefill its prompt and the tokens it fed so far."""
+        try:
+            s.decoder = self.exe.decoder()
+            prefill(self.exe, s.decoder, s.request.prompt_ids + s.fed)
+        except Exception as e:
+            log.exception("resuming a preempted sequence failed")
+            bad = isinstance(e, InputError)
+            self._fail(s.request, str(e) if bad else "internal error while resuming", 400 if bad else 500)
+            return
+        self._running.append(s)
 
     def _advance(self, s: _Seq) -> bool:
         """Sample one token for `s` and emit its text; False when the sequence has finished."""
@@ -283,6 +375,7 @@ class Engine:
         if token in self.tokenizer.stop_ids and not t.ignore_eos:
             return self._finish(s, "stop", s.text.flush())
         s.generated += 1
+        t.generated += 1
         if t.top_logprobs is not None:
             s.logged.append(self._logprob_entry(s.logits, token, t.top_logprobs))
         piece, stopped = s.text.feed(token)
@@ -293,6 +386,7 @@ class Engine:
         if piece:
             self._emit(t, Delta(s.index, piece, self._take_logged(s)))
         s.last = token
+        s.fed.append(token)
         return True
 
     def _finish(self, s: _Seq, reason: str, text: str) -> bool:
@@ -307,7 +401,7 @@ class Engine:
         t = s.request
         s.decoder, s.logits = None, None         # the KV cache goes with its decoder
         t.running -= 1
-        if t.running <= 0:
+        if t.running <= 0 and (t.started >= t.n or t.cancelled):
             t.done = True
         return False
 
@@ -337,6 +431,7 @@ class Engine:
             t.cancelled = True
 
     def _fail(self, t: Ticket, message: str, status: int = 500) -> None:
+        t.cancelled = True                   # its other sequences leave the batch
         if not t.done:
             t.done = True
             self._emit(t, Failed(message, status))

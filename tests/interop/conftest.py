@@ -17,7 +17,7 @@ import pytest
 from tiny_models import write_tiny_chat_gguf  # tests/support, on pythonpath
 
 KEYS = {"acme": "sk-test-acme-0123456789", "limited": "sk-test-limited-0123456789",
-        "other": "sk-test-other-0123456789"}
+        "other": "sk-test-other-0123456789", "admin": "sk-test-admin-0123456789"}
 MODEL_ID = "tiny-chat"
 
 
@@ -120,7 +120,7 @@ def tenants_doc():
         {"id": "limited", "api_key_sha256": [hash_key(KEYS["limited"])], "models": ["*"],
          "requests_per_second": 0.001, "burst": 1},
         {"id": "other", "api_key_sha256": [hash_key(KEYS["other"])], "models": ["someone-elses-model"]},
-    ]}
+    ], "admin": {"api_key_sha256": [hash_key(KEYS["admin"])]}}
 
 
 @pytest.fixture(scope="session")
