@@ -19,12 +19,13 @@ import time
 
 from isthmus.errors import IsthmusError
 
-PROMPT = ">>> "
+PROMPT, CONTINUATION = ">>> ", "... "
 EXIT_HINT = "Use Ctrl + d or /bye to exit."
 HELP = """Available commands:
   /clear          forget the conversation so far (the --system message stays)
   /bye            exit (Ctrl + d does too)
   /?, /help       this help
+  \"\"\"             begin and end a message of several lines
 
 Ctrl + c stops the reply being written; the interrupted turn is left out of the history."""
 
@@ -113,6 +114,19 @@ def _read_line(prompt: str) -> str | None:
             print(f"\n{EXIT_HINT}\n")
 
 
+def _read_block(first: str) -> str | None:
+    """A message over several lines, from after an opening \"\"\" to the closing one (as ollama);
+    None at end of input."""
+    lines = [first]
+    while not lines[-1].rstrip().endswith('"""'):
+        line = _read_line(CONTINUATION)
+        if line is None:
+            return None
+        lines.append(line)
+    lines[-1] = lines[-1].rstrip()[:-3]
+    return "\n".join(lines)
+
+
 def repl(exe, args, load_seconds: float, timings=None) -> int:
     """Run the interactive session until /bye or end of input; the first turn's --verbose
     timings include the model's load."""
@@ -126,6 +140,11 @@ def repl(exe, args, load_seconds: float, timings=None) -> int:
         if line is None:
             return 0
         text = line.strip()
+        if text.startswith('"""'):
+            text = _read_block(text[3:])
+            if text is None:
+                return 0
+            text = text.strip()
         if not text:
             continue
         if text.startswith("/"):

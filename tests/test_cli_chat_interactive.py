@@ -97,6 +97,10 @@ def test_clear_forgets_and_help_lists_the_commands(session, tiny_chat):
     assert say(session, "and again")[0] == turn("and again")[0]
     _, out = say(session, "/nope")
     assert "Unknown command '/nope'" in out
+    session.sendline('"""line one')                 # a message of two lines, as ollama takes them
+    session.expect_exact("... ")
+    again = turn("and again")[1]
+    assert say(session, 'line two"""')[0] == turn("and again", "line one\nline two", replies=[again])[0]
     session.sendline("/bye")
     assert finish(session) == 0
 
@@ -182,3 +186,23 @@ def test_piped_question_on_the_default_model(default_model_path, tmp_path):
                        capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
+
+
+def test_a_sealed_package_chats_interactively(tiny_chat, tmp_path, monkeypatch):
+    """`chat --sealed` with no prompt: the session runs inside the simulated enclave for every turn."""
+    from isthmus.cli import main
+
+    path, turn = tiny_chat
+    monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path / "home"))    # the spawned process inherits it
+    monkeypatch.chdir(tmp_path)
+    assert main(["keygen", "-o", "owner.key"]) == 0
+    assert main(["seal", str(path), "--tenant", "acme", "--owner-key", "owner.key", "-o", "m.isth",
+                 "--target", "reference"]) == 0
+    child = spawn(tmp_path, "--sealed", "m.isth", "--target", "reference", "--max-tokens", "8", "--verbose")
+    child.expect_exact(PROMPT)
+    n1, a1 = turn("hello there")
+    n, out = say(child, "hello there")
+    assert n == n1 and "unseal duration" in out     # the enclave's load is reported with the first turn
+    assert say(child, "and again")[0] == turn("hello there", "and again", replies=[a1])[0]
+    child.sendline("/bye")
+    assert finish(child) == 0
