@@ -77,7 +77,8 @@ def _opendp():
     try:
         import opendp.prelude as dp
     except ImportError:
-        raise PrivacyError("usage exports need OpenDP: pip install 'isthmus[privacy]' (or pip install opendp)") from None
+        raise PrivacyError("usage exports need OpenDP: pip install 'isthmus[privacy]' "
+                           "(or pip install opendp)") from None
     dp.enable_features("contrib")
     return dp
 
@@ -209,14 +210,16 @@ class UsageStats:
                 db.execute("BEGIN IMMEDIATE")
                 try:
                     for day in days:
-                        row = db.execute("SELECT spent FROM ledger WHERE tenant = ? AND day = ?", (tenant, day)).fetchone()
+                        row = db.execute("SELECT spent FROM ledger WHERE tenant = ? AND day = ?",
+                                         (tenant, day)).fetchone()
                         spent = row[0] if row else 0.0
                         if spent + epsilon > budget * (1 + 1e-9):
                             raise BudgetExceededError(
                                 f"tenant {tenant!r} has spent epsilon {spent:g} of its budget {budget:g} on {day}; "
                                 f"an export at {epsilon:g} more is refused")
                         db.execute("INSERT OR REPLACE INTO ledger VALUES (?, ?, ?)", (tenant, day, spent + epsilon))
-                    db.execute("INSERT INTO releases (time, tenant, first, last, epsilon, params) VALUES (?, ?, ?, ?, ?, ?)",
+                    db.execute("INSERT INTO releases (time, tenant, first, last, epsilon, params) "
+                               "VALUES (?, ?, ?, ?, ?, ?)",
                                (self.clock(), tenant, days[0], days[-1], epsilon, json.dumps(params)))
                     if self.audit is not None:     # logged before commit: no release goes unlogged
                         self.audit.record("usage-release", tenant=tenant, first=days[0], last=days[-1],
@@ -250,13 +253,15 @@ def _queries(dp, epsilon: float, max_messages: int, max_tokens: int) -> dict:
         return _CACHE[key]
     share = epsilon / len(QUERIES)
     space = dp.vector_domain(dp.atom_domain(T=int)), dp.symmetric_distance()
-    chains = {
+    def clamped_sum(bound):
+        return lambda s: space >> dp.t.then_clamp((0, bound)) >> dp.t.then_sum() >> dp.m.then_laplace(s)
+
+    by_hour = dp.t.then_count_by_categories(categories=list(range(HOURS)), null_category=False)
+    chains = {                  # query: (measurement of a noise scale, input distance of one user-day)
         "users": (lambda s: space >> dp.t.then_count() >> dp.m.then_laplace(s), 1),
-        "messages": (lambda s: space >> dp.t.then_clamp((0, max_messages)) >> dp.t.then_sum() >> dp.m.then_laplace(s), 1),
-        "tokens": (lambda s: space >> dp.t.then_clamp((0, max_tokens)) >> dp.t.then_sum() >> dp.m.then_laplace(s), 1),
-        "messages_by_hour": (lambda s: space >> dp.t.then_count_by_categories(categories=list(range(HOURS)),
-                                                                            null_category=False)
-                             >> dp.m.then_laplace(s), max_messages),
+        "messages": (clamped_sum(max_messages), 1),
+        "tokens": (clamped_sum(max_tokens), 1),
+        "messages_by_hour": (lambda s: space >> by_hour >> dp.m.then_laplace(s), max_messages),
     }
     out = {}
     if len(_CACHE) > 16:

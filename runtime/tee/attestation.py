@@ -243,7 +243,7 @@ def package_claim(report: Report) -> dict | None:
     from isthmus.runtime.tee.measurement import PACKAGE, expected_package_pcr
     try:
         doc = json.loads(report.user_data)
-        ok = isinstance(doc, dict) and doc.get("purpose") == "attestation" and set(doc) == {"purpose", "nonce", "package"}
+        ok = isinstance(doc, dict) and set(doc) == {"purpose", "nonce", "package"} and doc["purpose"] == "attestation"
     except (ValueError, UnicodeDecodeError, RecursionError):
         ok = False
     if not ok:
@@ -300,7 +300,8 @@ def check_policy(raw: bytes, policy: dict, *, nonce: bytes | None = None, now: f
         raise AttestationError(f"the policy has unknown field(s) {', '.join(unknown)}; known: "
                                f"{', '.join(POLICY_FIELDS)}")
     for key, kind in POLICY_FIELDS.items():
-        if key in policy and (not isinstance(policy[key], kind) or (kind is not bool and isinstance(policy[key], bool))):
+        value = policy.get(key)
+        if key in policy and (not isinstance(value, kind) or (kind is not bool and isinstance(value, bool))):
             raise AttestationError(f"policy field {key} has the wrong type")
     allow = policy.get("pcrs", [])
     if not isinstance(allow, list) or not allow:

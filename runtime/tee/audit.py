@@ -91,7 +91,8 @@ class AuditLog:
                         doc = json.loads(last)
                         seq, prev = doc["seq"] + 1, doc["hash"]
                     except (ValueError, KeyError, TypeError):
-                        raise AuditError(f"{self.path}: the last entry is damaged; run `isthmus audit verify`") from None
+                        raise AuditError(f"{self.path}: the last entry is damaged; "
+                                         "run `isthmus audit verify`") from None
                 entry = {"seq": seq, "time": round(self.clock(), 3), "event": event, "data": data, "prev": prev}
                 entry["hash"] = entry_hash(entry)
                 os.write(fd, canonical(entry) + b"\n")
@@ -153,7 +154,8 @@ def verify(path, *, head: str | None = None) -> Verified:
         if not ok or type(entry["seq"]) is not int or not isinstance(entry["hash"], str):
             raise AuditError(f"{path}: line {n}: not an audit entry (altered or damaged)")
         if entry_hash(entry) != entry["hash"]:
-            raise AuditError(f"{path}: line {n}: entry {entry['seq']} was altered (its hash does not match its contents)")
+            raise AuditError(f"{path}: line {n}: entry {entry['seq']} was altered "
+                             "(its hash does not match its contents)")
         if entry["seq"] != n:
             raise AuditError(f"{path}: line {n}: holds entry {entry['seq']} where entry {n} belongs "
                              f"(an entry was deleted, inserted or moved)")

@@ -53,7 +53,8 @@ def register(sub, common) -> None:
     p.add_argument("--nonce", help="require the report to carry this nonce (hex)")
     p.set_defaults(fn=cmd_verify)
 
-    p = sub.add_parser("audit", parents=[common], help="the hash-chained audit log of key releases, attestations, erasures")
+    p = sub.add_parser("audit", parents=[common],
+                       help="the hash-chained audit log of key releases, attestations, erasures")
     p.set_defaults(fn=lambda args: _usage(p))
     audit = p.add_subparsers(dest="audit_command", metavar="AUDIT_COMMAND", parser_class=type(p))
     q = audit.add_parser("verify", parents=[common], help="check the whole chain; name the first broken line")

@@ -36,8 +36,8 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from isthmus.errors import (DebugReportError, IsthmusError, KeyReleaseError, MeasurementError, ReplayError, RollbackError,
-                            StaleReportError, TenantMismatchError)
+from isthmus.errors import (DebugReportError, IsthmusError, KeyReleaseError, MeasurementError, ReplayError,
+                            RollbackError, StaleReportError, TenantMismatchError)
 from isthmus.runtime.tee.attestation import pcrs_allowed, verify_report
 from isthmus.runtime.tee.crypto import (KEY_BYTES, NONCE_BYTES, canonical, hkdf, public_bytes, sha384, unhex,
                                         verify_ed25519, wrap_to, zeroise)

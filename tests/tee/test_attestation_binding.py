@@ -143,3 +143,14 @@ def test_a_claim_is_only_believed_when_pcr3_measured_it(tee, two_packages):
     assert package_claim(check_policy(raw, code_only, nonce=NONCE)) is None
     with pytest.raises(AttestationError, match="has loaded none"):
         check_policy(raw, {**code_only, "tenant": "acme"}, nonce=NONCE)
+
+
+def test_a_report_that_cannot_be_audited_is_a_503_not_a_500(tee, tmp_path):
+    from isthmus.interop.app import create_app
+    from isthmus.runtime.tee.audit import AuditLog
+
+    (tmp_path / "blocked").mkdir()
+    session = EnclaveSession(tee.platform, target="reference", audit=AuditLog(tmp_path / "blocked"))  # a folder
+    with live_server(create_app({}, attestation=session)) as url:
+        r = httpx.get(url + "/v1/attestation", params={"nonce": "ab" * 16})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "attestation_unavailable"
