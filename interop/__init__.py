@@ -4,8 +4,9 @@
     openai_api.py  request/response schemas and the chat completion handler (JSON and SSE)
     scheduler.py   Engine: continuous batching over one model instance, a KV cache per sequence
     tenants.py     API keys (hashed), model allow-lists, token-bucket rate limits
-    webhook.py     /webhooks/whatsapp: handshake, signed notifications, de-duplication, replies
-    e2e.py         end-to-end encrypted message envelopes to the (attested) enclave key
+    webhook.py     /webhooks/whatsapp: handshake, signed notifications, de-duplication, replies, erasure
+    outbox.py      the webhook's SQLite state: durable outbox with retries, de-duplication window, E2E pins
+    e2e.py         end-to-end encrypted message envelopes to the (attested) enclave key, sender-authenticated
     metrics.py     Prometheus text exposition
     cli.py         `isthmus serve`
 

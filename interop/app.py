@@ -139,6 +139,8 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
     async def lifespan(app):
         for e in engines.values():
             e.start()
+        if whatsapp is not None:
+            whatsapp.start(state)       # the outbox worker: delivers what an earlier run left too
         try:
             yield
         finally:

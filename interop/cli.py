@@ -39,6 +39,18 @@ def register(sub, common) -> None:
     p.add_argument("--new-key", action="store_true", help="print a fresh API key and its hash for the tenants file, and exit")
     p.set_defaults(fn=cmd_serve)
 
+    p = sub.add_parser("erase", parents=[common], help="erase one user's webhook conversations on a running server")
+    p.add_argument("--tenant", required=True, help="the tenant id")
+    p.add_argument("--user", required=True, help="the user's id on the platform (the sender's phone number)")
+    p.add_argument("--server", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000); "
+                   "the admin key comes from $ISTHMUS_ADMIN_KEY")
+    p.set_defaults(fn=cmd_erase)
+
+
+def cmd_erase(args) -> int:
+    from isthmus.interop.webhook import erase_on_server
+    return erase_on_server(args.server, args.tenant, args.user)
+
 
 def _listen(host: str, port: int) -> socket.socket:
     if not 0 <= port <= 65535:
@@ -74,6 +86,8 @@ def build(args):
     doc = load_config(args.tenants) if args.tenants else {}
     tenants = Tenants.from_config(doc, args.tenants or "tenants")
     whatsapp_cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp") if "whatsapp" in doc else None
+    if whatsapp_cfg is not None:
+        whatsapp_cfg.check_tenants(tenants)
     session = None
     if args.sealed:
         from isthmus.runtime.tee.cli import open_sealed

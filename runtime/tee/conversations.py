@@ -4,10 +4,16 @@ A conversation is (tenant, id) -> its messages, the token ids its KV cache holds
 holding that cache. When the resident KV caches exceed the budget, the least recently used idle
 conversations are sealed and evicted: messages, token ids and KV arrays are serialised in enclave
 memory, encrypted with AES-256-GCM under the tenant's key (HKDF of the session secret and the
-tenant id), handed to the blob store (untrusted: host memory or a folder), and wiped. The next turn
-restores them. The AAD binds tenant, conversation id and an eviction counter the enclave keeps,
-so another tenant's key cannot open a blob, and an older blob cannot be replayed in place of the
-latest one. Blobs are keyed by a random id, so the store learns neither tenant nor conversation.
+tenant id, salted with a random key per blob that only the enclave holds), handed to the blob store
+(untrusted: host memory or a folder), and wiped. The next turn restores them. The AAD binds tenant,
+conversation id and an eviction counter the enclave keeps, so another tenant's key cannot open a
+blob, and an older blob cannot be replayed in place of the latest one. Blobs are keyed by a random
+id, so the store learns neither tenant nor conversation.
+
+Callers that keep only messages (the webhook) seal a conversation after every turn (`park`), so its
+plaintext exists only while a turn runs. `erase(tenant, conversation)` deletes the blob and zeroises
+its per-blob key (a copy of the blob kept elsewhere can no longer be opened), and `expire(retention)`
+erases the conversations idle for longer than their tenant's retention period.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import itertools
 import json
 import os
 import struct
+import time
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +50,7 @@ class Conversation:
     blob_id: str | None = None     # where the sealed state is, while evicted
     last_used: float = 0.0
     busy: bool = False             # a turn is streaming: never evicted then
+    touched: float = field(default_factory=time.time)     # wall-clock time of the last turn (retention)
 
     @property
     def resident(self) -> bool:
@@ -92,11 +100,15 @@ class ConversationStore:
         self.budget = budget_bytes
         self.blobs = blobs if blobs is not None else {}
         self._conversations: dict[tuple[str, str], Conversation] = {}
+        self._blob_keys: dict[str, bytearray] = {}      # blob id -> its random key (enclave memory only)
         self._clock = itertools.count()
-        self.evictions = self.restores = 0
+        self.evictions = self.restores = self.erasures = 0
 
-    def _key(self, tenant: str) -> algorithms.AES:
-        return algorithms.AES(hkdf(self._secret, b"isthmus conversation key v1\0" + tenant.encode()))
+    def _key(self, tenant: str, blob_id: str) -> algorithms.AES:
+        salt = self._blob_keys.get(blob_id)
+        if salt is None:
+            raise SealError("the key of this sealed conversation is gone (erased)")
+        return algorithms.AES(hkdf(self._secret, b"isthmus conversation key v2\0" + tenant.encode(), salt=bytes(salt)))
 
     def open(self, tenant: str, conversation: str) -> Conversation:
         """The conversation (new if unknown), resident: restored from its sealed blob if it was evicted."""
@@ -108,7 +120,44 @@ class ConversationStore:
         if not conv.resident:
             self._restore(conv)
         conv.last_used = next(self._clock)
+        conv.touched = time.time()
         return conv
+
+    def __contains__(self, key: tuple[str, str]) -> bool:
+        return key in self._conversations
+
+    def park(self, conv: Conversation) -> None:
+        """Seal a conversation that has no KV cache right away: nothing of it stays plaintext at rest."""
+        if conv.resident and not conv.busy and (conv.messages or conv.decoder is not None):
+            self.evict(conv)
+
+    def erase(self, tenant: str, conversation: str) -> bool:
+        """Forget one conversation for good: its resident state is wiped, its sealed blob deleted and
+        the blob's key zeroised. True if there was anything to erase."""
+        conv = self._conversations.pop((tenant, conversation), None)
+        if conv is None:
+            return False
+        if conv.decoder is not None:
+            kvstate.wipe(conv.decoder)
+        conv.decoder, conv.messages, conv.token_ids = None, [], []
+        if conv.blob_id is not None:
+            self.blobs.pop(conv.blob_id, None)
+            key = self._blob_keys.pop(conv.blob_id, None)
+            if key is not None:
+                zeroise(key)
+            conv.blob_id = None
+        self.erasures += 1
+        return True
+
+    def expire(self, retention_s, now: float | None = None) -> list[tuple[str, str]]:
+        """Erase every idle conversation older than its tenant's retention (`retention_s(tenant)` in
+        seconds, None for no limit). Returns the erased (tenant, conversation) pairs."""
+        now = time.time() if now is None else now
+        old = [k for k, c in self._conversations.items()
+               if not c.busy and retention_s(c.tenant) is not None and now - c.touched > retention_s(c.tenant)]
+        for k in old:
+            self.erase(*k)
+        return old
 
     def resident_bytes(self) -> int:
         return sum(kvstate.nbytes(c.decoder) for c in self._conversations.values()
@@ -147,8 +196,10 @@ class ConversationStore:
                 np.frombuffer(plain, np.uint8, a.nbytes, pos)[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
                 pos += a.nbytes
             conv.epoch += 1
+            blob_id = os.urandom(16).hex()
+            self._blob_keys[blob_id] = bytearray(os.urandom(32))
             nonce = os.urandom(NONCE_BYTES)
-            enc = Cipher(self._key(conv.tenant), modes.GCM(nonce)).encryptor()
+            enc = Cipher(self._key(conv.tenant, blob_id), modes.GCM(nonce)).encryptor()
             enc.authenticate_additional_data(self._aad(conv))
             blob = bytearray(NONCE_BYTES + size + TAG_BYTES)
             blob[:NONCE_BYTES] = nonce
@@ -157,7 +208,7 @@ class ConversationStore:
             blob[NONCE_BYTES + size:] = enc.tag
         finally:
             zeroise(plain)
-        conv.blob_id = os.urandom(16).hex()
+        conv.blob_id = blob_id
         self.blobs[conv.blob_id] = bytes(blob)
         if conv.decoder is not None:
             kvstate.wipe(conv.decoder)
@@ -173,7 +224,7 @@ class ConversationStore:
             raise SealError(f"the sealed state of conversation {conv.id!r} is truncated")
         size = len(blob) - NONCE_BYTES - TAG_BYTES
         plain = bytearray(size)
-        dec = Cipher(self._key(conv.tenant), modes.GCM(blob[:NONCE_BYTES], blob[-TAG_BYTES:])).decryptor()
+        dec = Cipher(self._key(conv.tenant, conv.blob_id), modes.GCM(blob[:NONCE_BYTES], blob[-TAG_BYTES:])).decryptor()
         dec.authenticate_additional_data(self._aad(conv))
         dec.update_into(memoryview(blob)[NONCE_BYTES:NONCE_BYTES + size], plain)
         try:
@@ -197,6 +248,7 @@ class ConversationStore:
         conv.messages = meta["messages"]
         conv.token_ids = meta["token_ids"] if decoder is not None else []   # no cache: prefill again
         del self.blobs[conv.blob_id]
+        zeroise(self._blob_keys.pop(conv.blob_id))
         conv.blob_id = None
         self.restores += 1
 
@@ -208,6 +260,9 @@ class ConversationStore:
                 kvstate.wipe(conv.decoder)
             conv.decoder, conv.messages, conv.token_ids = None, [], []
         self._conversations.clear()
+        for key in self._blob_keys.values():
+            zeroise(key)
+        self._blob_keys.clear()
 
 
 def _shares(decoder, plain: bytearray) -> bool:

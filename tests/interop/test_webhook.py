@@ -53,13 +53,14 @@ def platform():
 
 
 @pytest.fixture(scope="module")
-def wa(live, tiny_chat, platform):
+def wa(live, tiny_chat, platform, tmp_path_factory):
     from isthmus.interop.app import create_app
     from isthmus.interop.tenants import Tenants, hash_key
 
     enclave = LocalEnclaveKey()
     cfg = WhatsAppConfig(verify_token=VERIFY, app_secret=SECRET, phone_numbers={PNID: "acme", "20002": "globex"},
-                         graph_url=platform.url, access_token=TOKEN, temperature=0.0, max_tokens=8)
+                         graph_url=platform.url, access_token=TOKEN, temperature=0.0, max_tokens=8,
+                         outbox=str(tmp_path_factory.mktemp("outbox") / "outbox.sqlite3"))
     adapter = WhatsAppAdapter(cfg, outbound=GraphApiClient(platform.url, TOKEN), enclave=enclave)
     tenants = Tenants.from_config({"tenants": [{"id": "acme", "api_key_sha256": [hash_key("sk-a-0123456789")]},
                                                {"id": "globex", "api_key_sha256": [hash_key("sk-g-0123456789")]}]})
@@ -71,12 +72,13 @@ def wa(live, tiny_chat, platform):
 _ids = iter(range(10**6))
 
 
-def notification(text, sender="15550001111", pnid=PNID, message_id=None):
+def notification(text, sender="15550001111", pnid=PNID, message_id=None, timestamp=None):
     message_id = message_id or f"wamid.in{next(_ids)}"
+    timestamp = str(int(time.time())) if timestamp is None else timestamp
     return {"object": "whatsapp_business_account", "entry": [{"id": "WABA", "changes": [{"field": "messages", "value": {
         "messaging_product": "whatsapp", "metadata": {"display_phone_number": "15550000000", "phone_number_id": pnid},
         "contacts": [{"profile": {"name": "Ann"}, "wa_id": sender}],
-        "messages": [{"from": sender, "id": message_id, "timestamp": "1700000000", "type": "text",
+        "messages": [{"from": sender, "id": message_id, "timestamp": timestamp, "type": "text",
                       "text": {"body": text}}]}}]}]}
 
 
@@ -150,7 +152,7 @@ def test_an_encrypted_envelope_round_trips(wa, tiny_chat):
     r = post(wa, notification(envelope, sender=sender))
     assert r.json()["accepted"] == 1
     reply = wa.platform.wait_for(before + 1)[before]["json"]["text"]["body"]
-    assert json.loads(reply)["e2e"] == "isthmus/1" and json.loads(reply)["seq"] == 1
+    assert json.loads(reply)["e2e"] == "isthmus/2" and json.loads(reply)["seq"] == 1
     want, _ = tiny_chat.expected([{"role": "user", "content": "Hello there"}], max_tokens=8)
     assert client.open_reply(reply) == want
 
@@ -167,10 +169,13 @@ def test_replayed_reordered_and_moved_envelopes_are_rejected(wa):
     assert post(wa, notification(client.seal("old"), sender=sender)).json()["rejected"] == 1
     # a valid envelope moved to another conversation or tenant does not open
     assert post(wa, notification(client.seal("moved"), sender="15550009999")).json()["rejected"] == 1
-    globex = ClientSession(wa.enclave.public_key, tenant="acme", conversation=sender, first_seq=100)
+    globex = ClientSession(wa.enclave.public_key, tenant="acme", conversation=sender, first_seq=100,
+                           static=client.static)
     assert post(wa, notification(globex.seal("x"), sender=sender, pnid="20002")).json()["rejected"] == 1
     # garbage that looks like an envelope
-    assert post(wa, notification('{"e2e": "isthmus/1", "seq": 9, "epk": "zz"}', sender=sender)).json()["rejected"] == 1
+    assert post(wa, notification('{"e2e": "isthmus/2", "seq": 9, "epk": "zz"}', sender=sender)).json()["rejected"] == 1
+    # an envelope of the old, sender-unauthenticated format
+    assert post(wa, notification('{"e2e": "isthmus/1", "seq": 9, "epk": "00"}', sender=sender)).json()["rejected"] == 1
 
 
 def test_conversations_keep_history_per_tenant(wa):
@@ -181,10 +186,13 @@ def test_conversations_keep_history_per_tenant(wa):
     post(wa, notification("second", sender="15550005555"))
     post(wa, notification("first", sender="15550005555", pnid="20002"))
     wa.platform.wait_for(before + 3)
-    acme = adapter._history[("acme", "15550005555")]
-    globex = adapter._history[("globex", "15550005555")]
-    assert [m["content"] for m in acme if m["role"] == "user"] == ["first", "second"]
-    assert [m["content"] for m in globex if m["role"] == "user"] == ["first"]
+    store = adapter.conversations                 # the enclave's store: sealed between turns
+    acme = store.open("acme", "wa:15550005555")
+    globex = store.open("globex", "wa:15550005555")
+    assert [m["content"] for m in acme.messages if m["role"] == "user"] == ["first", "second"]
+    assert [m["content"] for m in globex.messages if m["role"] == "user"] == ["first"]
+    store.park(acme), store.park(globex)
+    assert not acme.resident and not acme.messages and acme.blob_id in store.blobs
 
 
 def test_envelope_crypto_units():
