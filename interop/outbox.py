@@ -75,6 +75,8 @@ class Outbox:
         self._lockfile = None
         if not memory:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            for name in (self.path, self.path + ".lock"):        # 0600: ids and phone numbers are personal data
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT, 0o600))   # SQLite gives its -wal/-shm the same
             self._lockfile = open(self.path + ".lock", "a")      # one server per outbox: no double delivery
             try:
                 fcntl.flock(self._lockfile, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -145,6 +145,8 @@ def test_dedup_ids_expire_after_the_window_only(tmp_path):
     with pytest.raises(InputError, match="in use by another server"):     # two servers would reply twice
         Outbox(tmp_path / "o.sqlite3")
     again.close()
+    assert {f.name: f.stat().st_mode & 0o777 for f in tmp_path.iterdir()} == {
+        name: 0o600 for name in ("o.sqlite3", "o.sqlite3.key", "o.sqlite3.lock")}      # WAL checkpointed on close
 
 
 def test_sends_are_retried_and_parts_already_sent_are_not_repeated(start, tmp_path):
