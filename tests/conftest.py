@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# `python -m pytest` puts the current directory first on sys.path. From the repository root that
+# is the isthmus package's own folder, whose kernels/ would shadow the `kernels` package that
+# transformers probes for; isthmus itself is imported through its installation, so drop it.
+_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:] = [p for p in sys.path if Path(p or os.curdir).resolve() != _ROOT]
 
 from tiny_models import TINY_CONFIG, tiny_llama_model  # tests/support, on pythonpath
 
