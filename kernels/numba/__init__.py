@@ -7,16 +7,11 @@ set on 2 cores) and writes machine code to `__pycache__`; later starts load it i
 Numba's cache tracks each kernel's own file only: after editing simd.py (whose helpers are
 inlined into the other files' kernels) delete kernels/numba/__pycache__.
 
-Threading (see docs/performance.md):
+Threading (threads.py chooses; docs/performance.md measures):
   * Kernels parallelise with `prange`; each prange is one parallel launch, so the fused kernels
     keep to one launch each and a decode step of the default model makes ~121 (4 per layer:
     QKV, attention output, gate/up, down; attention itself runs serially while it is small).
-  * Numba's OpenMP layer is the fastest launcher here. Under `OMP_WAIT_POLICY=PASSIVE` (what the
-    CI script exports) idle workers sleep instead of spinning, which costs ~10 us per launch but
-    leaves the cores to BLAS and to the Python thread; that is the setting the figures in
-    docs/performance.md were measured with. `NUMBA_THREADING_LAYER=workqueue` also works, slower.
-  * `NUMBA_NUM_THREADS` (default: all cores) bounds the kernels' threads; BLAS (used for prefill
-    matmuls) keeps its own pool; the two never run at the same time.
+  * One pool, Numba's: prefill matmuls call BLAS single-threaded inside its work items.
 """
 
 # Fast-math flags for the kernels: reassociation lets LLVM vectorise reductions; no `nnan`/`ninf`,
@@ -24,3 +19,8 @@ Threading (see docs/performance.md):
 FASTMATH = {"nsz", "arcp", "contract", "afn", "reassoc"}
 JIT = dict(cache=True, nogil=True, fastmath=FASTMATH, error_model="numpy", boundscheck=False)
 PJIT = dict(JIT, parallel=True)
+
+
+from isthmus.kernels.numba.threads import configure as _configure_threads  # noqa: E402
+
+_configure_threads()

@@ -6,17 +6,19 @@ causal, sees keys 0 .. past + i. The output is written as [batch, seq, heads * h
 transpose + reshape that always follows attention in a decoder folded in.
 
 Decode: one kernel over (batch, head, query) work items, each computing its scores, softmax and
-weighted sum of values in a row of `scratch` (no allocation). Prefill: BLAS per KV head for the
-two products, the causal softmax in between (`attention_kv` holds the dispatch rule).
+weighted sum of values in a row of `scratch` (no allocation). Prefill: per KV head and chunk of
+query rows, BLAS for the two products with the causal softmax in between, one parallel launch
+(`attention_kv` holds the dispatch rule).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import get_num_threads, njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba.softmax import softmax_row
+from isthmus.kernels.numba.threads import serial_blas
 
 
 @njit(inline="always", **JIT)
@@ -64,21 +66,34 @@ def causal_softmax(scores, past, seq, causal):
             scores[r, t] = 0.0
 
 
-def attention_blas(q, k, v, past, causal, scale, out, scratch):
-    """Prefill: per KV head, the group's queries at once through BLAS (scores, then values)."""
-    nb, hq, seq, hd = q.shape
-    kvh = k.shape[1]
-    group, total = hq // kvh, past + seq
-    for b in range(nb):
-        for h in range(kvh):
-            qh = q[b, h * group:(h + 1) * group].reshape(group * seq, hd)
-            sc = scratch[: group * seq, :total]
-            np.matmul(qh, k[b, h, :total].T, out=sc)
-            sc *= scale
-            causal_softmax(sc, past, seq, causal)
-            o = sc @ v[b, h, :total]                     # [group * seq, hd]
-            out[b, :, h * group * hd:(h + 1) * group * hd] = \
-                o.reshape(group, seq, hd).transpose(1, 0, 2).reshape(seq, group * hd)
+@njit(**PJIT)
+def attention_blas(q4, k, v, past, causal, scale, out, row_chunk):
+    """Prefill: for each KV head, its group's queries (q4 [batch, kv_heads, group * seq, hd], query
+    row r being head r // seq, position r % seq) in chunks of `row_chunk` rows, one work item per
+    chunk: scores and values through BLAS, single-threaded on the item's thread (threads.py)."""
+    nb, kvh, rows, hd = q4.shape
+    seq = out.shape[1]
+    total = past + seq
+    chunks = (rows + row_chunk - 1) // row_chunk
+    for job in prange(nb * kvh * chunks):
+        b = job // (kvh * chunks)
+        h = (job // chunks) % kvh
+        r0 = (job % chunks) * row_chunk
+        r1 = min(rows, r0 + row_chunk)
+        sc = np.dot(q4[b, h, r0:r1], k[b, h, :total].T)
+        for r in range(r1 - r0):
+            n = past + (r0 + r) % seq + 1 if causal else total
+            for t in range(n):
+                sc[r, t] *= scale
+            softmax_row(sc, sc, r, n)
+            for t in range(n, total):
+                sc[r, t] = 0.0
+        o = np.dot(sc, v[b, h, :total])
+        for r in range(r1 - r0):
+            g, i = (r0 + r) // seq, (r0 + r) % seq
+            col = (h * (rows // seq) + g) * hd
+            for j in range(hd):
+                out[b, i, col + j] = o[r, j]
 
 
 PARALLEL_MIN = 1 << 16     # multiply-adds below which one thread beats a parallel launch
@@ -86,11 +101,17 @@ BLAS_MIN_SEQ = 16          # queries from which BLAS (as for the prefill's matmu
 
 
 def attention_kv(q, k, v, past, causal, scale, out, scratch):
-    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more, scratch rows for a group of
-    heads); else one kernel, serial below PARALLEL_MIN multiply-adds (a decode step early in a
+    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more); else one kernel, serial below PARALLEL_MIN multiply-adds (a decode step early in a
     conversation), parallel above."""
-    if q.shape[2] >= BLAS_MIN_SEQ:
-        return attention_blas(q, k, v, past, causal, scale, out, scratch)
+    nb, hq, seq, hd = q.shape
+    if seq >= BLAS_MIN_SEQ:
+        kvh = k.shape[1]
+        rows = hq // kvh * seq
+        # enough work items for every thread, each a whole number of rows
+        row_chunk = -(-rows // max(1, -(-2 * get_num_threads() // (nb * kvh))))
+        with serial_blas():
+            attention_blas(q.reshape(nb, kvh, rows, hd), k, v, past, causal, scale, out, row_chunk)
+        return
     work = q.shape[0] * q.shape[1] * q.shape[2] * (past + q.shape[2]) * q.shape[3]
     (attention_serial if work < PARALLEL_MIN else attention_par)(q, k, v, past, causal, scale, out, scratch)
 

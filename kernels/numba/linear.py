@@ -16,9 +16,9 @@ copy of a quantized matrix is ever kept. Sibling linears that read the same inpu
 Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode) use the fused matvec
 kernels below: one parallel launch over weight rows, each block multiplied in registers (integer
 dot products with i16 activations on AVX2 hosts, f32 elsewhere). More rows (prefill) dequantize
-`TILE` weight rows at a time into a reused f32 tile, on the calling thread (BLAS's workers are
-still spinning from the previous call; a parallel launch would fight them), and multiply with BLAS,
-which at 256 rows beats the integer kernel by ~1.5x here.
+`GEMM_ROWS` weight rows at a time into a tile per work item and multiply each tile with BLAS
+running single-threaded on that item's thread (`dequant_matmul`: one parallel launch, one thread
+pool; threads.py says why), which at 256 rows beats the integer kernel by ~1.5x here.
 """
 
 from __future__ import annotations
@@ -26,16 +26,17 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import njit, prange, types
+from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
 from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
                                         row_dot_q8, row_dot_q8_i16, sigmoid_f32)
 
 MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
-TILE = 2048               # weight rows dequantized per BLAS call in the prefill path
+GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)
 CHUNK = 16                # weight rows per parallel work item
 
 EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
@@ -275,11 +276,32 @@ def dequant_rows(qs, d, m, r0, r1, tile):
         dequant_row(qs, d, m, r0 + i, tile, i)
 
 
-@njit(**JIT)
-def dequant_rows_serial(qs, d, m, r0, r1, tile):
-    """`dequant_rows` on the calling thread: between BLAS calls, whose workers still spin."""
-    for i in range(r1 - r0):
-        dequant_row(qs, d, m, r0 + i, tile, i)
+@njit(**PJIT)
+def dequant_matmul(x2, qs, d, m, tiles, out):
+    """out = x2 @ W.T for a prefill: work item i dequantizes chunks i, i + items, ... of GEMM_ROWS
+    weight rows into its own tile and multiplies each with BLAS on its own thread."""
+    rows, items, chunk = qs.shape[0], tiles.shape[0], tiles.shape[1]
+    chunks = (rows + chunk - 1) // chunk
+    for it in prange(items):
+        tile = tiles[it]
+        for c in range(it, chunks, items):
+            r0 = c * chunk
+            r1 = min(rows, r0 + chunk)
+            for i in range(r1 - r0):
+                dequant_row(qs, d, m, r0 + i, tile, i)
+            out[:, r0:r1] = np.dot(x2, tile[:r1 - r0].T)
+
+
+@njit(**PJIT)
+def matmul_rows(x2, w, out, items, chunk):
+    """out = x2 @ w.T for f32 weights, split like `dequant_matmul` (no tile: the rows are the weights)."""
+    rows = w.shape[0]
+    chunks = (rows + chunk - 1) // chunk
+    for it in prange(items):
+        for c in range(it, chunks, items):
+            r0 = c * chunk
+            r1 = min(rows, r0 + chunk)
+            out[:, r0:r1] = np.dot(x2, w[r0:r1].T)
 
 
 @njit(**JIT)
@@ -324,10 +346,16 @@ class Workspace:
             self.sx[key] = np.empty((n, max(cols // 32, 1)), np.float32)
         return self.sx[key]
 
-    def tile_for(self, rows, cols):
-        if self.tile.size < rows * cols:
-            self.tile = np.empty(rows * cols, np.float32)
-        return self.tile[: rows * cols].reshape(rows, cols)
+    @staticmethod
+    def items() -> int:
+        return get_num_threads()
+
+    def tiles(self, rows, cols):
+        """One [rows, cols] f32 tile per work item of `dequant_matmul`."""
+        items = self.items()
+        if self.tile.size < items * rows * cols:
+            self.tile = np.empty(items * rows * cols, np.float32)
+        return self.tile[: items * rows * cols].reshape(items, rows, cols)
 
 
 def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None):
@@ -378,17 +406,11 @@ def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, no
 
 
 def _dense_matmul(x2, w: Packed, out, ws: Workspace):
-    if w.kind == "f32":
-        np.matmul(x2, w.qs.T, out=out)
-        return
-    for r0 in range(0, w.rows, TILE):
-        r1 = min(w.rows, r0 + TILE)
-        tile = ws.tile_for(r1 - r0, w.cols)
-        dequant_rows_serial(w.qs, w.d, w.m, r0, r1, tile)
-        if r0 == 0 and r1 == w.rows:
-            np.matmul(x2, tile.T, out=out)
+    with serial_blas():
+        if w.kind == "f32":
+            matmul_rows(x2, w.qs, out, ws.items(), GEMM_ROWS)
         else:
-            out[:, r0:r1] = x2 @ tile.T
+            dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(GEMM_ROWS, w.cols), out)
 
 
 def embedding(table: Packed, ids, out2):
