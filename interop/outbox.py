@@ -199,6 +199,12 @@ class Outbox:
         rows = self._q("SELECT min(next_at) FROM outbox")
         return rows[0][0] if rows else None
 
+    def resume(self) -> None:
+        """At start: entries waiting for a turn are due now (the limits that delayed them were in the
+        memory of the last run); sends keep their backoff."""
+        now = self.clock()
+        self._q("UPDATE outbox SET next_at = ? WHERE reply IS NULL AND next_at > ?", (now, now))
+
     def set_reply(self, e: Entry, bodies: list[str]) -> None:
         e.reply = bodies
         self._q("UPDATE outbox SET reply = ? WHERE id = ?",

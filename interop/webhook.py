@@ -291,6 +291,7 @@ class WhatsAppAdapter:
         if state is not None:
             self._state = state
         if self._worker is None or self._worker.done():
+            self.outbox.resume()
             self._wake = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._run())
 
