@@ -340,3 +340,13 @@ def test_under_the_simulated_tee_histories_live_in_the_enclave_sessions_store():
     assert adapter.conversations is store
     own = WhatsAppAdapter(WhatsAppConfig(verify_token="v", app_secret="s", phone_numbers={}), outbound=Recorder())
     assert isinstance(own.conversations, ConversationStore) and own.conversations is not store
+
+
+def test_an_undeliverable_reply_expires_counted_and_logged(start, tmp_path, caplog):
+    s = start(tmp_path / "o.sqlite3", Recorder(fail=10**6), reply_ttl_s=0.5, retry_base_s=0.05, retry_max_s=0.1)
+    with caplog.at_level(logging.WARNING):
+        assert post(s, body_of(("15550100008", "anyone there?"))).json()["accepted"] == 1
+        assert wait(lambda: s.adapter.outbox.pending() == 0, timeout=20)
+    assert s.out.calls >= 2 and s.out.sent == []
+    assert 'isthmus_webhook_events_total{outcome="expired"} 1' in s.state.metrics.render()
+    assert any("expired" in r.getMessage() for r in caplog.records)
