@@ -462,8 +462,9 @@ class WhatsAppAdapter:
                     try:
                         if self.opener is None:
                             raise E2EError("this server has no enclave key for envelopes")
+                        first = not self.opener.encrypted(item.tenant, item.sender)
                         item.text, reply = self.opener.open(item.text, item.tenant, item.sender)
-                        ctx = {"seq": reply.seq, "key": reply.key.hex()}
+                        ctx = {"seq": reply.seq, "key": reply.key.hex(), "first": first}
                     except E2EError as e:
                         log.warning("webhook envelope rejected: %s", e)
                         ack["rejected"] += 1
@@ -554,6 +555,10 @@ class WhatsAppAdapter:
         """One turn of the conversation in the enclave's store: open (restore), generate, record, seal."""
         store = self.conversations
         cid = ("e2e:" if e.ctx is not None else "wa:") + e.sender   # encrypted history never mixes with plain
+        if e.ctx is not None and e.ctx.get("first"):
+            # a new pin starts a new history: if the host dropped a pin to let another key in, that
+            # key must not be answered over the sealed history of the one pinned before
+            store.erase(e.tenant, cid)
         try:
             conv = store.open(e.tenant, cid)
         except SealError as why:               # the host lost or altered the sealed history: start afresh

@@ -174,3 +174,32 @@ def test_opener_units():
     doc["spk"] = "00" * 32
     with pytest.raises(E2EError):
         opener.open(json.dumps(doc), "t", "alice")
+
+
+def test_a_pin_dropped_by_the_host_does_not_open_the_old_history(srv):
+    """Trust on first use cannot stop an operator who deletes a pin row; what it must not give that
+    operator is the history sealed under the earlier pin."""
+    user = "15557770004"
+    victim = ClientSession(srv.enclave.public_key, "acme", user)
+    assert send(srv, user, victim.seal("my diagnosis is private"))["accepted"] == 1
+    srv.out.to(user, 1)
+    srv.adapter.outbox._q("DELETE FROM pins WHERE sender = ?", (user,))      # the host's edit
+    intruder = ClientSession(srv.enclave.public_key, "acme", user)
+    assert send(srv, user, intruder.seal("what did I say before?"))["accepted"] == 1
+    srv.out.to(user, 2)
+    store = srv.adapter.conversations
+    assert wait_idle(srv)
+    conv = store.open("acme", f"e2e:{user}")
+    try:
+        assert [m["content"] for m in conv.messages if m["role"] == "user"] == ["what did I say before?"]
+    finally:
+        store.park(conv)
+    # and the victim, whose key is no longer pinned, is refused rather than mixed in
+    assert send(srv, user, victim.seal("hello?"))["rejected"] == 1
+
+
+def wait_idle(srv, timeout=30):
+    deadline = time.monotonic() + timeout
+    while (srv.adapter._tasks or srv.adapter.outbox.pending()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not srv.adapter._tasks
