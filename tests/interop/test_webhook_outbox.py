@@ -327,17 +327,26 @@ def test_a_phone_number_for_an_unknown_tenant_is_a_one_line_error(tmp_path, caps
     assert len(err) == 1 and "10002" in err[0] and "'acmee'" in err[0], err
 
 
-def test_under_the_simulated_tee_histories_live_in_the_enclave_sessions_store():
+def test_under_the_simulated_tee_histories_live_in_the_enclave_sessions_store(tmp_path):
     from types import SimpleNamespace
 
     from isthmus.interop.e2e import SessionKey
+    from isthmus.runtime.tee.audit import AuditLog, verify
     from isthmus.runtime.tee.conversations import ConversationStore
 
     store = ConversationStore(None, bytearray(32))
-    session = SimpleNamespace(conversations=store, public_key=LocalEnclaveKey().public_key)
+    session = SimpleNamespace(conversations=store, public_key=LocalEnclaveKey().public_key,
+                              audit=AuditLog(tmp_path / "audit.log"))
     adapter = WhatsAppAdapter(WhatsAppConfig(verify_token="v", app_secret="s", phone_numbers={}),
                               outbound=Recorder(), enclave=SessionKey(session))
     assert adapter.conversations is store
+    conv = store.open("acme", "wa:15550100009")
+    conv.messages = [{"role": "user", "content": "hi"}]
+    store.park(conv)
+    assert adapter.erase("acme", "15550100009")["conversations"] == 1 and not store.blobs
+    entries = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    assert [e["event"] for e in entries] == ["erasure"] and "15550100009" not in json.dumps(entries)
+    verify(tmp_path / "audit.log")
     own = WhatsAppAdapter(WhatsAppConfig(verify_token="v", app_secret="s", phone_numbers={}), outbound=Recorder())
     assert isinstance(own.conversations, ConversationStore) and own.conversations is not store
 
