@@ -30,6 +30,10 @@ class InputError(IsthmusError):
     """Bad run-time input: wrong names, shapes or dtypes, or a prompt longer than the context."""
 
 
+class TemplateError(InputError):
+    """A model's chat template failed on a conversation or broke a sandbox limit (time, size, recursion)."""
+
+
 class NpuError(IsthmusError):
     """An NPU program breaks a machine rule (capacity, bounds, alignment, dtype, deadlock) or does not assemble."""
 

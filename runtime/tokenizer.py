@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import codecs
 import functools
-import json
-from datetime import datetime
-from typing import Iterable
+import re
+from typing import Iterable, Iterator
 
 from isthmus.errors import InputError, ModelFormatError, UnsupportedError
 
@@ -80,9 +79,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
         """Token ids for `text`. Control tokens written in the text (e.g. `<|im_start|>`) become
-        their single ids, as in Hugging Face. `add_bos=None` follows the model's GGUF setting."""
+        their single ids, as in Hugging Face, except in a `ChatPrompt`, where only those its
+        template wrote do. `add_bos=None` follows the model's GGUF setting."""
         try:
-            ids = self._backend.encode(text, add_special_tokens=False).ids
+            if isinstance(text, ChatPrompt) and text.literals:
+                ids = self._encode_chat(text)
+            else:
+                ids = self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # the Rust side refuses str that is not valid Unicode (lone surrogates)
             raise InputError("the text is not valid Unicode (it contains a lone surrogate)") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
@@ -111,13 +114,62 @@ class Tokenizer:
     def stream(self, skip_special: bool = False) -> StreamDecoder:
         return StreamDecoder(self, skip_special)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
-        """The prompt text for `messages`, rendered with the model's own chat template."""
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> ChatPrompt:
+        """The prompt text for `messages`, rendered with the model's own chat template (a `ChatPrompt`:
+        `encode` parses special tokens only where the template wrote them, never in the messages)."""
         if not self.chat_template:
             raise UnsupportedError("this model has no chat template; give it a raw prompt instead")
         names = {"bos_token": self.bos_id, "eos_token": self.eos_id}
         tokens = {k: self.id_to_token(v) or "" for k, v in names.items() if v is not None}
-        return render_chat(self.chat_template, messages, add_generation_prompt, **{**tokens, **kwargs})
+        (messages, kwargs), literals = self._mask_specials((messages, kwargs))
+        return ChatPrompt(render_chat(self.chat_template, messages, add_generation_prompt, **{**tokens, **kwargs}),
+                          literals)
+
+    def _mask_specials(self, values):
+        """`values` with each special-token string in its strings replaced by one private-use
+        character that the template cannot mistake for a special token; and that mapping."""
+        specials = self._specials
+        if specials is None or not any(specials.search(s) for s in _strings(values)):
+            return values, {}
+        used = {c for s in (self.chat_template, *_strings(values)) for c in _PLACEHOLDERS.findall(s)}
+        free = (chr(c) for c in range(0xF0000, 0x10FFFE) if chr(c) not in used)
+        placeholder: dict[str, str] = {}
+
+        def sub(s: str) -> str:
+            return specials.sub(lambda m: placeholder.setdefault(m.group(), next(free)), s)
+
+        masked = _replace_strings(values, sub)
+        return masked, {c: s for s, c in placeholder.items()}
+
+    @functools.cached_property
+    def _specials(self) -> re.Pattern | None:
+        """The strings `encode` turns into special tokens, longest first (leftmost-longest, as the library)."""
+        added = self._backend.get_added_tokens_decoder().values()
+        found = sorted({t.content for t in added if t.special and t.content}, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, found))) if found else None
+
+    @functools.cached_property
+    def _plain(self):
+        """A copy of the backend that reads special-token strings as ordinary text."""
+        from tokenizers import Tokenizer as Backend
+
+        plain = Backend.from_str(self._backend.to_str())
+        plain.encode_special_tokens = True
+        return plain
+
+    def _encode_chat(self, prompt: ChatPrompt) -> list[int]:
+        # Split the render at the special tokens the template wrote; the text between (which holds
+        # the messages, their special-token strings restored) is encoded without special tokens.
+        restore = {ord(c): s for c, s in prompt.literals.items()}
+        ids, at = [], 0
+        for m in [*self._specials.finditer(prompt.rendered), None]:
+            text = prompt.rendered[at:m.start() if m else None].translate(restore)
+            if text:
+                ids += self._plain.encode(text, add_special_tokens=False).ids
+            if m:
+                ids.append(self._backend.token_to_id(m.group()))
+                at = m.end()
+        return ids
 
 
 class StreamDecoder:
@@ -247,52 +299,54 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                 bos_token: str = "", eos_token: str = "", **kwargs) -> str:
     """Render a Hugging Face chat template (Jinja) as transformers' `apply_chat_template` does.
 
-    Templates come with the model file and are untrusted, so they run in Jinja's immutable sandbox.
+    Templates come with the model file and are untrusted: see runtime/chat_template.py for the
+    sandbox and its limits."""
+    from isthmus.runtime.chat_template import render
+
+    return render(template, messages, add_generation_prompt, bos_token=bos_token, eos_token=eos_token, **kwargs)
+
+
+class ChatPrompt(str):
+    """A prompt rendered from a chat template, which remembers which special tokens its template wrote.
+
+    `Tokenizer.encode` makes control tokens only of the template's own text: a `<|im_start|>`
+    in a message (or in any other value the caller passed to the template) stays ordinary text,
+    as llama.cpp's `parse_special=false`. String operations on it return a plain `str`, in which
+    every special-token string is parsed again, so encode it as returned.
     """
-    import jinja2
 
-    compiled = _compile(template)
-    # transformers passes these as None, and templates test `tools is not none`.
-    kwargs.setdefault("tools", None)
-    kwargs.setdefault("documents", None)
-    try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token, **kwargs)
-    except jinja2.TemplateError as e:
-        raise InputError(f"the chat template rejected the conversation: {e.message or e}") from None
+    rendered: str              # the text with each special-token string of the caller's values as one placeholder
+    literals: dict[str, str]   # placeholder character -> the special-token string it stands for
+
+    def __new__(cls, rendered: str, literals: dict[str, str] | None = None):
+        literals = literals or {}
+        self = super().__new__(cls, rendered.translate({ord(c): s for c, s in literals.items()}))
+        self.rendered, self.literals = rendered, literals
+        return self
 
 
-@functools.lru_cache(maxsize=8)
-def _compile(template: str):
-    import jinja2
-    from jinja2.ext import Extension, loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+_PLACEHOLDERS = re.compile("[\U000F0000-\U0010FFFF]")   # supplementary private use planes
+_MAX_DEPTH = 64
 
-    class Generation(Extension):
-        # `{% generation %}` marks assistant text for training masks; rendering just keeps it.
-        tags = {"generation"}
 
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_keep"), [], [], body).set_lineno(lineno)
+def _strings(value, depth: int = 0) -> Iterator[str]:
+    if depth > _MAX_DEPTH:
+        raise InputError(f"the conversation nests more than {_MAX_DEPTH} levels deep")
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v, depth + 1)
 
-        def _keep(self, caller):
-            return caller()
 
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # Jinja's own tojson escapes HTML characters, which would change the prompt.
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(template)
-    except jinja2.TemplateError as e:
-        line = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
-        raise ModelFormatError(f"the model's chat template does not parse: {e.message or e}{line}") from None
+def _replace_strings(value, sub):
+    if isinstance(value, str):
+        return sub(value)
+    if isinstance(value, dict):
+        return {k: _replace_strings(v, sub) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_replace_strings(v, sub) for v in value]
+    return value

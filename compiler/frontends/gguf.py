@@ -286,11 +286,30 @@ class _Parser:
 
 # --- model configuration ---------------------------------------------------------------------
 
+# Sanity bounds on hyperparameters, which a model file may set to anything: a context of 2**32-1
+# would size a KV cache of terabytes. Published models sit far inside them (the longest context,
+# Llama 4 Scout's, is 10M; the widest hidden size, Llama 3.1 405B's, is 16384).
+MAX_CONTEXT = 1 << 24
+MAX_LAYERS = 1 << 12
+MAX_WIDTH = 1 << 20        # hidden and feed-forward sizes
+MAX_HEADS = 1 << 12
+MAX_HEAD_DIM = 1 << 12
+MAX_VOCAB = 1 << 24
+
+
+def check_limit(value: int, limit: int, key: str, where: str) -> int:
+    """`value` of metadata `key`, or a ModelFormatError naming both when it is past `limit`."""
+    if value > limit:
+        raise ModelFormatError(f"{where}: {key} is {value}, over the limit of {limit} "
+                               f"(no real model comes near it; the file is corrupt or hostile)")
+    return value
+
+
 def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
     """The hyperparameters a Llama-family builder needs, from llama.cpp's metadata keys."""
     md, name = gguf_file.metadata, gguf_file.path
 
-    def get(key: str, kind: type, default: Any = ...) -> Any:
+    def get(key: str, kind: type, default: Any = ..., limit: int | None = None) -> Any:
         if key not in md:
             if default is ...:
                 raise ModelFormatError(f"{name}: metadata key {key} is missing")
@@ -299,7 +318,7 @@ def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else type(value) is kind
         if not ok or (kind is int and value <= 0):
             raise ModelFormatError(f"{name}: metadata {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
-        return kind(value)
+        return kind(value) if limit is None else check_limit(value, limit, key, name)
 
     arch = get("general.architecture", str)
     if arch != "llama":
@@ -307,9 +326,10 @@ def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
     scaling = md.get("llama.rope.scaling.type", "none")
     if scaling != "none":
         raise UnsupportedError(f"{name}: rope scaling {one_line(str(scaling))!r} is not supported")
-    hidden, n_heads = get("llama.embedding_length", int), get("llama.attention.head_count", int)
-    n_kv_heads = get("llama.attention.head_count_kv", int, n_heads)
-    head_dim = get("llama.attention.key_length", int, hidden // n_heads)
+    hidden = get("llama.embedding_length", int, limit=MAX_WIDTH)
+    n_heads = get("llama.attention.head_count", int, limit=MAX_HEADS)
+    n_kv_heads = get("llama.attention.head_count_kv", int, n_heads, limit=MAX_HEADS)
+    head_dim = get("llama.attention.key_length", int, hidden // n_heads, limit=MAX_HEAD_DIM)
     if "llama.attention.key_length" not in md and hidden % n_heads:
         raise ModelFormatError(f"{name}: embedding length {hidden} is not a multiple of the head count {n_heads}")
     if n_heads % n_kv_heads:
@@ -317,23 +337,27 @@ def llama_config_from_gguf(gguf_file: GGUFFile) -> dict:
     tokens = md.get("tokenizer.ggml.tokens")
     embedding = gguf_file.tensors.get("token_embd.weight")
     vocab = len(tokens) if isinstance(tokens, list) else embedding.shape[0] if embedding is not None else ...
+    rope_dim = get("llama.rope.dimension_count", int, head_dim)
+    if rope_dim > head_dim:
+        raise ModelFormatError(f"{name}: metadata llama.rope.dimension_count is {rope_dim}, "
+                               f"over the head size {head_dim}")
     rms_eps = get("llama.attention.layer_norm_rms_epsilon", float)
     if not rms_eps > 0:
         raise ModelFormatError(f"{name}: metadata llama.attention.layer_norm_rms_epsilon is {rms_eps}, expected > 0")
     return {
         "architecture": arch,
         "name": md.get("general.name") if isinstance(md.get("general.name"), str) else Path(name).stem,
-        "n_layers": get("llama.block_count", int),
+        "n_layers": get("llama.block_count", int, limit=MAX_LAYERS),
         "hidden": hidden,
-        "ffn": get("llama.feed_forward_length", int),
+        "ffn": get("llama.feed_forward_length", int, limit=MAX_WIDTH),
         "n_heads": n_heads,
         "n_kv_heads": n_kv_heads,
         "head_dim": head_dim,
-        "rope_dim": get("llama.rope.dimension_count", int, head_dim),
+        "rope_dim": rope_dim,
         "rms_eps": rms_eps,
         "rope_theta": get("llama.rope.freq_base", float, 10000.0),
-        "context_length": get("llama.context_length", int),
-        "vocab_size": get("llama.vocab_size", int, vocab),
+        "context_length": get("llama.context_length", int, limit=MAX_CONTEXT),
+        "vocab_size": get("llama.vocab_size", int, vocab, limit=MAX_VOCAB),
         "bos_token_id": _token_id(md, "tokenizer.ggml.bos_token_id", name),
         "eos_token_id": _token_id(md, "tokenizer.ggml.eos_token_id", name),
         "chat_template": md.get("tokenizer.chat_template"),

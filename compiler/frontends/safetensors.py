@@ -29,6 +29,8 @@ import numpy as np
 from isthmus.compiler.frontends import Model
 from isthmus.compiler.quant import QuantizedArray
 from isthmus.compiler.frontends.files import map_readonly, one_line
+from isthmus.compiler.frontends.gguf import (MAX_CONTEXT, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB,
+                                             MAX_WIDTH, check_limit)
 from isthmus.errors import ModelFormatError, UnsupportedError
 
 _PLAIN = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
@@ -133,7 +135,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         raise UnsupportedError(f"{where}: model_type {one_line(repr(model_type))} is not supported; "
                                f"supported: 'llama'")
 
-    def get(key: str, kind: type, default=...):
+    def get(key: str, kind: type, default=..., limit: int | None = None):
         value = cfg.get(key)
         if value is None:
             if default is ...:
@@ -142,7 +144,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else type(value) is kind
         if not ok or value <= 0:
             raise ModelFormatError(f"{where}: {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
-        return kind(value)
+        return kind(value) if limit is None else check_limit(value, limit, key, where)
 
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
@@ -154,31 +156,31 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         raise UnsupportedError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not supported")
     rope_theta = _rope_theta(cfg, where)
 
-    hidden, n_heads = get("hidden_size", int), get("num_attention_heads", int)
-    n_kv_heads = get("num_key_value_heads", int, n_heads)
+    hidden, n_heads = get("hidden_size", int, limit=MAX_WIDTH), get("num_attention_heads", int, limit=MAX_HEADS)
+    n_kv_heads = get("num_key_value_heads", int, n_heads, limit=MAX_HEADS)
     if cfg.get("head_dim") is None and hidden % n_heads:
         raise ModelFormatError(f"{where}: hidden_size {hidden} is not a multiple of num_attention_heads {n_heads}")
-    head_dim = get("head_dim", int, hidden // n_heads)
+    head_dim = get("head_dim", int, hidden // n_heads, limit=MAX_HEAD_DIM)
     if n_heads % n_kv_heads:
         raise ModelFormatError(f"{where}: num_attention_heads {n_heads} is not a multiple of "
                                f"num_key_value_heads {n_kv_heads}")
-    vocab = get("vocab_size", int)
+    vocab = get("vocab_size", int, limit=MAX_VOCAB)
     eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", vocab, where)
     bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", vocab, where)
     name = cfg.get("_name_or_path")
     return {
         "architecture": "llama",
         "name": name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.strip("/") else None,
-        "n_layers": get("num_hidden_layers", int),
+        "n_layers": get("num_hidden_layers", int, limit=MAX_LAYERS),
         "hidden": hidden,
-        "ffn": get("intermediate_size", int),
+        "ffn": get("intermediate_size", int, limit=MAX_WIDTH),
         "n_heads": n_heads,
         "n_kv_heads": n_kv_heads,
         "head_dim": head_dim,
         "rope_dim": head_dim,
         "rms_eps": get("rms_norm_eps", float, 1e-6),
         "rope_theta": rope_theta,
-        "context_length": get("max_position_embeddings", int, 2048),
+        "context_length": get("max_position_embeddings", int, 2048, limit=MAX_CONTEXT),
         "vocab_size": vocab,
         "bos_token_id": bos[0] if bos else None,
         "eos_token_id": eos[0] if eos else None,
