@@ -148,7 +148,8 @@ def _ints(values) -> list[int]:
 
 
 def _check_replace(s, old, new, count=-1) -> None:
-    s, old, new = str(s), str(old), str(new)
+    if not (isinstance(s, (str, bytes)) and type(old) is type(s) and type(new) is type(s)):
+        s, old, new = str(s), str(old), str(new)
     n = s.count(old) if old else len(s) + 1
     if type(count) is int and count >= 0:
         n = min(n, count)
@@ -199,22 +200,24 @@ def _check_method(method, args, kwargs):
     """Checks for the str methods whose result size depends on an argument; may return new args."""
     inner = getattr(method, "__wrapped__", method)   # the sandbox wraps str.format
     owner, name = getattr(inner, "__self__", None), getattr(inner, "__name__", "")
-    if not isinstance(owner, str):
+    if not isinstance(owner, (str, bytes)):
         return args
     if name in ("center", "ljust", "rjust", "zfill"):
         for v in _ints([*args, *kwargs.values()]):
             _check_width(v)
     elif name == "expandtabs":
         size = _ints([*args, *kwargs.values(), 8])[0]
-        _check_width(len(owner) + owner.count("\t") * size, "a string")
+        _check_width(len(owner) + owner.count("\t" if isinstance(owner, str) else b"\t") * size, "a string")
     elif name == "replace":
         _check_replace(owner, *args, **kwargs)
     elif name == "join" and args:
         items = list(args[0])
         _check_join(owner, items)
         return (items, *args[1:])
-    elif name in ("format", "format_map"):
-        _check_format(owner, args if name == "format" else (), kwargs if name == "format" else (args or [{}])[0])
+    elif name == "format":
+        _check_format(owner, args, kwargs)
+    elif name == "format_map" and args and isinstance(args[0], dict):
+        _check_format(owner, (), args[0])
     return args
 
 
@@ -369,7 +372,7 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         _step()
         if operator == "*":
             for seq, n in ((left, right), (right, left)):
-                if isinstance(seq, (str, list, tuple)) and type(n) is int:
+                if isinstance(seq, (str, bytes, list, tuple)) and type(n) is int:
                     if len(seq) * n > MAX_VALUE:
                         raise _too_big(f"a {type(seq).__name__}", len(seq) * n)
             if type(left) is int and type(right) is int and left.bit_length() + right.bit_length() > MAX_INT_BITS:
@@ -379,11 +382,11 @@ class _Sandbox(ImmutableSandboxedEnvironment):
                     and (abs(left).bit_length() - 1) * right > MAX_INT_BITS:
                 raise TemplateError(f"the chat template would build an integer of over {MAX_INT_BITS} bits")
         elif operator == "+":
-            if isinstance(left, (str, list, tuple)) and isinstance(right, (str, list, tuple)) \
+            if isinstance(left, (str, bytes, list, tuple)) and isinstance(right, (str, bytes, list, tuple)) \
                     and len(left) + len(right) > MAX_VALUE:
                 raise _too_big(f"a {type(left).__name__}", len(left) + len(right))
-        elif operator == "%" and isinstance(left, str):
-            _check_percent(left, right)
+        elif operator == "%" and isinstance(left, (str, bytes)):
+            _check_percent(left if isinstance(left, str) else left.decode("latin-1"), right)
         return _check_size(self.binop_table[operator](left, right))
 
 

@@ -55,6 +55,9 @@ ATTACKS = {
     "output_flood": "{% for i in range(10000) %}{{ 'a' * 1000 }}{% endfor %}",
     "macro_buffer_flood": "{% macro m() %}{% for i in range(10000) %}{% for j in range(100) %}" + "x" * 1000
                           + "{% endfor %}{% endfor %}{% endmacro %}{{ m() | length }}",
+    "bytes_repeat": "{{ 'a'.encode() * 10**9 }}",
+    "bytes_ljust": "{{ 'a'.encode().ljust(10**9) }}",
+    "bytes_percent_width": "{{ 'a'.encode() and ('%999999999d'.encode() % 1) }}",
     "lipsum": "{{ lipsum(10**6) }}",
     "python_internals": "{{ messages.__class__.__mro__[1].__subclasses__() }}",
     "type_error": "{{ 1 + messages }}",
