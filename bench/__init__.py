@@ -1,10 +1,12 @@
-"""`isthmus bench`: a fixed set of comparisons, isthmus against a peer doing the same work, run in
-one process and printed side by side (the figures docs/performance.md quotes).
+"""`isthmus bench`: a fixed set of comparisons, isthmus against a peer doing the same work, printed
+side by side (the figures docs/performance.md quotes). Where both sides are engines with threads of
+their own (kernels, onnx, model), each runs in its own process with its own settings and the two take
+turns, best of several rounds (isolated.py).
 
 Groups (each a function `(quick, log) -> list[Row]`):
   kernels  numba kernels vs numpy (ops.py)
   onnx     isthmus's ONNX import + numba vs onnxruntime on one-node models (ops.py)
-  e2e      the default model's prefill/decode vs llama.cpp and the reference target (model.py)
+  model    the default model's prefill (38, 271 tokens) and decode vs llama.cpp (model.py)
   npu      modeled cycles of compiled programs vs the machine's bounds (npu.py)
   tee      seal/unseal vs AES-256-GCM alone (tee.py)
 
@@ -16,12 +18,12 @@ from __future__ import annotations
 
 import time
 
-GROUPS = ("kernels", "onnx", "e2e", "npu", "tee")
+GROUPS = ("kernels", "onnx", "model", "npu", "tee")
 
 
 def _group(name: str):
     from isthmus.bench import model, npu, ops, tee
-    return {"kernels": ops.kernels, "onnx": ops.onnx, "e2e": model.e2e, "npu": npu.npu, "tee": tee.tee}[name]
+    return {"kernels": ops.kernels, "onnx": ops.onnx, "model": model.model, "npu": npu.npu, "tee": tee.tee}[name]
 
 
 def run(groups=GROUPS, quick: bool = False, log=print) -> list:

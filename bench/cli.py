@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -33,9 +32,6 @@ def cmd_bench(args) -> int:
         raise InputError(f"unknown bench group(s) {', '.join(unknown)}: choose from {', '.join(GROUPS)}")
     if args.plot:
         report.check_plot_available()
-    # The numba kernels' OpenMP workers would otherwise spin between launches and steal the cores
-    # the peers run on; set before the first parallel launch reads it.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     command = "isthmus bench" + " --quick" * args.quick + "".join(f" --only {g}" for g in args.only)
     t0 = time.perf_counter()
 
@@ -46,7 +42,8 @@ def cmd_bench(args) -> int:
     report.print_machine()
     print(report.markdown(rows) if args.markdown else report.table(rows))
     print(f"({len(rows)} comparisons in {time.perf_counter() - t0:.0f} s; ratio > 1: isthmus better; "
-          "npu: fraction of the bound reached)")
+          "npu: fraction of the bound reached; kernels, onnx, model: each engine in its own process, "
+          "taking turns, best of several rounds)")
     if args.json:
         report.write_json(args.json, rows, command, args.quick)
     if args.plot:

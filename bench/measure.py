@@ -53,8 +53,3 @@ class Row:
     def to_dict(self) -> dict:
         return {**asdict(self), "ratio": self.ratio}
 
-
-def timed_pair(group, case, shape, engine, ours, peer, theirs, budget, note="") -> Row:
-    """Time two callables doing the same work, in microseconds per call."""
-    return Row(group, case, shape, engine, best(ours, budget) * 1e6, peer, best(theirs, budget) * 1e6, "us",
-               note=note)

@@ -1,9 +1,11 @@
 """The default model end to end: prefill and decode tokens/s of isthmus's numba target against
-llama.cpp (llama-cpp-python, the `peers` extra) and isthmus's numpy reference target.
+llama.cpp (llama-cpp-python, the `peers` extra), each in its own process (bench/isolated.py).
 
-Same GGUF (SmolLM2-135M-Instruct), same prompt tokens, greedy, in one process: prefill is one step
-over an n-token prompt (best of a few, fresh cache each); decode is n greedy steps after a short
-chat prompt.
+Same GGUF (SmolLM2-135M-Instruct), same token ids (from isthmus's tokenizer of that GGUF, sent to
+both), greedy. Prefill is one step over exactly n prompt tokens on a fresh cache; decode is n greedy
+steps after the chat prompt. The engines take turns, one at a time (round 1: isthmus then llama.cpp;
+round 2: llama.cpp then isthmus; ...); each figure is the best of the rounds. llama.cpp runs with
+n_threads = n_threads_batch = the cores and its defaults otherwise; isthmus with its own.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 from isthmus.bench.measure import Row
 
 PROMPT = "Explain in a few sentences why the sky is blue."
+PREFILL = (38, 271)          # a short chat turn, a longer prompt
+DECODE = 64
 
 
 def prompt_ids(tok, n: int) -> list[int]:
@@ -30,17 +34,38 @@ def chat_ids(tok) -> list[int]:
     return tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True))
 
 
-class IsthmusEngine:
-    """A compiled target with its kernels loaded and buffers bound."""
+class Tokenizer:
+    """The benchmark's token ids, from isthmus's tokenizer of the model (a path, or a loaded model)."""
 
-    def __init__(self, model, target: str):
+    def __init__(self, model):
         import isthmus
 
-        self.exe = isthmus.compile(model, target=target)
-        self.exe.decoder().step(prompt_ids(model.tokenizer, 8))
+        self.model = model if hasattr(model, "graph") else isthmus.load(str(model))
+        self.tokenizer = self.model.tokenizer
 
-    def prefill(self, ids) -> None:
-        self.exe.decoder().step(ids)
+    def ids(self, n: int) -> list[int]:
+        return prompt_ids(self.tokenizer, n)
+
+    def chat(self) -> list[int]:
+        return chat_ids(self.tokenizer)
+
+
+class IsthmusEngine(Tokenizer):
+    """A compiled target with its kernels loaded and buffers bound. Timed methods return seconds,
+    measured in this process."""
+
+    def __init__(self, model, target: str = "numba"):
+        import isthmus
+
+        super().__init__(model)
+        self.exe = isthmus.compile(self.model, target=target)
+        self.exe.decoder().step(self.ids(8))
+
+    def prefill(self, ids) -> float:
+        d = self.exe.decoder()
+        t0 = time.perf_counter()
+        d.step(ids)
+        return time.perf_counter() - t0
 
     def decode(self, chat, n: int) -> float:
         """Seconds of n greedy steps after prefilling `chat` (not timed)."""
@@ -51,6 +76,13 @@ class IsthmusEngine:
             tok = int(np.argmax(d.step([tok])))
         return time.perf_counter() - t0
 
+    def greedy(self, ids, n: int) -> list[int]:
+        d = self.exe.decoder()
+        out = [int(np.argmax(d.step(ids)))]
+        while len(out) < n:
+            out.append(int(np.argmax(d.step(out[-1:]))))
+        return out
+
     def close(self) -> None:
         pass
 
@@ -58,17 +90,26 @@ class IsthmusEngine:
 class LlamaCppEngine:
     """llama.cpp with one thread per core; ImportError without llama-cpp-python (the `peers` extra)."""
 
-    def __init__(self, path, tokenizer):
+    def __init__(self, path, warm_ids=None):
         from llama_cpp import Llama
 
         threads = os.cpu_count() or 1
         self.llm = Llama(model_path=str(path), n_ctx=1024, n_threads=threads, n_threads_batch=threads,
-                         n_batch=512, verbose=False)
-        self.llm.eval(prompt_ids(tokenizer, 8))
+                         verbose=False)
+        self.llm.eval(warm_ids or [1, 2, 3, 4, 5, 6, 7, 8])
 
-    def prefill(self, ids) -> None:
+    def prefill(self, ids) -> float:
         self.llm.reset()
+        t0 = time.perf_counter()
         self.llm.eval(ids)
+        return time.perf_counter() - t0
+
+    def logits(self) -> np.ndarray:
+        """The last evaluated token's logits (`Llama.scores` holds them only with logits_all=True,
+        which would compute the logits of every prompt token)."""
+        import llama_cpp
+
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.llm.n_vocab(),))
 
     def decode(self, chat, n: int) -> float:
         llm = self.llm
@@ -76,54 +117,80 @@ class LlamaCppEngine:
         llm.eval(chat)
         t0 = time.perf_counter()
         for _ in range(n):
-            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            llm.eval([int(np.argmax(self.logits()))])
         return time.perf_counter() - t0
 
+    def greedy(self, ids, n: int) -> list[int]:
+        """n greedy tokens after `ids` (to check both engines continue the prompt alike)."""
+        self.llm.reset()
+        self.llm.eval(ids)
+        out = []
+        for _ in range(n):
+            out.append(int(np.argmax(self.logits())))
+            self.llm.eval(out[-1:])
+        return out
+
     def close(self) -> None:
-        self.llm.close()        # its worker threads would otherwise compete with what runs next
+        self.llm.close()
 
 
-def rates(engine, ids, chat, n_decode: int, rounds: int = 3) -> tuple[float, float]:
-    """(prefill tok/s, best of `rounds` over `ids`; decode tok/s of n_decode greedy steps after `chat`)."""
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        engine.prefill(ids)
-        best = min(best, time.perf_counter() - t0)
-    return len(ids) / best, n_decode / engine.decode(chat, n_decode)
+def engines(path, names=("isthmus numba", "llama.cpp"), log=print) -> tuple[dict, dict]:
+    """({name: Worker} of the engines that start, each built in its own process; {name: why not} of
+    those that do not: a peer not installed). Names: "isthmus <target>" or "llama.cpp"."""
+    from isthmus.bench.isolated import Worker
+
+    workers, missing = {}, {}
+    try:
+        for name in names:
+            log(f"  starting {name}")
+            try:
+                if name == "llama.cpp":
+                    workers[name] = Worker("isthmus.bench.model:LlamaCppEngine", str(path))
+                else:
+                    workers[name] = Worker("isthmus.bench.model:IsthmusEngine", str(path), name.split()[1])
+            except ImportError:
+                missing[name] = "llama-cpp-python not installed (pip install -e '.[peers]')"
+    except BaseException:
+        for w in workers.values():
+            w.close()
+        raise
+    return workers, missing
 
 
-def e2e(quick: bool = False, log=print) -> list[Row]:
+def measure(workers: dict, prefill=PREFILL, n_decode: int = DECODE, rounds: int = 5, log=print) -> dict:
+    """{name: {"prefill N": tok/s, ..., "decode": tok/s}}, the best of `rounds` interleaved rounds.
+    The token ids come from the first isthmus engine's tokenizer; every engine gets the same."""
+    from isthmus.bench.isolated import interleave
+
+    tokenizer_side = next(w for n, w in workers.items() if n.startswith("isthmus"))
+    ids = {n: tokenizer_side.call("ids", n) for n in prefill}
+    chat = tokenizer_side.call("chat")
+
+    def step(name, w):
+        figures = {f"prefill {n}": n / w.call("prefill", ids[n]) for n in prefill}
+        figures["decode"] = n_decode / w.call("decode", chat, n_decode)
+        log(f"  {name}: " + ", ".join(f"{k} {v:.1f}" for k, v in figures.items()) + " tok/s")
+        return figures
+
+    runs = interleave(workers, step, rounds)
+    return {name: {k: max(r[k] for r in rs) for k in rs[0]} for name, rs in runs.items()}
+
+
+def model(quick: bool = False, log=print) -> list[Row]:
     from isthmus.models import DEFAULT_MODEL, REGISTRY, cache_path, is_pulled
 
-    path = cache_path(REGISTRY[DEFAULT_MODEL]) if is_pulled() else None
-    n_prefill, n_decode = (64, 16) if quick else (256, 64)
-    shapes = (f"{n_prefill}-token prompt", f"{n_decode} tokens")
-    if path is None:
-        return [Row("e2e", case, shape, "numba", None, "llama.cpp", None, "tok/s", True,
-                    note=f"{DEFAULT_MODEL} not pulled: run `isthmus pull`")
-                for case, shape in zip(("prefill", "decode"), shapes)]
-    from isthmus.compiler.frontends import load_model
-
-    model = load_model(path)
-    ids, chat = prompt_ids(model.tokenizer, n_prefill), chat_ids(model.tokenizer)
-    log("  isthmus numba")
-    ours = rates(IsthmusEngine(model, "numba"), ids, chat, n_decode)
-    log("  isthmus reference")
-    ref = rates(IsthmusEngine(model, "reference"), ids, chat, n_decode, rounds=1 if quick else 2)
-    log("  llama.cpp")
+    rounds = 3 if quick else 5
+    cases = [("prefill", f"{n}-token prompt", f"prefill {n}") for n in PREFILL] + \
+            [("decode", f"{DECODE} tokens", "decode")]
+    if not is_pulled():
+        return [Row("model", case, shape, "numba", None, "llama.cpp", None, "tok/s", True,
+                    note=f"{DEFAULT_MODEL} not pulled: run `isthmus pull`") for case, shape, _ in cases]
+    workers, missing = engines(cache_path(REGISTRY[DEFAULT_MODEL]), log=log)
     try:
-        engine = LlamaCppEngine(path, model.tokenizer)
-    except ImportError:
-        llama = None
-    else:
-        try:
-            llama = rates(engine, ids, chat, n_decode)
-        finally:
-            engine.close()
-    rows = []
-    for i, (case, shape) in enumerate(zip(("prefill", "decode"), shapes)):
-        rows.append(Row("e2e", case, shape, "numba", ours[i], "llama.cpp", llama and llama[i], "tok/s", True,
-                        note="" if llama else "llama-cpp-python not installed (pip install -e '.[peers]')"))
-        rows.append(Row("e2e", case, shape, "numba", ours[i], "isthmus reference", ref[i], "tok/s", True))
-    return rows
+        got = measure(workers, rounds=rounds, log=log)
+    finally:
+        for w in workers.values():
+            w.close()
+    ours, theirs = got["isthmus numba"], got.get("llama.cpp")
+    return [Row("model", case, shape, "numba", ours[key], "llama.cpp", theirs and theirs[key], "tok/s", True,
+                note=missing.get("llama.cpp", "")) for case, shape, key in cases]

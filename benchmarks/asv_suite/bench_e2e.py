@@ -1,22 +1,21 @@
 """The default model (SmolLM2-135M-Instruct, Q4_1 GGUF) end to end; n/a until `isthmus pull`.
 
-`Throughput`: tokens per second of a 128-token prefill (best of 3, fresh KV cache each) and of
-32 greedy decode steps after a short chat prompt, for isthmus's numba and reference targets and
-llama.cpp (llama-cpp-python, the `peers` extra; n/a without it) on the same GGUF and tokens.
-`ColdStart`: a new process to the first token's logits (import, load, compile for the default
-target, prefill the chat prompt), with numba's kernel cache warm. `Compile`: `isthmus.compile`
-alone, per target, in a new process with the model already loaded.
-benchmarks/bench_e2e_numba.py prints the longer comparison table (256-token prefill, 64 decode
-steps, `isthmus chat --verbose`, peak memory).
+`Prefill`: tokens per second of one step over exactly 38 and 271 prompt tokens (best of 3, fresh KV
+cache each); `Decode`: of 64 greedy steps after a short chat prompt; for isthmus's numba and
+reference targets and llama.cpp (llama-cpp-python, the `peers` extra; n/a without it) on the same
+GGUF and the same token ids. asv runs each benchmark in a process of its own; the engine runs in a
+worker process of its own too (isthmus.bench.isolated), with the OpenMP runtime's settings removed
+from its environment: llama.cpp with n_threads = the cores and its defaults otherwise, isthmus with
+its own. `ColdStart`: a new process to the first token's logits (import, load, compile for the
+default target, prefill the chat prompt), with numba's kernel cache warm. `Compile`:
+`isthmus.compile` alone, per target, in a new process with the model already loaded.
+`isthmus bench --only model` and benchmarks/bench_e2e_numba.py interleave the engines in one run.
 """
 
 from __future__ import annotations
 
-import functools
-import time
-
 ENGINES = ["isthmus-numba", "isthmus-reference", "llama.cpp"]
-PREFILL, DECODE = 128, 32
+PREFILL, DECODE = [38, 271], 64
 
 
 def model_path() -> str:
@@ -27,49 +26,50 @@ def model_path() -> str:
     return str(pull(progress=False))
 
 
-@functools.cache
-def _model():
-    import isthmus
-    return isthmus.load(model_path())
-
-
-@functools.cache
-def engine(name: str):
-    """isthmus.bench.model's engines, the ones `isthmus bench` compares (built once per process)."""
-    from isthmus.bench.model import IsthmusEngine, LlamaCppEngine
-
-    if name == "llama.cpp":
-        try:
-            return LlamaCppEngine(model_path(), _model().tokenizer)
-        except ImportError:
-            raise NotImplementedError("llama-cpp-python is not installed (the `peers` extra)") from None
-    return IsthmusEngine(_model(), name.split("-")[1])
-
-
-class Throughput:
+class _Engine:
+    """Setup: the engine in its worker, and the token ids from isthmus's tokenizer (for llama.cpp,
+    from a tokenizer worker that ends before llama.cpp starts); teardown ends the worker."""
     params = [ENGINES]
     param_names = ["engine"]
     timeout = 300
 
-    def setup(self, name):
-        from isthmus.bench.model import chat_ids, prompt_ids
+    def setup(self, name, *_):
+        from isthmus.bench.isolated import Worker
 
-        self.engine = engine(name)
-        tok = _model().tokenizer
-        self.ids, self.chat = prompt_ids(tok, PREFILL), chat_ids(tok)
+        path, self.engine = model_path(), None
+        if name == "llama.cpp":
+            with Worker("isthmus.bench.model:Tokenizer", path) as tokenizer:
+                self.ids, self.chat = {n: tokenizer.call("ids", n) for n in PREFILL}, tokenizer.call("chat")
+            try:
+                self.engine = Worker("isthmus.bench.model:LlamaCppEngine", path)
+            except ImportError:
+                raise NotImplementedError("llama-cpp-python is not installed (the `peers` extra)") from None
+        else:
+            self.engine = Worker("isthmus.bench.model:IsthmusEngine", path, name.split("-")[1])
+            try:
+                self.ids, self.chat = {n: self.engine.call("ids", n) for n in PREFILL}, self.engine.call("chat")
+            except BaseException:
+                self.teardown()
+                raise
 
-    def track_prefill_tokens_per_second(self, name):
-        best = float("inf")
-        for _ in range(3):
-            t0 = time.perf_counter()
-            self.engine.prefill(self.ids)
-            best = min(best, time.perf_counter() - t0)
-        return len(self.ids) / best
+    def teardown(self, *_):
+        if self.engine is not None:
+            self.engine.close()
+
+
+class Prefill(_Engine):
+    params = [ENGINES, PREFILL]
+    param_names = ["engine", "tokens"]
+
+    def track_prefill_tokens_per_second(self, name, tokens):
+        return tokens / min(self.engine.call("prefill", self.ids[tokens]) for _ in range(3))
 
     track_prefill_tokens_per_second.unit = "tokens/s"
 
+
+class Decode(_Engine):
     def track_decode_tokens_per_second(self, name):
-        return DECODE / self.engine.decode(self.chat, DECODE)
+        return DECODE / self.engine.call("decode", self.chat, DECODE)
 
     track_decode_tokens_per_second.unit = "tokens/s"
 

@@ -4,7 +4,9 @@ parameters as initializers). Shapes are SmolLM2-135M's: `rows` x 576 activations
 3 KV heads of 64; the linear is its 1536x576 gate projection, q4_1 for the kernel, the same weight
 dequantized to f32 for numpy and onnxruntime). 1 row is a decode step, 64 and 256 a prefill.
 Attention takes `rows` queries over a 256-token window (past = 256 - rows), causal.
-Where onnxruntime has no such op (swiglu) the cell is n/a.
+Where onnxruntime has no such op (swiglu) the cell is n/a. asv runs each (op, shape, impl) in a
+process of its own, which builds and imports only that impl: numba, numpy and onnxruntime (a session
+with default options) each run with their own thread settings.
 """
 
 from __future__ import annotations

@@ -2,11 +2,13 @@
 timings and are not asserted (docs/performance.md quotes them)."""
 
 import json
+import os
 import sys
 
 import pytest
 
 from isthmus.bench import run
+from isthmus.bench.isolated import Worker, WorkerError, interleave
 from isthmus.bench.measure import Row
 from isthmus.bench.report import markdown, table
 from isthmus.cli import main
@@ -53,7 +55,7 @@ def test_cli_writes_table_json_and_plot(tmp_path, capsys):
 
 def test_markdown_table_has_a_line_per_comparison():
     rows = [Row("kernels", "rmsnorm", "1x576", "numba", 5.0, "numpy reference", 25.0, "us"),
-            Row("e2e", "decode", "16 tokens", "numba", None, "llama.cpp", None, "tok/s", True, note="not installed")]
+            Row("model", "decode", "64 tokens", "numba", None, "llama.cpp", None, "tok/s", True, note="not installed")]
     md = markdown(rows).splitlines()
     assert len(md) == 2 + len(rows)
     assert "**5.00x**" in md[2] and "not installed" in md[3] and md[3].endswith("| - |")
@@ -77,7 +79,70 @@ def test_plot_without_matplotlib_fails_before_measuring(monkeypatch, capsys):
 
 def test_without_the_default_model_the_rows_say_how_to_get_it(monkeypatch, tmp_path):
     monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path))           # an empty model cache
-    rows = run(["e2e"], quick=True, log=lambda m: None)
-    assert [r.case for r in rows] == ["prefill", "decode"]
+    rows = run(["model"], quick=True, log=lambda m: None)
+    assert [(r.case, r.shape) for r in rows] == [("prefill", "38-token prompt"), ("prefill", "271-token prompt"),
+                                                 ("decode", "64 tokens")]
     assert all(r.value is None and r.ratio is None and "isthmus pull" in r.note for r in rows)
     assert "isthmus pull" in table(rows)
+
+
+def test_each_engine_runs_in_a_process_of_its_own_with_its_own_environment(monkeypatch):
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")        # what a shell or CI may have set for isthmus
+    monkeypatch.setenv("GOMP_SPINCOUNT", "0")
+    monkeypatch.setenv("ISTHMUS_BENCH_PROBE", "parent")
+    with Worker("builtins:dict", env={"ISTHMUS_BENCH_PROBE": "a"}) as a, Worker("builtins:dict", x=1) as b:
+        ia, ib = a.info(), b.info()
+        assert b.call("get", "x") == 1 and a.call("get", "x") is None      # each its own engine
+    assert len({os.getpid(), a.pid, b.pid}) == 3 and (ia["pid"], ib["pid"]) == (a.pid, b.pid)
+    assert ia["env"]["ISTHMUS_BENCH_PROBE"] == "a" and ib["env"]["ISTHMUS_BENCH_PROBE"] == "parent"
+    for env in (ia["env"], ib["env"]):
+        assert not [k for k in env if k.startswith(("OMP_", "GOMP_", "KMP_"))]    # the OpenMP runtime's defaults
+        assert env["PATH"] == os.environ["PATH"]                                   # the rest passes through
+    assert a.proc.poll() is not None and b.proc.poll() is not None                # ended with the block
+
+
+def test_a_worker_reports_failures_and_a_missing_peer_as_import_error():
+    with pytest.raises(ImportError, match="no_such_engine_module"):
+        Worker("no_such_engine_module:Engine")
+    with Worker("builtins:dict") as w:
+        with pytest.raises(WorkerError, match="KeyError"):
+            w.call("pop", "absent")
+        assert w.call("setdefault", "k", 2) == 2                # the worker goes on after a failure
+
+
+def test_a_numpy_worker_never_loads_numba():
+    with Worker("isthmus.bench.ops:KernelSide", "numpy", True) as w:
+        cases = w.call("cases")
+        assert "numba" not in w.info()["modules"]
+    assert ("matvec q8_0", (49152, 576)) in cases
+
+
+def test_engines_take_turns_one_at_a_time():
+    order = []
+    got = interleave({"A": "a", "B": "b"}, lambda name, w: order.append(name) or w + str(len(order)), rounds=3,
+                     pause=0)
+    assert order == ["A", "B", "B", "A", "A", "B"]
+    assert got == {"A": ["a1", "a4", "a5"], "B": ["b2", "b3", "b6"]}
+
+
+@pytest.mark.slow
+def test_model_group_measures_both_engines_on_the_same_tokens(default_model_path):
+    rows = run(["model"], quick=True, log=lambda m: None)
+    assert [r.case for r in rows] == ["prefill", "prefill", "decode"]
+    for r in rows:
+        assert r.value > 0 and r.unit == "tok/s"
+        if not r.note:                                # llama-cpp-python installed
+            assert r.peer_value > 0 and r.ratio == pytest.approx(r.value / r.peer_value)
+
+
+@pytest.mark.slow
+def test_isthmus_and_llama_cpp_continue_the_same_tokens_alike(default_model_path):
+    """The two engines the model group races do the same work: same token ids in, same greedy
+    tokens out (llama.cpp's logits read from its context, not the stale `Llama.scores`)."""
+    pytest.importorskip("llama_cpp")
+    with Worker("isthmus.bench.model:IsthmusEngine", str(default_model_path)) as ours, \
+            Worker("isthmus.bench.model:LlamaCppEngine", str(default_model_path)) as llama:
+        chat, ids = ours.call("chat"), ours.call("ids", 38)
+        assert len(ids) == 38
+        for prompt in (chat, ids):
+            assert ours.call("greedy", prompt, 8) == llama.call("greedy", prompt, 8)
