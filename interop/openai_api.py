@@ -310,6 +310,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         grant.release(used_tokens=0)
         raise ApiError(503, f"The server is overloaded: {e}. Retry shortly.", "server_error",
                        code="overloaded", headers={"Retry-After": "1"}) from None
+    except BaseException:
+        grant.release(used_tokens=0)
+        raise
 
     def done():
         ticket.cancel()

@@ -202,11 +202,12 @@ class Engine:
     def load(self) -> dict[str, int]:
         """Sequences in the engine (running, paused or queued) by tenant."""
         out: dict[str, int] = collections.Counter()
-        for s in self._running + list(self._paused):
-            out[s.request.tenant] += 1
-        for t in self._waiting:
-            if not t.cancelled:
-                out[t.tenant] += t.n - t.started
+        with self._cond:
+            for s in self._running + list(self._paused):
+                out[s.request.tenant] += 1
+            for t in self._waiting:
+                if not t.cancelled:
+                    out[t.tenant] += t.n - t.started
         return out
 
     @property

@@ -64,9 +64,13 @@ class Guarded:
         return openai.OpenAI(base_url=self.url + "/v1", api_key=KEYS[key], max_retries=0, timeout=60)
 
     def stop(self):
+        from isthmus.interop.connections import LOGGERS, RateLimitedLog
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
+        for name in LOGGERS:                    # the log limit stays with this server, not the next tests
+            for f in [f for f in logging.getLogger(name).filters if isinstance(f, RateLimitedLog)]:
+                logging.getLogger(name).removeFilter(f)
 
 
 @pytest.fixture(scope="module")
@@ -477,6 +481,6 @@ def test_serve_refuses_a_bad_tenants_file_and_bad_limits_in_one_line(tmp_path, c
                          [["--max-connections", "0"], "--max-connections"],
                          [["--header-timeout", "inf"], "--header-timeout"],
                          [["--max-connections", "999999"], "open files"]):
-        assert main(["serve", "--port", "0", *argv]) == 2
+        assert main(["serve", "--port", "0", "--model", str(tmp_path / "never-loaded.gguf"), *argv]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0], err
