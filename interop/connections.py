@@ -207,6 +207,9 @@ def uvicorn_config(app, **kwargs):
     import uvicorn
     guard = app.state.isthmus.connections
     kwargs.setdefault("timeout_graceful_shutdown", 5)
+    # The guard knows a request's connection by its peer address in the ASGI scope: uvicorn's proxy
+    # headers would let a client rewrite it (X-Forwarded-For) and hide a busy connection from it.
+    kwargs["proxy_headers"] = False
     config = uvicorn.Config(app, http=guard.protocol(), **kwargs)
     limit_logs()
     return config

@@ -185,6 +185,16 @@ def test_a_keep_alive_connection_cannot_trickle_its_next_head(guarded):
         c.close()
 
 
+def test_a_request_longer_than_the_header_timeout_is_not_cut_whatever_its_headers_say(guarded):
+    """A stream outlives the 1 s header timeout; X-Forwarded-For must not hide it from the guard."""
+    body = {"model": "tiny-chat", "messages": USER, "max_tokens": 150, "stream": True, "ignore_eos": True}
+    headers = {"Authorization": f"Bearer {KEYS['b']}", "X-Forwarded-For": "203.0.113.7"}
+    t0 = time.monotonic()
+    with httpx.stream("POST", guarded.url + "/v1/chat/completions", json=body, headers=headers, timeout=30) as r:
+        text = "".join(r.iter_text())
+    assert time.monotonic() - t0 > 1.2 and text.endswith("data: [DONE]\n\n") and '"finish_reason":"length"' in text
+
+
 def test_a_slow_body_is_408_after_the_body_timeout(guarded):
     c = socket.create_connection(("127.0.0.1", guarded.port))
     try:
