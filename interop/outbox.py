@@ -33,6 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from isthmus.errors import InputError
+from isthmus.runtime.tee.crypto import secret_key_file
 
 WEEK = 7 * 86400
 
@@ -237,15 +238,4 @@ class Outbox:
 
 
 def _key_file(db: Path) -> bytes:
-    path = db.with_name(db.name + ".key")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise InputError(f"{path}: the outbox key must be 32 bytes") from None
-        return key
-    key = os.urandom(32)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key)
-    return key
+    return secret_key_file(db.with_name(db.name + ".key"), 32, "outbox key")

@@ -46,6 +46,7 @@ import time
 from pathlib import Path
 
 from isthmus.errors import InputError, IsthmusError
+from isthmus.runtime.tee.crypto import secret_key_file
 
 DEFAULT_BUDGET = 1.0            # epsilon per tenant per UTC day of data
 DEFAULT_MAX_MESSAGES = 20       # per user-day
@@ -123,16 +124,7 @@ class UsageStats:
         self._db.close()
 
     def _key(self) -> bytes:
-        path = self.dir / "user.key"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise PrivacyError(f"{path}: cannot create the user id key: {e.strerror}") from None
-        return path.read_bytes()
+        return secret_key_file(self.dir / "user.key", 32, "user id key", PrivacyError)
 
     def _sql(self, query: str, args=()) -> list:
         try:

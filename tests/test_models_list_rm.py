@@ -11,6 +11,7 @@ import pytest
 
 from isthmus import cli, models
 from isthmus.errors import ModelFormatError
+from cli_runner import run  # tests/support
 
 PAYLOAD = b"GGUF" + bytes(range(256)) * 40
 
@@ -32,11 +33,6 @@ def fake_home(tmp_path, monkeypatch):
     (tmp_path / "models" / ".pull-xyz").mkdir()
     return tmp_path, digest
 
-
-def run(capsys, *argv):
-    rc = cli.main(list(argv))
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_list_shows_name_size_short_digest_and_date(fake_home, capsys):

@@ -104,6 +104,26 @@ def save_signing_key(key: Ed25519PrivateKey, path, *, force: bool = False) -> Pa
     return path
 
 
+def secret_key_file(path, size: int, what: str, error=InputError) -> bytes:
+    """The random `size`-byte key kept in `path` (created once, readable by its owner only)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(os.urandom(size))
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise error(f"{path}: cannot create the {what}: {e.strerror}") from None
+    try:
+        key = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read the {what}: {e.strerror}") from None
+    if len(key) != size:
+        raise error(f"{path}: the {what} must be {size} bytes")
+    return key
+
+
 def load_signing_key(path) -> Ed25519PrivateKey:
     try:
         data = Path(path).read_bytes()

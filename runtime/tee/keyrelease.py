@@ -39,8 +39,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from isthmus.errors import (DebugReportError, IsthmusError, KeyReleaseError, MeasurementError, ReplayError,
                             RollbackError, StaleReportError, TenantMismatchError)
 from isthmus.runtime.tee.attestation import pcrs_allowed, verify_report
-from isthmus.runtime.tee.crypto import (KEY_BYTES, NONCE_BYTES, canonical, hkdf, public_bytes, sha384, unhex,
-                                        verify_ed25519, wrap_to, zeroise)
+from isthmus.runtime.tee.crypto import (KEY_BYTES, NONCE_BYTES, canonical, hkdf, public_bytes, secret_key_file, sha384,
+                                        unhex, verify_ed25519, wrap_to, zeroise)
 from isthmus.runtime.tee.measurement import NAMES
 from isthmus.runtime.tee.package import ID_RE, Package, read_header
 
@@ -123,19 +123,7 @@ class KeyReleaseService:
     # -- storage ---------------------------------------------------------------------------------
 
     def _master_key(self) -> bytes:
-        path = self.dir / "master.key"
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(KEY_BYTES))
-        except FileExistsError:
-            pass
-        except OSError as e:
-            raise KeyReleaseError(f"{path}: cannot create the master key: {e.strerror}") from None
-        key = path.read_bytes()
-        if len(key) != KEY_BYTES:
-            raise KeyReleaseError(f"{path}: the master key must be {KEY_BYTES} bytes")
-        return key
+        return secret_key_file(self.dir / "master.key", KEY_BYTES, "master key", KeyReleaseError)
 
     def _sql(self, query: str, args=()) -> list:
         try:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_runner import one_line_error  # tests/support
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "npu"
 
@@ -16,13 +17,6 @@ def isthmus(*args, cwd=None):
                        cwd=cwd, timeout=300)
     return r.returncode, r.stdout, r.stderr
 
-
-def one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_asm_disasm_run_with_trace_and_outputs(tmp_path):

@@ -111,3 +111,11 @@ def find_plaintext(files, secrets: list[bytes], window: int = 64, min_distinct: 
 def scan():
     """`find_plaintext` (test modules cannot import conftest under --import-mode=importlib)."""
     return find_plaintext
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    """A fresh ISTHMUS_HOME and working directory for a test that runs the CLI."""
+    monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

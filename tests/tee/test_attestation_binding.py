@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from isthmus.cli import build_parser, main
+from isthmus.cli import build_parser
 from isthmus.errors import AttestationError
 from isthmus.runtime.tee.attestation import PACKAGE_FIELDS, check_policy, package_claim
 from isthmus.runtime.tee.crypto import canonical
@@ -15,6 +15,7 @@ from isthmus.runtime.tee.enclave import EnclaveSession
 from isthmus.runtime.tee.owner import policy_for, seal_model
 from live_server import live_server  # tests/support
 from tiny_models import write_tiny_chat_gguf  # tests/support
+from cli_runner import run, one_line_error  # tests/support
 
 NONCE = bytes(range(16))
 
@@ -25,25 +26,6 @@ def other_gguf(tmp_path_factory):
     return write_tiny_chat_gguf(tmp_path_factory.mktemp("other") / "tiny-chat.gguf", seed=1)
 
 
-@pytest.fixture
-def home(tmp_path, monkeypatch):
-    monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path / "home"))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def run(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
-
-
-def one_line_error(rc, err, *needles):
-    assert rc == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err, err
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def test_a_server_running_another_tenants_package_fails_the_first_tenants_policy(home, capsys, chat_gguf,
