@@ -350,9 +350,8 @@ class Workspace:
     def items() -> int:
         return get_num_threads()
 
-    def tiles(self, rows, cols):
+    def tiles(self, items, rows, cols):
         """One [rows, cols] f32 tile per work item of `dequant_matmul`."""
-        items = self.items()
         if self.tile.size < items * rows * cols:
             self.tile = np.empty(items * rows * cols, np.float32)
         return self.tile[: items * rows * cols].reshape(items, rows, cols)
@@ -406,11 +405,15 @@ def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, no
 
 
 def _dense_matmul(x2, w: Packed, out, ws: Workspace):
+    items = ws.items()
+    # at most GEMM_ROWS rows a chunk, and the same number of near-equal chunks for every item
+    per_item = -(-w.rows // items)
+    chunk = -(-per_item // -(-per_item // GEMM_ROWS))
     with serial_blas():
         if w.kind == "f32":
-            matmul_rows(x2, w.qs, out, ws.items(), GEMM_ROWS)
+            matmul_rows(x2, w.qs, out, items, chunk)
         else:
-            dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(GEMM_ROWS, w.cols), out)
+            dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(items, chunk, w.cols), out)
 
 
 def embedding(table: Packed, ids, out2):
