@@ -5,7 +5,8 @@
 Default configurations: the plain environment (what isthmus chooses by itself), OMP_WAIT_POLICY=PASSIVE,
 OMP_WAIT_POLICY=ACTIVE and NUMBA_THREADING_LAYER=workqueue. Each runs in a worker process that loads
 the default model once; rounds rotate the order of the workers, and a worker that is not measuring
-sleeps, so at most one engine uses the cores at a time. Figures: prefill of 38 and 271 tokens
+is stopped (SIGSTOP: under OMP_WAIT_POLICY=ACTIVE its threads would otherwise spin for ever), so
+one engine at a time has the cores. Figures: prefill of 38 and 271 tokens
 (tokens/s of one step over a fresh cache) and decode tokens/s of --decode greedy steps.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,19 +85,22 @@ def main(argv=None) -> int:
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                        env={**base, **extra})
         assert procs[name].stdout.readline().strip() == "ready", name
+        procs[name].send_signal(signal.SIGSTOP)
     best: dict[str, dict[str, float]] = {name: {} for name in configs}
     names = list(configs)
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for name in order:
-            time.sleep(0.5)     # let the previous worker's spinning threads go to sleep
             p = procs[name]
+            p.send_signal(signal.SIGCONT)
             p.stdin.write("go\n")
             p.stdin.flush()
             for k, v in json.loads(p.stdout.readline()).items():
                 best[name][k] = max(best[name].get(k, 0.0), v)
+            p.send_signal(signal.SIGSTOP)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
     for p in procs.values():
+        p.send_signal(signal.SIGCONT)
         p.stdin.close()
         p.wait()
     cols = [f"prefill {n}" for n in PREFILLS] + ["decode"]
