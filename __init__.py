@@ -22,7 +22,7 @@ def load(name_or_path, **kwargs):
 
 def compile(model, target: str | None = None, **kwargs):  # noqa: A001  (the public verb)
     """Run the pass pipeline and lower the graph for `target` (default: the best here); returns an Executable."""
-    from isthmus.runtime.executable import compile_model
+    from isthmus.compiler.targets import compile_model
 
     return compile_model(model, target=target, **kwargs)
 

@@ -34,7 +34,7 @@ class ChatSession:
     """The conversation and the options every turn uses; `send` runs one turn."""
 
     def __init__(self, exe, args, out=None, err=None):
-        from isthmus.runtime.generate import context_length
+        from isthmus.compiler.executable import context_length
 
         self.exe, self.args = exe, args
         self.out, self.err = out or sys.stdout, err or sys.stderr

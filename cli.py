@@ -35,7 +35,7 @@ def _add_model(p, required=True, help_extra=""):
 
 
 def _add_target(p):
-    from isthmus.runtime.executable import TARGETS
+    from isthmus.compiler.targets import TARGETS
     p.add_argument("--target", default=None, choices=TARGETS,
                    help="where to run (default: numba on a CPU, triton with a CUDA GPU, when available)")
 

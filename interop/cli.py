@@ -11,7 +11,7 @@ from isthmus.errors import InputError
 
 def register(sub, common) -> None:
     from isthmus.models import DEFAULT_MODEL
-    from isthmus.runtime.executable import TARGETS
+    from isthmus.compiler.targets import TARGETS
 
     p = sub.add_parser("serve", parents=[common], help="serve a model over the OpenAI Chat Completions API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

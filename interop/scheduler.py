@@ -9,7 +9,7 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
      (stop strings held back and cut exactly as `runtime.generate.TextStream` does), and retires
      the sequences that finished;
   3. runs ONE batched decode step for all the sequences still running
-     (`runtime.batch.decode_batch`: the reference target runs the graph once for the batch).
+     (`compiler.batch.decode_batch`: the reference target runs the graph once for the batch).
 
 Tenants share the engine fairly. A submit is refused (`Overloaded`) when the engine is full AND
 the tenant already holds its share of it (capacity / tenants with work), so a tenant that filled
@@ -36,9 +36,10 @@ from typing import Callable
 
 import numpy as np
 
+from isthmus.compiler.batch import decode_batch, prefill
+from isthmus.compiler.executable import context_length
 from isthmus.errors import InputError
-from isthmus.runtime.batch import decode_batch, prefill
-from isthmus.runtime.generate import _held_back, context_length
+from isthmus.runtime.generate import _held_back
 from isthmus.runtime.sampling import Sampler, SamplingParams
 
 log = logging.getLogger("isthmus.serve")

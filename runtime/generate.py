@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterator
 
+from isthmus.compiler.executable import context_length, decoder_model
 from isthmus.errors import InputError, UnsupportedError
 from isthmus.runtime.sampling import Sampler, SamplingParams
 
@@ -31,22 +32,10 @@ class GenerationStats:
         return self.eval_tokens / self.eval_seconds if self.eval_seconds else 0.0
 
 
-def _model_of(exe):
-    model = exe.model
-    if model is None or not getattr(model, "is_decoder", False):
-        raise UnsupportedError("this graph is not a decoder with the input_ids/position_ids/logits interface; "
-                               "use `isthmus run` for arbitrary graphs")
-    return model
-
-
-def context_length(exe) -> int:
-    return int(_model_of(exe).config.get("context_length") or 2048)
-
-
 def generate(exe, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
              stop_ids=()) -> Iterator[int]:
     """Yield generated token ids; stops at an end token (not yielded), max_tokens or the context end."""
-    _model_of(exe)
+    decoder_model(exe)
     stats = stats if stats is not None else GenerationStats()
     n_ctx = context_length(exe)
     if not prompt_ids:
@@ -87,7 +76,7 @@ class TextStream:
         self.token_ids: list[int] = []
 
     def __iter__(self) -> Iterator[str]:
-        tok = _model_of(self.exe).tokenizer
+        tok = decoder_model(self.exe).tokenizer
         decoder = tok.stream(skip_special=True)
         stops = [s for s in self.params.stop if s]
         pending = ""    # decoded text not yet emitted: it might be the start of a stop string
@@ -125,7 +114,7 @@ def _held_back(text: str, stops: list[str]) -> int:
 def chat(exe, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
          top_k: int = 0, seed: int | None = None, stop=None) -> TextStream:
     """Stream the assistant's reply to OpenAI-style `messages` using the model's chat template."""
-    model = _model_of(exe)
+    model = decoder_model(exe)
     if model.tokenizer is None:
         raise UnsupportedError("this model carries no tokenizer, so it cannot chat")
     _check_messages(messages)
@@ -138,7 +127,7 @@ def chat(exe, messages: list[dict], *, max_tokens: int = 256, temperature: float
 
 def complete(exe, prompt: str, **kwargs) -> TextStream:
     """Continue raw `prompt` text (no chat template)."""
-    model = _model_of(exe)
+    model = decoder_model(exe)
     ids = model.tokenizer.encode(prompt)
     return TextStream(exe, ids, SamplingParams(**kwargs))
 

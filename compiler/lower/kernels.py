@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph, Value
 from isthmus.compiler.passes.fusion import Group, format_groups, fuse
 from isthmus.errors import InputError
-from isthmus.runtime.executable import Executable, OpProfile
 
 
 @dataclass(eq=False)
@@ -192,7 +192,7 @@ class NumbaExecutable(Executable):
         return {v.name: env[v] for v in self.graph.outputs}
 
     def decoder(self):
-        from isthmus.runtime.kv_cache import FunctionalDecoder
+        from isthmus.compiler.kv_cache import FunctionalDecoder
 
         if not self.in_place_cache or (self.model is not None and not getattr(self.model, "is_decoder", True)):
             return FunctionalDecoder(self)
@@ -497,7 +497,7 @@ class NumbaDecoder:
     """
 
     def __init__(self, exe: NumbaExecutable, capacity: int | None = None):
-        from isthmus.runtime.generate import context_length
+        from isthmus.compiler.executable import context_length
 
         self.exe = exe
         self.capacity = capacity or (context_length(exe) if exe.model is not None else 2048)

@@ -37,9 +37,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph
 from isthmus.errors import InputError, NpuError, UnsupportedError
-from isthmus.runtime.executable import Executable, OpProfile
 
 PRECISIONS = ("bf16x3", "bf16", "f32")
 MAX_CHUNK = 512          # new tokens per program (one PSUM bank of fp32 per matmul row block)
@@ -113,12 +113,12 @@ class NpuExecutable(Executable):
 
     def decoder(self):
         if self.spec is None:
-            from isthmus.runtime.kv_cache import FunctionalDecoder
+            from isthmus.compiler.kv_cache import FunctionalDecoder
             return FunctionalDecoder(self)
         return NpuDecoder(self.runtime)
 
     def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
-        from isthmus.runtime.batch import step_each
+        from isthmus.compiler.batch import step_each
         return step_each(decoders, token_ids)
 
     def record(self, program, timeline, stats) -> None:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph, numpy_dtype
 from isthmus.errors import InputError, UnsupportedError
 from isthmus.kernels.triton import attention as k_attn
@@ -40,7 +41,6 @@ from isthmus.kernels.triton import qmatmul as k_q
 from isthmus.kernels.triton import rope as k_rope
 from isthmus.kernels.triton import softmax as k_sm
 from isthmus.kernels.triton._util import interpreting
-from isthmus.runtime.executable import Executable, OpProfile
 
 DTYPES = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32}
 _INT = {"i64": torch.int64, "i32": torch.int32, "i8": torch.int8, "u8": torch.uint8, "bool": torch.bool}

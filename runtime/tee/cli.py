@@ -17,7 +17,7 @@ from isthmus.errors import InputError
 
 def register(sub, common) -> None:
     """Add the TEE subcommands to the `isthmus` parser."""
-    from isthmus.runtime.executable import TARGETS
+    from isthmus.compiler.targets import TARGETS
 
     p = sub.add_parser("keygen", parents=[common], help="make a model owner's Ed25519 signing key")
     p.add_argument("-o", "--output", required=True, help="where to write the private key (PEM, mode 600)")

@@ -40,7 +40,7 @@ from isthmus.runtime.tee.payload import sections
 class EnclaveSession:
     def __init__(self, platform: Platform, *, target: str | None = None, debug: bool = False,
                  kv_budget_bytes: int = DEFAULT_BUDGET, blob_store: MutableMapping | None = None, audit=None):
-        from isthmus.runtime.executable import default_target
+        from isthmus.compiler.targets import default_target
         self.platform, self.debug = platform, debug
         self.audit = audit                                  # an audit.AuditLog, or None: reports are not logged
         self.target = target or default_target()
@@ -129,7 +129,7 @@ class EnclaveSession:
         from isthmus.compiler.frontends.gguf_model import load_gguf
         from isthmus.compiler.ir_text import print_graph
         from isthmus.compiler.passes.pipeline import run_pipeline
-        from isthmus.runtime.executable import compile_model
+        from isthmus.compiler.targets import compile_model
 
         h = pkg.header
         if "model.gguf" not in parts or "program.ir" not in parts:

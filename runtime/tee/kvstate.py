@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from isthmus.runtime.kv_cache import FunctionalDecoder
+from isthmus.compiler.kv_cache import FunctionalDecoder
 
 
 def _in_place(decoder) -> bool:

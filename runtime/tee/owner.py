@@ -45,7 +45,7 @@ def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | 
     """Seal a GGUF model for `tenant`. Returns the package header and the PCR allow-list registered
     (one entry per target the enclave may run on)."""
     from isthmus.compiler.frontends import load_model
-    from isthmus.runtime.executable import default_target
+    from isthmus.compiler.targets import default_target
 
     model_id = model_id or model_id_for(model_path)
     for what, value in (("tenant", tenant), ("model id", model_id)):

@@ -14,7 +14,7 @@ import pytest
 
 from isthmus.compiler.ir import Graph
 from isthmus.compiler.ir_text import parse_graph, print_graph
-from isthmus.runtime.executable import compile_model
+from isthmus.compiler.targets import compile_model
 
 RNG = np.random.default_rng(0)
 

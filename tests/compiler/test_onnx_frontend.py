@@ -22,8 +22,8 @@ from isthmus.compiler.frontends.onnx import load_onnx  # noqa: E402
 from isthmus.compiler.ir import Graph  # noqa: E402
 from isthmus.compiler.ir_text import parse_graph, print_graph  # noqa: E402
 from isthmus.compiler.passes.constant_fold import constant_fold  # noqa: E402
+from isthmus.compiler.targets import compile_model  # noqa: E402
 from isthmus.errors import ModelFormatError, UnsupportedError  # noqa: E402
-from isthmus.runtime.executable import compile_model  # noqa: E402
 
 nn, F = torch.nn, torch.nn.functional
 VOCAB = 100

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from isthmus.compiler.frontends.onnx import load_onnx  # noqa: E402
-from isthmus.runtime.executable import compile_model  # noqa: E402
+from isthmus.compiler.targets import compile_model  # noqa: E402
 
 VOCAB = 100
 

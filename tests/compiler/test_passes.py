@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from isthmus.compiler.executable import Executable
 from isthmus.compiler.ir import Graph, clone, verify
 from isthmus.compiler.ir_text import parse_graph, print_graph
 from isthmus.compiler.passes.constant_fold import GROWTH_LIMIT, SMALL, constant_fold
@@ -16,7 +17,7 @@ from isthmus.compiler.passes.cse import cse
 from isthmus.compiler.passes.dce import dce
 from isthmus.compiler.passes.pipeline import PIPELINE, run_pipeline
 from isthmus.compiler.quant import quantize
-from isthmus.runtime.executable import Executable, compile_model
+from isthmus.compiler.targets import compile_model
 
 
 def run_graph(g: Graph, inputs: dict) -> dict:

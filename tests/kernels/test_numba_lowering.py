@@ -127,13 +127,13 @@ def test_unfused_graph_runs_through_op_kernels():
 
 
 def test_default_target_prefers_numba(monkeypatch):
-    from isthmus.runtime import executable
+    from isthmus.compiler import targets
 
     monkeypatch.delenv("ISTHMUS_TARGET", raising=False)
-    monkeypatch.setattr(executable, "_cuda_available", lambda: False)
-    assert executable.default_target() == "numba"
+    monkeypatch.setattr(targets, "_cuda_available", lambda: False)
+    assert targets.default_target() == "numba"
     monkeypatch.setenv("ISTHMUS_TARGET", "reference")
-    assert executable.default_target() == "reference"
+    assert targets.default_target() == "reference"
 
 
 @pytest.fixture(scope="module")

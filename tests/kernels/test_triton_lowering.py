@@ -179,7 +179,7 @@ def test_arbitrary_graph_op_by_op():
     got = exe.run(feeds)
     for name in want:
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-5)
-    from isthmus.runtime.kv_cache import FunctionalDecoder
+    from isthmus.compiler.kv_cache import FunctionalDecoder
     assert isinstance(exe.decoder(), FunctionalDecoder)      # no KV cache to preallocate here
 
 

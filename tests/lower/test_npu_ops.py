@@ -14,10 +14,10 @@ import math
 import numpy as np
 import pytest
 
+from isthmus.compiler.executable import Executable
 from isthmus.compiler.ir import Graph
 from isthmus.compiler.lower.npu import lower_npu
 from isthmus.compiler.quant import quantize
-from isthmus.runtime.executable import Executable
 
 TOL = {"f32": 1e-5, "bf16": 2e-2, "bf16x3": 1e-4}
 EDGE = [(1, 129), (127, 300), (300, 1), (129, 127)]

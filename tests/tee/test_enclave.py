@@ -79,7 +79,7 @@ class Spy:
 
     def __init__(self, monkeypatch):
         self.fed = []
-        from isthmus.runtime.kv_cache import FunctionalDecoder
+        from isthmus.compiler.kv_cache import FunctionalDecoder
         original = FunctionalDecoder.step
 
         def step(dec, ids):

@@ -320,8 +320,8 @@ def prefill(exe, decoder, ids: list[int]) -> np.ndarray:
 
 
 def _plan_for_decoders(exe, decoders):
-    from isthmus.runtime.executable import Executable
-    from isthmus.runtime.kv_cache import FunctionalDecoder
+    from isthmus.compiler.executable import Executable
+    from isthmus.compiler.kv_cache import FunctionalDecoder
 
     if type(exe).run is not Executable.run:
         return None             # a lowered target: its own run, decoders and (maybe) decode_batch

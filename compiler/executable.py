@@ -1,7 +1,8 @@
 """Executables: a compiled graph plus the model facts generation needs, with `run(inputs)`.
 
 The reference target interprets the graph node by node with each op's numpy reference;
-it is the numerics oracle every other target is checked against.
+it is the numerics oracle every other target is checked against. Every lowered target
+(compiler/lower/) subclasses `Executable`; compiler/targets.py picks one by name.
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ import numpy as np
 
 from isthmus.compiler.ir import Graph, numpy_dtype
 from isthmus.errors import InputError, UnsupportedError
-
-TARGETS = ("reference", "numba", "triton", "npu")
-
 
 @dataclass
 class OpProfile:
@@ -111,15 +109,15 @@ class Executable:
 
     def decoder(self):
         """A fresh decoding state (KV cache + step function) for a decoder graph."""
-        from isthmus.runtime.kv_cache import FunctionalDecoder
+        from isthmus.compiler.kv_cache import FunctionalDecoder
 
         return FunctionalDecoder(self)
 
     def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
         """One decode step for many conversations (token_ids[i] fed to decoders[i]): logits [B, vocab].
-        The reference interpreter runs the graph once for the batch (runtime/batch.py); a target
+        The reference interpreter runs the graph once for the batch (compiler/batch.py); a target
         without its own version steps each decoder in turn."""
-        from isthmus.runtime.batch import reference_decode_batch
+        from isthmus.compiler.batch import reference_decode_batch
 
         return reference_decode_batch(self, decoders, token_ids)
 
@@ -128,72 +126,14 @@ class Executable:
         return sorted(self._profile.values(), key=lambda p: -p.seconds)
 
 
-# Each non-reference target lowers the optimised graph in its own module: "module:function".
-LOWERINGS = {
-    "numba": "isthmus.compiler.lower.kernels:lower_numba",
-    "triton": "isthmus.compiler.lower.triton:lower_triton",
-    "npu": "isthmus.compiler.lower.npu:lower_npu",
-}
+def decoder_model(exe):
+    """The Model behind a decoder executable; UnsupportedError for any other graph."""
+    model = exe.model
+    if model is None or not getattr(model, "is_decoder", False):
+        raise UnsupportedError("this graph is not a decoder with the input_ids/position_ids/logits interface; "
+                               "use `isthmus run` for arbitrary graphs")
+    return model
 
 
-def default_target() -> str:
-    """What `isthmus chat` and `isthmus.compile` use when no target is named: triton with a CUDA
-    GPU and triton installed, else numba when it imports, else the numpy reference.
-    `ISTHMUS_TARGET` overrides."""
-    import importlib.util
-    import os
-
-    forced = os.environ.get("ISTHMUS_TARGET")
-    if forced:
-        return forced
-    if importlib.util.find_spec("triton") is not None and _cuda_available():
-        return "triton"
-    if importlib.util.find_spec("numba") is not None:
-        return "numba"
-    return "reference"
-
-
-def _cuda_available() -> bool:
-    import importlib.util
-    import sys
-
-    if importlib.util.find_spec("torch") is None:
-        return False
-    if "torch" not in sys.modules and not _has_nvidia_device():
-        return False       # don't pay torch's import on a machine without an NVIDIA device
-    try:
-        import torch
-        return bool(torch.cuda.is_available())
-    except Exception:
-        return False
-
-
-def _has_nvidia_device() -> bool:
-    import os
-    return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
-
-
-def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None) -> Executable:
-    """Run the pass pipeline over a Model (or bare Graph) and lower it for `target`."""
-    import importlib
-
-    from isthmus.compiler.passes.pipeline import run_pipeline
-
-    target = target or default_target()
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    graph = model if isinstance(model, Graph) else model.graph
-    meta = None if isinstance(model, Graph) else model
-    t0 = time.perf_counter()
-    graph = run_pipeline(graph, passes=passes, dump_dir=dump_dir, on_pass=on_pass)
-    if target == "reference":
-        exe = Executable(graph, target, model=meta)
-    else:
-        module, fn = LOWERINGS[target].split(":")
-        try:
-            lower = getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError) as e:
-            raise UnsupportedError(f"target {target!r} is not available here ({e}); use --target reference") from None
-        exe = lower(graph, model=meta)
-    exe.compile_seconds = time.perf_counter() - t0
-    return exe
+def context_length(exe) -> int:
+    return int(decoder_model(exe).config.get("context_length") or 2048)

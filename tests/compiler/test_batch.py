@@ -1,11 +1,11 @@
-"""Batched decoding (runtime/batch.py): one step for many KV caches equals a step per cache."""
+"""Batched decoding (compiler/batch.py): one step for many KV caches equals a step per cache."""
 
 import numpy as np
 import pytest
 
 import isthmus
+from isthmus.compiler.batch import BatchPlan, decode_batch, plan_for, prefill, step_each
 from isthmus.errors import InputError
-from isthmus.runtime.batch import BatchPlan, decode_batch, plan_for, prefill, step_each
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_mismatched_arguments_are_input_errors(ref_exe):
 
 def test_graphs_that_are_not_row_wise_get_no_plan():
     from isthmus.compiler.ir import Graph
-    from isthmus.runtime.executable import Executable
+    from isthmus.compiler.executable import Executable
 
     g = Graph("g")
     x = g.add_input("input_ids", ("batch", "seq"), "i64")
