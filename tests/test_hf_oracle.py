@@ -95,11 +95,11 @@ def test_tokenizer_agrees_with_transformers(default_model, hf):
 
 
 def test_hf_tokenizer_json_agrees_with_the_gguf_tokenizer(default_model, hf, tmp_path):
-    """The tokenizer.json path (runtime/hf_tokenizer.py) on a real vocabulary: transformers writes
+    """The tokenizer.json path (compiler/frontends/hf_tokenizer.py) on a real vocabulary: transformers writes
     the GGUF's tokenizer out as tokenizer.json, and isthmus must read it back to the same ids and text."""
     import json
 
-    from isthmus.runtime.hf_tokenizer import tokenizer_from_hf
+    from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
 
     _, hf_tok = hf
     hf_tok.save_pretrained(tmp_path)

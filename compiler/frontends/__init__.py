@@ -19,7 +19,7 @@ class Model:
     path: str
     format: str                      # "gguf" | "onnx" | "safetensors"
     config: dict = field(default_factory=dict)   # decoder hyperparameters; empty for an arbitrary graph
-    tokenizer: object = None          # isthmus.runtime.tokenizer.Tokenizer, when the file carries one
+    tokenizer: object = None          # a Tokenizer (frontends/tokenizer.py), when the file carries one
 
     @property
     def chat_template(self) -> str | None:

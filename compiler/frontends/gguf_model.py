@@ -16,6 +16,6 @@ def load_gguf(source, name: str | None = None) -> Model:
     # llama.cpp's converter permutes Q/K rows so rotation pairs are adjacent (the Meta layout)
     graph = build_llama(config, f.tensors, rope_layout="interleaved",
                         name=config.get("name") or Path(f.path).stem, where=f.path)
-    from isthmus.runtime.tokenizer import Tokenizer
+    from isthmus.compiler.frontends.tokenizer import Tokenizer
     tokenizer = Tokenizer.from_gguf(f) if "tokenizer.ggml.tokens" in f.metadata else None
     return Model(graph, f.path, "gguf", config, tokenizer)

@@ -69,7 +69,7 @@ def load_safetensors(folder) -> Model:
     graph = build_llama(config, weights, rope_layout="half", name=config["name"], where=str(folder))
     tokenizer = None
     if (folder / "tokenizer.json").exists():
-        from isthmus.runtime.hf_tokenizer import tokenizer_from_hf
+        from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
 
         tokenizer = tokenizer_from_hf(folder, tok_config, bos_id=config["bos_token_id"],
                                       eos_id=config["eos_token_id"], stop_ids=config["stop_token_ids"],

@@ -217,7 +217,7 @@ def test_sentencepiece_style_tokenizer_json(tmp_path):
     """Llama 2's tokenizer.json shape: "▁" for spaces, <0xAB> byte tokens, Replace/ByteFallback/Fuse/Strip."""
     from tokenizers import Tokenizer, decoders, models, normalizers
 
-    from isthmus.runtime.hf_tokenizer import tokenizer_from_hf
+    from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
 
     specials = ["<unk>", "<s>", "</s>"]
     vocab = {t: i for i, t in enumerate(specials)}
@@ -246,7 +246,7 @@ def test_sentencepiece_style_tokenizer_json(tmp_path):
 
 
 def test_bad_tokenizer_files(folder):
-    from isthmus.runtime.hf_tokenizer import tokenizer_from_hf
+    from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
 
     spec = json.loads((folder / "tokenizer.json").read_text())
     spec["decoder"] = {"type": "WordPiece", "prefix": "##", "cleanup": True}

@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from isthmus.compiler.frontends.gguf import read_gguf
+from isthmus.compiler.frontends.tokenizer import StreamDecoder, Tokenizer, render_chat
 from isthmus.errors import InputError, ModelFormatError, UnsupportedError
-from isthmus.runtime.tokenizer import StreamDecoder, Tokenizer, render_chat
 from tiny_models import SPECIALS, TEMPLATE, byte_alphabet  # tests/support, on pythonpath
 
 MERGES = ["Ġ t", "h e", "Ġt he", "Ġ Ġ", "i n"]

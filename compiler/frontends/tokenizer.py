@@ -299,9 +299,9 @@ def render_chat(template: str, messages: list[dict], add_generation_prompt: bool
                 bos_token: str = "", eos_token: str = "", **kwargs) -> str:
     """Render a Hugging Face chat template (Jinja) as transformers' `apply_chat_template` does.
 
-    Templates come with the model file and are untrusted: see runtime/chat_template.py for the
+    Templates come with the model file and are untrusted: see chat_template.py (next to this file) for the
     sandbox and its limits."""
-    from isthmus.runtime.chat_template import render
+    from isthmus.compiler.frontends.chat_template import render
 
     return render(template, messages, add_generation_prompt, bos_token=bos_token, eos_token=eos_token, **kwargs)
 

@@ -15,8 +15,8 @@ import json
 import re
 from pathlib import Path
 
+from isthmus.compiler.frontends.tokenizer import Tokenizer, _byte_alphabet, _token_bytes
 from isthmus.errors import ModelFormatError, UnsupportedError
-from isthmus.runtime.tokenizer import Tokenizer, _byte_alphabet, _token_bytes
 
 _SENTENCEPIECE_DECODERS = {"Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"}
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")

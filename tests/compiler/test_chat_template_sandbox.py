@@ -15,11 +15,11 @@ import gguf
 import pytest
 
 import tiny_models  # tests/support, on pythonpath
+from isthmus.compiler.frontends import chat_template
 from isthmus.compiler.frontends.gguf import llama_config_from_gguf, read_gguf
 from isthmus.compiler.frontends.safetensors import llama_config_from_hf
+from isthmus.compiler.frontends.tokenizer import ChatPrompt, Tokenizer, render_chat
 from isthmus.errors import InputError, ModelFormatError, TemplateError
-from isthmus.runtime import chat_template
-from isthmus.runtime.tokenizer import ChatPrompt, Tokenizer, render_chat
 
 ATTACKS = {
     "include": "{% include 'other.jinja' %}",
@@ -199,7 +199,7 @@ def test_other_template_inputs_are_masked_too_and_private_use_text_survives(tiny
 
 
 def test_hf_tokenizer_json_gets_the_same_protection(tiny, tmp_path):
-    from isthmus.runtime.hf_tokenizer import tokenizer_from_hf
+    from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
 
     (tmp_path / "tokenizer.json").write_text(tiny._backend.to_str(), encoding="utf-8")
     hf = tokenizer_from_hf(tmp_path, {"bos_token": "<|im_start|>"}, chat_template=tiny_models.TEMPLATE)
