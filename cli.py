@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_chat)
     # Subcommands that belong to one layer live with it and register themselves here.
     from isthmus.bench.cli import register as register_bench
-    from isthmus.compiler.lower.npu_profile import register as register_profile
+    from isthmus.cli_profile import register as register_profile
     from isthmus.interop.cli import register as register_serve
     from isthmus.npu.cli import register as register_npu
     from isthmus.runtime.tee.cli import register as register_tee
@@ -207,27 +207,15 @@ def cmd_compile(args) -> int:
     return 0
 
 
-def _load_npz(path) -> dict:
-    import zipfile
-
-    import numpy as np
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {k: z[k] for k in z.files}
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
-        raise InputError(f"{path}: not a readable .npz file ({e})") from None
-
-
 def cmd_run(args) -> int:
     import numpy as np
 
     import isthmus
+    from isthmus.npz import load_npz
     from isthmus.runtime.check import compare, onnxruntime_outputs
 
     model = isthmus.load(args.model)
-    inputs = _load_npz(args.inputs)
+    inputs = load_npz(args.inputs)
     exe = isthmus.compile(model, target=args.target)
     outputs = exe.run(inputs)
     if args.output:

@@ -104,8 +104,8 @@ def cmd_disasm(args) -> int:
 def _inputs(prog, args) -> dict:
     import numpy as np
     if args.inputs:
-        from isthmus.cli import _load_npz
-        return _load_npz(args.inputs)
+        from isthmus.npz import load_npz
+        return load_npz(args.inputs)
     rng = np.random.default_rng(args.seed)
     out = {}
     for t in prog.tensors:

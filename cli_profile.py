@@ -1,0 +1,78 @@
+"""`isthmus profile MODEL --target npu [--trace out.json]`: the modeled per-op profile of a decoder
+on the NPU (prefill + one decode step), from the tables of compiler/lower/npu_profile.py.
+Registered into the main parser by `register(sub, common)`."""
+
+from __future__ import annotations
+
+import sys
+
+from isthmus.compiler.lower.npu_profile import op_table
+
+
+def register(sub, common) -> None:
+    p = sub.add_parser("profile", parents=[common],
+                       help="modeled per-op profile of a model on the NPU (prefill + one decode step)")
+    p.add_argument("model", help="a registry name or a path (.gguf, .onnx, HF folder)")
+    p.add_argument("--target", default="npu", choices=("npu",), help="only the NPU has a modeled profile")
+    p.add_argument("--trace", help="write the decode step's Chrome/Perfetto trace (.json) here")
+    p.add_argument("--prompt", default="The quick brown fox jumps over the lazy dog.",
+                   help="text to prefill before the profiled decode step")
+    p.add_argument("--config", default="datacenter", help="NPU preset (datacenter, edge) or a .json config")
+    p.add_argument("--precision", default=None, choices=("bf16x3", "bf16", "f32"),
+                   help="matmul precision (default bf16x3; see docs/npu-performance.md)")
+    p.add_argument("--by", default="op", choices=("op", "node"), help="one row per op kind or per graph node")
+    p.add_argument("--limit", type=int, default=30, help="rows to print (0: all)")
+    p.add_argument("--prefill", action="store_true", help="also print the prefill program's table")
+    p.set_defaults(fn=cmd_profile)
+
+
+def cmd_profile(args) -> int:
+    import time
+
+    import isthmus
+    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.passes.pipeline import run_pipeline
+    from isthmus.errors import InputError, UnsupportedError
+    from isthmus.npu.config import load_config
+    from isthmus.npu.trace import write_trace
+
+    cfg = load_config(args.config)
+    model = isthmus.load(args.model)
+    if not getattr(model, "is_decoder", False):
+        raise UnsupportedError("profile runs a decoder model (prefill and a decode step); "
+                               "for other graphs use `isthmus run --target npu`")
+    t0 = time.perf_counter()
+    exe = lower_npu(run_pipeline(model.graph), model=model, config=cfg, precision=args.precision)
+    print(f"compiled in {time.perf_counter() - t0:.2f} s (precision {exe.precision}, config {cfg.name})",
+          file=sys.stderr)
+    if exe.spec is None:
+        raise UnsupportedError("this graph is not a Llama decoder the NPU lowering recognises; "
+                               "profile the per-op lowering with `isthmus run --target npu`")
+    ids = model.tokenizer.encode(args.prompt) if model.tokenizer is not None else [1, 2, 3]
+    if not ids:
+        raise InputError("--prompt encodes to no tokens")
+    exe.profiling = True
+    dec = exe.decoder()
+    logits = dec.step(ids)
+    dec.step([int(logits.argmax())])
+    (pre_prog, pre_tl, pre_st), (prog, tl, st) = exe.runs[0], exe.runs[-1]
+    if args.prefill:
+        print(f"prefill of {len(ids)} tokens:")
+        print(op_table(pre_prog, pre_tl, pre_st, exe.graph, cfg, args.by, args.limit))
+        print()
+    print(f"one decode step at position {dec.length - 1}:")
+    print(op_table(prog, tl, st, exe.graph, cfg, args.by, args.limit))
+    mem = getattr(prog, "memory", {})
+    if mem:
+        print(f"memory plan: SBUF peak {mem['sbuf_peak']:,} of {mem['sbuf_capacity']:,} bytes per partition "
+              f"(weight ring {mem.get('weight_ring', 0):,}), PSUM peak {mem['psum_peak']:,} of "
+              f"{mem['psum_capacity']:,}; spills: {len(mem['spills']) or 'none'}; HBM {mem['hbm_bytes'] / 1e6:.1f} MB"
+              + (f"; chunks split to fit SBUF: {sorted(exe.runtime.unfit)}" if exe.runtime.unfit else ""))
+    wb = exe.image.weight_bytes
+    bound = wb / cfg.hbm_bytes_per_s
+    print(f"weights streamed per token: {wb / 1e6:.1f} MB; HBM-bandwidth bound {bound * 1e6:.1f} us; "
+          f"the step takes {st.seconds / bound:.2f}x that")
+    if args.trace:
+        write_trace(args.trace, prog, tl, cfg)
+        print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
