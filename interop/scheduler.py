@@ -5,9 +5,9 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
 
   1. admits waiting requests while batch slots are free, prefilling their prompts (at most
      `prefill_tokens` prompt tokens per iteration, so running streams are not starved);
-  2. samples the next token of every running sequence from its pending logits, emits the text
-     (stop strings held back and cut exactly as `runtime.generate.TextStream` does), and retires
-     the sequences that finished;
+  2. steps every running sequence (`runtime.sequence.Sequence`, the generation core that
+     `runtime.generate.TextStream` drives too: sampling, budget, stop ids, stop strings, UTF-8
+     holdback) on its pending logits, emits the text, and retires the sequences that finished;
   3. runs ONE batched decode step for all the sequences still running
      (`compiler.batch.decode_batch`: the reference target runs the graph once for the batch).
 
@@ -39,8 +39,8 @@ import numpy as np
 from isthmus.compiler.batch import decode_batch, prefill
 from isthmus.compiler.executable import context_length
 from isthmus.errors import InputError
-from isthmus.runtime.generate import _held_back
-from isthmus.runtime.sampling import Sampler, SamplingParams
+from isthmus.runtime.sampling import SamplingParams
+from isthmus.runtime.sequence import Sequence
 
 log = logging.getLogger("isthmus.serve")
 
@@ -83,41 +83,13 @@ def _ticket(unit) -> "Ticket":
 
 # -- per-sequence state ----------------------------------------------------------------------------
 
-class _TextTail:
-    """Token ids in, text out: stop strings are cut out and never half-emitted."""
-
-    def __init__(self, tokenizer, stops: list[str]):
-        self.decoder = tokenizer.stream(skip_special=True)
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, token: int) -> tuple[str, bool]:
-        self.pending += self.decoder.feed(token)
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending = self.pending[:min(hits)], ""
-            return out, True
-        safe = len(self.pending) - _held_back(self.pending, self.stops)
-        out, self.pending = self.pending[:safe], self.pending[safe:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending + self.decoder.flush(), ""
-        return out
-
-
 @dataclass(eq=False)
 class _Seq:
     request: "Ticket"
     index: int
-    sampler: Sampler
-    budget: int
-    text: _TextTail
+    core: Sequence                              # sampling, budget, stop ids and strings, text, logprobs
     decoder: object = None
     logits: np.ndarray | None = None
-    generated: int = 0
-    last: int = -1
-    logged: list = field(default_factory=list)
     fed: list = field(default_factory=list)     # generated tokens already in the KV cache (to resume)
 
 
@@ -326,7 +298,7 @@ class Engine:
         if not still:
             return
         try:
-            logits = self.decode(self.exe, [s.decoder for s in still], [s.last for s in still])
+            logits = self.decode(self.exe, [s.decoder for s in still], [s.core.token for s in still])
         except Exception as e:
             log.exception("batched decode failed")
             bad = isinstance(e, InputError)
@@ -345,10 +317,9 @@ class Engine:
         params = t.params
         budget = min(params.max_tokens, self.n_ctx - len(t.prompt_ids))
         try:
-            sampler = Sampler(params)
-            if params.seed is not None:   # choice i draws its own stream, reproducibly
-                sampler.rng = np.random.default_rng([params.seed % 2**64, i])
-            s = _Seq(t, i, sampler, budget, _TextTail(self.tokenizer, params.stop))
+            core = Sequence(params, budget, stop_ids=() if t.ignore_eos else self.tokenizer.stop_ids,
+                            tokenizer=self.tokenizer, stream=i, top_logprobs=t.top_logprobs)
+            s = _Seq(t, i, core)
             s.decoder = self.exe.decoder()
             s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
         except Exception as e:
@@ -372,30 +343,22 @@ class Engine:
 
     def _advance(self, s: _Seq) -> bool:
         """Sample one token for `s` and emit its text; False when the sequence has finished."""
-        t = s.request
-        token = s.sampler(s.logits)
-        if token in self.tokenizer.stop_ids and not t.ignore_eos:
-            return self._finish(s, "stop", s.text.flush())
-        s.generated += 1
-        t.generated += 1
-        if t.top_logprobs is not None:
-            s.logged.append(self._logprob_entry(s.logits, token, t.top_logprobs))
-        piece, stopped = s.text.feed(token)
-        if stopped:
-            return self._finish(s, "stop", piece)
-        if s.generated >= s.budget:
-            return self._finish(s, "length", piece + s.text.flush())
+        t, core = s.request, s.core
+        piece = core.step(s.logits)
+        if core.kept:
+            t.generated += 1
+        if core.finish_reason:
+            return self._finish(s, piece + core.flush())        # flush is "" after a stop string
         if piece:
-            self._emit(t, Delta(s.index, piece, self._take_logged(s)))
-        s.last = token
-        s.fed.append(token)
+            self._emit(t, Delta(s.index, piece, core.take_logged()))
+        s.fed.append(core.token)
         return True
 
-    def _finish(self, s: _Seq, reason: str, text: str) -> bool:
-        t = s.request
-        if text or s.logged:
-            self._emit(t, Delta(s.index, text, self._take_logged(s)))
-        self._emit(t, Finished(s.index, reason, s.generated))
+    def _finish(self, s: _Seq, text: str) -> bool:
+        t, core = s.request, s.core
+        if text or core.logged:
+            self._emit(t, Delta(s.index, text, core.take_logged()))
+        self._emit(t, Finished(s.index, core.finish_reason, core.generated))
         return self._release(s)
 
     @staticmethod
@@ -406,25 +369,6 @@ class Engine:
         if t.running <= 0 and (t.started >= t.n or t.cancelled):
             t.done = True
         return False
-
-    @staticmethod
-    def _take_logged(s: _Seq):
-        if not s.logged:
-            return None
-        out, s.logged = s.logged, []
-        return out
-
-    def _logprob_entry(self, logits: np.ndarray, token: int, k: int) -> dict:
-        z = logits.astype(np.float64)
-        logp = z - (z.max() + np.log(np.exp(z - z.max()).sum()))
-
-        def item(i):
-            raw = self.tokenizer.token_bytes(int(i))
-            return {"token": raw.decode("utf-8", errors="replace"), "logprob": float(max(logp[i], -9999.0)),
-                    "bytes": list(raw)}
-
-        top = np.argsort(-logp, kind="stable")[:k] if k else []
-        return {**item(token), "top_logprobs": [item(i) for i in top]}
 
     def _emit(self, t: Ticket, event) -> None:
         try:

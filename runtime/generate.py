@@ -1,7 +1,9 @@
 """The generation loop: prefill the prompt, then decode one token at a time over the KV cache.
 
 `TextStream` is what `isthmus.chat` and the CLI iterate: text pieces as they are decoded,
-with stop strings cut out (never half-printed) and timing statistics at the end.
+with stop strings cut out (never half-printed) and timing statistics at the end. Sampling, the
+budget, stop ids, stop strings and UTF-8 holdback are `runtime.sequence.Sequence`'s, the one
+generation core the server's engine drives too.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from typing import Iterator
 
 from isthmus.compiler.executable import context_length, decoder_model
 from isthmus.errors import InputError, UnsupportedError
-from isthmus.runtime.sampling import Sampler, SamplingParams
+from isthmus.runtime.sampling import SamplingParams
+from isthmus.runtime.sequence import Sequence
 
 
 @dataclass
@@ -35,33 +38,40 @@ class GenerationStats:
 def generate(exe, prompt_ids: list[int], params: SamplingParams, stats: GenerationStats | None = None,
              stop_ids=()) -> Iterator[int]:
     """Yield generated token ids; stops at an end token (not yielded), max_tokens or the context end."""
+    seq = _sequence(exe, prompt_ids, params, stop_ids=frozenset(stop_ids))
+    for _ in _run(exe, prompt_ids, seq, stats if stats is not None else GenerationStats()):
+        if seq.kept:
+            yield seq.token
+
+
+def _sequence(exe, prompt_ids: list[int], params: SamplingParams, **kwargs) -> Sequence:
     decoder_model(exe)
-    stats = stats if stats is not None else GenerationStats()
     n_ctx = context_length(exe)
     if not prompt_ids:
         raise InputError("the prompt is empty")
     if len(prompt_ids) >= n_ctx:
         raise InputError(f"the prompt is {len(prompt_ids)} tokens; the model's context window is {n_ctx}")
-    budget = min(params.max_tokens, n_ctx - len(prompt_ids))
-    sampler = Sampler(params)
-    decoder = exe.decoder()
-    stop_ids = frozenset(stop_ids)
+    return Sequence(params, min(params.max_tokens, n_ctx - len(prompt_ids)), **kwargs)
 
+
+def _run(exe, prompt_ids: list[int], seq: Sequence, stats: GenerationStats) -> Iterator[str]:
+    """Prefill the prompt, then step `seq` until it finishes, decoding each token it keeps; yield
+    the text each step releases."""
+    decoder = exe.decoder()
     t0 = time.perf_counter()
     logits = decoder.step(list(prompt_ids))
     stats.prompt_tokens, stats.prompt_seconds = len(prompt_ids), time.perf_counter() - t0
     t0 = time.perf_counter()
     stats.finish_reason = "length"
     try:
-        for i in range(budget):
-            token = sampler(logits)
+        while True:
+            piece = seq.step(logits)
             stats.eval_tokens += 1
-            if token in stop_ids:
-                stats.finish_reason = "stop"
+            stats.finish_reason = seq.finish_reason or "length"
+            yield piece
+            if seq.finish_reason:
                 return
-            yield token
-            if i + 1 < budget:
-                logits = decoder.step([token])
+            logits = decoder.step([seq.token])
     finally:
         stats.eval_seconds = time.perf_counter() - t0
 
@@ -77,38 +87,17 @@ class TextStream:
 
     def __iter__(self) -> Iterator[str]:
         tok = decoder_model(self.exe).tokenizer
-        decoder = tok.stream(skip_special=True)
-        stops = [s for s in self.params.stop if s]
-        pending = ""    # decoded text not yet emitted: it might be the start of a stop string
-        for token in generate(self.exe, self.prompt_ids, self.params, self.stats, tok.stop_ids):
-            self.token_ids.append(token)
-            pending += decoder.feed(token)
-            hit = min((i for i in (pending.find(s) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                self.stats.finish_reason = "stop"
-                yield from self._emit(pending[:hit])
-                return
-            safe = len(pending) - _held_back(pending, stops)
-            yield from self._emit(pending[:safe])
-            pending = pending[safe:]
-        pending += decoder.flush()
-        yield from self._emit(pending)
+        seq = _sequence(self.exe, self.prompt_ids, self.params, stop_ids=tok.stop_ids, tokenizer=tok)
+        for piece in _run(self.exe, self.prompt_ids, seq, self.stats):
+            if seq.kept:
+                self.token_ids.append(seq.token)
+            yield from self._emit(piece)
+        yield from self._emit(seq.flush())
 
     def _emit(self, piece: str) -> Iterator[str]:
         if piece:
             self.text += piece
             yield piece
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
 
 
 def chat(exe, messages: list[dict], *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,

@@ -5,8 +5,9 @@ import pytest
 
 import isthmus
 from isthmus.errors import InputError
-from isthmus.runtime.generate import GenerationStats, _held_back, generate
+from isthmus.runtime.generate import GenerationStats, generate
 from isthmus.runtime.sampling import Sampler, SamplingParams
+from isthmus.runtime.sequence import _held_back
 
 
 @pytest.fixture
