@@ -1,12 +1,12 @@
 """`isthmus profile MODEL --target npu [--trace out.json]`: the modeled per-op profile of a decoder
-on the NPU (prefill + one decode step), from the tables of compiler/lower/npu_profile.py.
+on the NPU (prefill + one decode step), from the tables of compiler/lower/npu/profile_tables.py.
 Registered into the main parser by `register(sub, common)`."""
 
 from __future__ import annotations
 
 import sys
 
-from isthmus.compiler.lower.npu_profile import op_table
+from isthmus.compiler.lower.npu.profile_tables import op_table
 
 
 def register(sub, common) -> None:
@@ -30,7 +30,7 @@ def cmd_profile(args) -> int:
     import time
 
     import isthmus
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     from isthmus.compiler.passes.pipeline import run_pipeline
     from isthmus.errors import InputError, UnsupportedError
     from isthmus.npu.config import load_config

@@ -18,7 +18,7 @@ CORE_SHARE_BYTES_PER_S = 2.9e12 / 8      # examples/npu/datacenter-core-share.js
 
 
 def npu(quick: bool = False, log=print) -> list[Row]:
-    from isthmus.compiler.lower.npu_profile import decode_figures, matmul_figures
+    from isthmus.compiler.lower.npu.profile_tables import decode_figures, matmul_figures
 
     log("  matmul 1024x4096x4096 bf16")
     mm = matmul_figures(1024, 4096, 4096, "bf16", "datacenter")
@@ -31,7 +31,7 @@ def npu(quick: bool = False, log=print) -> list[Row]:
         return rows + [Row("npu", f"decode step {p}", DEFAULT_MODEL, "npu", None, "HBM bound", None, "cycles",
                            note=f"{DEFAULT_MODEL} not pulled: run `isthmus pull`") for p in precisions]
     from isthmus.compiler.frontends import load_model
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     from isthmus.compiler.passes.pipeline import run_pipeline
 
     model = load_model(cache_path(REGISTRY[DEFAULT_MODEL]))

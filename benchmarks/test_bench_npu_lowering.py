@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from isthmus.compiler.lower.npu_profile import decode_figures, matmul_figures
+from isthmus.compiler.lower.npu.profile_tables import decode_figures, matmul_figures
 
 
 def test_matmul_1024x4096x4096_bf16(benchmark):
@@ -50,7 +50,7 @@ def test_compile_default_model(benchmark, default_model):
 @pytest.mark.parametrize("precision", ["bf16x3", "bf16", "f32"])
 def test_decode_step(benchmark, default_model, precision):
     """One simulated decode step (host time) and its modeled figures."""
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     from isthmus.compiler.passes.pipeline import run_pipeline
     exe = lower_npu(run_pipeline(default_model.graph), model=default_model, precision=precision)
     dec = exe.decoder()

@@ -16,7 +16,7 @@ TARGETS = ("reference", "numba", "triton", "npu")
 LOWERINGS = {
     "numba": "isthmus.compiler.lower.kernels:lower_numba",
     "triton": "isthmus.compiler.lower.triton:lower_triton",
-    "npu": "isthmus.compiler.lower.npu:lower_npu",
+    "npu": "isthmus.compiler.lower.npu.target:lower_npu",
 }
 
 

@@ -1,4 +1,4 @@
-"""A small Python API for emitting NPU programs (what compiler/lower/npu.py writes against).
+"""A small Python API for emitting NPU programs (what compiler/lower/npu/ writes against).
 
     b = ProgramBuilder(load_config("datacenter"))
     A = b.tensor("A", (512, 512), "bf16", "input")            # HBM, row-major

@@ -2,7 +2,7 @@
 
 `Modeled` tracks cycles, FLOP utilisation (achieved / peak over the program's cycles) and HBM
 bytes (read + written) of programs the compiler emits, on the datacenter preset, in bf16:
-  matmul M×K×N    x[M, K] @ W[K, N], W a constant (compiler/lower/npu_profile.matmul_figures)
+  matmul M×K×N    x[M, K] @ W[K, N], W a constant (compiler/lower/npu/profile_tables.matmul_figures)
   attention P/C   P queries over a window of C keys, 9 query and 3 KV heads of 64, causal
   layer P/C       a one-layer SmolLM2-135M decoder (random weights, 256-token vocabulary) as the
                   chunk program that runs P new tokens over a KV window of C
@@ -27,8 +27,8 @@ SMOLLM2_LAYER = dict(n_layers=1, hidden=576, ffn=1536, n_heads=9, n_kv_heads=3, 
 
 def _attention_program(P: int, C: int):
     from isthmus.compiler.ir import Graph
-    from isthmus.compiler.lower.npu import lower_npu
-    from isthmus.compiler.lower.npu_ops import Compiled, GenericRunner
+    from isthmus.compiler.lower.npu.op_runner import Compiled, GenericRunner
+    from isthmus.compiler.lower.npu.target import lower_npu
 
     shapes = {"q": (1, 9, P, 64), "k": (1, 3, C, 64), "v": (1, 3, C, 64)}
     g = Graph(f"attention_{P}_{C}")
@@ -43,7 +43,7 @@ def _attention_program(P: int, C: int):
 def _layer_executable():
     from isthmus.compiler.frontends import Model
     from isthmus.compiler.frontends.llama import build_llama
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     from isthmus.compiler.passes.pipeline import run_pipeline
 
     c = SMOLLM2_LAYER
@@ -67,14 +67,14 @@ def figures(program: str) -> dict:
 
     kind, shape = program.split()
     if kind == "matmul":
-        from isthmus.compiler.lower.npu_profile import matmul_figures
+        from isthmus.compiler.lower.npu.profile_tables import matmul_figures
         st = matmul_figures(*map(int, shape.split("x")), "bf16", "datacenter")["stats"]
     else:
         P, C = map(int, shape.split("/"))
         if kind == "attention":
             prog, cfg = _attention_program(P, C)
         else:
-            from isthmus.compiler.lower.npu_decoder import build_chunk_program
+            from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
             exe = _layer_executable()
             prog, cfg = build_chunk_program(exe.image, P, C), exe.config
         st = stats(prog, schedule(prog, cfg), cfg)

@@ -9,9 +9,9 @@ import pytest
 import isthmus
 from isthmus.compiler.frontends import Model
 from isthmus.compiler.kv_cache import FunctionalDecoder
-from isthmus.compiler.lower.npu import NpuDecoder, lower_npu
-from isthmus.compiler.lower.npu_decoder import assign_slots
-from isthmus.compiler.lower.npu_match import match_llama
+from isthmus.compiler.lower.npu.target import NpuDecoder, lower_npu
+from isthmus.compiler.lower.npu.chunk_program import assign_slots
+from isthmus.compiler.lower.npu.llama_matcher import match_llama
 from isthmus.compiler.passes.pipeline import run_pipeline
 from isthmus.errors import InputError
 from isthmus.runtime.generate import generate

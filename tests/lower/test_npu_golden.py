@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from isthmus.compiler.lower.npu import lower_npu
-from isthmus.compiler.lower.npu_decoder import build_chunk_program, resident_values
+from isthmus.compiler.lower.npu.target import lower_npu
+from isthmus.compiler.lower.npu.chunk_program import build_chunk_program, resident_values
 from isthmus.compiler.passes.pipeline import run_pipeline
 from isthmus.npu import sim
 from isthmus.npu.asm import format_program, parse_program

@@ -13,7 +13,7 @@ pytest.importorskip("onnx")
 transformers = pytest.importorskip("transformers")
 
 from isthmus.compiler.frontends.onnx import load_onnx  # noqa: E402
-from isthmus.compiler.lower.npu import lower_npu  # noqa: E402
+from isthmus.compiler.lower.npu.target import lower_npu  # noqa: E402
 from isthmus.compiler.targets import compile_model  # noqa: E402
 
 HERE = Path(__file__).parent

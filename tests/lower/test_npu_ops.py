@@ -16,7 +16,7 @@ import pytest
 
 from isthmus.compiler.executable import Executable
 from isthmus.compiler.ir import Graph
-from isthmus.compiler.lower.npu import lower_npu
+from isthmus.compiler.lower.npu.target import lower_npu
 from isthmus.compiler.quant import quantize
 
 TOL = {"f32": 1e-5, "bf16": 2e-2, "bf16x3": 1e-4}

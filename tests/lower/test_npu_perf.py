@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from isthmus.compiler.lower.npu_profile import decode_figures, matmul_figures
+from isthmus.compiler.lower.npu.profile_tables import decode_figures, matmul_figures
 
 
 def test_matmul_1024x4096x4096_bf16_reaches_85_percent_of_peak():
@@ -25,7 +25,7 @@ def pipelined(default_model):
 
 @pytest.fixture(scope="module")
 def npu_exes(default_model, pipelined):
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     return {p: lower_npu(pipelined, model=default_model, precision=p) for p in ("bf16", "bf16x3")}
 
 
@@ -49,7 +49,7 @@ def test_decode_step_is_near_the_hbm_bound_with_a_cores_share_of_the_chip(defaul
     """The same lowering where HBM, not the PE array, bounds a matvec: the datacenter core with its
     share of the chip's bandwidth (2.9 TB/s / 8; examples/npu/datacenter-core-share.json). Here the
     weight ring must keep the DMA queues streaming for the step to stay within 1.5x of the bound."""
-    from isthmus.compiler.lower.npu import lower_npu
+    from isthmus.compiler.lower.npu.target import lower_npu
     exe = lower_npu(pipelined, model=default_model, config=CORE_SHARE, precision=precision)
     assert exe.config.hbm_bytes_per_s == 2.9e12 / 8
     f = decode_figures(exe, window=64)

@@ -1,8 +1,9 @@
-"""Ahead-of-time weight conversion for the NPU, in one pass per weight (Numba).
+"""Ahead-of-time weight conversion for the NPU, in one pass per weight (Numba): dequantize, permute
+and pack a weight into the PE-array layout the NPU lowering streams (compiler/lower/npu/weights.py).
 
 `pack(data, ...)` reads a weight as the model file stores it (Q4_0 / Q4_1 / Q8_0 / bf16 blocks, or
 a float array), dequantizes each row, optionally permutes rows (output features) and columns
-(input features), rounds to the matmul dtype and writes the PE-array layout of npu_weights: pieces
+(input features), rounds to the matmul dtype and writes the PE-array layout of compiler/lower/npu/weights.py: pieces
 of `[P, kt-1, cols]` plus the last partial K-tile. With `split`, the bf16 value and the bf16
 rounding of its remainder are written as two arrays (hi + lo carries about 16 significant bits,
 enough for a Q4_1 value d*q + m). Doing this row by row in compiled code keeps a 135M-parameter

@@ -1,7 +1,7 @@
 """Attention on the NPU: rotary embedding by a rotation matmul, and a flash-attention-style loop
 over key blocks with an online softmax, reading a KV window resident in SBUF.
 
-Shapes (feature-major, see npu_kernels): q^T and k^T hold one head per *slot*, a partition range
+Shapes (feature-major, see resident_kernels): q^T and k^T hold one head per *slot*, a partition range
 [s, s+hd) of a chunk (s a multiple of the PE partition alignment), so a head's q^T and its kv
 head's k^T start at the same partition, as the PE array requires of its two operands.
 
@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_emit import Emitter, Tile
-from isthmus.compiler.lower.npu_kernels import Act, bcast
+from isthmus.compiler.lower.npu.emitter import Emitter, Tile
+from isthmus.compiler.lower.npu.resident_kernels import Act, bcast
 
 NEG = -30000.0          # a masked logit: exp(scale * (NEG - max)) is exactly 0 in fp32
 
@@ -103,7 +103,7 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
     [new keys 0:new | older keys]), query i sees new key j <= i and every older key; with an `offset`,
     query i sees key j <= i + offset (the reference's rule, offset = keys - queries); `new` = 0 and
     `offset` None: no causal mask. `dead_below`: a row whose largest (bias-added) score is below it
-    gives zeros, as the reference's softmax does for a row of -inf (see npu_nodes_nn._mask)."""
+    gives zeros, as the reference's softmax does for a row of -inf (see op_kernels_tensor._mask)."""
     units = [units] if isinstance(units, Unit) else list(units)
     P = em.cfg.partitions
     kb_max = em.cfg.moving_max

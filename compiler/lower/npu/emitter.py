@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_tiles import Allocator, Hbm, Tile  # noqa: F401  (the emitter's vocabulary)
+from isthmus.compiler.lower.npu.tiles import Allocator, Hbm, Tile  # noqa: F401  (the emitter's vocabulary)
 from isthmus.errors import NpuError
 from isthmus.npu.builder import declare_tensor
 from isthmus.npu.config import NpuConfig, load_config

@@ -1,10 +1,10 @@
-"""Ahead-of-time weight conversion: npu_pack against a plain numpy statement of the layout."""
+"""Ahead-of-time weight conversion: kernels/numba/weight_pack.py against a plain numpy statement of the layout."""
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from isthmus.compiler.lower import npu_pack
+from isthmus.kernels.numba import weight_pack
 from isthmus.compiler.quant import quantize
 
 
@@ -25,7 +25,7 @@ def test_pack_matches_the_layout(qtype):
     w = np.random.default_rng(0).standard_normal((300, 160)).astype(np.float32)
     data = quantize(w, qtype) if qtype else w
     ref = data.dequantize() if qtype else w
-    assert np.array_equal(npu_pack.dequantize(data), ref)
+    assert np.array_equal(weight_pack.dequantize(data), ref)
     rows = np.array([5, 3, -1] + list(range(297)))          # permuted outputs, one zero row
     cols = np.arange(160)[::-1].copy()
     cols[7] = -1                                            # a zero input column
@@ -34,9 +34,9 @@ def test_pack_matches_the_layout(qtype):
         if r >= 0:
             wt[:, j] = np.where(cols >= 0, ref[r, cols], 0.0)
     want = layout(wt, 128, 256)
-    f32, _ = npu_pack.pack(data, "f32", 128, 256, rows=rows, cols=cols)
+    f32, _ = weight_pack.pack(data, "f32", 128, 256, rows=rows, cols=cols)
     assert np.array_equal(f32, want)
-    hi, lo = npu_pack.pack(data, "bf16", 128, 256, rows=rows, cols=cols, split=True)
+    hi, lo = weight_pack.pack(data, "bf16", 128, 256, rows=rows, cols=cols, split=True)
     assert np.array_equal(hi, want.astype(ml_dtypes.bfloat16))            # round to nearest even
     assert np.array_equal(lo, (want - hi.astype(np.float32)).astype(ml_dtypes.bfloat16))
     err = np.abs(hi.astype(np.float32) + lo.astype(np.float32) - want)

@@ -1,7 +1,7 @@
 """A Llama decoder as NPU programs: one *chunk program* per (new tokens P, KV window C) bucket.
 
 A chunk program runs the whole model over P new tokens with every activation resident in SBUF
-(feature-major, npu_kernels), weights streamed through an SBUF ring (npu_weights), and the KV
+(feature-major, resident_kernels), weights streamed through an SBUF ring (weights), and the KV
 cache in HBM. Nothing in it depends on how long the conversation is: the caller passes the token
 ids, their positions and a validity row for the window, so one program serves every decode step
 of a bucket, loaded once (`LoadedProgram`) and re-run.
@@ -15,8 +15,8 @@ rest, and a static affine `select` masks future tokens among the new ones. Progr
 bucket share one HBM image (`LoadedProgram(hbm=...)`), so growing the window needs no copy.
 
 Positions are data too: the rotary tables are gathered by position (`dma_gather`), and token
-embeddings by id, so prefill (P up to 512, padded on the left to a bucket) and decode (P = 1)
-are the same generator.
+embeddings by id, so prefill (P up to the config's `moving_max`, 512, padded on the left to a
+bucket) and decode (P = 1) are the same generator.
 
 Head slots. The PE array needs a head's q^T and its kv head's k^T at the same partition start
 (a multiple of 32). Heads are assigned to (chunk, start) slots start-major, grouped by kv head;
@@ -30,11 +30,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_attention import Unit, attend, rope, rope_table, rotation_matrix
-from isthmus.compiler.lower.npu_emit import Emitter, Tile
-from isthmus.compiler.lower.npu_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
-from isthmus.compiler.lower.npu_match import LlamaSpec
-from isthmus.compiler.lower.npu_weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
+from isthmus.compiler.lower.npu.attention import Unit, attend, rope, rope_table, rotation_matrix
+from isthmus.compiler.lower.npu.emitter import Emitter, Tile
+from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
+from isthmus.compiler.lower.npu.resident_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
+from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
 from isthmus.npu.config import NpuConfig
 from isthmus.npu.isa import DTYPES, Program
 
@@ -117,7 +117,7 @@ class DecoderImage:
 
 
 def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -> DecoderImage:
-    from isthmus.compiler.lower.npu_pack import dequantize
+    from isthmus.kernels.numba.weight_pack import dequantize
     P = cfg.partitions
     sl = assign_slots(spec.heads, spec.kv_heads, spec.head_dim, P, cfg.pe_partition_align)
     if sl is None:
@@ -395,7 +395,7 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
         if V % NP:
             em.dma(logits_t.ap(nfull * NP, V % NP, 1, [(1, 1)]), lg.tile[0:V % NP, nfull, 0])
     prog = em.build()
-    from isthmus.compiler.lower.npu_ops import memory_report
+    from isthmus.compiler.lower.npu.op_runner import memory_report
     prog.memory = memory_report(em)
     prog.memory["weight_ring"] = ring_bytes
     return prog

@@ -1,4 +1,4 @@
-"""Node kernels of the per-op lowering (npu_ops): each reads its inputs from HBM and writes its
+"""Node kernels of the per-op lowering (op_runner): each reads its inputs from HBM and writes its
 outputs to HBM, tiling its iteration space over the partitions.
 
 The workhorse is `strided`: the output's index space is coalesced with every operand's strides
@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_ops import HV, Ctx
+from isthmus.compiler.lower.npu.op_runner import HV, Ctx
 from isthmus.errors import UnsupportedError
 
 FREE_MAX = 2048
@@ -440,8 +440,8 @@ KERNELS.update({
 
 
 def _register_nn():
-    from isthmus.compiler.lower import npu_nodes_nn
-    KERNELS.update(npu_nodes_nn.KERNELS)
+    from isthmus.compiler.lower.npu import op_kernels_tensor
+    KERNELS.update(op_kernels_tensor.KERNELS)
 
 
 _register_nn()

@@ -9,7 +9,7 @@ host with the numpy reference in between. Programs are cached per input shapes.
 
 Inside a program every value lives in HBM, row-major, as the IR shape says (reshape, squeeze and
 unsqueeze are views of the same bytes); each node's kernel tiles its iteration space onto the
-partitions (nodes_elementwise / nodes_nn), loads tiles with DMA access patterns that do the
+partitions (op_kernels / op_kernels_tensor), loads tiles with DMA access patterns that do the
 strides, broadcasts and transposes, computes on VECTOR/ACT/TENSOR and stores. Kernels of
 independent nodes overlap: the emitter orders only what touches the same memory. Floats are
 stored in the compute dtype (bf16 with precision "bf16", else f32), integers as i32.
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isthmus.compiler.ir import Graph, TensorType, Value, numpy_dtype
-from isthmus.compiler.lower.npu_emit import Emitter, Hbm
+from isthmus.compiler.lower.npu.emitter import Emitter, Hbm
 from isthmus.errors import UnsupportedError
 
 FOLD_MAX = 1 << 16            # values the shape folding may compute on the host (elements)
@@ -140,7 +140,7 @@ class Ctx:
         """A constant as a resident HBM tensor (dequantized)."""
         hv = self.store.get(v)
         if hv is None:
-            from isthmus.compiler.lower.npu_pack import dequantize
+            from isthmus.kernels.numba.weight_pack import dequantize
             data = v.data
             arr = dequantize(data) if hasattr(data, "qtype") else np.asarray(data)
             if arr.dtype.kind == "f" or hasattr(data, "qtype"):
@@ -165,7 +165,7 @@ class Ctx:
 
 
 def lowerable(node, types) -> bool:
-    from isthmus.compiler.lower.npu_nodes import KERNELS
+    from isthmus.compiler.lower.npu.op_kernels import KERNELS
     if node.op in HOST_OPS or node.op in SHAPE_OPS or node.op not in KERNELS:
         return False
     for v in list(node.inputs) + list(node.outputs):
@@ -266,8 +266,8 @@ class Compiled:
                         self.known[o] = np.asarray(a)
 
     def _build(self, seg: Segment) -> None:
-        from isthmus.compiler.lower.npu_nodes import KERNELS
-        from isthmus.compiler.lower.npu_weights import WeightStream
+        from isthmus.compiler.lower.npu.op_kernels import KERNELS
+        from isthmus.compiler.lower.npu.weights import WeightStream
         from isthmus.npu.sim import LoadedProgram
         exe = self.exe
         cfg = exe.config

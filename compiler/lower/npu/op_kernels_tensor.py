@@ -1,11 +1,12 @@
 """Node kernels of the per-op lowering for the tensor-engine ops: linear, matmul, rope, attention.
 
-linear / matmul with a constant right operand: the weight is packed ahead of time (npu_pack) and
+linear / matmul with a constant right operand: the weight is packed ahead of time (kernels/numba/weight_pack.py)
+and
 streamed through the program's weight ring; x^T is loaded feature-major by a transposing DMA, the
-shared `npu_kernels.linear` runs (bias fused into the PSUM evacuation) and y^T is stored back
+shared `resident_kernels.linear` runs (bias fused into the PSUM evacuation) and y^T is stored back
 row-major by another transposing DMA. matmul of two activations: A^T tiles stationary, B tiles
 moving, one PSUM bank per [128, 512] output block. rope gathers the cos/sin rows of each row's
-position; attention loads K^T, V and Q^T per kv head and runs `npu_attention.attend`.
+position; attention loads K^T, V and Q^T per kv head and runs `attention.attend`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ import math
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_attention import Unit, attend
-from isthmus.compiler.lower.npu_kernels import Act, linear, new_act, split_into
-from isthmus.compiler.lower.npu_nodes import bstrides
-from isthmus.compiler.lower.npu_ops import HV, Ctx
-from isthmus.compiler.lower.npu_weights import make_weight, piece_cols_for
+from isthmus.compiler.lower.npu.attention import Unit, attend
+from isthmus.compiler.lower.npu.op_kernels import bstrides
+from isthmus.compiler.lower.npu.op_runner import HV, Ctx
+from isthmus.compiler.lower.npu.resident_kernels import Act, linear, new_act, split_into
+from isthmus.compiler.lower.npu.weights import make_weight, piece_cols_for
 from isthmus.errors import UnsupportedError
 
 

@@ -1,20 +1,21 @@
 """The NPU target: a graph lowered to programs for the modeled NPU (isthmus.npu), run on its simulator.
 
     exe = isthmus.compile(model, target="npu")              # lower_npu(graph, model=...)
-    exe.run({"input_ids": ..., ...})                       # any graph: the per-op lowering (npu_ops)
-    dec = exe.decoder(); dec.step(ids)                       # a Llama decoder: chunk programs (npu_decoder)
-    exe.profile()                                            # modeled time per op (npu_profile)
+    exe.run({"input_ids": ..., ...})                       # any graph: the per-op lowering (op_runner)
+    dec = exe.decoder(); dec.step(ids)                       # a Llama decoder: chunk programs (chunk_program)
+    exe.profile()                                            # modeled time per op (profile_tables)
 
-Two lowerings share the emitter (npu_emit: allocation and the engine schedule with semaphores),
-the weight packing and streaming (npu_weights) and the kernels on SBUF-resident activations
-(npu_kernels, npu_attention):
+Two lowerings share the emitter (emitter.py, tiles.py: allocation and the engine schedule with semaphores),
+the weight packing and streaming (weights.py, the Numba packing kernel
+kernels/numba/weight_pack.py) and the kernels on SBUF-resident activations
+(resident_kernels.py, attention.py):
 
-- A graph the Llama matcher recognises (npu_match) runs decoding as one program per
+- A graph the Llama matcher recognises (llama_matcher.py) runs decoding as one program per
   (new tokens, KV window) bucket, built on first use and kept loaded: every activation stays in
   SBUF, weights stream through a ring, the KV cache stays in HBM between steps. `compile`
   converts the weights and plans the HBM image; `eager=True` also builds the first decode program.
 - Any graph runs through `run(inputs)`: one program per set of input shapes, each node lowered
-  on its own with its values in HBM (npu_ops), so every op of the op set is covered.
+  on its own with its values in HBM (op_runner.py), so every op of the op set is covered.
 
 Options: `config` (an NPU preset or JSON path, default "datacenter"), `precision`: "bf16x3" (the
 default: weights and the activations feeding them as bf16 hi + lo pairs, three bf16 products
@@ -42,7 +43,6 @@ from isthmus.compiler.ir import Graph
 from isthmus.errors import InputError, NpuError, UnsupportedError
 
 PRECISIONS = ("bf16x3", "bf16", "f32")
-MAX_CHUNK = 512          # new tokens per program (one PSUM bank of fp32 per matmul row block)
 MIN_WINDOW = 64
 
 
@@ -74,12 +74,12 @@ class NpuExecutable(Executable):
     runs: list = field(default_factory=list, repr=False)     # (program, timeline, stats) while profiling
 
     def __post_init__(self):          # replaces the reference's, which would dequantize every weight
-        from isthmus.compiler.lower.npu_match import match_llama
+        from isthmus.compiler.lower.npu.llama_matcher import match_llama
         self.spec = match_llama(self.graph) if self._decoder_interface() else None
         self._runtime = None
         self._generic = None
         if self.spec is not None:
-            from isthmus.compiler.lower.npu_decoder import build_image
+            from isthmus.compiler.lower.npu.chunk_program import build_image
             try:
                 self.image = build_image(self.spec, self.config, self.precision, self._context())
             except ValueError:
@@ -105,7 +105,7 @@ class NpuExecutable(Executable):
 
     # -- the executable interface ------------------------------------------------------------------------
     def run(self, inputs: dict) -> dict[str, np.ndarray]:
-        from isthmus.compiler.lower.npu_ops import GenericRunner
+        from isthmus.compiler.lower.npu.op_runner import GenericRunner
         inputs = self.check_inputs(inputs)
         if self._generic is None:
             self._generic = GenericRunner(self)
@@ -127,8 +127,8 @@ class NpuExecutable(Executable):
 
     def profile(self) -> list[OpProfile]:
         """Modeled NPU time per op kind over the runs made while `profiling` was on, slowest first
-        (`npu_profile.op_table` has the full per-op figures)."""
-        from isthmus.compiler.lower.npu_profile import op_rows
+        (`profile_tables.op_table` has the full per-op figures)."""
+        from isthmus.compiler.lower.npu.profile_tables import op_rows
         out: dict[str, OpProfile] = {}
         for program, tl, _ in self.runs:
             for row in op_rows(program, tl, self.graph, self.config, by="op"):
@@ -142,13 +142,14 @@ class DecoderRuntime:
     """The loaded chunk programs of one executable, sharing one HBM image (weights, tables, KV cache)."""
 
     def __init__(self, exe: NpuExecutable):
-        from isthmus.compiler.lower.npu_decoder import io_bytes, resident_end
+        from isthmus.compiler.lower.npu.chunk_program import io_bytes, resident_end
         self.exe = exe
         self.img = exe.image
         self.cmax = self.img.cmax
         self.loaded: dict[tuple[int, int], object] = {}
         self.resident_end = resident_end(self.img)
-        self.hbm_size = self.resident_end + io_bytes(self.img, MAX_CHUNK, self.cmax) + 4096
+        self.max_chunk = exe.config.moving_max       # new tokens per program: one PSUM bank of fp32 per matmul
+        self.hbm_size = self.resident_end + io_bytes(self.img, self.max_chunk, self.cmax) + 4096
         self.hbm = None
         self.owner = None
         self.build_seconds: dict[tuple[int, int], float] = {}
@@ -156,7 +157,7 @@ class DecoderRuntime:
         self.lock = threading.RLock()                    # one machine: one step at a time
 
     def program(self, P: int, C: int):
-        from isthmus.compiler.lower.npu_decoder import build_chunk_program, resident_values
+        from isthmus.compiler.lower.npu.chunk_program import build_chunk_program, resident_values
         from isthmus.npu.sim import LoadedProgram
         lp = self.loaded.get((P, C))
         if lp is None:
@@ -223,13 +224,13 @@ class NpuDecoder:
         self.saved = None
 
     def _pieces(self, ids: list[int]) -> list[tuple[list[int], int]]:
-        out, n = [], len(ids)
+        out, n, max_chunk = [], len(ids), self.rt.max_chunk
         if self.length == 0:                       # the first chunk may be padded on the left
-            first = n % MAX_CHUNK or MAX_CHUNK
-            out.append((ids[:first], min(MAX_CHUNK, max(8, _pow2(first)))))
+            first = n % max_chunk or max_chunk
+            out.append((ids[:first], min(max_chunk, max(8, _pow2(first)))))
             ids = ids[first:]
         while ids:                                 # later chunks: exact power-of-two sizes
-            p = min(MAX_CHUNK, 1 << (len(ids).bit_length() - 1))
+            p = min(max_chunk, 1 << (len(ids).bit_length() - 1))
             out.append((ids[:p], p))
             ids = ids[p:]
         return out
@@ -265,7 +266,7 @@ class NpuDecoder:
             return self._fit(toks[head:], half)
 
     def _run(self, toks: list[int], P: int) -> np.ndarray:
-        from isthmus.compiler.lower.npu_attention import NEG
+        from isthmus.compiler.lower.npu.attention import NEG
         rt, real = self.rt, len(toks)
         pad = P - real
         C = min(rt.cmax, max(MIN_WINDOW, P, _pow2(self.length + real)))

@@ -1,12 +1,12 @@
 """Weights for the NPU: converted ahead of time, packed for the PE array, streamed through an SBUF ring.
 
-**Quantized weights are dequantized ahead of time** (at compile time, on the host, npu_pack) to the
-lowering's matmul dtype. The NPU has no 4-bit type and its matmul takes float operands of one
-dtype, so on-chip dequantisation would cost VECTOR passes per weight tile (`q * d + m` over
-32-element blocks) on every decode step, for HBM bytes that are not the bottleneck on the
-datacenter preset (the tensor engine's issue rate is; docs/npu-performance.md). The cost is
-memory, per weight value: bf16 2 bytes (3.2x a Q4_1 value's 0.625), "bf16x3" 4 bytes (a bf16 hi
-and a bf16 lo part, so the product keeps ~16 bits of the dequantized value; see npu_kernels),
+**Quantized weights are dequantized ahead of time** (at compile time, on the host, by the Numba
+kernel kernels/numba/weight_pack.py) to the lowering's matmul dtype. The NPU has no 4-bit type
+and its matmul takes float operands of one dtype, so on-chip dequantisation would cost VECTOR
+passes per weight tile (`q * d + m` over 32-element blocks) on every decode step, for HBM bytes
+that are not the bottleneck on the datacenter preset (the tensor engine's issue rate is;
+docs/npu-performance.md). The cost is memory, per weight value: bf16 2 bytes (3.2x a Q4_1 value's 0.625), "bf16x3" 4 bytes (a bf16 hi
+and a bf16 lo part, so the product keeps ~16 bits of the dequantized value; see resident_kernels),
 f32 4 bytes.
 
 Packing: the PE array contracts over partitions, so a linear layer y = x W^T (W [out, in]) runs
@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isthmus.compiler.lower.npu_emit import Emitter, Hbm, Tile
+from isthmus.compiler.lower.npu.emitter import Emitter, Hbm, Tile
 from isthmus.npu.isa import DTYPES
 
 
@@ -85,9 +85,9 @@ class PackedWeight:
 
 def make_weight(name: str, data, dtype: str, parts: int, piece_cols: int, *, rows=None, cols=None,
                 transposed: bool = False, split: bool = False, label: str | None = None) -> PackedWeight:
-    """W^T packed for the PE array from a weight as stored (see npu_pack.pack for rows/cols/transposed);
+    """W^T packed for the PE array from a weight as stored (see weight_pack.pack for rows/cols/transposed);
     `split` also packs the bf16 remainder as `.lo`."""
-    from isthmus.compiler.lower.npu_pack import pack
+    from isthmus.kernels.numba.weight_pack import pack
     hi, lo = pack(data, dtype, parts, piece_cols, rows=rows, cols=cols, transposed=transposed, split=split)
     src_rows, src_cols = (data.shape[::-1] if transposed else data.shape)
     n = src_rows if rows is None else len(rows)

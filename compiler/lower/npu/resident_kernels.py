@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from isthmus.compiler.lower.npu_emit import Emitter, Tile
-from isthmus.compiler.lower.npu_weights import PackedWeight, WeightStream
+from isthmus.compiler.lower.npu.emitter import Emitter, Tile
+from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream
 from isthmus.npu.isa import AP
 
 

@@ -98,8 +98,8 @@ def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="data
     import numpy as np
 
     from isthmus.compiler.ir import Graph
-    from isthmus.compiler.lower.npu import lower_npu
-    from isthmus.compiler.lower.npu_ops import Compiled, GenericRunner
+    from isthmus.compiler.lower.npu.op_runner import Compiled, GenericRunner
+    from isthmus.compiler.lower.npu.target import lower_npu
     from isthmus.npu.timing import schedule, stats
     g = Graph(f"matmul_{m}x{k}x{n}")
     x = g.add_input("x", (m, k), "f32")
@@ -118,7 +118,7 @@ def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="data
 def decode_figures(exe, window: int = 64) -> dict:
     """One decode step of a compiled decoder (timing model only): cycles, time, the HBM-bandwidth bound
     of its weight bytes, and the tensor-issue bound of its matmuls."""
-    from isthmus.compiler.lower.npu_decoder import build_chunk_program
+    from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
     from isthmus.npu.timing import engine_bound, schedule, stats
     cfg = exe.config
     prog = build_chunk_program(exe.image, 1, window)
