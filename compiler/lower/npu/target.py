@@ -5,10 +5,10 @@
     dec = exe.decoder(); dec.step(ids)                       # a Llama decoder: chunk programs (chunk_program)
     exe.profile()                                            # modeled time per op (profile_tables)
 
-Two lowerings share the emitter (emitter.py, tiles.py: allocation and the engine schedule with semaphores),
-the weight packing and streaming (weights.py, the Numba packing kernel
-kernels/numba/weight_pack.py) and the kernels on SBUF-resident activations
-(resident_kernels.py, attention.py):
+Two lowerings share the emitter (emitter.py, tiles.py: allocation and the engine schedule with
+semaphores), the weight packing and streaming (weights.py, the Numba packing kernel
+kernels/numba/weight_pack.py) and the kernels on SBUF-resident activations (resident_kernels.py,
+attention.py):
 
 - A graph the Llama matcher recognises (llama_matcher.py) runs decoding as one program per
   (new tokens, KV window) bucket, built on first use and kept loaded: every activation stays in
