@@ -74,9 +74,9 @@ def main() -> int:
 
     import isthmus
     from isthmus.interop.app import create_app
-    from isthmus.interop.scheduler import Engine
     from isthmus.interop.tenants import Tenants, hash_key
     from isthmus.interop.webhook import WhatsAppAdapter, WhatsAppConfig, signature
+    from isthmus.runtime.engine import Engine
 
     tmp = Path(tempfile.mkdtemp(prefix="isthmus-flood-"))
     exe = isthmus.compile(isthmus.load(write_tiny_chat_gguf(tmp / "tiny-chat.gguf")), target="reference")

@@ -2,7 +2,7 @@
 
 `decode_batch(exe, decoders, token_ids)` feeds token_ids[i] to decoders[i] and returns the
 next-token logits of every conversation as one [B, vocab] array. It is what continuous batching
-(interop/scheduler.py) calls once per step for all the requests in flight; `prefill(exe, decoder,
+(runtime/engine.py) calls once per step for all the requests in flight; `prefill(exe, decoder,
 ids)` is its one-request, many-token companion.
 
 An executable may provide its own `decode_batch(decoders, token_ids)`; the generic fallback loops

@@ -75,10 +75,10 @@ def build(args):
     import isthmus
     from isthmus.interop.app import create_app
     from isthmus.interop.e2e import SessionKey
-    from isthmus.interop.scheduler import Engine
     from isthmus.interop.tenants import Tenants, load_config
     from isthmus.interop.webhook import WhatsAppAdapter, WhatsAppConfig
     from isthmus.models import REGISTRY
+    from isthmus.runtime.engine import Engine
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
         raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")

@@ -21,8 +21,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from isthmus.errors import IsthmusError
-from isthmus.interop.scheduler import Delta, Failed, Finished, Overloaded
 from isthmus.interop.tenants import RateLimited
+from isthmus.runtime.engine import Delta, Failed, Finished, Overloaded
 from isthmus.runtime.sampling import SamplingParams
 
 MAX_N = 8

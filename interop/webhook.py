@@ -50,7 +50,7 @@ from isthmus.errors import InputError, SealError
 from isthmus.interop import openai_api as api
 from isthmus.interop.e2e import E2EError, EnvelopeOpener, ReplyContext, is_envelope, sealed_reply_budget
 from isthmus.interop.outbox import WEEK, Entry, Outbox
-from isthmus.interop.scheduler import Delta, Failed, Finished, Overloaded
+from isthmus.runtime.engine import Delta, Failed, Finished, Overloaded
 from isthmus.runtime.sampling import SamplingParams
 
 log = logging.getLogger("isthmus.serve")

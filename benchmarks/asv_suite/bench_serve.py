@@ -87,7 +87,7 @@ class Serve:
 
     def setup(self, model, concurrency):
         from isthmus.interop.app import create_app
-        from isthmus.interop.scheduler import Engine
+        from isthmus.runtime.engine import Engine
 
         exe = _executable(model)[1]
         self.server = _serving_tests().LiveServer(

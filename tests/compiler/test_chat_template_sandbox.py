@@ -225,7 +225,7 @@ def test_server_answers_400_for_a_hostile_template_and_keeps_user_tokens_text(tm
 
     import isthmus
     from isthmus.interop.app import create_app
-    from isthmus.interop.scheduler import Engine
+    from isthmus.runtime.engine import Engine
 
     engines = {}
     for name, template in (("hostile", ATTACKS["nested_100k_ranges"]), ("loads", ATTACKS["include"]),

@@ -42,7 +42,7 @@ class TinyChat:
         return text, stream.stats
 
     def engine(self, **kwargs):
-        from isthmus.interop.scheduler import Engine
+        from isthmus.runtime.engine import Engine
         return Engine(self.exe, name=MODEL_ID, **kwargs)
 
 

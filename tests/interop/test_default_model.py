@@ -14,7 +14,7 @@ QUESTIONS = ["What is the capital of France?", "Name a primary colour.", "What i
 def test_concurrent_replies_equal_unbatched_ones(live, default_exe):
     import isthmus
     from isthmus.interop.app import create_app
-    from isthmus.interop.scheduler import Engine
+    from isthmus.runtime.engine import Engine
 
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     want = ["".join(isthmus.chat(default_exe, c, max_tokens=16)) for c in convs]

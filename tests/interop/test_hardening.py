@@ -311,7 +311,7 @@ def test_one_tenant_cannot_take_every_slot_from_another(guarded):
 
 def test_preempted_sequences_resume_with_the_same_tokens(tiny_chat):
     """Greedy replies of a tenant preempted again and again equal the uninterrupted runtime's."""
-    from isthmus.interop.scheduler import Delta, Finished
+    from isthmus.runtime.engine import Delta, Finished
     from isthmus.runtime.sampling import SamplingParams
     engine = tiny_chat.engine(max_batch=2, max_waiting=8).start()
     try:

@@ -91,8 +91,8 @@ def test_the_server_counts_each_completed_request(tmp_path):
     """The hook (ServerState.record_usage) against a live uvicorn server: non-streamed and streamed."""
     import isthmus
     from isthmus.interop.app import create_app
-    from isthmus.interop.scheduler import Engine
     from isthmus.interop.tenants import Tenants, hash_key
+    from isthmus.runtime.engine import Engine
 
     exe = isthmus.compile(isthmus.load(write_tiny_chat_gguf(tmp_path / "tiny-chat.gguf")), target="reference")
     usage = UsageStats(tmp_path / "usage")
