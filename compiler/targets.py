@@ -14,7 +14,7 @@ TARGETS = ("reference", "numba", "triton", "npu")
 
 # Each non-reference target lowers the optimised graph in its own module: "module:function".
 LOWERINGS = {
-    "numba": "isthmus.compiler.lower.kernels:lower_numba",
+    "numba": "isthmus.compiler.lower.numba:lower_numba",
     "triton": "isthmus.compiler.lower.triton:lower_triton",
     "npu": "isthmus.compiler.lower.npu.target:lower_npu",
 }

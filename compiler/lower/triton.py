@@ -14,7 +14,7 @@ there directly), attention reads a view of the cache, and only the last position
 are computed. Activations are `ISTHMUS_TRITON_DTYPE` (bf16 | f16 | f32); under
 TRITON_INTERPRET=1 the plan runs on CPU tensors in f32, which is how CI tests it.
 
-The fusion groups of compiler/lower/kernels.py (make_plan) are not bound here yet: fuse() asks
+The fusion groups of compiler/lower/numba.py (make_plan) are not bound here yet: fuse() asks
 isthmus.kernels.numba.linear which weights stack together, which imports numba, and a GPU
 machine need not have numba. Once that check is a parameter of fuse(), this module can bind
 the same groups (linear + norm prologue + add/swiglu/qkv epilogues, attention, embedding).
