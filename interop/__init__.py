@@ -5,7 +5,7 @@
     tenants.py     API keys (hashed), model allow-lists, token-bucket rate limits
     webhook.py     /webhooks/whatsapp: handshake, signed notifications, de-duplication, replies, erasure
     outbox.py      the webhook's SQLite state: durable outbox with retries, de-duplication window, E2E pins
-    e2e.py         end-to-end encrypted message envelopes to the (attested) enclave key, sender-authenticated
+    envelope.py    end-to-end encrypted message envelopes to the (attested) enclave key, sender-authenticated
     metrics.py     Prometheus text exposition
     cli.py         `isthmus serve`
 

@@ -74,7 +74,7 @@ def build(args):
     """The ASGI app and what it needs, from parsed `serve` arguments (also used by tests)."""
     import isthmus
     from isthmus.interop.app import create_app
-    from isthmus.interop.e2e import SessionKey
+    from isthmus.interop.envelope import SessionKey
     from isthmus.interop.tenants import Tenants, load_config
     from isthmus.interop.webhook import WhatsAppAdapter, WhatsAppConfig
     from isthmus.models import REGISTRY

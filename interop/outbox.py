@@ -7,7 +7,7 @@
   from the file: nothing acknowledged is lost.
 * **seen**: message ids, kept for `window_s` (platforms redeliver for days); the webhook refuses
   notifications older than the same window, so a replay after an id was forgotten is refused too.
-* **pins**: per (tenant, sender) the sender's static E2E key and last seq (interop/e2e.py).
+* **pins**: per (tenant, sender) the sender's static E2E key and last seq (interop/envelope.py).
 
 Message and reply text is sealed (AES-256-GCM, AAD = tenant, phone number id, sender and message id)
 under the outbox key, so the file holds no plaintext. The key is a file beside the database
@@ -149,7 +149,7 @@ class Outbox:
     def remember(self, pnid: str, message_id: str) -> None:
         self._q("INSERT OR IGNORE INTO seen VALUES (?, ?, ?)", (pnid, message_id, self.clock()))
 
-    # -- E2E pins (e2e.PinStore) -----------------------------------------------------------------
+    # -- E2E pins (envelope.PinStore) -----------------------------------------------------------------
 
     def get_pin(self, tenant: str, sender: str):
         rows = self._q("SELECT spk, seq FROM pins WHERE tenant = ? AND sender = ?", (tenant, sender))

@@ -8,7 +8,7 @@ POST carries message notifications. The raw body must carry `X-Hub-Signature-256
      wrong signature is 401 and nothing in the body is looked at. Each text message is then, in one
      SQLite transaction (interop/outbox.py), de-duplicated by message id within a time window,
      refused if its timestamp is outside that window, routed to a tenant by the receiving phone
-     number id, opened if it is an end-to-end envelope (interop/e2e.py: the sender is authenticated
+     number id, opened if it is an end-to-end envelope (interop/envelope.py: the sender is authenticated
      and pinned, seq must increase), and written to the durable outbox; only then is it
      acknowledged. A tenant whose outbox backlog is full gets its further messages deferred: they
      are not acknowledged (503, the platform redelivers).
@@ -48,7 +48,7 @@ from pydantic import BaseModel
 
 from isthmus.errors import InputError, SealError
 from isthmus.interop import openai_api as api
-from isthmus.interop.e2e import E2EError, EnvelopeOpener, ReplyContext, is_envelope, sealed_reply_budget
+from isthmus.interop.envelope import E2EError, EnvelopeOpener, ReplyContext, is_envelope, sealed_reply_budget
 from isthmus.interop.outbox import WEEK, Entry, Outbox
 from isthmus.runtime.engine import Delta, Failed, Finished, Overloaded
 from isthmus.runtime.sampling import SamplingParams
@@ -259,7 +259,7 @@ def _valid_text(s) -> bool:
 class WhatsAppAdapter:
     config: WhatsAppConfig
     outbound: OutboundClient | None = None
-    enclave: object = None              # an e2e.EnclaveKey; without it envelopes are rejected
+    enclave: object = None              # an envelope.EnclaveKey; without it envelopes are rejected
     outbox: Outbox | None = None
     conversations: object = None        # a ConversationStore; default: the enclave's, else one of our own
     _tasks: set = field(default_factory=set)

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from isthmus.cli import main
-from isthmus.interop.e2e import ClientSession, EnvelopeOpener, SessionKey
+from isthmus.interop.envelope import ClientSession, EnvelopeOpener, SessionKey
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import httpx
 import pytest
 
-from isthmus.interop.e2e import ClientSession, E2EError, EnvelopeOpener, LocalEnclaveKey
+from isthmus.interop.envelope import ClientSession, E2EError, EnvelopeOpener, LocalEnclaveKey
 from isthmus.interop.webhook import GraphApiClient, WhatsAppAdapter, WhatsAppConfig, signature
 
 SECRET, VERIFY, PNID, TOKEN = "app-secret-123", "verify-me", "10001", "graph-token"

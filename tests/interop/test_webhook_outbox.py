@@ -12,7 +12,7 @@ import httpx
 import pytest
 
 from isthmus.cli import main
-from isthmus.interop.e2e import ClientSession, LocalEnclaveKey
+from isthmus.interop.envelope import ClientSession, LocalEnclaveKey
 from isthmus.interop.tenants import Tenants, hash_key
 from isthmus.interop.webhook import RedactSecrets, WhatsAppAdapter, WhatsAppConfig, signature, split_text
 from isthmus.errors import InputError, SealError
@@ -330,7 +330,7 @@ def test_a_phone_number_for_an_unknown_tenant_is_a_one_line_error(tmp_path, caps
 def test_under_the_simulated_tee_histories_live_in_the_enclave_sessions_store(tmp_path):
     from types import SimpleNamespace
 
-    from isthmus.interop.e2e import SessionKey
+    from isthmus.interop.envelope import SessionKey
     from isthmus.runtime.tee.audit import AuditLog, verify
     from isthmus.runtime.tee.conversations import ConversationStore
 

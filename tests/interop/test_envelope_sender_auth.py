@@ -12,8 +12,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from isthmus.interop import e2e
-from isthmus.interop.e2e import ClientSession, E2EError, EnvelopeOpener, LocalEnclaveKey
+from isthmus.interop import envelope
+from isthmus.interop.envelope import ClientSession, E2EError, EnvelopeOpener, LocalEnclaveKey
 from isthmus.interop.outbox import Outbox
 from isthmus.interop.webhook import WhatsAppAdapter, WhatsAppConfig, signature
 
@@ -45,13 +45,13 @@ def forge(enclave_pub: bytes, victim_pub: bytes, tenant: str, user: str, seq: in
     key) and the victim's public key in `spk`, exactly the envelope layout a client sends."""
     relay_static = relay_static or X25519PrivateKey.generate()
     eph = X25519PrivateKey.generate()
-    epk = e2e._raw(eph.public_key())
+    epk = envelope._raw(eph.public_key())
     enclave = X25519PublicKey.from_public_bytes(enclave_pub)
     ikm = eph.exchange(enclave) + relay_static.exchange(enclave)
-    key = e2e._key(ikm, epk, victim_pub, enclave_pub, b"c2s", tenant, user)
+    key = envelope._key(ikm, epk, victim_pub, enclave_pub, b"c2s", tenant, user)
     nonce = os.urandom(12)
-    ct = AESGCM(key).encrypt(nonce, text.encode(), e2e.aad(tenant, user, seq))
-    return json.dumps({"e2e": e2e.TAG, "seq": seq, "spk": victim_pub.hex(), "epk": epk.hex(),
+    ct = AESGCM(key).encrypt(nonce, text.encode(), envelope.aad(tenant, user, seq))
+    return json.dumps({"e2e": envelope.TAG, "seq": seq, "spk": victim_pub.hex(), "epk": epk.hex(),
                        "nonce": nonce.hex(), "ct": ct.hex()})
 
 
@@ -124,7 +124,7 @@ def test_no_plaintext_in_or_out_once_a_conversation_is_encrypted(srv):
     assert send(srv, user, "a plaintext message in the victim's name")["rejected"] == 1
     time.sleep(0.5)
     sent = srv.out.to(user, 1)
-    assert len(sent) == 1 and all(json.loads(b)["e2e"] == e2e.TAG for b in sent)      # no plaintext reply
+    assert len(sent) == 1 and all(json.loads(b)["e2e"] == envelope.TAG for b in sent)      # no plaintext reply
     assert state_of(srv, user) == before
 
 
