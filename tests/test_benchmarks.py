@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "benchmarks" / "asv_suite"
-NEEDS_MODEL = {"bench_e2e"}
+NEEDS_MODEL = {"bench_model"}
 QUICK = {"number": 1, "repeat": 1, "warmup_time": 0, "rounds": 1}     # what `asv run --quick` sets
 
 
