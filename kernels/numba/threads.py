@@ -1,10 +1,11 @@
 """The thread pools behind the numba target, chosen here so that no environment variable is
 needed for the best speed (docs/performance.md, "Threads", has the measurements).
 
-* One pool does all the work: Numba's (OpenMP where libgomp exists, else its workqueue; TBB only
-  after those, since its launches were slower here). Prefill matmuls run BLAS inside that pool's
-  work items, one single-threaded BLAS call per item (`serial_blas`), instead of BLAS's own pool:
-  two pools on the same cores take turns spinning and sleeping, which cost 2-3x on a 2-core host.
+* One pool does all the work: Numba's (OpenMP where libgomp exists, else its workqueue, whose
+  launches measured 1.2-2.8x slower here; TBB last, as it is rarely installed and was not
+  measured). Prefill matmuls run BLAS inside that pool's work items, one single-threaded BLAS call
+  per item (`serial_blas`), instead of BLAS's own pool: two pools on the same cores took turns
+  spinning and sleeping, which made a 38-token prefill 3.2x slower on a 2-core host.
 * Its workers spin briefly after each parallel launch (libgomp's default policy), so the ~120
   launches of a decode step do not each pay a wake-up.
 
