@@ -28,6 +28,7 @@ FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64}
 INT_DTYPES = {"i64": np.int64, "i32": np.int32, "i8": np.int8, "u8": np.uint8, "bool": np.bool_}
 QUANT_DTYPES = ("q4_0", "q4_1", "q8_0", "bf16")
 NUMPY_DTYPES = {**FLOAT_DTYPES, **INT_DTYPES}
+SMALL_LITERAL = 16   # a plain numpy constant of at most this many elements is a literal (inline in text, merged by cse)
 
 
 def dtype_name(np_dtype) -> str:
@@ -79,6 +80,12 @@ class Value:
     @property
     def is_constant(self) -> bool:
         return self.data is not None
+
+    @property
+    def is_small_literal(self) -> bool:
+        """A small plain-dtype numpy constant: printed inline, and equal to any twin by value."""
+        return isinstance(self.data, np.ndarray) and self.data.size <= SMALL_LITERAL and (
+            self.type.dtype in NUMPY_DTYPES)
 
     @property
     def shape(self):

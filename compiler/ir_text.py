@@ -24,7 +24,6 @@ import numpy as np
 from isthmus.compiler.ir import Graph, Node, TensorType, Value, numpy_dtype, verify
 from isthmus.errors import IRError
 
-INLINE_LIMIT = 16
 MAX_NESTING = 32   # attribute lists nest at most this deep (the parser recurses per level)
 _BARE = re.compile(r"[A-Za-z0-9_.]+\Z")
 _BARE_DIM = re.compile(r"[A-Za-z_?][A-Za-z0-9_+*?]*\Z")
@@ -75,17 +74,12 @@ def _literal(a: np.ndarray) -> str:
     return _attr(a.tolist()) if a.ndim else _scalar(a.item())
 
 
-def is_inline(v: Value) -> bool:
-    return isinstance(v.data, np.ndarray) and v.data.size <= INLINE_LIMIT and v.dtype in (
-        "f32", "f16", "f64", "i64", "i32", "i8", "u8", "bool")
-
-
 def print_graph(g: Graph) -> str:
     lines = [f"graph {json.dumps(g.name)} {{"]
     for v in g.inputs:
         lines.append(f"  input {_name(v)}: {_type(v.type)}")
     for v in g.constants:
-        rhs = _literal(v.data) if is_inline(v) else "external"
+        rhs = _literal(v.data) if v.is_small_literal else "external"
         lines.append(f"  const {_name(v)}: {_type(v.type)} = {rhs}")
     for n in g.nodes:
         outs = ", ".join(f"{_name(v)}: {_type(v.type)}" for v in n.outputs)

@@ -1,9 +1,12 @@
-"""Common subexpression elimination: one node per (op, inputs, attributes); one copy per small literal."""
+"""Common subexpression elimination: one node per (op, inputs, attributes); one copy per small literal.
+
+Operands of a COMMUTATIVE op are keyed as a set, so add(a, b) and add(b, a) are one expression.
+"""
 
 import numpy as np
 
 from isthmus.compiler.ir import Graph
-from isthmus.compiler.ir_text import is_inline
+from isthmus.compiler.ops import COMMUTATIVE, get_op
 
 
 def _freeze(x):
@@ -21,7 +24,7 @@ def cse(g: Graph) -> Graph:
     # duplicates but is never itself replaced by a twin under another name.
     interface = {id(v) for v in g.outputs}
     for v in g.constants:
-        if is_inline(v) and id(v) not in interface:
+        if v.is_small_literal and id(v) not in interface:
             key = (v.dtype, v.shape, np.ascontiguousarray(v.data).tobytes())
             keeper = literals.setdefault(key, v)
             if keeper is not v:
@@ -30,7 +33,12 @@ def cse(g: Graph) -> Graph:
     kept = []
     for node in g.nodes:
         node.inputs = [replace.get(id(v), v) for v in node.inputs]
-        key = (node.op, tuple(id(v) for v in node.inputs),
+        operands = tuple(id(v) for v in node.inputs)
+        if COMMUTATIVE in get_op(node.op).traits:
+            # Swapped operands may broadcast two symbolic dims to different names: merge only
+            # twins whose result types agree.
+            operands = (tuple(sorted(operands)), tuple(v.type for v in node.outputs))
+        key = (node.op, operands,
                tuple(sorted((k, _freeze(a)) for k, a in node.attrs.items())))
         twin = seen.setdefault(key, node)
         if twin is node or any(id(v) in interface for v in node.outputs):

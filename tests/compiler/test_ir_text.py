@@ -74,7 +74,7 @@ def literal_graph() -> Graph:
         g.add_constant("bool", np.array([[True], [False]])),
         g.add_constant("scalar", np.float32(-0.0) * np.ones((), np.float32)),
         g.add_constant("empty", np.zeros((2, 0), np.float32)),
-        g.add_constant("big", np.arange(17, dtype=np.float32)),     # past INLINE_LIMIT: external
+        g.add_constant("big", np.arange(17, dtype=np.float32)),     # past ir.SMALL_LITERAL: external
     ]
     y = g.add("mul", [x, consts[8]])
     g.set_outputs([y] + consts)

@@ -154,6 +154,28 @@ def test_cse_merges_duplicate_small_literals():
     assert g.nodes[2].inputs == [y1, y1, n1, n1]
 
 
+def test_cse_merges_commuted_operands_of_commutative_ops_only():
+    """add/mul/max/min carry COMMUTATIVE in the op registry; sub/div/pow do not."""
+    g = Graph()
+    x, y = g.add_input("x", (3,), "f32"), g.add_input("y", (3,), "f32")
+    pairs = {op: (g.add(op, [x, y]), g.add(op, [y, x])) for op in ("add", "mul", "max", "min", "sub", "div", "pow")}
+    g.set_outputs([g.add("concat", [v for pair in pairs.values() for v in pair])])
+    before = clone(g)
+    g = cse(g)
+    verify(g)
+    assert ops(g) == ["add", "mul", "max", "min", "sub", "sub", "div", "div", "pow", "pow", "concat"]
+    assert g.nodes[-1].inputs[:8] == [pairs[op][0] for op in ("add", "mul", "max", "min") for _ in range(2)]
+    assert_same_outputs(before, g, {"x": np.array([-1.0, 0.5, 2.0], np.float32),
+                                    "y": np.array([3.0, 0.25, np.nan], np.float32)})
+
+
+def test_cse_keeps_commuted_twins_whose_symbolic_shapes_differ():
+    g = Graph()
+    x, y = g.add_input("x", ("n",), "f32"), g.add_input("y", ("m",), "f32")
+    g.set_outputs([g.add("concat", [g.add("add", [x, y]), g.add("add", [y, x])])])
+    assert len(cse(g).nodes) == 3
+
+
 @pytest.mark.parametrize("first,second", [
     (("gelu", {"approximate": "none"}), ("gelu", {"approximate": "tanh"})),
     (("reduce_sum", {"axes": [0]}), ("reduce_sum", {"axes": [1]})),
@@ -180,7 +202,7 @@ def test_cse_keeps_literals_that_differ_in_bits_type_or_shape():
 def test_cse_leaves_large_constants_alone():
     g = Graph()
     x = g.add_input("x", (17,), "f32")
-    w1, w2 = (g.add_constant("w", np.ones(17, np.float32)) for _ in range(2))   # past INLINE_LIMIT
+    w1, w2 = (g.add_constant("w", np.ones(17, np.float32)) for _ in range(2))   # past ir.SMALL_LITERAL
     g.set_outputs([g.add("add", [x, w1]), g.add("add", [x, w2])])
     g = cse(g)
     assert len(g.constants) == 2 and len(g.nodes) == 2
