@@ -23,14 +23,8 @@ import weakref
 
 import numpy as np
 
+from isthmus.compiler.ops import OPS, ROW_WISE
 from isthmus.errors import InputError
-
-# Ops whose output row b depends only on input row b (when their batched operands lead with
-# the batch dim and the rest are constants), so running them once for B rows equals B runs.
-_ROW_WISE = frozenset({
-    "embedding", "linear", "matmul", "rmsnorm", "layernorm", "rope", "swiglu", "silu", "gelu",
-    "add", "sub", "mul", "div", "cast", "softmax", "reshape", "transpose", "concat", "attention",
-})
 
 
 def decode_batch(exe, decoders: list, token_ids: list[int]) -> np.ndarray:
@@ -105,7 +99,8 @@ class BatchPlan:
 
         self.modes = []
         for n in g.nodes:
-            if n.op not in _ROW_WISE:
+            # A ROW_WISE op run once for B rows equals B runs (see the trait in compiler/ops).
+            if n.op not in OPS or ROW_WISE not in OPS[n.op].traits:
                 raise ValueError(f"op {n.op} is not known to be row-wise")
             if n.op in ("concat", "softmax") and n.attrs.get("axis", -1) % len(n.outputs[0].shape) == 0:
                 raise ValueError(f"{n.op} along the batch axis")

@@ -9,7 +9,7 @@ import numpy as np
 
 from isthmus.compiler.ir import TensorType
 from isthmus.compiler.ops.reduce import softmax
-from isthmus.compiler.ops.registry import broadcast_shapes, define, fail, same_dim
+from isthmus.compiler.ops.registry import ROW_WISE, broadcast_shapes, define, fail, same_dim
 
 
 def _rope_rule(types, attrs):
@@ -51,7 +51,7 @@ def rope(x, positions, theta=10000.0, layout="half", dim=0):
     return np.concatenate([out, rest], axis=-1).astype(x.dtype, copy=False)
 
 
-define("rope", infer=_rope_rule, reference=rope, inputs=2,
+define("rope", infer=_rope_rule, reference=rope, inputs=2, traits={ROW_WISE},
        attrs={"theta": 10000.0, "layout": "half", "dim": 0},
        doc="rotary embedding of the first `dim` (0 = all) features at the given positions")
 
@@ -92,6 +92,6 @@ def attention(q, k, v, mask=None, causal=True, scale=0.0):
     return np.matmul(p, v.astype(np.float32)).astype(q.dtype, copy=False)
 
 
-define("attention", infer=_attention_rule, reference=attention, inputs=(3, 4),
+define("attention", infer=_attention_rule, reference=attention, inputs=(3, 4), traits={ROW_WISE},
        attrs={"causal": True, "scale": 0.0},
        doc="softmax(q k^T * scale + mask) v; scale 0 means 1/sqrt(head_dim)")

@@ -4,7 +4,7 @@ import numpy as np
 from scipy.special import erf as _erf
 
 from isthmus.compiler.ir import TensorType
-from isthmus.compiler.ops.registry import COMMUTATIVE, ELEMENTWISE, broadcast_shapes, define, fail
+from isthmus.compiler.ops.registry import COMMUTATIVE, ELEMENTWISE, ROW_WISE, broadcast_shapes, define, fail
 
 
 def _binary_rule(types, attrs):
@@ -50,7 +50,8 @@ _BINARY = {
 }
 for _name, (_fn, _comm) in _BINARY.items():
     define(_name, infer=_binary_rule, reference=_keep_dtype(_fn), inputs=2,
-           traits={ELEMENTWISE} | ({COMMUTATIVE} if _comm else set()))
+           traits={ELEMENTWISE} | ({COMMUTATIVE} if _comm else set())
+           | ({ROW_WISE} if _name in ("add", "sub", "mul", "div") else set()))
 
 for _name, _fn in {"equal": np.equal, "less": np.less, "greater": np.greater,
                    "and": np.logical_and, "or": np.logical_or}.items():
@@ -69,7 +70,7 @@ _UNARY = {
 }
 for _name, _fn in _UNARY.items():
     define(_name, infer=_same_rule if _name in ("neg", "abs") else _float_rule,
-           reference=_keep_dtype(_fn), traits={ELEMENTWISE})
+           reference=_keep_dtype(_fn), traits={ELEMENTWISE} | ({ROW_WISE} if _name == "silu" else set()))
 
 define("not", infer=_same_rule, reference=np.logical_not, traits={ELEMENTWISE})
 
@@ -91,7 +92,7 @@ def _gelu_rule(types, attrs):
     return _float_rule(types, attrs)
 
 
-define("gelu", infer=_gelu_rule, reference=_gelu, attrs={"approximate": "none"}, traits={ELEMENTWISE},
+define("gelu", infer=_gelu_rule, reference=_gelu, attrs={"approximate": "none"}, traits={ELEMENTWISE, ROW_WISE},
        doc="x * Phi(x); approximate='tanh' is GPT-2's formula")
 
 
@@ -103,7 +104,7 @@ def _swiglu_rule(types, attrs):
 
 
 define("swiglu", infer=_swiglu_rule, reference=_keep_dtype(lambda g, u: g * _sigmoid(g) * u), inputs=2,
-       traits={ELEMENTWISE}, doc="silu(gate) * up, the Llama MLP nonlinearity")
+       traits={ELEMENTWISE, ROW_WISE}, doc="silu(gate) * up, the Llama MLP nonlinearity")
 
 
 def _where_rule(types, attrs):
@@ -128,4 +129,4 @@ def _cast(x, to):
     return np.asarray(x).astype(numpy_dtype(to))
 
 
-define("cast", infer=_cast_rule, reference=_cast, attrs={"to": "f32"}, traits={ELEMENTWISE})
+define("cast", infer=_cast_rule, reference=_cast, attrs={"to": "f32"}, traits={ELEMENTWISE, ROW_WISE})

@@ -7,7 +7,7 @@ quantized weight is used as stored, one quantization block run per output row.
 import numpy as np
 
 from isthmus.compiler.ir import TensorType
-from isthmus.compiler.ops.registry import broadcast_shapes, define, fail, float_result, same_dim
+from isthmus.compiler.ops.registry import ROW_WISE, broadcast_shapes, define, fail, float_result, same_dim
 
 
 def dense(w) -> np.ndarray:
@@ -38,7 +38,7 @@ def matmul(a, b):
     return out.astype(floats[0] if floats else np.float32, copy=False)
 
 
-define("matmul", infer=_matmul_rule, reference=matmul, inputs=2, doc="numpy matmul semantics")
+define("matmul", infer=_matmul_rule, reference=matmul, inputs=2, traits={ROW_WISE}, doc="numpy matmul semantics")
 
 
 def _linear_rule(types, attrs):
@@ -61,7 +61,7 @@ def linear(x, weight, bias=None):
     return y.astype(x.dtype, copy=False)
 
 
-define("linear", infer=_linear_rule, reference=linear, inputs=(2, 3),
+define("linear", infer=_linear_rule, reference=linear, inputs=(2, 3), traits={ROW_WISE},
        doc="x @ weight.T + bias, weight [out, in], possibly quantized (q4_0, q4_1, q8_0, f16, bf16)")
 
 
@@ -87,4 +87,4 @@ def embedding(table, ids):
     return out.reshape(ids.shape + (table.shape[1],))
 
 
-define("embedding", infer=_embedding_rule, reference=embedding, inputs=2, doc="table[ids]")
+define("embedding", infer=_embedding_rule, reference=embedding, inputs=2, traits={ROW_WISE}, doc="table[ids]")

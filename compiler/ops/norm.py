@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from isthmus.compiler.ops.registry import define, fail, same_dim
+from isthmus.compiler.ops.registry import ROW_WISE, define, fail, same_dim
 
 
 def _norm_rule(types, attrs):
@@ -29,7 +29,7 @@ def layernorm(x, weight, bias=None, eps=1e-5):
     return y.astype(x.dtype, copy=False)
 
 
-define("rmsnorm", infer=_norm_rule, reference=rmsnorm, attrs={"eps": 1e-6}, inputs=2,
+define("rmsnorm", infer=_norm_rule, reference=rmsnorm, attrs={"eps": 1e-6}, inputs=2, traits={ROW_WISE},
        doc="x / sqrt(mean(x^2) + eps) * weight")
-define("layernorm", infer=_norm_rule, reference=layernorm, attrs={"eps": 1e-5}, inputs=(2, 3),
+define("layernorm", infer=_norm_rule, reference=layernorm, attrs={"eps": 1e-5}, inputs=(2, 3), traits={ROW_WISE},
        doc="(x - mean) / sqrt(var + eps) * weight + bias")

@@ -3,7 +3,7 @@
 import numpy as np
 
 from isthmus.compiler.ir import TensorType
-from isthmus.compiler.ops.registry import define, fail, norm_axis
+from isthmus.compiler.ops.registry import ROW_WISE, define, fail, norm_axis
 
 
 def _reduce_rule(types, attrs):
@@ -51,4 +51,4 @@ def softmax(x, axis=-1):
     return (e / np.where(s == 0, 1.0, s)).astype(x.dtype, copy=False)
 
 
-define("softmax", infer=_softmax_rule, reference=softmax, attrs={"axis": -1})
+define("softmax", infer=_softmax_rule, reference=softmax, attrs={"axis": -1}, traits={ROW_WISE})

@@ -17,6 +17,10 @@ from isthmus.errors import IRError, UnsupportedError
 ELEMENTWISE = "elementwise"     # output[i] depends only on inputs[i] (after broadcasting)
 COMMUTATIVE = "commutative"     # binary op whose operands may be swapped
 SHAPE_ONLY = "shape"            # moves or reinterprets data, computes nothing
+ROW_WISE = "row_wise"           # output row b (axis 0) depends only on input row b, given that the
+                                # non-constant operands lead with that axis; an axis/perm attribute
+                                # must leave axis 0 alone (compiler/batch.py checks). Declared on the
+                                # ops batched decode has been checked with, not on every op it fits.
 
 REQUIRED = object()  # marks an attribute without a default
 

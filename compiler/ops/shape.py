@@ -5,7 +5,7 @@ import math
 import numpy as np
 
 from isthmus.compiler.ir import TensorType
-from isthmus.compiler.ops.registry import (SHAPE_ONLY, add_dims, broadcast_shapes, define, fail,
+from isthmus.compiler.ops.registry import (ROW_WISE, SHAPE_ONLY, add_dims, broadcast_shapes, define, fail,
                                            norm_axis, same_dim)
 
 INT64_MAX = 2**63 - 1
@@ -55,7 +55,7 @@ def reshape(x, shape):
     return x.reshape(target)
 
 
-define("reshape", infer=_reshape_rule, reference=reshape, attrs={"shape": None}, traits={SHAPE_ONLY})
+define("reshape", infer=_reshape_rule, reference=reshape, attrs={"shape": None}, traits={SHAPE_ONLY, ROW_WISE})
 
 
 def _transpose_rule(types, attrs):
@@ -67,7 +67,7 @@ def _transpose_rule(types, attrs):
 
 
 define("transpose", infer=_transpose_rule, reference=lambda x, perm: np.transpose(x, perm or None),
-       attrs={"perm": None}, traits={SHAPE_ONLY})
+       attrs={"perm": None}, traits={SHAPE_ONLY, ROW_WISE})
 
 
 def _concat_rule(types, attrs):
@@ -86,7 +86,7 @@ def _concat_rule(types, attrs):
 
 
 define("concat", infer=_concat_rule, reference=lambda *xs, axis: np.concatenate(xs, axis=axis),
-       attrs={"axis": 0}, inputs=(1, 1 << 16), traits={SHAPE_ONLY})
+       attrs={"axis": 0}, inputs=(1, 1 << 16), traits={SHAPE_ONLY, ROW_WISE})
 
 
 def _split_rule(types, attrs):

@@ -122,6 +122,23 @@ def test_graphs_that_are_not_row_wise_get_no_plan():
     assert plan_for(exe) is None
 
 
+def test_an_op_without_the_row_wise_trait_gets_no_plan():
+    from isthmus.compiler.executable import Executable
+    from isthmus.compiler.ir import Graph
+    from isthmus.compiler.ops import ROW_WISE, get_op
+
+    assert ROW_WISE in get_op("linear").traits and ROW_WISE not in get_op("reduce_sum").traits
+    g = Graph("g")
+    x = g.add_input("input_ids", ("batch", "seq"), "i64")
+    g.add_input("position_ids", ("batch", "seq"), "i64")
+    y = g.add("cast", [x], {"to": "f32"})
+    g.set_outputs([g.add("reduce_sum", [y], {"axes": [1]}, name="logits")])
+    exe = Executable(g, "reference")
+    with pytest.raises(ValueError, match="op reduce_sum is not known to be row-wise"):
+        BatchPlan(exe)
+    assert plan_for(exe) is None
+
+
 def test_caches_grow_in_place_for_a_stable_batch_and_stay_immutable(ref_exe):
     ds = _decoders(ref_exe, [3, 7])
     decode_batch(ref_exe, ds, [1, 2])
