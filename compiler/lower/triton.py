@@ -31,6 +31,7 @@ import torch
 
 from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph, numpy_dtype
+from isthmus.compiler.ops import COMMUTATIVE, get_op
 from isthmus.errors import InputError, UnsupportedError
 from isthmus.kernels.triton import attention as k_attn
 from isthmus.kernels.triton import elementwise as k_ew
@@ -335,7 +336,7 @@ def _softmax(x, axis):
 def _binary(op, a, b):
     if a.shape == b.shape or (b.dim() == 1 and a.dim() >= 1 and b.shape[0] == a.shape[-1]):
         return k_ew.binary(a, b, op)
-    if op in ("add", "mul") and a.dim() == 1 and b.dim() >= 1 and a.shape[0] == b.shape[-1]:
+    if COMMUTATIVE in get_op(op).traits and a.dim() == 1 and b.dim() >= 1 and a.shape[0] == b.shape[-1]:
         return k_ew.binary(b, a, op)
     return _TORCH_BINARY[op](a, b).to(a.dtype)
 
