@@ -30,7 +30,6 @@ from isthmus.errors import UnsupportedError
 FOLD_MAX = 1 << 16            # values the shape folding may compute on the host (elements)
 HOST_OPS = frozenset({"equal", "less", "greater", "and", "or", "not", "where", "erf", "cos", "sin"})
 SHAPE_OPS = frozenset({"shape", "range", "constant_of_shape"})
-ALIAS_OPS = frozenset({"reshape", "squeeze", "unsqueeze"})
 
 
 def eval_dim(d, dims: dict) -> int:
