@@ -26,6 +26,7 @@ from functools import partial
 import numpy as np
 
 from isthmus.errors import NpuError
+from isthmus.openblas import single_threaded
 from isthmus.npu.config import NpuConfig, load_config
 from isthmus.npu.isa import AP, DTYPES, Program, instruction_error
 from isthmus.npu.timing import Stats, Timeline, schedule, stats
@@ -243,50 +244,11 @@ def prepare(prog: Program, m: Machine, indices=None) -> list:
     return fns
 
 
-@contextlib.contextmanager
 def blas_single_threaded():
     """Run numpy's BLAS on one thread: the simulator calls it on small tiles, where a threaded BLAS
     only adds hand-offs, and on a loaded machine its spinning threads make each 128x128x512 matmul
     tens of times slower. Restores the previous thread count; a no-op where the library is unknown."""
-    lib = _openblas()
-    if lib is None:
-        yield
-        return
-    get, set_ = lib
-    before = get()
-    if before != 1:
-        set_(1)
-    try:
-        yield
-    finally:
-        if before != 1:
-            set_(before)
-
-
-_BLAS: list = []
-
-
-def _openblas():
-    """(get_num_threads, set_num_threads) of the OpenBLAS numpy loaded, or None."""
-    if not _BLAS:
-        _BLAS.append(None)
-        try:
-            import ctypes
-            with open("/proc/self/maps") as f:
-                paths = sorted({line.split()[-1] for line in f if "openblas" in line and ".so" in line})
-            for path in paths:
-                lib = ctypes.CDLL(path)
-                for suffix in ("64_", "_64_", ""):
-                    for prefix in ("scipy_openblas", "openblas"):
-                        get = getattr(lib, f"{prefix}_get_num_threads{suffix}", None)
-                        set_ = getattr(lib, f"{prefix}_set_num_threads{suffix}", None)
-                        if get is not None and set_ is not None:
-                            get.restype, set_.argtypes = ctypes.c_int, [ctypes.c_int]
-                            _BLAS[0] = (get, set_)
-                            return _BLAS[0]
-        except (OSError, AttributeError):
-            pass
-    return _BLAS[0]
+    return single_threaded("numpy")
 
 
 def execute(prog: Program, m: Machine, order: list[int], fns: list, calls: list | None = None) -> None:

@@ -13,12 +13,14 @@ import isthmus
 
 ROOT = Path(isthmus.__file__).resolve().parent
 LAYERS = ("compiler", "kernels", "npu", "runtime", "interop")
-# What each layer may not import. "facade" is `import isthmus` / `from isthmus import load, ...`.
+# What each layer may not import. "facade" is `import isthmus` / `from isthmus import load, ...`;
+# the CLI is cli.py and the top-level modules of its commands.
+CLI = ("isthmus.cli", "isthmus.cli_profile", "isthmus.chat_repl")
 FORBIDDEN = {
-    "compiler": ("isthmus.runtime", "isthmus.interop", "isthmus.cli", "facade"),
-    "kernels": ("isthmus.compiler", "isthmus.runtime", "isthmus.interop", "isthmus.cli", "facade"),
-    "npu": ("isthmus.compiler", "isthmus.runtime", "isthmus.interop", "isthmus.cli", "facade"),
-    "runtime": ("isthmus.interop", "isthmus.cli"),
+    "compiler": ("isthmus.runtime", "isthmus.interop", *CLI, "facade"),
+    "kernels": ("isthmus.compiler", "isthmus.runtime", "isthmus.interop", *CLI, "facade"),
+    "npu": ("isthmus.compiler", "isthmus.runtime", "isthmus.interop", *CLI, "facade"),
+    "runtime": ("isthmus.interop", *CLI),
     "interop": (),
 }
 
@@ -72,9 +74,11 @@ def test_the_walk_sees_every_form_of_import(tmp_path):
     (tmp_path / "npu" / "bad.py").write_text("from isthmus.compiler.ir import Graph\n")
     for layer in ("kernels", "runtime", "interop"):
         (tmp_path / layer).mkdir()
-    (tmp_path / "runtime" / "bad.py").write_text("from isthmus.cli import main\nfrom isthmus.compiler import ir\n")
+    (tmp_path / "runtime" / "bad.py").write_text("from isthmus.cli import main\nfrom isthmus.compiler import ir\n"
+                                                 "from isthmus.chat_repl import run\n")
     assert violations(tmp_path) == [
         "compiler/bad.py:1 imports facade", "compiler/bad.py:2 imports facade",
         "compiler/bad.py:5 imports isthmus.runtime.generate", "compiler/bad.py:6 imports isthmus.interop.app",
         "npu/bad.py:1 imports isthmus.compiler.ir", "runtime/bad.py:1 imports isthmus.cli",
+        "runtime/bad.py:3 imports isthmus.chat_repl",
     ]
