@@ -101,6 +101,30 @@ def _layout(qtype: str) -> GGMLType:
         ) from None
 
 
+def storage_type(w) -> str:
+    """The element type a weight is stored in: a QuantizedArray's qtype, else its numpy dtype's IR name."""
+    qtype = getattr(w, "qtype", None)
+    if qtype is not None:
+        return qtype
+    return {np.dtype(np.float32): "f32", np.dtype(np.float16): "f16", np.dtype(np.float64): "f64"}.get(
+        np.dtype(w.dtype), str(np.dtype(w.dtype)))
+
+
+_DENSE_FLOATS = ("f32", "f16", "f64", "bf16")
+
+
+def packable_together(weights) -> bool:
+    """Whether sibling weights (Q/K/V, gate/up) can be stacked by rows into one weight.
+
+    They must have one column count and one storage: a single block format (whose blocks then
+    concatenate as they are), or dense floats of any width (a backend converts those to one float
+    type). The fusion pass asks this for every target, so numba and triton stack the same groups.
+    """
+    kinds = {storage_type(w) for w in weights}
+    one_storage = len(kinds) == 1 or kinds <= set(_DENSE_FLOATS)
+    return one_storage and len({w.shape[1] for w in weights}) == 1
+
+
 class QuantizedArray:
     """A block-quantized tensor: raw ggml blocks plus the logical (numpy-order) shape.
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from isthmus.compiler.ir import Graph, Node, Value
+from isthmus.compiler.quant import packable_together
 
 
 @dataclass(eq=False)
@@ -211,8 +212,6 @@ def _topological(groups: list[Group]) -> list[Group]:
 
 
 def _compatible(lins):
-    from isthmus.kernels.numba.linear import packable_together
-
     if len(lins) > 1 and not packable_together([n.inputs[1].data for n in lins]):
         return lins[:1]
     return lins

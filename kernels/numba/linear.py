@@ -112,12 +112,6 @@ def pack(weights) -> Packed:
     return Packed(kind, qs, d, m, splits)
 
 
-def packable_together(weights) -> bool:
-    kinds = {"q4" if getattr(w, "qtype", None) in ("q4_0", "q4_1") else getattr(w, "qtype", None) or "f32"
-             for w in weights}
-    return len(kinds) == 1 and len({w.shape[1] for w in weights}) == 1
-
-
 # -- per-format row primitives (dispatched on the dtype of qs) -------------------------------------
 
 def row_dot(qs, d, m, r, x, t, sx):
@@ -427,5 +421,5 @@ def flops_bytes(n: int, w: Packed) -> tuple[float, float]:
     return 2.0 * n * w.rows * w.cols, float(w.nbytes)
 
 
-__all__ = ["Packed", "pack", "packable_together", "linear", "matvec_call", "embedding", "matvec", "norm_matvec",
+__all__ = ["Packed", "pack", "linear", "matvec_call", "embedding", "matvec", "norm_matvec",
            "dequant_rows", "swiglu_rows", "Workspace", "EPI_NONE", "EPI_ADD", "EPI_SWIGLU"]

@@ -147,3 +147,16 @@ def test_real_model_tensors_dequantize_like_gguf(default_model_path):
         np.testing.assert_array_equal(mine.dequantize(), gguf.quants.dequantize(t.data, t.tensor_type))
         np.testing.assert_array_equal(mine.rows([0, 5]), gguf.quants.dequantize(t.data[[0, 5]], t.tensor_type))
     assert seen  # the default model holds Q8_0 and Q4_1 tensors
+
+
+def test_packable_together_needs_one_storage_and_one_width():
+    from isthmus.compiler.quant import packable_together
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 64)).astype(np.float32)
+    q41, q40, q8 = quantize(w, "q4_1"), quantize(w, "q4_0"), quantize(w, "q8_0")
+    assert packable_together([q41, quantize(w[:4], "q4_1")])          # one block format, rows differ
+    assert packable_together([w, w.astype(np.float16), quantize(w, "bf16")])   # dense floats of any width
+    assert not packable_together([q41, q40])                          # two block formats
+    assert not packable_together([q8, w])                             # blocks beside dense
+    assert not packable_together([w, rng.standard_normal((8, 32)).astype(np.float32)])   # widths differ

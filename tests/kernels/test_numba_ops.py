@@ -6,7 +6,7 @@ import pytest
 pytest.importorskip("numba")
 
 from isthmus.compiler.ops import get_op  # noqa: E402
-from isthmus.compiler.quant import quantize  # noqa: E402
+from isthmus.compiler.quant import packable_together, quantize  # noqa: E402
 from isthmus.kernels.numba import activation, attention, linear, norm, rope, softmax  # noqa: E402
 
 RNG = np.random.default_rng(1234)
@@ -130,7 +130,7 @@ def test_linear_swiglu_stacked(n):
     g, u = quantize(gf, "q4_1"), quantize(uf, "q4_1")
     x = rand(n, 64)
     p = linear.pack([g, u])
-    assert p.splits == (29, 29) and linear.packable_together([g, u])
+    assert p.splits == (29, 29) and packable_together([g, u])
     got = linear.linear(x, p, np.empty((n, 29), np.float32), linear.Workspace(), epilogue=linear.EPI_SWIGLU)
     close_linear(got, ref("swiglu", ref("linear", x, g), ref("linear", x, u)))
 
