@@ -26,7 +26,7 @@ Dim = int | str
 # Element types, named as in the text form. Quantized types only appear on constants.
 FLOAT_DTYPES = {"f32": np.float32, "f16": np.float16, "f64": np.float64}
 INT_DTYPES = {"i64": np.int64, "i32": np.int32, "i8": np.int8, "u8": np.uint8, "bool": np.bool_}
-QUANT_DTYPES = ("q4_0", "q4_1", "q8_0", "bf16")
+QUANT_DTYPES = ("q4_0", "q4_1", "q8_0", "bf16", "q5_0", "q5_1", "iq4_nl", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
 NUMPY_DTYPES = {**FLOAT_DTYPES, **INT_DTYPES}
 SMALL_LITERAL = 16   # a plain numpy constant of at most this many elements is a literal (inline in text, merged by cse)
 

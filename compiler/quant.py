@@ -6,11 +6,29 @@ does not implement fails with the type's name rather than a bare number. `Quanti
 a block-quantized tensor as its raw bytes (usually a read-only view into the memory-mapped file)
 and dequantizes on demand; `quantize` makes such tensors, as ggml's reference quantizers do.
 
-Block layouts (little-endian, one block = 32 consecutive values along the last axis):
-    q8_0: f16 d, 32 x int8 q                 value = q * d
-    q4_0: f16 d, 16 bytes of nibbles          value = (q - 8) * d
-    q4_1: f16 d, f16 m, 16 bytes of nibbles   value = q * d + m
-In both 4-bit types byte j holds value j in its low nibble and value j + 16 in its high nibble.
+Block layouts (little-endian; llama.cpp's ggml-common.h and dequantize_row_* in ggml-quants.c).
+32-value blocks:
+    q8_0:   f16 d, 32 x int8 q                          value = q * d
+    q4_0:   f16 d, 16 bytes of nibbles                   value = (q - 8) * d
+    q4_1:   f16 d, f16 m, 16 bytes of nibbles            value = q * d + m
+    q5_0:   f16 d, u32 qh, 16 bytes of nibbles           value = (q - 16) * d
+    q5_1:   f16 d, f16 m, u32 qh, 16 bytes of nibbles    value = q * d + m
+    iq4_nl: f16 d, 16 bytes of nibbles                   value = d * IQ4_NL_VALUES[q]
+In these, byte j holds value j in its low nibble and value j + 16 in its high nibble; the 5-bit
+types add bit j of qh as bit 4 of value j. The k-quants group 256 values into a super-block with
+an f16 scale d (and f16 dmin) and small per-sub-block integer scales (and mins):
+    q2_k: u8 scales[16] (low nibble scale, high nibble min, one per 16 values), 64 bytes of 2-bit q,
+          f16 d, f16 dmin                                value = d * sc * q - dmin * mn
+    q3_k: 32 bytes hmask, 64 bytes of 2-bit q, 12 bytes of 16 6-bit scales, f16 d
+                                                         value = d * (sc - 32) * (q - (hbit ? 0 : 4))
+    q4_k: f16 d, f16 dmin, 12 bytes of 8 6-bit scales and 8 6-bit mins (one per 32), 128 bytes nibbles
+                                                         value = d * sc * q - dmin * mn
+    q5_k: as q4_k, with 32 bytes qh between scales and nibbles giving bit 4 of q
+    q6_k: 128 bytes low nibbles, 64 bytes of high 2-bit pairs, int8 scales[16] (one per 16), f16 d
+                                                         value = d * sc * (q - 32)
+Within a k-quant super-block the bits of value i sit as `_kquant_values` unpacks them (each
+128-value half reads one 32-byte run of 2-bit q at shifts 0, 2, 4, 6; q4_k/q5_k read 32 bytes
+per 64 values, low nibbles first).
 bf16 is stored here too (one "block" per value), because numpy has no bfloat16 dtype.
 """
 
@@ -70,7 +88,8 @@ GGML_TYPES: dict[int, GGMLType] = {
 
 # ggml type name -> numpy dtype for the types held as plain arrays; the rest become QuantizedArray.
 PLAIN_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
-QUANTIZED = ("BF16", "Q4_0", "Q4_1", "Q8_0")
+QUANTIZED = ("BF16", "Q4_0", "Q4_1", "Q8_0", "Q5_0", "Q5_1", "IQ4_NL", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+QUANTIZABLE = ("bf16", "q4_0", "q4_1", "q8_0")     # the types `quantize` writes
 SUPPORTED = (*PLAIN_DTYPES, *QUANTIZED)
 
 _BY_QTYPE = {t.name.lower(): t for t in GGML_TYPES.values() if t.name in QUANTIZED}
@@ -207,18 +226,117 @@ def _dequantize_rows(qtype: str, raw: np.ndarray) -> np.ndarray:
 def _dequantize_blocks(qtype: str, layout: GGMLType, raw: np.ndarray) -> np.ndarray:
     n_rows = raw.shape[0]
     blocks = np.ascontiguousarray(raw).reshape(-1, layout.type_size)
-    d = blocks[:, 0:2].view("<f2").astype(np.float32)
+    if qtype in _KQUANT_DEQUANT:
+        out = _KQUANT_DEQUANT[qtype](blocks)
+        return out.reshape(n_rows, raw.shape[1] // layout.type_size * layout.block_size)
+    d = _f16_at(blocks, 0)
     if qtype == "q8_0":
         out = blocks[:, 2:].view(np.int8).astype(np.float32) * d
+    elif qtype == "iq4_nl":
+        out = d * IQ4_NL_VALUES[_nibbles(blocks[:, 2:])].astype(np.float32)
+    elif qtype in ("q5_0", "q5_1"):
+        at = 2 if qtype == "q5_0" else 4
+        qh = blocks[:, at:at + 4].copy().view("<u4")
+        high = ((qh >> np.arange(32, dtype=np.uint32)) & 1).astype(np.uint8) << 4
+        q = _nibbles(blocks[:, at + 4:]) | high
+        if qtype == "q5_0":
+            out = (q.astype(np.int8) - np.int8(16)).astype(np.float32) * d
+        else:
+            out = q.astype(np.float32) * d + _f16_at(blocks, 2)
     else:
         nibbles = blocks[:, 4:] if qtype == "q4_1" else blocks[:, 2:]
-        q = np.concatenate([nibbles & 0x0F, nibbles >> 4], axis=1)
+        q = _nibbles(nibbles)
         if qtype == "q4_0":
             out = (q.astype(np.int8) - np.int8(8)).astype(np.float32) * d
         else:
-            m = blocks[:, 2:4].view("<f2").astype(np.float32)
-            out = q.astype(np.float32) * d + m
+            out = q.astype(np.float32) * d + _f16_at(blocks, 2)
     return out.reshape(n_rows, raw.shape[1] // layout.type_size * layout.block_size)
+
+
+# The 16 values of an iq4_nl nibble (kvalues_iq4nl in ggml-common.h).
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
+
+def _f16_at(blocks: np.ndarray, at: int) -> np.ndarray:
+    """The f16 at byte `at` of every block, as an f32 column."""
+    return blocks[:, at:at + 2].copy().view("<f2").astype(np.float32)
+
+
+def _nibbles(b: np.ndarray) -> np.ndarray:
+    """16 bytes per block -> 32 values: low nibbles first, then high nibbles."""
+    return np.concatenate([b & 0x0F, b >> 4], axis=1)
+
+
+def _two_bit(qs: np.ndarray) -> np.ndarray:
+    """(n, 64) bytes of 2-bit values -> (n, 256): each 32-byte half gives 128 values at shifts 0, 2, 4, 6."""
+    halves = qs.reshape(-1, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
+    return (halves & 3).reshape(-1, 256)
+
+
+def _scale_min_k4(s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """q4_k / q5_k: 12 bytes -> 8 six-bit scales and 8 six-bit mins (get_scale_min_k4)."""
+    lo, mid, hi = s[:, 0:4], s[:, 4:8], s[:, 8:12]
+    sc = np.concatenate([lo & 63, (hi & 0x0F) | ((lo >> 6) << 4)], axis=1)
+    mn = np.concatenate([mid & 63, (hi >> 4) | ((mid >> 6) << 4)], axis=1)
+    return sc, mn
+
+
+def _q3k_scales(s: np.ndarray) -> np.ndarray:
+    """q3_k: 12 bytes -> 16 signed scales: low 4 bits from bytes 0-7 (low nibbles, then high
+    nibbles), high 2 bits of scale i from byte 8 + i % 4 at shift 2 * (i // 4); minus 32."""
+    low = np.concatenate([s[:, 0:8] & 0x0F, s[:, 0:8] >> 4], axis=1)
+    high = (s[:, 8:12][:, np.tile(np.arange(4), 4)] >> np.repeat(np.arange(0, 8, 2, dtype=np.uint8), 4)) & 3
+    return (low | (high << 4)).astype(np.int8) - np.int8(32)
+
+
+def _dequant_q2_k(b: np.ndarray) -> np.ndarray:
+    sc = b[:, 0:16]
+    d, dmin = _f16_at(b, 80), _f16_at(b, 82)
+    q = _two_bit(b[:, 16:80]).astype(np.float32).reshape(-1, 16, 16)
+    dl = (d * (sc & 0x0F).astype(np.float32))[:, :, None]
+    ml = (dmin * (sc >> 4).astype(np.float32))[:, :, None]
+    return (dl * q - ml).reshape(-1, 256)
+
+
+def _dequant_q3_k(b: np.ndarray) -> np.ndarray:
+    hmask, d = b[:, 0:32], _f16_at(b, 108)
+    # bit j of hmask byte l belongs to value 32 * j + l
+    hbit = (hmask[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1
+    q = _two_bit(b[:, 32:96]).astype(np.int8) - np.where(hbit.reshape(-1, 256) != 0, 0, 4).astype(np.int8)
+    dl = (d * _q3k_scales(b[:, 96:108]).astype(np.float32))[:, :, None]
+    return (dl * q.astype(np.float32).reshape(-1, 16, 16)).reshape(-1, 256)
+
+
+def _dequant_q45_k(b: np.ndarray, five: bool) -> np.ndarray:
+    d, dmin = _f16_at(b, 0), _f16_at(b, 2)
+    sc, mn = _scale_min_k4(b[:, 4:16])
+    qs = b[:, 48:176] if five else b[:, 16:144]
+    q = np.stack([qs.reshape(-1, 4, 32) & 0x0F, qs.reshape(-1, 4, 32) >> 4], axis=2).reshape(-1, 8, 32)
+    if five:   # bit k of qh byte l is bit 4 of value 32 * k + l
+        qh = b[:, 16:48]
+        q = q | (((qh[:, None, :] >> np.arange(8, dtype=np.uint8)[None, :, None]) & 1) << 4)
+    dl = (d * sc.astype(np.float32))[:, :, None]
+    ml = (dmin * mn.astype(np.float32))[:, :, None]
+    return (dl * q.astype(np.float32) - ml).reshape(-1, 256)
+
+
+def _dequant_q6_k(b: np.ndarray) -> np.ndarray:
+    ql, qh, sc, d = b[:, 0:128].reshape(-1, 2, 64), b[:, 128:192].reshape(-1, 2, 1, 32), b[:, 192:208], _f16_at(b, 208)
+    low = np.concatenate([ql[:, :, 0:32] & 0x0F, ql[:, :, 32:64] & 0x0F, ql[:, :, 0:32] >> 4, ql[:, :, 32:64] >> 4],
+                         axis=2).reshape(-1, 2, 4, 32)
+    high = (qh >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)) & 3
+    q = (low | (high << 4)).astype(np.int8) - np.int8(32)
+    dl = (d * sc.view(np.int8).astype(np.float32))[:, :, None]
+    return (dl * q.astype(np.float32).reshape(-1, 16, 16)).reshape(-1, 256)
+
+
+_KQUANT_DEQUANT = {
+    "q2_k": _dequant_q2_k,
+    "q3_k": _dequant_q3_k,
+    "q4_k": lambda b: _dequant_q45_k(b, False),
+    "q5_k": lambda b: _dequant_q45_k(b, True),
+    "q6_k": _dequant_q6_k,
+}
 
 
 def _round_half_away(x: np.ndarray) -> np.ndarray:
@@ -229,6 +347,8 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
 def quantize(array, qtype: str) -> QuantizedArray:
     """Quantize float values along the last axis into ggml blocks (ggml's reference rounding)."""
     layout = _layout(qtype)
+    if qtype not in QUANTIZABLE:
+        raise UnsupportedError(f"isthmus reads {qtype} but does not write it; quantize supports {', '.join(QUANTIZABLE)}")
     x = np.asarray(array, dtype=np.float32)
     if x.ndim == 0 or x.shape[-1] % layout.block_size:
         raise ValueError(f"last dimension of shape {x.shape} is not a multiple of the {qtype} block size {layout.block_size}")
@@ -266,7 +386,7 @@ def _f16_bytes(v: np.ndarray) -> np.ndarray:
     return v.astype("<f2").view(np.uint8)
 
 
-def _pack_nibbles(q: np.ndarray) -> np.ndarray:
+def _pack_nibbles(q: np.ndarray) -> np.ndarray:  # inverse of _nibbles
     return q[:, :16] | (q[:, 16:] << 4)
 
 

@@ -192,7 +192,7 @@ def test_malformed_files_raise_model_format_error(tmp_path, case):
     assert text.startswith(str(tmp_path / "x.gguf") + ": ") and "\n" not in text
 
 
-@pytest.mark.parametrize("type_id, name", [(13, "Q5_K"), (12, "Q4_K"), (6, "Q5_0")])
+@pytest.mark.parametrize("type_id, name", [(23, "IQ4_XS"), (16, "IQ2_XXS"), (34, "TQ1_0")])
 def test_unsupported_tensor_type_names_tensor_and_type(tmp_path, type_id, name):
     blob = build(tensors=[tinfo("blk.0.attn_q.weight", [256, 2], type_id=type_id)], data=b"\0" * 1024)
     with pytest.raises(UnsupportedError, match=rf"tensor blk\.0\.attn_q\.weight uses ggml type {name}, which isthmus does not support; supported: "):

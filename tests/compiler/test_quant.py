@@ -9,10 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import ggml_ref  # tests/support: llama.cpp's quantizer
 from isthmus.compiler.quant import GGML_TYPES, SUPPORTED, QuantizedArray, check_supported, quantize
 from isthmus.errors import UnsupportedError
 
-QTYPES = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "bf16": T.BF16}
+WRITTEN = {"q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1, "bf16": T.BF16}     # types `quantize` writes
+READ_ONLY = {"q5_0": T.Q5_0, "q5_1": T.Q5_1, "iq4_nl": T.IQ4_NL, "q2_k": T.Q2_K, "q3_k": T.Q3_K,
+             "q4_k": T.Q4_K, "q5_k": T.Q5_K, "q6_k": T.Q6_K}
+QTYPES = {**WRITTEN, **READ_ONLY}
 
 
 def random_blocks(qtype, rows, cols, seed=0):
@@ -24,15 +28,36 @@ def random_blocks(qtype, rows, cols, seed=0):
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_dequantize_random_blocks_matches_gguf(qtype):
     # Random bytes include inf/nan scales; those must come out as ggml's do.
-    raw = random_blocks(qtype, 17, 128)
-    got = QuantizedArray(qtype, (17, 128), raw).dequantize()
+    raw = random_blocks(qtype, 17, 512)
+    got = QuantizedArray(qtype, (17, 512), raw).dequantize()
     with np.errstate(all="ignore"):
         want = gguf.quants.dequantize(raw, QTYPES[qtype])
-    assert got.dtype == np.float32 and got.shape == (17, 128)
+    assert got.dtype == np.float32 and got.shape == (17, 512)
     np.testing.assert_array_equal(got, want)
 
 
-@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.skipif(not ggml_ref.available(), reason="needs llama-cpp-python (peers extra)")
+@pytest.mark.parametrize("qtype", READ_ONLY)
+def test_dequantize_llama_cpp_blocks(qtype):
+    """Blocks as llama.cpp's quantizer writes them (realistic scales, every sub-block used):
+    bit for bit gguf's dequantization, and close to the values they were quantized from."""
+    x = np.random.default_rng(3).standard_normal((6, 768)).astype(np.float32)
+    raw = ggml_ref.quantize(x, QTYPES[qtype])
+    qa = QuantizedArray(qtype, x.shape, raw)
+    got = qa.dequantize()
+    np.testing.assert_array_equal(got, gguf.quants.dequantize(raw, QTYPES[qtype]))
+    np.testing.assert_array_equal(qa.rows([4, 1]), got[[4, 1]])
+    # q2_k keeps 2 bits: its error is large but still far below the values' spread
+    assert np.abs(got - x).mean() < (0.35 if qtype in ("q2_k", "q3_k") else 0.12)
+
+
+@pytest.mark.parametrize("qtype", READ_ONLY)
+def test_quantize_refuses_types_it_only_reads(qtype):
+    with pytest.raises(UnsupportedError, match=f"reads {qtype} but does not write it"):
+        quantize(np.zeros((1, 256), np.float32), qtype)
+
+
+@pytest.mark.parametrize("qtype", WRITTEN)
 def test_quantize_matches_gguf_reference_quantizer(qtype):
     x = (np.random.default_rng(1).standard_normal((9, 96)) * 4).astype(np.float32)
     x[0, :32] = 0  # an all-zero block takes the d == 0 path
@@ -78,8 +103,8 @@ def test_bf16_roundtrip_is_close():
 
 @pytest.mark.parametrize("qtype", QTYPES)
 def test_rows_dequantizes_only_selected_rows(qtype):
-    raw = random_blocks(qtype, 11, 64, seed=3)
-    q = QuantizedArray(qtype, (11, 64), raw)
+    raw = random_blocks(qtype, 11, 256, seed=3)
+    q = QuantizedArray(qtype, (11, 256), raw)
     with np.errstate(all="ignore"):
         full = q.dequantize()
     np.testing.assert_array_equal(q.rows(4), full[4])
@@ -87,7 +112,7 @@ def test_rows_dequantizes_only_selected_rows(qtype):
     ids = np.array([[1, 2], [10, 3]])
     np.testing.assert_array_equal(q.rows(ids), full[ids])
     np.testing.assert_array_equal(q.dequantize(rows=[5]), full[[5]])
-    assert q.rows(np.array([], dtype=np.int64)).shape == (0, 64)
+    assert q.rows(np.array([], dtype=np.int64)).shape == (0, 256)
 
 
 def test_quantized_array_is_immutable_and_never_copies():
@@ -116,17 +141,20 @@ def test_bad_shapes_and_types():
         quantize(np.zeros((2, 30), np.float32), "q4_0")
     with pytest.raises(ValueError, match="needs"):
         QuantizedArray("q8_0", (2, 32), np.zeros(10, np.uint8))
-    with pytest.raises(UnsupportedError, match="q5_k"):
-        quantize(np.zeros(256, np.float32), "q5_k")
+    with pytest.raises(UnsupportedError, match="iq4_xs"):
+        quantize(np.zeros(256, np.float32), "iq4_xs")
+    with pytest.raises(ValueError, match="multiple of the q4_k block size 256"):
+        QuantizedArray("q4_k", (2, 128), np.zeros(144, np.uint8))
 
 
 def test_type_table_names_unsupported_types():
-    assert {GGML_TYPES[i].name for i in (0, 1, 2, 3, 8, 30)} == set(SUPPORTED)
+    assert {GGML_TYPES[i].name for i in (0, 1, 2, 3, 6, 7, 8, 10, 11, 12, 13, 14, 20, 30)} == set(SUPPORTED)
     for type_id, (name, block, size) in GGML_TYPES.items():
         assert gguf.GGML_QUANT_SIZES[T(type_id)] == (block, size), name
         assert T(type_id).name == name
-    with pytest.raises(UnsupportedError, match=r"tensor blk\.0\.attn_q\.weight uses ggml type Q5_K, .*supported: F32"):
-        check_supported(13, "blk.0.attn_q.weight")
+    with pytest.raises(UnsupportedError, match=r"tensor blk\.0\.attn_q\.weight uses ggml type IQ4_XS, .*supported: F32"):
+        check_supported(23, "blk.0.attn_q.weight")
+    assert check_supported(12, "w").name == "Q4_K"
     with pytest.raises(UnsupportedError, match="type id 99"):
         check_supported(99, "w")
     assert check_supported(3, "w").name == "Q4_1"
