@@ -1,0 +1,205 @@
+"""AES-256-GCM over a package's chunks, on every core, in one pass over the bytes.
+
+A package's chunks are independent (each has its own nonce, AAD and tag), so they are encrypted and
+decrypted in groups of about `GROUP_BYTES` by a pool of `os.cpu_count()` threads: the `cryptography`
+package's `AESGCM.encrypt_into` / `decrypt_into` release the GIL and write straight into the
+destination. Sealing reads the payload and writes the package on the calling thread, in order,
+while the pool encrypts the groups ahead of it (a bounded number in flight); unsealing reads each
+group with `pread` on the worker that decrypts it, into that worker's own buffer, and decrypts into
+the caller's destination (the enclave's anonymous mapping).
+
+Nothing here hashes the bytes: the Merkle tree of a package is built from the chunk tags
+(`leaf`), which GCM has already computed over every byte (docs/security.md says why that is
+enough). A group that fails to authenticate reports its first bad chunk; the caller reports the
+lowest failing index of all, as a sequential pass would.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from isthmus.runtime.tee.crypto import TAG_BYTES, zeroise
+
+GROUP_BYTES = 4 << 20          # plaintext bytes per task: large enough that the pool's overhead vanishes
+READ_BYTES = 512 << 10         # ciphertext read at once when unsealing: small enough to stay in cache
+
+
+@functools.lru_cache(maxsize=1)
+def pool() -> ThreadPoolExecutor:
+    """The process's cipher threads, one per core (shared by every seal and unseal)."""
+    return ThreadPoolExecutor(workers(), thread_name_prefix="isthmus-gcm")
+
+
+def workers() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+def nonce(prefix: bytes, i: int) -> bytes:
+    return prefix + i.to_bytes(4, "big")
+
+
+def aad(binding: bytes, i: int, final: bool) -> bytes:
+    return binding + i.to_bytes(4, "big") + (b"\x01" if final else b"\x00")
+
+
+def leaf(i: int, tag) -> bytes:
+    """The Merkle leaf of chunk i: its position and its GCM tag."""
+    return hashlib.sha256(b"\x00" + i.to_bytes(4, "big") + bytes(tag)).digest()
+
+
+def merkle_root(leaves: list[bytes]) -> bytes:
+    level = list(leaves) or [hashlib.sha256(b"").digest()]
+    while len(level) > 1:
+        nxt = [hashlib.sha256(b"\x01" + level[j] + level[j + 1]).digest() for j in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+class Plan:
+    """The chunking of one package: sizes, nonce prefix, header binding, and the groups of chunks."""
+
+    def __init__(self, header, binding: bytes):
+        self.size, self.count, self.total = header.chunk_size, header.chunk_count, header.payload_size
+        self.prefix, self.binding = header.nonce_prefix, binding
+        self.per_group = max(1, GROUP_BYTES // self.size)
+
+    def length(self, i: int) -> int:
+        return min(self.size, self.total - i * self.size)
+
+    def groups(self):
+        """(first chunk, end chunk, plaintext offset, plaintext bytes) of each group, in order."""
+        for first in range(0, self.count, self.per_group):
+            end = min(self.count, first + self.per_group)
+            start = first * self.size
+            yield first, end, start, min(self.total, end * self.size) - start
+
+    def sealed_bytes(self, first: int, end: int) -> int:
+        return min(self.total, end * self.size) - first * self.size + TAG_BYTES * (end - first)
+
+    def params(self, i: int) -> tuple[bytes, bytes]:
+        return nonce(self.prefix, i), aad(self.binding, i, i == self.count - 1)
+
+
+# -- sealing -------------------------------------------------------------------------------------
+
+def encrypt(plan: Plan, dek, read: Callable, write: Callable, progress=lambda done: None) -> list[bytes]:
+    """Encrypt the payload group by group. `read(n, scratch)` returns the next n plaintext bytes (a
+    view, possibly of `scratch`); `write(view)` stores the next ciphertext (chunk, tag, chunk, tag...).
+    Returns the chunk tags in order."""
+    aes = AESGCM(bytes(dek))
+    depth = 2 * workers()
+    free_in = [bytearray(plan.per_group * plan.size) for _ in range(depth)]
+    free_out = [bytearray(plan.per_group * (plan.size + TAG_BYTES)) for _ in range(depth)]
+    pending: deque = deque()
+    tags: list[bytes] = []
+
+    def task(first: int, end: int, src: memoryview, out: memoryview) -> list[bytes]:
+        got, at, pos = [], 0, 0
+        for i in range(first, end):
+            n = plan.length(i)
+            iv, ad = plan.params(i)
+            aes.encrypt_into(iv, src[pos:pos + n], ad, out[at:at + n + TAG_BYTES])
+            got.append(bytes(out[at + n:at + n + TAG_BYTES]))
+            pos, at = pos + n, at + n + TAG_BYTES
+        return got
+
+    def drain_one() -> None:
+        future, scratch, out, nbytes, end = pending.popleft()
+        tags.extend(future.result())
+        write(memoryview(out)[:nbytes])
+        free_in.append(scratch)
+        free_out.append(out)
+        progress(end * plan.size)
+
+    try:
+        for first, end, _, n in plan.groups():
+            if len(pending) >= depth:
+                drain_one()
+            scratch, out = free_in.pop(), free_out.pop()
+            src = read(n, memoryview(scratch))
+            if len(src) != n:
+                raise EOFError(n - len(src))
+            pending.append((pool().submit(task, first, end, src, memoryview(out)), scratch, out,
+                            plan.sealed_bytes(first, end), end))
+        while pending:
+            drain_one()
+    finally:
+        for future, scratch, *_ in pending:
+            future.cancel()
+        for future, scratch, *_ in pending:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except Exception:
+                    pass
+            free_in.append(scratch)
+        for scratch in free_in:
+            zeroise(scratch)       # plaintext copied from payload sections that were not contiguous
+    return tags
+
+
+# -- unsealing -----------------------------------------------------------------------------------
+
+_local = threading.local()
+
+
+def _scratch(n: int) -> memoryview:
+    """This worker's read buffer (ciphertext only), grown as needed and kept for the next call."""
+    buf = getattr(_local, "buf", None)
+    if buf is None or len(buf) < n:
+        buf = _local.buf = bytearray(n)
+    return memoryview(buf)[:n]
+
+
+def decrypt(plan: Plan, dek, data_offset: int, read: Callable, dest: memoryview,
+            progress=lambda done: None) -> tuple[list[bytes], int | None]:
+    """Decrypt every chunk into `dest` (the payload's size). `read(pos, n, scratch)` returns n
+    package bytes at pos, thread-safely. Returns the tags in order and the first chunk that did not
+    authenticate (None when all did). Read errors (a SealError for a short file) propagate."""
+    aes = AESGCM(bytes(dek))
+
+    def task(first: int, end: int, start: int) -> tuple[list[bytes], int | None]:
+        # read a few chunks at a time, so the ciphertext is still in cache when it is decrypted
+        got, pos, out, i = [], data_offset + start + TAG_BYTES * first, start, first
+        while i < end:
+            stop = min(end, i + max(1, READ_BYTES // plan.size))
+            m = plan.sealed_bytes(i, stop)
+            data, at = read(pos, m, _scratch(m)), 0
+            for j in range(i, stop):
+                n = plan.length(j)
+                iv, ad = plan.params(j)
+                try:
+                    aes.decrypt_into(iv, data[at:at + n + TAG_BYTES], ad, dest[out:out + n])
+                except InvalidTag:
+                    return got, j
+                got.append(bytes(data[at + n:at + n + TAG_BYTES]))
+                at, out = at + n + TAG_BYTES, out + n
+            pos, i = pos + m, stop
+        return got, None
+
+    futures = [(pool().submit(task, first, end, start), end) for first, end, start, _ in plan.groups()]
+    tags, bad, error = [], None, None
+    for future, end in futures:
+        try:
+            got, failed = future.result()
+        except Exception as e:        # keep waiting: no worker may still write into dest when we return
+            error = error or e
+            continue
+        tags.extend(got)
+        if failed is not None and bad is None:
+            bad = failed
+        progress(end * plan.size)
+    if error is not None:
+        raise error
+    return tags, bad
