@@ -7,6 +7,8 @@ Weights are repacked once, at load, into a layout whose inner loops vectorise (`
                         d, m f16[rows, cols/32]   value = q * d + m   (q4_0: m = -8 d, exact in f16)
     8-bit (q8_0):       qs i8[rows, cols], d f16[rows, cols/32], m empty     value = q * d
     dense (f32/f16/bf16): qs f32[rows, cols], d and m empty
+    blocks (q5_0, q5_1, iq4_nl, q2_k..q6_k): qs u8[rows, blocks, bytes per block], the file's
+                        blocks as they are (a copy); d and m empty; kquant.py reads them
 
 (f16 held as u16 bits, converted in registers), so the block scales leave the byte stream, each
 block keeps its GGUF size (q4_1: 20 bytes per 32 weights; q4_0 grows from 18 to 20), and no fp32
@@ -30,6 +32,7 @@ from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
 from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba import kquant
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
@@ -55,7 +58,11 @@ class Packed:
 
     def __init__(self, kind, qs, d, m, splits):
         self.kind, self.qs, self.d, self.m = kind, qs, d, m
-        self.rows, self.cols = qs.shape[0], (qs.shape[1] * 2 if kind == "q4" else qs.shape[1])
+        self.rows = qs.shape[0]
+        if qs.ndim == 3:        # raw blocks (kquant.py): [rows, blocks, bytes per block]
+            self.cols = qs.shape[1] * kquant.BLOCK_VALUES[qs.shape[2]]
+        else:
+            self.cols = qs.shape[1] * 2 if kind == "q4" else qs.shape[1]
         self.splits = tuple(splits)
         self.nbytes = qs.nbytes + d.nbytes + m.nbytes
 
@@ -90,6 +97,9 @@ def _pack_one(w):
         blk = w.raw.reshape(rows, -1, 34)
         qs = np.ascontiguousarray(blk[:, :, 2:]).view(np.int8).reshape(rows, -1)
         return "q8", qs, _f16(blk[:, :, 0:2]), _EMPTY
+    if qtype in kquant.TYPE_SIZE:   # kept as the file's blocks (a copy: the file's pages are dropped)
+        rows = w.raw.shape[0]
+        return qtype, np.array(w.raw, copy=True).reshape(rows, -1, kquant.TYPE_SIZE[qtype]), _EMPTY, _EMPTY
     dense = w.dequantize() if qtype else np.asarray(w)
     return "f32", np.ascontiguousarray(dense, np.float32).reshape(dense.shape[0], -1), _EMPTY, _EMPTY
 
@@ -107,7 +117,7 @@ def pack(weights) -> Packed:
     if len(parts) == 1:
         return Packed(kind, *parts[0][1:], splits)
     qs = np.concatenate([p[1] for p in parts])
-    d = np.concatenate([p[2] for p in parts]) if kind != "f32" else _EMPTY
+    d = np.concatenate([p[2] for p in parts]) if kind in ("q4", "q8") else _EMPTY
     m = np.concatenate([p[3] for p in parts]) if kind == "q4" else _EMPTY
     return Packed(kind, qs, d, m, splits)
 
@@ -124,6 +134,10 @@ def dequant_row(qs, d, m, r, out, t):
 
 @overload(row_dot, jit_options=dict(fastmath=JIT["fastmath"]))
 def _row_dot(qs, d, m, r, x, t, sx):
+    if qs.dtype == types.uint8 and qs.ndim == 3:
+        def dot_blocks(qs, d, m, r, x, t, sx):
+            return kquant.dot_blocks_row(qs, r, x, t, sx)
+        return dot_blocks
     if qs.dtype == types.uint8:
         def dot_q4(qs, d, m, r, x, t, sx):
             return row_dot_q4(qs, d, m, r, x, t, sx)
@@ -143,6 +157,10 @@ def _row_dot(qs, d, m, r, x, t, sx):
 
 @overload(dequant_row, jit_options=dict(fastmath=JIT["fastmath"]))
 def _dequant_row(qs, d, m, r, out, t):
+    if qs.dtype == types.uint8 and qs.ndim == 3:
+        def deq_blocks(qs, d, m, r, out, t):
+            kquant.dequant_blocks_row(qs, r, out, t)
+        return deq_blocks
     if qs.dtype == types.uint8:
         def deq_q4(qs, d, m, r, out, t):
             for b in range(d.shape[1]):
@@ -355,7 +373,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     """The fused matvec kernel and its arguments for `linear` of up to MATVEC_MAX_ROWS rows (None
     for more): a caller that runs the same shapes again (a decode step) binds this once."""
     n = x2.shape[0]
-    integer = INT_ACTIVATIONS and w.kind != "f32"
+    integer = INT_ACTIVATIONS and w.kind in ("q4", "q8")
     if n > MATVEC_MAX_ROWS:
         return None
     res_arr = out if res is None else res

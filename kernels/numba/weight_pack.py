@@ -2,7 +2,8 @@
 and pack a weight into the PE-array layout the NPU lowering streams (compiler/lower/npu/weights.py).
 
 `pack(data, ...)` reads a weight as the model file stores it (Q4_0 / Q4_1 / Q8_0 / bf16 blocks, or
-a float array), dequantizes each row, optionally permutes rows (output features) and columns
+a float array; other block formats, q5_* and the k-quants, are dequantized first by their own
+`dequantize`), dequantizes each row, optionally permutes rows (output features) and columns
 (input features), rounds to the matmul dtype and writes the PE-array layout of compiler/lower/npu/weights.py: pieces
 of `[P, kt-1, cols]` plus the last partial K-tile. With `split`, the bf16 value and the bf16
 rounding of its remainder are written as two arrays (hi + lo carries about 16 significant bits,
@@ -146,8 +147,9 @@ def _source(data):
     """(raw uint8 rows, dense f32 rows, qcode) of a weight's storage."""
     q = getattr(data, "qtype", None)
     if q is not None:
-        if q not in _QCODE:
-            raise ValueError(f"no NPU packing for {q}")
+        if q not in _QCODE:     # formats this packer does not decode (q5_*, k-quants): their own dequantizer
+            dense = np.asarray(data.dequantize(), np.float32).reshape(data.shape[0], -1)
+            return _readonly(np.zeros((1, 1), np.uint8)), _readonly(dense), 0
         return _readonly(data.raw), _readonly(np.zeros((1, 1), np.float32)), _QCODE[q]
     return _readonly(np.zeros((1, 1), np.uint8)), _readonly(np.asarray(data, np.float32)), 0
 

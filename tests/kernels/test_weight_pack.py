@@ -41,3 +41,22 @@ def test_pack_matches_the_layout(qtype):
     assert np.array_equal(lo, (want - hi.astype(np.float32)).astype(ml_dtypes.bfloat16))
     err = np.abs(hi.astype(np.float32) + lo.astype(np.float32) - want)
     assert err.max() <= 2.0 ** -16 * np.abs(want).max()                    # hi + lo: ~16 significant bits
+
+
+@pytest.mark.parametrize("qtype", ["q4_k", "q6_k", "q5_1"])
+def test_formats_without_a_row_decoder_pack_their_dequantized_values(qtype):
+    """Block formats this packer does not decode fall back to their dequantizer (checked against
+    gguf in test_quant.py); the layout is the same as for floats."""
+    import ggml_ref  # tests/support
+    from gguf import GGMLQuantizationType as T
+
+    from isthmus.compiler.quant import QuantizedArray
+
+    if not ggml_ref.available():
+        pytest.skip("needs llama-cpp-python (peers extra)")
+    w = np.random.default_rng(1).standard_normal((40, 256)).astype(np.float32)
+    data = QuantizedArray(qtype, w.shape, ggml_ref.quantize(w, T[qtype.upper()]))
+    ref = data.dequantize()
+    assert np.array_equal(weight_pack.dequantize(data), ref)
+    f32, _ = weight_pack.pack(data, "f32", 128, 256)
+    assert np.array_equal(f32, layout(ref.T.copy(), 128, 256))
