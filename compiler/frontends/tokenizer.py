@@ -1,10 +1,8 @@
-"""The model's tokenizer, rebuilt from the vocabulary a GGUF file carries, and its chat template.
+"""The model's tokenizer (text <-> ids), its streaming decoder and its chat template.
 
-GGUF has no tokenizer.json: it stores the tokens, merges and token types under
-`tokenizer.ggml.*`, and names the pre-tokenizer (the regex that cuts text into words before BPE)
-only by a label, `tokenizer.ggml.pre`. We rebuild a byte-level BPE with Hugging Face `tokenizers`
-and choose the split for that label as llama.cpp does (llama-vocab.cpp). Decoding does not need
-the library: each token is a fixed byte string, so text is the UTF-8 decoding of their
+`Tokenizer.from_gguf` rebuilds the vocabulary a GGUF file carries (byte-level BPE or
+SentencePiece; see gguf_vocab.py) with Hugging Face `tokenizers`, which encodes. Decoding does
+not need the library: each token is a fixed byte string, so text is the UTF-8 decoding of their
 concatenation, and a stream of tokens can be decoded incrementally without ever emitting half
 a character.
 """
@@ -16,27 +14,7 @@ import functools
 import re
 from typing import Iterable, Iterator
 
-from isthmus.errors import InputError, ModelFormatError, UnsupportedError
-
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types
-
-# tokenizer.ggml.pre -> how text is split before BPE. llama.cpp's SMOLLM/STARCODER family splits
-# every digit off first ("\p{N}", HF's Digits(individual_digits=True)), then applies GPT-2's regex.
-_GPT2, _DIGITS, _LLAMA3, _QWEN2 = "gpt2", "digits", "llama3", "qwen2"
-_PRE_TOKENIZERS = {
-    None: _GPT2, "gpt-2": _GPT2, "gpt2": _GPT2, "mpt": _GPT2, "olmo": _GPT2, "jais": _GPT2,
-    "smollm": _DIGITS, "starcoder": _DIGITS, "refact": _DIGITS, "command-r": _DIGITS,
-    "codeshell": _DIGITS, "exaone": _DIGITS, "minerva-7b": _DIGITS,
-    "llama-bpe": _LLAMA3, "llama3": _LLAMA3, "llama-v3": _LLAMA3, "smaug-bpe": _LLAMA3,
-    "dbrx": _LLAMA3, "falcon3": _LLAMA3,
-    "qwen2": _QWEN2, "deepseek-r1-qwen": _QWEN2,
-}
-_SPLIT_REGEX = {
-    _LLAMA3: r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-    _QWEN2: r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
-}
+from isthmus.errors import InputError, UnsupportedError
 
 
 @functools.lru_cache(maxsize=1)
@@ -55,12 +33,15 @@ class Tokenizer:
     """Text <-> token ids for one model. Build it with `Tokenizer.from_gguf`."""
 
     def __init__(self, backend, token_bytes: list[bytes], special_ids: Iterable[int], *, bos_id: int | None,
-                 eos_id: int | None, stop_ids: Iterable[int] = (), add_bos: bool = False,
-                 chat_template: str | None = None):
+                 eos_id: int | None, stop_ids: Iterable[int] = (), add_bos: bool = False, add_eos: bool = False,
+                 chat_template: str | None = None, strip_space: bool = False):
         self._backend = backend
         self._bytes = token_bytes
         self.special_ids = frozenset(special_ids)
-        self.bos_id, self.eos_id, self.add_bos = bos_id, eos_id, add_bos
+        self.bos_id, self.eos_id, self.add_bos, self.add_eos = bos_id, eos_id, add_bos, add_eos
+        # SentencePiece vocabularies prepend a space to the text they encode; decoding drops
+        # one space at the start of the text again, as llama.cpp and Hugging Face do.
+        self.strip_space = strip_space
         self.stop_ids = frozenset(i for i in (eos_id, *stop_ids) if i is not None)
         self.chat_template = chat_template
 
@@ -75,12 +56,12 @@ class Tokenizer:
             from isthmus.compiler.frontends.gguf import read_gguf
 
             gguf_file = read_gguf(gguf_file)
-        return _build(gguf_file.metadata, gguf_file.path)
+        return _from_metadata(gguf_file.metadata, gguf_file.path)
 
-    def encode(self, text: str, add_bos: bool | None = None) -> list[int]:
+    def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
         """Token ids for `text`. Control tokens written in the text (e.g. `<|im_start|>`) become
         their single ids, as in Hugging Face, except in a `ChatPrompt`, where only those its
-        template wrote do. `add_bos=None` follows the model's GGUF setting."""
+        template wrote do. `add_bos=None` / `add_eos=None` follow the model's setting."""
         try:
             if isinstance(text, ChatPrompt) and text.literals:
                 ids = self._encode_chat(text)
@@ -90,11 +71,15 @@ class Tokenizer:
             raise InputError("the text is not valid Unicode (it contains a lone surrogate)") from None
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
+        if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
+            ids.append(self.eos_id)
         return ids
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-        """Text for `ids`; bytes that do not form valid UTF-8 become U+FFFD, as in Hugging Face."""
-        return b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")
+        """Text for `ids`; bytes that do not form valid UTF-8 become U+FFFD, as in Hugging Face.
+        A SentencePiece vocabulary's text loses the one space at its start that encoding adds."""
+        text = b"".join(self.token_bytes(i, skip_special) for i in ids).decode("utf-8", errors="replace")
+        return text[1:] if self.strip_space and text.startswith(" ") else text
 
     def token_bytes(self, token_id: int, skip_special: bool = False) -> bytes:
         """The bytes one token stands for (empty for a special token when `skip_special`)."""
@@ -183,88 +168,36 @@ class StreamDecoder:
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
         self._tokenizer, self._skip = tokenizer, skip_special
         self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._strip = tokenizer.strip_space   # until the first character is out
 
     def feed(self, token_id: int) -> str:
-        return self._utf8.decode(self._tokenizer.token_bytes(token_id, self._skip))
+        return self._lstrip(self._utf8.decode(self._tokenizer.token_bytes(token_id, self._skip)))
+
+    def _lstrip(self, text: str) -> str:
+        if self._strip and text:
+            self._strip = False
+            return text[1:] if text[0] == " " else text
+        return text
 
     def flush(self) -> str:
         """Whatever is held back, as U+FFFD if it never became a character; resets the decoder."""
-        text = self._utf8.decode(b"", final=True)
+        text = self._lstrip(self._utf8.decode(b"", final=True))
         self._utf8.reset()
         return text
 
 
-def _build(md: dict, path: str) -> Tokenizer:
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as Backend
+def _from_metadata(md: dict, path: str) -> Tokenizer:
+    from isthmus.compiler.frontends.gguf_vocab import build_vocab, _id
 
-    kind = md.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise UnsupportedError(
-            f"{path}: tokenizer model {kind!r} is not supported; supported: 'gpt2' (byte-level BPE)"
-        )
-    tokens = _string_list(md, "tokenizer.ggml.tokens", path)
-    merges = _string_list(md, "tokenizer.ggml.merges", path)
-    types = md.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    if len(types) != len(tokens) or not all(type(t) is int for t in types):
-        raise ModelFormatError(f"{path}: tokenizer.ggml.token_type does not give one integer per token")
-    pre = md.get("tokenizer.ggml.pre")
-    split = _PRE_TOKENIZERS.get(pre)
-    if split is None:
-        raise UnsupportedError(
-            f"{path}: pre-tokenizer {pre!r} is not supported; supported: "
-            f"{', '.join(sorted(k for k in _PRE_TOKENIZERS if k))}"
-        )
-
-    spelled = _byte_alphabet()
-    alphabet = {c: b for b, c in spelled.items()}
-    # Tokens are spelled in GPT-2's byte alphabet; the odd one with other characters (an added
-    # token holding a real space, say) is respelled, as transformers does, so BPE can reach it.
-    vocab = {}
-    for i, tok in enumerate(tokens):
-        vocab[tok if all(c in alphabet for c in tok) else "".join(spelled[b] for b in tok.encode())] = i
-    pairs = []
-    for rank, merge in enumerate(merges):
-        parts = merge.split(" ")
-        if len(parts) != 2:
-            raise ModelFormatError(f"{path}: merge {rank} ({merge[:40]!r}) is not two tokens separated by a space")
-        pairs.append((parts[0], parts[1]))
-    try:
-        bpe = models.BPE(vocab=vocab, merges=pairs, dropout=None, continuing_subword_prefix="",
-                         end_of_word_suffix="", fuse_unk=False)
-    except Exception as e:  # the Rust side raises plain Exception for merges outside the vocabulary
-        raise ModelFormatError(f"{path}: the tokenizer merges do not fit its vocabulary ({e})") from None
-    backend = Backend(bpe)
-    if split == _GPT2:
-        backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    elif split == _DIGITS:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ])
-    else:
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_SPLIT_REGEX[split]), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ])
-    backend.decoder = decoders.ByteLevel()
-
-    # Control tokens (<|im_start|>) must match whole wherever they appear in the text; a control
-    # token spelled outside the byte alphabet is a converter's mislabel and is left alone.
-    control = [i for i, t in enumerate(types) if t == CONTROL and all(c in alphabet for c in tokens[i])]
-    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in control])
-    user = [i for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] in vocab]
-    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in user])
-
-    token_bytes = [_token_bytes(tok, alphabet) for tok in tokens]
-    bos = _id(md, "tokenizer.ggml.bos_token_id", len(tokens), path)
-    eos = _id(md, "tokenizer.ggml.eos_token_id", len(tokens), path)
-    stops = [_id(md, f"tokenizer.ggml.{k}_token_id", len(tokens), path) for k in ("eot", "eom")]
+    v = build_vocab(md, path)
+    n = len(v.token_bytes)
+    stops = [_id(md, f"tokenizer.ggml.{k}_token_id", n, path) for k in ("eot", "eom")]
+    template = md.get("tokenizer.chat_template")
     return Tokenizer(
-        backend, token_bytes, [*control, *(i for i in (bos, eos) if i is not None)],
-        bos_id=bos, eos_id=eos, stop_ids=[s for s in stops if s is not None],
-        add_bos=md.get("tokenizer.ggml.add_bos_token") is True,
-        chat_template=md.get("tokenizer.chat_template") if isinstance(md.get("tokenizer.chat_template"), str) else None,
+        v.backend, v.token_bytes, [*v.special_ids, *(i for i in (v.bos_id, v.eos_id) if i is not None)],
+        bos_id=v.bos_id, eos_id=v.eos_id, stop_ids=[s for s in stops if s is not None],
+        add_bos=v.add_bos, add_eos=v.add_eos, strip_space=v.strip_space,
+        chat_template=template if isinstance(template, str) else None,
     )
 
 
@@ -275,22 +208,6 @@ def _token_bytes(token: str, alphabet: dict[str, int]) -> bytes:
         return bytes(alphabet[c] for c in token)
     except KeyError:
         return token.encode()
-
-
-def _string_list(md: dict, key: str, path: str) -> list[str]:
-    value = md.get(key)
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ModelFormatError(f"{path}: metadata {key} is missing or is not a list of strings")
-    return value
-
-
-def _id(md: dict, key: str, n: int, path: str) -> int | None:
-    value = md.get(key)
-    if value is None:
-        return None
-    if type(value) is not int or not 0 <= value < n:
-        raise ModelFormatError(f"{path}: metadata {key} is {value!r}, not a token id below {n}")
-    return value
 
 
 # --- chat templates ------------------------------------------------------------------------------

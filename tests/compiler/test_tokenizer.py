@@ -105,8 +105,8 @@ def test_bad_ids_and_bad_vocabularies(tmp_path, tiny):
         tiny.decode([10**6])
     with pytest.raises(InputError):
         tiny.stream().feed(-1)
-    with pytest.raises(UnsupportedError, match="tokenizer model 'llama' is not supported"):
-        Tokenizer.from_gguf(write_vocab(tmp_path / "a.gguf", model="llama"))
+    with pytest.raises(UnsupportedError, match="tokenizer model 'bert' is not supported"):
+        Tokenizer.from_gguf(write_vocab(tmp_path / "a.gguf", model="bert"))
     with pytest.raises(UnsupportedError, match="pre-tokenizer 'klingon' is not supported"):
         Tokenizer.from_gguf(write_vocab(tmp_path / "b.gguf", pre="klingon"))
     with pytest.raises(ModelFormatError, match="merge 0"):
