@@ -74,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_compile)
 
     p = sub.add_parser("run", parents=[common], help="run any graph on named inputs from an .npz file")
-    _add_model(p)
+    p.add_argument("model", nargs="?", default=None, help="a registry name (e.g. smollm2-135m-instruct) or a "
+                   "path: .gguf, .onnx, HF folder (none with --sealed)")
     _add_target(p)
+    p.add_argument("--sealed", metavar="PACKAGE", help="run a sealed .isth package inside the simulated enclave "
+                   "(the key comes from the local key release service)")
     p.add_argument("--inputs", required=True, help=".npz file of named input arrays")
     p.add_argument("-o", "--output", help="write the named outputs to this .npz")
     p.add_argument("--check", choices=("reference", "onnxruntime"),
@@ -212,26 +215,49 @@ def cmd_run(args) -> int:
 
     import isthmus
     from isthmus.npz import load_npz
-    from isthmus.runtime.check import compare, onnxruntime_outputs
+    from isthmus.runtime.check import compare
 
-    model = isthmus.load(args.model)
+    if (args.model is None) == (args.sealed is None):
+        raise InputError("give a model to run, or --sealed PACKAGE (not both)")
     inputs = load_npz(args.inputs)
-    exe = isthmus.compile(model, target=args.target)
-    outputs = exe.run(inputs)
+    session = None
+    if args.sealed:    # the simulated TEE: attest, get the key, unseal in memory, check the program
+        from isthmus.runtime.tee.cli import open_sealed
+        session = open_sealed(args)
+        exe = session.exe
+        model = exe.model
+    else:
+        model = isthmus.load(args.model)
+        exe = isthmus.compile(model, target=args.target)
+    try:
+        outputs = exe.run(inputs)
+        expected = _run_check(args, model, inputs, sealed=session is not None) if args.check else None
+    finally:
+        if session is not None:
+            session.close()
     if args.output:
         np.savez(args.output, **outputs)
     for name, a in outputs.items():
         print(f"{name:<24}{a.dtype!s:<9}{a.shape!s}")
     if not args.check:
         return 0
+    ok = compare(outputs, expected, args.tolerance, label=args.check)
+    return 0 if ok else EXIT_CHECK_FAILED
+
+
+def _run_check(args, model, inputs, sealed: bool) -> dict:
+    """What `run --check` compares against: onnxruntime on the model file, or the reference target."""
+    import isthmus
+    from isthmus.runtime.check import onnxruntime_outputs
+
     if args.check == "onnxruntime":
         if model.format != "onnx":
             raise InputError("--check onnxruntime needs an ONNX model; use --check reference")
-        expected = onnxruntime_outputs(model.path, inputs)
-    else:
-        expected = isthmus.compile(model, target="reference", passes=[]).run(inputs)
-    ok = compare(outputs, expected, args.tolerance, label=args.check)
-    return 0 if ok else EXIT_CHECK_FAILED
+        if sealed:
+            raise InputError("--check onnxruntime needs the model file, which a sealed package never writes "
+                             "out; use --check reference")
+        return onnxruntime_outputs(model.path, inputs)
+    return isthmus.compile(model, target="reference", passes=[]).run(inputs)
 
 
 def cmd_chat(args) -> int:

@@ -12,6 +12,7 @@ isthmus keeps that space.
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def tokenizer_from_hf(folder, tok_config: dict | None = None, *, bos_id: int | N
     names; `vocab_size` (the model's, which may be padded past the tokenizer's) sizes the byte table."""
     from tokenizers import Tokenizer as Backend
 
-    path = Path(folder) / "tokenizer.json"
+    path = (Path(folder) if isinstance(folder, (str, os.PathLike)) else folder) / "tokenizer.json"  # or in memory
     tok_config = tok_config if isinstance(tok_config, dict) else {}
     try:
         text = path.read_text(encoding="utf-8")

@@ -29,6 +29,7 @@ import numpy as np
 from isthmus.compiler.frontends import Model
 from isthmus.compiler.quant import QuantizedArray
 from isthmus.compiler.frontends.files import map_readonly, one_line
+from isthmus.compiler.frontends.memfiles import MemoryFile, MemoryFolder
 from isthmus.compiler.frontends.gguf import (MAX_CONTEXT, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB,
                                              MAX_WIDTH, check_limit)
 from isthmus.errors import ModelFormatError, UnsupportedError
@@ -54,7 +55,8 @@ _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
 
 
 def load_safetensors(folder) -> Model:
-    folder = Path(folder)
+    """`folder`: a path, or a `memfiles.MemoryFolder` (the checkpoint's files in memory, as sealed)."""
+    folder = _folder(folder)
     config = llama_config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     _add_generation_stops(folder, config)
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
@@ -252,7 +254,7 @@ def _read_json(path: Path):
 def read_checkpoint(folder) -> dict:
     """All tensors of a checkpoint folder by HF name: the files model.safetensors.index.json names,
     or else every *.safetensors file in the folder."""
-    folder = Path(folder)
+    folder = _folder(folder)
     index_path = folder / INDEX_FILE
     if index_path.exists():
         index = _read_json(index_path)
@@ -287,8 +289,13 @@ def read_checkpoint(folder) -> dict:
 
 def read_safetensors(path) -> dict:
     """Name -> read-only view of one safetensors file (np.ndarray for F32/F16, QuantizedArray for BF16)."""
-    name = os.fspath(path)
-    mm = map_readonly(name, "safetensors")
+    if isinstance(path, MemoryFile):
+        name, mm = str(path), path.buffer()
+        if len(mm) < 8:
+            raise ModelFormatError(f"{name}: not a safetensors file (only {len(mm)} bytes long)")
+    else:
+        name = os.fspath(path)
+        mm = map_readonly(name, "safetensors")
     (n,) = struct.unpack_from("<Q", mm, 0)
     if n > min(len(mm) - 8, MAX_HEADER):
         raise ModelFormatError(f"{name}: header claims {n} bytes but the file has {len(mm) - 8} after the length; "
@@ -331,6 +338,11 @@ def read_safetensors(path) -> dict:
         raise UnsupportedError(f"{name}: tensor {unsupported[0]} is stored as {unsupported[1]}; "
                                f"supported: {', '.join(SUPPORTED_DTYPES)}")
     return {tname: _view(mm, dtype, shape, start, nbytes) for tname, dtype, shape, start, nbytes in entries}
+
+
+def _folder(folder):
+    """A folder on disk as a Path; an in-memory one as it is."""
+    return folder if isinstance(folder, MemoryFolder) else Path(folder)
 
 
 def _view(mm: mmap.mmap, dtype: str, shape: tuple, start: int, nbytes: int):

@@ -1,5 +1,5 @@
 """The TEE commands: `isthmus keygen`, `seal`, `attest`, `verify`, `audit verify`, `usage export|budget`,
-and what `chat --sealed` and `serve --sealed` call.
+and what `chat --sealed`, `run --sealed` and `serve --sealed` call.
 
 State lives under $ISTHMUS_HOME: tee/platform/ (the simulated root and attestation key), tee/kms/ (the
 local key release service), audit/audit.jsonl (the hash-chained audit log) and usage/ (raw usage
@@ -24,8 +24,9 @@ def register(sub, common) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(fn=cmd_keygen)
 
-    p = sub.add_parser("seal", parents=[common], help="seal a GGUF model for a tenant into a .isth package")
-    p.add_argument("model", help="a registry name or a .gguf path")
+    p = sub.add_parser("seal", parents=[common], help="seal a model for a tenant into a .isth package")
+    p.add_argument("model", help="a registry name or a path: .gguf, .onnx (external data files beside it "
+                   "are sealed too), or a HF folder (config.json, *.safetensors, tokenizer files)")
     p.add_argument("--tenant", required=True, help="the tenant id the model belongs to")
     p.add_argument("--owner-key", required=True, help="the owner's signing key (from `isthmus keygen`)")
     p.add_argument("-o", "--output", required=True, help="the package to write (.isth)")
@@ -248,8 +249,8 @@ def cmd_usage_budget(args) -> int:
 
 
 def open_sealed(args):
-    """For `isthmus chat --sealed PKG`: an enclave session with the package loaded through the
-    local key release service. The caller chats with `session.exe` and closes the session."""
+    """For `isthmus chat | run | serve --sealed PKG`: an enclave session with the package loaded through
+    the local key release service. The caller uses `session.exe` and closes the session."""
     from isthmus.runtime.tee.enclave import EnclaveSession
     from isthmus.runtime.tee.keyrelease import KeyReleaseService
 

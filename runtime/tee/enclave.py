@@ -8,8 +8,9 @@
 Start-up measures the runtime code and config into the registers (PCR0, PCR2) and makes a fresh
 X25519 key pair; `load` measures the package's compiled-program digest (PCR1), sends a report
 bound to the package to the key release service, unwraps the data key with the enclave's private
-key, unseals the payload into an anonymous memory mapping, parses the GGUF in place, recompiles
-it and checks the result is exactly the sealed (and measured) program, then lowers it for the target.
+key, unseals the payload into an anonymous memory mapping, has the model's frontend (GGUF, ONNX or
+safetensors) read its files in place from that mapping, recompiles the graph and checks the result
+is exactly the sealed (and measured) program, then lowers it for the target.
 
 Simulated: this object lives in an ordinary process. The operator can read its memory, attach a
 debugger, or read the platform keys; nothing is encrypted in RAM. What it does guarantee is the
@@ -34,7 +35,7 @@ from isthmus.runtime.tee.conversations import DEFAULT_BUDGET, ConversationStore
 from isthmus.runtime.tee.crypto import canonical, public_bytes, sha384, unwrap_with, zeroise
 from isthmus.runtime.tee.keyrelease import key_request
 from isthmus.runtime.tee.package import Package, read_header, unseal
-from isthmus.runtime.tee.payload import sections
+from isthmus.runtime.tee.payload import PROGRAM, model_parts, sections
 
 
 class EnclaveSession:
@@ -126,24 +127,27 @@ class EnclaveSession:
 
     def _compile(self, parts: dict, pkg: Package):
         from isthmus.compiler.frontends import Model
-        from isthmus.compiler.frontends.gguf_model import load_gguf
+        from isthmus.compiler.frontends.memfiles import load_model_from
         from isthmus.compiler.ir_text import print_graph
         from isthmus.compiler.passes.pipeline import run_pipeline
         from isthmus.compiler.targets import compile_model
 
         h = pkg.header
-        if "model.gguf" not in parts or "program.ir" not in parts:
-            raise SealError(f"{pkg.name}: the payload lacks model.gguf or program.ir")
-        sealed_program = str(parts["program.ir"], "utf-8")
+        manifest, files = model_parts(parts, pkg.name)
+        if PROGRAM not in parts:
+            raise SealError(f"{pkg.name}: the payload lacks {PROGRAM}")
+        sealed_program = str(parts[PROGRAM], "utf-8")
         if measurement.program_digest(sealed_program) != h.program_digest:
             raise SealError(f"{pkg.name}: the sealed program does not match the digest in the header")
-        model = load_gguf(parts["model.gguf"], name=f"sealed {h.tenant}/{h.model} v{h.version}")
+        # the frontend reads the model's files from the unsealed mapping, as it reads them on disk
+        model = load_model_from(files, format=manifest["format"], entry=manifest["entry"], name=manifest["name"])
         with _no_ir_dumps():
             graph = run_pipeline(model.graph)
         if print_graph(graph) != sealed_program:
             raise SealError(f"{pkg.name}: this runtime compiles the model to a different program than the "
                             "sealed one (sealed with another isthmus version?)")
-        compiled = Model(graph, model.path, model.format, model.config, model.tokenizer)
+        compiled = Model(graph, f"sealed {h.tenant}/{h.model} v{h.version}", model.format, model.config,
+                         model.tokenizer)
         return compile_model(compiled, self.target, passes=[])
 
     # -- chatting --------------------------------------------------------------------------------
@@ -193,6 +197,9 @@ class _Resumed:
 
     def __init__(self, exe, conv):
         self.exe, self.conv, self.model = exe, conv, exe.model
+
+    def __getattr__(self, name):            # everything else (graph, target...) is the executable's
+        return getattr(self.exe, name)
 
     def decoder(self):
         return _ConversationDecoder(self.exe, self.conv)

@@ -5,26 +5,35 @@
 
 The compiled program is the IR text after the pass pipeline; its SHA-384 goes in the header and,
 through `expected_pcrs`, in the allow-list the key release service enforces. The payload carries the
-GGUF file as is (weights, tokenizer, hyperparameters) and the program text.
+model's files as they are, each a section "model/<name>" (payload.py): a GGUF file; an ONNX file
+and the external data files its tensors name; a safetensors checkpoint's config.json, shards,
+index, tokenizer files and chat template. A section "model.json" says which frontend reads them
+(format, entry file, the name the folder or file had), and "program.ir" holds the program text.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
 
-from isthmus.errors import InputError, UnsupportedError
+from isthmus.errors import InputError, ModelFormatError
 from isthmus.runtime.tee import measurement
 from isthmus.runtime.tee.attestation import MODULE_ID
 from isthmus.runtime.tee.crypto import zeroise
 from isthmus.runtime.tee.keyrelease import owner_request
 from isthmus.runtime.tee.package import DEFAULT_CHUNK, ID_RE, Package, seal
-from isthmus.runtime.tee.payload import PayloadReader
+from isthmus.runtime.tee.payload import FILE_PREFIX, MANIFEST, PROGRAM, PayloadReader
+
+
+# What a safetensors checkpoint's frontend may read besides its *.safetensors shards.
+CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "chat_template.jinja", "model.safetensors.index.json")
 
 
 def compile_program(model) -> str:
-    """The compiled program of a loaded GGUF model: its graph after the pass pipeline, as IR text."""
+    """The compiled program of a loaded model: its graph after the pass pipeline, as IR text."""
     from isthmus.compiler.ir_text import print_graph
     from isthmus.compiler.passes.pipeline import run_pipeline
     return print_graph(run_pipeline(model.graph))
@@ -42,8 +51,8 @@ def model_id_for(name_or_path) -> str:
 def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | None = None,
                version: int | None = None, targets: list[str] | None = None,
                chunk_size: int = DEFAULT_CHUNK, progress: bool = False) -> tuple[Package, list[dict]]:
-    """Seal a GGUF model for `tenant`. Returns the package header and the PCR allow-list registered
-    (one entry per target the enclave may run on)."""
+    """Seal a model (GGUF, ONNX, or a safetensors checkpoint folder) for `tenant`. Returns the package
+    header and the PCR allow-list registered (one entry per target the enclave may run on)."""
     from isthmus.compiler.frontends import load_model
     from isthmus.compiler.targets import default_target
 
@@ -53,8 +62,7 @@ def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | 
             raise InputError(f"{what} {value!r} must be 1-128 characters of letters, digits and ._:@+- "
                              "starting with a letter or digit")
     model = load_model(model_path)
-    if model.format != "gguf":
-        raise UnsupportedError(f"{model_path}: only GGUF models can be sealed (this is {model.format})")
+    manifest, files = model_files(model_path, model.format)
     program = compile_program(model)
     digest = measurement.program_digest(program)
     version = kms.next_version(tenant, model_id) if version is None else version
@@ -62,7 +70,8 @@ def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | 
     package_id = os.urandom(16)
     request = owner_request(owner_key, tenant=tenant, model=model_id, version=version, package=package_id, pcrs=allow)
     dek, blob = kms.register(request)
-    reader = PayloadReader([("model.gguf", Path(model_path)), ("program.ir", program.encode())])
+    reader = PayloadReader([(MANIFEST, json.dumps(manifest, sort_keys=True).encode()),
+                            *((FILE_PREFIX + name, path) for name, path in files), (PROGRAM, program.encode())])
     try:
         pkg = seal(reader, reader.size, out, tenant=tenant, model=model_id, version=version, dek=dek,
                    signer=owner_key, program_digest=digest, key_blob=blob, package_id=package_id,
@@ -71,6 +80,44 @@ def seal_model(model_path, out, *, tenant: str, owner_key, kms, model_id: str | 
         zeroise(dek)
         reader.close()
     return pkg, allow
+
+
+def model_files(model_path, fmt: str) -> tuple[dict, list[tuple[str, Path]]]:
+    """What a package carries for a model the frontend `fmt` loaded from `model_path`: the manifest
+    (format, entry file, name) and the files, as (name relative to the model's folder, path)."""
+    path = Path(model_path)
+    if fmt == "gguf":
+        return {"format": fmt, "entry": path.name, "name": path.name}, [(path.name, path)]
+    if fmt == "onnx":
+        if path.is_dir():
+            path = sorted(path.glob("*.onnx"))[0]        # load_model accepted a folder with one .onnx
+        files = [(path.name, path)] + [(loc, path.parent / loc) for loc in _external_files(path)]
+        return {"format": fmt, "entry": path.name, "name": path.name}, files
+    if fmt == "safetensors":
+        names = [n for n in CHECKPOINT_FILES if (path / n).is_file()]
+        names += sorted(p.name for p in path.glob("*.safetensors") if p.is_file())
+        return ({"format": fmt, "entry": ".", "name": path.resolve().name},
+                [(n, path / n) for n in names])
+    raise InputError(f"{model_path}: {fmt} models cannot be sealed")
+
+
+def _external_files(path: Path) -> list[str]:
+    """The external data files an ONNX model's tensors name (checked by the frontend already)."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:
+        raise ModelFormatError(f"{path}: not a valid ONNX model") from None
+    tensors = list(model.graph.initializer)
+    for node in model.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    locations = set()
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            loc = {e.key: e.value for e in t.external_data}.get("location", "")
+            locations.add(Path(os.path.normpath(loc)).as_posix())
+    return sorted(locations)
 
 
 def policy_for(pkg: Package, allow: list[dict], root_fingerprint: str, max_age_s: int = 300) -> dict:

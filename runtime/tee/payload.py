@@ -4,8 +4,15 @@
     | zero padding | section | zero padding | section ...
 
 Every section starts at a multiple of 64 bytes, so tensors parsed in place from the unsealed buffer
-keep the alignment the GGUF file gave them. A sealed model carries `model.gguf` (weights, tokenizer,
-hyperparameters) and `program.ir` (the compiled program: the IR text after the pass pipeline).
+keep the alignment their file gave them. A sealed model carries
+
+    model.json      the manifest: {"format": "gguf" | "onnx" | "safetensors", "entry": the file the
+                    frontend opens ("." for a checkpoint folder), "name": the file or folder's name}
+    model/<name>    each of the model's files, named relative to its folder (a GGUF file; an ONNX
+                    file and its external data; a checkpoint's config, shards and tokenizer files)
+    program.ir      the compiled program: the IR text after the pass pipeline
+
+(packages sealed before the manifest carry the GGUF file as `model.gguf`, which still opens).
 `PayloadReader` streams the payload from the source files without building it in memory.
 """
 
@@ -21,6 +28,8 @@ from isthmus.errors import SealError
 from isthmus.runtime.tee.crypto import canonical
 
 ALIGN = 64
+MANIFEST, FILE_PREFIX, PROGRAM, LEGACY_GGUF = "model.json", "model/", "program.ir", "model.gguf"
+FORMATS = ("gguf", "onnx", "safetensors")
 _U32 = struct.Struct("<I")
 
 
@@ -137,3 +146,21 @@ def sections(buf) -> dict[str, memoryview]:
         return out
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, RecursionError) as e:
         raise SealError(f"the unsealed payload's section table is malformed ({e})") from None
+
+
+def model_parts(parts: dict[str, memoryview], name: str) -> tuple[dict, dict[str, memoryview]]:
+    """The manifest and the model's files (name -> view) among a payload's sections; SealError when
+    the payload holds no model or a malformed manifest."""
+    if MANIFEST not in parts:
+        if LEGACY_GGUF in parts:
+            return {"format": "gguf", "entry": LEGACY_GGUF, "name": name}, {LEGACY_GGUF: parts[LEGACY_GGUF]}
+        raise SealError(f"{name}: the payload lacks a model ({MANIFEST} or {LEGACY_GGUF})")
+    try:
+        manifest = json.loads(str(parts[MANIFEST], "utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        manifest = None
+    if not (isinstance(manifest, dict) and manifest.get("format") in FORMATS
+            and all(isinstance(manifest.get(k), str) and manifest[k] for k in ("entry", "name"))):
+        raise SealError(f"{name}: the payload's {MANIFEST} is malformed")
+    files = {k[len(FILE_PREFIX):]: v for k, v in parts.items() if k.startswith(FILE_PREFIX)}
+    return manifest, files

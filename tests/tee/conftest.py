@@ -1,5 +1,6 @@
-"""Fixtures for the simulated TEE: a tiny chat model as a GGUF file, a fresh platform, key release
-service and owner key per test, and a scanner that looks for plaintext in files."""
+"""Fixtures for the simulated TEE: a tiny chat model as a GGUF file, tiny models in every format that
+can be sealed (`any_model`, `sealed_any`), a fresh platform, key release service and owner key per
+test, and a scanner that looks for plaintext in files."""
 
 from __future__ import annotations
 
@@ -9,11 +10,37 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from tiny_models import write_tiny_chat_gguf  # tests/support, on pythonpath
+from tiny_formats import FORMATS, write_tiny_checkpoint, write_tiny_onnx  # tests/support, on pythonpath
+from tiny_models import write_tiny_chat_gguf
+
+# Each tiny model is named "tiny-chat" (so its model id is too). The GGUF file and the safetensors
+# checkpoint are chat models; the ONNX graphs are run, not chatted with.
+
 
 @pytest.fixture(scope="session")
 def chat_gguf(tmp_path_factory) -> Path:
     return write_tiny_chat_gguf(tmp_path_factory.mktemp("tee-model") / "tiny-chat.gguf")
+
+
+@pytest.fixture(scope="session")
+def model_of(tmp_path_factory, chat_gguf):
+    """format -> the path of a tiny model in that format (made once per session, on first use)."""
+    made = {"gguf": chat_gguf}
+
+    def get(fmt: str) -> Path:
+        if fmt not in made:
+            d = tmp_path_factory.mktemp(f"tee-{fmt}")
+            made[fmt] = {"onnx": lambda: write_tiny_onnx(d / "tiny-chat.onnx"),
+                         "onnx-external": lambda: write_tiny_onnx(d / "tiny-chat.onnx", external=True),
+                         "safetensors": lambda: write_tiny_checkpoint(d / "tiny-chat")}[fmt]()
+        return made[fmt]
+    return get
+
+
+@pytest.fixture(params=FORMATS)
+def any_model(request, model_of):
+    """A tiny model of each format in turn: .fmt, .path."""
+    return SimpleNamespace(fmt=request.param, path=model_of(request.param))
 
 
 @pytest.fixture
@@ -37,6 +64,17 @@ def sealed(tee, chat_gguf):
     pkg, allow = seal_model(chat_gguf, tee.dir / "tiny.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
                             targets=["reference"], chunk_size=4096)
     return SimpleNamespace(path=tee.dir / "tiny.isth", pkg=pkg, allow=allow)
+
+
+@pytest.fixture
+def sealed_any(tee, any_model):
+    """`any_model` sealed for tenant "acme" (reference target), registered with `tee.kms`."""
+    from isthmus.runtime.tee.owner import seal_model
+
+    path = tee.dir / f"tiny-{any_model.fmt}.isth"
+    pkg, allow = seal_model(any_model.path, path, tenant="acme", owner_key=tee.owner, kms=tee.kms,
+                            targets=["reference"], chunk_size=4096)
+    return SimpleNamespace(path=path, pkg=pkg, allow=allow, fmt=any_model.fmt, model=any_model.path)
 
 
 # -- finding plaintext in files ------------------------------------------------------------------

@@ -99,8 +99,9 @@ def test_foreign_chain(tee, sealed):
     assert "foreign" in refused(ChainError, ask, tee, sealed.pkg, platform=Platform.create())
 
 
-def test_rolled_back_version(tee, sealed, chat_gguf):
-    seal_model(chat_gguf, tee.dir / "v2.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
+def test_rolled_back_version(tee, sealed_any):
+    sealed = sealed_any
+    seal_model(sealed.model, tee.dir / "v2.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
                targets=["reference"])
     assert tee.kms.counter("acme", "tiny-chat") == 2
     assert "rollback" in refused(RollbackError, ask, tee, sealed.pkg)
@@ -110,9 +111,10 @@ def test_rolled_back_version(tee, sealed, chat_gguf):
     refused(RollbackError, ask, tee, sealed.pkg)                               # the counter persists
 
 
-def test_tenant_a_asking_for_tenant_b_s_key(tee, sealed, chat_gguf):
+def test_tenant_a_asking_for_tenant_b_s_key(tee, sealed_any):
+    sealed = sealed_any
     # Tenant B seals the same model, so its PCR allow-list is the same as A's.
-    seal_model(chat_gguf, tee.dir / "b.isth", tenant="bravo", owner_key=generate_signing_key(), kms=tee.kms,
+    seal_model(sealed.model, tee.dir / "b.isth", tenant="bravo", owner_key=generate_signing_key(), kms=tee.kms,
                targets=["reference"])
     b = read_header(tee.dir / "b.isth")
     session = EnclaveSession(tee.platform, target="reference")
@@ -122,16 +124,17 @@ def test_tenant_a_asking_for_tenant_b_s_key(tee, sealed, chat_gguf):
     assert "acme" in msg and "bravo" in msg
 
 
-def test_a_report_bound_to_another_package(tee, sealed, chat_gguf):
-    seal_model(chat_gguf, tee.dir / "v2.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
+def test_a_report_bound_to_another_package(tee, sealed_any):
+    sealed = sealed_any
+    seal_model(sealed.model, tee.dir / "v2.isth", tenant="acme", owner_key=tee.owner, kms=tee.kms,
                targets=["reference"], version=1)
     other = read_header(tee.dir / "v2.isth")
     refused(KeyReleaseError, ask, tee, sealed.pkg, user_data=key_request(other))
     refused(KeyReleaseError, ask, tee, sealed.pkg, user_data=b"not a key request")
 
 
-def test_a_package_signed_by_another_key_than_the_tenant_s(tee, sealed):
-    pkg = sealed.pkg
+def test_a_package_signed_by_another_key_than_the_tenant_s(tee, sealed_any):
+    pkg = sealed_any.pkg
     out = io.BytesIO()
     h = pkg.header
     forged = seal(io.BytesIO(b"x" * 100), 100, out, tenant="acme", model=h.model, version=h.version, dek=bytes(32),
@@ -139,8 +142,8 @@ def test_a_package_signed_by_another_key_than_the_tenant_s(tee, sealed):
     assert "owner key" in refused(KeyReleaseError, ask, tee, forged)
 
 
-def test_a_key_blob_moved_to_another_package(tee, sealed):
-    h = sealed.pkg.header
+def test_a_key_blob_moved_to_another_package(tee, sealed_any):
+    h = sealed_any.pkg.header
     out = io.BytesIO()
     moved = seal(io.BytesIO(b"x" * 100), 100, out, tenant="acme", model=h.model, version=h.version, dek=bytes(32),
                  signer=tee.owner, program_digest=h.program_digest, key_blob=h.key_blob)   # new package id

@@ -1,11 +1,16 @@
 """The sealed package format: round trips, and tampering in the manner of Gramine's pf_tamper.
 
-Every tamper test works on a small package in memory (1000 bytes in 64-byte chunks) and expects a
-`SealError` from unsealing, never another exception and never plaintext."""
+Every tamper test works on a small package in memory and expects a `SealError` from unsealing, never
+another exception and never plaintext. Each runs on five payloads (`case`): 1000 random bytes in
+64-byte chunks, and the payload the model owner seals for a tiny model of each format (GGUF, ONNX,
+ONNX with external data, a sharded safetensors checkpoint: manifest, the model's files, program),
+in about twenty chunks."""
 
 import dataclasses
 import io
+import json
 import os
+from types import SimpleNamespace
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -16,6 +21,8 @@ from isthmus.runtime.tee.crypto import TAG_BYTES, generate_signing_key
 from isthmus.runtime.tee.package import (MAGIC, Package, _SIGN_DOMAIN, merkle_root, read_header, seal, unseal,
                                          unseal_stream, verify_package)
 from isthmus.runtime.tee.payload import PayloadReader, sections
+
+from tiny_formats import FORMATS  # tests/support
 
 OWNER = generate_signing_key()
 DEK = bytes(range(32))
@@ -35,9 +42,29 @@ def open_(blob: bytes, dek=DEK) -> bytes:
     return bytes(buf)
 
 
+@pytest.fixture(scope="module", params=("bytes", *FORMATS))
+def case(request, model_of):
+    """A payload to seal and tamper with: .data, .chunk (at least 16 full chunks of one size)."""
+    if request.param == "bytes":
+        return SimpleNamespace(data=DATA, chunk=CHUNK)
+    from isthmus.compiler.frontends import load_model
+    from isthmus.runtime.tee.owner import compile_program, model_files
+    from isthmus.runtime.tee.payload import FILE_PREFIX, MANIFEST, PROGRAM
+
+    path = model_of(request.param)
+    model = load_model(path)
+    manifest, files = model_files(path, model.format)
+    reader = PayloadReader([(MANIFEST, json.dumps(manifest).encode()), *((FILE_PREFIX + n, p) for n, p in files),
+                            (PROGRAM, compile_program(model).encode())])
+    data = reader.read()
+    reader.close()
+    assert len(data) == reader.size and len(files) >= {"onnx-external": 3, "safetensors": 8}.get(request.param, 1)
+    return SimpleNamespace(data=data, chunk=max(64, len(data) // 20 // 16 * 16))
+
+
 @pytest.fixture(scope="module")
-def blob() -> bytes:
-    return make()
+def blob(case) -> bytes:
+    return make(case.data, chunk=case.chunk)
 
 
 def chunk_spans(blob: bytes) -> list[tuple[int, int]]:
@@ -63,17 +90,19 @@ def test_round_trip_at_every_chunk_edge(size):
     assert len(blob) == pkg.size
 
 
-def test_header_fields_and_keyless_verification(blob):
+def test_header_fields_and_keyless_verification(blob, case):
     pkg = verify_package(blob)
     h = pkg.header
-    assert (h.tenant, h.model, h.version, h.chunk_size, h.payload_size) == ("acme", "m", 1, CHUNK, len(DATA))
+    assert (h.tenant, h.model, h.version, h.chunk_size, h.payload_size) == ("acme", "m", 1, case.chunk, len(case.data))
     assert h.owner_key == OWNER.public_key().public_bytes_raw()
     assert blob.startswith(MAGIC)
 
 
-def test_the_ciphertext_holds_no_plaintext(blob):
-    for i in range(0, len(DATA) - 16, 16):
-        assert DATA[i:i + 16] not in blob
+def test_the_ciphertext_holds_no_plaintext(blob, case, scan, tmp_path):
+    for i in range(0, min(len(case.data), 4096) - 16, 16):
+        assert case.data[i:i + 16] not in blob
+    (tmp_path / "p.isth").write_bytes(blob)
+    assert scan([tmp_path / "p.isth"], [case.data]) == []
 
 
 def test_wrong_key_fails():
@@ -134,8 +163,8 @@ def test_truncation_at_every_chunk_boundary_fails(blob):
             open_(blob[:cut])
 
 
-def test_appended_bytes_fail(blob):
-    for extra in (b"\0", os.urandom(16), blob[-(CHUNK + TAG_BYTES):]):
+def test_appended_bytes_fail(blob, case):
+    for extra in (b"\0", os.urandom(16), blob[-(case.chunk + TAG_BYTES):]):
         with pytest.raises(SealError, match="unexpected bytes"):
             open_(blob + extra)
 
@@ -151,11 +180,12 @@ def test_reordered_chunks_fail(blob):
             open_(head + b"".join(chunks[k] for k in order))
 
 
-def test_chunk_spliced_from_another_package_of_the_same_tenant_fails(blob):
+def test_chunk_spliced_from_another_package_of_the_same_tenant_fails(blob, case):
     spans = chunk_spans(blob)
-    others = [make(os.urandom(len(DATA)), dek=os.urandom(32)),      # its own key (as every package has)
-              make(DATA, version=2),                                 # same key, another header
-              make(DATA)]                                            # same key and fields, another package id
+    data, chunk = case.data, case.chunk
+    others = [make(os.urandom(len(data)), dek=os.urandom(32), chunk=chunk),  # its own key (as every package has)
+              make(data, version=2, chunk=chunk),                         # same key, another header
+              make(data, chunk=chunk)]                                    # same key and fields, another package id
     for other in others:
         a, b = chunk_spans(other)[2]
         spliced = blob[:spans[2][0]] + other[a:b] + blob[spans[2][1]:]

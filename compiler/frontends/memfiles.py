@@ -1,0 +1,124 @@
+"""A model's files held in memory, read by the frontends as they read a folder on disk.
+
+    model = load_model_from({"config.json": buf, "model.safetensors": buf2, ...},
+                            format="safetensors", entry=".", name="SmolLM2-135M")
+
+The sealed runtime unseals a package into one anonymous mapping and hands the frontends views of
+it: no file is written, no temporary copy made. `MemoryFolder` and `MemoryFile` offer the few
+`pathlib.Path` methods the frontends' readers use (`/`, `exists`, `is_file`, `read_text`,
+`read_bytes`, `glob`, `name`, `stem`, `parent`, `resolve`), plus `buffer()`: a read-only view of
+the bytes. They are not os.PathLike on purpose: code that would open a path on disk cannot be
+handed one by mistake.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from collections.abc import Mapping
+
+from isthmus.errors import ModelFormatError
+
+
+class MemoryFolder:
+    def __init__(self, files: Mapping[str, object], name: str):
+        self.files = {k: memoryview(v).cast("B").toreadonly() for k, v in files.items()}
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    def __truediv__(self, rel: str) -> MemoryFile:
+        return MemoryFile(self, str(rel))
+
+    def resolve(self) -> MemoryFolder:
+        return self
+
+    def exists(self) -> bool:
+        return True
+
+    def is_dir(self) -> bool:
+        return True
+
+    def is_file(self) -> bool:
+        return False
+
+    def glob(self, pattern: str) -> list[MemoryFile]:
+        return [MemoryFile(self, n) for n in sorted(self.files) if "/" not in n and fnmatch.fnmatchcase(n, pattern)]
+
+    def lookup(self, rel: str) -> memoryview | None:
+        """The bytes of a file named relative to the folder ("a/../b" allowed, nothing outside), or None."""
+        norm = posixpath.normpath(rel.replace("\\", "/"))
+        if norm.startswith(("../", "/")) or norm in ("..", "."):
+            return None
+        return self.files.get(norm)
+
+
+class MemoryFile:
+    def __init__(self, folder: MemoryFolder, rel: str):
+        self.folder, self.rel = folder, rel
+
+    def __str__(self) -> str:
+        return f"{self.folder.name}/{self.rel}"
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.rel)
+
+    @property
+    def stem(self) -> str:
+        return posixpath.splitext(self.name)[0]
+
+    @property
+    def suffix(self) -> str:
+        return posixpath.splitext(self.name)[1]
+
+    @property
+    def parent(self) -> MemoryFolder:
+        return self.folder
+
+    def resolve(self) -> MemoryFile:
+        return self
+
+    def exists(self) -> bool:
+        return self.folder.lookup(self.rel) is not None
+
+    is_file = exists
+
+    def is_dir(self) -> bool:
+        return False
+
+    def buffer(self) -> memoryview:
+        data = self.folder.lookup(self.rel)
+        if data is None:
+            raise FileNotFoundError(str(self))
+        return data
+
+    def read_bytes(self) -> bytes:
+        return bytes(self.buffer())
+
+    def read_text(self, encoding: str = "utf-8") -> str:
+        return str(self.buffer(), encoding)
+
+
+def load_model_from(files: Mapping[str, object], *, format: str, entry: str, name: str):
+    """A `Model` from in-memory files: `format` "gguf" | "onnx" (entry: the .gguf / .onnx file's name)
+    or "safetensors" (the files of a checkpoint folder; entry "."). `name` stands for the folder:
+    the name the model's folder (safetensors) or file (GGUF) had, so the graph is named as when
+    loaded from disk."""
+    from isthmus.compiler.frontends import Model
+
+    folder = MemoryFolder(files, name)
+    if format == "gguf":
+        from isthmus.compiler.frontends.gguf_model import load_gguf
+        data = folder.lookup(entry)
+        if data is None:
+            raise ModelFormatError(f"{name}: no file {entry!r} among the model's files")
+        return load_gguf(data, name=name)
+    if format == "onnx":
+        from isthmus.compiler.frontends.onnx_memory import load_onnx_from
+        return Model(load_onnx_from(folder / entry), str(folder / entry), "onnx")
+    if format == "safetensors":
+        from isthmus.compiler.frontends.safetensors import load_safetensors
+        return load_safetensors(folder)
+    raise ModelFormatError(f"{name}: unknown model format {format!r}")
