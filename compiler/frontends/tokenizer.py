@@ -61,7 +61,8 @@ class Tokenizer:
     def encode(self, text: str, add_bos: bool | None = None, add_eos: bool | None = None) -> list[int]:
         """Token ids for `text`. Control tokens written in the text (e.g. `<|im_start|>`) become
         their single ids, as in Hugging Face, except in a `ChatPrompt`, where only those its
-        template wrote do. `add_bos=None` / `add_eos=None` follow the model's setting."""
+        template wrote do. `add_bos=None` / `add_eos=None` follow the model's setting; a
+        `ChatPrompt` whose template already wrote the BOS token gets no second one."""
         try:
             if isinstance(text, ChatPrompt) and text.literals:
                 ids = self._encode_chat(text)
@@ -69,7 +70,9 @@ class Tokenizer:
                 ids = self._backend.encode(text, add_special_tokens=False).ids
         except TypeError:  # the Rust side refuses str that is not valid Unicode (lone surrogates)
             raise InputError("the text is not valid Unicode (it contains a lone surrogate)") from None
-        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
+        # A chat template that writes the BOS token itself (Llama 2's, Mistral's) gets no second one.
+        wrote_bos = isinstance(text, ChatPrompt) and ids[:1] == [self.bos_id]
+        if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None and not wrote_bos:
             ids.insert(0, self.bos_id)
         if (self.add_eos if add_eos is None else add_eos) and self.eos_id is not None:
             ids.append(self.eos_id)

@@ -150,6 +150,34 @@ def test_sentencepiece_chat_prompt_matches_llama_cpp(spm, spm_file):
                                   *text("\n"), ims, *text("assistant\n")]
 
 
+LLAMA2_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                   "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def test_a_template_that_writes_bos_gets_one_bos(spm_proto, tmp_path):
+    # Llama 2 and Mistral templates write {{ bos_token }} themselves; the file still says add_bos
+    tok = Tokenizer.from_gguf(write_spm_gguf(tmp_path / "l2.gguf", spm_proto, template=LLAMA2_TEMPLATE))
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
+                                      {"role": "user", "content": "the <s> in a message"}])
+    assert prompt.startswith("<s>[INST] Hello [/INST] Hi<|im_end|>[INST]")
+    ids = tok.encode(prompt)
+    assert ids[0] == tok.bos_id and ids.count(tok.bos_id) == 1   # none added, none parsed from the message
+    assert tok.encode(str(prompt))[:2] == [tok.bos_id, tok.bos_id]   # a plain string: as llama.cpp, two
+
+
+def test_unigram_trained_vocabulary_matches_llama_cpp(tmp_path):
+    # llama.cpp tokenizes every "llama" vocabulary with its score-ranked merging, a Unigram-trained
+    # one too (whose scores tie more often); isthmus follows it, not sentencepiece's Viterbi.
+    import random
+
+    path = write_spm_gguf(tmp_path / "u.gguf", train_spm(vocab_size=360, model_type="unigram"))
+    ll, ours = llama_cpp_vocab(path), Tokenizer.from_gguf(path)
+    rng = random.Random(0)
+    for _ in range(500):
+        text = "".join(rng.choice(PIECES + SPECIAL_STRINGS) for _ in range(rng.randint(0, 12)))
+        assert ours.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), text
+
+
 def test_sentencepiece_flags_from_the_file(spm_proto, tmp_path):
     import sentencepiece
 
