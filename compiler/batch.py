@@ -12,7 +12,8 @@ row's own position, activations, the LM head), which is where a step's time goes
 B streams cost far less than B steps. The KV-cache concat writes into one padded array per layer
 (in place while the batch is stable) and attention runs over it with each row masked to its own
 cache length. The graph interface is unchanged: the plan drives the same decoder graph
-(input_ids / position_ids / past_* in, logits / present_* out) and the decoders keep their
+(its DecoderInterface: token ids, positions and past caches in; logits and present caches out)
+and the decoders keep their
 `FunctionalDecoder` caches, so any of them can go on stepping alone.
 """
 
@@ -75,19 +76,17 @@ class BatchPlan:
 
     def __init__(self, exe):
         g = exe.graph
-        names = {v.name: v for v in g.inputs}
-        if "input_ids" not in names or "position_ids" not in names:
-            raise ValueError("not a decoder graph")
+        if g.decoder is None or g.decoder.position_ids is None or not g.decoder.kv:
+            raise ValueError("not a decoder graph with positions and a KV cache")
+        d = g.decoder.resolve(g)
         self.exe = exe
-        self.ids, self.pos = names["input_ids"], names["position_ids"]
+        self.ids, self.pos, self.logits = d.input_ids, d.position_ids, d.logits
         batch = self.ids.shape[0]
         if not isinstance(batch, str):
             raise ValueError("the batch dim of input_ids is not symbolic")
-        self.pasts = [v for v in g.inputs if v.name.startswith("past_")]
+        self.pasts = d.pasts
         if len(self.pasts) + 2 != len(g.inputs):
-            raise ValueError("the graph has inputs other than input_ids, position_ids and past_*")
-        if g.outputs[0].name != "logits":
-            raise ValueError("the first output is not logits")
+            raise ValueError("the graph has inputs besides the decoder interface's")
         consts = {id(v) for v in g.constants}
         self.outputs = {id(v) for v in g.outputs}
         past_ids = {id(v) for v in self.pasts}
@@ -128,7 +127,7 @@ class BatchPlan:
         self.per_request = [m != DENSE for m in self.modes]
         # Only each request's last position is sampled from: the LM head (a fifth of a small model's
         # weights) runs on that row alone, which matters for prefills.
-        producer = getattr(g.outputs[0], "producer", None)
+        producer = self.logits.producer
         head = next((i for i, n in enumerate(g.nodes) if n is producer), None)
         self.head = head if head is not None and producer.op == "linear" and self.modes[head] == DENSE \
             and len(producer.inputs[0].shape) == 3 else None
@@ -189,8 +188,8 @@ class BatchPlan:
             for vid in self.free_after[i]:
                 env.pop(vid, None)
         for b, d in enumerate(decoders):
-            d.cache.update({v.name: _pick(env[id(v)], b) for v in g.outputs[1:]})
-        logits = env[id(g.outputs[0])]
+            d.cache.update({v.name: _pick(env[id(v)], b) for v in g.outputs if v is not self.logits})
+        logits = env[id(self.logits)]
         if isinstance(logits, _Ragged):
             logits = np.concatenate(logits, axis=0)
         return logits[:, -1]

@@ -129,9 +129,9 @@ class Executable:
 def decoder_model(exe):
     """The Model behind a decoder executable; UnsupportedError for any other graph."""
     model = exe.model
-    if model is None or not getattr(model, "is_decoder", False):
-        raise UnsupportedError("this graph is not a decoder with the input_ids/position_ids/logits interface; "
-                               "use `isthmus run` for arbitrary graphs")
+    if model is None or exe.graph.decoder is None:
+        raise UnsupportedError("this graph is not a decoder (its frontend recorded no token-ids -> logits "
+                               "interface); use `isthmus run` for arbitrary graphs")
     return model
 
 

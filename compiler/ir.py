@@ -31,6 +31,23 @@ NUMPY_DTYPES = {**FLOAT_DTYPES, **INT_DTYPES}
 SMALL_LITERAL = 16   # a plain numpy constant of at most this many elements is a literal (inline in text, merged by cse)
 
 
+def eval_dim(d: Dim, dims: dict) -> int:
+    """A dim's value for one run: an int, or a symbol / sum / product of symbols bound in `dims`."""
+    if isinstance(d, int):
+        return d
+    if "+" in d:
+        return sum(eval_dim(int(p) if p.lstrip("-").isdigit() else p, dims) for p in d.split("+"))
+    if "*" in d:
+        out = 1
+        for p in d.split("*"):
+            out *= eval_dim(int(p) if p.isdigit() else p, dims)
+        return out
+    if d not in dims:
+        from isthmus.errors import InputError
+        raise InputError(f"dim {d!r} is not bound by the inputs")
+    return dims[d]
+
+
 def dtype_name(np_dtype) -> str:
     """The IR name of a numpy dtype (raises IRError for one the IR lacks)."""
     np_dtype = np.dtype(np_dtype)
@@ -99,6 +116,77 @@ class Value:
         return f"%{self.name}: {self.type}"
 
 
+@dataclass(frozen=True)
+class KVLayer:
+    """One layer's KV cache as the graph's interface names it: read as two inputs, returned one
+    step longer as two outputs (all [batch, kv_heads, seq, head_dim], the sequence on axis 2)."""
+
+    past_key: str
+    past_value: str
+    present_key: str
+    present_value: str
+
+
+@dataclass(frozen=True)
+class DecoderInterface:
+    """What makes a graph a decoder that generation drives, by the names of its inputs and outputs.
+
+    A frontend that builds a decoder attaches one to `Graph.decoder`; every consumer (the KV cache,
+    batched decode, fusion, the NPU and Triton lowerings) reads it instead of matching names or
+    patterns, so a new architecture teaches the frontend only. Names, not Values: passes rebuild
+    values freely, while the names are the graph's calling convention (feeds and results), which
+    `verify` checks they keep. `position_ids` is None for a graph that derives positions itself;
+    `kv` is empty for a graph without a cache (generation then feeds the whole sequence each step).
+    """
+
+    input_ids: str
+    logits: str
+    position_ids: str | None = None
+    kv: tuple[KVLayer, ...] = ()
+
+    def resolve(self, graph: "Graph") -> "DecoderValues":
+        ins = {v.name: v for v in graph.inputs}
+        outs = {v.name: v for v in graph.outputs}
+
+        def get(table, name, what):
+            if name not in table:
+                raise IRError(f"decoder interface: {what} %{name} is not a graph {what.split()[0]}")
+            return table[name]
+        kv = tuple((get(ins, c.past_key, "input (past key)"), get(ins, c.past_value, "input (past value)"),
+                    get(outs, c.present_key, "output (present key)"), get(outs, c.present_value, "output (present value)"))
+                   for c in self.kv)
+        return DecoderValues(get(ins, self.input_ids, "input (token ids)"),
+                             None if self.position_ids is None else get(ins, self.position_ids, "input (positions)"),
+                             get(outs, self.logits, "output (logits)"), kv)
+
+    def present_of(self, past: str) -> str:
+        """The output name that returns the cache read as input `past`."""
+        for c in self.kv:
+            if past == c.past_key:
+                return c.present_key
+            if past == c.past_value:
+                return c.present_value
+        raise KeyError(past)
+
+
+@dataclass(frozen=True)
+class DecoderValues:
+    """A DecoderInterface resolved against one graph: the Values its names stand for."""
+
+    input_ids: "Value"
+    position_ids: "Value | None"
+    logits: "Value"
+    kv: tuple[tuple["Value", "Value", "Value", "Value"], ...]   # (past_k, past_v, present_k, present_v)
+
+    @property
+    def pasts(self) -> list["Value"]:
+        return [v for layer in self.kv for v in layer[:2]]
+
+    @property
+    def presents(self) -> list["Value"]:
+        return [v for layer in self.kv for v in layer[2:]]
+
+
 @dataclass(eq=False)
 class Node:
     op: str
@@ -121,6 +209,10 @@ class Graph:
         self.outputs: list[Value] = []
         self.constants: list[Value] = []
         self.nodes: list[Node] = []
+        self.decoder: DecoderInterface | None = None   # set by a frontend that builds a decoder
+        # The fusion pass's groups (compiler/passes/fusion.py): an analysis of these very nodes,
+        # so `clone` and any pass that rebuilds nodes drop it.
+        self.fusion: list | None = None
         self._names: set[str] = set()
         self._counter = 0
 
@@ -268,6 +360,21 @@ def verify(graph: Graph) -> None:
     for v in graph.outputs:
         if id(v) not in defined:
             raise IRError(f"graph output %{v.name} is not defined")
+    if graph.decoder is not None:
+        _verify_decoder(graph)
+
+
+def _verify_decoder(graph: Graph) -> None:
+    d = graph.decoder.resolve(graph)
+    if d.input_ids.dtype not in ("i64", "i32") or d.input_ids.type.rank != 2:
+        raise IRError(f"decoder interface: token ids %{d.input_ids.name} must be i64/i32[batch, seq], "
+                      f"not {d.input_ids.type}")
+    if d.logits.type.rank != 3:
+        raise IRError(f"decoder interface: logits %{d.logits.name} must be [batch, seq, vocab], not {d.logits.type}")
+    for layer in d.kv:
+        if any(v.type.rank != 4 for v in layer):
+            raise IRError("decoder interface: cache values " + ", ".join(f"%{v.name}: {v.type}" for v in layer)
+                          + " must all be [batch, kv_heads, seq, head_dim]")
 
 
 def clone(graph: Graph) -> Graph:
@@ -290,5 +397,6 @@ def clone(graph: Graph) -> Graph:
             nn.outputs.append(nv)
         g.nodes.append(nn)
     g.outputs = [vmap[id(v)] for v in graph.outputs]
+    g.decoder = graph.decoder
     g.rebuild_names()
     return g

@@ -21,7 +21,7 @@ import re
 
 import numpy as np
 
-from isthmus.compiler.ir import Graph, Node, TensorType, Value, numpy_dtype, verify
+from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer, Node, TensorType, Value, numpy_dtype, verify
 from isthmus.errors import IRError
 
 MAX_NESTING = 32   # attribute lists nest at most this deep (the parser recurses per level)
@@ -33,6 +33,13 @@ _BARE_DIM = re.compile(r"[A-Za-z_?][A-Za-z0-9_+*?]*\Z")
 
 def _name(v: Value) -> str:
     return "%" + (v.name if _BARE.match(v.name) else json.dumps(v.name))
+
+
+def _bare(name: str) -> str:
+    return name if _BARE.match(name) else json.dumps(name)
+
+
+_KV_FIELDS = ("past_key", "past_value", "present_key", "present_value")
 
 
 def _dim(d) -> str:
@@ -91,6 +98,16 @@ def print_graph(g: Graph) -> str:
             line += f" loc {json.dumps(n.source)}"
         lines.append(line)
     lines.append("  output " + ", ".join(_name(v) for v in g.outputs))
+    if g.decoder is not None:
+        d = g.decoder
+        fields = [("input_ids", d.input_ids), ("position_ids", d.position_ids), ("logits", d.logits)]
+        lines.append("  decoder(" + ", ".join(f"{k}=%{_bare(n)}" for k, n in fields if n is not None) + ")")
+        for c in d.kv:
+            lines.append("  kv_cache(" + ", ".join(f"{k}=%{_bare(getattr(c, k))}" for k in _KV_FIELDS) + ")")
+    if g.fusion is not None:       # an analysis of these nodes: printed as comments, recomputed not parsed
+        from isthmus.compiler.passes.fusion import format_groups
+        lines.append(f"  # fusion: {len(g.fusion)} kernel calls for {len(g.nodes)} nodes")
+        lines += ["  # " + line for line in format_groups(g.fusion).splitlines()]
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -223,6 +240,38 @@ def _is_number_literal(x) -> bool:
     return isinstance(x, (bool, int, float))
 
 
+def _parse_decoder(p: "_Parser", g: Graph) -> None:
+    """The optional `decoder(...)` line and its `kv_cache(...)` lines, after `output`."""
+    def fields(allowed):
+        start = p.i
+        p.next("punct", "(")
+        got = {}
+        while True:
+            key = p.next("word")
+            if key not in allowed or key in got:
+                p.i -= 1
+                p.error(f"expected one of {', '.join(k for k in allowed if k not in got)}")
+            p.next("punct", "=")
+            got[key] = p.value_name()
+            if not p.accept(","):
+                break
+        p.next("punct", ")")
+        return got, start
+
+    if not p.accept("decoder"):
+        return
+    head, start = fields(("input_ids", "position_ids", "logits"))
+    if "input_ids" not in head or "logits" not in head:
+        p.error("decoder(...) needs input_ids and logits", at=start)
+    kv = []
+    while p.accept("kv_cache"):
+        layer, start = fields(_KV_FIELDS)
+        if len(layer) != 4:
+            p.error(f"kv_cache(...) needs {', '.join(_KV_FIELDS)}", at=start)
+        kv.append(KVLayer(**layer))
+    g.decoder = DecoderInterface(head["input_ids"], head["logits"], head.get("position_ids"), tuple(kv))
+
+
 def parse_graph(text: str, weights: dict | None = None) -> Graph:
     """Parse the text form; `weights` maps the names of `external` constants to their arrays."""
     from isthmus.compiler.ops import get_op
@@ -287,6 +336,7 @@ def parse_graph(text: str, weights: dict | None = None) -> Graph:
                 g.outputs.append(use())
                 while p.accept(","):
                     g.outputs.append(use())
+            _parse_decoder(p, g)
             p.next("punct", "}")
             if p.peek()[0] != "eof":
                 p.error("text after the end of the graph")

@@ -1,19 +1,32 @@
 """Decoding state: the KV cache of one conversation and the step function that advances it.
 
-A decoder graph reads its cache as `past_*` inputs and returns it, one step longer, as
-`present_*` outputs. `FunctionalDecoder` drives any executable that follows that interface;
-a target with a preallocated, in-place cache provides its own decoder with the same methods
-(`length`, `step(ids) -> logits of the last position`).
+A decoder graph carries its `DecoderInterface` (compiler/ir.py): which inputs take the token ids,
+positions and past cache, and which outputs return the logits and the cache one step longer.
+`FunctionalDecoder` drives any executable of such a graph by those names; a target with a
+preallocated, in-place cache provides its own decoder with the same methods (`length`,
+`step(ids) -> logits of the last position`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from isthmus.errors import UnsupportedError
+
+
+def interface(graph):
+    """The graph's DecoderInterface; UnsupportedError when its frontend recorded none."""
+    if graph.decoder is None:
+        raise UnsupportedError(f"graph {graph.name!r} is not a decoder (its frontend recorded no token-ids/"
+                               "logits interface); use `isthmus run` for arbitrary graphs")
+    return graph.decoder
+
 
 class KVCache:
     def __init__(self, graph, batch: int = 1):
-        self.names = [v.name for v in graph.inputs if v.name.startswith(("past_key", "past_value"))]
+        d = interface(graph)
+        self.names = [n for c in d.kv for n in (c.past_key, c.past_value)]
+        self.presents = [n for c in d.kv for n in (c.present_key, c.present_value)]
         self.arrays = {}
         for v in graph.inputs:
             if v.name in self.names:
@@ -26,29 +39,41 @@ class KVCache:
         return 0 if first is None else first.shape[2]
 
     def update(self, outputs: dict) -> None:
-        for name in self.names:
-            self.arrays[name] = outputs["present" + name[len("past"):]]
+        for name, present in zip(self.names, self.presents):
+            self.arrays[name] = outputs[present]
 
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self.arrays.values())
 
 
 class FunctionalDecoder:
-    """Runs the whole graph per step, feeding the cache in and taking the longer one out."""
+    """Runs the whole graph per step, feeding the cache in and taking the longer one out.
+
+    A decoder graph without a cache (an interface with no kv layers) is fed every token so far
+    on each step, so its logits are those of the whole sequence."""
 
     def __init__(self, exe):
         self.exe = exe
+        self.interface = interface(exe.graph)
         self.cache = KVCache(exe.graph)
+        self._tokens: list[int] = []        # the sequence so far, for a graph without a cache
 
     @property
     def length(self) -> int:
-        return self.cache.length
+        return self.cache.length if self.interface.kv else len(self._tokens)
 
     def step(self, ids: list[int]) -> np.ndarray:
-        start = self.cache.length
+        d = self.interface
+        if d.kv:
+            start, fed = self.cache.length, list(ids)
+        else:
+            start, fed = 0, self._tokens + list(ids)
         feeds = dict(self.cache.arrays)
-        feeds["input_ids"] = np.asarray([ids], np.int64)
-        feeds["position_ids"] = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
+        feeds[d.input_ids] = np.asarray([fed], np.int64)
+        if d.position_ids is not None:
+            feeds[d.position_ids] = np.arange(start, start + len(fed), dtype=np.int64)[None, :]
         out = self.exe.run(feeds)
         self.cache.update(out)
-        return out["logits"][0, -1]
+        if not d.kv:
+            self._tokens = fed
+        return out[d.logits][0, -1]

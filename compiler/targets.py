@@ -1,23 +1,54 @@
-"""The target registry: each target's name and the function that lowers an optimised graph for it,
-the default target of this machine, and `compile_model` (pass pipeline, then lowering)."""
+"""The target registry: each target's name, its pass pipeline and the function that lowers the
+optimised graph for it; the default target of this machine; and `compile_model` (pipeline, then
+lowering)."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 from isthmus.compiler.executable import Executable
 from isthmus.compiler.ir import Graph
+from isthmus.compiler.passes.pipeline import FUSED_PIPELINE, PIPELINE
 from isthmus.errors import InputError, UnsupportedError
 
-TARGETS = ("reference", "numba", "triton", "npu")
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    pipeline: list          # [(pass name, pass)], run in order before lowering
+    lower: Callable         # lower(graph, model=...) -> Executable; imports its backend when called
 
 
-# Each non-reference target lowers the optimised graph in its own module: "module:function".
-LOWERINGS = {
-    "numba": "isthmus.compiler.lower.numba:lower_numba",
-    "triton": "isthmus.compiler.lower.triton:lower_triton",
-    "npu": "isthmus.compiler.lower.npu.target:lower_npu",
-}
+# Each lowering imports its backend (numba, torch + triton) inside the call, so naming a target
+# costs nothing until it is used.
+def _reference(graph, model=None):
+    return Executable(graph, "reference", model=model)
+
+
+def _numba(graph, model=None):
+    from isthmus.compiler.lower.numba import lower_numba
+    return lower_numba(graph, model=model)
+
+
+def _triton(graph, model=None):
+    from isthmus.compiler.lower.triton import lower_triton
+    return lower_triton(graph, model=model)
+
+
+def _npu(graph, model=None):
+    from isthmus.compiler.lower.npu.target import lower_npu
+    return lower_npu(graph, model=model)
+
+
+REGISTRY: dict[str, Target] = {t.name: t for t in (
+    Target("reference", PIPELINE, _reference),
+    Target("numba", FUSED_PIPELINE, _numba),
+    Target("triton", FUSED_PIPELINE, _triton),
+    Target("npu", PIPELINE, _npu),
+)}
+TARGETS = tuple(REGISTRY)
 
 
 def default_target() -> str:
@@ -58,26 +89,21 @@ def _has_nvidia_device() -> bool:
 
 
 def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None) -> Executable:
-    """Run the pass pipeline over a Model (or bare Graph) and lower it for `target`."""
-    import importlib
-
+    """Run the target's pass pipeline (or `passes`) over a Model (or bare Graph) and lower it."""
     from isthmus.compiler.passes.pipeline import run_pipeline
 
-    target = target or default_target()
-    if target not in TARGETS:
-        raise InputError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    name = target or default_target()
+    if name not in REGISTRY:
+        raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
+    target = REGISTRY[name]
     graph = model if isinstance(model, Graph) else model.graph
     meta = None if isinstance(model, Graph) else model
     t0 = time.perf_counter()
-    graph = run_pipeline(graph, passes=passes, dump_dir=dump_dir, on_pass=on_pass)
-    if target == "reference":
-        exe = Executable(graph, target, model=meta)
-    else:
-        module, fn = LOWERINGS[target].split(":")
-        try:
-            lower = getattr(importlib.import_module(module), fn)
-        except (ImportError, AttributeError) as e:
-            raise UnsupportedError(f"target {target!r} is not available here ({e}); use --target reference") from None
-        exe = lower(graph, model=meta)
+    graph = run_pipeline(graph, passes=target.pipeline if passes is None else passes, dump_dir=dump_dir,
+                         on_pass=on_pass)
+    try:
+        exe = target.lower(graph, model=meta)
+    except ImportError as e:
+        raise UnsupportedError(f"target {name!r} is not available here ({e}); use --target reference") from None
     exe.compile_seconds = time.perf_counter() - t0
     return exe

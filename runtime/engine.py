@@ -118,8 +118,8 @@ class Engine:
     def __init__(self, exe, *, max_batch: int = 32, max_waiting: int = 64, prefill_tokens: int = 512,
                  metrics=None, name: str = "model"):
         model = exe.model
-        if model is None or not getattr(model, "is_decoder", False):
-            raise InputError("only decoder models (input_ids/position_ids -> logits) can be served")
+        if model is None or exe.graph.decoder is None:
+            raise InputError("only decoder models (token ids -> logits, with a KV cache) can be served")
         if model.tokenizer is None:
             raise InputError("this model carries no tokenizer, so it cannot be served for chat")
         if max_batch < 1 or max_waiting < 0:

@@ -83,13 +83,24 @@ def test_info_reports_the_model(default_model_path):
 
 @pytest.mark.slow
 def test_compile_dump_ir_shows_every_pass(default_model_path):
-    from isthmus.compiler.passes.pipeline import PIPELINE
+    from isthmus.compiler.passes.pipeline import FUSED_PIPELINE
 
-    rc, out, err = isthmus("compile", default_model_path, "--dump-ir")
+    rc, out, err = isthmus("compile", default_model_path, "--dump-ir", "--target", "numba")
     assert rc == 0, err
-    for name, _ in PIPELINE:
+    for name, _ in FUSED_PIPELINE:
         assert f"IR after {name} " in out
     assert "compiled" in err
+    # the fusion pass's groups, after the IR it analysed: per layer one norm+QKV+rope+cache kernel,
+    # one attention kernel, the output projection with its residual, norm+gate/up+swiglu, down+residual
+    fused = out[out.index("IR after fusion "):]
+    assert out.count("# group ") == fused.count("# group ") > 0
+    assert fused.count("linear epilogue=qkv norm: rmsnorm linear reshape transpose rope linear reshape transpose "
+                       "rope linear reshape transpose concat concat") == 30                # SmolLM2-135M's layers
+    assert fused.count("linear epilogue=swiglu norm: rmsnorm linear linear swiglu") == 30
+    assert fused.count("attention: attention transpose reshape") == 30
+    assert "decoder(input_ids=%input_ids, position_ids=%position_ids, logits=%logits)" in fused
+    rc, out, err = isthmus("compile", default_model_path, "--dump-ir", "--target", "reference")
+    assert rc == 0 and "IR after fusion" not in out and "# group" not in out
 
 
 @pytest.mark.slow

@@ -27,9 +27,8 @@ class Model:
 
     @property
     def is_decoder(self) -> bool:
-        """True when the graph follows the decoder interface that generation drives."""
-        names = {v.name for v in self.graph.inputs}
-        return {"input_ids", "position_ids"} <= names and self.graph.outputs[0].name == "logits"
+        """True when the frontend recorded a decoder interface on the graph (what generation drives)."""
+        return self.graph.decoder is not None
 
     def parameter_count(self) -> int:
         import math

@@ -4,7 +4,7 @@ Weights are named as in GGUF (`blk.{i}.attn_q.weight`, ...); the safetensors fro
 HF checkpoints to match. `rope_layout` says how Q/K features pair up for rotation: GGUF files
 permute Q/K rows for the interleaved (Meta) layout, HF checkpoints use the half-split layout.
 
-Graph interface (the one `runtime.generate` drives):
+Graph interface, recorded on the graph as its `DecoderInterface` (what generation drives):
     inputs   input_ids i64[batch, seq], position_ids i64[batch, seq],
              past_key.{i}, past_value.{i} f32[batch, kv_heads, past, head_dim]
     outputs  logits f32[batch, seq, vocab], present_key.{i}, present_value.{i}
@@ -13,7 +13,7 @@ Graph interface (the one `runtime.generate` drives):
 
 from __future__ import annotations
 
-from isthmus.compiler.ir import Graph
+from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
 from isthmus.errors import ModelFormatError
 
 
@@ -80,4 +80,6 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
     head = w("output.weight", (V, D)) if "output.weight" in weights else tok
     logits = g.add("linear", [x, head], name="logits", source="output")
     g.set_outputs([logits] + presents)
+    g.decoder = DecoderInterface("input_ids", "logits", "position_ids", tuple(
+        KVLayer(pk.name, pv.name, k.name, v.name) for (pk, pv), k, v in zip(pasts, presents[::2], presents[1::2])))
     return g

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from isthmus.compiler.ir import Graph, Value, numpy_dtype
+from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer, Value, numpy_dtype
 from isthmus.compiler.ops import get_op
 from isthmus.compiler.ops.registry import add_dims
 from isthmus.errors import IRError, ModelFormatError, UnsupportedError
@@ -38,6 +38,27 @@ KNOWN_LIMIT = 64         # integer/bool tensors up to this size have their value
 def load_onnx(path) -> Graph:
     path = Path(path)
     return _Importer(_read(path), path).run()
+
+
+def decoder_by_names(g: Graph) -> DecoderInterface | None:
+    """The decoder interface of an exported graph, read from its naming convention: `input_ids`
+    (and `position_ids`) in, `logits` out, and each `past_key*` / `past_value*` input returned as
+    the output named `present*` with the same suffix. None when the graph does not follow it."""
+    ins = [v.name for v in g.inputs]
+    outs = {v.name for v in g.outputs}
+    if "input_ids" not in ins or "logits" not in outs:
+        return None
+    kv = []
+    for k in (n for n in ins if n.startswith("past_key")):
+        v = "past_value" + k[len("past_key"):]
+        pk, pv = "present" + k[len("past"):], "present" + v[len("past"):]
+        if v not in ins or pk not in outs or pv not in outs:
+            return None
+        kv.append(KVLayer(k, v, pk, pv))
+    fed = {"input_ids", "position_ids"} | {n for c in kv for n in (c.past_key, c.past_value)}
+    if set(ins) - fed:      # an input generation would not know how to feed (attention_mask, ...)
+        return None
+    return DecoderInterface("input_ids", "logits", "position_ids" if "position_ids" in ins else None, tuple(kv))
 
 
 def _short(e: Exception) -> str:
@@ -206,6 +227,7 @@ class _Importer:
                 raise UnsupportedError(f"{self.path.name}: graph output {vi.name!r} is a tensor sequence")
             outputs.append(self._named(self.env[vi.name], vi.name))
         self.g.set_outputs(outputs)
+        self.g.decoder = decoder_by_names(self.g)
         self.g.rebuild_names()
         return self.g
 

@@ -1,7 +1,7 @@
-"""Lowering for the kernel targets: fusion groups -> a plan of kernel calls over planned buffers.
+"""Lowering for `--target numba`: the fusion pass's plan bound to the Numba kernels.
 
-The plan is backend-neutral; `lower_numba` binds it to the Numba kernels in isthmus.kernels.numba
-and a GPU backend can bind the same plan to its own kernels.
+The plan (compiler/lower/plan.py) is the backend-neutral part, shared with the Triton lowering;
+this module binds its steps to the kernels in isthmus.kernels.numba over planned buffers.
 
 Plan format
   `make_plan(graph) -> Plan`, after `compiler.passes.fusion` has grouped the nodes:
@@ -29,91 +29,14 @@ are taken before inputs are released, so no step reads and writes the same buffe
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from isthmus.compiler.executable import Executable, OpProfile
-from isthmus.compiler.ir import Graph, Value
-from isthmus.compiler.passes.fusion import Group, format_groups, fuse
+from isthmus.compiler.ir import Graph, Value, eval_dim
+from isthmus.compiler.lower.plan import BufferPool, Step, make_plan
+from isthmus.compiler.passes.fusion import format_groups, groups_of
 from isthmus.errors import InputError
-
-
-@dataclass(eq=False)
-class Step:
-    kind: str
-    group: Group
-    ins: list[Value]
-    outs: list[Value]
-    flops: float = 0.0
-    bytes: float = 0.0
-
-
-@dataclass(eq=False)
-class CachePair:
-    past_k: Value
-    past_v: Value
-    present_k: Value
-    present_v: Value
-    step: Step
-
-
-@dataclass(eq=False)
-class Plan:
-    steps: list[Step]
-    caches: list[CachePair] = field(default_factory=list)
-    last_use: dict = field(default_factory=dict)
-
-
-def make_plan(graph: Graph, groups: list[Group] | None = None) -> Plan:
-    groups = fuse(graph) if groups is None else groups
-    steps, caches = [], []
-    for g in groups:
-        ins = [v for v in g.inputs if not v.is_constant]
-        st = Step(g.kind, g, ins, list(g.outputs))
-        if g.kind == "linear":
-            cols = g.attrs["weights"][0].shape[1]
-            rows = sum(w.shape[0] for w in g.attrs["weights"])
-            st.flops = 2.0 * rows * cols
-            st.bytes = float(sum(w.data.nbytes for w in g.attrs["weights"]))
-            if g.attrs["epilogue"] == "qkv":
-                q = g.attrs["qkv"]
-                caches.append(CachePair(q["past"][0], q["past"][1], g.outputs[1], g.outputs[2], st))
-        steps.append(st)
-    last_use = {}
-    for i, st in enumerate(steps):
-        for v in st.ins:
-            last_use[v] = i
-    return Plan(steps, caches, last_use)
-
-
-def eval_dim(d, dims: dict) -> int:
-    """A dim's value: an int, or a symbol / sum / product of symbols bound in `dims`."""
-    if isinstance(d, int):
-        return d
-    if "+" in d:
-        return sum(eval_dim(p if not p.lstrip("-").isdigit() else int(p), dims) for p in d.split("+"))
-    if "*" in d:
-        out = 1
-        for p in d.split("*"):
-            out *= eval_dim(int(p) if p.isdigit() else p, dims)
-        return out
-    if d not in dims:
-        raise InputError(f"dim {d!r} is not bound")
-    return dims[d]
-
-
-class BufferPool:
-    def __init__(self):
-        self.free: dict[tuple, list[np.ndarray]] = {}
-
-    def take(self, shape, dtype=np.float32) -> np.ndarray:
-        key = (tuple(shape), np.dtype(dtype).str)
-        bucket = self.free.get(key)
-        return bucket.pop() if bucket else np.empty(shape, dtype)
-
-    def give(self, a: np.ndarray) -> None:
-        self.free.setdefault((a.shape, a.dtype.str), []).append(a)
 
 
 # -- the Numba binding -----------------------------------------------------------------------------
@@ -129,8 +52,8 @@ class NumbaExecutable(Executable):
     def __post_init__(self):
         from isthmus.kernels.numba import linear
 
-        self.groups = fuse(self.graph)
-        self.plan = make_plan(self.graph, self.groups)
+        self.groups = groups_of(self.graph)
+        self.plan = make_plan(self.groups)
         self._packed: dict[tuple, object] = {}
         for st in self.plan.steps:
             g = st.group
@@ -143,14 +66,14 @@ class NumbaExecutable(Executable):
             elif st.kind == "op":        # chosen once: `run` binds the plan on every call
                 g.attrs["impl"] = _op_impl(g.attrs["node"])
         _release_mapped_pages(self.graph)
-        outs = set(self.graph.outputs)
-        pasts = {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
+        # The in-place cache needs every cache pair of the decoder interface appended by a fused
+        # qkv step and read only by attention steps (which then read the preallocated cache).
+        d = self.graph.decoder.resolve(self.graph) if self.graph.decoder is not None else None
         presents = {v for c in self.plan.caches for v in (c.present_k, c.present_v)}
         self.in_place_cache = (
-            bool(self.plan.caches)
-            and {v for v in self.graph.inputs if v.name.startswith("past_")} == pasts
-            and {v for v in self.graph.outputs if v.name.startswith("present_")} == presents
-            and all(v in outs for v in presents)
+            d is not None and bool(self.plan.caches) and d.position_ids is not None
+            and set(d.pasts) == {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
+            and set(d.presents) == presents
             and all(st.kind == "attention" for st in self.plan.steps for v in st.ins if v in presents))
 
     def _pack(self, weights: list[Value]):
@@ -194,7 +117,7 @@ class NumbaExecutable(Executable):
     def decoder(self):
         from isthmus.compiler.kv_cache import FunctionalDecoder
 
-        if not self.in_place_cache or (self.model is not None and not getattr(self.model, "is_decoder", True)):
+        if not self.in_place_cache:
             return FunctionalDecoder(self)
         return NumbaDecoder(self)
 
@@ -513,16 +436,13 @@ class NumbaDecoder:
     def _bind(self, n: int):
         if n not in self._bound:
             exe = self.exe
-            env = {}
+            d = exe.graph.decoder.resolve(exe.graph)
             ids = np.zeros((1, n), np.int64)
             pos = np.zeros((1, n), np.int64)
-            for v in exe.graph.inputs:
-                if v.name == "input_ids":
-                    env[v] = ids
-                elif v.name == "position_ids":
-                    env[v] = pos
-            bound = Bound(exe, {"batch": 1, "seq": n}, env, self.caches, last_only=True, workspace=self.workspace)
-            logits = env[exe.graph.outputs[0]]
+            env = {d.input_ids: ids, d.position_ids: pos}
+            dims = {k: size for k, size in zip(d.input_ids.shape, (1, n)) if isinstance(k, str)}
+            bound = Bound(exe, dims, env, self.caches, last_only=True, workspace=self.workspace)
+            logits = env[d.logits]
             entry = (bound, ids, pos, logits[0, -1])
             if n != 1:
                 return entry      # prefill bindings are used once
@@ -549,23 +469,16 @@ class NumbaDecoder:
 
 def lower_numba(graph: Graph, model=None) -> NumbaExecutable:
     """Lower an optimised graph to Numba kernels (fusion groups -> plan -> bound kernel calls)."""
-    import os
-
     try:
         import numba  # noqa: F401
     except ImportError as e:     # pragma: no cover - numba is a dependency
         raise ImportError(f"numba is not installed: {e}") from None
     exe = NumbaExecutable(graph, "numba", model=model)
-    if isinstance(exe.decoder(), NumbaDecoder):
+    if exe.in_place_cache:
         # Load the kernels' machine code now (from Numba's cache, or compile it on a first run),
         # so that it counts as load time and not as the first prompt's evaluation.
         from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
 
         exe.decoder().step([0] * (MATVEC_MAX_ROWS + 1))
         exe.decoder().step([0])
-    dump = os.environ.get("ISTHMUS_DUMP")
-    if dump:
-        from pathlib import Path
-        Path(dump).mkdir(parents=True, exist_ok=True)
-        (Path(dump) / "99-fusion.groups").write_text(exe.describe())
     return exe

@@ -99,7 +99,7 @@ class _Plan:
                 users.setdefault(id(v), []).append(i)
         outputs = {id(v) for v in graph.outputs}
         self.kv = _kv_concats(graph) if decoder else {}
-        logits = next((v for v in graph.outputs if v.name == "logits"), None) if decoder else None
+        logits = graph.decoder.resolve(graph).logits if decoder else None
         done: set[int] = set()
         for i, n in enumerate(nodes):
             if i in done:
@@ -315,14 +315,17 @@ def _fusable(m, n) -> bool:
 
 
 def _kv_concats(graph: Graph) -> dict:
-    """present_* outputs made by concat(past_* input, new) along the sequence axis: id -> past name."""
-    inputs = {id(v): v.name for v in graph.inputs if v.name.startswith(("past_key", "past_value"))}
+    """The decoder interface's present caches made by concat(past, new) along the sequence axis:
+    id of the present value -> name of its past input."""
+    if graph.decoder is None:
+        return {}
     found = {}
-    for v in graph.outputs:
-        n = v.producer
-        if (v.name.startswith("present") and n is not None and n.op == "concat" and len(n.inputs) == 2
-                and id(n.inputs[0]) in inputs and v.type.rank == 4 and n.attrs["axis"] % 4 == 2):
-            found[id(v)] = inputs[id(n.inputs[0])]
+    for layer in graph.decoder.resolve(graph).kv:
+        for past, present in zip(layer[:2], layer[2:]):
+            n = present.producer
+            if (n is not None and n.op == "concat" and len(n.inputs) == 2 and n.inputs[0] is past
+                    and n.attrs["axis"] % 4 == 2):
+                found[id(present)] = past.name
     return found
 
 
@@ -462,12 +465,10 @@ class TritonExecutable(Executable):
         """A decoding state whose KV cache is preallocated on the device for `capacity` positions
         (grown by doubling, up to the model's context length).
 
-        Graphs whose cache is not made by concat(past_*, new) get the functional decoder."""
-        kv = _kv_concats(self.graph)
-        past = [v for v in self.graph.inputs if v.name.startswith(("past_key", "past_value"))]
-        names = {v.name for v in self.graph.inputs}
-        if ({"input_ids", "position_ids"} - names or sorted(kv.values()) != sorted(v.name for v in past)
-                or not self.graph.outputs or self.graph.outputs[0].name != "logits"):
+        Graphs whose cache is not made by concat(past, new) get the functional decoder."""
+        d = self.graph.decoder
+        if (d is None or d.position_ids is None or not d.kv
+                or sorted(_kv_concats(self.graph).values()) != sorted(v.name for v in d.resolve(self.graph).pasts)):
             return super().decoder()
         if self._decoder_plan is None:
             self._decoder_plan = _Plan(self.graph, self.device, self.act, decoder=True)
@@ -484,8 +485,8 @@ class TritonDecoder:
 
     def __init__(self, exe: TritonExecutable, plan: _Plan, batch: int = 1, capacity: int = 256):
         self.exe, self.plan, self.batch, self.min_capacity = exe, plan, batch, capacity
-        self.inputs = {v.name: v for v in exe.graph.inputs}
-        self.past = [v for v in exe.graph.inputs if v.name.startswith(("past_key", "past_value"))]
+        self.interface = exe.graph.decoder.resolve(exe.graph)
+        self.past = self.interface.pasts
         self.state = _State(cache={}, length=0)
         self.capacity = 0
         config = getattr(exe.model, "config", None) or {}
@@ -518,15 +519,15 @@ class TritonDecoder:
             raise InputError("a decoder step needs at least one token")
         start = self.state.length
         self._reserve(start + n)
-        host = {"input_ids": np.asarray([list(ids)] * self.batch, np.int64),
-                "position_ids": np.tile(np.arange(start, start + n, dtype=np.int64), (self.batch, 1))}
+        d = self.interface
+        host = {d.input_ids: np.asarray([list(ids)] * self.batch, np.int64),
+                d.position_ids: np.tile(np.arange(start, start + n, dtype=np.int64), (self.batch, 1))}
         feeds = {}
-        for name, arr in host.items():
-            v = self.inputs[name]
+        for v, arr in host.items():
             feeds[id(v)] = self.exe.upload(arr)
             self.state.host[id(v)] = arr
         for v in self.past:
             feeds[id(v)] = self.state.cache[v.name][:, :, :start]
         env = self.exe._execute(self.plan, feeds, self.state)
         self.state.length = start + n
-        return _to_numpy(env[id(self.exe.graph.outputs[0])][0, -1])
+        return _to_numpy(env[id(d.logits)][0, -1])

@@ -1,9 +1,10 @@
 """Fusion: partition a graph's nodes into the groups a kernel target runs as one kernel call.
 
-An analysis pass for the kernel targets (numba, triton), run by their lowering after the shared
-pipeline: the graph is left unchanged and the groups are returned (`fuse(graph) -> list[Group]`),
-so the IR stays that of the op table and the reference interpreter can still run it. Under
-`ISTHMUS_DUMP=dir` the numba lowering writes them (`format_groups`) to dir/99-fusion.groups.
+The last pass of the kernel targets' pipelines (numba, triton; see passes/pipeline.py). It is an
+analysis: the nodes are left as they are, so the IR stays that of the op table and the reference
+interpreter can still run it, and the groups are recorded on the graph (`graph.fusion`), where
+the text form prints them (`isthmus compile --dump-ir`, `ISTHMUS_DUMP=dir`) and both lowerings
+read them through one plan (compiler/lower/plan.py).
 
 Groups, in graph order, covering every node exactly once:
 
@@ -14,7 +15,8 @@ Groups, in graph order, covering every node exactly once:
                  (silu(first) * second, two siblings), or "qkv" (below), or none
   qkv         the epilogue of a 3-sibling linear whose outputs are split into heads
               (reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3]), Q and K rotated by one rope,
-              K and V appended to the KV cache (concat(past, new, axis=2)): the group outputs
+              K and V appended to the KV cache (concat(past, new, axis=2), past a cache input of
+              the graph's DecoderInterface): the group outputs
               the rotated Q and the two present caches, which a backend keeps in place
   attention   attention (no mask input) -> transpose [0, 2, 1, 3] -> reshape [0, 0, heads * hd]:
               the kernel writes the token-major layout the next linear reads
@@ -54,8 +56,9 @@ def _single_user(v: Value, users, graph_outs) -> Node | None:
     return us[0] if len(us) == 1 and v not in graph_outs else None
 
 
-def _heads_chain(y: Value, users, graph_outs):
-    """y -> reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3] [-> rope] [-> concat(past, ., axis=2)]."""
+def _heads_chain(y: Value, users, graph_outs, pasts):
+    """y -> reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3] [-> rope] [-> concat(past, ., axis=2)],
+    past one of the decoder interface's cache inputs."""
     r = _single_user(y, users, graph_outs)
     if r is None or r.op != "reshape" or list(r.attrs["shape"][:2]) != [0, 0] or len(r.attrs["shape"]) != 4:
         return None
@@ -72,22 +75,21 @@ def _heads_chain(y: Value, users, graph_outs):
         chain["nodes"].append(nxt)
         chain["out"] = nxt.outputs[0]
         nxt = _single_user(nxt.outputs[0], users, graph_outs)
-    # the KV append: concat(past, new) along the sequence axis, past a graph input
+    # the KV append: concat(past, new) along the sequence axis
     cat_users = users.get(chain["out"], [])
     if (len(cat_users) == 1 and cat_users[0].op == "concat" and cat_users[0].attrs["axis"] in (2, -2)
             and len(cat_users[0].inputs) == 2 and cat_users[0].inputs[1] is chain["out"]
-            and chain["out"] not in graph_outs and cat_users[0].inputs[0].producer is None
-            and not cat_users[0].inputs[0].is_constant):
+            and chain["out"] not in graph_outs and cat_users[0].inputs[0] in pasts):
         chain["concat"] = cat_users[0]
         chain["nodes"].append(cat_users[0])
         chain["out"] = cat_users[0].outputs[0]
     return chain
 
 
-def _match_qkv(lins, users, graph_outs):
+def _match_qkv(lins, users, graph_outs, pasts):
     if len(lins) != 3:
         return None
-    chains = [_heads_chain(n.outputs[0], users, graph_outs) for n in lins]
+    chains = [_heads_chain(n.outputs[0], users, graph_outs, pasts) for n in lins]
     if any(c is None for c in chains):
         return None
     q, k, v = chains
@@ -108,9 +110,21 @@ def _linear_ok(n: Node) -> bool:
     return n.op == "linear" and len(n.inputs) == 2 and n.inputs[1].is_constant and len(n.inputs[1].shape) == 2
 
 
+def fusion(graph: Graph) -> Graph:
+    """The pipeline pass: record the groups on the graph (graph.fusion); nodes unchanged."""
+    graph.fusion = fuse(graph)
+    return graph
+
+
+def groups_of(graph: Graph) -> list[Group]:
+    """The groups the fusion pass recorded on this graph, or fused now (a graph lowered directly)."""
+    return graph.fusion if graph.fusion is not None else fuse(graph)
+
+
 def fuse(graph: Graph) -> list[Group]:
     users = graph.users()
     graph_outs = set(graph.outputs)
+    pasts = set(graph.decoder.resolve(graph).pasts) if graph.decoder is not None else set()
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     taken: set[int] = set()
     groups: list[tuple[int, Group]] = []
@@ -141,7 +155,7 @@ def fuse(graph: Graph) -> list[Group]:
         attrs = {"linears": lins, "weights": [n.inputs[1] for n in lins], "epilogue": None, "norm": None}
         nodes = list(lins)
         outputs = [n.outputs[0] for n in lins]
-        qkv = _match_qkv(lins, users, graph_outs)
+        qkv = _match_qkv(lins, users, graph_outs, pasts)
         if qkv is not None:
             attrs["epilogue"] = "qkv"
             attrs["qkv"] = qkv
@@ -218,6 +232,7 @@ def _compatible(lins):
 
 
 def format_groups(groups: list[Group]) -> str:
+    """One line per group: index, kind (epilogue, norm prologue), its ops and the values it defines."""
     lines = []
     for i, g in enumerate(groups):
         extra = f" epilogue={g.attrs['epilogue']}" if g.kind == "linear" and g.attrs.get("epilogue") else ""

@@ -16,6 +16,7 @@ from isthmus.compiler.passes.canonicalize import canonicalize
 from isthmus.compiler.passes.constant_fold import constant_fold
 from isthmus.compiler.passes.cse import cse
 from isthmus.compiler.passes.dce import dce
+from isthmus.compiler.passes.fusion import fusion
 
 Pass = Callable[[Graph], Graph]
 
@@ -28,6 +29,9 @@ PIPELINE: list[tuple[str, Pass]] = [
     ("cleanup-cse", cse),
     ("cleanup-dce", dce),
 ]
+# The kernel targets run a graph as fused kernel calls: their pipeline ends with the fusion pass,
+# whose groups the lowering binds (the reference interpreter and the NPU lowering run the nodes).
+FUSED_PIPELINE: list[tuple[str, Pass]] = [*PIPELINE, ("fusion", fusion)]
 
 
 def run_pipeline(graph: Graph, passes: list[tuple[str, Pass]] | None = None, *, dump_dir=None,

@@ -107,15 +107,27 @@ def test_mismatched_arguments_are_input_errors(ref_exe):
         decode_batch(ref_exe, [], [])
 
 
-def test_graphs_that_are_not_row_wise_get_no_plan():
-    from isthmus.compiler.ir import Graph
-    from isthmus.compiler.executable import Executable
+def _decoder_graph(head):
+    """A decoder graph (one cache layer, recorded interface) whose logits are head(graph, ids as f32)."""
+    from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
 
     g = Graph("g")
     x = g.add_input("input_ids", ("batch", "seq"), "i64")
     g.add_input("position_ids", ("batch", "seq"), "i64")
-    y = g.add("cast", [x], {"to": "f32"})
-    g.set_outputs([g.add("transpose", [y], {"perm": [1, 0]}, name="logits")])
+    pk, pv = (g.add_input(n, ("batch", 1, "past", 1), "f32") for n in ("past_k", "past_v"))
+    k = g.add("reshape", [g.add("cast", [x], {"to": "f32"})], {"shape": [0, 1, -1, 1]})
+    kk, vv = g.add("concat", [pk, k], {"axis": 2}, name="kk"), g.add("concat", [pv, k], {"axis": 2}, name="vv")
+    logits = head(g, g.add("cast", [x], {"to": "f32"}))
+    g.set_outputs([logits, kk, vv])
+    g.decoder = DecoderInterface("input_ids", logits.name, "position_ids", (KVLayer("past_k", "past_v", "kk", "vv"),))
+    return g
+
+
+def test_graphs_that_are_not_row_wise_get_no_plan():
+    from isthmus.compiler.executable import Executable
+
+    g = _decoder_graph(lambda g, y: g.add("transpose", [g.add("reshape", [y], {"shape": [0, 0, 1]})],
+                                          {"perm": [1, 0, 2]}, name="out"))
     exe = Executable(g, "reference")
     with pytest.raises(ValueError, match="batch axis"):
         BatchPlan(exe)
@@ -124,19 +136,24 @@ def test_graphs_that_are_not_row_wise_get_no_plan():
 
 def test_an_op_without_the_row_wise_trait_gets_no_plan():
     from isthmus.compiler.executable import Executable
-    from isthmus.compiler.ir import Graph
     from isthmus.compiler.ops import ROW_WISE, get_op
 
     assert ROW_WISE in get_op("linear").traits and ROW_WISE not in get_op("reduce_sum").traits
-    g = Graph("g")
-    x = g.add_input("input_ids", ("batch", "seq"), "i64")
-    g.add_input("position_ids", ("batch", "seq"), "i64")
-    y = g.add("cast", [x], {"to": "f32"})
-    g.set_outputs([g.add("reduce_sum", [y], {"axes": [1]}, name="logits")])
+    g = _decoder_graph(lambda g, y: g.add("reshape", [g.add("reduce_sum", [y], {"axes": [1]})], {"shape": [0, 1, 1]}))
     exe = Executable(g, "reference")
     with pytest.raises(ValueError, match="op reduce_sum is not known to be row-wise"):
         BatchPlan(exe)
     assert plan_for(exe) is None
+
+
+def test_a_graph_without_a_recorded_decoder_interface_gets_no_plan():
+    """Names alone (input_ids, logits) do not make a decoder: the frontend's record does."""
+    from isthmus.compiler.executable import Executable
+
+    g = _decoder_graph(lambda g, y: g.add("reshape", [y], {"shape": [0, 0, 1]}, name="logits"))
+    g.decoder = None
+    with pytest.raises(ValueError, match="not a decoder"):
+        BatchPlan(Executable(g, "reference"))
 
 
 def test_caches_grow_in_place_for_a_stable_batch_and_stay_immutable(ref_exe):

@@ -388,3 +388,17 @@ def test_default_model_roundtrips(default_model):
     g = default_model.graph
     roundtrip(g)
     roundtrip(run_pipeline(g))
+
+
+def test_roundtrip_keeps_the_decoder_interface_and_verify_checks_it():
+    from tiny_models import tiny_llama_model
+
+    g = tiny_llama_model().graph
+    g2 = roundtrip(g)
+    assert g2.decoder == g.decoder and len(g2.decoder.kv) == 2
+    assert g2.decoder.kv[1].present_value == "present_value.1"
+    broken = print_graph(g).replace("present_key=%present_key.1", "present_key=%blk.1.attn")
+    with pytest.raises(IRError, match="present key.*not a graph output"):
+        parse_graph(broken, {v.name: v.data for v in g.constants})
+    with pytest.raises(IRError, match="expected one of"):
+        parse_graph(print_graph(g).replace("logits=%logits", "logit=%logits"), {v.name: v.data for v in g.constants})

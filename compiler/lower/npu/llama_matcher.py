@@ -93,10 +93,12 @@ def match_llama(graph: Graph) -> LlamaSpec | None:
 
 
 def _match(graph: Graph) -> LlamaSpec | None:
+    if graph.decoder is None:
+        return None
+    d = graph.decoder.resolve(graph)
     users = graph.users()
-    names = {v.name: v for v in graph.inputs}
-    ids, pos = names.get("input_ids"), names.get("position_ids")
-    if ids is None or pos is None or len(graph.outputs) < 1:
+    ids, pos = d.input_ids, d.position_ids
+    if pos is None:
         return None
     embeds = _users_of(users, ids, "embedding")
     if len(embeds) != 1 or not embeds[0].inputs[0].is_constant:
@@ -115,7 +117,7 @@ def _match(graph: Graph) -> LlamaSpec | None:
         lins = _users_of(users, h, "linear")
         if len(lins) == 1 and len(users.get(h, [])) == 1:             # the final norm and the logits head
             head = lins[0]
-            if not _linear_weight(head, vocab, hidden) or head.outputs[0] is not graph.outputs[0]:
+            if not _linear_weight(head, vocab, hidden) or head.outputs[0] is not d.logits:
                 return None
             spec.final_norm, spec.head, spec.logits = norm, head, head.outputs[0]
             break
@@ -150,17 +152,13 @@ def _match(graph: Graph) -> LlamaSpec | None:
         k_cat, v_cat = _only_user(users, k_rope.outputs[0], "concat"), _only_user(users, vh, "concat")
         if k_cat is None or v_cat is None or k_cat.attrs["axis"] != 2 or v_cat.attrs["axis"] != 2:
             return None
-        past_k, past_v = k_cat.inputs[0], v_cat.inputs[0]
-        if past_k not in graph.inputs or past_v not in graph.inputs or k_cat.inputs[1] is not k_rope.outputs[0] \
-                or v_cat.inputs[1] is not vh:
+        if k_cat.inputs[1] is not k_rope.outputs[0] or v_cat.inputs[1] is not vh:
             return None
         attns = [n for n in users.get(q_rope.outputs[0], []) if n.op == "attention"]
         if len(attns) != 1:
             return None
         attn = attns[0]
         if attn.inputs[1:] != [k_cat.outputs[0], v_cat.outputs[0]] or not attn.attrs["causal"] or len(attn.inputs) != 3:
-            return None
-        if k_cat.outputs[0] not in graph.outputs or v_cat.outputs[0] not in graph.outputs:
             return None
         spec.scale = float(attn.attrs["scale"]) or 1.0 / float(hd) ** 0.5
         t = _only_user(users, attn.outputs[0], "transpose")
@@ -206,7 +204,10 @@ def _match(graph: Graph) -> LlamaSpec | None:
     if spec is None or not layers:
         return None
     spec.layers = layers
-    if list(graph.outputs) != [spec.logits] + [v for L in layers for v in (L.k_cat.outputs[0], L.v_cat.outputs[0])]:
+    # layer i appends to the interface's cache pair i, and the graph returns nothing else
+    caches = [(L.k_cat.inputs[0], L.v_cat.inputs[0], L.k_cat.outputs[0], L.v_cat.outputs[0]) for L in layers]
+    if len(caches) != len(d.kv) or any(a is not b for c, k in zip(caches, d.kv) for a, b in zip(c, k)) \
+            or len(graph.outputs) != 1 + 2 * len(layers):
         return None
     if not _static(*(n.inputs[1] for L in layers for n in (L.q, L.k, L.v, L.o, L.gate, L.up, L.down))):
         return None

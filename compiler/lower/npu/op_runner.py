@@ -23,25 +23,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isthmus.compiler.ir import Graph, TensorType, Value, numpy_dtype
+from isthmus.compiler.ir import Graph, TensorType, Value, eval_dim, numpy_dtype
 from isthmus.compiler.lower.npu.emitter import Emitter, Hbm
 from isthmus.errors import UnsupportedError
 
 FOLD_MAX = 1 << 16            # values the shape folding may compute on the host (elements)
 HOST_OPS = frozenset({"equal", "less", "greater", "and", "or", "not", "where", "erf", "cos", "sin"})
 SHAPE_OPS = frozenset({"shape", "range", "constant_of_shape"})
-
-
-def eval_dim(d, dims: dict) -> int:
-    if isinstance(d, int):
-        return d
-    if "+" in d:
-        return sum(eval_dim(int(p) if p.lstrip("-").isdigit() else p, dims) for p in d.split("+"))
-    if "*" in d:
-        return math.prod(eval_dim(int(p) if p.isdigit() else p, dims) for p in d.split("*"))
-    if d not in dims:
-        raise UnsupportedError(f"dim {d!r} is not bound by the inputs")
-    return dims[d]
 
 
 def concrete_types(graph: Graph, inputs: dict) -> tuple[dict, dict]:

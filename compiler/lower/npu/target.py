@@ -75,7 +75,7 @@ class NpuExecutable(Executable):
 
     def __post_init__(self):          # replaces the reference's, which would dequantize every weight
         from isthmus.compiler.lower.npu.llama_matcher import match_llama
-        self.spec = match_llama(self.graph) if self._decoder_interface() else None
+        self.spec = match_llama(self.graph)
         self._runtime = None
         self._generic = None
         if self.spec is not None:
@@ -84,11 +84,6 @@ class NpuExecutable(Executable):
                 self.image = build_image(self.spec, self.config, self.precision, self._context())
             except ValueError:
                 self.spec = None
-
-    def _decoder_interface(self) -> bool:
-        names = {v.name for v in self.graph.inputs}
-        return {"input_ids", "position_ids"} <= names and bool(self.graph.outputs) \
-            and self.graph.outputs[0].name == "logits"
 
     def _context(self) -> int:
         """The KV cache's capacity: the model's context, at most `max_context` (HBM and host memory)."""
