@@ -98,8 +98,9 @@ _FAMILIES = {
     "bloom": PreTokenizer((_BLOOM,)),
     "viking": PreTokenizer((_BLOOM, r"\p{N}")),
 }
-# label -> family, as llama.cpp's llama_vocab::impl::load maps them. A file without the key is
-# GPT-2 split, as transformers reads it (llama.cpp warns and applies its "default" regexes).
+# label -> family, as llama.cpp's llama_vocab::impl::load maps them ("gpt2" is no llama.cpp label;
+# isthmus has long read it as "gpt-2"). A file without the key is GPT-2 split, as transformers
+# reads it (llama.cpp warns and applies its "default" regexes).
 PRE_TOKENIZERS = {
     None: "gpt2", "gpt-2": "gpt2", "gpt2": "gpt2", "phi-2": "gpt2", "mpt": "gpt2", "olmo": "gpt2",
     "jais": "gpt2", "trillion": "gpt2", "exaone4": "gpt2", "gigachat": "gpt2", "mellum": "gpt2",
