@@ -29,7 +29,14 @@ special_text_st = st.lists(st.characters(codec="utf-8", exclude_characters="\u25
                            | st.sampled_from(PIECES + SPECIAL_STRINGS), max_size=30).map("".join)
 
 
-HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+def _have_llama_cpp() -> bool:
+    try:
+        return importlib.util.find_spec("llama_cpp") is not None
+    except (ImportError, ValueError):   # e.g. blocked with sys.modules["llama_cpp"] = None
+        return False
+
+
+HAVE_LLAMA_CPP = _have_llama_cpp()
 _LLAMA_CPP = {}
 
 
@@ -275,14 +282,16 @@ def test_pre_tokenizer_matches_llama_cpp(bpe_file, pre):
     import random
 
     path = bpe_file(pre)
-    ll = llama_cpp_vocab(path)
     ours = Tokenizer.from_gguf(path)
+    ll = llama_cpp_vocab(path) if HAVE_LLAMA_CPP else None   # without it: the round trip only
     rng = random.Random(pre)
     pieces = [p for p in PIECES if not (FAMILY_LABELS[pre] and set(p) & COMBINING)] + SPECIAL_STRINGS[:2]
     for _ in range(300):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 14)))
-        assert ours.encode(text, add_bos=False) == ll.tokenize(text.encode(), add_bos=False, special=True), text
-        assert ours.decode(ours.encode(text, add_bos=False)) == text
+        ids = ours.encode(text, add_bos=False)
+        assert ours.decode(ids) == text
+        if ll is not None:
+            assert ids == ll.tokenize(text.encode(), add_bos=False, special=True), text
 
 
 # transformers' GGUF loader knows these splits (it reads a missing label as GPT-2, as isthmus does)
