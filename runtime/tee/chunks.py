@@ -31,6 +31,8 @@ from isthmus.runtime.tee.crypto import TAG_BYTES, zeroise
 
 GROUP_BYTES = 4 << 20          # plaintext bytes per task: large enough that the pool's overhead vanishes
 READ_BYTES = 512 << 10         # ciphertext read at once when unsealing: small enough to stay in cache
+IN_FLIGHT_BYTES = 128 << 20    # sealing: at most about this much input and output held at once
+KEEP_BYTES = 64 << 20          # sealing: buffers kept for the next seal
 
 
 @functools.lru_cache(maxsize=1)
@@ -93,16 +95,23 @@ class Plan:
 
 # -- sealing -------------------------------------------------------------------------------------
 
-def encrypt(plan: Plan, dek, read: Callable, write: Callable, progress=lambda done: None) -> list[bytes]:
+def encrypt(plan: Plan, dek, read: Callable, write: Callable | None = None, *, fd: int | None = None,
+            at: int = 0, progress=lambda done: None) -> list[bytes]:
     """Encrypt the payload group by group. `read(n, scratch)` returns the next n plaintext bytes (a
-    view, possibly of `scratch`); `write(view)` stores the next ciphertext (chunk, tag, chunk, tag...).
-    Returns the chunk tags in order."""
+    view, possibly of `scratch`). The ciphertext (chunk, tag, chunk, tag...) goes either to
+    `write(view)`, in order on this thread, or, given a file descriptor `fd`, to the file at offset
+    `at` onwards, each worker writing its own group with `pwrite` (filesystems take concurrent
+    writes to a preallocated file faster than one stream). Returns the chunk tags in order."""
     aes = AESGCM(bytes(dek))
-    depth = 2 * workers()
-    free_in = [bytearray(plan.per_group * plan.size) for _ in range(depth)]
-    free_out = [bytearray(plan.per_group * (plan.size + TAG_BYTES)) for _ in range(depth)]
+    group = plan.per_group * (plan.size + TAG_BYTES)
+    depth = max(2, min(2 * workers(), IN_FLIGHT_BYTES // (2 * group)))
+    free_in = [_buffers.take(plan.per_group * plan.size) for _ in range(depth)]
+    free_out = [_buffers.take(plan.per_group * (plan.size + TAG_BYTES)) for _ in range(depth)]
+    used_in: set[int] = set()
     pending: deque = deque()
     tags: list[bytes] = []
+
+    file_at = at
 
     def task(first: int, end: int, src: memoryview, out: memoryview) -> list[bytes]:
         got, at, pos = [], 0, 0
@@ -112,12 +121,15 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable, progress=lambda do
             aes.encrypt_into(iv, src[pos:pos + n], ad, out[at:at + n + TAG_BYTES])
             got.append(bytes(out[at + n:at + n + TAG_BYTES]))
             pos, at = pos + n, at + n + TAG_BYTES
+        if fd is not None:
+            _pwrite_all(fd, out[:at], file_at + first * (plan.size + TAG_BYTES))
         return got
 
     def drain_one() -> None:
         future, scratch, out, nbytes, end = pending.popleft()
         tags.extend(future.result())
-        write(memoryview(out)[:nbytes])
+        if fd is None:
+            write(memoryview(out)[:nbytes])
         free_in.append(scratch)
         free_out.append(out)
         progress(end * plan.size)
@@ -128,6 +140,8 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable, progress=lambda do
                 drain_one()
             scratch, out = free_in.pop(), free_out.pop()
             src = read(n, memoryview(scratch))
+            if src.obj is scratch:
+                used_in.add(id(scratch))
             if len(src) != n:
                 raise EOFError(n - len(src))
             pending.append((pool().submit(task, first, end, src, memoryview(out)), scratch, out,
@@ -145,8 +159,43 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable, progress=lambda do
                     pass
             free_in.append(scratch)
         for scratch in free_in:
-            zeroise(scratch)       # plaintext copied from payload sections that were not contiguous
+            if id(scratch) in used_in:
+                zeroise(scratch)   # plaintext copied from payload sections that were not contiguous
+            _buffers.give(scratch)
+        for out in free_out:
+            _buffers.give(out)
     return tags
+
+
+class _Buffers:
+    """Buffers kept from one seal to the next: fresh memory costs a page fault per 4 KiB, which at
+    these sizes is slower than the cipher. They hold ciphertext, or plaintext zeroised before return."""
+
+    def __init__(self, keep_bytes: int):
+        self._free: list[bytearray] = []
+        self._lock, self._keep = threading.Lock(), keep_bytes
+
+    def take(self, n: int) -> bytearray:
+        with self._lock:
+            for k, b in enumerate(self._free):
+                if len(b) == n:
+                    return self._free.pop(k)
+        return bytearray(n)
+
+    def give(self, b: bytearray) -> None:
+        with self._lock:
+            self._free.append(b)
+            while sum(map(len, self._free)) > self._keep:
+                self._free.pop(0)
+
+
+_buffers = _Buffers(KEEP_BYTES)
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    while len(view):
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 # -- unsealing -----------------------------------------------------------------------------------
@@ -156,6 +205,8 @@ _local = threading.local()
 
 def _scratch(n: int) -> memoryview:
     """This worker's read buffer (ciphertext only), grown as needed and kept for the next call."""
+    if n > 8 << 20:                    # chunks of more than a few MB: not worth keeping per thread
+        return memoryview(bytearray(n))
     buf = getattr(_local, "buf", None)
     if buf is None or len(buf) < n:
         buf = _local.buf = bytearray(n)

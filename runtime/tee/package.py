@@ -178,7 +178,7 @@ def seal(src: BinaryIO, payload_size: int, dst, *, tenant: str, model: str, vers
         part = final.with_name(final.name + ".part")
         try:
             with open(part, "wb") as f:
-                pkg = _seal_into(src, f, h, dek, signer, progress)
+                pkg = _seal_into(src, f, h, dek, signer, progress, direct=True)
             os.replace(part, final)
         except OSError as e:
             part.unlink(missing_ok=True)
@@ -190,10 +190,20 @@ def seal(src: BinaryIO, payload_size: int, dst, *, tenant: str, model: str, vers
     return _seal_into(src, dst, h, dek, signer, progress)
 
 
-def _seal_into(src: BinaryIO, f: BinaryIO, h: Header, dek, signer, progress: bool) -> Package:
+def _seal_into(src: BinaryIO, f: BinaryIO, h: Header, dek, signer, progress: bool, direct: bool = False) -> Package:
+    """`direct`: `f` is a new file of our own, which the cipher threads may preallocate and write at offsets."""
     start = f.tell()
     placeholder = h.encode()          # same length as the final header: only the root's hex changes
     f.write(_PREAMBLE.pack(MAGIC, len(placeholder)) + placeholder + bytes(SIG_BYTES))
+    data_at = f.tell()
+    fd = None
+    if direct:
+        f.flush()
+        fd = f.fileno()
+        try:                          # allocating the blocks up front doubles the write rate on ext4
+            os.posix_fallocate(fd, start, data_at - start + h.payload_size + TAG_BYTES * h.chunk_count)
+        except OSError:
+            pass
 
     def read(n: int, scratch: memoryview) -> memoryview:
         if hasattr(src, "readview"):
@@ -202,14 +212,16 @@ def _seal_into(src: BinaryIO, f: BinaryIO, h: Header, dek, signer, progress: boo
 
     bar = _progress("seal", h.payload_size, progress)
     try:
-        tags = chunks.encrypt(chunks.Plan(h, h.binding()), dek, read, f.write, bar.update)
+        tags = chunks.encrypt(chunks.Plan(h, h.binding()), dek, read, f.write, fd=fd, at=data_at,
+                              progress=bar.update)
     except EOFError:
         raise SealError(f"the payload ended short of the {h.payload_size} bytes announced") from None
     finally:
         bar.close()
     if src.read(1):
         raise SealError(f"the payload is longer than the {h.payload_size} bytes announced")
-    end = f.tell()
+    end = data_at + h.payload_size + TAG_BYTES * h.chunk_count
+    f.seek(end)
     h = dataclasses.replace(h, merkle_root=merkle_root([chunks.leaf(i, t) for i, t in enumerate(tags)]))
     raw = h.encode()
     signature = signer.sign(_SIGN_DOMAIN + raw)
