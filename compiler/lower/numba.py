@@ -34,7 +34,7 @@ import numpy as np
 
 from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph, Value, eval_dim
-from isthmus.compiler.lower.plan import BufferPool, Step, make_plan
+from isthmus.compiler.lower.plan import BufferPool, Step, label, make_plan
 from isthmus.compiler.passes.fusion import format_groups, groups_of
 from isthmus.errors import InputError
 
@@ -174,7 +174,7 @@ class Bound:
         outs = set(exe.graph.outputs)
         for i, st in enumerate(plan.steps):
             self.calls.append(getattr(self, "_bind_" + st.kind)(st))
-            self.kinds.append(_label(st))
+            self.kinds.append(label(st))
             for v in st.ins:     # outputs were taken above; now release what no later step reads
                 if plan.last_use.get(v) == i and v not in outs and v not in self._pinned and v in self._owned:
                     self.pool.give(self._owned.pop(v))
@@ -370,15 +370,6 @@ class Bound:
             p = prof.setdefault(kind, OpProfile(kind))
             p.calls += 1
             p.seconds += time.perf_counter() - t0
-
-
-def _label(st: Step) -> str:
-    if st.kind == "linear":
-        e = st.group.attrs["epilogue"]
-        return "linear" + ("+norm" if st.group.attrs["norm"] is not None else "") + (f"+{e}" if e else "")
-    if st.kind == "op":
-        return st.group.nodes[0].op
-    return st.kind
 
 
 def _op_impl(node):

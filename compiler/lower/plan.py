@@ -80,3 +80,13 @@ class BufferPool:
 
     def give(self, a: np.ndarray) -> None:
         self.free.setdefault((a.shape, a.dtype.str), []).append(a)
+
+
+def label(st: Step) -> str:
+    """The step's name in profiles: "linear+norm+qkv", "attention", or the op of an `op` step."""
+    if st.kind == "linear":
+        e = st.group.attrs["epilogue"]
+        return "linear" + ("+norm" if st.group.attrs["norm"] is not None else "") + (f"+{e}" if e else "")
+    if st.kind == "op":
+        return st.group.nodes[0].op
+    return st.kind

@@ -1,23 +1,19 @@
-"""Lowering for `--target triton`: the graph runs op by op on a CUDA device, each op a Triton
-kernel from isthmus.kernels.triton where one exists and a torch op where the op only moves
-data; any op neither covers runs its numpy reference on the host (correct, slow, rare).
+"""Lowering for `--target triton`: the fusion pass's plan (compiler/lower/plan.py, the same steps
+the numba target binds) on a CUDA device, each step a Triton kernel from isthmus.kernels.triton;
+an op outside any fused group runs as a Triton kernel where one exists, a torch op where the op
+only moves data, and its numpy reference on the host otherwise (correct, slow, rare).
 
 At compile time the plan
   - uploads every weight once: floats in the activation type (bf16 by default on a GPU),
     GGUF q4_0 / q4_1 / q8_0 repacked for the quantized kernels (never dequantized);
-  - fuses sibling linears (the same input, e.g. q|k|v and gate|up) into one matmul whose
-    outputs are views of one buffer (the strided kernels read them in place), and a linear
-    whose only use is a residual `add` into the matmul's epilogue.
-`exe.decoder()` keeps a preallocated KV cache per layer on the device: a `concat(past, new)`
-that makes a graph's `present_*` output becomes a write into the cache (rope writes keys
-there directly), attention reads a view of the cache, and only the last position's logits
-are computed. Activations are `ISTHMUS_TRITON_DTYPE` (bf16 | f16 | f32); under
-TRITON_INTERPRET=1 the plan runs on CPU tensors in f32, which is how CI tests it.
-
-The fusion groups of compiler/lower/numba.py (make_plan) are not bound here yet: fuse() asks
-isthmus.kernels.numba.linear which weights stack together, which imports numba, and a GPU
-machine need not have numba. Once that check is a parameter of fuse(), this module can bind
-the same groups (linear + norm prologue + add/swiglu/qkv epilogues, attention, embedding).
+  - binds each fused group as one matmul over its sibling linears' stacked weights (q|k|v,
+    gate|up), with the group's rmsnorm prologue and its epilogue: the residual `add` inside the
+    matmul, swiglu over the two halves, or qkv (heads, rope, the KV append).
+`exe.decoder()` keeps a preallocated KV cache per layer on the device: the decoder interface's
+cache append becomes a write into the cache (rope writes keys there directly), attention reads a
+view of the cache, and only the last position's logits are computed. Activations are
+`ISTHMUS_TRITON_DTYPE` (bf16 | f16 | f32); under TRITON_INTERPRET=1 the plan runs on CPU tensors
+in f32, which is how CI tests it.
 """
 
 from __future__ import annotations
@@ -31,6 +27,9 @@ import torch
 
 from isthmus.compiler.executable import Executable, OpProfile
 from isthmus.compiler.ir import Graph, numpy_dtype
+from isthmus.compiler.lower.plan import label as st_label
+from isthmus.compiler.lower.plan import make_plan
+from isthmus.compiler.passes.fusion import groups_of
 from isthmus.compiler.ops import COMMUTATIVE, get_op
 from isthmus.errors import InputError, UnsupportedError
 from isthmus.kernels.triton import attention as k_attn
@@ -65,9 +64,10 @@ def lower_triton(graph: Graph, model=None, *, dtype: str | None = None, device: 
 # -- the plan -------------------------------------------------------------------------------------
 
 @dataclass
-class Step:
+class Call:
+    """One plan step bound to its kernels."""
     name: str                 # the node's name (profiles, errors)
-    op: str
+    op: str                   # the profile label: the op, or the fused group's (compiler/lower/plan.py)
     fn: object                # fn(state, *inputs) -> tensor | tuple of tensors
     inputs: list              # value ids
     outputs: list             # value ids
@@ -86,47 +86,20 @@ _NP = {"f32", "f16", "f64", "i64", "i32", "i8", "u8", "bool"}
 
 
 class _Plan:
+    """The shared plan (compiler/lower/plan.py: the fusion pass's groups) bound to Triton kernels:
+    one Call per plan step, in the plan's order."""
+
     def __init__(self, graph: Graph, device, act: torch.dtype, decoder: bool):
         self.graph, self.device, self.act = graph, device, act
         self._converted: dict[tuple, object] = {}
-        self.steps: list[Step] = []
+        self.steps: list[Call] = []
         self.rope_into_cache: dict[int, str] = {}   # rope output id -> cache its keys are written to
-        nodes = graph.nodes
-        index = {id(v): i for i, n in enumerate(nodes) for v in n.outputs}
-        users: dict[int, list[int]] = {}
-        for i, n in enumerate(nodes):
-            for v in n.inputs:
-                users.setdefault(id(v), []).append(i)
-        outputs = {id(v) for v in graph.outputs}
+        self.decoder = decoder
         self.kv = _kv_concats(graph) if decoder else {}
-        logits = graph.decoder.resolve(graph).logits if decoder else None
-        done: set[int] = set()
-        for i, n in enumerate(nodes):
-            if i in done:
-                continue
-            if n.op == "linear" and _const_weight(n):
-                o = n.outputs[0]
-                sibs = [j for j in users.get(id(n.inputs[0]), []) if j > i and j not in done
-                        and _fusable(nodes[j], n) and nodes[j].outputs[0] is not logits]
-                if sibs and o is not logits:
-                    self._fused_linears([n] + [nodes[j] for j in sibs])
-                    done.update(sibs)
-                    continue
-                us = users.get(id(o), [])
-                if len(us) == 1 and id(o) not in outputs and nodes[us[0]].op == "add" and o is not logits:
-                    a = nodes[us[0]]
-                    other = a.inputs[1] if a.inputs[0] is o else a.inputs[0]
-                    if (a.inputs[0] is not a.inputs[1] and other.type.shape == o.type.shape
-                            and other.dtype == o.dtype and index.get(id(other), -1) < i):
-                        self._linear(n, residual=other, out_value=a.outputs[0])
-                        done.add(us[0])
-                        continue
-                self._linear(n, last_only=o is logits)
-                continue
-            if id(n.outputs[0]) in self.kv:
-                self._kv_concat(n)
-                continue
-            self._node(n)
+        self.logits = graph.decoder.resolve(graph).logits if decoder else None
+        outputs = {id(v) for v in graph.outputs}
+        for st in make_plan(groups_of(graph)).steps:
+            getattr(self, "_bind_" + st.kind)(st)
         # values no step needs after step i
         last: dict[int, int] = {}
         for si, s in enumerate(self.steps):
@@ -162,42 +135,109 @@ class _Plan:
     # -- steps -------------------------------------------------------------------------------
 
     def add_step(self, n, fn, inputs, outputs=None, op=None):
-        self.steps.append(Step(n.outputs[0].name, op or n.op, fn, [id(v) for v in inputs],
+        self.steps.append(Call(n.outputs[0].name, op or n.op, fn, [id(v) for v in inputs],
                                [id(v) for v in (outputs if outputs is not None else n.outputs)]))
 
-    def _linear(self, n, residual=None, out_value=None, last_only=False):
-        w = self.const(n.inputs[1], "weight")
-        b = self.const(n.inputs[2]) if len(n.inputs) == 3 else None
-        mm = k_q.qlinear if isinstance(w, k_q.PackedWeight) else k_mm.linear
-
-        def linear(state, x, r=None):
-            if last_only:
-                x = x[..., -1:, :]
-            return mm(x, w, b, residual=r)
-
-        ins = [n.inputs[0]] + ([residual] if residual is not None else [])
-        self.add_step(n, linear, ins, [out_value or n.outputs[0]])
-
-    def _fused_linears(self, group):
-        """Linears of one input as one matmul over their stacked weights; outputs are views."""
-        ws = [self.const(n.inputs[1], "weight", cache=False) for n in group]
-        if isinstance(ws[0], k_q.PackedWeight):
+    def _weights(self, nodes):
+        """The linears' weights as one: stacked by rows when there are several (outputs are views)."""
+        ws = [self.const(n.inputs[1], "weight", cache=len(nodes) == 1) for n in nodes]
+        if len(ws) == 1:
+            w = ws[0]
+        elif isinstance(ws[0], k_q.PackedWeight):
             def cat(name):
                 return None if getattr(ws[0], name) is None else torch.cat([getattr(w, name) for w in ws])
             w = k_q.PackedWeight(ws[0].qtype, sum(x.n for x in ws), ws[0].k, cat("qs"), cat("d"), cat("m"))
-            mm, sizes = k_q.qlinear, [x.n for x in ws]
         else:
-            w, mm, sizes = torch.cat(ws).contiguous(), k_mm.linear, [x.shape[0] for x in ws]
-        del ws
-        bias = None
-        if any(len(n.inputs) == 3 for n in group):
-            bias = torch.cat([self.const(n.inputs[2]) if len(n.inputs) == 3 else
-                              torch.zeros(s, dtype=self.act, device=self.device) for n, s in zip(group, sizes)])
+            w = torch.cat(ws).contiguous()
+        sizes = [x.n if isinstance(x, k_q.PackedWeight) else x.shape[0] for x in ws]
+        return w, (k_q.qlinear if isinstance(w, k_q.PackedWeight) else k_mm.linear), sizes
 
-        def linears(state, x):
-            return tuple(torch.split(mm(x, w, bias), sizes, dim=-1))
+    def _linear(self, n):
+        """A linear outside any fused group (a bias, or a weight shape the fusion pass leaves alone)."""
+        w, mm, _ = self._weights([n])
+        b = self.const(n.inputs[2]) if len(n.inputs) == 3 else None
+        self.add_step(n, lambda state, x: mm(x, w, b), [n.inputs[0]])
 
-        self.add_step(group[0], linears, [group[0].inputs[0]], [n.outputs[0] for n in group])
+    def _bind_linear(self, st):
+        """rmsnorm prologue -> one matmul over the stacked sibling weights -> epilogue (none,
+        residual add, swiglu of the two halves, or qkv: heads, rope, the KV append)."""
+        g = st.group
+        lins, epi, norm = g.attrs["linears"], g.attrs["epilogue"], g.attrs["norm"]
+        w, mm, sizes = self._weights(lins)
+        x_val = norm.inputs[0] if norm is not None else lins[0].inputs[0]
+        nw = self.const(norm.inputs[1]) if norm is not None else None
+        eps = norm.attrs["eps"] if norm is not None else 0.0
+        last_only = self.logits is not None and self.logits in g.outputs
+
+        def prologue(x):
+            if last_only:                # a decoder samples from the last position only
+                x = x[..., -1:, :]
+            return k_norm.rmsnorm(x, nw, eps=eps) if nw is not None else x
+
+        if epi == "add":
+            res = g.attrs["residual"]
+            self.add_step(lins[0], lambda state, x, r: mm(prologue(x), w, None, residual=r), [x_val, res],
+                          g.outputs, op=st_label(st))
+        elif epi == "swiglu":
+            self.add_step(lins[0], lambda state, x: k_ew.swiglu(mm(prologue(x), w, None)), [x_val], g.outputs,
+                          op=st_label(st))
+        elif epi == "qkv":
+            self._qkv(st, prologue, w, mm, sizes, x_val)
+        elif len(lins) == 1:
+            self.add_step(lins[0], lambda state, x: mm(prologue(x), w, None), [x_val], g.outputs, op=st_label(st))
+        else:
+            self.add_step(lins[0], lambda state, x: tuple(torch.split(mm(prologue(x), w, None), sizes, dim=-1)),
+                          [x_val], g.outputs, op=st_label(st))
+
+    def _qkv(self, st, prologue, w, mm, sizes, x_val):
+        q = st.group.attrs["qkv"]
+        nq, nkv, hd, rope = q["q_heads"], q["kv_heads"], q["head_dim"], q["rope"]
+        rope_k = q["rope_k"]
+        past_k, past_v = q["past"]
+        names = (past_k.name, past_v.name)
+
+        def heads(y, n):
+            return y.reshape(*y.shape[:-1], n, hd).transpose(1, 2)
+
+        def qkv(state, x, pos, pk, pv):
+            qs, ks, vs = torch.split(mm(prologue(x), w, None), sizes, dim=-1)
+            qh, kh, vh = heads(qs, nq), heads(ks, nkv), heads(vs, nkv)
+            q_rot = k_rope.rope(qh, pos, rope["theta"], rope["layout"], rope["dim"])
+            if state.cache is None:         # run(): the functional cache, one step longer
+                k_new = k_rope.rope(kh, pos, rope["theta"], rope["layout"], rope["dim"]) if rope_k else kh
+                return q_rot, torch.cat([pk, k_new.to(pk.dtype)], dim=2), torch.cat([pv, vh.to(pv.dtype)], dim=2)
+            kc, vc = state.cache[names[0]], state.cache[names[1]]
+            lo, hi = state.length, state.length + x.shape[-2]
+            if rope_k:                      # keys rotated straight into the cache
+                k_rope.rope(kh, pos, rope["theta"], rope["layout"], rope["dim"], out=kc[:, :, lo:hi])
+            else:
+                kc[:, :, lo:hi].copy_(kh)
+            vc[:, :, lo:hi].copy_(vh)
+            return q_rot, kc[:, :, :hi], vc[:, :, :hi]
+
+        self.add_step(st.group.attrs["linears"][0], qkv, [x_val, q["positions"], past_k, past_v], st.group.outputs,
+                      op=st_label(st))
+
+    def _bind_attention(self, st):
+        node = st.group.attrs["node"]
+        causal, scale = node.attrs["causal"], node.attrs["scale"]
+
+        def attention(state, q, k, v):
+            b, h, s, hd = q.shape
+            return k_attn.attention(q, k, v, causal, scale).transpose(1, 2).reshape(b, s, h * hd)
+
+        self.add_step(node, attention, node.inputs, st.group.outputs, op=st_label(st))
+
+    def _bind_embedding(self, st):
+        self._embedding(st.group.attrs["node"])
+
+    def _bind_op(self, st):
+        n = st.group.attrs["node"]
+        if n.op == "linear" and _const_weight(n):
+            return self._linear(n)
+        if id(n.outputs[0]) in self.kv:
+            return self._kv_concat(n)
+        return self._node(n)
 
     def _kv_concat(self, n):
         past, new = n.inputs
@@ -303,15 +343,6 @@ def _const_weight(n) -> bool:
     return (len(n.inputs) >= 2 and n.inputs[1].is_constant and n.inputs[1].type.rank == 2
             and all(v.is_constant for v in n.inputs[2:]) and n.outputs[0].dtype in _FLOATS
             and n.inputs[0].dtype in _FLOATS)
-
-
-def _fusable(m, n) -> bool:
-    """m can share one matmul with n: a linear of the same input, weight of the same kind and width."""
-    if m.op != "linear" or not _const_weight(m) or m.inputs[0] is not n.inputs[0]:
-        return False
-    a, b = n.inputs[1], m.inputs[1]
-    quant = ("q4_0", "q4_1", "q8_0")
-    return a.shape[1] == b.shape[1] and (a.dtype == b.dtype or (a.dtype not in quant and b.dtype not in quant))
 
 
 def _kv_concats(graph: Graph) -> dict:

@@ -89,14 +89,19 @@ def test_run_matches_reference(tiny_model):
         np.testing.assert_allclose(got[name], want[name], rtol=1e-4, atol=1e-4)
 
 
-def test_plan_fuses_sibling_linears_and_residual_epilogues(tiny_model):
+def test_plan_binds_the_fusion_groups_the_numba_target_binds(tiny_model):
+    from isthmus.compiler.lower.plan import label
+
     exe = isthmus.compile(tiny_model, target="triton")
     ops = [s.op for s in exe._plan.steps]
     layers = tiny_model.config["n_layers"]
-    # per layer: q|k|v one matmul, gate|up one matmul, attn_out and down with the residual add fused in
-    assert ops.count("linear") == 4 * layers + 1 and "add" not in ops
-    qkv = next(s for s in exe._plan.steps if s.op == "linear")
-    assert len(qkv.outputs) == 3
+    # per layer: norm + q|k|v + rope + cache append, attention, attn_out + residual,
+    # norm + gate|up + swiglu, down + residual; then norm + the LM head
+    assert ops == ["embedding"] + ["linear+norm+qkv", "attention", "linear+add", "linear+norm+swiglu",
+                                   "linear+add"] * layers + ["linear+norm"]
+    numba = isthmus.compile(tiny_model, target="numba")
+    assert ops == [label(st) for st in numba.plan.steps]
+    assert len(exe._plan.steps[1].outputs) == 3
 
 
 @pytest.mark.parametrize("which", ["float", "quantized"])
@@ -151,7 +156,7 @@ def test_profile_names_ops(tiny_model):
     exe.profiling = True
     exe.decoder().step([1, 2])
     ops = {p.op: p for p in exe.profile()}
-    assert {"linear", "attention", "rope", "rmsnorm", "swiglu", "embedding"} <= set(ops)
+    assert {"linear+norm+qkv", "attention", "linear+add", "linear+norm+swiglu", "linear+norm", "embedding"} == set(ops)
     assert ops["attention"].calls == tiny_model.config["n_layers"]
 
 
