@@ -16,6 +16,9 @@ activations, unscaled float) dot product of the small integer weights with x, mu
 sub-block's scale once; a sub-block's min (value = d * sc * q - dmin * mn) is applied once
 through the sum of x over the sub-block. Accumulation is in f32 (i32 within a sub-block of the
 i16 path: 32 * 63 * 32767 < 2^31).
+
+Numba's cache tracks each kernel's own file: linear.py's kernels inline these functions, so after
+editing this file (or kquant_simd.py) delete kernels/numba/__pycache__ (see kernels/numba/__init__.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import numpy as np
 from numba import njit
 
 from isthmus.kernels.numba import JIT
+from isthmus.kernels.numba.kquant_simd import row_dot_q4k_i16, row_dot_q6k_i16
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -264,3 +268,165 @@ def dot_blocks_row(qs, r, x, t, sx):
                 else:
                     acc += d * (s - np.float32(16.0) * sx[t, b])
     return acc
+
+
+# -- i16 activations: one function per format (constant offsets, no format branch in the loops:
+# LLVM vectorises each inner loop into 16-bit multiply-adds), chosen once per row; q4_k and q6_k,
+# the bulk of a Q4_K_M file, use the vector-IR versions in kquant_simd.py (~1.5x faster).
+
+@njit(**_INLINE)
+def _i16_q45k(qs, r, xq, xd, xs, t, five):
+    acc = np.float32(0.0)
+    for b in range(qs.shape[1]):
+        o = 256 * b
+        sacc = np.float32(0.0)
+        macc = np.float32(0.0)
+        for c in range(4):
+            sa, ma = _scale_min_k4(qs, r, b, 2 * c)
+            sb, mb = _scale_min_k4(qs, r, b, 2 * c + 1)
+            i_lo = np.int32(0)
+            i_hi = np.int32(0)
+            if five:
+                for l in range(32):
+                    v = np.int32(qs[r, b, 48 + 32 * c + l])
+                    h = np.int32(qs[r, b, 16 + l]) >> (2 * c)
+                    i_lo = np.int32(i_lo + ((v & 15) | ((h & 1) << 4)) * np.int32(xq[t, o + 64 * c + l]))
+                    i_hi = np.int32(i_hi + ((v >> 4) | ((h & 2) << 3)) * np.int32(xq[t, o + 64 * c + 32 + l]))
+            else:
+                for l in range(32):
+                    v = np.int32(qs[r, b, 16 + 32 * c + l])
+                    i_lo = np.int32(i_lo + (v & 15) * np.int32(xq[t, o + 64 * c + l]))
+                    i_hi = np.int32(i_hi + (v >> 4) * np.int32(xq[t, o + 64 * c + 32 + l]))
+            k = 8 * b + 2 * c
+            sacc += np.float32(sa) * xd[t, k] * np.float32(i_lo) + np.float32(sb) * xd[t, k + 1] * np.float32(i_hi)
+            macc += np.float32(ma) * xs[t, k] + np.float32(mb) * xs[t, k + 1]
+        acc += _f16(qs, r, b, 0) * sacc - _f16(qs, r, b, 2) * macc
+    return acc
+
+
+@njit(**JIT)
+def _i16_q5k(qs, r, xq, xd, xs, t):
+    return _i16_q45k(qs, r, xq, xd, xs, t, True)
+
+
+@njit(**JIT)
+def _i16_q2k(qs, r, xq, xd, xs, t):
+    acc = np.float32(0.0)
+    for b in range(qs.shape[1]):
+        sacc = np.float32(0.0)
+        macc = np.float32(0.0)
+        for h in range(2):
+            for k in range(4):
+                o = 256 * b + 128 * h + 32 * k
+                i0 = np.int32(0)
+                i1 = np.int32(0)
+                x0 = np.int32(0)
+                x1 = np.int32(0)
+                for l in range(16):
+                    a0 = np.int32(xq[t, o + l])
+                    a1 = np.int32(xq[t, o + 16 + l])
+                    i0 = np.int32(i0 + ((np.int32(qs[r, b, 16 + 32 * h + l]) >> (2 * k)) & 3) * a0)
+                    i1 = np.int32(i1 + ((np.int32(qs[r, b, 32 + 32 * h + l]) >> (2 * k)) & 3) * a1)
+                    x0 = np.int32(x0 + a0)
+                    x1 = np.int32(x1 + a1)
+                s = 8 * h + 2 * k
+                c0, c1 = np.int32(qs[r, b, s]), np.int32(qs[r, b, s + 1])
+                xdk = xd[t, 8 * b + 4 * h + k]
+                sacc += xdk * (np.float32(c0 & 15) * np.float32(i0) + np.float32(c1 & 15) * np.float32(i1))
+                macc += xdk * (np.float32(c0 >> 4) * np.float32(x0) + np.float32(c1 >> 4) * np.float32(x1))
+        acc += _f16(qs, r, b, 80) * sacc - _f16(qs, r, b, 82) * macc
+    return acc
+
+
+@njit(**JIT)
+def _i16_q3k(qs, r, xq, xd, xs, t):
+    acc = np.float32(0.0)
+    for b in range(qs.shape[1]):
+        sacc = np.float32(0.0)
+        for h in range(2):
+            for k in range(4):
+                o = 256 * b + 128 * h + 32 * k
+                i0 = np.int32(0)
+                i1 = np.int32(0)
+                hs = 4 * h + k
+                for l in range(16):
+                    q0 = ((np.int32(qs[r, b, 32 + 32 * h + l]) >> (2 * k)) & 3) \
+                        - (((~(np.int32(qs[r, b, l]) >> hs)) & 1) << 2)
+                    q1 = ((np.int32(qs[r, b, 48 + 32 * h + l]) >> (2 * k)) & 3) \
+                        - (((~(np.int32(qs[r, b, 16 + l]) >> hs)) & 1) << 2)
+                    i0 = np.int32(i0 + q0 * np.int32(xq[t, o + l]))
+                    i1 = np.int32(i1 + q1 * np.int32(xq[t, o + 16 + l]))
+                s = 8 * h + 2 * k
+                sacc += xd[t, 8 * b + 4 * h + k] * (np.float32(_q3k_scale(qs, r, b, s)) * np.float32(i0)
+                                                    + np.float32(_q3k_scale(qs, r, b, s + 1)) * np.float32(i1))
+        acc += _f16(qs, r, b, 108) * sacc
+    return acc
+
+
+@njit(**_INLINE)
+def _i16_q5(qs, r, xq, xd, xs, t, one):
+    """q5_0 (one=False) and q5_1: the fifth bits spread from qh into a 32-bit mask per value."""
+    acc = np.float32(0.0)
+    at = 4 if one else 2
+    for b in range(qs.shape[1]):
+        qh = np.int32(_u32(qs, r, b, at))
+        o = 32 * b
+        s = np.int32(0)
+        for j in range(16):
+            v = np.int32(qs[r, b, at + 4 + j])
+            lo = (v & 15) | (((qh >> j) & 1) << 4)
+            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
+            if not one:
+                lo -= 16
+                hi -= 16
+            s = np.int32(s + lo * np.int32(xq[t, o + j]) + hi * np.int32(xq[t, o + 16 + j]))
+        acc += _f16(qs, r, b, 0) * xd[t, b] * np.float32(s)
+        if one:
+            acc += _f16(qs, r, b, 2) * xs[t, b]
+    return acc
+
+
+@njit(**JIT)
+def _i16_q50(qs, r, xq, xd, xs, t):
+    return _i16_q5(qs, r, xq, xd, xs, t, False)
+
+
+@njit(**JIT)
+def _i16_q51(qs, r, xq, xd, xs, t):
+    return _i16_q5(qs, r, xq, xd, xs, t, True)
+
+
+@njit(**JIT)
+def _i16_iq4nl(qs, r, xq, xd, xs, t):
+    acc = np.float32(0.0)
+    for b in range(qs.shape[1]):
+        o = 32 * b
+        s = np.int32(0)
+        for j in range(16):
+            v = qs[r, b, 2 + j]
+            s = np.int32(s + _IQ4_I[v & 15] * np.int32(xq[t, o + j]) + _IQ4_I[v >> 4] * np.int32(xq[t, o + 16 + j]))
+        acc += _f16(qs, r, b, 0) * xd[t, b] * np.float32(s)
+    return acc
+
+
+@njit(**JIT)
+def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
+    """dot(W[r], x[t]) with x[t] ~ xd * xq per 32-block (xs = xd * sum(xq)): integer dot products
+    per run of 16 or 32 values (i32: `np.int32(...)` keeps the vector code in 32-bit lanes), each
+    run's scale applied once."""
+    ts = qs.shape[2]
+    if ts == 144:
+        return row_dot_q4k_i16(qs, r, xq, xd, xs, t)
+    if ts == 210:
+        return row_dot_q6k_i16(qs, r, xq, xd, xs, t)
+    if ts == 176:
+        return _i16_q5k(qs, r, xq, xd, xs, t)
+    if ts == 22:
+        return _i16_q50(qs, r, xq, xd, xs, t)
+    if ts == 24:
+        return _i16_q51(qs, r, xq, xd, xs, t)
+    if ts == 110:
+        return _i16_q3k(qs, r, xq, xd, xs, t)
+    if ts == 84:
+        return _i16_q2k(qs, r, xq, xd, xs, t)
+    return _i16_iq4nl(qs, r, xq, xd, xs, t)

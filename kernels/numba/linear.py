@@ -242,6 +242,8 @@ def row_dot_i16(qs, d, m, r, xq, xd, xs, t):
 
 @overload(row_dot_i16)
 def _row_dot_i16(qs, d, m, r, xq, xd, xs, t):
+    if qs.dtype == types.uint8 and qs.ndim == 3:
+        return lambda qs, d, m, r, xq, xd, xs, t: kquant.dot_blocks_row_i16(qs, r, xq, xd, xs, t)
     if qs.dtype == types.uint8:
         return lambda qs, d, m, r, xq, xd, xs, t: row_dot_q4_i16(qs, d, m, r, xq, xd, xs, t)
     return lambda qs, d, m, r, xq, xd, xs, t: row_dot_q8_i16(qs, d, m, r, xq, xd, xs, t)
@@ -373,7 +375,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     """The fused matvec kernel and its arguments for `linear` of up to MATVEC_MAX_ROWS rows (None
     for more): a caller that runs the same shapes again (a decode step) binds this once."""
     n = x2.shape[0]
-    integer = INT_ACTIVATIONS and w.kind in ("q4", "q8")
+    integer = INT_ACTIVATIONS and w.kind != "f32"
     if n > MATVEC_MAX_ROWS:
         return None
     res_arr = out if res is None else res

@@ -1,0 +1,132 @@
+"""q4_k and q6_k row dot products with i16 activations, written as LLVM vector IR (as simd.py's
+q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files.
+
+Numba loops over these blocks vectorise too (kquant.py), but every 16- or 32-value run then ends
+in a horizontal sum before its scale is applied. Here each run's i16 multiply-adds (vpmaddwd)
+stay a <8 x i32> vector that is converted and multiplied by the run's scale into one <8 x float>
+accumulator kept across the whole row: one horizontal sum per row. The block's sub-block loop is
+unrolled while the IR is generated, so every byte offset and scale-unpacking mask is a constant.
+
+Layouts (compiler/quant.py): q4_k 144 bytes = f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128
+bytes of nibbles (32 bytes per 64 values: low nibbles the first 32, high the next); q6_k 210 bytes
+= 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, f16 d.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+from isthmus.kernels.numba.simd import _array_parts, _block_loop, _fma, _half, _row_ptr, _x86
+
+
+def _make(fmt: str):
+    size = {"q4_k": 144, "q6_k": 210}[fmt]
+
+    def typer(typingctx, qs, r, xq, xd, xs, t):
+        return types.float32(qs, r, xq, xd, xs, t), codegen
+
+    def codegen(context, builder, sig, args):
+        qs_t, _, xq_t, xd_t, xs_t, _ = sig.args
+        qs, r, xq, xd, xs, t = args
+        f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
+        v16i8, v16i16, v8i32, v8f = (ir.VectorType(i8, 16), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
+                                     ir.VectorType(f32, 8))
+        qdata, qstr, qshape = _array_parts(context, builder, qs_t, qs)
+        xqdata, xqstr, _ = _array_parts(context, builder, xq_t, xq)
+        xddata, xdstr, _ = _array_parts(context, builder, xd_t, xd)
+        xsdata, xsstr, _ = _array_parts(context, builder, xs_t, xs)
+        r = context.cast(builder, r, sig.args[1], types.int64)
+        t = context.cast(builder, t, sig.args[5], types.int64)
+        qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
+        xqrow = _row_ptr(builder, xqdata, xqstr[0], t, i16)
+        xdrow = _row_ptr(builder, xddata, xdstr[0], t, f32)
+        xsrow = _row_ptr(builder, xsdata, xsstr[0], t, f32)
+        nb = qshape[1]
+
+        def c64(v):
+            return ir.Constant(i64, v)
+
+        def splat16(v):
+            return ir.Constant(v16i16, [v] * 16)
+
+        def byte(bp, off):                      # one block byte as i32
+            return builder.zext(builder.load(builder.gep(bp, [c64(off)])), i32)
+
+        def bytes16(bp, off):
+            return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v16i8.as_pointer()), align=1)
+
+        def f16(bp, off):
+            return _half(builder, builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), i16.as_pointer())))
+
+        def madd(w16, xo):
+            """<8 x i32> pairwise sums of w16 * xq[xo : xo + 16]."""
+            xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
+            return _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [w16, xv])
+
+        def scaled(acc, p32, scale):
+            sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
+            sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
+            return _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+
+        def block(b, acc, macc):
+            bp = builder.gep(qrow, [builder.mul(b, c64(size))])
+            x0 = builder.mul(b, c64(256))       # first value of the block
+            k0 = builder.mul(b, c64(8))         # first 32-block of the block (xd, xs)
+
+            def xd_at(k):
+                return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
+
+            if fmt == "q4_k":
+                d, dmin = f16(bp, 0), f16(bp, 2)
+                msum = ir.Constant(f32, 0.0)
+                for c in range(4):
+                    for j in (2 * c, 2 * c + 1):
+                        if j < 4:           # get_scale_min_k4, scales at byte 4
+                            sc = builder.and_(byte(bp, 4 + j), ir.Constant(i32, 63))
+                            mn = builder.and_(byte(bp, 8 + j), ir.Constant(i32, 63))
+                        else:
+                            top = byte(bp, 8 + j)
+                            sc = builder.or_(builder.and_(top, ir.Constant(i32, 15)),
+                                             builder.shl(builder.lshr(byte(bp, j), ir.Constant(i32, 6)),
+                                                         ir.Constant(i32, 4)))
+                            mn = builder.or_(builder.lshr(top, ir.Constant(i32, 4)),
+                                             builder.shl(builder.lshr(byte(bp, 4 + j), ir.Constant(i32, 6)),
+                                                         ir.Constant(i32, 4)))
+                        high = j & 1
+                        p32 = None
+                        for half in (0, 1):
+                            q = builder.zext(bytes16(bp, 16 + 32 * c + 16 * half), v16i16)
+                            q = builder.lshr(q, splat16(4)) if high else builder.and_(q, splat16(15))
+                            m = madd(q, builder.add(x0, c64(64 * c + 32 * high + 16 * half)))
+                            p32 = m if p32 is None else builder.add(p32, m)
+                        scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
+                        acc = scaled(acc, p32, scale)
+                        xs_j = builder.load(builder.gep(xsrow, [builder.add(k0, c64(j))]))
+                        msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
+                macc = _fma(builder, builder.fneg(dmin), msum, macc)
+                return acc, macc
+
+            # q6_k: value = d * sc * (q - 32), q = low nibble | high 2 bits << 4
+            d = f16(bp, 208)
+            for h in range(2):
+                for k in range(4):
+                    for half in (0, 1):
+                        lo = builder.zext(bytes16(bp, 64 * h + 32 * (k & 1) + 16 * half), v16i16)
+                        lo = builder.lshr(lo, splat16(4)) if k >= 2 else builder.and_(lo, splat16(15))
+                        hb = builder.zext(bytes16(bp, 128 + 32 * h + 16 * half), v16i16)
+                        hb = builder.shl(builder.and_(builder.lshr(hb, splat16(2 * k)), splat16(3)), splat16(4))
+                        q = builder.sub(builder.or_(lo, hb), splat16(32))
+                        p32 = madd(q, builder.add(x0, c64(128 * h + 32 * k + 16 * half)))
+                        sc = builder.sitofp(builder.load(builder.gep(bp, [c64(192 + 8 * h + 2 * k + half)])), f32)
+                        acc = scaled(acc, p32, builder.fmul(builder.fmul(d, sc), xd_at(4 * h + k)))
+            return acc, macc
+
+        return _block_loop(builder, nb, v8f, block)
+
+    return intrinsic(typer)
+
+
+row_dot_q4k_i16 = _make("q4_k")
+row_dot_q6k_i16 = _make("q6_k")
