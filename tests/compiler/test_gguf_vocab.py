@@ -298,6 +298,20 @@ def test_pre_tokenizer_matches_llama_cpp(bpe_file, pre):
             assert ids == ll.tokenize(text.encode(), add_bos=False, special=True), text
 
 
+@pytest.mark.parametrize("pre", sorted(k for k in PRE_TOKENIZERS if k not in (None, "gpt2")))
+def test_every_label_is_read_as_llama_cpp_reads_it(bpe_file, pre):
+    import random
+
+    path = bpe_file(pre)
+    ll, ours = llama_cpp_vocab(path), Tokenizer.from_gguf(path)
+    family = FAMILY_LABELS[next(k for k in FAMILY_LABELS if PRE_TOKENIZERS[k] == PRE_TOKENIZERS[pre])]
+    rng = random.Random(pre)
+    pieces = [p for p in PIECES if not set(p) & set(family)]
+    for _ in range(40):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(1, 14)))
+        assert ours.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), text
+
+
 # transformers' GGUF loader knows these splits (it reads a missing label as GPT-2, as isthmus does)
 @pytest.mark.parametrize("pre", ["gpt-2", None, "llama-bpe", "qwen2", "qwen35", "gpt-4o", "tekken"])
 def test_pre_tokenizer_matches_transformers(bpe_file, pre):
