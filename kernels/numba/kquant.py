@@ -27,7 +27,7 @@ import numpy as np
 from numba import njit
 
 from isthmus.kernels.numba import JIT
-from isthmus.kernels.numba.kquant_simd import row_dot_q4k_i16, row_dot_q6k_i16
+from isthmus.kernels.numba.kquant_simd import row_dot_q4k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -272,7 +272,7 @@ def dot_blocks_row(qs, r, x, t, sx):
 
 # -- i16 activations: one function per format (constant offsets, no format branch in the loops:
 # LLVM vectorises each inner loop into 16-bit multiply-adds), chosen once per row; q4_k and q6_k,
-# the bulk of a Q4_K_M file, use the vector-IR versions in kquant_simd.py (~1.5x faster).
+# the bulk of a Q4_K_M file, and q5_0 / q5_1 use the vector-IR versions in kquant_simd.py (1.5-2x faster).
 
 @njit(**_INLINE)
 def _i16_q45k(qs, r, xq, xd, xs, t, five):
@@ -363,39 +363,6 @@ def _i16_q3k(qs, r, xq, xd, xs, t):
     return acc
 
 
-@njit(**_INLINE)
-def _i16_q5(qs, r, xq, xd, xs, t, one):
-    """q5_0 (one=False) and q5_1: the fifth bits spread from qh into a 32-bit mask per value."""
-    acc = np.float32(0.0)
-    at = 4 if one else 2
-    for b in range(qs.shape[1]):
-        qh = np.int32(_u32(qs, r, b, at))
-        o = 32 * b
-        s = np.int32(0)
-        for j in range(16):
-            v = np.int32(qs[r, b, at + 4 + j])
-            lo = (v & 15) | (((qh >> j) & 1) << 4)
-            hi = (v >> 4) | (((qh >> (j + 16)) & 1) << 4)
-            if not one:
-                lo -= 16
-                hi -= 16
-            s = np.int32(s + lo * np.int32(xq[t, o + j]) + hi * np.int32(xq[t, o + 16 + j]))
-        acc += _f16(qs, r, b, 0) * xd[t, b] * np.float32(s)
-        if one:
-            acc += _f16(qs, r, b, 2) * xs[t, b]
-    return acc
-
-
-@njit(**JIT)
-def _i16_q50(qs, r, xq, xd, xs, t):
-    return _i16_q5(qs, r, xq, xd, xs, t, False)
-
-
-@njit(**JIT)
-def _i16_q51(qs, r, xq, xd, xs, t):
-    return _i16_q5(qs, r, xq, xd, xs, t, True)
-
-
 @njit(**JIT)
 def _i16_iq4nl(qs, r, xq, xd, xs, t):
     acc = np.float32(0.0)
@@ -422,9 +389,9 @@ def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     if ts == 176:
         return _i16_q5k(qs, r, xq, xd, xs, t)
     if ts == 22:
-        return _i16_q50(qs, r, xq, xd, xs, t)
+        return row_dot_q50_i16(qs, r, xq, xd, xs, t)
     if ts == 24:
-        return _i16_q51(qs, r, xq, xd, xs, t)
+        return row_dot_q51_i16(qs, r, xq, xd, xs, t)
     if ts == 110:
         return _i16_q3k(qs, r, xq, xd, xs, t)
     if ts == 84:

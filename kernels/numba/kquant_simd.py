@@ -1,5 +1,6 @@
-"""q4_k and q6_k row dot products with i16 activations, written as LLVM vector IR (as simd.py's
-q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files.
+"""q4_k, q6_k, q5_0 and q5_1 row dot products with i16 activations, written as LLVM vector IR (as
+simd.py's q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files
+(q5_0 is where llama.cpp puts the q4_k rows whose width is not a multiple of 256).
 
 Numba loops over these blocks vectorise too (kquant.py), but every 16- or 32-value run then ends
 in a horizontal sum before its scale is applied. Here each run's i16 multiply-adds (vpmaddwd)
@@ -9,7 +10,8 @@ unrolled while the IR is generated, so every byte offset and scale-unpacking mas
 
 Layouts (compiler/quant.py): q4_k 144 bytes = f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128
 bytes of nibbles (32 bytes per 64 values: low nibbles the first 32, high the next); q6_k 210 bytes
-= 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, f16 d.
+= 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, f16 d; q5_0 22 bytes =
+f16 d, u32 qh, 16 bytes of nibbles (q5_1: f16 d, f16 m first).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from isthmus.kernels.numba.simd import _array_parts, _block_loop, _fma, _half, _
 
 
 def _make(fmt: str):
-    size = {"q4_k": 144, "q6_k": 210}[fmt]
+    size = {"q4_k": 144, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
         return types.float32(qs, r, xq, xd, xs, t), codegen
@@ -78,6 +80,32 @@ def _make(fmt: str):
             def xd_at(k):
                 return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
 
+            if fmt in ("q5_0", "q5_1"):
+                # 32 values: nibbles at `at` (value j low, j + 16 high), bit j of the u32 qh is bit 4 of value j
+                one = fmt == "q5_1"
+                at = 4 if one else 2
+                d = f16(bp, 0)
+                x32 = builder.mul(b, c64(32))
+                v16i32 = ir.VectorType(i32, 16)
+                qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
+                qhv = builder.insert_element(ir.Constant(v16i32, ir.Undefined), qh, ir.Constant(i32, 0))
+                qhv = builder.shuffle_vector(qhv, qhv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                nib = builder.zext(bytes16(bp, at + 4), v16i16)
+                p32 = None
+                for half in (0, 1):
+                    q = builder.and_(nib, splat16(15)) if half == 0 else builder.lshr(nib, splat16(4))
+                    bits = builder.lshr(qhv, ir.Constant(v16i32, list(range(16 * half, 16 * half + 16))))
+                    bits = builder.trunc(builder.and_(bits, ir.Constant(v16i32, [1] * 16)), v16i16)
+                    q = builder.or_(q, builder.shl(bits, splat16(4)))
+                    if not one:
+                        q = builder.sub(q, splat16(16))
+                    m = madd(q, builder.add(x32, c64(16 * half)))
+                    p32 = m if p32 is None else builder.add(p32, m)
+                acc = scaled(acc, p32, builder.fmul(d, builder.load(builder.gep(xdrow, [b]))))
+                if one:
+                    macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
+                return acc, macc
+
             if fmt == "q4_k":
                 d, dmin = f16(bp, 0), f16(bp, 2)
                 msum = ir.Constant(f32, 0.0)
@@ -130,3 +158,5 @@ def _make(fmt: str):
 
 row_dot_q4k_i16 = _make("q4_k")
 row_dot_q6k_i16 = _make("q6_k")
+row_dot_q50_i16 = _make("q5_0")
+row_dot_q51_i16 = _make("q5_1")
