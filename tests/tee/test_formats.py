@@ -166,3 +166,30 @@ def test_the_cli_seals_runs_and_chats_sealed_and_writes_no_plaintext(home, capsy
     assert any(p.suffix == ".isth" for p in written)
     leaks = scan(written, [s for s in secrets if len(s) >= 64] + [c for c in conversation if len(c) >= 64])
     assert leaks == [], leaks[:5]
+
+
+def test_serve_sealed_answers_like_the_unsealed_checkpoint(home, capsys, model_of):
+    """`isthmus serve --sealed` of a safetensors checkpoint: the chat API's greedy reply is the
+    unsealed model's."""
+    import httpx
+
+    from isthmus.cli import build_parser
+    from isthmus.interop.cli import build
+    from live_server import live_server  # tests/support
+
+    folder = model_of("safetensors")
+    run(capsys, "keygen", "-o", "owner.key")
+    rc, _, err = run(capsys, "seal", folder, "--tenant", "acme", "--owner-key", "owner.key", "-o", "m.isth",
+                     "--target", "reference")
+    assert rc == 0, err
+    plain = isthmus.compile(isthmus.load(folder), target="reference")
+    want = "".join(isthmus.chat(plain, HELLO, max_tokens=8, temperature=0.0))
+    app, session, _ = build(build_parser().parse_args(["serve", "--sealed", "m.isth", "--target", "reference"]))
+    try:
+        with live_server(app) as url:
+            r = httpx.post(url + "/v1/chat/completions", timeout=60,
+                           json={"model": "tiny-chat", "messages": HELLO, "max_tokens": 8, "temperature": 0})
+    finally:
+        session.close()
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["content"] == want and want
