@@ -27,10 +27,11 @@ class KVCache:
         d = interface(graph)
         self.names = [n for c in d.kv for n in (c.past_key, c.past_value)]
         self.presents = [n for c in d.kv for n in (c.present_key, c.present_value)]
+        batch_dim = d.resolve(graph).input_ids.shape[0]
         self.arrays = {}
         for v in graph.inputs:
             if v.name in self.names:
-                shape = [batch if d == "batch" else 0 if isinstance(d, str) else d for d in v.shape]
+                shape = [batch if k == batch_dim else 0 if isinstance(k, str) else k for k in v.shape]
                 self.arrays[v.name] = np.zeros(shape, np.float32)
 
     @property

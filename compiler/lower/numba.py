@@ -246,6 +246,19 @@ class Bound:
                 L.linear(x_get(), w, qkv, ws, norm=norm, h=h)
                 qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
             return call
+        if len(g.attrs["linears"]) > 1 and epi is None:
+            # siblings with no shared epilogue (a GeGLU's gate and up): one pass over the stacked
+            # weight into a scratch row block, then each linear's columns into its own buffer
+            outs = [self._buffer(v).reshape(-1, v.shape[-1]) for v in g.outputs]
+            y = np.empty((outs[0].shape[0], w.rows), np.float32)
+            h = np.empty((y.shape[0], w.cols), np.float32) if norm else None
+            cols = np.cumsum([0, *w.splits])
+
+            def call(past):
+                L.linear(x_get(), w, y, ws, norm=norm, h=h)
+                for o, lo, hi in zip(outs, cols[:-1], cols[1:]):
+                    o[:] = y[:, lo:hi]
+            return call
         out_val = g.outputs[0]
         x_rows = x_get
         x_static = self._static(x_val)
@@ -433,8 +446,9 @@ class NumbaDecoder:
             env = {d.input_ids: ids, d.position_ids: pos}
             dims = {k: size for k, size in zip(d.input_ids.shape, (1, n)) if isinstance(k, str)}
             bound = Bound(exe, dims, env, self.caches, last_only=True, workspace=self.workspace)
-            logits = env[d.logits]
-            entry = (bound, ids, pos, logits[0, -1])
+            # the logits' buffer when a fused step writes it (fixed for this binding), else read per run
+            logits = env[d.logits][0, -1] if d.logits in env else (lambda: env[d.logits][0, -1])
+            entry = (bound, ids, pos, logits)
             if n != 1:
                 return entry      # prefill bindings are used once
             self._bound[n] = entry
@@ -455,7 +469,7 @@ class NumbaDecoder:
             pos_buf[0] = np.arange(self.length, self.length + n)
         bound.run(self.length)
         self.length += n
-        return logits
+        return logits() if callable(logits) else logits
 
 
 def lower_numba(graph: Graph, model=None) -> NumbaExecutable:

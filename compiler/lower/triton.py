@@ -534,7 +534,7 @@ class TritonDecoder:
             raise InputError(f"the sequence would be {n} tokens; the model's context window is {self.max_len}")
         cap = min(max(n, 2 * self.capacity, self.min_capacity), self.max_len)
         for v in self.past:
-            shape = [self.batch if d == "batch" else d for d in v.shape]
+            shape = [self.batch if d == self.interface.input_ids.shape[0] else d for d in v.shape]
             shape[2] = cap
             new = torch.zeros(shape, dtype=self.exe.act, device=self.exe.device)
             old = self.state.cache.get(v.name)

@@ -144,6 +144,20 @@ def test_decoder_cache_grows_to_the_context_length(quantized_model):
         dec.step([1] * 6)
 
 
+def test_decoder_of_an_architecture_only_its_frontend_knows():
+    """tests/support/sandwich_model.py: its own interface names and dims, post-norms, GeGLU, soft-capped
+    logits; the triton decoder steps it as its numpy definition says."""
+    from sandwich_model import numpy_logits, sandwich_model
+
+    dec = isthmus.compile(sandwich_model(), target="triton").decoder()
+    assert type(dec).__name__ == "TritonDecoder"
+    seen = []
+    for ids in ([5, 17, 3, 44], [12], [2, 8]):
+        seen += ids
+        want = numpy_logits(seen)[-1]
+        np.testing.assert_allclose(dec.step(ids), want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
 def test_generate_greedy_same_tokens(tiny_model):
     params = SamplingParams(max_tokens=4, temperature=0.0)
     want = list(generate(isthmus.compile(tiny_model, target="reference"), [1, 2, 3], params))
