@@ -201,9 +201,11 @@ def _byte_level(md: dict, path: str) -> Vocab:
     # Control tokens (<|im_start|>) must match whole wherever they appear in the text; a control
     # token spelled outside the byte alphabet is a converter's mislabel and is left alone.
     control = [i for i, t in enumerate(types) if t == CONTROL and all(c in alphabet for c in tokens[i])]
-    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in control])
     user = [i for i, t in enumerate(types) if t == USER_DEFINED and tokens[i] in vocab]
-    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in user])
+    rstrip = _rstrip_ids(md, tokens, [*control, *user])
+    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True, rstrip=i in rstrip)
+                                for i in control])
+    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False, rstrip=i in rstrip) for i in user])
 
     bos = _id(md, "tokenizer.ggml.bos_token_id", len(tokens), path)
     eos = _id(md, "tokenizer.ggml.eos_token_id", len(tokens), path)
@@ -245,12 +247,24 @@ def _sentencepiece(md: dict, path: str) -> Vocab:
     backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
 
     special = [i for i, t in enumerate(types) if t in (CONTROL, UNKNOWN)]
-    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True) for i in special])
     user = [i for i, t in enumerate(types) if t == USER_DEFINED]
-    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False) for i in user])
+    rstrip = _rstrip_ids(md, tokens, [*special, *user])
+    backend.add_special_tokens([AddedToken(tokens[i], normalized=False, special=True, rstrip=i in rstrip)
+                                for i in special])
+    backend.add_tokens([AddedToken(tokens[i], normalized=False, special=False, rstrip=i in rstrip) for i in user])
     return Vocab(backend, [_piece_bytes(tok, t) for tok, t in zip(tokens, types)], special, bos, eos,
                  add_bos=_flag(md, "tokenizer.ggml.add_bos_token", True, path),
                  add_eos=_flag(md, "tokenizer.ggml.add_eos_token", False, path), strip_space=prefix)
+
+
+def _rstrip_ids(md: dict, tokens: list[str], ids: list[int]) -> set[int]:
+    """The one per-token attribute llama.cpp sets that a GGUF cannot carry: in a model whose
+    general.name says Phi-3, every special and user-defined token but <unk>, <s> and
+    <|endoftext|> swallows the whitespace after it (Phi-3's tokenizer.json marks them rstrip)."""
+    name = md.get("general.name")
+    if not isinstance(name, str) or not any(k in name.lower() for k in ("phi-3", "phi3")):
+        return set()
+    return {i for i in ids if tokens[i] not in ("<unk>", "<s>", "<|endoftext|>")}
 
 
 def _merges_by_score(tokens: list[str], scores: list[float], vocab: dict[str, int]) -> list[tuple[str, str]]:

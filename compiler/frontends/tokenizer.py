@@ -149,15 +149,21 @@ class Tokenizer:
         # Split the render at the special tokens the template wrote; the text between (which holds
         # the messages, their special-token strings restored) is encoded without special tokens.
         restore = {ord(c): s for c, s in prompt.literals.items()}
-        ids, at = [], 0
+        ids, at, strip = [], 0, False
         for m in [*self._specials.finditer(prompt.rendered), None]:
             text = prompt.rendered[at:m.start() if m else None].translate(restore)
+            if strip:   # the special token before swallows the whitespace after it (rstrip)
+                text = text.lstrip()
             if text:
                 ids += self._plain.encode(text, add_special_tokens=False).ids
             if m:
                 ids.append(self._backend.token_to_id(m.group()))
-                at = m.end()
+                at, strip = m.end(), m.group() in self._rstrip
         return ids
+
+    @functools.cached_property
+    def _rstrip(self) -> frozenset[str]:
+        return frozenset(t.content for t in self._backend.get_added_tokens_decoder().values() if t.special and t.rstrip)
 
 
 class StreamDecoder:

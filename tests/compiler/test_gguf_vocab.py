@@ -186,6 +186,38 @@ def test_unigram_trained_vocabulary_matches_llama_cpp(tmp_path):
         assert ours.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True), text
 
 
+@pytest.fixture(scope="module")
+def phi3_file(spm_proto, tmp_path_factory):
+    return write_spm_gguf(tmp_path_factory.mktemp("phi3") / "phi3.gguf", spm_proto, name="Phi-3 Mini 4k Instruct")
+
+
+@pytest.fixture(scope="module")
+def phi3(phi3_file):
+    return Tokenizer.from_gguf(phi3_file)
+
+
+def test_phi3_special_tokens_swallow_the_whitespace_after_them(phi3, spm):
+    # llama.cpp's per-model rule for files named Phi-3 (Phi-3's tokenizer.json marks them rstrip)
+    ims = phi3.token_to_id("<|im_start|>")
+    assert phi3.encode("<|im_start|> \n x", add_bos=False) == [ims, *phi3.encode("x", add_bos=False)]
+    assert spm.encode("<|im_start|> \n x", add_bos=False) != [ims, *spm.encode("x", add_bos=False)]
+    assert phi3.encode("<s> x", add_bos=False) == [phi3.bos_id, *phi3.encode(" x", add_bos=False)]  # not <s>
+
+
+@settings(max_examples=150, deadline=None)
+@given(text=special_text_st)
+def test_phi3_matches_llama_cpp(phi3, phi3_file, text):
+    ll = llama_cpp_vocab(phi3_file)
+    assert phi3.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True)
+    # in a chat prompt, special-token strings in the message stay text
+    prompt = phi3.apply_chat_template([{"role": "user", "content": text}])
+    ims, ime = phi3.token_to_id("<|im_start|>"), phi3.token_to_id("<|im_end|>")
+
+    def plain(s):
+        return ll.tokenize(s.lstrip().encode(), add_bos=False, special=False) if s.lstrip() else []
+    assert phi3.encode(prompt) == [phi3.bos_id, ims, *plain("user\n" + text), ime, ims, *plain("assistant\n")]
+
+
 def test_sentencepiece_flags_from_the_file(spm_proto, tmp_path):
     import sentencepiece
 

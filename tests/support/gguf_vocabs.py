@@ -18,7 +18,7 @@ CORPUS = [
     "  leading spaces, trailing spaces   and\ttabs\nnewlines\n\n",
     "I'm sure they'll say it's fine, don't you think? Yes!",
 ]
-CONTROL_TOKENS = ["<|im_start|>", "<|im_end|>"]
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 USER_TOKENS = ["<think>"]
 TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
@@ -65,7 +65,7 @@ def train_bpe(vocab_size: int = 600) -> tuple[list[str], list[str], list[int]]:
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    specials = ["<|endoftext|>", *CONTROL_TOKENS]
+    specials = CONTROL_TOKENS
     tok.train_from_iterator(CORPUS * 20, trainers.BpeTrainer(
         vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=specials,
         show_progress=False))
@@ -83,7 +83,7 @@ def write_spm_gguf(path, proto: bytes, **kwargs):
 
 def write_vocab_gguf(path, tokens: list[str], types: list[int], *, scores=None, merges=None, pre: str | None = None,
                      add_space_prefix: bool | None = None, add_bos: bool | None = None, add_eos: bool | None = None,
-                     template: str | None = TEMPLATE, seed: int = 0, **extra):
+                     template: str | None = TEMPLATE, seed: int = 0, name: str = "tiny-vocab", **extra):
     """A 2-layer random Llama with this vocabulary, as a GGUF file: model "gpt2" when `merges` are
     given, else "llama" (SentencePiece). `extra` adds metadata (key -> str, bool, int or list)."""
     import gguf
@@ -95,7 +95,7 @@ def write_vocab_gguf(path, tokens: list[str], types: list[int], *, scores=None, 
         return (scale * rng.standard_normal((rows, cols)) / np.sqrt(cols)).astype(np.float32)
 
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-vocab")
+    w.add_name(name)
     for key, value in [("context_length", 256), ("embedding_length", D), ("block_count", 2),
                        ("feed_forward_length", F), ("attention.head_count", H), ("attention.head_count_kv", KVH)]:
         w.add_uint32(f"llama.{key}", value)
