@@ -16,7 +16,6 @@ lowest failing index of all, as a sequential pass would.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 import threading
@@ -35,10 +34,19 @@ IN_FLIGHT_BYTES = 128 << 20    # sealing: at most about this much input and outp
 KEEP_BYTES = 64 << 20          # sealing: buffers kept for the next seal
 
 
-@functools.lru_cache(maxsize=1)
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pool_lock = threading.Lock()
+
+
 def pool() -> ThreadPoolExecutor:
-    """The process's cipher threads, one per core (shared by every seal and unseal)."""
-    return ThreadPoolExecutor(workers(), thread_name_prefix="isthmus-gcm")
+    """The process's cipher threads, one per core (shared by every seal and unseal). Keyed by process
+    id: a child forked after the pool started has none of its threads, and gets its own pool."""
+    pid = os.getpid()
+    with _pool_lock:
+        if pid not in _pools:
+            _pools.clear()
+            _pools[pid] = ThreadPoolExecutor(workers(), thread_name_prefix="isthmus-gcm")
+        return _pools[pid]
 
 
 def workers() -> int:
