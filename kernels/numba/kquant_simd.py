@@ -86,19 +86,19 @@ def _make(fmt: str):
                 at = 4 if one else 2
                 d = f16(bp, 0)
                 x32 = builder.mul(b, c64(32))
-                v16i32 = ir.VectorType(i32, 16)
                 qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
-                qhv = builder.insert_element(ir.Constant(v16i32, ir.Undefined), qh, ir.Constant(i32, 0))
-                qhv = builder.shuffle_vector(qhv, qhv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
                 nib = builder.zext(bytes16(bp, at + 4), v16i16)
+                masks = ir.Constant(v16i16, [1 << j for j in range(16)])
                 p32 = None
                 for half in (0, 1):
                     q = builder.and_(nib, splat16(15)) if half == 0 else builder.lshr(nib, splat16(4))
-                    bits = builder.lshr(qhv, ir.Constant(v16i32, list(range(16 * half, 16 * half + 16))))
-                    bits = builder.trunc(builder.and_(bits, ir.Constant(v16i32, [1] * 16)), v16i16)
-                    q = builder.or_(q, builder.shl(bits, splat16(4)))
-                    if not one:
-                        q = builder.sub(q, splat16(16))
+                    h16 = builder.trunc(builder.lshr(qh, ir.Constant(i32, 16 * half)), i16)
+                    hv = builder.insert_element(ir.Constant(v16i16, ir.Undefined), h16, ir.Constant(i32, 0))
+                    hv = builder.shuffle_vector(hv, hv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                    set_ = builder.icmp_unsigned("!=", builder.and_(hv, masks), ir.Constant(v16i16, [0] * 16))
+                    # bit 4 of the value; q5_0 also subtracts 16: q - 16 = nibble - (bit ? 0 : 16)
+                    add = builder.select(set_, splat16(0 if not one else 16), splat16(-16 if not one else 0))
+                    q = builder.add(q, add)
                     m = madd(q, builder.add(x32, c64(16 * half)))
                     p32 = m if p32 is None else builder.add(p32, m)
                 acc = scaled(acc, p32, builder.fmul(d, builder.load(builder.gep(xdrow, [b]))))
