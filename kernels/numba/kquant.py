@@ -27,7 +27,8 @@ import numpy as np
 from numba import njit
 
 from isthmus.kernels.numba import JIT
-from isthmus.kernels.numba.kquant_simd import row_dot_q4k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16
+from isthmus.kernels.numba.kquant_simd import (row_dot_q4k_i16, row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16,
+                                               row_dot_q51_i16)
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -272,42 +273,8 @@ def dot_blocks_row(qs, r, x, t, sx):
 
 # -- i16 activations: one function per format (constant offsets, no format branch in the loops:
 # LLVM vectorises each inner loop into 16-bit multiply-adds), chosen once per row; q4_k and q6_k,
-# the bulk of a Q4_K_M file, and q5_0 / q5_1 use the vector-IR versions in kquant_simd.py (1.5-2x faster).
-
-@njit(**_INLINE)
-def _i16_q45k(qs, r, xq, xd, xs, t, five):
-    acc = np.float32(0.0)
-    for b in range(qs.shape[1]):
-        o = 256 * b
-        sacc = np.float32(0.0)
-        macc = np.float32(0.0)
-        for c in range(4):
-            sa, ma = _scale_min_k4(qs, r, b, 2 * c)
-            sb, mb = _scale_min_k4(qs, r, b, 2 * c + 1)
-            i_lo = np.int32(0)
-            i_hi = np.int32(0)
-            if five:
-                for l in range(32):
-                    v = np.int32(qs[r, b, 48 + 32 * c + l])
-                    h = np.int32(qs[r, b, 16 + l]) >> (2 * c)
-                    i_lo = np.int32(i_lo + ((v & 15) | ((h & 1) << 4)) * np.int32(xq[t, o + 64 * c + l]))
-                    i_hi = np.int32(i_hi + ((v >> 4) | ((h & 2) << 3)) * np.int32(xq[t, o + 64 * c + 32 + l]))
-            else:
-                for l in range(32):
-                    v = np.int32(qs[r, b, 16 + 32 * c + l])
-                    i_lo = np.int32(i_lo + (v & 15) * np.int32(xq[t, o + 64 * c + l]))
-                    i_hi = np.int32(i_hi + (v >> 4) * np.int32(xq[t, o + 64 * c + 32 + l]))
-            k = 8 * b + 2 * c
-            sacc += np.float32(sa) * xd[t, k] * np.float32(i_lo) + np.float32(sb) * xd[t, k + 1] * np.float32(i_hi)
-            macc += np.float32(ma) * xs[t, k] + np.float32(mb) * xs[t, k + 1]
-        acc += _f16(qs, r, b, 0) * sacc - _f16(qs, r, b, 2) * macc
-    return acc
-
-
-@njit(**JIT)
-def _i16_q5k(qs, r, xq, xd, xs, t):
-    return _i16_q45k(qs, r, xq, xd, xs, t, True)
-
+# the bulk of a Q4_K_M file, q5_k and q5_0 / q5_1 use the vector-IR versions in kquant_simd.py
+# (1.5-2.5x faster).
 
 @njit(**JIT)
 def _i16_q2k(qs, r, xq, xd, xs, t):
@@ -387,7 +354,7 @@ def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     if ts == 210:
         return row_dot_q6k_i16(qs, r, xq, xd, xs, t)
     if ts == 176:
-        return _i16_q5k(qs, r, xq, xd, xs, t)
+        return row_dot_q5k_i16(qs, r, xq, xd, xs, t)
     if ts == 22:
         return row_dot_q50_i16(qs, r, xq, xd, xs, t)
     if ts == 24:

@@ -1,4 +1,4 @@
-"""q4_k, q6_k, q5_0 and q5_1 row dot products with i16 activations, written as LLVM vector IR (as
+"""q4_k, q5_k, q6_k, q5_0 and q5_1 row dot products with i16 activations, written as LLVM vector IR (as
 simd.py's q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files
 (q5_0 is where llama.cpp puts the q4_k rows whose width is not a multiple of 256).
 
@@ -24,7 +24,7 @@ from isthmus.kernels.numba.simd import _array_parts, _block_loop, _fma, _half, _
 
 
 def _make(fmt: str):
-    size = {"q4_k": 144, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
+    size = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
         return types.float32(qs, r, xq, xd, xs, t), codegen
@@ -106,7 +106,9 @@ def _make(fmt: str):
                     macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
                 return acc, macc
 
-            if fmt == "q4_k":
+            if fmt in ("q4_k", "q5_k"):    # q5_k: 32 bytes qh at 16 (bit j of byte l: bit 4 of value 32 j + l)
+                five = fmt == "q5_k"
+                q0 = 48 if five else 16
                 d, dmin = f16(bp, 0), f16(bp, 2)
                 msum = ir.Constant(f32, 0.0)
                 for c in range(4):
@@ -125,8 +127,12 @@ def _make(fmt: str):
                         high = j & 1
                         p32 = None
                         for half in (0, 1):
-                            q = builder.zext(bytes16(bp, 16 + 32 * c + 16 * half), v16i16)
+                            q = builder.zext(bytes16(bp, q0 + 32 * c + 16 * half), v16i16)
                             q = builder.lshr(q, splat16(4)) if high else builder.and_(q, splat16(15))
+                            if five:
+                                h = builder.zext(bytes16(bp, 16 + 16 * half), v16i16)
+                                h = builder.shl(builder.and_(builder.lshr(h, splat16(j)), splat16(1)), splat16(4))
+                                q = builder.or_(q, h)
                             m = madd(q, builder.add(x0, c64(64 * c + 32 * high + 16 * half)))
                             p32 = m if p32 is None else builder.add(p32, m)
                         scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
@@ -157,6 +163,7 @@ def _make(fmt: str):
 
 
 row_dot_q4k_i16 = _make("q4_k")
+row_dot_q5k_i16 = _make("q5_k")
 row_dot_q6k_i16 = _make("q6_k")
 row_dot_q50_i16 = _make("q5_0")
 row_dot_q51_i16 = _make("q5_1")
