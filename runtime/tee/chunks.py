@@ -134,10 +134,11 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable | None = None, *, f
         return got
 
     def drain_one() -> None:
-        future, scratch, out, nbytes, end = pending.popleft()
+        future, scratch, out, nbytes, end = pending[0]
         tags.extend(future.result())
         if fd is None:
             write(memoryview(out)[:nbytes])
+        pending.popleft()
         free_in.append(scratch)
         free_out.append(out)
         progress(end * plan.size)
@@ -146,26 +147,29 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable | None = None, *, f
         for first, end, _, n in plan.groups():
             if len(pending) >= depth:
                 drain_one()
-            scratch, out = free_in.pop(), free_out.pop()
+            scratch, out = free_in[-1], free_out[-1]
             src = read(n, memoryview(scratch))
             if src.obj is scratch:
                 used_in.add(id(scratch))
             if len(src) != n:
                 raise EOFError(n - len(src))
+            free_in.pop()
+            free_out.pop()
             pending.append((pool().submit(task, first, end, src, memoryview(out)), scratch, out,
                             plan.sealed_bytes(first, end), end))
         while pending:
             drain_one()
-    finally:
-        for future, scratch, *_ in pending:
+    finally:                       # on failure too: no worker may still use a buffer, plaintext is wiped
+        for future, *_ in pending:
             future.cancel()
-        for future, scratch, *_ in pending:
+        for future, scratch, out, *_ in pending:
             if not future.cancelled():
                 try:
                     future.result()
                 except Exception:
                     pass
             free_in.append(scratch)
+            free_out.append(out)
         for scratch in free_in:
             if id(scratch) in used_in:
                 zeroise(scratch)   # plaintext copied from payload sections that were not contiguous
