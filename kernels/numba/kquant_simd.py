@@ -16,6 +16,8 @@ f16 d, u32 qh, 16 bytes of nibbles (q5_1: f16 d, f16 m first).
 
 from __future__ import annotations
 
+import os
+
 from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
@@ -23,7 +25,21 @@ from numba.extending import intrinsic
 from isthmus.kernels.numba.simd import _array_parts, _block_loop, _fma, _half, _row_ptr, _x86
 
 
-def _make(fmt: str):
+def _host_has_avx512bw() -> bool:
+    try:
+        from llvmlite import binding as llb
+        return "+avx512bw" in llb.get_host_cpu_features().flatten().split(",")
+    except Exception:        # pragma: no cover - llvmlite without the query
+        return False
+
+
+# With AVX-512BW each 32-value run is one 512-bit vpmaddwd (<32 x i16> pairs -> <16 x i32>) into a
+# <16 x float> accumulator: half the instructions of two 256-bit ones. ISTHMUS_NUMBA_AVX512=0 keeps
+# the 256-bit code (for comparison).
+WIDE = _host_has_avx512bw() and os.environ.get("ISTHMUS_NUMBA_AVX512", "1") != "0"
+
+
+def _make(fmt: str, wide: bool = WIDE):
     size = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
@@ -71,6 +87,105 @@ def _make(fmt: str):
             sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
             sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
             return _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+
+        v32i8, v32i16, v16i32, v16f = (ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 16),
+                                       ir.VectorType(f32, 16))
+
+        def splat32(v):
+            return ir.Constant(v32i16, [v] * 32)
+
+        def bytes32(bp, off):
+            return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v32i8.as_pointer()), align=1)
+
+        def madd32(w32, xo):
+            """<16 x i32> pairwise sums of w32 * xq[xo : xo + 32] (one 512-bit vpmaddwd)."""
+            xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v32i16.as_pointer()), align=2)
+            return _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16i32, [w32, xv])
+
+        def scales16(s0, s1=None):
+            """<16 x float>: s0 in every lane, or s0 in lanes 0-7 and s1 in lanes 8-15."""
+            v = builder.insert_element(ir.Constant(v16f, ir.Undefined), s0, ir.Constant(i32, 0))
+            if s1 is None:
+                return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 16))
+            v = builder.insert_element(v, s1, ir.Constant(i32, 1))
+            return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 8 + [1] * 8))
+
+        def scale_min_k4(bp, j):
+            """q4_k / q5_k sub-block j's 6-bit scale and min as i32 (get_scale_min_k4, scales at byte 4)."""
+            if j < 4:
+                return (builder.and_(byte(bp, 4 + j), ir.Constant(i32, 63)),
+                        builder.and_(byte(bp, 8 + j), ir.Constant(i32, 63)))
+            top = byte(bp, 8 + j)
+            sc = builder.or_(builder.and_(top, ir.Constant(i32, 15)),
+                             builder.shl(builder.lshr(byte(bp, j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
+            mn = builder.or_(builder.lshr(top, ir.Constant(i32, 4)),
+                             builder.shl(builder.lshr(byte(bp, 4 + j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
+            return sc, mn
+
+        def block_wide(b, acc, macc):
+            bp = builder.gep(qrow, [builder.mul(b, c64(size))])
+            if fmt in ("q5_0", "q5_1"):
+                one = fmt == "q5_1"
+                at = 4 if one else 2
+                nib = builder.zext(bytes16(bp, at + 4), v16i16)
+                q = builder.shuffle_vector(builder.and_(nib, splat16(15)), builder.lshr(nib, splat16(4)),
+                                           ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+                qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
+                hv = builder.bitcast(qh, ir.VectorType(i16, 2))
+                hv = builder.shuffle_vector(hv, hv, ir.Constant(ir.VectorType(i32, 32), [0] * 16 + [1] * 16))
+                masks = ir.Constant(v32i16, [1 << j for j in range(16)] * 2)
+                set_ = builder.icmp_unsigned("!=", builder.and_(hv, masks), ir.Constant(v32i16, [0] * 32))
+                q = builder.add(q, builder.select(set_, splat32(16 if one else 0), splat32(0 if one else -16)))
+                p = madd32(q, builder.mul(b, c64(32)))
+                scale = builder.fmul(f16(bp, 0), builder.load(builder.gep(xdrow, [b])))
+                acc = _fma(builder, builder.sitofp(p, v16f), scales16(scale), acc)
+                if one:
+                    macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
+                return acc, macc
+            x0 = builder.mul(b, c64(256))
+            k0 = builder.mul(b, c64(8))
+
+            def xd_at(k):
+                return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
+
+            if fmt in ("q4_k", "q5_k"):
+                five = fmt == "q5_k"
+                q0 = 48 if five else 16
+                d, dmin = f16(bp, 0), f16(bp, 2)
+                msum = ir.Constant(f32, 0.0)
+                hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
+                for c in range(4):
+                    qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
+                    for j in (2 * c, 2 * c + 1):
+                        sc, mn = scale_min_k4(bp, j)
+                        q = builder.lshr(qv, splat32(4)) if j & 1 else builder.and_(qv, splat32(15))
+                        if five:
+                            h = builder.and_(builder.lshr(hbits, splat32(j)), splat32(1))
+                            q = builder.or_(q, builder.shl(h, splat32(4)))
+                        p = madd32(q, builder.add(x0, c64(32 * j)))
+                        scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
+                        acc = _fma(builder, builder.sitofp(p, v16f), scales16(scale), acc)
+                        xs_j = builder.load(builder.gep(xsrow, [builder.add(k0, c64(j))]))
+                        msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
+                return acc, _fma(builder, builder.fneg(dmin), msum, macc)
+
+            d = f16(bp, 208)                    # q6_k
+            for h in range(2):
+                hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
+                for k in range(4):
+                    lo = builder.zext(bytes32(bp, 64 * h + 32 * (k & 1)), v32i16)
+                    lo = builder.lshr(lo, splat32(4)) if k >= 2 else builder.and_(lo, splat32(15))
+                    hb = builder.shl(builder.and_(builder.lshr(hb_all, splat32(2 * k)), splat32(3)), splat32(4))
+                    q = builder.sub(builder.or_(lo, hb), splat32(32))
+                    p = madd32(q, builder.add(x0, c64(128 * h + 32 * k)))     # lanes 0-7: run 0, 8-15: run 1
+                    dx = builder.fmul(d, xd_at(4 * h + k))
+                    s0, s1 = (builder.fmul(dx, builder.sitofp(builder.load(builder.gep(bp, [c64(192 + 8 * h + 2 * k + i)])),
+                                                              f32)) for i in (0, 1))
+                    acc = _fma(builder, builder.sitofp(p, v16f), scales16(s0, s1), acc)
+            return acc, macc
+
+        if wide:
+            return _block_loop(builder, nb, v16f, block_wide)
 
         def block(b, acc, macc):
             bp = builder.gep(qrow, [builder.mul(b, c64(size))])
