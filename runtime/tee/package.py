@@ -414,14 +414,18 @@ def _parse_fields(f: dict, fail) -> Header:
 
 # -- unsealing -----------------------------------------------------------------------------------
 
-def unseal(source, dek, *, name: str | None = None, progress: bool = False) -> tuple[Package, mmap.mmap]:
+def unseal(source, dek, *, name: str | None = None, progress: bool = False,
+           into: mmap.mmap | None = None) -> tuple[Package, mmap.mmap]:
     """Decrypt a whole package into one new anonymous, writable mapping (enclave memory), checking
-    every chunk and the Merkle root. On any failure the buffer is zeroised and SealError raised."""
+    every chunk and the Merkle root; `into`: such a mapping made ahead (`fresh_memory`), of the
+    payload's size. On any failure the buffer is zeroised and SealError raised."""
     _check_key(dek)
     with _Source(source, name) as s:
         pkg = _read_header(s)
         h = pkg.header
-        buf = _anonymous(h.payload_size)
+        if into is not None and len(into) != h.payload_size:
+            raise SealError(f"{s.name}: the payload is {h.payload_size} bytes, the memory given {len(into)}")
+        buf = into if into is not None else _anonymous(h.payload_size)
         bar = _progress("unseal", h.payload_size, progress)
         try:
             with memoryview(buf) as view:
@@ -442,6 +446,13 @@ def _check_chunks(name: str, h: Header, tags: list[bytes], bad: int | None) -> N
                         "reordered, spliced from another package, or the wrong key)")
     if merkle_root([chunks.leaf(i, t) for i, t in enumerate(tags)]) != h.merkle_root:
         raise SealError(f"{name}: the chunks' Merkle root does not match the header")
+
+
+def fresh_memory(size: int) -> mmap.mmap:
+    """Enclave memory for a payload of `size` bytes, populated: what `unseal(into=...)` takes. The
+    enclave makes it while attestation and key release run (the kernel's page zeroing then costs
+    no start-up time)."""
+    return _anonymous(size)
 
 
 def _anonymous(size: int) -> mmap.mmap:
