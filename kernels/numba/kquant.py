@@ -1,4 +1,4 @@
-"""Row primitives for the GGUF block formats kept as raw blocks: q5_0, q5_1, iq4_nl and the
+"""Row primitives for the GGUF block formats kept as raw blocks: q5_0, q5_1 and the
 k-quants q2_k, q3_k, q4_k, q5_k, q6_k (compiler/quant.py documents each layout, after llama.cpp's
 ggml-common.h).
 
@@ -32,11 +32,12 @@ from isthmus.kernels.numba.kquant_simd import (row_dot_q4k_i16, row_dot_q5k_i16,
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
-BLOCK_VALUES = {22: 32, 24: 32, 18: 32, 84: 256, 110: 256, 144: 256, 176: 256, 210: 256}
-TYPE_SIZE = {"q5_0": 22, "q5_1": 24, "iq4_nl": 18, "q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
+BLOCK_VALUES = {22: 32, 24: 32, 84: 256, 110: 256, 144: 256, 176: 256, 210: 256}
+TYPE_SIZE = {"q5_0": 22, "q5_1": 24, "q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210}
 
-_IQ4 = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.float32)
-_IQ4_I = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int32)
+# iq4_nl's 16 values (kvalues_iq4nl): linear.py repacks iq4_nl blocks as q8_0 ones, exactly.
+IQ4_NL_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], np.int8)
+
 
 _INLINE = dict(JIT, inline="always")
 
@@ -136,30 +137,24 @@ def dequant_blocks_row(qs, r, out, t):
                             if three:
                                 q -= 0 if (np.int32(qs[r, b, l]) >> (4 * h + k)) & 1 else 4
                             out[t, o + l0] = dl * np.float32(q) - ml
-    else:                               # 32-value blocks: q5_0, q5_1, iq4_nl
+    else:                               # 32-value blocks: q5_0, q5_1
+        one = ts == 24
+        at = 4 if one else 2
         for b in range(nb):
             d = _f16(qs, r, b, 0)
             o = 32 * b
-            if ts == 18:
-                for j in range(16):
-                    v = qs[r, b, 2 + j]
-                    out[t, o + j] = d * _IQ4[v & 15]
-                    out[t, o + 16 + j] = d * _IQ4[v >> 4]
-            else:
-                one = ts == 24
-                at = 4 if one else 2
-                m = _f16(qs, r, b, 2) if one else np.float32(0.0)
-                qh = _u32(qs, r, b, at)
-                for j in range(16):
-                    v = np.int32(qs[r, b, at + 4 + j])
-                    lo = (v & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                    hi = (v >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                    if one:
-                        out[t, o + j] = np.float32(lo) * d + m
-                        out[t, o + 16 + j] = np.float32(hi) * d + m
-                    else:
-                        out[t, o + j] = np.float32(lo - 16) * d
-                        out[t, o + 16 + j] = np.float32(hi - 16) * d
+            m = _f16(qs, r, b, 2) if one else np.float32(0.0)
+            qh = _u32(qs, r, b, at)
+            for j in range(16):
+                v = np.int32(qs[r, b, at + 4 + j])
+                lo = (v & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                hi = (v >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                if one:
+                    out[t, o + j] = np.float32(lo) * d + m
+                    out[t, o + 16 + j] = np.float32(hi) * d + m
+                else:
+                    out[t, o + j] = np.float32(lo - 16) * d
+                    out[t, o + 16 + j] = np.float32(hi - 16) * d
 
 
 @njit(**JIT)
@@ -245,29 +240,23 @@ def dot_blocks_row(qs, r, x, t, sx):
                 acc += _f16(qs, r, b, 108) * sacc
             else:
                 acc += _f16(qs, r, b, 80) * sacc - _f16(qs, r, b, 82) * macc
-    else:                               # 32-value blocks: q5_0, q5_1, iq4_nl
+    else:                               # 32-value blocks: q5_0, q5_1
+        one = ts == 24
+        at = 4 if one else 2
         for b in range(nb):
             d = _f16(qs, r, b, 0)
             o = 32 * b
             s = np.float32(0.0)
-            if ts == 18:
-                for j in range(16):
-                    v = qs[r, b, 2 + j]
-                    s += _IQ4[v & 15] * x[t, o + j] + _IQ4[v >> 4] * x[t, o + 16 + j]
-                acc += d * s
+            qh = _u32(qs, r, b, at)
+            for j in range(16):
+                v = np.int32(qs[r, b, at + 4 + j])
+                lo = (v & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
+                hi = (v >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
+                s += np.float32(lo) * x[t, o + j] + np.float32(hi) * x[t, o + 16 + j]
+            if one:
+                acc += d * s + _f16(qs, r, b, 2) * sx[t, b]
             else:
-                one = ts == 24
-                at = 4 if one else 2
-                qh = _u32(qs, r, b, at)
-                for j in range(16):
-                    v = np.int32(qs[r, b, at + 4 + j])
-                    lo = (v & 15) | np.int32(((qh >> np.uint32(j)) & np.uint32(1)) << np.uint32(4))
-                    hi = (v >> 4) | np.int32(((qh >> np.uint32(j + 16)) & np.uint32(1)) << np.uint32(4))
-                    s += np.float32(lo) * x[t, o + j] + np.float32(hi) * x[t, o + 16 + j]
-                if one:
-                    acc += d * s + _f16(qs, r, b, 2) * sx[t, b]
-                else:
-                    acc += d * (s - np.float32(16.0) * sx[t, b])
+                acc += d * (s - np.float32(16.0) * sx[t, b])
     return acc
 
 
@@ -331,19 +320,6 @@ def _i16_q3k(qs, r, xq, xd, xs, t):
 
 
 @njit(**JIT)
-def _i16_iq4nl(qs, r, xq, xd, xs, t):
-    acc = np.float32(0.0)
-    for b in range(qs.shape[1]):
-        o = 32 * b
-        s = np.int32(0)
-        for j in range(16):
-            v = qs[r, b, 2 + j]
-            s = np.int32(s + _IQ4_I[v & 15] * np.int32(xq[t, o + j]) + _IQ4_I[v >> 4] * np.int32(xq[t, o + 16 + j]))
-        acc += _f16(qs, r, b, 0) * xd[t, b] * np.float32(s)
-    return acc
-
-
-@njit(**JIT)
 def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     """dot(W[r], x[t]) with x[t] ~ xd * xq per 32-block (xs = xd * sum(xq)): integer dot products
     per run of 16 or 32 values (i32: `np.int32(...)` keeps the vector code in 32-bit lanes), each
@@ -361,6 +337,4 @@ def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
         return row_dot_q51_i16(qs, r, xq, xd, xs, t)
     if ts == 110:
         return _i16_q3k(qs, r, xq, xd, xs, t)
-    if ts == 84:
-        return _i16_q2k(qs, r, xq, xd, xs, t)
-    return _i16_iq4nl(qs, r, xq, xd, xs, t)
+    return _i16_q2k(qs, r, xq, xd, xs, t)

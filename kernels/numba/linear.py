@@ -6,8 +6,9 @@ Weights are repacked once, at load, into a layout whose inner loops vectorise (`
                                               and 32*b + 16 + j (high nibble), as in the GGUF block
                         d, m f16[rows, cols/32]   value = q * d + m   (q4_0: m = -8 d, exact in f16)
     8-bit (q8_0):       qs i8[rows, cols], d f16[rows, cols/32], m empty     value = q * d
+                        (iq4_nl too: its nibbles mapped through the 16-value table, exact)
     dense (f32/f16/bf16): qs f32[rows, cols], d and m empty
-    blocks (q5_0, q5_1, iq4_nl, q2_k..q6_k): qs u8[rows, blocks, bytes per block], the file's
+    blocks (q5_0, q5_1, q2_k..q6_k): qs u8[rows, blocks, bytes per block], the file's
                         blocks as they are (a copy); d and m empty; kquant.py reads them
 
 (f16 held as u16 bits, converted in registers), so the block scales leave the byte stream, each
@@ -97,6 +98,12 @@ def _pack_one(w):
         blk = w.raw.reshape(rows, -1, 34)
         qs = np.ascontiguousarray(blk[:, :, 2:]).view(np.int8).reshape(rows, -1)
         return "q8", qs, _f16(blk[:, :, 0:2]), _EMPTY
+    if qtype == "iq4_nl":            # as q8_0, exactly: value = d * IQ4_NL_VALUES[nibble]
+        rows = w.raw.shape[0]
+        blk = w.raw.reshape(rows, -1, 18)
+        nib = blk[:, :, 2:]
+        q = kquant.IQ4_NL_VALUES[np.concatenate([nib & 15, nib >> 4], axis=2)]
+        return "q8", np.ascontiguousarray(q).reshape(rows, -1), _f16(blk[:, :, 0:2]), _EMPTY
     if qtype in kquant.TYPE_SIZE:   # kept as the file's blocks (a copy: the file's pages are dropped)
         rows = w.raw.shape[0]
         return qtype, np.array(w.raw, copy=True).reshape(rows, -1, kquant.TYPE_SIZE[qtype]), _EMPTY, _EMPTY

@@ -1,5 +1,5 @@
-"""The Numba kernels on GGUF blocks kept as blocks (kernels/numba/kquant.py: q5_0, q5_1, iq4_nl,
-q2_k..q6_k) against an oracle sharing no code with isthmus: weights quantized by llama.cpp
+"""The Numba kernels on GGUF blocks kept as blocks (kernels/numba/kquant.py: q5_0, q5_1,
+q2_k..q6_k; iq4_nl is repacked as q8_0) against an oracle sharing no code with isthmus: weights quantized by llama.cpp
 (tests/support/ggml_ref.py) and dequantized by the gguf package, multiplied in float64.
 
 Tolerance: activations may be quantized to i16 per 32-block and sums run in f32, so an output's
@@ -47,7 +47,9 @@ def test_linear_on_blocks(qtype, int_dot, monkeypatch):
     cols = 512
     qa, wd = weight(qtype, 37, cols)
     p = linear.pack(qa)
-    assert p.cols == cols and p.rows == 37 and p.nbytes == qa.nbytes     # the file's bytes, no fp32 copy
+    assert p.cols == cols and p.rows == 37
+    # the file's bytes (iq4_nl: as q8_0 blocks, 34 bytes per 32 values), never an fp32 copy
+    assert p.nbytes == (37 * cols // 32 * 34 if qtype == "iq4_nl" else qa.nbytes)
     ws = linear.Workspace()
     for n in (1, 3, linear.MATVEC_MAX_ROWS + 5):                          # decode (matvec) and prefill
         x = RNG.standard_normal((n, cols)).astype(np.float32)
