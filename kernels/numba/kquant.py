@@ -27,8 +27,8 @@ import numpy as np
 from numba import njit
 
 from isthmus.kernels.numba import JIT
-from isthmus.kernels.numba.kquant_simd import (row_dot_q4k_i16, row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16,
-                                               row_dot_q51_i16)
+from isthmus.kernels.numba.kquant_simd import (WIDE, row_dot_q2k_i16, row_dot_q3k_i16, row_dot_q4k_i16,
+                                               row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16)
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -319,6 +319,10 @@ def _i16_q3k(qs, r, xq, xd, xs, t):
     return acc
 
 
+_DOT_Q2K = row_dot_q2k_i16 if WIDE else _i16_q2k
+_DOT_Q3K = row_dot_q3k_i16 if WIDE else _i16_q3k
+
+
 @njit(**JIT)
 def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     """dot(W[r], x[t]) with x[t] ~ xd * xq per 32-block (xs = xd * sum(xq)): integer dot products
@@ -336,5 +340,5 @@ def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     if ts == 24:
         return row_dot_q51_i16(qs, r, xq, xd, xs, t)
     if ts == 110:
-        return _i16_q3k(qs, r, xq, xd, xs, t)
-    return _i16_q2k(qs, r, xq, xd, xs, t)
+        return _DOT_Q3K(qs, r, xq, xd, xs, t)
+    return _DOT_Q2K(qs, r, xq, xd, xs, t)

@@ -1,4 +1,4 @@
-"""q4_k, q5_k, q6_k, q5_0 and q5_1 row dot products with i16 activations, written as LLVM vector IR (as
+"""q4_k, q5_k, q6_k, q5_0 and q5_1 (and on AVX-512 hosts q2_k and q3_k) row dot products with i16 activations, written as LLVM vector IR (as
 simd.py's q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files
 (q5_0 is where llama.cpp puts the q4_k rows whose width is not a multiple of 256).
 
@@ -35,12 +35,13 @@ def _host_has_avx512bw() -> bool:
 
 # With AVX-512BW each 32-value run is one 512-bit vpmaddwd (<32 x i16> pairs -> <16 x i32>) into a
 # <16 x float> accumulator: half the instructions of two 256-bit ones. ISTHMUS_NUMBA_AVX512=0 keeps
-# the 256-bit code (for comparison).
+# the 256-bit code (for comparison; it changes generated code, which Numba's cache does not key on:
+# use a fresh NUMBA_CACHE_DIR with it).
 WIDE = _host_has_avx512bw() and os.environ.get("ISTHMUS_NUMBA_AVX512", "1") != "0"
 
 
 def _make(fmt: str, wide: bool = WIDE):
-    size = {"q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
+    size = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
         return types.float32(qs, r, xq, xd, xs, t), codegen
@@ -169,6 +170,45 @@ def _make(fmt: str, wide: bool = WIDE):
                         msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
                 return acc, _fma(builder, builder.fneg(dmin), msum, macc)
 
+            if fmt in ("q2_k", "q3_k"):
+                # 2-bit q: run k of half h is (qs[32 h + l] >> 2k) & 3; its 16-value sub-runs have a scale each
+                three = fmt == "q3_k"
+                qoff = 32 if three else 16
+                d = f16(bp, 108) if three else f16(bp, 80)
+                ones = splat32(1)
+                for h in range(2):
+                    qb = builder.zext(bytes32(bp, qoff + 32 * h), v32i16)
+                    for k in range(4):
+                        q = builder.and_(builder.lshr(qb, splat32(2 * k)), splat32(3))
+                        if three:       # minus 4 where bit 4h + k of hmask[l] is clear
+                            hm = builder.zext(bytes32(bp, 0), v32i16)
+                            hb = builder.and_(builder.lshr(hm, splat32(4 * h + k)), ones)
+                            q = builder.sub(q, builder.shl(builder.xor(hb, ones), splat32(2)))
+                        xo = builder.add(x0, c64(128 * h + 32 * k))
+                        p = madd32(q, xo)                   # lanes 0-7: sub-run 0, 8-15: sub-run 1
+                        dx = builder.fmul(d, xd_at(4 * h + k))
+                        sc, mn = [], []
+                        for i in (0, 1):
+                            si = 8 * h + 2 * k + i
+                            if three:
+                                low = byte(bp, 96 + si) if si < 8 else builder.lshr(byte(bp, 96 + si - 8), ir.Constant(i32, 4))
+                                low = builder.and_(low, ir.Constant(i32, 15))
+                                high = builder.and_(builder.lshr(byte(bp, 104 + (si & 3)), ir.Constant(i32, 2 * (si >> 2))),
+                                                    ir.Constant(i32, 3))
+                                v = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+                                sc.append(builder.fmul(dx, builder.sitofp(v, f32)))
+                            else:
+                                v = byte(bp, si)
+                                sc.append(builder.fmul(dx, builder.uitofp(builder.and_(v, ir.Constant(i32, 15)), f32)))
+                                mn.append(builder.uitofp(builder.lshr(v, ir.Constant(i32, 4)), f32))
+                        acc = _fma(builder, builder.sitofp(p, v16f), scales16(*sc), acc)
+                        if not three:   # - dmin * mn * sum(x) per sub-run: the x sums by a multiply-add with ones
+                            psum = madd32(ones, xo)
+                            ndx = builder.fmul(builder.fneg(f16(bp, 82)), xd_at(4 * h + k))
+                            acc = _fma(builder, builder.sitofp(psum, v16f),
+                                       scales16(*(builder.fmul(ndx, m_) for m_ in mn)), acc)
+                return acc, macc
+
             d = f16(bp, 208)                    # q6_k
             for h in range(2):
                 hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
@@ -282,3 +322,6 @@ row_dot_q5k_i16 = _make("q5_k")
 row_dot_q6k_i16 = _make("q6_k")
 row_dot_q50_i16 = _make("q5_0")
 row_dot_q51_i16 = _make("q5_1")
+# q2_k and q3_k have vector-IR versions for AVX-512 hosts only (kquant.py's Numba loops elsewhere)
+row_dot_q2k_i16 = _make("q2_k", True) if WIDE else None
+row_dot_q3k_i16 = _make("q3_k", True) if WIDE else None
