@@ -3,6 +3,9 @@
 Weights are named as in GGUF (`blk.{i}.attn_q.weight`, ...); the safetensors frontend renames
 HF checkpoints to match. `rope_layout` says how Q/K features pair up for rotation: GGUF files
 permute Q/K rows for the interleaved (Meta) layout, HF checkpoints use the half-split layout.
+The family's variants are read from the weights present: Q/K/V biases (Qwen2), an RMS norm over
+each Q and K head before the rotary (Qwen3: `attn_q_norm`, `attn_k_norm`); and from the config:
+`rope_factors`, per-pair frequency divisors (llama3's rope_freqs, linear scaling).
 
 Graph interface, recorded on the graph as its `DecoderInterface` (what generation drives):
     inputs   input_ids i64[batch, seq], position_ids i64[batch, seq],
@@ -32,7 +35,8 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
     H, KVH, hd = config["n_heads"], config["n_kv_heads"], config["head_dim"]
     V, eps = config["vocab_size"], config["rms_eps"]
     rope_attrs = {"theta": float(config["rope_theta"]), "layout": rope_layout,
-                  "dim": 0 if config.get("rope_dim", hd) == hd else config["rope_dim"]}
+                  "dim": 0 if config.get("rope_dim", hd) == hd else config["rope_dim"],
+                  "factors": [float(f) for f in config.get("rope_factors") or ()]}
 
     g = Graph(name)
     ids = g.add_input("input_ids", ("batch", "seq"), "i64")
@@ -52,9 +56,16 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
         p = f"blk.{i}"
 
         def heads(h, n, proj):
-            y = g.add("linear", [h, w(f"{p}.attn_{proj}.weight", (n * hd, D))], name=f"{p}.{proj}", source=f"{p}.attn_{proj}")
-            y = g.add("reshape", [y], {"shape": [0, 0, n, hd]}, source=f"{p}.attn_{proj}")
-            return g.add("transpose", [y], {"perm": [0, 2, 1, 3]}, source=f"{p}.attn_{proj}")
+            src = f"{p}.attn_{proj}"
+            ins = [h, w(f"{src}.weight", (n * hd, D))]
+            if f"{src}.bias" in weights:
+                ins.append(w(f"{src}.bias", (n * hd,)))
+            y = g.add("linear", ins, name=f"{p}.{proj}", source=src)
+            y = g.add("reshape", [y], {"shape": [0, 0, n, hd]}, source=src)
+            if proj != "v" and f"{src}_norm.weight" in weights:      # normalised per head, before the rotary
+                y = g.add("rmsnorm", [y, w(f"{src}_norm.weight", (hd,))], {"eps": eps}, name=f"{p}.{proj}_norm",
+                          source=f"{src}_norm")
+            return g.add("transpose", [y], {"perm": [0, 2, 1, 3]}, source=src)
 
         h = g.add("rmsnorm", [x, w(f"{p}.attn_norm.weight", (D,))], {"eps": eps}, name=f"{p}.attn_norm", source=f"{p}.attn_norm")
         q = g.add("rope", [heads(h, H, "q"), pos], rope_attrs, name=f"{p}.q_rope", source=f"{p}.attn_q")

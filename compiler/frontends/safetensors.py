@@ -129,7 +129,7 @@ def gguf_name(hf_name: str) -> str | None:
 # --- config.json -------------------------------------------------------------------------------
 
 def llama_config_from_hf(cfg: dict, where: str) -> dict:
-    """The hyperparameters `build_llama` needs (the keys of `llama_config_from_gguf`), from config.json."""
+    """The hyperparameters `build_llama` needs (the keys of `gguf_arch.config_from_gguf`), from config.json."""
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{where}: expected a JSON object")
     model_type = cfg.get("model_type")

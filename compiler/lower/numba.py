@@ -59,6 +59,10 @@ class NumbaExecutable(Executable):
             g = st.group
             if g.kind == "linear":
                 g.attrs["packed"] = self._pack(g.attrs["weights"])
+                b = g.attrs["biases"]
+                g.attrs["bias"] = None if b is None else np.concatenate(
+                    [_f32(v) if v is not None else np.zeros(w.shape[0], np.float32)
+                     for v, w in zip(b, g.attrs["weights"])])
                 n = g.attrs["norm"]
                 g.attrs["norm_w"] = None if n is None else (_f32(n.inputs[1]), float(n.attrs["eps"]))
             elif g.kind == "embedding":
@@ -218,6 +222,7 @@ class Bound:
         x_get = self._rows(x_val)
         norm = g.attrs["norm_w"]
         ws = self.workspace
+        bias = g.attrs["bias"]           # the siblings' biases stacked as their weights are, or None
         if epi == "qkv":
             q = g.attrs["qkv"]
             kc, vc = self.caches[st]
@@ -227,7 +232,7 @@ class Bound:
             h = np.empty((n, w.cols), np.float32) if norm else None
             pos_get = self._positions(q["positions"], q_out.shape[0], q_out.shape[2])
             hd = q["head_dim"]
-            inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"])
+            inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"], q["rope"]["factors"])
             inter = q["rope"]["layout"] == "interleaved"
             nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
 
@@ -239,11 +244,15 @@ class Bound:
 
                 def call(past):
                     fn(*args)
+                    if bias is not None:
+                        np.add(qkv, bias, out=qkv)
                     qkv_epilogue(qkv, pos, inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
                 return call
 
             def call(past):
                 L.linear(x_get(), w, qkv, ws, norm=norm, h=h)
+                if bias is not None:
+                    np.add(qkv, bias, out=qkv)
                 qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
             return call
         if len(g.attrs["linears"]) > 1 and epi is None:
@@ -256,9 +265,17 @@ class Bound:
 
             def call(past):
                 L.linear(x_get(), w, y, ws, norm=norm, h=h)
+                if bias is not None:
+                    np.add(y, bias, out=y)
                 for o, lo, hi in zip(outs, cols[:-1], cols[1:]):
                     o[:] = y[:, lo:hi]
             return call
+        return _then_add(self._bind_one_output(st, g, w, epi, x_val, x_get, norm, ws), self.env, g.outputs[0], bias)
+
+    def _bind_one_output(self, st, g, w, epi, x_val, x_get, norm, ws):
+        from isthmus.kernels.numba import linear as L
+
+        exe = self.exe
         out_val = g.outputs[0]
         x_rows = x_get
         x_static = self._static(x_val)
@@ -385,6 +402,20 @@ class Bound:
             p.seconds += time.perf_counter() - t0
 
 
+def _then_add(call, env, out: Value, bias):
+    """`call`, then the bias added to the row block it wrote (after a residual epilogue too: addition
+    commutes; the fusion pass gives biased siblings no swiglu epilogue, which would not)."""
+    if bias is None:
+        return call
+    buf = env[out]
+    rows = buf.reshape(-1, buf.shape[-1])
+
+    def with_bias(past):
+        call(past)
+        np.add(rows, bias, out=rows)
+    return with_bias
+
+
 def _op_impl(node):
     """A Numba kernel for an op outside any fused group, where one applies; else the reference."""
     from isthmus.compiler.ops import get_op
@@ -399,7 +430,7 @@ def _op_impl(node):
         "swiglu": lambda g, u: activation.swiglu(g, u) if g.shape == u.shape else ref(g, u),
         "silu": lambda x: activation.silu(x),
         "gelu": lambda x, approximate: activation.gelu(x, approximate),
-        "rope": lambda x, pos, theta, layout, dim: rope.rope(x, pos, theta, layout, dim),
+        "rope": lambda x, pos, theta, layout, dim, factors: rope.rope(x, pos, theta, layout, dim, factors=factors),
     }
     if f32 and node.op in table:
         return table[node.op]

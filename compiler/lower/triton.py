@@ -164,6 +164,10 @@ class _Plan:
         g = st.group
         lins, epi, norm = g.attrs["linears"], g.attrs["epilogue"], g.attrs["norm"]
         w, mm, sizes = self._weights(lins)
+        bias = None
+        if g.attrs["biases"] is not None:
+            bias = torch.cat([self.const(b) if b is not None else torch.zeros(n, dtype=self.act, device=self.device)
+                              for b, n in zip(g.attrs["biases"], sizes)])
         x_val = norm.inputs[0] if norm is not None else lins[0].inputs[0]
         nw = self.const(norm.inputs[1]) if norm is not None else None
         eps = norm.attrs["eps"] if norm is not None else 0.0
@@ -176,20 +180,20 @@ class _Plan:
 
         if epi == "add":
             res = g.attrs["residual"]
-            self.add_step(lins[0], lambda state, x, r: mm(prologue(x), w, None, residual=r), [x_val, res],
+            self.add_step(lins[0], lambda state, x, r: mm(prologue(x), w, bias, residual=r), [x_val, res],
                           g.outputs, op=st_label(st))
         elif epi == "swiglu":
             self.add_step(lins[0], lambda state, x: k_ew.swiglu(mm(prologue(x), w, None)), [x_val], g.outputs,
                           op=st_label(st))
         elif epi == "qkv":
-            self._qkv(st, prologue, w, mm, sizes, x_val)
+            self._qkv(st, lambda x: mm(prologue(x), w, bias), sizes, x_val)
         elif len(lins) == 1:
-            self.add_step(lins[0], lambda state, x: mm(prologue(x), w, None), [x_val], g.outputs, op=st_label(st))
+            self.add_step(lins[0], lambda state, x: mm(prologue(x), w, bias), [x_val], g.outputs, op=st_label(st))
         else:
-            self.add_step(lins[0], lambda state, x: tuple(torch.split(mm(prologue(x), w, None), sizes, dim=-1)),
+            self.add_step(lins[0], lambda state, x: tuple(torch.split(mm(prologue(x), w, bias), sizes, dim=-1)),
                           [x_val], g.outputs, op=st_label(st))
 
-    def _qkv(self, st, prologue, w, mm, sizes, x_val):
+    def _qkv(self, st, project, sizes, x_val):
         q = st.group.attrs["qkv"]
         nq, nkv, hd, rope = q["q_heads"], q["kv_heads"], q["head_dim"], q["rope"]
         rope_k = q["rope_k"]
@@ -199,17 +203,20 @@ class _Plan:
         def heads(y, n):
             return y.reshape(*y.shape[:-1], n, hd).transpose(1, 2)
 
+        def rotate(x, pos, out=None):
+            return k_rope.rope(x, pos, rope["theta"], rope["layout"], rope["dim"], out=out, factors=rope["factors"])
+
         def qkv(state, x, pos, pk, pv):
-            qs, ks, vs = torch.split(mm(prologue(x), w, None), sizes, dim=-1)
+            qs, ks, vs = torch.split(project(x), sizes, dim=-1)
             qh, kh, vh = heads(qs, nq), heads(ks, nkv), heads(vs, nkv)
-            q_rot = k_rope.rope(qh, pos, rope["theta"], rope["layout"], rope["dim"])
+            q_rot = rotate(qh, pos)
             if state.cache is None:         # run(): the functional cache, one step longer
-                k_new = k_rope.rope(kh, pos, rope["theta"], rope["layout"], rope["dim"]) if rope_k else kh
+                k_new = rotate(kh, pos) if rope_k else kh
                 return q_rot, torch.cat([pk, k_new.to(pk.dtype)], dim=2), torch.cat([pv, vh.to(pv.dtype)], dim=2)
             kc, vc = state.cache[names[0]], state.cache[names[1]]
             lo, hi = state.length, state.length + x.shape[-2]
             if rope_k:                      # keys rotated straight into the cache
-                k_rope.rope(kh, pos, rope["theta"], rope["layout"], rope["dim"], out=kc[:, :, lo:hi])
+                rotate(kh, pos, out=kc[:, :, lo:hi])
             else:
                 kc[:, :, lo:hi].copy_(kh)
             vc[:, :, lo:hi].copy_(vh)
@@ -283,7 +290,8 @@ class _Plan:
                 out = None
                 if name is not None and state.cache is not None:
                     out = state.cache[name][:, :, state.length:state.length + x.shape[2]]
-                return k_rope.rope(x, pos, attrs["theta"], attrs["layout"], attrs["dim"], out=out)
+                return k_rope.rope(x, pos, attrs["theta"], attrs["layout"], attrs["dim"], out=out,
+                                   factors=attrs["factors"])
             return step(rope, with_state=True)
         if op == "attention" and len(n.inputs) == 3 and floats:
             return step(lambda q, k, v: k_attn.attention(q, k, v, attrs["causal"], attrs["scale"]))

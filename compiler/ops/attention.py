@@ -23,19 +23,34 @@ def _rope_rule(types, attrs):
     dim = attrs["dim"] or x.shape[-1]
     if isinstance(x.shape[-1], int) and (dim % 2 or dim > x.shape[-1]):
         fail(f"rope dim {dim} must be even and at most head_dim {x.shape[-1]}")
+    factors = attrs["factors"]
+    if not isinstance(factors, (list, tuple)) or not all(
+            isinstance(f, (int, float)) and not isinstance(f, bool) and f > 0 for f in factors):
+        fail(f"rope factors must be a list of positive numbers, got {factors!r}")
+    if factors and isinstance(dim, int) and len(factors) != dim // 2:
+        fail(f"rope factors hold {len(factors)} values; a rotary dim of {dim} needs {dim // 2}")
     return x
 
 
-def rope_angles(positions, dim, theta):
+def inv_freq(dim, theta, factors=()):
+    """The rotation frequency of each pair, theta^(-2i/dim), in f32 as HF and llama.cpp compute it;
+    divided by `factors` (llama3's rope_freqs, longrope's factors) when there are any."""
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
+    if len(factors):
+        inv = inv / np.asarray(factors, np.float32)
+    return inv.astype(np.float32)
+
+
+def rope_angles(positions, dim, theta, factors=()):
     """cos and sin, [..., seq, dim/2], computed in f32 as HF and llama.cpp do."""
-    inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))))
-    ang = positions.astype(np.float32)[..., None] * inv_freq.astype(np.float32)
+    inv_freq_ = inv_freq(dim, theta, factors)
+    ang = positions.astype(np.float32)[..., None] * inv_freq_
     return np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
 
 
-def rope(x, positions, theta=10000.0, layout="half", dim=0):
+def rope(x, positions, theta=10000.0, layout="half", dim=0, factors=()):
     d = dim or x.shape[-1]
-    cos, sin = rope_angles(np.asarray(positions), d, theta)
+    cos, sin = rope_angles(np.asarray(positions), d, theta, factors)
     if cos.ndim == 3:          # [batch, seq, d/2] -> broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     x32 = x.astype(np.float32)
@@ -52,8 +67,9 @@ def rope(x, positions, theta=10000.0, layout="half", dim=0):
 
 
 define("rope", infer=_rope_rule, reference=rope, inputs=2, traits={ROW_WISE},
-       attrs={"theta": 10000.0, "layout": "half", "dim": 0},
-       doc="rotary embedding of the first `dim` (0 = all) features at the given positions")
+       attrs={"theta": 10000.0, "layout": "half", "dim": 0, "factors": []},
+       doc="rotary embedding of the first `dim` (0 = all) features at the given positions; pair i turns "
+           "at theta^(-2i/dim) / factors[i] (no factors: 1)")
 
 
 def _attention_rule(types, attrs):

@@ -10,7 +10,7 @@ Groups, in graph order, covering every node exactly once:
 
   linear      rmsnorm prologue (when its output feeds only this group's linears)
               -> one or more sibling linears reading the same input (Q/K/V, gate/up), stacked
-                 into one weight by the backend
+                 into one weight by the backend, with their constant biases if any (`biases`)
               -> epilogue: "add" (a residual added to a single linear's output), "swiglu"
                  (silu(first) * second, two siblings), or "qkv" (below), or none
   qkv         the epilogue of a 3-sibling linear whose outputs are split into heads
@@ -107,7 +107,11 @@ def _match_qkv(lins, users, graph_outs, pasts):
 
 
 def _linear_ok(n: Node) -> bool:
-    return n.op == "linear" and len(n.inputs) == 2 and n.inputs[1].is_constant and len(n.inputs[1].shape) == 2
+    """A linear with a constant 2-D weight and, if any, a constant bias (Qwen2's Q/K/V, GPT-2's)."""
+    w = n.inputs[1] if len(n.inputs) >= 2 else None
+    return (n.op == "linear" and len(n.inputs) in (2, 3) and w.is_constant and len(w.shape) == 2
+            and (len(n.inputs) == 2 or (n.inputs[2].is_constant and tuple(n.inputs[2].shape) == (w.shape[0],)
+                                        and n.inputs[2].dtype in ("f32", "f16"))))
 
 
 def fusion(graph: Graph) -> Graph:
@@ -152,7 +156,9 @@ def fuse(graph: Graph) -> list[Group]:
         lins = _compatible(lins)
         if node not in lins:
             lins = [node]
-        attrs = {"linears": lins, "weights": [n.inputs[1] for n in lins], "epilogue": None, "norm": None}
+        biases = [n.inputs[2] if len(n.inputs) == 3 else None for n in lins]
+        attrs = {"linears": lins, "weights": [n.inputs[1] for n in lins], "epilogue": None, "norm": None,
+                 "biases": biases if any(b is not None for b in biases) else None}
         nodes = list(lins)
         outputs = [n.outputs[0] for n in lins]
         qkv = _match_qkv(lins, users, graph_outs, pasts)
@@ -161,7 +167,7 @@ def fuse(graph: Graph) -> list[Group]:
             attrs["qkv"] = qkv
             nodes += qkv["nodes"]
             outputs = qkv["outs"]
-        elif len(lins) == 2:
+        elif len(lins) == 2 and attrs["biases"] is None:    # swiglu runs inside the matmul: before a bias
             sw = [u for u in users.get(lins[0].outputs[0], []) if u.op == "swiglu"]
             if (sw and sw[0].inputs[0] is lins[0].outputs[0] and sw[0].inputs[1] is lins[1].outputs[0]
                     and all(_single_user(n.outputs[0], users, graph_outs) is sw[0] for n in lins)
@@ -237,6 +243,7 @@ def format_groups(groups: list[Group]) -> str:
     for i, g in enumerate(groups):
         extra = f" epilogue={g.attrs['epilogue']}" if g.kind == "linear" and g.attrs.get("epilogue") else ""
         extra += " norm" if g.kind == "linear" and g.attrs.get("norm") is not None else ""
+        extra += " bias" if g.kind == "linear" and g.attrs.get("biases") else ""
         lines.append(f"group {i} {g.kind}{extra}: {' '.join(n.op for n in g.nodes)} -> "
                      f"{', '.join('%' + v.name for v in g.outputs)}")
     return "\n".join(lines) + "\n"

@@ -23,8 +23,10 @@ from isthmus.kernels.numba.simd import sincos_f32
 PARALLEL_MIN = 1 << 15
 
 
-def inv_freq(dim: int, theta: float) -> np.ndarray:
-    return (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+def inv_freq(dim: int, theta: float, factors=()) -> np.ndarray:
+    """theta^(-2i/dim) in f32 (as the op's reference), divided by the per-pair `factors` if any."""
+    inv = (1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))).astype(np.float32)
+    return (inv / np.asarray(factors, np.float32)).astype(np.float32) if len(factors) else inv
 
 
 @njit(inline="always", **JIT)
@@ -82,16 +84,16 @@ def rope_par(x, pos, inv, interleaved, out):
 _INV = {}
 
 
-def rope(x, positions, theta=10000.0, layout="half", dim=0, out=None):
+def rope(x, positions, theta=10000.0, layout="half", dim=0, out=None, factors=()):
     x4 = np.ascontiguousarray(x, np.float32)
     d = dim or x4.shape[-1]
     pos = np.asarray(positions, np.int64)
     if pos.shape != (x4.shape[0], x4.shape[2]):
         pos = np.ascontiguousarray(np.broadcast_to(pos if pos.ndim == 2 else pos[None], (x4.shape[0], x4.shape[2])))
     out = np.empty_like(x4) if out is None else out
-    key = (d, float(theta))
+    key = (d, float(theta), tuple(factors))
     if key not in _INV:
-        _INV[key] = inv_freq(d, theta)
+        _INV[key] = inv_freq(d, theta, factors)
     fn = rope_serial if x4.size < PARALLEL_MIN else rope_par
     fn(x4, pos, _INV[key], layout == "interleaved", out)
     return out

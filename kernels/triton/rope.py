@@ -57,18 +57,21 @@ def _rope_kernel(x_ptr, pos_ptr, inv_ptr, y_ptr, S, H, D,
         tl.store(y_row + rest[None, :], tl.load(x_row + rest[None, :], mask=rmask), mask=rmask)
 
 
-def inv_freq(rot: int, theta: float, device) -> torch.Tensor:
-    """1 / theta^(2i/rot) in f32, bit-identical to the reference's table (cached per device)."""
-    key = (rot, float(theta), str(device))
+def inv_freq(rot: int, theta: float, device, factors=()) -> torch.Tensor:
+    """1 / theta^(2i/rot) in f32, divided by the per-pair `factors` if any: bit-identical to the
+    reference's table (cached per device)."""
+    key = (rot, float(theta), str(device), tuple(factors))
     t = _INV_FREQ.get(key)
     if t is None:
         f = (1.0 / (np.float32(theta) ** (np.arange(0, rot, 2, dtype=np.float32) / np.float32(rot))))
+        if len(factors):
+            f = f / np.asarray(factors, np.float32)
         t = _INV_FREQ[key] = torch.from_numpy(f.astype(np.float32)).to(device)
     return t
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, layout: str = "half", dim: int = 0,
-         *, out: torch.Tensor | None = None) -> torch.Tensor:
+         *, out: torch.Tensor | None = None, factors=()) -> torch.Tensor:
     """Rotate x [batch, heads, seq, head_dim] at integer positions [batch, seq] or [seq].
 
     `out` (same shape, any strides; may be x itself) receives the result.
@@ -96,7 +99,7 @@ def rope(x: torch.Tensor, positions: torch.Tensor, theta: float = 10000.0, layou
     spb = positions.stride(0) if positions.shape[0] == B else 0
     block_h = min(pow2(H), 16)
     grid = (B * S, triton.cdiv(H, block_h))
-    args = (x, positions, inv_freq(rot, theta, x.device), out, S, H, D,
+    args = (x, positions, inv_freq(rot, theta, x.device, factors), out, S, H, D,
             x.stride(0), x.stride(1), x.stride(2), out.stride(0), out.stride(1), out.stride(2), spb, positions.stride(1))
     launch(_rope_kernel, grid, args, {"num_warps": 4}, ROT=rot, INTERLEAVED=layout == "interleaved",
            COPY_REST=rot < D and out.data_ptr() != x.data_ptr(),

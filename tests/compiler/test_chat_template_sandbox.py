@@ -16,7 +16,8 @@ import pytest
 
 import tiny_models  # tests/support, on pythonpath
 from isthmus.compiler.frontends import chat_template
-from isthmus.compiler.frontends.gguf import llama_config_from_gguf, read_gguf
+from isthmus.compiler.frontends.gguf import read_gguf
+from isthmus.compiler.frontends.gguf_arch import config_from_gguf
 from isthmus.compiler.frontends.safetensors import llama_config_from_hf
 from isthmus.compiler.frontends.tokenizer import ChatPrompt, Tokenizer, render_chat
 from isthmus.errors import InputError, ModelFormatError, TemplateError
@@ -297,14 +298,14 @@ def test_absurd_context_length_is_refused_when_the_model_loads(tmp_path, monkeyp
 ])
 def test_absurd_gguf_metadata_is_refused_naming_key_and_value(tmp_path, key, value):
     with pytest.raises(ModelFormatError, match=f"llama.{key} is {value}, over the limit"):
-        llama_config_from_gguf(read_gguf(metadata_gguf(tmp_path / "m.gguf", **{key: value})))
+        config_from_gguf(read_gguf(metadata_gguf(tmp_path / "m.gguf", **{key: value})))
 
 
 def test_gguf_limits_leave_real_sizes_alone_and_catch_the_rope_size(tmp_path):
-    config = llama_config_from_gguf(read_gguf(metadata_gguf(tmp_path / "a.gguf", context_length=10_485_760)))
+    config = config_from_gguf(read_gguf(metadata_gguf(tmp_path / "a.gguf", context_length=10_485_760)))
     assert config["context_length"] == 10_485_760              # Llama 4 Scout's context
     with pytest.raises(ModelFormatError, match="rope.dimension_count is 32, over the head size 16"):
-        llama_config_from_gguf(read_gguf(metadata_gguf(tmp_path / "b.gguf", **{"rope.dimension_count": 32})))
+        config_from_gguf(read_gguf(metadata_gguf(tmp_path / "b.gguf", **{"rope.dimension_count": 32})))
 
 
 @pytest.mark.parametrize("key, value", [("max_position_embeddings", 2**32 - 1), ("num_attention_heads", 1 << 20),

@@ -13,7 +13,8 @@ from gguf import GGMLQuantizationType as T
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from isthmus.compiler.frontends.gguf import GGUFFile, llama_config_from_gguf, read_gguf
+from isthmus.compiler.frontends.gguf import GGUFFile, read_gguf
+from isthmus.compiler.frontends.gguf_arch import config_from_gguf
 from isthmus.compiler.quant import QuantizedArray, quantize
 from isthmus.errors import ModelFormatError, UnsupportedError
 
@@ -305,28 +306,29 @@ def write_llama(path, drop=(), arch="llama", **extra):
 
 
 def test_llama_config(tmp_path):
-    cfg = llama_config_from_gguf(write_llama(tmp_path / "l.gguf", **{"general.name": "Tiny"}))
+    cfg = config_from_gguf(write_llama(tmp_path / "l.gguf", **{"general.name": "Tiny"}))
     assert cfg == {
         "architecture": "llama", "name": "Tiny", "n_layers": 2, "hidden": 64, "ffn": 128, "n_heads": 4,
         "n_kv_heads": 2, "head_dim": 16, "rope_dim": 16, "rms_eps": pytest.approx(1e-5), "rope_theta": 10000.0,
+        "rope_factors": [],
         "context_length": 256, "vocab_size": 10, "bos_token_id": 1, "eos_token_id": 2,
         "chat_template": "{{ messages }}", "tied_embeddings": True,
     }
-    cfg = llama_config_from_gguf(write_llama(tmp_path / "t.gguf", **{"llama.rope.freq_base": 5e5}))
+    cfg = config_from_gguf(write_llama(tmp_path / "t.gguf", **{"llama.rope.freq_base": 5e5}))
     assert cfg["rope_theta"] == 5e5 and cfg["name"] == "t"
 
 
 def test_llama_config_errors(tmp_path):
     with pytest.raises(ModelFormatError, match="llama.block_count is missing"):
-        llama_config_from_gguf(write_llama(tmp_path / "a.gguf", drop=["llama.block_count"]))
+        config_from_gguf(write_llama(tmp_path / "a.gguf", drop=["llama.block_count"]))
     with pytest.raises(ModelFormatError, match="layer_norm_rms_epsilon is missing"):
-        llama_config_from_gguf(write_llama(tmp_path / "b.gguf", drop=["eps"]))
+        config_from_gguf(write_llama(tmp_path / "b.gguf", drop=["eps"]))
     with pytest.raises(UnsupportedError, match="architecture 'falcon' is not supported"):
-        llama_config_from_gguf(write_llama(tmp_path / "c.gguf", arch="falcon"))
+        config_from_gguf(write_llama(tmp_path / "c.gguf", arch="falcon"))
     with pytest.raises(UnsupportedError, match="rope scaling 'yarn'"):
-        llama_config_from_gguf(write_llama(tmp_path / "d.gguf", **{"llama.rope.scaling.type": "yarn"}))
+        config_from_gguf(write_llama(tmp_path / "d.gguf", **{"llama.rope.scaling.type": "yarn"}))
     with pytest.raises(ModelFormatError, match="expected a positive"):
-        llama_config_from_gguf(write_llama(tmp_path / "e.gguf", drop=["llama.context_length"], **{"llama.context_length": "x"}))
+        config_from_gguf(write_llama(tmp_path / "e.gguf", drop=["llama.context_length"], **{"llama.context_length": "x"}))
 
 
 # --- the real model ------------------------------------------------------------------------------
@@ -350,7 +352,7 @@ def test_default_model_matches_gguf_package(default_model_path):
         assert mine.shape == tuple(int(d) for d in reversed(t.shape.tolist())), t.name
         raw = mine.raw if isinstance(mine, QuantizedArray) else mine
         assert np.array_equal(np.asarray(raw).view(np.uint8).reshape(-1), t.data.view(np.uint8).reshape(-1)), t.name
-    cfg = llama_config_from_gguf(f)
+    cfg = config_from_gguf(f)
     assert (cfg["n_layers"], cfg["hidden"], cfg["ffn"], cfg["n_heads"], cfg["n_kv_heads"]) == (30, 576, 1536, 9, 3)
     assert (cfg["vocab_size"], cfg["context_length"], cfg["rope_theta"], cfg["tied_embeddings"]) == (49152, 8192, 1e5, True)
     assert cfg["bos_token_id"] == 1 and cfg["eos_token_id"] == 2 and "<|im_start|>" in cfg["chat_template"]

@@ -146,7 +146,7 @@ def _match(graph: Graph) -> LlamaSpec | None:
         q_rope, k_rope = _only_user(users, q_rope_in, "rope"), _only_user(users, kh, "rope")
         if q_rope is None or k_rope is None or q_rope.inputs[1] is not pos or k_rope.inputs[1] is not pos:
             return None
-        if q_rope.attrs != k_rope.attrs or q_rope.attrs["dim"] not in (0, hd):
+        if q_rope.attrs != k_rope.attrs or q_rope.attrs["dim"] not in (0, hd) or q_rope.attrs["factors"]:
             return None
         spec.rope_theta, spec.rope_layout = float(q_rope.attrs["theta"]), q_rope.attrs["layout"]
         k_cat, v_cat = _only_user(users, k_rope.outputs[0], "concat"), _only_user(users, vh, "concat")

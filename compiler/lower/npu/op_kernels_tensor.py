@@ -162,10 +162,10 @@ def _rope(ctx: Ctx, node):
     d = node.attrs["dim"] or D
     half = d // 2
     max_pos = max(8192, ctx.exe._context())
-    key = ("rope", max_pos, d, float(node.attrs["theta"]))
+    key = ("rope", max_pos, d, float(node.attrs["theta"]), tuple(node.attrs["factors"]))
     tab = ctx.__dict__.setdefault("tables", {}).get(key)
     if tab is None:
-        cos, sin = rope_angles(np.arange(max_pos), d, node.attrs["theta"])
+        cos, sin = rope_angles(np.arange(max_pos), d, node.attrs["theta"], node.attrs["factors"])
         name = f"rope{len(ctx.consts)}"
         tab = ctx.em.tensor(name, (max_pos, d), "f32", "input")
         ctx.consts[name] = np.concatenate([cos, sin], axis=1).astype(np.float32)

@@ -1,0 +1,89 @@
+"""GGUF files of each architecture isthmus reads, against transformers running the same weights.
+
+tests/support/hf_gguf.py writes tiny random transformers models (llama, llama with llama3 rope
+scaling, qwen2, qwen3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
+decoder's logits at every step of a prefill and decode must match the transformers model's (f32
+both: within 1e-4 of the logits' range). A setting or tensor isthmus does not apply is an error
+naming it, never a run with wrong numbers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hf_gguf import hf_logits, hf_model, write_gguf
+
+import isthmus
+from isthmus.compiler.frontends import load_model
+from isthmus.errors import UnsupportedError
+
+ARCHS = ["llama", "llama3", "qwen2", "qwen3", "gpt2"]
+IDS = [3, 17, 5, 60, 22, 9, 41, 7, 2, 88, 14, 30, 20, 33, 1, 70, 19]     # 17 positions: past llama3's 16
+PREFILL = 10
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_file(request, tmp_path_factory):
+    model = hf_model(request.param)
+    path = write_gguf(model, tmp_path_factory.mktemp(request.param) / f"{request.param}.gguf", request.param)
+    return request.param, model, path
+
+
+@pytest.mark.parametrize("target", ["reference", "numba"])
+def test_decoder_logits_match_transformers(arch_file, target):
+    arch, hf, path = arch_file
+    model = load_model(path)
+    assert model.config["architecture"] == ("llama" if arch == "llama3" else arch)
+    want = hf_logits(hf, IDS)
+    dec = isthmus.compile(model, target=target).decoder()
+    got = [np.array(dec.step(IDS[:PREFILL]))] + [np.array(dec.step([t])) for t in IDS[PREFILL:]]
+    for i, row in enumerate(got):
+        np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
+    if target == "numba":        # the fused norm + QKV + rope + in-place cache kernel, where it applies
+        in_place = arch in ("llama", "llama3", "qwen2")
+        assert (type(dec).__name__ == "NumbaDecoder") == in_place
+
+
+def test_llama3_rope_freqs_are_applied(tmp_path):
+    """The file's rope_freqs change the logits measurably (2.6e-3 of the range here if dropped)."""
+    from isthmus.compiler.frontends.gguf import read_gguf
+    from isthmus.compiler.frontends.gguf_arch import config_from_gguf
+
+    path = write_gguf(hf_model("llama3"), tmp_path / "l3.gguf", "llama3")
+    config = config_from_gguf(read_gguf(path))
+    assert len(config["rope_factors"]) == 6 and config["rope_factors"][1:] == [8.0] * 5
+    assert 1.0 < config["rope_factors"][0] < 8.0                    # the smoothed band
+
+
+def _error(tmp_path, **kw) -> str:
+    path = write_gguf(hf_model("qwen2"), tmp_path / "q.gguf", "qwen2", **kw)
+    with pytest.raises(UnsupportedError) as e:
+        load_model(path)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("qwen2.rope.scaling.type", "yarn", "rope scaling 'yarn' is not supported"),
+    ("qwen2.attention.sliding_window", 64, "qwen2.attention.sliding_window = 64 is a qwen2 setting isthmus does not apply"),
+    ("qwen2.expert_count", 8, "qwen2.expert_count is 8: mixture-of-experts"),
+    ("qwen2.attn_logit_softcapping", 50.0, "qwen2.attn_logit_softcapping = 50.0 is a qwen2 setting")])
+def test_settings_isthmus_does_not_apply_are_errors_naming_them(tmp_path, key, value, said):
+    assert said in _error(tmp_path, extra_metadata={key: value})
+
+
+def test_tensors_isthmus_does_not_apply_are_errors_naming_them(tmp_path):
+    message = _error(tmp_path, extra_tensors={"blk.0.attn_post_norm.weight": np.ones(72, np.float32)})
+    assert "blk.0.attn_post_norm.weight" in message and "wrong numbers" in message
+
+
+def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
+    from gguf import GGUFWriter
+
+    w = GGUFWriter(str(tmp_path / "f.gguf"), "falcon")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedError, match="architecture 'falcon' is not supported; supported: llama, qwen2"):
+        load_model(tmp_path / "f.gguf")

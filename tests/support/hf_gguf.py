@@ -1,0 +1,152 @@
+"""Tiny random-weight Hugging Face decoders written as GGUF files laid out as llama.cpp's converter
+(convert_hf_to_gguf.py) writes them: its tensor names, its metadata keys, its Q/K row permutation
+for the llama architecture, GPT-2's Conv1D weights transposed to [out, in], llama3 rope scaling as
+a rope_freqs tensor. The transformers model itself is the oracle the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+TINY = dict(vocab_size=96, hidden_size=72, intermediate_size=112, num_hidden_layers=2, num_attention_heads=6,
+            num_key_value_heads=2, max_position_embeddings=128)
+
+
+def hf_model(arch: str, seed: int = 0, **overrides):
+    """A tiny random transformers model of `arch` (llama, llama3, qwen2, qwen3, gpt2), eval mode, f32."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = tf.GPT2Config(vocab_size=TINY["vocab_size"], n_embd=TINY["hidden_size"], n_layer=2, n_head=6,
+                            n_positions=TINY["max_position_embeddings"], n_inner=TINY["intermediate_size"],
+                            activation_function="gelu_new", **overrides)
+        model = tf.GPT2LMHeadModel(cfg)
+    else:
+        kw = dict(TINY, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, **overrides)
+        if arch == "llama3":
+            kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+        cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+        if arch == "qwen3":
+            kw["head_dim"] = 16          # qwen3 sets its head size apart from hidden / heads
+        model = cls[1](cls[0](**kw))
+    with torch.no_grad():                # spread the norms' weights so a missed norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """llama.cpp's Q/K row permutation for the llama architecture (rotation pairs made adjacent)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _llama3_rope_freqs(cfg) -> np.ndarray:
+    rs = cfg.rope_parameters
+    factor, lo, hi, old = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"], rs["original_max_position_embeddings"]
+    dim = cfg.hidden_size // cfg.num_attention_heads
+    out = []
+    for freq in 1.0 / (rs["rope_theta"] ** (np.arange(0, dim, 2) / dim)):
+        wavelen = 2 * math.pi / freq
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, np.float32)
+
+
+def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra_tensors: dict | None = None):
+    """`model` (from hf_model) as a GGUF file at `path`, f32 tensors (norms and biases f32 as llama.cpp)."""
+    import gguf
+
+    cfg = model.config
+    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    name = "llama" if arch == "llama3" else arch
+    w = gguf.GGUFWriter(str(path), name)
+    w.add_name(f"tiny-{arch}")
+    t = {}
+    if arch == "gpt2":
+        w.add_context_length(cfg.n_positions)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_feed_forward_length(cfg.n_inner)
+        w.add_block_count(cfg.n_layer)
+        w.add_head_count(cfg.n_head)
+        w.add_layer_norm_eps(cfg.layer_norm_epsilon)
+        t["token_embd.weight"] = sd["transformer.wte.weight"]
+        t["position_embd.weight"] = sd["transformer.wpe.weight"]
+        for i in range(cfg.n_layer):
+            h, b = f"transformer.h.{i}", f"blk.{i}"
+            for src, dst in (("ln_1", "attn_norm"), ("ln_2", "ffn_norm")):
+                t[f"{b}.{dst}.weight"], t[f"{b}.{dst}.bias"] = sd[f"{h}.{src}.weight"], sd[f"{h}.{src}.bias"]
+            for src, dst in (("attn.c_attn", "attn_qkv"), ("attn.c_proj", "attn_output"), ("mlp.c_fc", "ffn_up"),
+                             ("mlp.c_proj", "ffn_down")):
+                t[f"{b}.{dst}.weight"] = np.ascontiguousarray(sd[f"{h}.{src}.weight"].T)   # Conv1D is [in, out]
+                t[f"{b}.{dst}.bias"] = sd[f"{h}.{src}.bias"]
+        t["output_norm.weight"], t["output_norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
+    else:
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        w.add_context_length(cfg.max_position_embeddings)
+        w.add_embedding_length(cfg.hidden_size)
+        w.add_feed_forward_length(cfg.intermediate_size)
+        w.add_block_count(cfg.num_hidden_layers)
+        w.add_head_count(cfg.num_attention_heads)
+        w.add_head_count_kv(cfg.num_key_value_heads)
+        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+        w.add_vocab_size(cfg.vocab_size)
+        if arch == "qwen3":
+            w.add_key_length(hd)
+            w.add_value_length(hd)
+        t["token_embd.weight"] = sd["model.embed_tokens.weight"]
+        for i in range(cfg.num_hidden_layers):
+            m, b = f"model.layers.{i}", f"blk.{i}"
+            q, k = sd[f"{m}.self_attn.q_proj.weight"], sd[f"{m}.self_attn.k_proj.weight"]
+            if name == "llama":
+                q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
+            t |= {f"{b}.attn_norm.weight": sd[f"{m}.input_layernorm.weight"], f"{b}.attn_q.weight": q,
+                  f"{b}.attn_k.weight": k, f"{b}.attn_v.weight": sd[f"{m}.self_attn.v_proj.weight"],
+                  f"{b}.attn_output.weight": sd[f"{m}.self_attn.o_proj.weight"],
+                  f"{b}.ffn_norm.weight": sd[f"{m}.post_attention_layernorm.weight"],
+                  f"{b}.ffn_gate.weight": sd[f"{m}.mlp.gate_proj.weight"],
+                  f"{b}.ffn_up.weight": sd[f"{m}.mlp.up_proj.weight"],
+                  f"{b}.ffn_down.weight": sd[f"{m}.mlp.down_proj.weight"]}
+            for proj in "qkv":
+                if f"{m}.self_attn.{proj}_proj.bias" in sd:
+                    t[f"{b}.attn_{proj}.bias"] = sd[f"{m}.self_attn.{proj}_proj.bias"]
+            if arch == "qwen3":
+                t[f"{b}.attn_q_norm.weight"] = sd[f"{m}.self_attn.q_norm.weight"]
+                t[f"{b}.attn_k_norm.weight"] = sd[f"{m}.self_attn.k_norm.weight"]
+        t["output_norm.weight"] = sd["model.norm.weight"]
+        t["output.weight"] = sd["lm_head.weight"]
+        if arch == "llama3":
+            t["rope_freqs.weight"] = _llama3_rope_freqs(cfg)
+    for key, value in (extra_metadata or {}).items():
+        w.add_key_value(key, value, gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else
+                        gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.STRING)
+    t |= extra_tensors or {}
+    for n, a in t.items():
+        w.add_tensor(n, np.ascontiguousarray(a, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def hf_logits(model, ids: list[int]) -> np.ndarray:
+    """The transformers model's logits for every position of `ids`, f32 [len(ids), vocab]."""
+    import torch
+
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
