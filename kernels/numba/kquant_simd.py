@@ -153,22 +153,49 @@ def _make(fmt: str, wide: bool = WIDE):
                 five = fmt == "q5_k"
                 q0 = 48 if five else 16
                 d, dmin = f16(bp, 0), f16(bp, 2)
-                msum = ir.Constant(f32, 0.0)
+                # the 8 scales and mins unpacked as vectors (get_scale_min_k4 lane by lane):
+                # lanes j < 4: sc = s[j] & 63, mn = s[j + 4] & 63; j >= 4: sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4,
+                # mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4, s being the 12 scale bytes at 4
+                v8i8, v8i32 = ir.VectorType(i8, 8), ir.VectorType(i32, 8)
+                sb = bytes16(bp, 4)
+
+                def pick(idx):
+                    return builder.shuffle_vector(sb, sb, ir.Constant(v8i32, idx))
+
+                def c8(vals):
+                    return ir.Constant(v8i8, vals)
+
+                first = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1] * 4 + [0] * 4)
+                p_, m_ = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([4, 5, 6, 7, 8, 9, 10, 11])
+                top_s = builder.shl(builder.lshr(pick([0, 0, 0, 0, 0, 1, 2, 3]), c8([6] * 8)), c8([4] * 8))
+                top_m = builder.shl(builder.lshr(pick([0, 0, 0, 0, 4, 5, 6, 7]), c8([6] * 8)), c8([4] * 8))
+                sc8 = builder.select(first, builder.and_(p_, c8([63] * 8)), builder.or_(builder.and_(p_, c8([15] * 8)), top_s))
+                mn8 = builder.select(first, builder.and_(m_, c8([63] * 8)), builder.or_(builder.lshr(m_, c8([4] * 8)), top_m))
+                v8f = ir.VectorType(f32, 8)
+
+                def splat8(v):
+                    x = builder.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(i32, 0))
+                    return builder.shuffle_vector(x, x, ir.Constant(v8i32, [0] * 8))
+
+                xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
+                xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
+                scale8 = builder.fmul(builder.fmul(splat8(d), builder.uitofp(sc8, v8f)), xd8)
+                mins8 = builder.fmul(builder.fmul(splat8(builder.fneg(dmin)), builder.uitofp(mn8, v8f)), xs8)
+                # the mins enter the accumulator as lanes 0-7 of one extra term per block
+                acc = builder.fadd(acc, builder.shuffle_vector(mins8, ir.Constant(v8f, [0.0] * 8),
+                                                               ir.Constant(v16i32, list(range(16)))))
                 hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
                 for c in range(4):
                     qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
                     for j in (2 * c, 2 * c + 1):
-                        sc, mn = scale_min_k4(bp, j)
                         q = builder.lshr(qv, splat32(4)) if j & 1 else builder.and_(qv, splat32(15))
                         if five:
                             h = builder.and_(builder.lshr(hbits, splat32(j)), splat32(1))
                             q = builder.or_(q, builder.shl(h, splat32(4)))
                         p = madd32(q, builder.add(x0, c64(32 * j)))
-                        scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
-                        acc = _fma(builder, builder.sitofp(p, v16f), scales16(scale), acc)
-                        xs_j = builder.load(builder.gep(xsrow, [builder.add(k0, c64(j))]))
-                        msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
-                return acc, _fma(builder, builder.fneg(dmin), msum, macc)
+                        sv = builder.shuffle_vector(scale8, scale8, ir.Constant(v16i32, [j] * 16))
+                        acc = _fma(builder, builder.sitofp(p, v16f), sv, acc)
+                return acc, macc
 
             if fmt in ("q2_k", "q3_k"):
                 # 2-bit q: run k of half h is (qs[32 h + l] >> 2k) & 3; its 16-value sub-runs have a scale each
