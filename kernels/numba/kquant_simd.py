@@ -237,6 +237,12 @@ def _make(fmt: str, wide: bool = WIDE):
                 return acc, macc
 
             d = f16(bp, 208)                    # q6_k
+            # the 16 scales x d x xd (two 16-value runs per 32-block) as one vector
+            v8f = ir.VectorType(f32, 8)
+            sc16 = builder.sitofp(bytes16(bp, 192), v16f)
+            xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
+            xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
+            scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
             for h in range(2):
                 hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
                 for k in range(4):
@@ -245,10 +251,9 @@ def _make(fmt: str, wide: bool = WIDE):
                     hb = builder.shl(builder.and_(builder.lshr(hb_all, splat32(2 * k)), splat32(3)), splat32(4))
                     q = builder.sub(builder.or_(lo, hb), splat32(32))
                     p = madd32(q, builder.add(x0, c64(128 * h + 32 * k)))     # lanes 0-7: run 0, 8-15: run 1
-                    dx = builder.fmul(d, xd_at(4 * h + k))
-                    s0, s1 = (builder.fmul(dx, builder.sitofp(builder.load(builder.gep(bp, [c64(192 + 8 * h + 2 * k + i)])),
-                                                              f32)) for i in (0, 1))
-                    acc = _fma(builder, builder.sitofp(p, v16f), scales16(s0, s1), acc)
+                    m = 8 * h + 2 * k
+                    sv = builder.shuffle_vector(scale16, scale16, ir.Constant(v16i32, [m] * 8 + [m + 1] * 8))
+                    acc = _fma(builder, builder.sitofp(p, v16f), sv, acc)
             return acc, macc
 
         if wide:
