@@ -12,6 +12,8 @@ Architectures and how llama.cpp lays them out:
     qwen2   biases on Q, K and V; rotary in the half-split (NEOX) layout
     qwen3   an RMS norm over each Q and K head before the rotary (`attn_q_norm`, `attn_k_norm`),
             head size from `attention.key_length`; NEOX rotary
+    phi3    one fused QKV weight, one fused gate|up weight; NEOX rotary (the long-context files'
+            rope_factors_long/short tensors are refused: isthmus does not apply longrope)
     gpt2    learned positions, LayerNorm with biases, fused QKV with bias, GELU (tanh) MLP, biases
 """
 
@@ -28,7 +30,7 @@ from isthmus.compiler.frontends.gguf import (MAX_CONTEXT, MAX_HEAD_DIM, MAX_HEAD
 from isthmus.errors import ModelFormatError, UnsupportedError
 
 # architecture -> rotary layout of its Q/K rows in a llama.cpp file (None: no rotary)
-ROPE_LAYOUT = {"llama": "interleaved", "qwen2": "half", "qwen3": "half", "gpt2": None}
+ROPE_LAYOUT = {"llama": "interleaved", "qwen2": "half", "qwen3": "half", "phi3": "half", "gpt2": None}
 SUPPORTED = tuple(ROPE_LAYOUT)
 
 _SIZES = {"context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
@@ -41,6 +43,7 @@ APPLIED = {
     "llama": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
     "qwen2": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
     "qwen3": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
+    "phi3": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
     "gpt2": _SIZES | {"attention.layer_norm_epsilon"},
 }
 
@@ -103,6 +106,9 @@ def config_from_gguf(gguf_file: GGUFFile) -> dict:
         "eos_token_id": _token_id(md, "tokenizer.ggml.eos_token_id", name),
         "chat_template": md.get("tokenizer.chat_template"),
         "tied_embeddings": "output.weight" not in gguf_file.tensors,
+        # llama.cpp applies these wherever the file has them (qwen2 always has the biases)
+        "qkv_bias": "blk.0.attn_q.bias" in gguf_file.tensors,
+        "qk_norm": "blk.0.attn_q_norm.weight" in gguf_file.tensors,
     }
     if arch == "gpt2":
         config["norm_eps"] = _positive_eps(get("attention.layer_norm_epsilon", float), f"{arch}.attention.layer_norm_epsilon", name)

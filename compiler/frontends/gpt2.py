@@ -9,24 +9,9 @@ Llama. The decoder interface is Llama's (input_ids, position_ids, past/present k
 
 from __future__ import annotations
 
-from isthmus.compiler.frontends.llama import _weight
+from isthmus.compiler.frontends.llama import _weight, split_rows
 from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
-from isthmus.compiler.quant import QuantizedArray
 from isthmus.errors import ModelFormatError
-
-
-def split_rows(w, sizes: list[int], name: str, where: str) -> list:
-    """A [sum(sizes), cols] weight (or [sum(sizes)] bias) as consecutive row blocks, without copying."""
-    if w.shape[0] != sum(sizes):
-        raise ModelFormatError(f"{where}: tensor {name} has {w.shape[0]} rows, expected {sum(sizes)}")
-    parts, lo = [], 0
-    for n in sizes:
-        if isinstance(w, QuantizedArray):
-            parts.append(QuantizedArray(w.qtype, (n, *w.shape[1:]), w.raw[lo:lo + n]))
-        else:
-            parts.append(w[lo:lo + n])
-        lo += n
-    return parts
 
 
 def build_gpt2(config: dict, weights: dict, *, name: str = "gpt2", where: str = "model") -> Graph:

@@ -3,9 +3,12 @@
 Weights are named as in GGUF (`blk.{i}.attn_q.weight`, ...); the safetensors frontend renames
 HF checkpoints to match. `rope_layout` says how Q/K features pair up for rotation: GGUF files
 permute Q/K rows for the interleaved (Meta) layout, HF checkpoints use the half-split layout.
-The family's variants are read from the weights present: Q/K/V biases (Qwen2), an RMS norm over
-each Q and K head before the rotary (Qwen3: `attn_q_norm`, `attn_k_norm`); and from the config:
-`rope_factors`, per-pair frequency divisors (llama3's rope_freqs, linear scaling).
+The family's variants come from the config: `qkv_bias` (Qwen2's Q/K/V biases), `qk_norm` (Qwen3's
+RMS norm over each Q and K head before the rotary: `attn_q_norm`, `attn_k_norm`), `rope_factors`
+(per-pair frequency divisors: llama3's rope_freqs, linear scaling); and from the weights present:
+one fused QKV weight and one fused gate|up weight (Phi-3: `attn_qkv`, `ffn_up` of 2 x ffn rows),
+split here into row views so the fusion pass sees ordinary siblings. A frontend passes the weights
+as `files.TakenWeights` and refuses any tensor the builder did not read.
 
 Graph interface, recorded on the graph as its `DecoderInterface` (what generation drives):
     inputs   input_ids i64[batch, seq], position_ids i64[batch, seq],
@@ -16,7 +19,10 @@ Graph interface, recorded on the graph as its `DecoderInterface` (what generatio
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
+from isthmus.compiler.quant import QuantizedArray
 from isthmus.errors import ModelFormatError
 
 
@@ -29,6 +35,73 @@ def _weight(g: Graph, weights: dict, name: str, shape: tuple, where: str):
     return g.add_constant(name, w)
 
 
+def split_rows(w, sizes: list[int], name: str, where: str) -> list:
+    """A [sum(sizes), cols] weight (or [sum(sizes)] bias) as consecutive row blocks, without copying."""
+    if w.shape[0] != sum(sizes):
+        raise ModelFormatError(f"{where}: tensor {name} has {w.shape[0]} rows, expected {sum(sizes)}")
+    parts, lo = [], 0
+    for n in sizes:
+        if isinstance(w, QuantizedArray):
+            parts.append(QuantizedArray(w.qtype, (n, *w.shape[1:]), w.raw[lo:lo + n]))
+        else:
+            parts.append(w[lo:lo + n])
+        lo += n
+    return parts
+
+
+def llama3_rope_factors(theta: float, dim: int, factor: float, low: float, high: float, original: float) -> list[float]:
+    """Llama 3's rope scaling as per-pair frequency divisors (what llama.cpp's converter writes as the
+    rope_freqs tensor): long wavelengths slowed by `factor`, short ones kept, a smooth band between."""
+    import math
+
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * theta ** (i / dim)
+        if wavelen < original / high:
+            out.append(1.0)
+        elif wavelen > original / low:
+            out.append(factor)
+        else:
+            smooth = (original / wavelen - low) / (high - low)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return out
+
+
+class _Overlay(Mapping):
+    """The weights with some names added or replaced (the row blocks of fused tensors)."""
+
+    def __init__(self, base: Mapping, extra: dict):
+        self.base, self.extra = base, extra
+
+    def __getitem__(self, name):
+        return self.extra[name] if name in self.extra else self.base[name]
+
+    def __iter__(self):
+        return iter({**dict.fromkeys(self.base), **dict.fromkeys(self.extra)})
+
+    def __len__(self):
+        return len(set(self.base) | set(self.extra))
+
+
+def _unfused(config: dict, weights: Mapping, where: str) -> Mapping:
+    """Phi-3's fused QKV and gate|up weights as separate Q/K/V and gate/up row blocks."""
+    D, F, H, KVH, hd = (config[k] for k in ("hidden", "ffn", "n_heads", "n_kv_heads", "head_dim"))
+    extra = {}
+    for i in range(config["n_layers"]):
+        p = f"blk.{i}"
+        if f"{p}.attn_qkv.weight" in weights and f"{p}.attn_q.weight" not in weights:
+            for suffix in ("weight", "bias"):
+                if f"{p}.attn_qkv.{suffix}" in weights:
+                    parts = split_rows(weights[f"{p}.attn_qkv.{suffix}"], [H * hd, KVH * hd, KVH * hd],
+                                       f"{p}.attn_qkv.{suffix}", where)
+                    extra.update({f"{p}.attn_{x}.{suffix}": t for x, t in zip("qkv", parts)})
+        up = weights.get(f"{p}.ffn_up.weight") if f"{p}.ffn_up.weight" in weights else None
+        if f"{p}.ffn_gate.weight" not in weights and up is not None and up.shape[0] == 2 * F:
+            gate, up = split_rows(weights[f"{p}.ffn_up.weight"], [F, F], f"{p}.ffn_up.weight", where)  # gate first
+            extra.update({f"{p}.ffn_gate.weight": gate, f"{p}.ffn_up.weight": up})
+    return _Overlay(weights, extra) if extra else weights
+
+
 def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "llama",
                 where: str = "model") -> Graph:
     D, F, L = config["hidden"], config["ffn"], config["n_layers"]
@@ -38,6 +111,7 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
                   "dim": 0 if config.get("rope_dim", hd) == hd else config["rope_dim"],
                   "factors": [float(f) for f in config.get("rope_factors") or ()]}
 
+    weights = _unfused(config, weights, where)
     g = Graph(name)
     ids = g.add_input("input_ids", ("batch", "seq"), "i64")
     pos = g.add_input("position_ids", ("batch", "seq"), "i64")
@@ -58,11 +132,11 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
         def heads(h, n, proj):
             src = f"{p}.attn_{proj}"
             ins = [h, w(f"{src}.weight", (n * hd, D))]
-            if f"{src}.bias" in weights:
+            if config.get("qkv_bias"):
                 ins.append(w(f"{src}.bias", (n * hd,)))
             y = g.add("linear", ins, name=f"{p}.{proj}", source=src)
             y = g.add("reshape", [y], {"shape": [0, 0, n, hd]}, source=src)
-            if proj != "v" and f"{src}_norm.weight" in weights:      # normalised per head, before the rotary
+            if proj != "v" and config.get("qk_norm"):      # normalised per head, before the rotary
                 y = g.add("rmsnorm", [y, w(f"{src}_norm.weight", (hd,))], {"eps": eps}, name=f"{p}.{proj}_norm",
                           source=f"{src}_norm")
             return g.add("transpose", [y], {"perm": [0, 2, 1, 3]}, source=src)

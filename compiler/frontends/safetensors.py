@@ -28,7 +28,7 @@ import numpy as np
 
 from isthmus.compiler.frontends import Model
 from isthmus.compiler.quant import QuantizedArray
-from isthmus.compiler.frontends.files import map_readonly, one_line
+from isthmus.compiler.frontends.files import TakenWeights, map_readonly, one_line
 from isthmus.compiler.frontends.memfiles import MemoryFile, MemoryFolder
 from isthmus.compiler.frontends.gguf import (MAX_CONTEXT, MAX_HEAD_DIM, MAX_HEADS, MAX_LAYERS, MAX_VOCAB,
                                              MAX_WIDTH, check_limit)
@@ -49,8 +49,12 @@ _LAYER_NAMES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm",           # qwen3
+    "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",                  # phi3's fused ones
 }
-_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.weight")
+_LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
+# model_type -> what isthmus builds it as (all Llama-family: build_llama reads the variant's tensors)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints carry it
 
 
@@ -67,8 +71,10 @@ def load_safetensors(folder) -> Model:
 
     from isthmus.compiler.frontends.llama import build_llama
 
-    weights = llama_weights(read_checkpoint(folder), config, str(folder))
+    checkpoint = read_checkpoint(folder)
+    weights = TakenWeights(llama_weights(checkpoint, config, str(folder)))
     graph = build_llama(config, weights, rope_layout="half", name=config["name"], where=str(folder))
+    weights.refuse_unused(str(folder), config["architecture"], shown={gguf_name(n): n for n in checkpoint})
     tokenizer = None
     if (folder / "tokenizer.json").exists():
         from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
@@ -87,8 +93,8 @@ def llama_weights(hf: dict, config: dict, where: str) -> dict:
         if name is None:
             if _IGNORED_RE.fullmatch(hf_name):
                 continue
-            raise UnsupportedError(f"{where}: tensor {one_line(hf_name)} is not part of the Llama architecture "
-                                   f"isthmus builds")
+            raise UnsupportedError(f"{where}: tensor {one_line(hf_name)} is not part of the "
+                                   f"{config['architecture']} architecture isthmus builds")
         weights[name] = array
     if config["tied_embeddings"]:
         weights.pop("output.weight", None)     # some checkpoints store the tied copy anyway
@@ -122,7 +128,7 @@ def gguf_name(hf_name: str) -> str | None:
         return _GLOBAL_NAMES[hf_name]
     m = _LAYER_RE.fullmatch(hf_name)
     if m and m.group(2) in _LAYER_NAMES:
-        return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}.weight"
+        return f"blk.{int(m.group(1))}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
     return None
 
 
@@ -133,9 +139,9 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{where}: expected a JSON object")
     model_type = cfg.get("model_type")
-    if model_type != "llama":
+    if model_type not in MODEL_TYPES:
         raise UnsupportedError(f"{where}: model_type {one_line(repr(model_type))} is not supported; "
-                               f"supported: 'llama'")
+                               f"supported: {', '.join(MODEL_TYPES)}")
 
     def get(key: str, kind: type, default=..., limit: int | None = None):
         value = cfg.get(key)
@@ -148,15 +154,21 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
             raise ModelFormatError(f"{where}: {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
         return kind(value) if limit is None else check_limit(value, limit, key, where)
 
-    for key in ("attention_bias", "mlp_bias"):
+    for key in ("attention_bias", "mlp_bias"):      # qwen2's Q/K/V biases are its own, not these flags
         if cfg.get(key):
-            raise UnsupportedError(f"{where}: {key} is true; isthmus builds Llama without biases")
+            raise UnsupportedError(f"{where}: {key} is true; isthmus builds {model_type} without those biases")
+    if cfg.get("use_sliding_window") or (
+            isinstance(cfg.get("sliding_window"), int) and model_type in ("mistral", "qwen2", "qwen3")
+            and cfg["sliding_window"] < cfg.get("max_position_embeddings", 1 << 62)
+            and cfg.get("use_sliding_window", model_type == "mistral")):
+        raise UnsupportedError(f"{where}: sliding_window {cfg.get('sliding_window')!r} is not applied by isthmus "
+                               "(full attention would give other numbers past the window)")
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedError(f"{where}: hidden_act {one_line(repr(act))} is not supported; supported: 'silu'")
     if cfg.get("partial_rotary_factor") not in (None, 1, 1.0):
         raise UnsupportedError(f"{where}: partial_rotary_factor {cfg['partial_rotary_factor']!r} is not supported")
-    rope_theta = _rope_theta(cfg, where)
+    rope_theta, rope_factors = _rope(cfg, where)
 
     hidden, n_heads = get("hidden_size", int, limit=MAX_WIDTH), get("num_attention_heads", int, limit=MAX_HEADS)
     n_kv_heads = get("num_key_value_heads", int, n_heads, limit=MAX_HEADS)
@@ -171,7 +183,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
     bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", vocab, where)
     name = cfg.get("_name_or_path")
     return {
-        "architecture": "llama",
+        "architecture": model_type,
         "name": name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.strip("/") else None,
         "n_layers": get("num_hidden_layers", int, limit=MAX_LAYERS),
         "hidden": hidden,
@@ -182,6 +194,7 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         "rope_dim": head_dim,
         "rms_eps": get("rms_norm_eps", float, 1e-6),
         "rope_theta": rope_theta,
+        "rope_factors": rope_factors(head_dim),
         "context_length": get("max_position_embeddings", int, 2048, limit=MAX_CONTEXT),
         "vocab_size": vocab,
         "bos_token_id": bos[0] if bos else None,
@@ -189,12 +202,17 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         "stop_token_ids": eos[1:],
         "chat_template": None,
         "tied_embeddings": cfg.get("tie_word_embeddings", False) is True,
+        "qkv_bias": model_type == "qwen2",
+        "qk_norm": model_type == "qwen3",
     }
 
 
-def _rope_theta(cfg: dict, where: str) -> float:
+def _rope(cfg: dict, where: str):
+    """rope_theta, and a function head_dim -> per-pair frequency divisors (default, linear, llama3)."""
     # transformers < 5 writes rope_theta + rope_scaling; 5 writes rope_parameters {rope_type, rope_theta}.
-    theta = cfg.get("rope_theta")
+    from isthmus.compiler.frontends.llama import llama3_rope_factors
+
+    theta, scaling = cfg.get("rope_theta"), None
     for key in ("rope_scaling", "rope_parameters"):
         params = cfg.get(key)
         if params is None:
@@ -202,13 +220,30 @@ def _rope_theta(cfg: dict, where: str) -> float:
         if not isinstance(params, dict):
             raise ModelFormatError(f"{where}: {key} is {one_line(repr(params))}, expected an object")
         kind = params.get("rope_type", params.get("type", "default"))
+        if kind not in ("default", "linear", "llama3"):
+            raise UnsupportedError(f"{where}: rope scaling {one_line(repr(kind))} is not supported "
+                                   "(default, linear and llama3 are)")
         if kind != "default":
-            raise UnsupportedError(f"{where}: rope scaling {one_line(repr(kind))} is not supported")
+            scaling = params
         theta = params.get("rope_theta", theta)
     theta = 10000.0 if theta is None else theta
     if not isinstance(theta, (int, float)) or isinstance(theta, bool) or not theta > 0:
         raise ModelFormatError(f"{where}: rope_theta is {one_line(repr(theta))}, expected a positive number")
-    return float(theta)
+
+    def number(key):
+        v = scaling.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v > 0:
+            raise ModelFormatError(f"{where}: rope scaling {key} is {one_line(repr(v))}, expected a positive number")
+        return float(v)
+
+    def factors(head_dim: int) -> list[float]:
+        if scaling is None:
+            return []
+        if scaling.get("rope_type", scaling.get("type")) == "linear":
+            return [number("factor")] * (head_dim // 2)
+        return llama3_rope_factors(float(theta), head_dim, number("factor"), number("low_freq_factor"),
+                                   number("high_freq_factor"), number("original_max_position_embeddings"))
+    return float(theta), factors
 
 
 def _token_ids(value, key: str, vocab: int, where: str) -> list[int]:

@@ -1,7 +1,7 @@
 """GGUF files of each architecture isthmus reads, against transformers running the same weights.
 
 tests/support/hf_gguf.py writes tiny random transformers models (llama, llama with llama3 rope
-scaling, qwen2, qwen3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
+scaling, qwen2, qwen3, phi3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
 decoder's logits at every step of a prefill and decode must match the transformers model's (f32
 both: within 1e-4 of the logits' range). A setting or tensor isthmus does not apply is an error
 naming it, never a run with wrong numbers.
@@ -17,7 +17,7 @@ import isthmus
 from isthmus.compiler.frontends import load_model
 from isthmus.errors import UnsupportedError
 
-ARCHS = ["llama", "llama3", "qwen2", "qwen3", "gpt2"]
+ARCHS = ["llama", "llama3", "qwen2", "qwen3", "phi3", "gpt2"]
 IDS = [3, 17, 5, 60, 22, 9, 41, 7, 2, 88, 14, 30, 20, 33, 1, 70, 19]     # 17 positions: past llama3's 16
 PREFILL = 10
 
@@ -40,8 +40,27 @@ def test_decoder_logits_match_transformers(arch_file, target):
     for i, row in enumerate(got):
         np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
     if target == "numba":        # the fused norm + QKV + rope + in-place cache kernel, where it applies
-        in_place = arch in ("llama", "llama3", "qwen2")
+        in_place = arch in ("llama", "llama3", "qwen2", "phi3")
         assert (type(dec).__name__ == "NumbaDecoder") == in_place
+
+
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "phi3"])
+def test_safetensors_checkpoints_of_the_families_match_transformers(arch, tmp_path):
+    hf = hf_model(arch)
+    hf.save_pretrained(tmp_path)                      # config.json + model.safetensors, as published
+    model = load_model(tmp_path)
+    assert model.format == "safetensors" and model.config["architecture"] == ("llama" if arch == "llama3" else arch)
+    want = hf_logits(hf, IDS)
+    dec = isthmus.compile(model, target="numba").decoder()
+    got = [np.array(dec.step(IDS[:PREFILL]))] + [np.array(dec.step([t])) for t in IDS[PREFILL:]]
+    for i, row in enumerate(got):
+        np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
+
+
+def test_a_sliding_window_checkpoint_is_refused(tmp_path):
+    hf_model("mistral", sliding_window=8).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedError, match="sliding_window 8 is not applied"):
+        load_model(tmp_path)
 
 
 def test_llama3_rope_freqs_are_applied(tmp_path):

@@ -310,7 +310,7 @@ def test_llama_config(tmp_path):
     assert cfg == {
         "architecture": "llama", "name": "Tiny", "n_layers": 2, "hidden": 64, "ffn": 128, "n_heads": 4,
         "n_kv_heads": 2, "head_dim": 16, "rope_dim": 16, "rms_eps": pytest.approx(1e-5), "rope_theta": 10000.0,
-        "rope_factors": [],
+        "rope_factors": [], "qkv_bias": False, "qk_norm": False,
         "context_length": 256, "vocab_size": 10, "bos_token_id": 1, "eos_token_id": 2,
         "chat_template": "{{ messages }}", "tied_embeddings": True,
     }

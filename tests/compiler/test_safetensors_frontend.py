@@ -378,9 +378,10 @@ def test_bad_config_values(folder, changes, match):
 
 @pytest.mark.parametrize("changes, match", [
     ({"model_type": "gpt2"}, "'gpt2'"),
-    ({"model_type": "mistral"}, "'mistral'"),
-    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}}, "'llama3'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "'linear'"),
+    ({"model_type": "gemma2"}, "'gemma2'"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 8.0}}, "'yarn'"),
+    ({"rope_scaling": {"type": "longrope", "factor": 2.0}}, "'longrope'"),
+    ({"use_sliding_window": True, "sliding_window": 16}, "sliding_window 16 is not applied"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
     ({"hidden_act": "gelu"}, "'gelu'"),
@@ -388,6 +389,11 @@ def test_bad_config_values(folder, changes, match):
 def test_unsupported_configs(folder, changes, match):
     _edit_config(folder, **changes)
     _one_line_error(UnsupportedError, lambda: load_model(folder), "config.json", match)
+
+
+def test_llama3_rope_scaling_needs_its_parameters(folder):
+    _edit_config(folder, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0})
+    _one_line_error(ModelFormatError, lambda: load_model(folder), "config.json", "low_freq_factor is None")
 
 
 def test_rope_theta_from_either_config_spelling(folder):

@@ -15,7 +15,8 @@ TINY = dict(vocab_size=96, hidden_size=72, intermediate_size=112, num_hidden_lay
 
 
 def hf_model(arch: str, seed: int = 0, **overrides):
-    """A tiny random transformers model of `arch` (llama, llama3, qwen2, qwen3, gpt2), eval mode, f32."""
+    """A tiny random transformers model of `arch` (llama, llama3, qwen2, qwen3, phi3, mistral, gpt2),
+    eval mode, f32."""
     import torch
     import transformers as tf
 
@@ -23,15 +24,21 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     if arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=TINY["vocab_size"], n_embd=TINY["hidden_size"], n_layer=2, n_head=6,
                             n_positions=TINY["max_position_embeddings"], n_inner=TINY["intermediate_size"],
-                            activation_function="gelu_new", **overrides)
+                            activation_function="gelu_new", bos_token_id=1, eos_token_id=2, **overrides)
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        kw = dict(TINY, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, **overrides)
+        kw = dict(TINY, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+                  eos_token_id=2, **overrides)
         if arch == "llama3":
             kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                   "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
         cls = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "llama3": (tf.LlamaConfig, tf.LlamaForCausalLM),
-               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM)}[arch]
+               "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM), "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+               "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM), "mistral": (tf.MistralConfig, tf.MistralForCausalLM)}[arch]
+        if arch == "mistral":
+            kw.setdefault("sliding_window", None)
+        if arch == "phi3":
+            kw["pad_token_id"] = 0
         if arch == "qwen3":
             kw["head_dim"] = 16          # qwen3 sets its head size apart from hidden / heads
         model = cls[1](cls[0](**kw))
@@ -111,6 +118,14 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
         t["token_embd.weight"] = sd["model.embed_tokens.weight"]
         for i in range(cfg.num_hidden_layers):
             m, b = f"model.layers.{i}", f"blk.{i}"
+            if arch == "phi3":           # fused projections, written fused as llama.cpp does
+                t |= {f"{b}.attn_norm.weight": sd[f"{m}.input_layernorm.weight"],
+                      f"{b}.attn_qkv.weight": sd[f"{m}.self_attn.qkv_proj.weight"],
+                      f"{b}.attn_output.weight": sd[f"{m}.self_attn.o_proj.weight"],
+                      f"{b}.ffn_norm.weight": sd[f"{m}.post_attention_layernorm.weight"],
+                      f"{b}.ffn_up.weight": sd[f"{m}.mlp.gate_up_proj.weight"],
+                      f"{b}.ffn_down.weight": sd[f"{m}.mlp.down_proj.weight"]}
+                continue
             q, k = sd[f"{m}.self_attn.q_proj.weight"], sd[f"{m}.self_attn.k_proj.weight"]
             if name == "llama":
                 q, k = _permute(q, cfg.num_attention_heads), _permute(k, cfg.num_key_value_heads)
