@@ -78,6 +78,8 @@ class BatchPlan:
         g = exe.graph
         if g.decoder is None or g.decoder.position_ids is None or not g.decoder.kv:
             raise ValueError("not a decoder graph with positions and a KV cache")
+        if g.decoder.attention_mask is not None:
+            raise ValueError("the graph takes an attention mask")
         d = g.decoder.resolve(g)
         self.exe = exe
         self.ids, self.pos, self.logits = d.input_ids, d.position_ids, d.logits

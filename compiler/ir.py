@@ -137,12 +137,16 @@ class DecoderInterface:
     values freely, while the names are the graph's calling convention (feeds and results), which
     `verify` checks they keep. `position_ids` is None for a graph that derives positions itself;
     `kv` is empty for a graph without a cache (generation then feeds the whole sequence each step).
+    `attention_mask`, when set, names an integer [batch, past+seq] input (1 = attend, 0 = padding,
+    as exporters of Hugging Face models take it) that generation feeds with ones for every
+    position so far, cached and new; consumers that cannot feed it decline the graph.
     """
 
     input_ids: str
     logits: str
     position_ids: str | None = None
     kv: tuple[KVLayer, ...] = ()
+    attention_mask: str | None = None
 
     def resolve(self, graph: "Graph") -> "DecoderValues":
         ins = {v.name: v for v in graph.inputs}
@@ -157,7 +161,9 @@ class DecoderInterface:
                    for c in self.kv)
         return DecoderValues(get(ins, self.input_ids, "input (token ids)"),
                              None if self.position_ids is None else get(ins, self.position_ids, "input (positions)"),
-                             get(outs, self.logits, "output (logits)"), kv)
+                             get(outs, self.logits, "output (logits)"), kv,
+                             None if self.attention_mask is None else get(ins, self.attention_mask,
+                                                                          "input (attention mask)"))
 
     def present_of(self, past: str) -> str:
         """The output name that returns the cache read as input `past`."""
@@ -177,6 +183,7 @@ class DecoderValues:
     position_ids: "Value | None"
     logits: "Value"
     kv: tuple[tuple["Value", "Value", "Value", "Value"], ...]   # (past_k, past_v, present_k, present_v)
+    attention_mask: "Value | None" = None
 
     @property
     def pasts(self) -> list["Value"]:
@@ -369,6 +376,10 @@ def _verify_decoder(graph: Graph) -> None:
     if d.input_ids.dtype not in ("i64", "i32") or d.input_ids.type.rank != 2:
         raise IRError(f"decoder interface: token ids %{d.input_ids.name} must be i64/i32[batch, seq], "
                       f"not {d.input_ids.type}")
+    m = d.attention_mask
+    if m is not None and (m.dtype not in ("i64", "i32", "bool") or m.type.rank != 2):
+        raise IRError(f"decoder interface: attention mask %{m.name} must be i64/i32/bool[batch, past+seq], "
+                      f"not {m.type}")
     if d.logits.type.rank != 3:
         raise IRError(f"decoder interface: logits %{d.logits.name} must be [batch, seq, vocab], not {d.logits.type}")
     for layer in d.kv:

@@ -100,7 +100,8 @@ def print_graph(g: Graph) -> str:
     lines.append("  output " + ", ".join(_name(v) for v in g.outputs))
     if g.decoder is not None:
         d = g.decoder
-        fields = [("input_ids", d.input_ids), ("position_ids", d.position_ids), ("logits", d.logits)]
+        fields = [("input_ids", d.input_ids), ("position_ids", d.position_ids),
+                  ("attention_mask", d.attention_mask), ("logits", d.logits)]
         lines.append("  decoder(" + ", ".join(f"{k}=%{_bare(n)}" for k, n in fields if n is not None) + ")")
         for c in d.kv:
             lines.append("  kv_cache(" + ", ".join(f"{k}=%{_bare(getattr(c, k))}" for k in _KV_FIELDS) + ")")
@@ -260,7 +261,7 @@ def _parse_decoder(p: "_Parser", g: Graph) -> None:
 
     if not p.accept("decoder"):
         return
-    head, start = fields(("input_ids", "position_ids", "logits"))
+    head, start = fields(("input_ids", "position_ids", "attention_mask", "logits"))
     if "input_ids" not in head or "logits" not in head:
         p.error("decoder(...) needs input_ids and logits", at=start)
     kv = []
@@ -269,7 +270,8 @@ def _parse_decoder(p: "_Parser", g: Graph) -> None:
         if len(layer) != 4:
             p.error(f"kv_cache(...) needs {', '.join(_KV_FIELDS)}", at=start)
         kv.append(KVLayer(**layer))
-    g.decoder = DecoderInterface(head["input_ids"], head["logits"], head.get("position_ids"), tuple(kv))
+    g.decoder = DecoderInterface(head["input_ids"], head["logits"], head.get("position_ids"), tuple(kv),
+                                 head.get("attention_mask"))
 
 
 def parse_graph(text: str, weights: dict | None = None) -> Graph:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from isthmus.compiler.ir import numpy_dtype
 from isthmus.errors import UnsupportedError
 
 
@@ -58,6 +59,8 @@ class FunctionalDecoder:
         self.interface = interface(exe.graph)
         self.cache = KVCache(exe.graph)
         self._tokens: list[int] = []        # the sequence so far, for a graph without a cache
+        mask = self.interface.resolve(exe.graph).attention_mask
+        self._mask_dtype = None if mask is None else numpy_dtype(mask.dtype)
 
     @property
     def length(self) -> int:
@@ -73,6 +76,8 @@ class FunctionalDecoder:
         feeds[d.input_ids] = np.asarray([fed], np.int64)
         if d.position_ids is not None:
             feeds[d.position_ids] = np.arange(start, start + len(fed), dtype=np.int64)[None, :]
+        if d.attention_mask is not None:      # every position so far, cached and new, is attended to
+            feeds[d.attention_mask] = np.ones((1, start + len(fed)), self._mask_dtype)
         out = self.exe.run(feeds)
         self.cache.update(out)
         if not d.kv:

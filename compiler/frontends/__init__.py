@@ -51,11 +51,11 @@ def load_model(path) -> Model:
     if not p.exists():
         raise ModelFormatError(f"{path}: no such file or folder")
     if p.is_dir():
-        if (p / "config.json").exists():
+        onnx_files = sorted(p.glob("*.onnx"))
+        if (p / "config.json").exists() and not (onnx_files and not any(p.glob("*.safetensors*"))):
             from isthmus.compiler.frontends.safetensors import load_safetensors
             return load_safetensors(p)
-        onnx_files = sorted(p.glob("*.onnx"))
-        if len(onnx_files) == 1:
+        if len(onnx_files) == 1:       # an ONNX export: its config and tokenizer files sit beside it
             return load_model(onnx_files[0])
         raise ModelFormatError(f"{path}: a folder must hold config.json + *.safetensors, or one .onnx file")
     try:
@@ -67,8 +67,8 @@ def load_model(path) -> Model:
         from isthmus.compiler.frontends.gguf_model import load_gguf
         return load_gguf(p)
     if p.suffix == ".onnx":
-        from isthmus.compiler.frontends.onnx import load_onnx
-        return Model(load_onnx(p), str(p), "onnx")
+        from isthmus.compiler.frontends.onnx import load_onnx_model
+        return load_onnx_model(p)
     if p.suffix == ".gguf":
         raise ModelFormatError(f"{path}: not a GGUF file (bad magic {magic!r})")
     raise ModelFormatError(f"{path}: unknown model format (expected .gguf, .onnx, or a HF folder)")

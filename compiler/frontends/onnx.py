@@ -40,25 +40,109 @@ def load_onnx(path) -> Graph:
     return _Importer(_read(path), path).run()
 
 
+def load_onnx_model(path):
+    """A `Model`: the graph, and for a decoder what generation needs from the files an exporter
+    writes beside it (see `onnx_model`)."""
+    path = Path(path)
+    return onnx_model(load_onnx(path), str(path), path.parent)
+
+
+def onnx_model(graph: Graph, where: str, folder):
+    """The Model of an imported graph. For a decoder, `folder` (a Path, or an in-memory folder)
+    may hold config.json (+ generation_config.json: Optimum, torch exports saved with
+    `save_pretrained`) or genai_config.json (onnxruntime-genai), which give the context length
+    and the end tokens, and tokenizer.json + tokenizer_config.json (or chat_template.jinja),
+    which give the tokenizer and the chat template. The graph alone decides the numbers: a
+    config is read for generation only."""
+    from isthmus.compiler.frontends import Model
+
+    if graph.decoder is None:
+        return Model(graph, where, "onnx")
+    from isthmus.compiler.frontends.safetensors import _chat_template, _read_json
+
+    logits = graph.decoder.resolve(graph).logits
+    vocab = logits.shape[-1] if isinstance(logits.shape[-1], int) else None
+    config = _decoder_config(folder, vocab)
+    tokenizer = None
+    if (folder / "tokenizer.json").exists():
+        from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
+
+        tok_path = folder / "tokenizer_config.json"
+        tok_config = _read_json(tok_path) if tok_path.exists() else {}
+        if not isinstance(tok_config, dict):
+            raise ModelFormatError(f"{tok_path}: expected a JSON object")
+        config["chat_template"] = _chat_template(folder, tok_config)
+        tokenizer = tokenizer_from_hf(folder, tok_config, bos_id=config.get("bos_token_id"),
+                                      eos_id=config.get("eos_token_id"), stop_ids=config.get("stop_token_ids", []),
+                                      chat_template=config["chat_template"], vocab_size=vocab)
+    return Model(graph, where, "onnx", config, tokenizer)
+
+
+def _decoder_config(folder, vocab: int | None) -> dict:
+    """name, context_length, bos/eos/stop token ids from config.json or genai_config.json, if any."""
+    from isthmus.compiler.frontends.safetensors import _add_generation_stops, _read_json, _token_ids
+
+    config: dict = {}
+    limit = vocab if vocab is not None else 1 << 31
+    hf, genai = folder / "config.json", folder / "genai_config.json"
+    if hf.exists():
+        cfg = _read_json(hf)
+        if not isinstance(cfg, dict):
+            raise ModelFormatError(f"{hf}: expected a JSON object")
+        where = str(hf)
+        ctx = next((cfg[k] for k in ("max_position_embeddings", "n_positions", "n_ctx") if k in cfg), None)
+    elif genai.exists():
+        top = _read_json(genai)
+        cfg = top.get("model") if isinstance(top, dict) else None
+        if not isinstance(cfg, dict):
+            raise ModelFormatError(f"{genai}: expected a JSON object with a \"model\" object")
+        where = str(genai)
+        ctx = cfg.get("context_length")
+    else:
+        return config
+    if ctx is not None and (type(ctx) is not int or ctx <= 0):
+        raise ModelFormatError(f"{where}: the context length is {ctx!r}, expected a positive integer")
+    eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", limit, where)
+    bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", limit, where)
+    config.update(name=folder.name if hasattr(folder, "name") else str(folder), context_length=ctx,
+                  vocab_size=limit, bos_token_id=bos[0] if bos else None, eos_token_id=eos[0] if eos else None,
+                  stop_token_ids=eos[1:])
+    if hf.exists():
+        _add_generation_stops(folder, config)
+    if vocab is None:
+        config.pop("vocab_size")
+    return config
+
+
 def decoder_by_names(g: Graph) -> DecoderInterface | None:
     """The decoder interface of an exported graph, read from its naming convention: `input_ids`
-    (and `position_ids`) in, `logits` out, and each `past_key*` / `past_value*` input returned as
-    the output named `present*` with the same suffix. None when the graph does not follow it."""
+    (and `position_ids`, `attention_mask`) in, `logits` out, and each past cache input returned
+    as the output of the same suffix: `past_key*` / `past_value*` -> `present_key*` /
+    `present_value*` (torch.onnx), `past_key_values.N.key` / `.value` -> `present.N.key` / `.value`
+    (Optimum, onnxruntime-genai). None when the graph does not follow it."""
     ins = [v.name for v in g.inputs]
     outs = {v.name for v in g.outputs}
     if "input_ids" not in ins or "logits" not in outs:
         return None
     kv = []
-    for k in (n for n in ins if n.startswith("past_key")):
+    for k in (n for n in ins if n.startswith("past_key") and not n.startswith("past_key_values.")):
         v = "past_value" + k[len("past_key"):]
         pk, pv = "present" + k[len("past"):], "present" + v[len("past"):]
         if v not in ins or pk not in outs or pv not in outs:
             return None
         kv.append(KVLayer(k, v, pk, pv))
-    fed = {"input_ids", "position_ids"} | {n for c in kv for n in (c.past_key, c.past_value)}
-    if set(ins) - fed:      # an input generation would not know how to feed (attention_mask, ...)
+    for k in (n for n in ins if n.startswith("past_key_values.") and n.endswith(".key")):
+        layer = k[len("past_key_values."):-len(".key")]
+        v, pk, pv = f"past_key_values.{layer}.value", f"present.{layer}.key", f"present.{layer}.value"
+        if v not in ins or pk not in outs or pv not in outs:
+            return None
+        kv.append(KVLayer(k, v, pk, pv))
+    extras = [n for n in ("position_ids", "attention_mask") if n in ins]
+    fed = {"input_ids", *extras} | {n for c in kv for n in (c.past_key, c.past_value)}
+    if set(ins) - fed:      # an input generation would not know how to feed (token_type_ids, ...)
         return None
-    return DecoderInterface("input_ids", "logits", "position_ids" if "position_ids" in ins else None, tuple(kv))
+    return DecoderInterface("input_ids", "logits", "position_ids" if "position_ids" in ins else None, tuple(kv),
+                            "attention_mask" if "attention_mask" in ins else None)
 
 
 def _short(e: Exception) -> str:
@@ -223,8 +307,9 @@ class _Importer:
         for vi in gp.output:
             if vi.name not in self.env:
                 self.fail(f"graph output {vi.name!r} is never computed")
-            if isinstance(self.env[vi.name], list):
-                raise UnsupportedError(f"{self.path.name}: graph output {vi.name!r} is a tensor sequence")
+            if not isinstance(self.env[vi.name], Value):
+                what = "a tensor sequence" if isinstance(self.env[vi.name], list) else "a reshape merging dynamic dims"
+                raise UnsupportedError(f"{self.path.name}: graph output {vi.name!r} is {what}")
             outputs.append(self._named(self.env[vi.name], vi.name))
         self.g.set_outputs(outputs)
         self.g.decoder = decoder_by_names(self.g)
@@ -232,12 +317,16 @@ class _Importer:
         return self.g
 
     def _convert(self, node, where: str, handlers):
-        from isthmus.compiler.frontends.onnx_ops import NodeContext
+        from isthmus.compiler.frontends.onnx_ops import MergedView, NodeContext
 
         try:
             ctx = NodeContext(self, node, where)
             if node.op_type != "SequenceAt" and any(isinstance(v, list) for v in ctx.ins):
                 ctx.unsupported("a tensor sequence as input (only SequenceAt reads one)")
+            if node.op_type not in ("Transpose", "Reshape", "Gather") and any(isinstance(v, MergedView) for v in ctx.ins):
+                merged = next(v for v in ctx.ins if isinstance(v, MergedView))
+                ctx.unsupported(f"an input of shape {list(merged.shape)} (a reshape merging the leading dims "
+                                f"{list(merged.value.shape[:merged.k])}, which isthmus keeps apart)")
             outs = handlers[(node.domain or "", node.op_type)](ctx)
         except IRError as e:
             raise ModelFormatError(f"{self.path}: node {where} ({node.op_type}): {e}") from None
@@ -282,7 +371,8 @@ class _Importer:
             if d.HasField("dim_value"):
                 dims.append(int(d.dim_value))
             else:
-                dims.append(d.dim_param or f"{vi.name}_dim{i}")
+                # Optimum names a dim "past_sequence_length + sequence_length": the IR spells sums without spaces
+                dims.append("".join(d.dim_param.split()) or f"{vi.name}_dim{i}")
         return dims, DTYPES[tt.elem_type]
 
     def tensor(self, t) -> np.ndarray:

@@ -194,7 +194,22 @@ def _rows_source(a: Value) -> Value | None:
     if p is None or p.op != "reshape" or a.type.rank != 2:
         return None
     src = p.inputs[0]
-    return src if src.type.rank > 2 and src.shape[-1] == a.shape[-1] else None
+    return src if src.type.rank > 2 and dims_product(src.shape[:-1]) == a.shape[0] \
+        and src.shape[-1] == a.shape[-1] else None
+
+
+def _rows_of(n: NodeContext, a: Value) -> Value | None:
+    """_rows_source(a), also when a merges trailing dims too ([b, s, h, d] -> [b*s, h*d]: the
+    source is first reshaped to [b, s, h*d], which the IR can write)."""
+    src = _rows_source(a)
+    p = a.producer
+    if src is not None or p is None or p.op != "reshape" or a.type.rank != 2 or not isinstance(a.shape[1], int):
+        return src
+    x = p.inputs[0]
+    for j in range(2, x.type.rank - 1):
+        if dims_product(x.shape[:j]) == a.shape[0] and dims_product(x.shape[j:]) == a.shape[1]:
+            return n.emit("reshape", [x], {"shape": [0] * j + [a.shape[1]]}, suffix="unmerged")
+    return None
 
 
 def _on_rows(n: NodeContext, a: Value, build):
@@ -202,7 +217,7 @@ def _on_rows(n: NodeContext, a: Value, build):
     Conv1D: x.view(-1, d) @ w then .view(b, s, -1)), compute on src and merge afterwards: the
     later reshape back to [b, s, n] then finds the unmerged value, since the IR cannot split a
     dim into two dynamic ones."""
-    src = _rows_source(a)
+    src = _rows_of(n, a)
     if src is None:
         return build(a, "")
     y = build(src, "rows")
@@ -326,7 +341,12 @@ def reshape_attr(n: NodeContext, in_shape, target, allowzero=False) -> list[int]
         out.append(d)
     if -1 in out:
         rest = [d for d in out if not (isinstance(d, int) and d == -1)]
-        inferred = dim_div(dims_product(in_shape), dims_product(rest))
+        left = list(in_shape)
+        for d in list(rest):      # cancel the dims both sides name: [b, past+seq] -> [b, -1] needs no product
+            if isinstance(d, str) and d in left:
+                left.remove(d)
+                rest.remove(d)
+        inferred = dim_div(dims_product(left), dims_product(rest))
         if inferred is None:
             n.unsupported(f"cannot infer the -1 in reshape target {target} from input dims {list(in_shape)}")
         out[out.index(-1)] = inferred
@@ -344,19 +364,80 @@ def reshape_attr(n: NodeContext, in_shape, target, allowzero=False) -> list[int]
     return attr
 
 
+class MergedView:
+    """An ONNX tensor the IR cannot type: `value` with its first `k` dims merged into one
+    ([batch, heads, seq, d] -> [batch*heads, seq, d], two dynamic dims where the IR's reshape
+    can write one). torch.onnx lowers SDPA's k^T so: reshape to merged dims, transpose(0, 2, 1),
+    reshape back. Only Transpose (keeping axis 0) and a Reshape that splits the merged dim
+    again may read one; the importer reports any other reader as unsupported."""
+
+    def __init__(self, value: Value, k: int):
+        self.value, self.k = value, k
+
+    @property
+    def shape(self):
+        return (dims_product(self.value.shape[:self.k]),) + tuple(self.value.shape[self.k:])
+
+
+def _merged(n: NodeContext, x: Value, target: list):
+    """A MergedView when `target` merges x's leading dims (k >= 2) and keeps the rest, else None."""
+    for k in range(2, x.type.rank + 1):
+        if len(target) == x.type.rank - k + 1 and list(target[1:]) == list(x.shape[k:]) \
+                and target[0] in (dims_product(x.shape[:k]), -1):
+            return MergedView(x, k)
+    return None
+
+
+def _gather_merged(n: NodeContext, data: MergedView, idx: Value) -> Value:
+    """Gather along the merged dim of a MergedView: each flat index i splits into one index per
+    merged dim (i = ((i0 * d1) + i1) * d2 + ..., negative ones counted from the end), read with
+    gather_nd. transformers 4.x indexes a flattened padding mask so: mask.flatten()[b * len + j]."""
+    v, k = data.value, data.k
+    if idx.dtype not in ("i64", "i32"):
+        n.unsupported(f"indices of type {idx.dtype}")
+    dims = [_dim_scalar(n, v, j, idx.dtype) for j in range(k)]
+    total = dims[0]
+    for j in range(1, k):
+        total = n.emit("mul", [total, dims[j]], suffix=f"total{j}")
+    zero = n.const(np.zeros((), numpy_dtype(idx.dtype)), "zero")
+    rest = n.emit("where", [n.emit("less", [idx, zero], suffix="neg"), n.emit("add", [idx, total], suffix="wrapped"),
+                            idx], suffix="idx")
+    parts = []
+    for j in range(k - 1, 0, -1):
+        q = n.emit("div", [rest, dims[j]], suffix=f"q{j}")
+        parts.append(n.emit("sub", [rest, n.emit("mul", [q, dims[j]], suffix=f"qd{j}")], suffix=f"i{j}"))
+        rest = q
+    parts.append(rest)
+    cols = [n.emit("unsqueeze", [p], {"axes": [-1]}, suffix=f"col{i}") for i, p in enumerate(reversed(parts))]
+    stacked = n.emit("concat", cols, {"axis": -1}, suffix="nd")
+    return n.emit("gather_nd", [v, stacked])
+
+
 @on("Reshape")
 def _reshape(n: NodeContext):
     x = n.ins[0]
     target = n.dims(1, "target shape")
+    if isinstance(x, MergedView):     # split the merged dim again: reshape the unmerged value
+        x = x.value
+        if list(target) == list(x.shape):
+            return x
+        attr = reshape_attr(n, x.shape, target)
+        return n.emit("reshape", [x], {"shape": attr}, known=_ref("reshape", shape=attr))
     try:
         attr = reshape_attr(n, x.shape, target, bool(n.attr("allowzero", 0)))
     except UnsupportedError:
         # [batch*seq] -> [batch, 1, 1, seq] needs two dynamic dims, but if x is itself a reshape
         # of a [batch, 1, 1, seq] value, reshaping that value instead is the same thing
         src = x.producer.inputs[0] if x.producer is not None and x.producer.op == "reshape" else None
-        if src is None:
-            raise
-        x, attr = src, reshape_attr(n, src.shape, target, bool(n.attr("allowzero", 0)))
+        try:
+            if src is None:
+                raise
+            x, attr = src, reshape_attr(n, src.shape, target, bool(n.attr("allowzero", 0)))
+        except UnsupportedError:
+            merged = _merged(n, x, target)
+            if merged is None:
+                raise
+            return merged
     return n.emit("reshape", [x], {"shape": attr}, known=_ref("reshape", shape=attr))
 
 
@@ -365,6 +446,12 @@ def _flatten(n: NodeContext):
     x = n.ins[0]
     axis = norm_axis(n.attr("axis", 1), x.type.rank + 1)
     target = [dims_product(x.shape[:axis]), dims_product(x.shape[axis:])]
+    if target[0] is None and axis >= 2 and target[1] is not None:
+        # [batch, past+seq] -> [batch*(past+seq), 1]: a product the dim language cannot spell
+        tail = x.shape[axis:]
+        v = n.emit("unsqueeze", [x], {"axes": [-1]}, suffix="tail") if not tail else x if len(tail) == 1 else \
+            n.emit("reshape", [x], {"shape": [0] * axis + [-1]}, suffix="tail")
+        return MergedView(v, axis)
     if None in target:
         n.unsupported(f"flatten of {x.type}")
     attr = reshape_attr(n, x.shape, target)
@@ -374,6 +461,14 @@ def _flatten(n: NodeContext):
 @on("Transpose")
 def _transpose(n: NodeContext):
     x = n.ins[0]
+    if isinstance(x, MergedView):
+        perm = list(n.attr("perm", reversed(range(len(x.shape)))))
+        if perm[0] != 0:
+            n.unsupported(f"transpose {perm} of a tensor whose leading dims {list(x.value.shape[:x.k])} "
+                          f"are merged (only the merged dim staying first is supported)")
+        k = x.k
+        full = list(range(k)) + [k - 1 + p for p in perm[1:]]
+        return MergedView(n.emit("transpose", [x.value], {"perm": full}), k)
     perm = list(n.attr("perm", reversed(range(x.type.rank))))
     return n.emit("transpose", [x], {"perm": perm}, known=_ref("transpose", perm=perm))
 
@@ -459,6 +554,12 @@ def _sequence_at(n: NodeContext):
 def _gather(n: NodeContext):
     data, idx = n.ins
     axis = n.attr("axis", 0)
+    if isinstance(idx, MergedView):
+        n.unsupported("indices from a reshape merging dynamic dims")
+    if isinstance(data, MergedView):
+        if norm_axis(axis, len(data.shape)) != 0:
+            n.unsupported(f"gather along axis {axis} of a tensor whose leading dims are merged")
+        return _gather_merged(n, data, idx)
     if data.is_constant and data.type.rank == 2 and norm_axis(axis, 2) == 0 and data.dtype in FLOATS \
             and not idx.is_constant:
         return n.emit("embedding", [data, idx])

@@ -76,6 +76,7 @@ class NumbaExecutable(Executable):
         presents = {v for c in self.plan.caches for v in (c.present_k, c.present_v)}
         self.in_place_cache = (
             d is not None and bool(self.plan.caches) and d.position_ids is not None
+            and d.attention_mask is None        # the decoder feeds ids and positions only
             and set(d.pasts) == {v for c in self.plan.caches for v in (c.past_k, c.past_v)}
             and set(d.presents) == presents
             and all(st.kind == "attention" for st in self.plan.steps for v in st.ins if v in presents))
@@ -230,15 +231,19 @@ class Bound:
             n = q_out.shape[0] * q_out.shape[2]
             qkv = np.empty((n, w.rows), np.float32)
             h = np.empty((n, w.cols), np.float32) if norm else None
-            pos_get = self._positions(q["positions"], q_out.shape[0], q_out.shape[2])
             hd = q["head_dim"]
-            inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"], q["rope"]["factors"])
-            inter = q["rope"]["layout"] == "interleaved"
+            if q["rope"] is None:       # no rotary: angle 0 turns nothing (cos 1, sin 0 exactly)
+                static_pos = np.zeros((q_out.shape[0], q_out.shape[2]), np.int64)
+                pos_get, inv, inter = (lambda: static_pos), np.zeros(hd // 2, np.float32), False
+            else:
+                pos_get = self._positions(q["positions"], q_out.shape[0], q_out.shape[2])
+                inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"], q["rope"]["factors"])
+                inter = q["rope"]["layout"] == "interleaved"
             nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
 
             x_static = self._static(x_val)
             bound = None if x_static is None else L.matvec_call(x_static, w, qkv, ws, norm=norm, h=h)
-            if bound is not None and self.env.get(q["positions"]) is not None:
+            if bound is not None and (q["positions"] is None or self.env.get(q["positions"]) is not None):
                 fn, args = bound
                 pos = pos_get()
 

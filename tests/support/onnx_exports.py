@@ -1,0 +1,127 @@
+"""Tiny Hugging Face decoders exported to ONNX the ways people publish them, for the tests of
+the ONNX frontend on published exports (tests/compiler/test_onnx_published.py, the CLI tests).
+
+Each export is a folder as its exporter leaves it: model.onnx beside config.json,
+generation_config.json and the tokenizer files (tokenizer.json, tokenizer_config.json with the
+chat template). The models are random-weight `transformers` configs (hidden sizes that are not
+multiples of 64, GQA for Llama, 2 layers), trained for a few steps on a fixed text so that greedy
+decoding has clear margins and 20-token continuations compare exactly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+VOCAB = 300
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEXT = ["hello world, the quick brown fox jumps over the lazy dog 42 times.",
+        "café naïve 日本語 🙂 — tokenizers say hello"]
+
+
+def hf_tokenizer():
+    """A byte-level BPE trained on a few lines, with chat control tokens, as a transformers tokenizer."""
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(TEXT * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                                unk_token="<unk>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def hf_model(arch: str, seed: int = 0):
+    """A tiny random `transformers` decoder ("llama": GQA 6 query / 2 kv heads, hidden 48;
+    "gpt2": hidden 40, 4 heads), trained a few steps on TEXT; eval mode."""
+    import torch
+    import transformers
+
+    torch.manual_seed(seed)
+    if arch == "llama":
+        cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                                       num_attention_heads=6, num_key_value_heads=2, vocab_size=VOCAB,
+                                       max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0,
+                                       bos_token_id=1, eos_token_id=2)
+        model = transformers.LlamaForCausalLM(cfg)
+    elif arch == "gpt2":
+        cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=40, n_layer=2, n_head=4, n_positions=128,
+                                      bos_token_id=1, eos_token_id=2)
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        raise ValueError(arch)
+    tok = hf_tokenizer()
+    ids = torch.tensor([tok(" ".join(TEXT * 2))["input_ids"][:96]])
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(12):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def save_beside(model, folder: Path) -> None:
+    """What an exporter writes beside model.onnx: config.json, generation_config.json, tokenizer files."""
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    hf_tokenizer().save_pretrained(folder)
+
+
+def _logits_only(model):
+    """input_ids, attention_mask -> logits, with no cache: the plain torch.onnx export of a HF decoder."""
+    import torch
+
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return LogitsOnly()
+
+
+def export_dynamo(model, folder) -> Path:
+    """torch.onnx.export(dynamo=True) of input_ids + attention_mask -> logits, dynamic batch and seq."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = torch.randint(3, VOCAB, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.int64)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
+    torch.onnx.export(_logits_only(model), (ids, mask), str(folder / "model.onnx"), dynamo=True,
+                      input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}},
+                      external_data=False, verbose=False)
+    save_beside(model, folder)
+    return folder
+
+
+def hf_greedy(model, ids: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of `ids`, `n` tokens, not stopping at the end token."""
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n, min_new_tokens=n,
+                             eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+def left_padded_feeds(batch: int, seq: int, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    feeds = {"input_ids": rng.integers(3, VOCAB, (batch, seq)).astype(np.int64),
+             "attention_mask": np.ones((batch, seq), np.int64)}
+    if batch > 1:
+        feeds["attention_mask"][-1, :2] = 0        # left padding on the last row
+    return feeds
