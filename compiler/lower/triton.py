@@ -204,9 +204,12 @@ class _Plan:
             return y.reshape(*y.shape[:-1], n, hd).transpose(1, 2)
 
         def rotate(x, pos, out=None):
+            if rope is None:            # no rotary (GPT-2): the heads as they are
+                return x if out is None else out.copy_(x)
             return k_rope.rope(x, pos, rope["theta"], rope["layout"], rope["dim"], out=out, factors=rope["factors"])
 
-        def qkv(state, x, pos, pk, pv):
+        def qkv(state, x, *rest):
+            pos, pk, pv = rest if len(rest) == 3 else (None, *rest)
             qs, ks, vs = torch.split(project(x), sizes, dim=-1)
             qh, kh, vh = heads(qs, nq), heads(ks, nkv), heads(vs, nkv)
             q_rot = rotate(qh, pos)
@@ -222,7 +225,8 @@ class _Plan:
             vc[:, :, lo:hi].copy_(vh)
             return q_rot, kc[:, :, :hi], vc[:, :, :hi]
 
-        self.add_step(st.group.attrs["linears"][0], qkv, [x_val, q["positions"], past_k, past_v], st.group.outputs,
+        pos_in = [q["positions"]] if q["positions"] is not None else []
+        self.add_step(st.group.attrs["linears"][0], qkv, [x_val, *pos_in, past_k, past_v], st.group.outputs,
                       op=st_label(st))
 
     def _bind_attention(self, st):

@@ -14,7 +14,8 @@ Groups, in graph order, covering every node exactly once:
               -> epilogue: "add" (a residual added to a single linear's output), "swiglu"
                  (silu(first) * second, two siblings), or "qkv" (below), or none
   qkv         the epilogue of a 3-sibling linear whose outputs are split into heads
-              (reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3]), Q and K rotated by one rope,
+              (reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3]), Q and K rotated by one rope (or
+              neither: `rope` None),
               K and V appended to the KV cache (concat(past, new, axis=2), past a cache input of
               the graph's DecoderInterface): the group outputs
               the rotated Q and the two present caches, which a backend keeps in place
@@ -93,15 +94,18 @@ def _match_qkv(lins, users, graph_outs, pasts):
     if any(c is None for c in chains):
         return None
     q, k, v = chains
-    if not (q["rope"] is not None and q["concat"] is None and k["concat"] is not None and v["concat"] is not None
+    if not (q["concat"] is None and k["concat"] is not None and v["concat"] is not None
             and v["rope"] is None and q["hd"] == k["hd"] == v["hd"] and k["heads"] == v["heads"]
             and q["heads"] % k["heads"] == 0):
         return None
     rq, rk = q["rope"], k["rope"]
+    if rq is None and rk is not None:
+        return None
     if rk is not None and (rk.attrs != rq.attrs or rk.inputs[1] is not rq.inputs[1]):
         return None
-    return {"q_heads": q["heads"], "kv_heads": k["heads"], "head_dim": q["hd"], "rope": dict(rq.attrs),
-            "rope_k": rk is not None, "positions": rq.inputs[1],
+    return {"q_heads": q["heads"], "kv_heads": k["heads"], "head_dim": q["hd"],
+            "rope": dict(rq.attrs) if rq is not None else None,       # None: no rotary (GPT-2)
+            "rope_k": rk is not None, "positions": rq.inputs[1] if rq is not None else None,
             "past": (k["concat"].inputs[0], v["concat"].inputs[0]),
             "nodes": q["nodes"] + k["nodes"] + v["nodes"], "outs": [q["out"], k["out"], v["out"]]}
 

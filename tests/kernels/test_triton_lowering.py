@@ -28,7 +28,7 @@ finally:                                # the rest of the session sees the varia
 pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py
 
 import isthmus  # noqa: E402
-from isthmus.compiler.frontends import Model  # noqa: E402
+from isthmus.compiler.frontends import Model, load_model  # noqa: E402
 from isthmus.compiler.frontends.llama import build_llama  # noqa: E402
 from isthmus.compiler.ir import Graph  # noqa: E402
 from isthmus.compiler.quant import quantize  # noqa: E402
@@ -156,6 +156,21 @@ def test_decoder_of_an_architecture_only_its_frontend_knows():
         seen += ids
         want = numpy_logits(seen)[-1]
         np.testing.assert_allclose(dec.step(ids), want, rtol=0, atol=2e-4 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama3"])
+def test_decoder_of_gguf_architectures_matches_transformers(arch, tmp_path):
+    """No rotary (gpt2), Q/K/V biases (qwen2), rope factors (llama3) through the shared plan's qkv step."""
+    from hf_gguf import hf_logits, hf_model, write_gguf
+
+    hf = hf_model(arch)
+    ids = [3, 17, 5, 60, 22, 9, 41, 7, 2, 88, 14, 30, 20]
+    want = hf_logits(hf, ids)
+    dec = isthmus.compile(load_model(write_gguf(hf, tmp_path / "m.gguf", arch)), target="triton").decoder()
+    assert type(dec).__name__ == "TritonDecoder"
+    got = [dec.step(ids[:9])] + [dec.step([t]) for t in ids[9:]]
+    for row, ref in zip(got, want[8:]):
+        np.testing.assert_allclose(row, ref, rtol=0, atol=1e-4 * np.ptp(want))
 
 
 def test_generate_greedy_same_tokens(tiny_model):
