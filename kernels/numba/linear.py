@@ -22,6 +22,11 @@ dot products with i16 activations on AVX2 hosts, f32 elsewhere). More rows (pref
 `GEMM_ROWS` weight rows at a time into a tile per work item and multiply each tile with BLAS
 running single-threaded on that item's thread (`dequant_matmul`: one parallel launch, one thread
 pool; threads.py says why), which at 256 rows beats the integer kernel by ~1.5x here.
+
+The raw-block formats' row primitives live in kquant.py and kquant_simd.py and are compiled into
+this file's kernels: Numba's cache keys each kernel on its own file's contents only, so after
+editing those two files delete kernels/numba/__pycache__ (or this file's cached kernels keep the
+old code).
 """
 
 from __future__ import annotations
