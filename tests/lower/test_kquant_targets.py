@@ -42,9 +42,9 @@ def test_numba_decoder_matches_reference(model, reference):
     # layer 0's q4_k Q and K beside a q6_k V are not stacked; layer 1's alike Q, K, V are
     packed = []
     for st in exe.plan.steps:
-        if st.kind == "linear":     # one Packed, or one per sibling where the group is not stacked
+        if st.kind == "linear":     # one Packed, or one per sibling (`parts`) where a group is not stacked
             p = st.group.attrs["packed"]
-            packed += list(p) if isinstance(p, (list, tuple)) else [p]
+            packed += list(getattr(p, "parts", [p]))
     kinds = [(p.kind, p.splits) for p in packed]
     assert ("q3_k", (256, 128, 128)) in kinds
     assert not any(k == "q4_k" and len(s) == 3 for k, s in kinds)
