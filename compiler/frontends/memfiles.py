@@ -102,12 +102,10 @@ class MemoryFile:
 
 
 def load_model_from(files: Mapping[str, object], *, format: str, entry: str, name: str):
-    """A `Model` from in-memory files: `format` "gguf" | "onnx" (entry: the .gguf / .onnx file's name)
-    or "safetensors" (the files of a checkpoint folder; entry "."). `name` stands for the folder:
-    the name the model's folder (safetensors) or file (GGUF) had, so the graph is named as when
-    loaded from disk."""
-    from isthmus.compiler.frontends import Model
-
+    """A `Model` from in-memory files: `format` "gguf" | "onnx" (entry: the .gguf / .onnx file's name;
+    an ONNX decoder's config and tokenizer files beside it) or "safetensors" (the files of a checkpoint
+    folder; entry "."). `name` stands for the folder: the name the model's folder (safetensors,
+    ONNX) or file (GGUF) had, so the model is named as when loaded from disk."""
     folder = MemoryFolder(files, name)
     if format == "gguf":
         from isthmus.compiler.frontends.gguf_model import load_gguf
@@ -116,8 +114,9 @@ def load_model_from(files: Mapping[str, object], *, format: str, entry: str, nam
             raise ModelFormatError(f"{name}: no file {entry!r} among the model's files")
         return load_gguf(data, name=name)
     if format == "onnx":
+        from isthmus.compiler.frontends.onnx import onnx_model
         from isthmus.compiler.frontends.onnx_memory import load_onnx_from
-        return Model(load_onnx_from(folder / entry), str(folder / entry), "onnx")
+        return onnx_model(load_onnx_from(folder / entry), str(folder / entry), folder)
     if format == "safetensors":
         from isthmus.compiler.frontends.safetensors import load_safetensors
         return load_safetensors(folder)

@@ -5,9 +5,9 @@
 
 The compiled program is the IR text after the pass pipeline; its SHA-384 goes in the header and,
 through `expected_pcrs`, in the allow-list the key release service enforces. The payload carries the
-model's files as they are, each a section "model/<name>" (payload.py): a GGUF file; an ONNX file
-and the external data files its tensors name; a safetensors checkpoint's config.json, shards,
-index, tokenizer files and chat template. A section "model.json" says which frontend reads them
+model's files as they are, each a section "model/<name>" (payload.py): a GGUF file; an ONNX file,
+the external data files its tensors name and the config, tokenizer and chat template files beside
+it; a safetensors checkpoint's config.json, shards, index, tokenizer files and chat template. A section "model.json" says which frontend reads them
 (format, entry file, the name the folder or file had), and "program.ir" holds the program text.
 """
 
@@ -30,6 +30,9 @@ from isthmus.runtime.tee.payload import FILE_PREFIX, MANIFEST, PROGRAM, PayloadR
 # What a safetensors checkpoint's frontend may read besides its *.safetensors shards.
 CHECKPOINT_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                     "chat_template.jinja", "model.safetensors.index.json")
+# What the ONNX frontend reads beside an exported decoder (context length, end tokens, tokenizer, template).
+ONNX_SIDE_FILES = ("config.json", "generation_config.json", "genai_config.json", "tokenizer.json",
+                   "tokenizer_config.json", "chat_template.jinja")
 
 
 def compile_program(model) -> str:
@@ -92,7 +95,8 @@ def model_files(model_path, fmt: str) -> tuple[dict, list[tuple[str, Path]]]:
         if path.is_dir():
             path = sorted(path.glob("*.onnx"))[0]        # load_model accepted a folder with one .onnx
         files = [(path.name, path)] + [(loc, path.parent / loc) for loc in _external_files(path)]
-        return {"format": fmt, "entry": path.name, "name": path.name}, files
+        files += [(n, path.parent / n) for n in ONNX_SIDE_FILES if (path.parent / n).is_file()]
+        return {"format": fmt, "entry": path.name, "name": path.resolve().parent.name}, files
     if fmt == "safetensors":
         names = [n for n in CHECKPOINT_FILES if (path / n).is_file()]
         names += sorted(p.name for p in path.glob("*.safetensors") if p.is_file())

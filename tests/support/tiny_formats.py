@@ -14,8 +14,11 @@ import numpy as np
 
 from tiny_models import CHAT_CONFIG, MERGES, SPECIALS, TEMPLATE, byte_alphabet
 
-# Every format a model can be sealed in (tests/tee parametrizes over them).
-FORMATS = ("gguf", "onnx", "onnx-external", "safetensors")
+# Every format a model can be sealed in (tests/tee parametrizes over them): "onnx-decoder" is the
+# Optimum export in tests/data/optimum/llama (model.onnx beside its config and tokenizer files).
+FORMATS = ("gguf", "onnx", "onnx-external", "safetensors", "onnx-decoder")
+CHAT_FORMATS = ("gguf", "safetensors", "onnx-decoder")
+OPTIMUM_LLAMA = Path(__file__).resolve().parents[1] / "data" / "optimum" / "llama"
 ONNX_IN, ONNX_HIDDEN, ONNX_OUT = 32, 192, 24
 
 

@@ -4,17 +4,18 @@ test, and a scanner that looks for plaintext in files."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from tiny_formats import FORMATS, write_tiny_checkpoint, write_tiny_onnx  # tests/support, on pythonpath
+from tiny_formats import FORMATS, OPTIMUM_LLAMA, write_tiny_checkpoint, write_tiny_onnx  # tests/support, on pythonpath
 from tiny_models import write_tiny_chat_gguf
 
-# Each tiny model is named "tiny-chat" (so its model id is too). The GGUF file and the safetensors
-# checkpoint are chat models; the ONNX graphs are run, not chatted with.
+# Each tiny model is named "tiny-chat" (so its model id is too). The GGUF file, the safetensors
+# checkpoint and the ONNX decoder export are chat models; the other ONNX graphs are run.
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +33,8 @@ def model_of(tmp_path_factory, chat_gguf):
             d = tmp_path_factory.mktemp(f"tee-{fmt}")
             made[fmt] = {"onnx": lambda: write_tiny_onnx(d / "tiny-chat.onnx"),
                          "onnx-external": lambda: write_tiny_onnx(d / "tiny-chat.onnx", external=True),
-                         "safetensors": lambda: write_tiny_checkpoint(d / "tiny-chat")}[fmt]()
+                         "safetensors": lambda: write_tiny_checkpoint(d / "tiny-chat"),
+                         "onnx-decoder": lambda: shutil.copytree(OPTIMUM_LLAMA, d / "tiny-chat")}[fmt]()
         return made[fmt]
     return get
 

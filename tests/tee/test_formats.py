@@ -1,6 +1,6 @@
 """Sealed execution for every model format: a tiny GGUF file, ONNX graph (inline weights, and weights in
-external data files) and sharded safetensors checkpoint are sealed, opened in an enclave session and
-run or chatted with; the outputs must be exactly those of the unsealed model (onnxruntime as a second
+external data files), sharded safetensors checkpoint and ONNX decoder export (with its config and
+tokenizer files) are sealed, opened in an enclave session and run or chatted with; the outputs must be exactly those of the unsealed model (onnxruntime as a second
 oracle for ONNX). Tampered packages of each format do not load; the frontends read the same model
 from in-memory files as from disk; the CLI seals, runs and chats sealed and writes no plaintext."""
 
@@ -21,14 +21,15 @@ from isthmus.runtime.tee.package import read_header
 from isthmus.runtime.tee.payload import MANIFEST, PROGRAM, sections
 
 from cli_runner import one_line_error, run  # tests/support
-from tiny_formats import tiny_onnx_feeds
+from tiny_formats import CHAT_FORMATS, tiny_onnx_feeds
 
 SAMPLING = dict(max_tokens=12, temperature=0.9, seed=7)
 HELLO = [{"role": "user", "content": "Hello there, enclave"}]
 
 
 def _is_onnx(fmt: str) -> bool:
-    return fmt.startswith("onnx")
+    """A graph that is run (named inputs and outputs), not chatted with."""
+    return fmt not in CHAT_FORMATS
 
 
 def test_a_sealed_model_of_each_format_computes_what_the_unsealed_one_does(tee, sealed_any):

@@ -1,10 +1,10 @@
 """The sealed package format: round trips, and tampering in the manner of Gramine's pf_tamper.
 
 Every tamper test works on a small package in memory and expects a `SealError` from unsealing, never
-another exception and never plaintext. Each runs on five payloads (`case`): 1000 random bytes in
+another exception and never plaintext. Each runs on six payloads (`case`): 1000 random bytes in
 64-byte chunks, and the payload the model owner seals for a tiny model of each format (GGUF, ONNX,
-ONNX with external data, a sharded safetensors checkpoint: manifest, the model's files, program),
-in about twenty chunks."""
+ONNX with external data, a sharded safetensors checkpoint, an ONNX decoder export with its config
+and tokenizer files: manifest, the model's files, program), in about twenty chunks."""
 
 import dataclasses
 import io
@@ -58,7 +58,8 @@ def case(request, model_of):
                             (PROGRAM, compile_program(model).encode())])
     data = reader.read()
     reader.close()
-    assert len(data) == reader.size and len(files) >= {"onnx-external": 3, "safetensors": 8}.get(request.param, 1)
+    assert len(data) == reader.size and len(files) >= {"onnx-external": 4, "safetensors": 8,
+                                                       "onnx-decoder": 6}.get(request.param, 1)
     return SimpleNamespace(data=data, chunk=max(64, len(data) // 20 // 16 * 16))
 
 
