@@ -58,7 +58,8 @@ class NumbaExecutable(Executable):
         for st in self.plan.steps:
             g = st.group
             if g.kind == "linear":
-                g.attrs["packed"] = self._pack(g.attrs["weights"])
+                g.attrs["packed"] = (self._pack(g.attrs["weights"]) if g.attrs["stacked"] else
+                                     Siblings([self._pack([w]) for w in g.attrs["weights"]]))
                 b = g.attrs["biases"]
                 g.attrs["bias"] = None if b is None else np.concatenate(
                     [_f32(v) if v is not None else np.zeros(w.shape[0], np.float32)
@@ -241,24 +242,26 @@ class Bound:
                 inter = q["rope"]["layout"] == "interleaved"
             nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
 
-            x_static = self._static(x_val)
-            bound = None if x_static is None else L.matvec_call(x_static, w, qkv, ws, norm=norm, h=h)
-            if bound is not None and (q["positions"] is None or self.env.get(q["positions"]) is not None):
-                fn, args = bound
-                pos = pos_get()
-
-                def call(past):
-                    fn(*args)
-                    if bias is not None:
-                        np.add(qkv, bias, out=qkv)
-                    qkv_epilogue(qkv, pos, inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
-                return call
+            project = self._projection(w, self._static(x_val), x_get, qkv, norm, h)
+            if q["positions"] is None or self.env.get(q["positions"]) is not None:
+                pos = pos_get()             # fixed for this binding (a decode step's)
+                pos_get = lambda: pos       # noqa: E731
 
             def call(past):
-                L.linear(x_get(), w, qkv, ws, norm=norm, h=h)
+                project()
                 if bias is not None:
                     np.add(qkv, bias, out=qkv)
                 qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
+            return call
+        if epi == "swiglu" and isinstance(w, Siblings):
+            out = self._buffer(g.outputs[0]).reshape(-1, g.outputs[0].shape[-1])
+            gu = np.empty((out.shape[0], w.rows), np.float32)
+            project = self._projection(w, self._static(x_val), x_get, gu, norm,
+                                       np.empty((out.shape[0], w.cols), np.float32) if norm else None)
+
+            def call(past):
+                project()
+                L.swiglu_rows(gu, out)
             return call
         if len(g.attrs["linears"]) > 1 and epi is None:
             # siblings with no shared epilogue (a GeGLU's gate and up): one pass over the stacked
@@ -267,15 +270,48 @@ class Bound:
             y = np.empty((outs[0].shape[0], w.rows), np.float32)
             h = np.empty((y.shape[0], w.cols), np.float32) if norm else None
             cols = np.cumsum([0, *w.splits])
+            project = self._projection(w, self._static(x_val), x_get, y, norm, h)
 
             def call(past):
-                L.linear(x_get(), w, y, ws, norm=norm, h=h)
+                project()
                 if bias is not None:
                     np.add(y, bias, out=y)
                 for o, lo, hi in zip(outs, cols[:-1], cols[1:]):
                     o[:] = y[:, lo:hi]
             return call
         return _then_add(self._bind_one_output(st, g, w, epi, x_val, x_get, norm, ws), self.env, g.outputs[0], bias)
+
+    def _projection(self, w, x_static, x_get, out, norm, h):
+        """A call that writes [rmsnorm](x) @ W.T into `out` [n, w.rows]: the matvec kernel bound once
+        when x has a fixed buffer and few rows (a decode step), else `linear` on x's current value;
+        for `Siblings`, one such product per weight into its columns (the norm computed once, into h)."""
+        from isthmus.kernels.numba import linear as L
+
+        ws = self.workspace
+        if isinstance(w, Siblings):
+            cols = np.cumsum([0, *w.splits])
+            parts = [self._projection(p, x_static, x_get, np.empty((out.shape[0], p.rows), np.float32),
+                                      norm if i == 0 else None, h if i == 0 else None)
+                     for i, p in enumerate(w.parts[:1])]
+            hx = (lambda: h) if norm is not None else x_get    # the later siblings read the normalised rows
+            hs = h if norm is not None else x_static
+            parts += [self._projection(p, hs, hx, np.empty((out.shape[0], p.rows), np.float32), None, None)
+                      for p in w.parts[1:]]
+            scratch = [p.out for p in parts]
+
+            def siblings():
+                for part, buf, lo, hi in zip(parts, scratch, cols[:-1], cols[1:]):
+                    part()
+                    out[:, lo:hi] = buf
+            return siblings
+        bound = None if x_static is None else L.matvec_call(x_static, w, out, ws, norm=norm, h=h)
+        if bound is not None:
+            fn, args = bound
+            call = (lambda: fn(*args))
+        else:
+            call = (lambda: L.linear(x_get(), w, out, ws, norm=norm, h=h))
+        call.out = out
+        return call
 
     def _bind_one_output(self, st, g, w, epi, x_val, x_get, norm, ws):
         from isthmus.kernels.numba import linear as L
@@ -405,6 +441,16 @@ class Bound:
             p = prof.setdefault(kind, OpProfile(kind))
             p.calls += 1
             p.seconds += time.perf_counter() - t0
+
+
+class Siblings:
+    """Sibling weights packed one by one (mixed block formats, which one packed weight cannot hold):
+    the group's projection is one product per weight, each into its columns."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.rows, self.cols = sum(p.rows for p in parts), parts[0].cols
+        self.splits = tuple(p.rows for p in parts)
 
 
 def _then_add(call, env, out: Value, bias):

@@ -138,9 +138,21 @@ class _Plan:
         self.steps.append(Call(n.outputs[0].name, op or n.op, fn, [id(v) for v in inputs],
                                [id(v) for v in (outputs if outputs is not None else n.outputs)]))
 
-    def _weights(self, nodes):
-        """The linears' weights as one: stacked by rows when there are several (outputs are views)."""
-        ws = [self.const(n.inputs[1], "weight", cache=len(nodes) == 1) for n in nodes]
+    def _weights(self, nodes, stacked: bool = True):
+        """project(x, bias=None, residual=None) over the linears' weights, and each one's row count:
+        one matmul over the weights stacked by rows, or (`stacked` false: mixed block formats) one
+        per weight, concatenated."""
+        ws = [self.const(n.inputs[1], "weight", cache=len(nodes) == 1 or not stacked) for n in nodes]
+        sizes = [x.n if isinstance(x, k_q.PackedWeight) else x.shape[0] for x in ws]
+
+        def mm_of(w):
+            return k_q.qlinear if isinstance(w, k_q.PackedWeight) else k_mm.linear
+        if not stacked:
+            def project(x, bias=None, residual=None):
+                y = torch.cat([mm_of(w)(x, w) for w in ws], dim=-1)
+                y = y if bias is None else y + bias
+                return y if residual is None else y + residual
+            return project, sizes
         if len(ws) == 1:
             w = ws[0]
         elif isinstance(ws[0], k_q.PackedWeight):
@@ -149,21 +161,21 @@ class _Plan:
             w = k_q.PackedWeight(ws[0].qtype, sum(x.n for x in ws), ws[0].k, cat("qs"), cat("d"), cat("m"))
         else:
             w = torch.cat(ws).contiguous()
-        sizes = [x.n if isinstance(x, k_q.PackedWeight) else x.shape[0] for x in ws]
-        return w, (k_q.qlinear if isinstance(w, k_q.PackedWeight) else k_mm.linear), sizes
+        mm = mm_of(w)
+        return (lambda x, bias=None, residual=None: mm(x, w, bias, residual=residual)), sizes
 
     def _linear(self, n):
         """A linear outside any fused group (a bias, or a weight shape the fusion pass leaves alone)."""
-        w, mm, _ = self._weights([n])
+        project, _ = self._weights([n])
         b = self.const(n.inputs[2]) if len(n.inputs) == 3 else None
-        self.add_step(n, lambda state, x: mm(x, w, b), [n.inputs[0]])
+        self.add_step(n, lambda state, x: project(x, b), [n.inputs[0]])
 
     def _bind_linear(self, st):
         """rmsnorm prologue -> one matmul over the stacked sibling weights -> epilogue (none,
         residual add, swiglu of the two halves, or qkv: heads, rope, the KV append)."""
         g = st.group
         lins, epi, norm = g.attrs["linears"], g.attrs["epilogue"], g.attrs["norm"]
-        w, mm, sizes = self._weights(lins)
+        project, sizes = self._weights(lins, g.attrs["stacked"])
         bias = None
         if g.attrs["biases"] is not None:
             bias = torch.cat([self.const(b) if b is not None else torch.zeros(n, dtype=self.act, device=self.device)
@@ -180,17 +192,17 @@ class _Plan:
 
         if epi == "add":
             res = g.attrs["residual"]
-            self.add_step(lins[0], lambda state, x, r: mm(prologue(x), w, bias, residual=r), [x_val, res],
+            self.add_step(lins[0], lambda state, x, r: project(prologue(x), bias, r), [x_val, res],
                           g.outputs, op=st_label(st))
         elif epi == "swiglu":
-            self.add_step(lins[0], lambda state, x: k_ew.swiglu(mm(prologue(x), w, None)), [x_val], g.outputs,
+            self.add_step(lins[0], lambda state, x: k_ew.swiglu(project(prologue(x))), [x_val], g.outputs,
                           op=st_label(st))
         elif epi == "qkv":
-            self._qkv(st, lambda x: mm(prologue(x), w, bias), sizes, x_val)
+            self._qkv(st, lambda x: project(prologue(x), bias), sizes, x_val)
         elif len(lins) == 1:
-            self.add_step(lins[0], lambda state, x: mm(prologue(x), w, bias), [x_val], g.outputs, op=st_label(st))
+            self.add_step(lins[0], lambda state, x: project(prologue(x), bias), [x_val], g.outputs, op=st_label(st))
         else:
-            self.add_step(lins[0], lambda state, x: tuple(torch.split(mm(prologue(x), w, bias), sizes, dim=-1)),
+            self.add_step(lins[0], lambda state, x: tuple(torch.split(project(prologue(x), bias), sizes, dim=-1)),
                           [x_val], g.outputs, op=st_label(st))
 
     def _qkv(self, st, project, sizes, x_val):

@@ -10,7 +10,8 @@ Groups, in graph order, covering every node exactly once:
 
   linear      rmsnorm prologue (when its output feeds only this group's linears)
               -> one or more sibling linears reading the same input (Q/K/V, gate/up), stacked
-                 into one weight by the backend, with their constant biases if any (`biases`)
+                 into one weight by the backend when `stacked` (compiler/quant.py:packable_together),
+                 with their constant biases if any (`biases`)
               -> epilogue: "add" (a residual added to a single linear's output), "swiglu"
                  (silu(first) * second, two siblings), or "qkv" (below), or none
   qkv         the epilogue of a 3-sibling linear whose outputs are split into heads
@@ -157,12 +158,14 @@ def fuse(graph: Graph) -> list[Group]:
         x = node.inputs[0]
         lins = [u for u in users.get(x, []) if _linear_ok(u) and id(u) not in taken
                 and u.inputs[1].shape[1] == node.inputs[1].shape[1]]
-        lins = _compatible(lins)
         if node not in lins:
             lins = [node]
         biases = [n.inputs[2] if len(n.inputs) == 3 else None for n in lins]
         attrs = {"linears": lins, "weights": [n.inputs[1] for n in lins], "epilogue": None, "norm": None,
-                 "biases": biases if any(b is not None for b in biases) else None}
+                 "biases": biases if any(b is not None for b in biases) else None,
+                 # one weight stacked by rows, or (mixed block formats: a Q4_K_M file's q4_k Q/K beside
+                 # a q6_k V) one matmul per sibling into its columns of the group's output
+                 "stacked": packable_together([n.inputs[1].data for n in lins])}
         nodes = list(lins)
         outputs = [n.outputs[0] for n in lins]
         qkv = _match_qkv(lins, users, graph_outs, pasts)
@@ -235,12 +238,6 @@ def _topological(groups: list[Group]) -> list[Group]:
     return out
 
 
-def _compatible(lins):
-    if len(lins) > 1 and not packable_together([n.inputs[1].data for n in lins]):
-        return lins[:1]
-    return lins
-
-
 def format_groups(groups: list[Group]) -> str:
     """One line per group: index, kind (epilogue, norm prologue), its ops and the values it defines."""
     lines = []
@@ -248,6 +245,7 @@ def format_groups(groups: list[Group]) -> str:
         extra = f" epilogue={g.attrs['epilogue']}" if g.kind == "linear" and g.attrs.get("epilogue") else ""
         extra += " norm" if g.kind == "linear" and g.attrs.get("norm") is not None else ""
         extra += " bias" if g.kind == "linear" and g.attrs.get("biases") else ""
+        extra += " unstacked" if g.kind == "linear" and not g.attrs.get("stacked", True) else ""
         lines.append(f"group {i} {g.kind}{extra}: {' '.join(n.op for n in g.nodes)} -> "
                      f"{', '.join('%' + v.name for v in g.outputs)}")
     return "\n".join(lines) + "\n"

@@ -207,6 +207,13 @@ def test_phi3_special_tokens_swallow_the_whitespace_after_them(phi3, spm):
 @settings(max_examples=150, deadline=None)
 @given(text=special_text_st)
 def test_phi3_matches_llama_cpp(phi3, phi3_file, text):
+    import re
+
+    from hypothesis import assume
+
+    # A deliberate difference: llama.cpp's rstrip swallows ASCII whitespace only (C isspace), the
+    # tokenizers library's (as Phi-3's own tokenizer.json has it) any Unicode whitespace, e.g. U+00A0.
+    assume(not re.search(r">(?=\s)(?![ \t\n\r\x0b\x0c])", text))
     ll = llama_cpp_vocab(phi3_file)
     assert phi3.encode(text) == ll.tokenize(text.encode(), add_bos=True, special=True)
     # in a chat prompt, special-token strings in the message stay text

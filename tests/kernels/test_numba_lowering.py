@@ -153,3 +153,28 @@ def test_default_model_greedy_matches_reference(default_model, default_exe, defa
     want = list(generate(default_exe, ids, params))
     got = list(generate(default_numba_exe, ids, params))
     assert got == want, (default_model.tokenizer.decode(got), default_model.tokenizer.decode(want))
+
+
+def test_siblings_in_mixed_block_formats_still_decode_in_place():
+    """A Q4_K_M file mixes formats among siblings (q4_k Q/K beside a q6_k V): the fused step runs one
+    product per weight into its columns instead of giving up the qkv kernel and the in-place cache."""
+    from isthmus.compiler.frontends import Model
+    from isthmus.compiler.frontends.llama import build_llama
+    from isthmus.compiler.quant import quantize
+    from tiny_models import tiny_llama_weights
+
+    w = tiny_llama_weights(CFG, seed=4)
+    for i in range(CFG["n_layers"]):        # every sibling group of a layer mixes formats
+        p = f"blk.{i}"
+        for name, qtype in (("attn_q", "q4_0"), ("attn_k", "q4_1"), ("attn_v", "q8_0"), ("ffn_gate", "q8_0"),
+                            ("ffn_up", "q4_1")):
+            w[f"{p}.{name}.weight"] = quantize(w[f"{p}.{name}.weight"], qtype)
+    model = Model(build_llama(CFG, w, rope_layout="interleaved"), "mixed", "test", dict(CFG))
+    exe = isthmus.compile(model, target="numba")
+    assert [(st.group.attrs.get("epilogue"), st.group.attrs.get("stacked")) for st in exe.plan.steps[1:6]] == \
+        [("qkv", False), (None, None), ("add", True), ("swiglu", False), ("add", True)]
+    ref, dec = isthmus.compile(model, target="reference").decoder(), exe.decoder()
+    assert type(dec).__name__ == "NumbaDecoder"
+    for ids in ([3, 7, 1, 9, 4, 11, 2, 5, 8, 13], [5], [2, 6], [1]):      # prefill (matmul), then matvec steps
+        want = ref.step(ids)
+        np.testing.assert_allclose(dec.step(ids), want, rtol=2e-4, atol=2e-4 * (1 + np.abs(want).max()))
