@@ -702,3 +702,6 @@ def _constant(n: NodeContext):
     else:
         n.unsupported(f"Constant with {sorted(a)}")
     return n.imp.g.add_constant(n.name, arr)
+
+
+from isthmus.compiler.frontends import onnx_ms  # noqa: E402,F401  (registers the com.microsoft ops)

@@ -5,20 +5,27 @@ Export kinds (folders as the exporter leaves them, model.onnx beside config.json
   logits, no cache), made here from tiny random configs (tests/support/onnx_exports.py);
 - optimum: optimum-onnx's text-generation-with-past exports (past_key_values.N.key/value in,
   present.N.key/value out, attention_mask and position_ids), committed in tests/data/optimum
-  with their source checkpoints (optimum-onnx needs transformers < 4.58; see make.py there).
+  with their source checkpoints (optimum-onnx needs transformers < 4.58; see make.py there);
+- genai: onnxruntime-genai's model builder, fp32 and int4 (com.microsoft GroupQueryAttention with
+  its rotary, MatMulNBits, SkipSimplifiedLayerNormalization), committed in tests/data/genai
+  (make.py there; a slow test rebuilds them with the installed builder).
 Oracles that share no code with isthmus: onnxruntime on the same file (logits, and the caches of
-several decode steps, within 1e-4 of the logits' range) and transformers on the source model
-(identical greedy 20-token continuations; the models are trained a few steps so that greedy
-margins are clear).
+several decode steps, within 1e-4 of the logits' range; int4 within 2 %, as onnxruntime runs
+MatMulNBits at accuracy level 4 on int8 activations, and within 1e-4 of a copy set to accuracy
+level 0) and transformers on the source model (identical greedy 20-token continuations; for int4,
+onnxruntime's exact computation decoding with the cache; the models are trained a few steps so
+that greedy margins are clear).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -32,50 +39,124 @@ from isthmus.compiler.kv_cache import FunctionalDecoder  # noqa: E402
 from isthmus.runtime.generate import generate  # noqa: E402
 from isthmus.runtime.sampling import SamplingParams  # noqa: E402
 from cli_runner import run  # noqa: E402
-from onnx_exports import VOCAB, export_dynamo, hf_greedy, hf_model, hf_tokenizer  # noqa: E402
+from onnx_exports import VOCAB, export_dynamo, hf_model, hf_tokenizer  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "optimum"
-KINDS = ["dynamo-llama", "dynamo-gpt2", "optimum-llama", "optimum-gpt2"]
+DATA = Path(__file__).resolve().parents[1] / "data"
+KINDS = ["dynamo-llama", "dynamo-gpt2", "optimum-llama", "optimum-gpt2", "genai-fp32", "genai-int4"]
 TOL = 1e-4          # of the logits' range
+# genai int4 against onnxruntime as published: MatMulNBits at accuracy_level 4 quantizes the
+# activations to int8 (isthmus computes with the exactly dequantized weights in f32)
+INT4_TOL = 2e-2
 TARGETS = ["reference", "numba"]
+
+
+@dataclass
+class Export:
+    kind: str
+    folder: Path           # as the exporter left it
+    model: object          # the isthmus Model loaded from it
+    source: object         # the transformers model it was exported from
+    exact: Path            # an ONNX file onnxruntime computes as exactly as isthmus (the oracle)
+
+    @property
+    def onnx(self) -> Path:
+        return self.folder / "model.onnx"
+
+
+def _exact_copy(folder: Path, tmp: Path) -> Path:
+    """The int4 model with MatMulNBits at accuracy_level 0 (f32 activations): onnxruntime's
+    exact computation with the dequantized weights, what isthmus computes."""
+    model = onnx.load(str(folder / "model.onnx"))
+    for node in model.graph.node:
+        for a in node.attribute:
+            if a.name == "accuracy_level":
+                a.i = 0
+    onnx.save(model, str(tmp / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return tmp / "model.onnx"
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def export(request, tmp_path_factory):
-    """(kind, export folder, the transformers model it was exported from, the isthmus Model)."""
-    kind, arch = request.param.split("-")
+    kind, variant = request.param.split("-")
+    tmp = tmp_path_factory.mktemp(request.param)
     if kind == "dynamo":
-        source = hf_model(arch)
-        folder = export_dynamo(source, tmp_path_factory.mktemp(request.param))
+        source = hf_model(variant)
+        folder = export_dynamo(source, tmp)
     else:
-        folder = DATA / arch
-        source = transformers.AutoModelForCausalLM.from_pretrained(DATA / f"{arch}-source", dtype=torch.float32).eval()
-    return request.param, folder, source, load_model(folder)
+        folder = DATA / kind / variant
+        src = DATA / kind / ("source" if kind == "genai" else f"{variant}-source")
+        source = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    exact = _exact_copy(folder, tmp) if request.param == "genai-int4" else folder / "model.onnx"
+    return Export(request.param, folder, load_model(folder), source, exact)
 
 
 @pytest.fixture(scope="module")
 def compiled(export):
-    return {t: isthmus.compile(export[3], target=t) for t in TARGETS}
+    return {t: isthmus.compile(export.model, target=t) for t in TARGETS}
+
+
+def _session(path):
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _ort_feeds(sess, ids, mask, past=None, head_size=None):
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    names = {i.name: i for i in sess.get_inputs()}
+    if "position_ids" in names:
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        feeds["position_ids"] = pos[:, -ids.shape[1]:]
+    for n, i in names.items():
+        if n.startswith("past_key_values"):
+            batch, heads, _, dim = i.shape
+            shape = [ids.shape[0], heads, 0, dim if isinstance(dim, int) else head_size]
+            feeds[n] = np.zeros(shape, np.float32) if past is None else past[n.replace("past_key_values", "present")]
+    return feeds
+
+
+def _head_size(e: Export):
+    g = e.model.graph
+    return next((v.shape[3] for n in g.nodes if n.op == "concat" for v in n.outputs
+                 if g.decoder.kv and v.type.rank == 4 and isinstance(v.shape[3], int)), None)
+
+
+def oracle_greedy(e: Export, ids: list[int], n: int, eos: int | None = None) -> list[int]:
+    """The greedy continuation: transformers on the source model, or for int4 weights (which the
+    source does not have) onnxruntime's exact computation, decoding with the cache."""
+    if e.kind != "genai-int4":
+        with torch.no_grad():
+            out = e.source.generate(torch.tensor([ids]), do_sample=False, max_new_tokens=n,
+                                    eos_token_id=eos, pad_token_id=0, **({} if eos is not None else {"min_new_tokens": n}))
+        return out[0, len(ids):].tolist()
+    sess, names = _session(e.exact), None
+    names = [o.name for o in sess.get_outputs()]
+    x, mask, past, got = np.asarray([ids], np.int64), np.ones((1, len(ids)), np.int64), None, []
+    while len(got) < n:
+        out = dict(zip(names, sess.run(names, _ort_feeds(sess, x, mask, past, _head_size(e)))))
+        got.append(int(out["logits"][0, -1].argmax()))
+        if got[-1] == eos:
+            break
+        x, mask, past = np.asarray([[got[-1]]], np.int64), np.ones((1, mask.shape[1] + 1), np.int64), out
+    return got
 
 
 def test_the_decoder_record_names_the_exporters_inputs(export):
-    kind, folder, source, model = export
-    d = model.graph.decoder
+    d = export.model.graph.decoder
     assert d.input_ids == "input_ids" and d.logits == "logits" and d.attention_mask == "attention_mask"
-    if kind.startswith("dynamo"):
+    if export.kind.startswith("dynamo"):
         assert d.position_ids is None and d.kv == ()
     else:
-        assert d.position_ids == "position_ids"
+        assert d.position_ids == ("position_ids" if export.kind.startswith("optimum") else None)
         assert [(c.past_key, c.present_value) for c in d.kv] == \
             [(f"past_key_values.{i}.key", f"present.{i}.value") for i in range(2)]
     # the record prints and parses back with the graph
-    again = parse_graph(print_graph(model.graph), {v.name: v.data for v in model.graph.constants})
+    g = export.model.graph
+    again = parse_graph(print_graph(g), {v.name: v.data for v in g.constants})
     verify(again)
     assert again.decoder == d
 
 
 def test_config_tokenizer_and_template_come_from_the_folder(export):
-    kind, folder, source, model = export
+    model = export.model
     assert model.format == "onnx" and model.config["context_length"] == 128
     assert model.config["eos_token_id"] == 2 and model.config["bos_token_id"] == 1
     hf_tok = hf_tokenizer()
@@ -86,58 +167,53 @@ def test_config_tokenizer_and_template_come_from_the_folder(export):
     assert model.tokenizer.encode(text) == hf_tok(text)["input_ids"]
 
 
-def _ort_feeds(sess, ids, mask, past=None):
-    feeds = {"input_ids": ids, "attention_mask": mask}
-    names = {i.name: i for i in sess.get_inputs()}
-    if "position_ids" in names:
-        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        feeds["position_ids"] = pos[:, -ids.shape[1]:]
-    for n, i in names.items():
-        if n.startswith("past_key_values"):
-            shape = [ids.shape[0] if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape]
-            feeds[n] = np.zeros(shape, np.float32) if past is None else past[n.replace("past_key_values", "present")]
-    return feeds
+def test_the_microsoft_ops_become_fused_ops(export):
+    if not export.kind.startswith("genai"):
+        pytest.skip("onnxruntime-genai exports only")
+    hist = isthmus.compile(export.model, target="reference").graph.op_histogram()
+    assert hist["rmsnorm"] == 5 and hist["rope"] == 4 and hist["attention"] == 2 and hist["swiglu"] == 2
+    assert hist.get("linear" if export.kind == "genai-int4" else "matmul") == 11
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_logits_and_caches_match_onnxruntime(export, compiled, target):
-    """A left-padded batch of 2, then (with a cache) three decode steps fed the presents back."""
-    kind, folder, _, _ = export
+    """A batch of 2 (left-padded but for GroupQueryAttention, which reads padding its own way),
+    then, with a cache, three decode steps fed the presents back."""
     exe = compiled[target]
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, VOCAB, (2, 7)).astype(np.int64)
-    mask = np.ones((2, 7), np.int64)
-    mask[1, :3] = 0
-    feeds, steps = _ort_feeds(sess, ids, mask), 3 if kind.startswith("optimum") else 1
-    for _ in range(steps):
-        theirs = dict(zip(names, sess.run(names, feeds)))
-        ours = exe.run(feeds)
-        span = np.ptp(theirs["logits"])
-        for name in names:
-            assert ours[name].shape == theirs[name].shape, name
-            assert np.abs(ours[name] - theirs[name]).max() <= TOL * span, name
-        nxt = theirs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
-        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-        feeds = _ort_feeds(sess, nxt, mask, theirs)
+    head = _head_size(export)
+    for path, tol in ((export.exact, TOL), (export.onnx, INT4_TOL if export.kind == "genai-int4" else TOL)):
+        sess = _session(path)
+        names = [o.name for o in sess.get_outputs()]
+        ids = np.random.default_rng(0).integers(3, VOCAB, (2, 7)).astype(np.int64)
+        mask = np.ones((2, 7), np.int64)
+        if not export.kind.startswith("genai"):
+            mask[1, :3] = 0
+        feeds = _ort_feeds(sess, ids, mask, head_size=head)
+        for _ in range(1 if export.kind.startswith("dynamo") else 3):
+            theirs = dict(zip(names, sess.run(names, feeds)))
+            ours = exe.run(feeds)
+            span = np.ptp(theirs["logits"])
+            for name in names:
+                assert ours[name].shape == theirs[name].shape, name
+                assert np.abs(ours[name] - theirs[name]).max() <= tol * span, (path, name)
+            nxt = theirs["logits"][:, -1].argmax(-1)[:, None].astype(np.int64)
+            mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+            feeds = _ort_feeds(sess, nxt, mask, theirs)
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_greedy_continuations_match_transformers(export, compiled, target):
-    _, _, source, _ = export
+def test_greedy_continuations_match_the_oracle(export, compiled, target):
     exe = compiled[target]
     rng = np.random.default_rng(3)
     for n in (1, 6, 23):
         ids = rng.integers(3, VOCAB, n).tolist()
         ours = list(generate(exe, ids, SamplingParams(max_tokens=20), stop_ids=()))
-        assert ours == hf_greedy(source, ids, 20), n
+        assert ours == oracle_greedy(export, ids, 20), n
 
 
 def test_generation_feeds_the_mask_and_batching_declines(export, compiled):
     """Generation feeds the attention mask as ones over the cached and new positions; batched
     decoding and the numba in-place cache, which feed ids and positions only, decline the graph."""
-    kind, _, _, _ = export
     assert plan_for(compiled["reference"]) is None
     assert isinstance(compiled["numba"].decoder(), FunctionalDecoder)
     dec = compiled["reference"].decoder()
@@ -146,42 +222,57 @@ def test_generation_feeds_the_mask_and_batching_declines(export, compiled):
     assert dec.length == 4 and first.shape == second.shape == (VOCAB,)
 
 
-def test_chat_cli_matches_transformers(export, capsys):
-    kind, folder, source, _ = export
-    rc, out, err = run(capsys, "chat", "--model", folder, "hello world", "--max-tokens", "12")
+def test_chat_cli_matches_the_oracle(export, capsys):
+    prompt = "the quick brown"
+    rc, out, err = run(capsys, "chat", "--model", export.folder, prompt, "--max-tokens", "12")
     assert rc == 0, err
     tok = hf_tokenizer()
     # the rendered template encoded as plain text (with the BOS the tokenizer's post-processor adds), as isthmus does
-    text = tok.apply_chat_template([{"role": "user", "content": "hello world"}], tokenize=False,
-                                   add_generation_prompt=True)
-    prompt = tok(text)["input_ids"]
-    with torch.no_grad():
-        gen = source.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, pad_token_id=0)
-    want = tok.decode(gen[0, len(prompt):], skip_special_tokens=True)
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text)["input_ids"]
+    want = tok.decode(oracle_greedy(export, ids, 12, eos=2), skip_special_tokens=True)
     assert out.rstrip("\n") == want.rstrip("\ufffd")
 
 
 def test_run_cli_passes_the_onnxruntime_check(export, capsys, tmp_path):
-    _, folder, _, _ = export
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = _session(export.exact)
     ids = np.random.default_rng(1).integers(3, VOCAB, (2, 5)).astype(np.int64)
-    np.savez(tmp_path / "in.npz", **_ort_feeds(sess, ids, np.ones((2, 5), np.int64)))
-    rc, out, err = run(capsys, "run", folder / "model.onnx", "--inputs", tmp_path / "in.npz",
+    np.savez(tmp_path / "in.npz", **_ort_feeds(sess, ids, np.ones((2, 5), np.int64), head_size=_head_size(export)))
+    rc, out, err = run(capsys, "run", export.exact, "--inputs", tmp_path / "in.npz",
                        "--check", "onnxruntime", "--target", "numba")
     assert rc == 0 and "PASS" in out, out + err
 
 
 def test_verify_checks_the_attention_mask(export):
-    """The record's mask must name a graph input of integers [batch, past+seq]."""
+    """The record's mask must name a graph input."""
     from dataclasses import replace
 
     from isthmus.compiler.ir import clone
     from isthmus.errors import IRError
 
-    g = clone(export[3].graph)
+    g = clone(export.model.graph)
     g.decoder = replace(g.decoder, attention_mask="input_ids_missing")
     with pytest.raises(IRError, match=r"attention mask\) %input_ids_missing is not a graph input"):
         verify(g)
     g.decoder = replace(g.decoder, attention_mask="logits")
     with pytest.raises(IRError, match="is not a graph input"):
         verify(g)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_installed_genai_builder_still_gives_what_isthmus_reads(precision, tmp_path):
+    """Rebuilds the committed genai export with the builder installed here (about 10 s)."""
+    pytest.importorskip("onnxruntime_genai")
+    from onnx_exports import export_genai
+
+    folder = export_genai(hf_model("llama-hd16"), tmp_path, precision)
+    e = Export(f"genai-{precision}", folder, load_model(folder), None,
+               _exact_copy(folder, tmp_path) if precision == "int4" else folder / "model.onnx")
+    exe = isthmus.compile(e.model, target="numba")
+    sess = _session(e.exact)
+    names = [o.name for o in sess.get_outputs()]
+    feeds = _ort_feeds(sess, np.asarray([[5, 6, 7, 8]], np.int64), np.ones((1, 4), np.int64), head_size=_head_size(e))
+    theirs, ours = sess.run(names, feeds), exe.run(feeds)
+    for name, want in zip(names, theirs):
+        assert np.abs(ours[name] - want).max() <= TOL * np.ptp(theirs[0]), name

@@ -41,15 +41,17 @@ def hf_tokenizer():
 
 
 def hf_model(arch: str, seed: int = 0):
-    """A tiny random `transformers` decoder ("llama": GQA 6 query / 2 kv heads, hidden 48;
+    """A tiny random `transformers` decoder ("llama": GQA 6 query / 2 kv heads, hidden 48; "llama-hd16":
+    3 query / 1 kv heads of 16;
     "gpt2": hidden 40, 4 heads), trained a few steps on TEXT; eval mode."""
     import torch
     import transformers
 
     torch.manual_seed(seed)
-    if arch == "llama":
+    if arch in ("llama", "llama-hd16"):   # llama-hd16: head_dim 16, as onnxruntime's GroupQueryAttention needs
+        heads = (3, 1) if arch == "llama-hd16" else (6, 2)
         cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
-                                       num_attention_heads=6, num_key_value_heads=2, vocab_size=VOCAB,
+                                       num_attention_heads=heads[0], num_key_value_heads=heads[1], vocab_size=VOCAB,
                                        max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0,
                                        bos_token_id=1, eos_token_id=2)
         model = transformers.LlamaForCausalLM(cfg)
@@ -125,3 +127,23 @@ def left_padded_feeds(batch: int, seq: int, seed: int = 0) -> dict:
     if batch > 1:
         feeds["attention_mask"][-1, :2] = 0        # left padding on the last row
     return feeds
+
+
+def export_genai(model, folder, precision: str) -> Path:
+    """onnxruntime-genai's model builder on the checkpoint of `model` (precision "fp32" or "int4",
+    execution provider cpu): model.onnx (+ .data) beside genai_config.json and the tokenizer."""
+    import subprocess
+    import sys
+
+    folder = Path(folder)
+    src = folder / "source"
+    if not (src / "config.json").exists():
+        model.save_pretrained(src)
+        save_beside(model, src)
+    out = folder / precision
+    r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(src), "-i", str(src),
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "cache")],
+                       capture_output=True, text=True, timeout=300, cwd=folder)   # not the repo root: its kernels/ would shadow HF's
+    if r.returncode:
+        raise RuntimeError(f"the genai builder failed: {r.stderr[-2000:]}")
+    return out
