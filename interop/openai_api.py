@@ -279,8 +279,12 @@ def rate_limited(e: RateLimited) -> ApiError:
     return ApiError(429, str(e), e.kind, code="rate_limit_exceeded", headers=headers)
 
 
+_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_text = json.encoder.encode_basestring        # a str as a JSON string, not escaping non-ASCII (as _json)
+
+
 def _sse(obj) -> str:
-    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+    return f"data: {_json(obj)}\n\n"
 
 
 async def chat_completions(req: ChatCompletionRequest, request: Request, tenant, state):
@@ -402,29 +406,40 @@ class _Run:
         head = {**head, "object": "chat.completion.chunk"}
         if include_usage:
             head["usage"] = None
+        # every chunk is this head and one choice: its JSON is encoded once, and per token only the
+        # text (and the logprobs, when asked for) are encoded and spliced in
+        prefix = "data: " + _json(head)[:-1] + ',"choices":[{"index":'
+        no_logs = ',"logprobs":null}]}\n\n'
 
-        def chunk(index, delta, finish=None, logs=None):
-            return _sse({**head, "choices": [{"index": index, "delta": delta, "finish_reason": finish,
-                                              "logprobs": {"content": logs, "refusal": None} if logprobs else None}]})
+        def chunk(index, delta: str, finish: str = "null", logs=None) -> str:
+            tail = no_logs if not logprobs else \
+                ',"logprobs":' + _json({"content": logs, "refusal": None}) + "}]}\n\n"
+            return f'{prefix}{index},"delta":{delta},"finish_reason":{finish}{tail}'
 
-        completion, remaining = 0, n
+        completion, remaining, queue = 0, n, self.queue
         try:
-            for i in range(n):
-                yield chunk(i, {"role": "assistant", "content": "", "refusal": None})
+            yield "".join(chunk(i, '{"role":"assistant","content":"","refusal":null}') for i in range(n))
             while remaining:
-                event = await self.queue.get()
-                self._seen(event)
-                if isinstance(event, Failed):
-                    kind = "invalid_request_error" if event.status == 400 else "server_error"
-                    yield f"event: error\ndata: {json.dumps(error_body(event.message, kind))}\n\n"
-                    yield "data: [DONE]\n\n"
-                    return
-                if isinstance(event, Delta):
-                    yield chunk(event.index, {"content": event.text}, logs=event.logprobs or [])
-                elif isinstance(event, Finished):
-                    completion += event.completion_tokens
-                    remaining -= 1
-                    yield chunk(event.index, {}, event.reason)
+                events = [await queue.get()]
+                while not queue.empty():            # whatever else arrived meanwhile goes in the same write
+                    events.append(queue.get_nowait())
+                out = []
+                for event in events:
+                    self._seen(event)
+                    if isinstance(event, Failed):
+                        kind = "invalid_request_error" if event.status == 400 else "server_error"
+                        out.append(f"event: error\ndata: {json.dumps(error_body(event.message, kind))}\n\n"
+                                   "data: [DONE]\n\n")
+                        yield "".join(out)
+                        return
+                    if isinstance(event, Delta):
+                        out.append(chunk(event.index, '{"content":' + _text(event.text) + "}", logs=event.logprobs or []))
+                    elif isinstance(event, Finished):
+                        completion += event.completion_tokens
+                        remaining -= 1
+                        out.append(chunk(event.index, "{}", '"' + event.reason + '"'))
+                if out:
+                    yield "".join(out)
             self._count(n_prompt + completion)
             if include_usage:
                 yield _sse({**head, "choices": [], "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,

@@ -1,0 +1,154 @@
+"""One stream through `isthmus serve` against the decode loop of `isthmus chat`, side by side.
+
+    python benchmarks/bench_serve_stream.py [--tokens 128] [--rounds 4] [--target numba] [--model PATH]
+
+Both decode the same chat prompt greedily for exactly --tokens tokens (`ignore_eos`), and both
+are timed the same way: tokens per second between the first token and the last one (so prompt
+processing is left out of both). The chat side is `runtime.generate`'s loop (what `isthmus chat
+--verbose` times: a `Sequence` stepped on `decoder.step` logits), run in a process of its own; the
+serve side is `isthmus serve` as its own process, with the official `openai` client (asyncio,
+streaming) in this process timing the SSE chunks as they arrive. The two take turns, --rounds
+times, and the best round of each is reported with their ratio (the target of issue 16: >= 0.9).
+The machine's load average is printed with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+PROMPT = "Write a story about a cat who learns to sail."
+
+CHAT = r"""
+import json, sys, time
+import isthmus
+from isthmus.runtime.sampling import SamplingParams
+from isthmus.runtime.sequence import Sequence
+exe = isthmus.compile(isthmus.load(sys.argv[1]), target=sys.argv[2])
+tok = exe.model.tokenizer
+ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": sys.argv[4]}], add_generation_prompt=True))
+n = int(sys.argv[3])
+for line in sys.stdin:                     # one round per line
+    seq = Sequence(SamplingParams(max_tokens=n, temperature=0.0), n, tokenizer=tok)
+    decoder = exe.decoder()
+    logits = decoder.step(ids)
+    times = []
+    while True:
+        seq.step(logits)
+        times.append(time.perf_counter())
+        if seq.finish_reason:
+            break
+        logits = decoder.step([seq.token])
+    print(json.dumps({"tokens": len(times), "rate": (len(times) - 1) / (times[-1] - times[0])}), flush=True)
+"""
+
+
+async def serve_round(url: str, model: str, n: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    try:
+        t0 = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=n, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}, messages=[{"role": "user", "content": PROMPT}])
+        times, usage = [], None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            if any(c.delta.content for c in chunk.choices):
+                times.append(time.perf_counter())
+    finally:
+        await client.close()
+    tokens = usage.completion_tokens if usage else 0
+    if tokens != n:
+        raise RuntimeError(f"the server returned {tokens} tokens, not {n}")
+    # chunks may carry more than one token (UTF-8 held back): the tokens between first and last chunk
+    # are all but those of the first chunk; with one token per chunk (the usual case) it is n - 1
+    return {"tokens": tokens, "chunks": len(times), "ttft": times[0] - t0,
+            "rate": (tokens - (tokens - len(times) + 1)) / (times[-1] - times[0])}
+
+
+def start_server(model: str, target: str):
+    cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    m = re.search(r"http://127\.0\.0\.1:\d+/v1", line)
+    if not m:
+        proc.kill()
+        raise RuntimeError(f"isthmus serve did not start: {line}{proc.stderr.read()[-2000:]}")
+    return proc, m.group(0)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--target", default="numba")
+    p.add_argument("--model", default=None, help="a path (default: the pulled default model)")
+    p.add_argument("--json", help="also write the figures here")
+    args = p.parse_args(argv)
+    import httpx
+
+    from isthmus.models import pull
+
+    model = args.model or str(pull(progress=False))
+    chat = subprocess.Popen([sys.executable, "-c", CHAT, model, args.target, str(args.tokens), PROMPT],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc, url = start_server(model, args.target)
+    rows = {"chat": [], "serve": []}
+    try:
+        while True:
+            try:
+                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        asyncio.run(serve_round(url, model_id, 4))                         # warm-up: compile, bind
+        chat.stdin.write("warm\n")
+        chat.stdin.flush()
+        json.loads(chat.stdout.readline())
+        for r in range(args.rounds):                                       # taking turns
+            order = ("chat", "serve") if r % 2 == 0 else ("serve", "chat")
+            for side in order:
+                if side == "chat":
+                    chat.stdin.write("go\n")
+                    chat.stdin.flush()
+                    rows["chat"].append(json.loads(chat.stdout.readline()))
+                else:
+                    rows["serve"].append(asyncio.run(serve_round(url, model_id, args.tokens)))
+    finally:
+        proc.terminate()
+        chat.stdin.close()
+        chat.wait(timeout=60)
+        proc.wait(timeout=60)
+    best = {k: max(r["rate"] for r in v) for k, v in rows.items()}
+    median = {k: sorted(r["rate"] for r in v)[len(v) // 2] for k, v in rows.items()}
+    load = os.getloadavg()
+    out = {"tokens": args.tokens, "rounds": args.rounds, "target": args.target, "load": load,
+           "best": best, "median": median, "ratio_best": best["serve"] / best["chat"],
+           "ratio_median": median["serve"] / median["chat"], "rows": rows}
+    print(f"one stream, {args.tokens} tokens, target {args.target}, {args.rounds} rounds taking turns; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| side | best tokens/s | median tokens/s | each round |")
+    print("|---|---:|---:|---|")
+    for k in ("chat", "serve"):
+        each = " ".join(f"{r['rate']:.1f}" for r in rows[k])
+        print(f"| {k} | {best[k]:.1f} | {median[k]:.1f} | {each} |")
+    print(f"serve / chat: best {out['ratio_best']:.2f}x, median {out['ratio_median']:.2f}x; serve TTFT "
+          f"{min(r['ttft'] for r in rows['serve']) * 1e3:.0f} ms (best)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()
