@@ -132,10 +132,7 @@ def _make(fmt: str, wide: bool = WIDE):
                 q = builder.shuffle_vector(builder.and_(nib, splat16(15)), builder.lshr(nib, splat16(4)),
                                            ir.Constant(ir.VectorType(i32, 32), list(range(32))))
                 qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
-                hv = builder.bitcast(qh, ir.VectorType(i16, 2))
-                hv = builder.shuffle_vector(hv, hv, ir.Constant(ir.VectorType(i32, 32), [0] * 16 + [1] * 16))
-                masks = ir.Constant(v32i16, [1 << j for j in range(16)] * 2)
-                set_ = builder.icmp_unsigned("!=", builder.and_(hv, masks), ir.Constant(v32i16, [0] * 32))
+                set_ = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))     # bit j -> lane j: a k-mask
                 q = builder.add(q, builder.select(set_, splat32(16 if one else 0), splat32(0 if one else -16)))
                 p = madd32(q, builder.mul(b, c64(32)))
                 scale = builder.fmul(f16(bp, 0), builder.load(builder.gep(xdrow, [b])))
@@ -300,17 +297,7 @@ def _make(fmt: str, wide: bool = WIDE):
                 msum = ir.Constant(f32, 0.0)
                 for c in range(4):
                     for j in (2 * c, 2 * c + 1):
-                        if j < 4:           # get_scale_min_k4, scales at byte 4
-                            sc = builder.and_(byte(bp, 4 + j), ir.Constant(i32, 63))
-                            mn = builder.and_(byte(bp, 8 + j), ir.Constant(i32, 63))
-                        else:
-                            top = byte(bp, 8 + j)
-                            sc = builder.or_(builder.and_(top, ir.Constant(i32, 15)),
-                                             builder.shl(builder.lshr(byte(bp, j), ir.Constant(i32, 6)),
-                                                         ir.Constant(i32, 4)))
-                            mn = builder.or_(builder.lshr(top, ir.Constant(i32, 4)),
-                                             builder.shl(builder.lshr(byte(bp, 4 + j), ir.Constant(i32, 6)),
-                                                         ir.Constant(i32, 4)))
+                        sc, mn = scale_min_k4(bp, j)
                         high = j & 1
                         p32 = None
                         for half in (0, 1):
