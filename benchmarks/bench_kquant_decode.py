@@ -3,6 +3,7 @@ same file, each engine in its own process, interleaved rounds, best of each (ben
 harness, the one `isthmus bench` uses for the default model).
 
     python benchmarks/bench_kquant_decode.py [FILE.gguf ...] [--synthetic [--q4-1]] [--rounds N]
+    python benchmarks/bench_kquant_decode.py --matvec      # per block format: one decode matvec
 
 Without FILE it makes one: the default model (SmolLM2-135M-Instruct, q4_1/q8_0) requantized by
 llama.cpp's own quantizer to Q4_K_M (llama_model_quantize, allow_requantize). Its width, 576, is not
@@ -91,6 +92,51 @@ def synthetic_f16(path: str, seed: int = 0) -> str:
     return path
 
 
+MATVEC_TYPES = ("q4_1", "q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q3_k", "q2_k", "iq4_nl")
+
+
+def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 10) -> None:
+    """One decode-sized matvec (1 x cols by W[rows, cols]) per block format, the weights made by
+    llama.cpp's quantizer (q4_1 and q8_0 by isthmus's, bit for bit the same): `copies` distinct
+    copies cycled so that together they exceed the caches, as a model's layers do; best of `rounds`
+    interleaved rounds."""
+    import sys
+    import time
+
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "support"))
+    import ggml_ref
+    from isthmus.compiler.quant import QuantizedArray, quantize
+    from isthmus.kernels.numba import linear
+
+    rng = np.random.default_rng(0)
+    wf = rng.standard_normal((rows, cols)).astype(np.float32)
+    x = rng.standard_normal((1, cols)).astype(np.float32)
+    sets = {}
+    for name in MATVEC_TYPES:
+        qa = (quantize(wf, name) if name in ("q4_1", "q8_0")
+              else QuantizedArray(name, wf.shape, ggml_ref.quantize(wf, T[name.upper()])))
+        calls = []
+        for _ in range(copies):
+            p = linear.pack(qa)
+            calls.append(linear.matvec_call(x, p, np.zeros((1, rows), np.float32), linear.Workspace()))
+            calls[-1][0](*calls[-1][1])
+        sets[name] = (calls, p.nbytes)
+    best = dict.fromkeys(sets, float("inf"))
+    for _ in range(rounds):
+        for name, (calls, _) in sets.items():
+            t0 = time.perf_counter()
+            for fn, a in calls:
+                fn(*a)
+            best[name] = min(best[name], (time.perf_counter() - t0) / copies)
+    print(f"decode matvec {rows}x{cols}, {copies} copies cycled, best of {rounds} rounds (load {os.getloadavg()[0]:.2f})")
+    for name, (calls, nbytes) in sets.items():
+        print(f"  {name:7s} {best[name] * 1e6:7.1f} us   {nbytes / best[name] / 1e9:5.1f} GB/s of weights   "
+              f"{best[name] / best['q4_1']:.2f}x q4_1's time")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*", help="GGUF files; several are measured in the same interleaved rounds")
@@ -99,7 +145,10 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=38)
     ap.add_argument("--synthetic", action="store_true", help="a random Llama with widths multiple of 256")
     ap.add_argument("--q4-1", action="store_true", help="with --synthetic: also the same weights as Q4_1")
+    ap.add_argument("--matvec", action="store_true", help="per block format: one decode matvec, no model")
     args = ap.parse_args()
+    if args.matvec:
+        return matvec()
     from isthmus.bench.isolated import Worker, interleave
     from isthmus.compiler.frontends.gguf import read_gguf
 
