@@ -25,6 +25,7 @@ import numpy as np
 from isthmus.compiler.frontends.onnx_ops import NodeContext, on
 from isthmus.compiler.ir import Value, numpy_dtype
 from isthmus.compiler.ops.attention import rope_angles
+from isthmus.compiler.passes.canonicalize_rope import rope_attrs
 
 MS = ("com.microsoft",)
 
@@ -118,11 +119,7 @@ def _rope_attrs(n: NodeContext, cos: Value, sin: Value, interleaved: bool) -> di
     p = np.arange(c.shape[0], dtype=np.float64)
     angles = np.unwrap(np.arctan2(s, c), axis=0)
     freqs = (p @ angles) / max(float(p @ p), 1.0)
-    theta = (1.0 / freqs[1]) ** (dim / 2) if half > 1 and freqs[1] > 0 else 10000.0
-    nominal = 1.0 / (np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-    factors = nominal.astype(np.float64) / freqs
-    attrs = {"theta": float(theta), "layout": "interleaved" if interleaved else "half", "dim": dim,
-             "factors": [] if np.allclose(factors, 1.0, rtol=1e-6, atol=0) else [float(f) for f in factors]}
+    attrs = rope_attrs(freqs, dim, "interleaved" if interleaved else "half")
     got_c, got_s = rope_angles(np.arange(c.shape[0]), dim, attrs["theta"], attrs["factors"])
     if max(np.abs(got_c - c).max(), np.abs(got_s - s).max()) > 1e-4:
         n.unsupported("rotary caches that are not cos/sin(position * frequency) (a scaled rotary)")

@@ -8,6 +8,9 @@ Patterns (one function each; attention lives in canonicalize_attention.py):
   swiglu     a * sigmoid(a) * b, silu(a) * b
   silu       x * sigmoid(x)
   attention  softmax(q @ k^T * scale [+ mask]) @ v  (see canonicalize_attention.py)
+  rope       x * cos(pos * f) + rotate_half(x) * sin(pos * f), HF's apply_rotary_pos_emb
+             (see canonicalize_rope.py)
+  linear     matmul(x, W) with a constant 2-D W
 
 Products are matched as monomials (passes/match.py), so x * rsqrt(s) and x / sqrt(s) are
 the same pattern. Constants (eps, 0.5, 1/sqrt 2, scale) are checked, not assumed. A rewrite
@@ -213,9 +216,11 @@ def match_silu(g: Graph, node: Node) -> bool:
 
 def patterns():
     from isthmus.compiler.passes.canonicalize_attention import match_attention
+    from isthmus.compiler.passes.canonicalize_rope import match_linear, match_rope
 
     # layernorm before rmsnorm: a layernorm without bias is also an rmsnorm of x - mean(x)
-    return [match_attention, match_layernorm, match_rmsnorm, match_gelu, match_swiglu, match_silu]
+    return [match_attention, match_layernorm, match_rmsnorm, match_gelu, match_swiglu, match_silu, match_rope,
+            match_linear]
 
 
 def canonicalize(g: Graph, max_rounds: int = 4) -> Graph:
