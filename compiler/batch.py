@@ -115,7 +115,7 @@ class BatchPlan:
                     and len(n.outputs[0].shape) == 4 and n.attrs["axis"] % 4 == 2):
                 mode = CACHE_CONCAT
             elif n.op == "attention" and len(ins) == 3 and ins[1] in padded and ins[2] in padded \
-                    and ins[0] not in ragged | padded:
+                    and ins[0] not in ragged | padded and not n.attrs["softcap"] and not n.attrs["window"]:
                 mode = PADDED_ATTENTION
             elif n.op == "attention" or any(i in ragged or i in padded for i in ins):
                 mode = EACH
@@ -172,7 +172,7 @@ class BatchPlan:
             elif mode == CACHE_CONCAT:
                 results = [_cache_concat(state, i, args[0], args[1], past_len)]
             elif mode == PADDED_ATTENTION:
-                results = [_padded_attention(*args, past_len, **node.attrs)]
+                results = [_padded_attention(*args, past_len, causal=node.attrs["causal"], scale=node.attrs["scale"])]
             else:
                 rows = []
                 for b in range(B):

@@ -485,10 +485,11 @@ def _op_impl(node):
     }
     if f32 and node.op in table:
         return table[node.op]
-    if f32 and node.op == "attention" and len(node.inputs) == 3:
+    if f32 and node.op == "attention" and len(node.inputs) == 3 and not node.attrs["softcap"] \
+            and not node.attrs["window"]:
         from isthmus.kernels.numba.attention import attention
 
-        def attn(q, k, v, causal, scale):
+        def attn(q, k, v, causal, scale, softcap=0.0, window=0):     # chosen only when both are 0
             b, h, s, hd = q.shape
             k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
             out = attention(q, k, v, k.shape[2] - s, causal, scale)

@@ -309,7 +309,7 @@ class _Plan:
                 return k_rope.rope(x, pos, attrs["theta"], attrs["layout"], attrs["dim"], out=out,
                                    factors=attrs["factors"])
             return step(rope, with_state=True)
-        if op == "attention" and len(n.inputs) == 3 and floats:
+        if op == "attention" and len(n.inputs) == 3 and floats and not attrs["softcap"] and not attrs["window"]:
             return step(lambda q, k, v: k_attn.attention(q, k, v, attrs["causal"], attrs["scale"]))
         if op == "softmax" and floats:
             return step(lambda x: _softmax(x, attrs["axis"]))

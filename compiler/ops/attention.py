@@ -86,10 +86,16 @@ def _attention_rule(types, attrs):
         fail(f"query heads {hq} are not a multiple of kv heads {hkv}")
     if len(types) == 4:
         broadcast_shapes(types[3].shape, (q.shape[0], hq, q.shape[2], k.shape[2]))
+    if not isinstance(attrs["softcap"], (int, float)) or isinstance(attrs["softcap"], bool) or attrs["softcap"] < 0:
+        fail(f"attention softcap must be a number >= 0 (0: none), got {attrs['softcap']!r}")
+    if type(attrs["window"]) is not int or attrs["window"] < 0:
+        fail(f"attention window must be an integer >= 0 (0: none), got {attrs['window']!r}")
+    if attrs["window"] and not attrs["causal"]:
+        fail("attention window needs causal attention")
     return TensorType((q.shape[0], hq, q.shape[2], v.shape[3]), q.dtype)
 
 
-def attention(q, k, v, mask=None, causal=True, scale=0.0):
+def attention(q, k, v, mask=None, causal=True, scale=0.0, softcap=0.0, window=0):
     b, hq, s, d = q.shape
     hkv, t = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -98,16 +104,22 @@ def attention(q, k, v, mask=None, causal=True, scale=0.0):
         v = np.repeat(v, group, axis=1)
     scale = scale or 1.0 / float(np.sqrt(d))
     scores = np.matmul(q.astype(np.float32), np.swapaxes(k, -1, -2).astype(np.float32)) * np.float32(scale)
+    if softcap:       # Gemma 2: scores squashed into (-softcap, softcap) before the mask
+        scores = np.tanh(scores / np.float32(softcap)) * np.float32(softcap)
     if mask is not None:
         scores = np.where(mask, scores, -np.inf) if mask.dtype == np.bool_ else scores + mask
     if causal:
         past = t - s
-        allowed = np.arange(t)[None, :] <= (np.arange(s)[:, None] + past)
+        q_pos = np.arange(s)[:, None] + past
+        allowed = np.arange(t)[None, :] <= q_pos
+        if window:    # sliding-window layers: the last `window` positions, this one included
+            allowed &= np.arange(t)[None, :] > q_pos - window
         scores = np.where(allowed, scores, -np.inf)
     p = softmax(scores.astype(np.float32), axis=-1)
     return np.matmul(p, v.astype(np.float32)).astype(q.dtype, copy=False)
 
 
 define("attention", infer=_attention_rule, reference=attention, inputs=(3, 4), traits={ROW_WISE},
-       attrs={"causal": True, "scale": 0.0},
-       doc="softmax(q k^T * scale + mask) v; scale 0 means 1/sqrt(head_dim)")
+       attrs={"causal": True, "scale": 0.0, "softcap": 0.0, "window": 0},
+       doc="softmax(softcap(q k^T * scale) + mask) v; scale 0 means 1/sqrt(head_dim); softcap c > 0 "
+           "maps scores s to c * tanh(s / c); window w > 0 lets query i see keys i - w + 1 .. i only")

@@ -305,7 +305,7 @@ def test_attention_static_constant_causal_mask():
     exe = _compare(g, feeds, fused={"attention": 1})
     node = exe.graph.nodes[0]
     assert exe.graph.op_histogram() == {"attention": 1}
-    assert node.attrs == {"causal": True, "scale": 0.125}
+    assert node.attrs == {"causal": True, "scale": 0.125, "softcap": 0.0, "window": 0}
 
 
 def test_attention_wrong_softmax_axis_is_left_alone():

@@ -158,7 +158,8 @@ def _match(graph: Graph) -> LlamaSpec | None:
         if len(attns) != 1:
             return None
         attn = attns[0]
-        if attn.inputs[1:] != [k_cat.outputs[0], v_cat.outputs[0]] or not attn.attrs["causal"] or len(attn.inputs) != 3:
+        if attn.inputs[1:] != [k_cat.outputs[0], v_cat.outputs[0]] or not attn.attrs["causal"] or len(attn.inputs) != 3 \
+                or attn.attrs["softcap"] or attn.attrs["window"]:
             return None
         spec.scale = float(attn.attrs["scale"]) or 1.0 / float(hd) ** 0.5
         t = _only_user(users, attn.outputs[0], "transpose")

@@ -164,6 +164,8 @@ def lowerable(node, types) -> bool:
             0.5, 1.0, 2.0, -0.5, -1.0)
     if node.op == "attention" and len(node.inputs) == 4 and types[node.inputs[3]].dtype == "bool":
         return False
+    if node.op == "attention" and (node.attrs["softcap"] or node.attrs["window"]):
+        return False          # no NPU kernel squashes scores or slides a window: the host runs it
     return True
 
 
