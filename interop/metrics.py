@@ -14,6 +14,7 @@ from typing import Callable
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 def _labels(labels: dict) -> str:
@@ -133,6 +134,23 @@ class Metrics:
         self.rate_limited = Counter("isthmus_rate_limited_total", "requests refused with 429, by tenant")
         self.webhook = Counter("isthmus_webhook_events_total", "messaging webhook events by outcome")
         self.batch_size = Histogram("isthmus_decode_batch_size", "sequences per batched decode step", BATCH_BUCKETS)
+        # per service tier (runtime/engine.py observes all but the TTFT, which counts from the request's arrival)
+        self.tier_ttft = Histogram("isthmus_tier_time_to_first_token_seconds",
+                                   "time from request to the first generated token, by model and service tier")
+        self.queue_time = Histogram("isthmus_queue_seconds",
+                                    "time from submit to a batch slot (first choice), by model and service tier")
+        self.inter_token = Histogram("isthmus_inter_token_latency_seconds",
+                                     "time between consecutive tokens of one sequence, by model and service tier",
+                                     TOKEN_BUCKETS)
+        self.time_per_output_token = Histogram("isthmus_time_per_output_token_seconds",
+                                               "per sequence: (last token - first token) / (tokens - 1), by model "
+                                               "and service tier", TOKEN_BUCKETS)
+        self.tier_batch_size = Histogram("isthmus_decode_batch_size_by_tier",
+                                         "sequences of one service tier per batched decode step", BATCH_BUCKETS)
+        self.prefix_lookups = Counter("isthmus_prefix_cache_lookups_total",
+                                      "prompts looked up in the prefix cache, by model, tier and outcome (hit, miss)")
+        self.prefix_tokens = Counter("isthmus_prefix_cache_reused_tokens_total",
+                                     "prompt tokens whose KV came from the prefix cache, by model and tier")
         self.connections_closed = Counter("isthmus_connections_closed_total",
                                           "connections the server closed to protect itself, by reason")
         self._gauges: list[Gauge] = []
@@ -143,7 +161,9 @@ class Metrics:
     def render(self, tenant: str | None = None) -> str:
         """The exposition text; with `tenant`, only the metrics and series labelled with it."""
         parts = [self.requests, self.latency, self.ttft, self.prompt_tokens, self.completion_tokens,
-                 self.rate_limited, self.webhook, self.batch_size, self.connections_closed, *self._gauges]
+                 self.rate_limited, self.webhook, self.batch_size, self.tier_ttft, self.queue_time, self.inter_token,
+                 self.time_per_output_token, self.tier_batch_size, self.prefix_lookups, self.prefix_tokens,
+                 self.connections_closed, *self._gauges]
         out = []
         for m in parts:
             lines = m.lines(tenant)

@@ -22,7 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from isthmus.errors import IsthmusError
 from isthmus.interop.tenants import RateLimited
-from isthmus.runtime.engine import Delta, Failed, Finished, Overloaded
+from isthmus.runtime.engine import TIERS, Delta, Failed, Finished, Overloaded
 from isthmus.runtime.sampling import SamplingParams
 
 MAX_N = 8
@@ -108,6 +108,8 @@ class ChatCompletionRequest(_Strict):
     presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
     user: str | None = None
+    service_tier: str | None = Field(None, description="priority, default or flex (auto: the tenant's "
+                                     "default); the response says which tier served it")
     ignore_eos: bool | None = Field(None, description="extension (as in vLLM): keep generating past the "
                                     "end-of-turn token, up to max_tokens; for benchmarks")
 
@@ -165,6 +167,7 @@ class ChatCompletion(BaseModel):
     created: int
     model: str
     system_fingerprint: str | None
+    service_tier: Literal["priority", "default", "flex"]
     choices: list[Choice]
     usage: Usage
 
@@ -231,6 +234,20 @@ def prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
         raise bad_request(str(e), "messages") from None
 
 
+def service_tier(asked: str | None, tenant) -> str:
+    """The tier a request runs at: the one it asks for if its tenant may use it, else a 400 naming
+    the field; none (or "auto", as OpenAI) is the tenant's default."""
+    if asked is None or asked == "auto":
+        return tenant.service_tier
+    if asked not in TIERS:
+        raise bad_request(f"service_tier must be one of auto, {', '.join(TIERS)}; got {asked!r}", "service_tier",
+                          "invalid_value")
+    if not tenant.may_ask(asked):
+        raise bad_request(f"service_tier {asked!r} is not available to this API key (it may use "
+                          f"{', '.join(t for t in TIERS if tenant.may_ask(t))})", "service_tier", "tier_not_allowed")
+    return asked
+
+
 def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int) -> SamplingParams:
     if n_prompt >= n_ctx:
         raise bad_request(f"This model's maximum context length is {n_ctx} tokens. However, your messages "
@@ -292,6 +309,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     engine = state.engine_for(req.model, tenant)
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
+    tier = service_tier(req.service_tier, tenant)
     ids = await run_in_threadpool(prompt_ids, engine, req.messages)
     params = sampling(req, len(ids), engine.n_ctx)
     n = req.n or 1
@@ -309,7 +327,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         raise rate_limited(e) from None
     try:
         ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top, ignore_eos=bool(req.ignore_eos),
-                               tenant=tenant.id)
+                               tenant=tenant.id, tier=tier)
     except Overloaded as e:
         grant.release(used_tokens=0)
         raise ApiError(503, f"The server is overloaded: {e}. Retry shortly.", "server_error",
@@ -325,7 +343,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     labels = {"model": engine.name, "tenant": tenant.id}
     state.metrics.prompt_tokens.inc(len(ids) * n, **labels)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
-            "system_fingerprint": state.fingerprint(engine)}
+            "system_fingerprint": state.fingerprint(engine), "service_tier": tier}
     run = _Run(state, engine, ticket, queue, t_arrival, labels)
     run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
@@ -365,7 +383,9 @@ class _Run:
     def _seen(self, event) -> None:
         if self.first and isinstance(event, (Delta, Finished)):
             self.first = False
-            self.state.metrics.ttft.observe(time.perf_counter() - self.t_arrival, model=self.engine.name)
+            ttft = time.perf_counter() - self.t_arrival
+            self.state.metrics.ttft.observe(ttft, model=self.engine.name)
+            self.state.metrics.tier_ttft.observe(ttft, model=self.engine.name, tier=self.ticket.tier)
         if isinstance(event, Finished):
             self.state.metrics.completion_tokens.inc(event.completion_tokens, **self.labels)
 

@@ -11,12 +11,15 @@ hashes (the server never stores a key itself), the models it may use, and its li
     burst = 10                      # ... and capacity (omit both for no limit)
     tokens_per_minute = 20000       # prompt + completion tokens (x n), reserved at max_tokens, refunded after
     max_sequences = 8               # sequences (n counted) generating or queued at once
+    service_tier = "default"        # the tier of its requests that name none (or say "auto")
+    service_tiers = ["default", "flex"]   # the tiers it may ask for (its own default is always allowed)
 
     [admin]                         # optional: the key that may read every series of GET /metrics
     api_key_sha256 = ["..."]
 
 Make a key and its hash with `isthmus serve --new-key`. Without a tenants file the server is
-open: every request is the tenant "default", with no key and no limit (for local use).
+open: every request is the tenant "default", with no key and no limit, and may ask for any tier
+(for local use).
 
 Every piece of work a tenant causes (an HTTP completion, a webhook reply) goes through
 `Tenant.admit(tokens=..., sequences=..., requests=...)`, which raises `RateLimited` or returns a
@@ -122,12 +125,17 @@ class Tenant:
     token_bucket: TokenBucket | None = None       # prompt + completion tokens (per minute)
     max_sequences: int | None = None              # sequences generating or queued at once
     sequences: int = 0                            # ... now
+    service_tier: str = "default"                 # the tier of a request that names none
+    service_tiers: frozenset[str] | None = None   # the tiers it may ask for; None: all
 
     def __post_init__(self):
         self._lock = threading.Lock()
 
     def may_use(self, model: str) -> bool:
         return self.models is None or model in self.models
+
+    def may_ask(self, tier: str) -> bool:
+        return tier == self.service_tier or self.service_tiers is None or tier in self.service_tiers
 
     def admit(self, *, tokens: int, sequences: int = 1, requests: int = 0) -> Grant:
         """Admit work that may cost up to `tokens` prompt + completion tokens (n counted) and runs
@@ -246,7 +254,14 @@ class Tenants:
                 tpm = _count(item["tokens_per_minute"], f"{at}: 'tokens_per_minute'")
                 tokens = TokenBucket(tpm / 60.0, tpm)
             max_seq = _count(item["max_sequences"], f"{at}: 'max_sequences'") if "max_sequences" in item else None
-            out.append(Tenant(tid, frozenset(hashes), None if "*" in models else frozenset(models), bucket, tokens, max_seq))
+            tier = item.get("service_tier", "default")
+            if tier not in TIERS:
+                raise InputError(f"{at}: 'service_tier' must be one of {', '.join(TIERS)}, got {tier!r}")
+            tiers = item.get("service_tiers", list(DEFAULT_TIERS))
+            if not isinstance(tiers, list) or not all(t in TIERS for t in tiers):
+                raise InputError(f"{at}: 'service_tiers' must be a list of tiers from {', '.join(TIERS)}")
+            out.append(Tenant(tid, frozenset(hashes), None if "*" in models else frozenset(models), bucket, tokens,
+                              max_seq, service_tier=tier, service_tiers=frozenset(tiers) | {tier}))
         admin = doc.get("admin", {})
         if not isinstance(admin, dict) or set(admin) - {"api_key_sha256"}:
             raise InputError(f"{where}: 'admin' must be a table with only 'api_key_sha256'")
@@ -259,7 +274,9 @@ class Tenants:
 
 
 TENANT_FIELDS = {"id", "api_key_sha256", "models", "requests_per_second", "burst", "tokens_per_minute",
-                 "max_sequences"}
+                 "max_sequences", "service_tier", "service_tiers"}
+TIERS = ("priority", "default", "flex")        # runtime.engine.TIERS, best first
+DEFAULT_TIERS = ("default", "flex")            # what a tenant may ask for unless its entry says otherwise
 
 
 def _hashes(value, at: str) -> list[str]:

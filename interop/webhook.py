@@ -608,7 +608,8 @@ class WhatsAppAdapter:
         try:
             loop, queue = asyncio.get_running_loop(), asyncio.Queue()
             try:
-                engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), tenant=tenant_id)
+                engine.submit(ids, params, lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev), tenant=tenant_id,
+                              tier=tenant.service_tier)          # messaging users: the tenant's default tier
             except Overloaded:
                 raise _Later(1.0) from None
             used = len(ids)

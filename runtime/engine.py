@@ -11,14 +11,20 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
   3. runs ONE batched decode step for all the sequences still running
      (`compiler.batch.decode_batch`: the reference target runs the graph once for the batch).
 
-Tenants share the engine fairly. A submit is refused (`Overloaded`) when the engine is full AND
-the tenant already holds its share of it (capacity / tenants with work), so a tenant that filled
-the queue cannot keep another out. Batch slots go first to the tenant with the fewest running
-sequences; when the batch is full and a tenant below its share (max_batch / tenants with work)
-waits, sequences of a tenant above its share are preempted: their KV cache is dropped and they
-wait at the head of their tenant's line, keeping their sampler state and pending logits; when
-they are resumed, the prompt and the tokens generated so far are prefilled again (recompute, as
-vLLM preempts), and generation goes on where it stopped.
+Every request has a service tier (TIERS: priority, default, flex). Batch slots go to the best
+tier first, and a decode step serves its sequences best tier first (a target that steps them one
+by one emits the priority tier's tokens first). When the batch is full, a waiting sequence of a
+better tier preempts a running one of a worse tier (the worst, most recently admitted first).
+
+Within a tier, tenants share the engine fairly. A submit is refused (`Overloaded`) when the engine
+is full AND the tenant already holds its share of it (capacity / tenants with work), so a tenant
+that filled the queue cannot keep another out. Batch slots go first to the tenant with the fewest
+running sequences; when the batch is full and a tenant below its share (max_batch / tenants with
+work) waits, sequences of a tenant above its share (of the same tier or a worse one) are preempted.
+
+A preempted sequence pauses: it leaves the batch keeping its KV cache (its decoder), sampler state
+and pending logits, and waits at the head of its line; resumed, it goes on where it stopped, with
+no prefill (memory, not compute, pays for the pause).
 
 A request is cancelled (client gone) by `Ticket.cancel()`: its sequences leave the batch before
 the next decode step, so the slot is free at once. Events reach the caller through `sink`, a
@@ -31,6 +37,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,6 +54,11 @@ log = logging.getLogger("isthmus.serve")
 
 class Overloaded(Exception):
     """The waiting queue is full."""
+
+
+# Service tiers (OpenAI's `service_tier` values), best first: the rank orders admission and decode, and a
+# higher tier preempts a lower one when the batch is full.
+TIERS = {"priority": 0, "default": 1, "flex": 2}
 
 
 # -- events (worker thread -> request owner) -------------------------------------------------------
@@ -91,6 +103,8 @@ class _Seq:
     decoder: object = None
     logits: np.ndarray | None = None
     fed: list = field(default_factory=list)     # generated tokens already in the KV cache (to resume)
+    first: float = 0.0                          # perf_counter of its first token, and of its last
+    last: float = 0.0
 
 
 @dataclass(eq=False)
@@ -104,11 +118,18 @@ class Ticket:
     top_logprobs: int | None        # None: no logprobs; k: the chosen token and k alternatives
     ignore_eos: bool = False        # generate past the end-of-turn token (benchmarks)
     tenant: str = "default"         # whose work it is (fair shares)
+    tier: str = "default"           # its service tier (TIERS): admission and decode order, preemption
     cancelled: bool = False
     done: bool = False
     started: int = 0                # sequences admitted into the batch so far (of n)
     running: int = 0                # ... and not finished
     generated: int = 0              # tokens generated over all its sequences (for token limits)
+    submitted: float = field(default_factory=time.perf_counter)
+    queued: float = 0.0             # seconds from submit to its first sequence's admission
+
+    @property
+    def rank(self) -> int:
+        return TIERS[self.tier]
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -188,13 +209,16 @@ class Engine:
         return len(self._running)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, sink, *, n: int = 1,
-               top_logprobs: int | None = None, ignore_eos: bool = False, tenant: str = "default") -> Ticket:
+               top_logprobs: int | None = None, ignore_eos: bool = False, tenant: str = "default",
+               tier: str = "default") -> Ticket:
         """Queue a request; `Overloaded` when the engine is full and `tenant` already holds its
         share of it. The prompt must already fit the context (the API layer checks it, with the
-        error the client expects)."""
+        error the client expects). `tier`: one of TIERS."""
         if not prompt_ids or len(prompt_ids) >= self.n_ctx:
             raise InputError(f"the prompt must hold 1 to {self.n_ctx - 1} tokens, got {len(prompt_ids)}")
-        ticket = Ticket(next(self._ids), list(prompt_ids), params, n, sink, top_logprobs, ignore_eos, tenant)
+        if tier not in TIERS:
+            raise InputError(f"service_tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        ticket = Ticket(next(self._ids), list(prompt_ids), params, n, sink, top_logprobs, ignore_eos, tenant, tier)
         with self._cond:
             if any(w.cancelled for w in self._waiting):
                 self._waiting = collections.deque(w for w in self._waiting if not w.cancelled)
@@ -229,8 +253,10 @@ class Engine:
 
     def _take_admissions(self) -> list:
         """The sequences to prefill this iteration (new ones, and preempted ones to resume), one at a
-        time and fairly: the tenant with the fewest running sequences goes first (oldest request
-        first within a tenant), and when the batch is full it may preempt a tenant above its share."""
+        time: the best tier first, then fairly within a tier: the tenant with the fewest running
+        sequences goes first (oldest request first within a tenant). When the batch is full, a
+        sequence preempts a running one of a lower tier, or else (same tier) one of a tenant above
+        its share."""
         self._waiting = collections.deque(w for w in self._waiting if not w.cancelled)
         for s in [s for s in self._paused if s.request.cancelled]:
             self._paused.remove(s)
@@ -238,22 +264,26 @@ class Engine:
         admitted, tokens = [], 0
         running = collections.Counter(s.request.tenant for s in self._running)
         while (self._waiting or self._paused) and not self._held:
-            heads: dict[str, object] = {}                       # each tenant's next sequence
+            heads: dict[tuple, object] = {}                     # each (tier, tenant)'s next sequence
             for s in self._paused:
-                heads.setdefault(s.request.tenant, s)
+                heads.setdefault((s.request.rank, s.request.tenant), s)
             for t in self._waiting:
-                heads.setdefault(t.tenant, t)
-            tenant = min(heads, key=lambda k: (running[k], _ticket(heads[k]).id))
-            unit = heads[tenant]
+                heads.setdefault((t.rank, t.tenant), t)
+            key = min(heads, key=lambda k: (k[0], running[k[1]], _ticket(heads[k]).id))
+            rank, tenant = key
+            unit = heads[key]
             size = len(unit.request.prompt_ids) + len(unit.fed) if isinstance(unit, _Seq) else len(unit.prompt_ids)
             if admitted and tokens + size > self.prefill_tokens:
                 break
             busy = sum(running.values())
             if busy >= self.max_batch:
-                share = max(1, self.max_batch // len(set(heads) | set(+running)))
-                victim = max(running, key=lambda k: running[k])
-                if running[tenant] >= share or running[victim] <= share or not self._preempt(victim):
-                    break
+                victim = self._preempt(lambda s: s.request.rank > rank)       # a lower tier first
+                if victim is None:
+                    share = max(1, self.max_batch // len({k[1] for k in heads} | set(+running)))
+                    victim = max(running, key=lambda k: running[k])
+                    if running[tenant] >= share or running[victim] <= share or self._preempt(
+                            lambda s: s.request.tenant == victim and s.request.rank >= rank) is None:
+                        break
                 running[victim] -= 1
             if isinstance(unit, _Seq):
                 self._paused.remove(unit)
@@ -270,17 +300,21 @@ class Engine:
             tokens += size
         return admitted
 
-    def _preempt(self, tenant: str) -> bool:
-        """Take the most recently admitted running sequence of `tenant` out of the batch."""
+    def _preempt(self, which) -> str | None:
+        """Pause a running sequence for which `which(s)` holds (of the lowest tier, the most recently
+        admitted first): it leaves the batch keeping its KV cache, pending logits and sampler, and
+        waits at the head of its line. Its tenant, or None when none qualifies."""
+        best = None
         for i in range(len(self._running) - 1, -1, -1):
             s = self._running[i]
-            if s.request.tenant == tenant:
-                del self._running[i]
-                s.decoder = None                    # the KV cache goes; its pending logits and sampler stay
-                self._paused.appendleft(s)
-                self.preemptions += 1
-                return True
-        return False
+            if which(s) and (best is None or s.request.rank > self._running[best].request.rank):
+                best = i
+        if best is None:
+            return None
+        s = self._running.pop(best)
+        self._paused.appendleft(s)
+        self.preemptions += 1
+        return s.request.tenant
 
     def _iteration(self, admitted: list) -> None:
         for u in admitted:
@@ -294,6 +328,7 @@ class Engine:
                 self._release(s)
             elif self._advance(s):
                 still.append(s)
+        still.sort(key=lambda s: s.request.rank)     # stable: a stepping target serves the best tier first
         self._running = still
         if not still:
             return
@@ -309,6 +344,9 @@ class Engine:
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(still), model=self.name)
+            tiers = collections.Counter(s.request.tier for s in still)
+            for tier, k in tiers.items():
+                self.metrics.tier_batch_size.observe(k, model=self.name, tier=tier)
         for s, row in zip(still, logits):
             s.logits = row
 
@@ -320,6 +358,10 @@ class Engine:
             core = Sequence(params, budget, stop_ids=() if t.ignore_eos else self.tokenizer.stop_ids,
                             tokenizer=self.tokenizer, stream=i, top_logprobs=t.top_logprobs)
             s = _Seq(t, i, core)
+            if i == 0:
+                t.queued = time.perf_counter() - t.submitted
+                if self.metrics is not None:
+                    self.metrics.queue_time.observe(t.queued, model=self.name, tier=t.tier)
             s.decoder = self.exe.decoder()
             s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
         except Exception as e:
@@ -330,7 +372,11 @@ class Engine:
         self._running.append(s)
 
     def _resume(self, s: _Seq) -> None:
-        """Rebuild a preempted sequence's KV cache: prefill its prompt and the tokens it fed so far."""
+        """Put a preempted sequence back in the batch (its KV cache kept; one dropped by an engine
+        iteration that failed is rebuilt: its prompt and the tokens it fed so far prefilled again)."""
+        if s.decoder is not None:
+            self._running.append(s)
+            return
         try:
             s.decoder = self.exe.decoder()
             prefill(self.exe, s.decoder, s.request.prompt_ids + s.fed)
@@ -345,6 +391,12 @@ class Engine:
         """Sample one token for `s` and emit its text; False when the sequence has finished."""
         t, core = s.request, s.core
         piece = core.step(s.logits)
+        now = time.perf_counter()
+        if s.first == 0.0:
+            s.first = now
+        elif self.metrics is not None:
+            self.metrics.inter_token.observe(now - s.last, model=self.name, tier=t.tier)
+        s.last = now
         if core.kept:
             t.generated += 1
         if core.finish_reason:
@@ -356,6 +408,9 @@ class Engine:
 
     def _finish(self, s: _Seq, text: str) -> bool:
         t, core = s.request, s.core
+        if self.metrics is not None and core.generated > 1:
+            self.metrics.time_per_output_token.observe((s.last - s.first) / (core.generated - 1),
+                                                       model=self.name, tier=t.tier)
         if text or core.logged:
             self._emit(t, Delta(s.index, text, core.take_logged()))
         self._emit(t, Finished(s.index, core.finish_reason, core.generated))
