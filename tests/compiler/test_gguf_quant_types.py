@@ -118,4 +118,4 @@ def test_llama_cpp_quantized_file_matches_llama_cpp(tmp_path, ftype):
             clear += 1
         feed = [int(np.argmax(want))]
     llm.close()
-    assert clear >= 4           # the sharp output layer makes most choices clear
+    assert clear >= 4           # enough clear choices that the greedy check is not vacuous
