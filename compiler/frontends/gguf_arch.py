@@ -14,6 +14,10 @@ Architectures and how llama.cpp lays them out:
             head size from `attention.key_length`; NEOX rotary
     phi3    one fused QKV weight, one fused gate|up weight; NEOX rotary (the long-context files'
             rope_factors_long/short tensors are refused: isthmus does not apply longrope)
+    gemma2  scaled embedding, post-attention and post-MLP norms, GeGLU, attention and logit
+            soft-capping, sliding-window attention on even layers (compiler/frontends/gemma.py)
+    gemma3  as gemma2 without soft-capping, with per-head Q/K norms, five sliding layers of six
+            with a local rotary base of 10000, the file's base and scaling on the full layers
     gpt2    learned positions, LayerNorm with biases, fused QKV with bias, GELU (tanh) MLP, biases
 """
 
@@ -30,7 +34,8 @@ from isthmus.compiler.frontends.gguf import (MAX_CONTEXT, MAX_HEAD_DIM, MAX_HEAD
 from isthmus.errors import ModelFormatError, UnsupportedError
 
 # architecture -> rotary layout of its Q/K rows in a llama.cpp file (None: no rotary)
-ROPE_LAYOUT = {"llama": "interleaved", "qwen2": "half", "qwen3": "half", "phi3": "half", "gpt2": None}
+ROPE_LAYOUT = {"llama": "interleaved", "qwen2": "half", "qwen3": "half", "phi3": "half", "gemma2": "half",
+               "gemma3": "half", "gpt2": None}
 SUPPORTED = tuple(ROPE_LAYOUT)
 
 _SIZES = {"context_length", "embedding_length", "block_count", "feed_forward_length", "attention.head_count",
@@ -45,7 +50,15 @@ APPLIED = {
     "qwen3": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
     "phi3": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon"},
     "gpt2": _SIZES | {"attention.layer_norm_epsilon"},
+    "gemma2": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon", "attention.sliding_window",
+                                "attn_logit_softcapping", "final_logit_softcapping"},
+    "gemma3": _SIZES | _ROPE | {"attention.layer_norm_rms_epsilon", "attention.sliding_window",
+                                "attention.sliding_window_pattern", "attn_logit_softcapping",
+                                "final_logit_softcapping"},
 }
+# llama.cpp's model sizes whose query scale is 1/sqrt(hidden / heads) rather than 1/sqrt(head_dim)
+# (Gemma 2 and 3 27B; their files record the layer count, not query_pre_attn_scalar)
+_GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 
 
 def config_from_gguf(gguf_file: GGUFFile) -> dict:
@@ -121,7 +134,34 @@ def config_from_gguf(gguf_file: GGUFFile) -> dict:
     config["rope_dim"] = rope_dim
     config["rope_theta"] = get("rope.freq_base", float, 10000.0)
     config["rope_factors"] = _rope_factors(gguf_file, arch, rope_dim)
+    if arch in _GEMMA_27B_LAYERS:
+        if rope_dim != head_dim:
+            raise UnsupportedError(f"{name}: {arch}.rope.dimension_count {rope_dim} differs from the head size")
+        _gemma(config, gguf_file, get)
     return config
+
+
+def _gemma(config: dict, gguf_file: GGUFFile, get) -> None:
+    """Gemma's own settings, read as llama.cpp reads them (its sliding-layer patterns are fixed)."""
+    arch, md, L = config["architecture"], gguf_file.metadata, config["n_layers"]
+
+    def cap(key):
+        value = md.get(f"{arch}.{key}", 0.0)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise ModelFormatError(f"{gguf_file.path}: metadata {arch}.{key} is {one_line(repr(value))}, "
+                                   "expected a number >= 0")
+        return float(value)
+    config["attn_softcap"], config["final_softcap"] = cap("attn_logit_softcapping"), cap("final_logit_softcapping")
+    config["sliding_window"] = get("attention.sliding_window", int, limit=MAX_CONTEXT)
+    if arch == "gemma2":
+        config["sliding"] = [i % 2 == 0 for i in range(L)]
+    else:
+        pattern = get("attention.sliding_window_pattern", int, 6)
+        config["sliding"] = [(i + 1) % pattern != 0 for i in range(L)]
+    config["rope_theta_local"] = 10000.0 if arch == "gemma3" else config["rope_theta"]
+    width = config["hidden"] // config["n_heads"] if L == _GEMMA_27B_LAYERS[arch] else config["head_dim"]
+    config["attn_scale"] = float(width) ** -0.5
+    config["qk_norm"] = arch == "gemma3"
 
 
 def _rope_factors(gguf_file: GGUFFile, arch: str, rope_dim: int) -> list[float]:

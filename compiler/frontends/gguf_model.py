@@ -21,6 +21,9 @@ def load_gguf(source, name: str | None = None) -> Model:
     if arch == "gpt2":
         from isthmus.compiler.frontends.gpt2 import build_gpt2
         graph = build_gpt2(config, weights, name=label, where=f.path)
+    elif arch.startswith("gemma"):
+        from isthmus.compiler.frontends.gemma import build_gemma
+        graph = build_gemma(config, weights, name=label, where=f.path)
     else:
         from isthmus.compiler.frontends.llama import build_llama
         graph = build_llama(config, weights, rope_layout=ROPE_LAYOUT[arch], name=label, where=f.path)

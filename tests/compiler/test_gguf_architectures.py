@@ -1,7 +1,7 @@
 """GGUF files of each architecture isthmus reads, against transformers running the same weights.
 
 tests/support/hf_gguf.py writes tiny random transformers models (llama, llama with llama3 rope
-scaling, qwen2, qwen3, phi3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
+scaling, qwen2, qwen3, phi3, gemma2, gemma3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
 decoder's logits at every step of a prefill and decode must match the transformers model's (f32
 both: within 1e-4 of the logits' range). A setting or tensor isthmus does not apply is an error
 naming it, never a run with wrong numbers.
@@ -17,7 +17,7 @@ import isthmus
 from isthmus.compiler.frontends import load_model
 from isthmus.errors import UnsupportedError
 
-ARCHS = ["llama", "llama3", "qwen2", "qwen3", "phi3", "gpt2"]
+ARCHS = ["llama", "llama3", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"]
 IDS = [3, 17, 5, 60, 22, 9, 41, 7, 2, 88, 14, 30, 20, 33, 1, 70, 19]     # 17 positions: past llama3's 16
 PREFILL = 10
 
@@ -40,7 +40,9 @@ def test_decoder_logits_match_transformers(arch_file, target):
     for i, row in enumerate(got):
         np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
     if target == "numba":        # the fused norm + QKV + rope + in-place cache kernel, where it applies
-        in_place = arch != "qwen3"         # its per-head Q/K norms sit between projection and rotary
+        # qwen3's and gemma3's per-head Q/K norms sit between projection and rotary; gemma's attention
+        # (soft-capped, sliding) runs unfused: those decode through the functional cache
+        in_place = arch not in ("qwen3", "gemma2", "gemma3")
         assert (type(dec).__name__ == "NumbaDecoder") == in_place
 
 
@@ -106,3 +108,25 @@ def test_an_unknown_architecture_names_the_supported_ones(tmp_path):
     w.close()
     with pytest.raises(UnsupportedError, match="architecture 'falcon' is not supported; supported: llama, qwen2"):
         load_model(tmp_path / "f.gguf")
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_gemma_windows_and_caps_matter(arch, tmp_path):
+    """Without the sliding windows (and gemma2's soft caps) the same file gives other logits: the
+    oracle test above would notice them missing."""
+    from isthmus.compiler.frontends.gemma import build_gemma
+    from isthmus.compiler.frontends.gguf import read_gguf
+    from isthmus.compiler.frontends.gguf_arch import config_from_gguf
+
+    path = write_gguf(hf_model(arch), tmp_path / "g.gguf", arch)
+    f = read_gguf(path)
+    config = config_from_gguf(f)
+    assert config["sliding"] == ([True, False] if arch == "gemma2" else [True] * 5 + [False])
+    full = isthmus.compile(load_model(path), target="reference").decoder().step(IDS)
+    for change in ({"sliding": [False] * config["n_layers"]}, {"attn_softcap": 0.0, "final_softcap": 0.0}):
+        if arch == "gemma3" and "attn_softcap" in change:
+            continue
+        from isthmus.compiler.frontends import Model
+        g = build_gemma({**config, **change}, f.tensors)
+        other = isthmus.compile(Model(g, "x", "gguf", config), target="reference").decoder().step(IDS)
+        assert np.abs(other - full).max() > 1e-3 * np.ptp(full), change

@@ -21,7 +21,18 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     import transformers as tf
 
     torch.manual_seed(seed)
-    if arch == "gpt2":
+    if arch in ("gemma2", "gemma3"):
+        # small window and caps, so that positions past the window and the squashing both show
+        kw = dict(TINY, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6, sliding_window=4, bos_token_id=1,
+                  eos_token_id=2, pad_token_id=0)
+        if arch == "gemma2":
+            model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**kw, attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
+                                                         **overrides))
+        else:               # six layers: five sliding (local rotary base 10000), one full (base 1e6)
+            kw["num_hidden_layers"] = 6
+            model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**kw, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
+                                                             **overrides))
+    elif arch == "gpt2":
         cfg = tf.GPT2Config(vocab_size=TINY["vocab_size"], n_embd=TINY["hidden_size"], n_layer=2, n_head=6,
                             n_positions=TINY["max_position_embeddings"], n_inner=TINY["intermediate_size"],
                             activation_function="gelu_new", bos_token_id=1, eos_token_id=2, **overrides)
@@ -83,7 +94,9 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
     w = gguf.GGUFWriter(str(path), name)
     w.add_name(f"tiny-{arch}")
     t = {}
-    if arch == "gpt2":
+    if arch in ("gemma2", "gemma3"):
+        _gemma_tensors(w, cfg, sd, arch, t)
+    elif arch == "gpt2":
         w.add_context_length(cfg.n_positions)
         w.add_embedding_length(cfg.n_embd)
         w.add_feed_forward_length(cfg.n_inner)
@@ -157,6 +170,40 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _gemma_tensors(w, cfg, sd, arch, t):
+    """Gemma as llama.cpp's converter writes it: norm weights with Gemma's 1 added, no Q/K permutation,
+    the tied embedding only, the soft-capping and window settings under the architecture's prefix."""
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
+    if arch == "gemma2":
+        w.add_float32(f"{arch}.attn_logit_softcapping", cfg.attn_logit_softcapping)
+        w.add_float32(f"{arch}.final_logit_softcapping", cfg.final_logit_softcapping)
+    else:
+        w.add_rope_freq_base(cfg.rope_parameters["full_attention"]["rope_theta"])
+    t["token_embd.weight"] = sd["model.embed_tokens.weight"]
+    norms = {"input_layernorm": "attn_norm", "post_attention_layernorm": "post_attention_norm",
+             "pre_feedforward_layernorm": "ffn_norm", "post_feedforward_layernorm": "post_ffw_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    for i in range(cfg.num_hidden_layers):
+        m, b = f"model.layers.{i}", f"blk.{i}"
+        for src, dst in norms.items():
+            if f"{m}.{src}.weight" in sd:
+                t[f"{b}.{dst}.weight"] = sd[f"{m}.{src}.weight"] + 1
+        for src, dst in (("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+                         ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+                         ("mlp.down_proj", "ffn_down")):
+            t[f"{b}.{dst}.weight"] = sd[f"{m}.{src}.weight"]
+    t["output_norm.weight"] = sd["model.norm.weight"] + 1
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
