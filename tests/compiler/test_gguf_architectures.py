@@ -29,7 +29,7 @@ def arch_file(request, tmp_path_factory):
     return request.param, model, path
 
 
-@pytest.mark.parametrize("target", ["reference", "numba"])
+@pytest.mark.parametrize("target", ["reference", "numba", "npu"])
 def test_decoder_logits_match_transformers(arch_file, target):
     arch, hf, path = arch_file
     model = load_model(path)
