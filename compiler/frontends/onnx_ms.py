@@ -7,7 +7,9 @@ same ops from any other frontend.
   optional packed zero points, default 2^(bits-1)), dequantized to f32 while importing (exact):
   a `linear` / `embedding` on the f32 weight.
 - GroupQueryAttention (with packed or separate q/k/v, past caches, seqlens_k, total_sequence_length
-  and, with do_rotary, its cos/sin caches): the KV append is a concat onto the past caches; the
+  and, with do_rotary, its cos/sin caches): the new keys and values go where onnxruntime writes
+  them, at row b's own past length past_b (the end of the cache unless the row is padded), zeros
+  after them; the
   rotary becomes a `rope` whose frequencies are read back from the caches (checked against them);
   attention runs with a boolean mask built as onnxruntime does: batch row b holds
   seqlens_k[b] + 1 keys, of which query i sees those up to position past_b + i (past_b = 0 for
@@ -176,17 +178,41 @@ def _gqa(n: NodeContext):
         q = n.emit("rope", [q, pos], attrs, suffix="q.rope")
         k = n.emit("rope", [k, pos], attrs, suffix="k.rope")
 
-    def cache(past, new, i, what):
+    def concat(past, new, what):
         if past.shape[-1] != d:      # the builder may leave the head dim symbolic ("head_size")
             past = n.emit("reshape", [past], {"shape": [0, 0, 0, d]}, suffix=f"{what}.past")
-        out = n.emit("concat", [past, new], {"axis": 2}, suffix=what)
-        return out
-    present_k, present_v = cache(past_k, k, 1, "present_key"), cache(past_v, v, 2, "present_value")
+        return n.emit("concat", [past, new], {"axis": 2}, suffix=f"{what}.appended")
+    appended_k, appended_v = concat(past_k, k, "present_key"), concat(past_v, v, "present_value")
 
-    t = present_k.shape[2]
-    keys = n.emit("range", [zero, n.emit("squeeze", [n.emit("shape", [present_k], {"start": 2, "end": 3},
+    t = appended_k.shape[2]
+    keys = n.emit("range", [zero, n.emit("squeeze", [n.emit("shape", [appended_k], {"start": 2, "end": 3},
                                                                 suffix="t.shape")], {"axes": [0]}, suffix="t"), one],
                   {"length": t}, suffix="keys")
+    # Row b's new keys go to slots past_b .. past_b + seq - 1 (the end of the cache unless the row was
+    # padded): present[b, :, j] = new[b, :, j - past_b] there, the appended cache elsewhere.
+    rel = n.emit("sub", [n.emit("unsqueeze", [keys], {"axes": [0]}, suffix="keys.b"),
+                         n.emit("unsqueeze", [past_b], {"axes": [1]}, suffix="past.b")], suffix="rel")
+    before = n.emit("less", [rel, zero], suffix="before")
+    window = n.emit("and", [n.emit("not", [before], suffix="rel.nonneg"), n.emit("less", [rel, seq], suffix="rel.in")],
+                    suffix="window")
+    rows = n.emit("range", [zero, n.emit("squeeze", [n.emit("shape", [q], {"start": 0, "end": 1}, suffix="b.shape")],
+                                         {"axes": [0]}, suffix="b"), one], {"length": b}, suffix="rows")
+    rows = n.emit("add", [n.emit("unsqueeze", [rows], {"axes": [1]}, suffix="rows.col"),
+                          n.emit("mul", [rel, zero], suffix="rows.zero")], suffix="rows.bt")
+    at = n.emit("concat", [n.emit("unsqueeze", [rows], {"axes": [-1]}, suffix="at.b"),
+                           n.emit("unsqueeze", [n.emit("where", [window, rel, zero], suffix="rel.in0")], {"axes": [-1]},
+                                  suffix="at.s")], {"axis": -1}, suffix="at")
+    in_window = n.emit("unsqueeze", [window], {"axes": [1, 3]}, suffix="window.bhtd")
+    kept = n.emit("unsqueeze", [before], {"axes": [1, 3]}, suffix="before.bhtd")
+    nothing = n.const(np.zeros((), numpy_dtype(q.dtype)), "nothing")
+
+    def place(new, appended, what):
+        picked = n.emit("gather_nd", [n.emit("transpose", [new], {"perm": [0, 2, 1, 3]}, suffix=f"{what}.bshd"), at],
+                        suffix=f"{what}.placed")
+        picked = n.emit("transpose", [picked], {"perm": [0, 2, 1, 3]}, suffix=f"{what}.placed.t")
+        old = n.emit("where", [kept, appended, nothing], suffix=f"{what}.kept")   # slots after the row's end: 0
+        return n.emit("where", [in_window, picked, old], suffix=what)
+    present_k, present_v = place(k, appended_k, "present_key"), place(v, appended_v, "present_value")
     keys = n.emit("reshape", [keys], {"shape": [1, 1, -1]}, suffix="keys.row")
     seen = n.emit("not", [n.emit("greater", [keys, n.emit("unsqueeze", [pos], {"axes": [2]}, suffix="pos.col")],
                                  suffix="future")], suffix="causal")
