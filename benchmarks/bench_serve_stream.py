@@ -1,6 +1,7 @@
 """One stream through `isthmus serve` against the decode loop of `isthmus chat`, side by side.
 
     python benchmarks/bench_serve_stream.py [--tokens 128] [--rounds 4] [--target numba] [--model PATH]
+    python benchmarks/bench_serve_stream.py --prefix [--rounds 4]
 
 Both decode the same chat prompt greedily for exactly --tokens tokens (`ignore_eos`), and both
 are timed the same way: tokens per second between the first token and the last one (so prompt
@@ -10,6 +11,12 @@ serve side is `isthmus serve` as its own process, with the official `openai` cli
 streaming) in this process timing the SSE chunks as they arrive. The two take turns, --rounds
 times, and the best round of each is reported with their ratio (the target of issue 16: >= 0.9).
 The machine's load average is printed with the figures.
+
+--prefix measures conversation KV reuse instead (issue 16's target: the second turn of a 1,000-token
+conversation within 1.5x the TTFT of a 20-token prompt): per round, a fresh ~1,000-token first
+turn (16 tokens of reply), then its second turn (the first turn, the reply, a short question), a
+~20-token prompt, and the same second turn with its first character changed (nothing to reuse:
+the cold figure), each streamed, TTFT to the first text chunk; best and median of the rounds.
 """
 
 from __future__ import annotations
@@ -74,6 +81,41 @@ async def serve_round(url: str, model: str, n: int) -> dict:
             "rate": (tokens - (tokens - len(times) + 1)) / (times[-1] - times[0])}
 
 
+async def ttft(url: str, model: str, messages: list, n: int = 1) -> tuple[float, str]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    try:
+        t0, first, text = time.perf_counter(), None, []
+        stream = await client.chat.completions.create(model=model, temperature=0, max_tokens=n, stream=True,
+                                                      messages=messages, extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                if c.delta.content:
+                    first = first or time.perf_counter() - t0
+                    text.append(c.delta.content)
+    finally:
+        await client.close()
+    return first, "".join(text)
+
+
+LONG = ("The history of the printing press begins in the fifteenth century, when movable type changed how "
+        "books were made and read across Europe. ")
+
+
+def prefix_rounds(url: str, model: str, rounds: int) -> dict:
+    rows = {"second turn (reused)": [], "20-token prompt": [], "second turn (cold)": []}
+    for r in range(rounds):
+        first = [{"role": "user", "content": f"Round {r}. " + LONG * 36 + " Summarise this."}]
+        _, reply = asyncio.run(ttft(url, model, first, 16))
+        second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "Say more."}]
+        cold = [{"role": "user", "content": "X" + second[0]["content"][1:]}] + second[1:]
+        rows["second turn (reused)"].append(asyncio.run(ttft(url, model, second))[0])
+        rows["20-token prompt"].append(asyncio.run(ttft(url, model, [{"role": "user", "content": f"Hi {r}, how are you?"}]))[0])
+        rows["second turn (cold)"].append(asyncio.run(ttft(url, model, cold))[0])
+    return rows
+
+
 def start_server(model: str, target: str):
     cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
            "--log-level", "warning"]
@@ -93,7 +135,10 @@ def main(argv=None) -> dict:
     p.add_argument("--target", default="numba")
     p.add_argument("--model", default=None, help="a path (default: the pulled default model)")
     p.add_argument("--json", help="also write the figures here")
+    p.add_argument("--prefix", action="store_true", help="measure conversation KV reuse (TTFT) instead")
     args = p.parse_args(argv)
+    if args.prefix:
+        return main_prefix(args)
     import httpx
 
     from isthmus.models import pull
@@ -152,3 +197,43 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def main_prefix(args) -> dict:
+    import httpx
+
+    from isthmus.models import pull
+
+    model = args.model or str(pull(progress=False))
+    proc, url = start_server(model, args.target)
+    try:
+        while True:
+            try:
+                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
+        rows = prefix_rounds(url, model_id, args.rounds)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    load = os.getloadavg()
+    best = {k: min(v) for k, v in rows.items()}
+    median = {k: sorted(v)[len(v) // 2] for k, v in rows.items()}
+    print(f"TTFT, target {args.target}, {args.rounds} rounds; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| prompt | best TTFT | median TTFT | each round (ms) |")
+    print("|---|---:|---:|---|")
+    for k, v in rows.items():
+        each = " ".join(f"{x * 1e3:.0f}" for x in v)
+        print(f"| {k} | {best[k] * 1e3:.0f} ms | {median[k] * 1e3:.0f} ms | {each} |")
+    short = "20-token prompt"
+    print(f"second turn (reused) / 20-token prompt: best {best['second turn (reused)'] / best[short]:.2f}x, "
+          f"median {median['second turn (reused)'] / median[short]:.2f}x; "
+          f"cold / reused: median {median['second turn (cold)'] / median['second turn (reused)']:.1f}x")
+    out = {"target": args.target, "rounds": args.rounds, "load": load, "ttft_s": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out

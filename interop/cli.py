@@ -25,6 +25,9 @@ def register(sub, common) -> None:
                    "and an optional [whatsapp] table for the webhook; without it the server is open")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 503 (default 64)")
+    p.add_argument("--prefix-cache-mb", type=int, default=512,
+                   help="memory for the KV caches of finished requests, reused by prompts that extend theirs "
+                        "(per tenant, least recently used out first; 0: off; always off with --sealed) (default 512)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="request body limit, 413 above (default 1 MiB)")
     p.add_argument("--max-connections", type=int, default=1000,
                    help="open connections in all; when full, the one idle longest is closed (default 1000)")
@@ -82,6 +85,8 @@ def build(args):
 
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
         raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
+    if args.prefix_cache_mb < 0:
+        raise InputError("--prefix-cache-mb must be >= 0")
     limits = _limits(args)
     doc = load_config(args.tenants) if args.tenants else {}
     tenants = Tenants.from_config(doc, args.tenants or "tenants")
@@ -100,7 +105,9 @@ def build(args):
         exe = isthmus.compile(model, target=args.target)
         model_id = args.model_id or (args.model if args.model in REGISTRY else Path(args.model).stem)
         attestation, enclave = None, None     # no attested key, so no end-to-end envelopes either
-    engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting)
+    cache_mb = 0 if session is not None else args.prefix_cache_mb    # sealed: no KV outlives its request
+    engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting,
+                    prefix_cache_bytes=cache_mb << 20)
     whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
     from isthmus.runtime.privacy import UsageStats      # counts under $ISTHMUS_HOME/usage, released only with DP
     app = create_app({model_id: engine}, tenants=tenants, limits=limits,

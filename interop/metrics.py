@@ -148,9 +148,9 @@ class Metrics:
         self.tier_batch_size = Histogram("isthmus_decode_batch_size_by_tier",
                                          "sequences of one service tier per batched decode step", BATCH_BUCKETS)
         self.prefix_lookups = Counter("isthmus_prefix_cache_lookups_total",
-                                      "prompts looked up in the prefix cache, by model, tier and outcome (hit, miss)")
+                                      "prompts looked up in the prefix cache, by model, tenant, tier and outcome (hit, miss)")
         self.prefix_tokens = Counter("isthmus_prefix_cache_reused_tokens_total",
-                                     "prompt tokens whose KV came from the prefix cache, by model and tier")
+                                     "prompt tokens whose KV came from the prefix cache, by model, tenant and tier")
         self.connections_closed = Counter("isthmus_connections_closed_total",
                                           "connections the server closed to protect itself, by reason")
         self._gauges: list[Gauge] = []

@@ -46,6 +46,7 @@ import numpy as np
 from isthmus.compiler.batch import decode_batch, prefill
 from isthmus.compiler.executable import context_length
 from isthmus.errors import InputError
+from isthmus.runtime.prefix_cache import PrefixCache
 from isthmus.runtime.sampling import SamplingParams
 from isthmus.runtime.sequence import Sequence
 
@@ -137,7 +138,7 @@ class Ticket:
 
 class Engine:
     def __init__(self, exe, *, max_batch: int = 32, max_waiting: int = 64, prefill_tokens: int = 512,
-                 metrics=None, name: str = "model"):
+                 metrics=None, name: str = "model", prefix_cache_bytes: int = 0):
         model = exe.model
         if model is None or exe.graph.decoder is None:
             raise InputError("only decoder models (token ids -> logits, with a KV cache) can be served")
@@ -160,6 +161,8 @@ class Engine:
         self.steps = 0                        # batched decode steps run (for metrics and tests)
         self.preemptions = 0                  # sequences preempted for another tenant's fair share
         self.decode = decode_batch            # swappable in tests (fault injection)
+        # finished sequences' decoders, for prompts that extend theirs (runtime/prefix_cache.py); 0: off
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes > 0 else None
 
     # -- control -----------------------------------------------------------------------------------
 
@@ -362,14 +365,27 @@ class Engine:
                 t.queued = time.perf_counter() - t.submitted
                 if self.metrics is not None:
                     self.metrics.queue_time.observe(t.queued, model=self.name, tier=t.tier)
-            s.decoder = self.exe.decoder()
-            s.logits = prefill(self.exe, s.decoder, t.prompt_ids)
+            s.decoder, reused = self._decoder_for(t)
+            s.logits = prefill(self.exe, s.decoder, t.prompt_ids[reused:])
         except Exception as e:
             log.exception("prefill failed")
             bad = isinstance(e, InputError)
             self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
             return
         self._running.append(s)
+
+    def _decoder_for(self, t: Ticket) -> tuple[object, int]:
+        """A decoder for `t`'s prompt: the prefix cache's, holding the longest cached prefix of the
+        prompt (of this tenant only), or a fresh one; and how many prompt tokens it already holds."""
+        hit = None
+        if self.prefix_cache is not None:
+            hit = self.prefix_cache.take(t.tenant, t.prompt_ids)
+            if self.metrics is not None:
+                labels = {"model": self.name, "tenant": t.tenant, "tier": t.tier}
+                self.metrics.prefix_lookups.inc(outcome="hit" if hit else "miss", **labels)
+                if hit:
+                    self.metrics.prefix_tokens.inc(hit[1], **labels)
+        return hit if hit is not None else (self.exe.decoder(), 0)
 
     def _resume(self, s: _Seq) -> None:
         """Put a preempted sequence back in the batch (its KV cache kept; one dropped by an engine
@@ -411,6 +427,8 @@ class Engine:
         if self.metrics is not None and core.generated > 1:
             self.metrics.time_per_output_token.observe((s.last - s.first) / (core.generated - 1),
                                                        model=self.name, tier=t.tier)
+        if self.prefix_cache is not None and s.decoder is not None:     # before Finished: the next turn may follow
+            self.prefix_cache.put(t.tenant, t.prompt_ids + s.fed, s.decoder)     # its KV: prompt + fed tokens
         if text or core.logged:
             self._emit(t, Delta(s.index, text, core.take_logged()))
         self._emit(t, Finished(s.index, core.finish_reason, core.generated))
