@@ -371,6 +371,7 @@ class Bound:
         qv, kv, vv = node.inputs
         out = self._buffer(st.outs[0])
         causal = bool(node.attrs["causal"])
+        softcap, window = float(node.attrs["softcap"]), int(node.attrs["window"])
         hd = qv.shape[3]
         scale = np.float32(node.attrs["scale"] or 1.0 / np.sqrt(hd))
         cache = next((self.caches[c.step] for c in self.exe.plan.caches
@@ -387,7 +388,7 @@ class Bound:
                 k, v = (np.ascontiguousarray(env[x], np.float32) for x in (kv, vv))
                 p = k.shape[2] - q.shape[2]
             jobs = q.shape[0] * q.shape[1] * q.shape[2]
-            attention_kv(q, k, v, p, causal, scale, out, self.scratch(jobs, p + q.shape[2]))
+            attention_kv(q, k, v, p, causal, scale, out, self.scratch(jobs, p + q.shape[2]), softcap, window)
         return call
 
     def _bind_embedding(self, st: Step):
@@ -485,14 +486,13 @@ def _op_impl(node):
     }
     if f32 and node.op in table:
         return table[node.op]
-    if f32 and node.op == "attention" and len(node.inputs) == 3 and not node.attrs["softcap"] \
-            and not node.attrs["window"]:
+    if f32 and node.op == "attention" and len(node.inputs) == 3:
         from isthmus.kernels.numba.attention import attention
 
-        def attn(q, k, v, causal, scale, softcap=0.0, window=0):     # chosen only when both are 0
+        def attn(q, k, v, causal, scale, softcap=0.0, window=0):
             b, h, s, hd = q.shape
             k, v = np.ascontiguousarray(k, np.float32), np.ascontiguousarray(v, np.float32)
-            out = attention(q, k, v, k.shape[2] - s, causal, scale)
+            out = attention(q, k, v, k.shape[2] - s, causal, scale, softcap=softcap, window=window)
             return out.reshape(b, s, h, hd).transpose(0, 2, 1, 3)
         return attn
     return ref

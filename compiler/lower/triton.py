@@ -244,10 +244,14 @@ class _Plan:
     def _bind_attention(self, st):
         node = st.group.attrs["node"]
         causal, scale = node.attrs["causal"], node.attrs["scale"]
+        # the Triton kernel neither squashes scores nor slides a window: those run on the reference
+        kernel = k_attn.attention if not node.attrs["softcap"] and not node.attrs["window"] else (
+            lambda q, k, v, causal, scale: self.tensor(get_op("attention").reference(
+                _to_numpy(q), _to_numpy(k), _to_numpy(v), **node.attrs)))
 
         def attention(state, q, k, v):
             b, h, s, hd = q.shape
-            return k_attn.attention(q, k, v, causal, scale).transpose(1, 2).reshape(b, s, h * hd)
+            return kernel(q, k, v, causal, scale).transpose(1, 2).reshape(b, s, h * hd)
 
         self.add_step(node, attention, node.inputs, st.group.outputs, op=st_label(st))
 

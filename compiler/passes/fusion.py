@@ -204,7 +204,7 @@ def fuse(graph: Graph) -> list[Group]:
     for node in graph.nodes:
         if id(node) in taken:
             continue
-        if node.op == "attention" and len(node.inputs) == 3 and not node.attrs["softcap"] and not node.attrs["window"]:
+        if node.op == "attention" and len(node.inputs) == 3:
             t = _single_user(node.outputs[0], users, graph_outs)
             r = _single_user(t.outputs[0], users, graph_outs) if t is not None and t.op == "transpose" else None
             hq, hd = node.inputs[0].shape[1], node.inputs[0].shape[3]

@@ -2,8 +2,10 @@
 
 q [batch, heads, seq, hd]; k, v [batch, kv_heads, capacity, hd] of which rows 0 .. past + seq
 are valid (the cache, this step's keys included); query i sits at position past + i and, when
-causal, sees keys 0 .. past + i. The output is written as [batch, seq, heads * hd], i.e. with the
-transpose + reshape that always follows attention in a decoder folded in.
+causal, sees keys 0 .. past + i (with a sliding `window` w > 0, keys past + i - w + 1 .. past + i).
+Scores are q.k * scale, squashed to softcap * tanh(s / softcap) when `softcap` > 0 (Gemma 2). The
+output is written as [batch, seq, heads * hd], i.e. with the transpose + reshape that always follows
+attention in a decoder folded in.
 
 Decode: one kernel over (batch, head, query) work items, each computing its scores, softmax and
 weighted sum of values in a row of `scratch` (no allocation). Prefill: per KV head and chunk of
@@ -22,38 +24,54 @@ from isthmus.kernels.numba.threads import serial_blas
 
 
 @njit(inline="always", **JIT)
-def _attend(q, k, v, past, causal, scale, out, scratch, job):
+def _keys(past, i, seq, causal, window):
+    """The keys query i sees: lo .. n - 1."""
+    n = past + i + 1 if causal else past + seq
+    lo = max(0, n - window) if window > 0 else 0
+    return lo, n
+
+
+@njit(inline="always", **JIT)
+def _score(s, scale, softcap):
+    s = s * scale
+    if softcap > 0:
+        s = np.float32(np.tanh(s / softcap)) * softcap
+    return s
+
+
+@njit(inline="always", **JIT)
+def _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window):
     nb, hq, seq, hd = q.shape
     group = hq // k.shape[1]
     b = job // (hq * seq)
     h = (job // seq) % hq
     i = job % seq
     kh = h // group
-    n = past + i + 1 if causal else past + seq
-    for t in range(n):
+    lo, n = _keys(past, i, seq, causal, window)
+    for t in range(lo, n):       # scratch holds key t at column t - lo
         s = np.float32(0.0)
         for j in range(hd):
             s += q[b, h, i, j] * k[b, kh, t, j]
-        scratch[job, t] = s * scale
-    softmax_row(scratch, scratch, job, n)
+        scratch[job, t - lo] = _score(s, scale, softcap)
+    softmax_row(scratch, scratch, job, n - lo)
     for j in range(hd):
         out[b, i, h * hd + j] = 0.0
-    for t in range(n):
-        p = scratch[job, t]
+    for t in range(lo, n):
+        p = scratch[job, t - lo]
         for j in range(hd):
             out[b, i, h * hd + j] += p * v[b, kh, t, j]
 
 
 @njit(**PJIT)
-def attention_par(q, k, v, past, causal, scale, out, scratch):
+def attention_par(q, k, v, past, causal, scale, out, scratch, softcap, window):
     for job in prange(q.shape[0] * q.shape[1] * q.shape[2]):
-        _attend(q, k, v, past, causal, scale, out, scratch, job)
+        _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
 
 
 @njit(**JIT)
-def attention_serial(q, k, v, past, causal, scale, out, scratch):
+def attention_serial(q, k, v, past, causal, scale, out, scratch, softcap, window):
     for job in range(q.shape[0] * q.shape[1] * q.shape[2]):
-        _attend(q, k, v, past, causal, scale, out, scratch, job)
+        _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
 
 
 @njit(**JIT)
@@ -67,7 +85,7 @@ def causal_softmax(scores, past, seq, causal):
 
 
 @njit(**PJIT)
-def attention_blas(q4, k, v, past, causal, scale, out, row_chunk):
+def attention_blas(q4, k, v, past, causal, scale, out, row_chunk, softcap, window):
     """Prefill: for each KV head, its group's queries (q4 [batch, kv_heads, group * seq, hd], query
     row r being head r // seq, position r % seq) in chunks of `row_chunk` rows, one work item per
     chunk: scores and values through BLAS, single-threaded on the item's thread (threads.py)."""
@@ -82,10 +100,13 @@ def attention_blas(q4, k, v, past, causal, scale, out, row_chunk):
         r1 = min(rows, r0 + row_chunk)
         sc = np.dot(q4[b, h, r0:r1], k[b, h, :total].T)
         for r in range(r1 - r0):
-            n = past + (r0 + r) % seq + 1 if causal else total
-            for t in range(n):
-                sc[r, t] *= scale
-            softmax_row(sc, sc, r, n)
+            lo, n = _keys(past, (r0 + r) % seq, seq, causal, window)
+            for t in range(lo, n):
+                sc[r, t] = _score(sc[r, t], scale, softcap)
+            row = sc[r:r + 1, lo:n]        # a view: the softmax over the visible keys only
+            softmax_row(row, row, 0, n - lo)
+            for t in range(lo):
+                sc[r, t] = 0.0
             for t in range(n, total):
                 sc[r, t] = 0.0
         o = np.dot(sc, v[b, h, :total])
@@ -100,7 +121,7 @@ PARALLEL_MIN = 1 << 16     # multiply-adds below which one thread beats a parall
 BLAS_MIN_SEQ = 16          # queries from which BLAS (as for the prefill's matmuls) wins
 
 
-def attention_kv(q, k, v, past, causal, scale, out, scratch):
+def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window=0):
     """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more); else one kernel, serial below PARALLEL_MIN multiply-adds (a decode step early in a
     conversation), parallel above."""
     nb, hq, seq, hd = q.shape
@@ -110,13 +131,15 @@ def attention_kv(q, k, v, past, causal, scale, out, scratch):
         # enough work items for every thread, each a whole number of rows
         row_chunk = -(-rows // max(1, -(-2 * get_num_threads() // (nb * kvh))))
         with serial_blas():
-            attention_blas(q.reshape(nb, kvh, rows, hd), k, v, past, causal, scale, out, row_chunk)
+            attention_blas(q.reshape(nb, kvh, rows, hd), k, v, past, causal, scale, out, row_chunk,
+                           np.float32(softcap), np.int64(window))
         return
     work = q.shape[0] * q.shape[1] * q.shape[2] * (past + q.shape[2]) * q.shape[3]
-    (attention_serial if work < PARALLEL_MIN else attention_par)(q, k, v, past, causal, scale, out, scratch)
+    (attention_serial if work < PARALLEL_MIN else attention_par)(q, k, v, past, causal, scale, out, scratch,
+                                                                 np.float32(softcap), np.int64(window))
 
 
-def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None):
+def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None, softcap=0.0, window=0):
     """Reference-compatible entry: returns [batch, seq, heads * hd] (reshape for the op's layout)."""
     nb, hq, seq, hd = q.shape
     scale = np.float32(scale or 1.0 / np.sqrt(hd))
@@ -125,5 +148,5 @@ def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None):
     need = (nb * hq * seq, past + seq)
     if scratch is None or scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:
         scratch = np.empty(need, np.float32)
-    attention_kv(np.ascontiguousarray(q, np.float32), k, v, past, causal, scale, out, scratch)
+    attention_kv(np.ascontiguousarray(q, np.float32), k, v, past, causal, scale, out, scratch, softcap, window)
     return out

@@ -99,6 +99,19 @@ def test_attention(b, hq, hkv, seq, past, hd, causal):
     np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("seq,past", [(1, 0), (1, 30), (5, 9), (20, 3), (17, 0)])    # decode kernel; BLAS prefill
+@pytest.mark.parametrize("softcap,window", [(0.5, 0), (0.0, 4), (2.0, 7)])
+def test_attention_softcap_and_window(seq, past, softcap, window):
+    """Gemma 2's soft-capped scores and sliding windows against the op's reference definition."""
+    b, hq, hkv, hd = 2, 6, 2, 16
+    q, k, v = rand(b, hq, seq, hd) * 3, rand(b, hkv, past + seq, hd), rand(b, hkv, past + seq, hd)
+    want = ref("attention", q, k, v, causal=True, scale=0.0, softcap=softcap, window=window)
+    got = attention.attention(q, k, v, past, True, softcap=softcap, window=window)
+    np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
+    if past + seq > max(window, 1):        # with more keys than the window (or one key) either one matters
+        assert np.abs(attention.attention(q, k, v, past, True) - got).max() > 1e-3
+
+
 @pytest.mark.parametrize("int_dot", [True, False], ids=["i16-act", "f32-act"])
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
 @pytest.mark.parametrize("n", [1, 3, 20])
