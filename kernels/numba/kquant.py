@@ -9,7 +9,8 @@ byte count (unique per format) choosing the format once per row:
     dequant_blocks_row(qs, r, out, t)      out[t] = W[r] in f32
     dot_blocks_row(qs, r, x, t, sx)        dot(W[r], x[t]), x f32; sx[t, b] = sum of x[t]'s 32-block b
     dot_blocks_row_i16(qs, r, xq, xd, xs, t)   the same with x[t] quantized to i16 per 32-block
-                                            (simd.quantize_rows_i16: x ~ xd * xq, xs = xd * sum(xq))
+                                            (simd.quantize_rows_i16: x ~ xd * xq, xs = xd * sum(xq));
+                                            AVX2 hosts only: mostly kquant_simd.py's vector IR
 
 The dot products follow llama.cpp's k-quant design: per sub-block an integer (or, for f32
 activations, unscaled float) dot product of the small integer weights with x, multiplied by the

@@ -1,17 +1,23 @@
-"""q4_k, q5_k, q6_k, q5_0 and q5_1 (and on AVX-512 hosts q2_k and q3_k) row dot products with i16 activations, written as LLVM vector IR (as
-simd.py's q4/q8 ones, whose helpers they use): the decode hot path of llama.cpp's Q4_K_M files
-(q5_0 is where llama.cpp puts the q4_k rows whose width is not a multiple of 256).
+"""Decode dot products on raw GGUF blocks with i16 activations, written as LLVM vector IR (as
+simd.py's q4/q8 ones, whose helpers they use): q4_k, q5_k, q6_k, q5_0 and q5_1 on every AVX2 host,
+q2_k and q3_k on AVX-512 hosts. These are the decode hot path of llama.cpp's K-quant files (q5_0 is
+where a Q4_K_M file puts the q4_k rows whose width is not a multiple of 256).
 
 Numba loops over these blocks vectorise too (kquant.py), but every 16- or 32-value run then ends
 in a horizontal sum before its scale is applied. Here each run's i16 multiply-adds (vpmaddwd)
-stay a <8 x i32> vector that is converted and multiplied by the run's scale into one <8 x float>
-accumulator kept across the whole row: one horizontal sum per row. The block's sub-block loop is
-unrolled while the IR is generated, so every byte offset and scale-unpacking mask is a constant.
+stay a vector of i32 that is converted and multiplied by the run's scale into one float vector
+accumulator kept across the whole row (<8 x float> with AVX2, <16 x float> with AVX-512BW, where
+one 512-bit vpmaddwd takes a whole 32-value run): one horizontal sum per row. The block's
+sub-block loop is unrolled while the IR is generated, so every byte offset and scale-unpacking
+mask is a constant; with AVX-512 a block's scales (and mins) are unpacked and multiplied by d and
+the activation scales as one vector, each run taking its lane by a shuffle.
 
 Layouts (compiler/quant.py): q4_k 144 bytes = f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128
-bytes of nibbles (32 bytes per 64 values: low nibbles the first 32, high the next); q6_k 210 bytes
-= 128 bytes low nibbles, 64 bytes of 2-bit high parts, 16 int8 scales, f16 d; q5_0 22 bytes =
-f16 d, u32 qh, 16 bytes of nibbles (q5_1: f16 d, f16 m first).
+bytes of nibbles (32 bytes per 64 values: low nibbles the first 32, high the next); q5_k the same
+with 32 bytes of fifth bits after the scales; q6_k 210 bytes = 128 bytes low nibbles, 64 bytes of
+2-bit high parts, 16 int8 scales, f16 d; q2_k 84 bytes = 16 scale/min nibble pairs, 64 bytes of
+2-bit q, f16 d, f16 dmin; q3_k 110 bytes = 32 bytes hmask, 64 bytes of 2-bit q, 12 bytes of 6-bit
+scales, f16 d; q5_0 22 bytes = f16 d, u32 qh, 16 bytes of nibbles (q5_1: f16 d, f16 m first).
 """
 
 from __future__ import annotations
