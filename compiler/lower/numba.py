@@ -241,6 +241,9 @@ class Bound:
                 inv = inv_freq(q["rope"]["dim"] or hd, q["rope"]["theta"], q["rope"]["factors"])
                 inter = q["rope"]["layout"] == "interleaved"
             nq, nkv, rope_k = q["q_heads"], q["kv_heads"], q["rope_k"]
+            empty = np.empty(0, np.float32)
+            qn, kn, n_eps = (empty, empty, np.float32(0.0)) if q["head_norms"] is None else (
+                _f32(q["head_norms"][0]), _f32(q["head_norms"][1]), np.float32(q["head_norms"][2]))
 
             project = self._projection(w, self._static(x_val), x_get, qkv, norm, h)
             if q["positions"] is None or self.env.get(q["positions"]) is not None:
@@ -251,7 +254,7 @@ class Bound:
                 project()
                 if bias is not None:
                     np.add(qkv, bias, out=qkv)
-                qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past)
+                qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past, qn, kn, n_eps)
             return call
         if epi == "swiglu" and isinstance(w, Siblings):
             out = self._buffer(g.outputs[0]).reshape(-1, g.outputs[0].shape[-1])

@@ -212,8 +212,16 @@ class _Plan:
         past_k, past_v = q["past"]
         names = (past_k.name, past_v.name)
 
-        def heads(y, n):
-            return y.reshape(*y.shape[:-1], n, hd).transpose(1, 2)
+        norms = None
+        if q["head_norms"] is not None:
+            qw, kw, eps = q["head_norms"]
+            norms = {"q": self.const(qw), "k": self.const(kw), "eps": eps}
+
+        def heads(y, n, which=None):
+            y = y.reshape(*y.shape[:-1], n, hd)
+            if norms is not None and which is not None:       # per-head RMS norm (Qwen3, Gemma 3)
+                y = k_norm.rmsnorm(y.contiguous(), norms[which], eps=norms["eps"])
+            return y.transpose(1, 2)
 
         def rotate(x, pos, out=None):
             if rope is None:            # no rotary (GPT-2): the heads as they are
@@ -223,7 +231,7 @@ class _Plan:
         def qkv(state, x, *rest):
             pos, pk, pv = rest if len(rest) == 3 else (None, *rest)
             qs, ks, vs = torch.split(project(x), sizes, dim=-1)
-            qh, kh, vh = heads(qs, nq), heads(ks, nkv), heads(vs, nkv)
+            qh, kh, vh = heads(qs, nq, "q"), heads(ks, nkv, "k"), heads(vs, nkv)
             q_rot = rotate(qh, pos)
             if state.cache is None:         # run(): the functional cache, one step longer
                 k_new = rotate(kh, pos) if rope_k else kh

@@ -15,8 +15,8 @@ Groups, in graph order, covering every node exactly once:
               -> epilogue: "add" (a residual added to a single linear's output), "swiglu"
                  (silu(first) * second, two siblings), or "qkv" (below), or none
   qkv         the epilogue of a 3-sibling linear whose outputs are split into heads
-              (reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3]), Q and K rotated by one rope (or
-              neither: `rope` None),
+              (reshape [0, 0, n, hd] [-> rmsnorm per Q and K head: `head_norms`] -> transpose
+              [0, 2, 1, 3]), Q and K rotated by one rope (or neither: `rope` None),
               K and V appended to the KV cache (concat(past, new, axis=2), past a cache input of
               the graph's DecoderInterface): the group outputs
               the rotated Q and the two present caches, which a backend keeps in place
@@ -59,8 +59,8 @@ def _single_user(v: Value, users, graph_outs) -> Node | None:
 
 
 def _heads_chain(y: Value, users, graph_outs, pasts):
-    """y -> reshape [0, 0, n, hd] -> transpose [0, 2, 1, 3] [-> rope] [-> concat(past, ., axis=2)],
-    past one of the decoder interface's cache inputs."""
+    """y -> reshape [0, 0, n, hd] [-> rmsnorm over each head] -> transpose [0, 2, 1, 3] [-> rope]
+    [-> concat(past, ., axis=2)], past one of the decoder interface's cache inputs."""
     r = _single_user(y, users, graph_outs)
     if r is None or r.op != "reshape" or list(r.attrs["shape"][:2]) != [0, 0] or len(r.attrs["shape"]) != 4:
         return None
@@ -68,9 +68,14 @@ def _heads_chain(y: Value, users, graph_outs, pasts):
     if not (isinstance(n, int) and isinstance(hd, int) and n > 0 and hd > 0):
         return None
     t = _single_user(r.outputs[0], users, graph_outs)
+    norm = None
+    if (t is not None and t.op == "rmsnorm" and t.inputs[0] is r.outputs[0] and t.inputs[1].is_constant
+            and tuple(t.inputs[1].shape) == (hd,)):        # Qwen3's and Gemma 3's per-head Q/K norm
+        norm, t = t, _single_user(t.outputs[0], users, graph_outs)
     if t is None or t.op != "transpose" or list(t.attrs["perm"] or []) != [0, 2, 1, 3]:
         return None
-    chain = {"nodes": [r, t], "heads": n, "hd": hd, "rope": None, "concat": None, "out": t.outputs[0]}
+    chain = {"nodes": [r, t] if norm is None else [r, norm, t], "heads": n, "hd": hd, "norm": norm, "rope": None,
+             "concat": None, "out": t.outputs[0]}
     nxt = _single_user(t.outputs[0], users, graph_outs)
     if nxt is not None and nxt.op == "rope" and nxt.inputs[0] is t.outputs[0]:
         chain["rope"] = nxt
@@ -102,11 +107,15 @@ def _match_qkv(lins, users, graph_outs, pasts):
     rq, rk = q["rope"], k["rope"]
     if rq is None and rk is not None:
         return None
+    nq, nk = q["norm"], k["norm"]
+    if v["norm"] is not None or (nq is None) != (nk is None) or (nq is not None and nq.attrs != nk.attrs):
+        return None
     if rk is not None and (rk.attrs != rq.attrs or rk.inputs[1] is not rq.inputs[1]):
         return None
     return {"q_heads": q["heads"], "kv_heads": k["heads"], "head_dim": q["hd"],
             "rope": dict(rq.attrs) if rq is not None else None,       # None: no rotary (GPT-2)
             "rope_k": rk is not None, "positions": rq.inputs[1] if rq is not None else None,
+            "head_norms": None if nq is None else (nq.inputs[1], nk.inputs[1], float(nq.attrs["eps"])),
             "past": (k["concat"].inputs[0], v["concat"].inputs[0]),
             "nodes": q["nodes"] + k["nodes"] + v["nodes"], "outs": [q["out"], k["out"], v["out"]]}
 

@@ -99,12 +99,25 @@ def rope(x, positions, theta=10000.0, layout="half", dim=0, out=None, factors=()
     return out
 
 
+@njit(inline="always", **JIT)
+def _head_norm(x, w, eps):
+    """x = rmsnorm(x) * w in place, over one head vector (as the rmsnorm op: f32, mean of squares)."""
+    ss = np.float32(0.0)
+    for j in range(x.shape[0]):
+        ss += x[j] * x[j]
+    r = np.float32(1.0) / np.sqrt(ss / np.float32(x.shape[0]) + eps)
+    for j in range(x.shape[0]):
+        x[j] = x[j] * r * w[j]
+
+
 @njit(**JIT)
-def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_out, past):
+def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_out, past,
+                 q_norm, k_norm, eps):
     """Split the fused projection qkv [batch * seq, (n_q + 2 n_kv) * hd] into heads:
 
     q_out [batch, n_q, seq, hd] rotated; k (rotated when rope_k) and v written into the caches
     k_out, v_out [batch, n_kv, capacity, hd] at rows past .. past + seq (the in-place KV append).
+    With q_norm / k_norm [hd] (empty: none), each Q and K head is RMS-normalised first, in qkv.
     """
     nb, seq = q_out.shape[0], q_out.shape[2]
     hd = q_out.shape[3]
@@ -115,9 +128,13 @@ def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_
             row = qkv[b * seq + s]
             _angles(pos[b, s], inv, cs, sn)
             for h in range(n_q):
+                if q_norm.shape[0]:
+                    _head_norm(row[h * hd:(h + 1) * hd], q_norm, eps)
                 _rotate(row[h * hd:(h + 1) * hd], q_out[b, h, s], cs, sn, interleaved)
             for h in range(n_kv):
                 src = row[(n_q + h) * hd:(n_q + h + 1) * hd]
+                if k_norm.shape[0]:
+                    _head_norm(src, k_norm, eps)
                 if rope_k:
                     _rotate(src, k_out[b, h, past + s], cs, sn, interleaved)
                 else:

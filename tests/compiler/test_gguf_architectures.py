@@ -39,11 +39,8 @@ def test_decoder_logits_match_transformers(arch_file, target):
     got = [np.array(dec.step(IDS[:PREFILL]))] + [np.array(dec.step([t])) for t in IDS[PREFILL:]]
     for i, row in enumerate(got):
         np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
-    if target == "numba":        # the fused norm + QKV + rope + in-place cache kernel, where it applies
-        # qwen3's and gemma3's per-head Q/K norms sit between projection and rotary, which the fused
-        # qkv kernel does not do: those two decode through the functional cache
-        in_place = arch not in ("qwen3", "gemma3")
-        assert (type(dec).__name__ == "NumbaDecoder") == in_place
+    if target == "numba":        # every family here decodes through the fused qkv kernel, in place
+        assert type(dec).__name__ == "NumbaDecoder"
 
 
 @pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "phi3"])

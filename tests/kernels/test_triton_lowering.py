@@ -158,7 +158,7 @@ def test_decoder_of_an_architecture_only_its_frontend_knows():
         np.testing.assert_allclose(dec.step(ids), want, rtol=0, atol=2e-4 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama3", "gemma2"])
+@pytest.mark.parametrize("arch", ["gpt2", "qwen2", "llama3", "gemma2", "qwen3"])
 def test_decoder_of_gguf_architectures_matches_transformers(arch, tmp_path):
     """No rotary (gpt2), Q/K/V biases (qwen2), rope factors (llama3) through the shared plan's qkv step; gemma2's
     soft-capped sliding-window attention on the host reference."""
