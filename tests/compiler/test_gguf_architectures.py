@@ -127,3 +127,27 @@ def test_gemma_windows_and_caps_matter(arch, tmp_path):
         g = build_gemma({**config, **change}, f.tensors)
         other = isthmus.compile(Model(g, "x", "gguf", config), target="reference").decoder().step(IDS)
         assert np.abs(other - full).max() > 1e-3 * np.ptp(full), change
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "phi3", "gemma2", "gpt2"])
+def test_isthmus_info_and_chat_on_a_file_of_each_family(arch, tmp_path, capsys):
+    """The CLI on a GGUF carrying a byte-level BPE vocabulary and a ChatML template: the reply is
+    transformers' greedy continuation of the same prompt tokens."""
+    import torch
+    from cli_runner import run
+    from gguf_vocabs import TEMPLATE, train_bpe
+
+    vocab = train_bpe()
+    hf = hf_model(arch, vocab_size=len(vocab[0]))
+    path = write_gguf(hf, tmp_path / f"{arch}.gguf", arch, vocab=vocab, template=TEMPLATE)
+    rc, out, err = run(capsys, "info", path)
+    assert rc == 0 and f"architecture    {arch}" in out, err
+    rc, out, err = run(capsys, "chat", "--model", path, "--max-tokens", "8", "the quick fox")
+    assert rc == 0, err
+    tok = load_model(path).tokenizer
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "the quick fox"}]))
+    with torch.no_grad():
+        ids = hf.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                          eos_token_id=tok.eos_id, pad_token_id=0)[0, len(prompt):].tolist()
+    ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
+    assert out.strip() == tok.decode(ids).strip()

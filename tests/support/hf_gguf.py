@@ -21,9 +21,10 @@ def hf_model(arch: str, seed: int = 0, **overrides):
     import transformers as tf
 
     torch.manual_seed(seed)
+    tiny = dict(TINY, **{k: overrides.pop(k) for k in list(overrides) if k in TINY})
     if arch in ("gemma2", "gemma3"):
         # small window and caps, so that positions past the window and the squashing both show
-        kw = dict(TINY, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6, sliding_window=4, bos_token_id=1,
+        kw = dict(tiny, head_dim=16, query_pre_attn_scalar=16, rms_norm_eps=1e-6, sliding_window=4, bos_token_id=1,
                   eos_token_id=2, pad_token_id=0)
         if arch == "gemma2":
             model = tf.Gemma2ForCausalLM(tf.Gemma2Config(**kw, attn_logit_softcapping=1.5, final_logit_softcapping=3.0,
@@ -33,12 +34,12 @@ def hf_model(arch: str, seed: int = 0, **overrides):
             model = tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(**kw, rope_theta=1_000_000.0, rope_local_base_freq=10000.0,
                                                              **overrides))
     elif arch == "gpt2":
-        cfg = tf.GPT2Config(vocab_size=TINY["vocab_size"], n_embd=TINY["hidden_size"], n_layer=2, n_head=6,
-                            n_positions=TINY["max_position_embeddings"], n_inner=TINY["intermediate_size"],
+        cfg = tf.GPT2Config(vocab_size=tiny["vocab_size"], n_embd=tiny["hidden_size"], n_layer=2, n_head=6,
+                            n_positions=tiny["max_position_embeddings"], n_inner=tiny["intermediate_size"],
                             activation_function="gelu_new", bos_token_id=1, eos_token_id=2, **overrides)
         model = tf.GPT2LMHeadModel(cfg)
     else:
-        kw = dict(TINY, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
+        kw = dict(tiny, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1,
                   eos_token_id=2, **overrides)
         if arch == "llama3":
             kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
@@ -84,8 +85,11 @@ def _llama3_rope_freqs(cfg) -> np.ndarray:
     return np.asarray(out, np.float32)
 
 
-def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra_tensors: dict | None = None):
-    """`model` (from hf_model) as a GGUF file at `path`, f32 tensors (norms and biases f32 as llama.cpp)."""
+def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra_tensors: dict | None = None,
+               vocab=None, template: str | None = None):
+    """`model` (from hf_model) as a GGUF file at `path`, f32 tensors (norms and biases f32 as llama.cpp);
+    `vocab` (tokens, merges, token types of a byte-level BPE, e.g. gguf_vocabs.train_bpe()) and
+    `template` add a tokenizer and a chat template, ending turns at <|im_end|>."""
     import gguf
 
     cfg = model.config
@@ -159,6 +163,17 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
         t["output.weight"] = sd["lm_head.weight"]
         if arch == "llama3":
             t["rope_freqs.weight"] = _llama3_rope_freqs(cfg)
+    if vocab is not None:
+        tokens, merges, types = vocab
+        w.add_string("tokenizer.ggml.model", "gpt2")
+        w.add_string("tokenizer.ggml.pre", "gpt-2")
+        w.add_array("tokenizer.ggml.tokens", tokens)
+        w.add_array("tokenizer.ggml.token_type", types)
+        w.add_array("tokenizer.ggml.merges", merges)
+        w.add_uint32("tokenizer.ggml.bos_token_id", tokens.index("<|endoftext|>"))
+        w.add_uint32("tokenizer.ggml.eos_token_id", tokens.index("<|im_end|>"))
+    if template is not None:
+        w.add_string("tokenizer.chat_template", template)
     for key, value in (extra_metadata or {}).items():
         w.add_key_value(key, value, gguf.GGUFValueType.FLOAT32 if isinstance(value, float) else
                         gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.STRING)
