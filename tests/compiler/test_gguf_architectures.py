@@ -151,3 +151,26 @@ def test_isthmus_info_and_chat_on_a_file_of_each_family(arch, tmp_path, capsys):
                           eos_token_id=tok.eos_id, pad_token_id=0)[0, len(prompt):].tolist()
     ids = ids[:ids.index(tok.eos_id)] if tok.eos_id in ids else ids
     assert out.strip() == tok.decode(ids).strip()
+
+
+# the formats the gguf package can quantize (k-quant files, made by llama.cpp's own quantizer, are
+# tests/compiler/test_gguf_quant_types.py's)
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_quantized_files_match_transformers_reading_the_same_file(arch, quant, tmp_path):
+    """Linears quantized by the gguf package's own quantizer; the oracle is transformers loading the
+    GGUF itself (it dequantizes with the gguf package; for these two families its reading of the f32
+    files is exact). Quantization moves the logits by 0.4-6 % of their range; isthmus reads the same
+    numbers (reference: 1e-6 of the range; numba, whose decode kernels quantize activations to i16
+    per 32-block: 1e-4)."""
+    import transformers as tf
+
+    hf = hf_model(arch, hidden_size=96, intermediate_size=256)
+    write_gguf(hf, tmp_path / "q.gguf", arch, quant=quant)
+    oracle = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="q.gguf")
+    want = hf_logits(oracle, IDS)[-1]
+    model = load_model(tmp_path / "q.gguf")
+    assert set(model.quantization()) >= {quant.lower()}
+    for target, tol in (("reference", 1e-6), ("numba", 1e-4)):
+        got = isthmus.compile(model, target=target).decoder().step(IDS)
+        np.testing.assert_allclose(got, want, rtol=0, atol=tol * np.ptp(want), err_msg=target)

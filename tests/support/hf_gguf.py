@@ -86,10 +86,12 @@ def _llama3_rope_freqs(cfg) -> np.ndarray:
 
 
 def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra_tensors: dict | None = None,
-               vocab=None, template: str | None = None):
+               vocab=None, template: str | None = None, quant: str | None = None):
     """`model` (from hf_model) as a GGUF file at `path`, f32 tensors (norms and biases f32 as llama.cpp);
     `vocab` (tokens, merges, token types of a byte-level BPE, e.g. gguf_vocabs.train_bpe()) and
-    `template` add a tokenizer and a chat template, ending turns at <|im_end|>."""
+    `template` add a tokenizer and a chat template, ending turns at <|im_end|>. `quant` ("Q8_0",
+    "Q4_0", ...) quantizes the linear weights with the gguf package's own quantizer, as llama.cpp's
+    converter does with --outtype."""
     import gguf
 
     cfg = model.config
@@ -179,7 +181,13 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
                         gguf.GGUFValueType.UINT32 if isinstance(value, int) else gguf.GGUFValueType.STRING)
     t |= extra_tensors or {}
     for n, a in t.items():
-        w.add_tensor(n, np.ascontiguousarray(a, np.float32))
+        a = np.ascontiguousarray(a, np.float32)
+        if quant and a.ndim == 2 and n != "token_embd.weight" and n != "position_embd.weight":
+            qt = getattr(gguf.GGMLQuantizationType, quant)
+            w.add_tensor(n, gguf.quants.quantize(a, qt), raw_shape=gguf.quant_shape_to_byte_shape(a.shape, qt),
+                         raw_dtype=qt)
+        else:
+            w.add_tensor(n, a)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
