@@ -3,6 +3,8 @@
 Export kinds (folders as the exporter leaves them, model.onnx beside config.json and the tokenizer):
 - dynamo: `torch.onnx.export(dynamo=True)` of `transformers` models (input_ids + attention_mask ->
   logits, no cache), made here from tiny random configs (tests/support/onnx_exports.py);
+- dynamocache: the same exporter on a decoder step with its cache (input_ids, attention_mask,
+  position_ids, past_key.N / past_value.N -> logits, present_key.N / present_value.N);
 - optimum: optimum-onnx's text-generation-with-past exports (past_key_values.N.key/value in,
   present.N.key/value out, attention_mask and position_ids), committed in tests/data/optimum
   with their source checkpoints (optimum-onnx needs transformers < 4.58; see make.py there);
@@ -39,10 +41,11 @@ from isthmus.compiler.kv_cache import FunctionalDecoder  # noqa: E402
 from isthmus.runtime.generate import generate  # noqa: E402
 from isthmus.runtime.sampling import SamplingParams  # noqa: E402
 from cli_runner import run  # noqa: E402
-from onnx_exports import VOCAB, export_dynamo, hf_model, hf_tokenizer  # noqa: E402
+from onnx_exports import VOCAB, export_dynamo, export_dynamo_with_cache, hf_model, hf_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
-KINDS = ["dynamo-llama", "dynamo-gpt2", "optimum-llama", "optimum-gpt2", "genai-fp32", "genai-int4"]
+KINDS = ["dynamo-llama", "dynamo-gpt2", "dynamocache-llama", "dynamocache-gpt2", "optimum-llama", "optimum-gpt2",
+         "genai-fp32", "genai-int4"]
 TOL = 1e-4          # of the logits' range
 # genai int4 against onnxruntime as published: MatMulNBits at accuracy_level 4 quantizes the
 # activations to int8 (isthmus computes with the exactly dequantized weights in f32)
@@ -79,9 +82,9 @@ def _exact_copy(folder: Path, tmp: Path) -> Path:
 def export(request, tmp_path_factory):
     kind, variant = request.param.split("-")
     tmp = tmp_path_factory.mktemp(request.param)
-    if kind == "dynamo":
+    if kind.startswith("dynamo"):
         source = hf_model(variant)
-        folder = export_dynamo(source, tmp)
+        folder = (export_dynamo if kind == "dynamo" else export_dynamo_with_cache)(source, tmp)
     else:
         folder = DATA / kind / variant
         src = DATA / kind / ("source" if kind == "genai" else f"{variant}-source")
@@ -106,10 +109,11 @@ def _ort_feeds(sess, ids, mask, past=None, head_size=None):
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
         feeds["position_ids"] = pos[:, -ids.shape[1]:]
     for n, i in names.items():
-        if n.startswith("past_key_values"):
+        if n.startswith("past_"):
             batch, heads, _, dim = i.shape
             shape = [ids.shape[0], heads, 0, dim if isinstance(dim, int) else head_size]
-            feeds[n] = np.zeros(shape, np.float32) if past is None else past[n.replace("past_key_values", "present")]
+            present = n.replace("past_key_values", "present") if n.startswith("past_key_values") else "present" + n[4:]
+            feeds[n] = np.zeros(shape, np.float32) if past is None else past[present]
     return feeds
 
 
@@ -142,8 +146,11 @@ def oracle_greedy(e: Export, ids: list[int], n: int, eos: int | None = None) -> 
 def test_the_decoder_record_names_the_exporters_inputs(export):
     d = export.model.graph.decoder
     assert d.input_ids == "input_ids" and d.logits == "logits" and d.attention_mask == "attention_mask"
-    if export.kind.startswith("dynamo"):
+    if export.kind.startswith("dynamo-"):
         assert d.position_ids is None and d.kv == ()
+    elif export.kind.startswith("dynamocache"):
+        assert d.position_ids == "position_ids"
+        assert [(c.past_key, c.present_value) for c in d.kv] == [(f"past_key.{i}", f"present_value.{i}") for i in range(2)]
     else:
         assert d.position_ids == ("position_ids" if export.kind.startswith("optimum") else None)
         assert [(c.past_key, c.present_value) for c in d.kv] == \
@@ -194,7 +201,7 @@ def test_logits_and_caches_match_onnxruntime(export, compiled, target):
         else:
             mask[1, :3] = 0
         feeds = _ort_feeds(sess, ids, mask, head_size=head)
-        for _ in range(1 if export.kind.startswith("dynamo") else 3):
+        for _ in range(3 if export.model.graph.decoder.kv else 1):
             theirs = dict(zip(names, sess.run(names, feeds)))
             ours = exe.run(feeds)
             span = np.ptp(theirs["logits"])

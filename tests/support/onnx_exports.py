@@ -93,6 +93,57 @@ def _logits_only(model):
     return LogitsOnly()
 
 
+def _with_cache(model):
+    """input_ids, attention_mask, position_ids, past_key.N / past_value.N -> logits, present_key.N /
+    present_value.N: the cache as tensors, rebuilt into transformers' DynamicCache inside."""
+    import torch
+    from transformers import DynamicCache
+
+    layers = model.config.num_hidden_layers
+
+    class WithCache(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=model.config)
+            for i in range(layers):
+                cache.update(past[2 * i], past[2 * i + 1], i)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             past_key_values=cache, use_cache=True)
+            kv = out.past_key_values.layers
+            return (out.logits, *(t for layer in kv for t in (layer.keys, layer.values)))
+    return WithCache()
+
+
+def export_dynamo_with_cache(model, folder) -> Path:
+    """torch.onnx.export(dynamo=True) of a decoder step with its KV cache as inputs and outputs
+    (the naming torch.onnx users give it: past_key.N -> present_key.N), dynamic batch, seq, past."""
+    import torch
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    b, s, p = 2, 3, 4
+    ids = torch.randint(3, VOCAB, (b, s))
+    mask = torch.ones(b, p + s, dtype=torch.int64)
+    pos = torch.arange(p, p + s)[None].expand(b, s)
+    past = [torch.randn(b, heads, p, head_dim) for _ in range(2 * cfg.num_hidden_layers)]
+    batch, seq, length = torch.export.Dim("batch"), torch.export.Dim("seq"), torch.export.Dim("past")
+    names = [f"past_{kv}.{i}" for i in range(cfg.num_hidden_layers) for kv in ("key", "value")]
+    torch.onnx.export(_with_cache(model), (ids, mask, pos, *past), str(folder / "model.onnx"), dynamo=True,
+                      input_names=["input_ids", "attention_mask", "position_ids", *names],
+                      output_names=["logits", *("present" + n[4:] for n in names)],
+                      dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: torch.export.Dim("total")}, {0: batch, 1: seq},
+                                      tuple({0: batch, 2: length} for _ in names)),   # *past: one tuple
+                      external_data=False, verbose=False)
+    save_beside(model, folder)
+    return folder
+
+
 def export_dynamo(model, folder) -> Path:
     """torch.onnx.export(dynamo=True) of input_ids + attention_mask -> logits, dynamic batch and seq."""
     import torch
