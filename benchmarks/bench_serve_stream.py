@@ -2,6 +2,7 @@
 
     python benchmarks/bench_serve_stream.py [--tokens 128] [--rounds 4] [--target numba] [--model PATH]
     python benchmarks/bench_serve_stream.py --prefix [--rounds 4]
+    python benchmarks/bench_serve_stream.py --chunked [--streams 8] [--tokens 128]
 
 Both decode the same chat prompt greedily for exactly --tokens tokens (`ignore_eos`), and both
 are timed the same way: tokens per second between the first token and the last one (so prompt
@@ -17,6 +18,12 @@ conversation within 1.5x the TTFT of a 20-token prompt): per round, a fresh ~1,0
 turn (16 tokens of reply), then its second turn (the first turn, the reply, a short question), a
 ~20-token prompt, and the same second turn with its first character changed (nothing to reuse:
 the cold figure), each streamed, TTFT to the first text chunk; best and median of the rounds.
+
+--chunked measures chunked prefill (the target: a 2,000-token prompt arriving while 8 streams run
+leaves those streams' p99 inter-token latency <= 3x their median): --streams streams of --tokens
+tokens start together; once all have their first token, a ~2,000-token prompt arrives; the gaps
+between the streams' text chunks (from their first chunk on) are pooled, and their median, p90,
+p99 and max are printed, with the long prompt's TTFT.
 """
 
 from __future__ import annotations
@@ -116,6 +123,53 @@ def prefix_rounds(url: str, model: str, rounds: int) -> dict:
     return rows
 
 
+async def chunked_round(url: str, model: str, streams: int, n: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+    started = asyncio.Event()
+    firsts = [0]
+
+    async def one(i):
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=n, stream=True, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": f"Write a story about the number {i}."}])
+        times = []
+        async for chunk in stream:
+            if any(c.delta.content for c in chunk.choices):
+                times.append(time.perf_counter())
+                if len(times) == 1:
+                    firsts[0] += 1
+                    if firsts[0] == streams:
+                        started.set()
+        return times
+
+    async def long_prompt():
+        await started.wait()
+        await asyncio.sleep(0.5)
+        t0 = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=4, stream=True, extra_body={"ignore_eos": True},
+            messages=[{"role": "user", "content": LONG * 76 + " Summarise this."}])
+        first = None
+        async for chunk in stream:
+            if first is None and any(c.delta.content for c in chunk.choices):
+                first = time.perf_counter() - t0
+        return t0, first
+
+    try:
+        *runs, (t_long, ttft_long) = await asyncio.gather(*(one(i) for i in range(streams)), long_prompt())
+    finally:
+        await client.close()
+    gaps = sorted(b - a for times in runs for a, b in zip(times, times[1:]))
+    during = sorted(b - a for times in runs for a, b in zip(times, times[1:]) if b > t_long)
+
+    def q(xs, p):
+        return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))] if xs else float("nan")
+    return {"median": q(gaps, 0.5), "p90": q(gaps, 0.9), "p99": q(gaps, 0.99), "max": gaps[-1],
+            "gaps": len(gaps), "long_ttft": ttft_long, "median_after_long": q(during, 0.5)}
+
+
 def start_server(model: str, target: str):
     cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
            "--log-level", "warning"]
@@ -136,9 +190,13 @@ def main(argv=None) -> dict:
     p.add_argument("--model", default=None, help="a path (default: the pulled default model)")
     p.add_argument("--json", help="also write the figures here")
     p.add_argument("--prefix", action="store_true", help="measure conversation KV reuse (TTFT) instead")
+    p.add_argument("--chunked", action="store_true", help="measure chunked prefill (inter-token latency) instead")
+    p.add_argument("--streams", type=int, default=8)
     args = p.parse_args(argv)
     if args.prefix:
         return main_prefix(args)
+    if args.chunked:
+        return main_chunked(args)
     import httpx
 
     from isthmus.models import pull
@@ -195,10 +253,6 @@ def main(argv=None) -> dict:
     return out
 
 
-if __name__ == "__main__":
-    main()
-
-
 def main_prefix(args) -> dict:
     import httpx
 
@@ -237,3 +291,42 @@ def main_prefix(args) -> dict:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
     return out
+
+
+def main_chunked(args) -> dict:
+    import httpx
+
+    from isthmus.models import pull
+
+    model = args.model or str(pull(progress=False))
+    proc, url = start_server(model, args.target)
+    try:
+        while True:
+            try:
+                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
+        rows = [asyncio.run(chunked_round(url, model_id, args.streams, args.tokens)) for _ in range(args.rounds)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    load = os.getloadavg()
+    print(f"{args.streams} streams of {args.tokens} tokens, a ~2,000-token prompt arriving while they run; "
+          f"target {args.target}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| round | ITL median | p90 | p99 | max | p99 / median | long prompt TTFT |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for i, r in enumerate(rows):
+        print(f"| {i} | {r['median'] * 1e3:.0f} ms | {r['p90'] * 1e3:.0f} ms | {r['p99'] * 1e3:.0f} ms | "
+              f"{r['max'] * 1e3:.0f} ms | {r['p99'] / r['median']:.2f}x | {r['long_ttft']:.2f} s |")
+    out = {"target": args.target, "streams": args.streams, "tokens": args.tokens, "load": load, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+if __name__ == "__main__":
+    main()

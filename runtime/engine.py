@@ -3,8 +3,10 @@
 An `Engine` owns an executable and a worker thread. Requests wait in a bounded queue (a full
 queue is `Overloaded`, which the server answers with 503); each loop iteration
 
-  1. admits waiting requests while batch slots are free, prefilling their prompts (at most
-     `prefill_tokens` prompt tokens per iteration, so running streams are not starved);
+  1. admits waiting requests while batch slots are free (reusing a cached prefix of the prompt,
+     runtime/prefix_cache.py) and prefills their prompts: all at once (up to `prefill_tokens`)
+     when nothing decodes, else in chunks of about one decode step's cost per iteration (chunked
+     prefill, `_feed_prompts`), so a long prompt does not stall the running streams;
   2. steps every running sequence (`runtime.sequence.Sequence`, the generation core that
      `runtime.generate.TextStream` drives too: sampling, budget, stop ids, stop strings, UTF-8
      holdback) on its pending logits, emits the text, and retires the sequences that finished;
@@ -60,6 +62,7 @@ class Overloaded(Exception):
 # Service tiers (OpenAI's `service_tier` values), best first: the rank orders admission and decode, and a
 # higher tier preempts a lower one when the batch is full.
 TIERS = {"priority": 0, "default": 1, "flex": 2}
+PREFILL_QUANTUM = 32     # a prompt prefilled in parts is cut at multiples of this many tokens
 
 
 # -- events (worker thread -> request owner) -------------------------------------------------------
@@ -104,6 +107,7 @@ class _Seq:
     decoder: object = None
     logits: np.ndarray | None = None
     fed: list = field(default_factory=list)     # generated tokens already in the KV cache (to resume)
+    todo: list = field(default_factory=list)    # prompt tokens not prefilled yet (chunked prefill)
     first: float = 0.0                          # perf_counter of its first token, and of its last
     last: float = 0.0
 
@@ -149,6 +153,10 @@ class Engine:
         self.exe, self.model, self.tokenizer, self.name = exe, model, model.tokenizer, name
         self.n_ctx = context_length(exe)
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
+        # chunked prefill: while streams decode, an iteration prefills about `prefill_share` x a decode
+        # step's time of prompt tokens (from running means of both), in multiples of PREFILL_QUANTUM
+        self.prefill_share = 1.0
+        self._step_s = self._token_s = 0.0
         self.metrics = metrics
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._paused: collections.deque[_Seq] = collections.deque()     # preempted, to resume first
@@ -325,16 +333,19 @@ class Engine:
                 self._resume(u)
             elif not u.ticket.done:
                 self._prefill(u.ticket, u.index)
-        still = []
+        self._feed_prompts()
+        running = []
         for s in self._running:
             if s.request.cancelled:
                 self._release(s)
-            elif self._advance(s):
-                still.append(s)
-        still.sort(key=lambda s: s.request.rank)     # stable: a stepping target serves the best tier first
-        self._running = still
+            elif s.todo or self._advance(s):
+                running.append(s)
+        running.sort(key=lambda s: s.request.rank)     # stable: a stepping target serves the best tier first
+        self._running = running
+        still = [s for s in running if not s.todo]
         if not still:
             return
+        t0 = time.perf_counter()
         try:
             logits = self.decode(self.exe, [s.decoder for s in still], [s.core.token for s in still])
         except Exception as e:
@@ -342,8 +353,10 @@ class Engine:
             bad = isinstance(e, InputError)
             for t in {s.request for s in still}:
                 self._fail(t, str(e) if bad else "internal error while generating", 400 if bad else 500)
-            self._running = []
+            self._running = [s for s in self._running if not s.request.done]
             return
+        dt = time.perf_counter() - t0
+        self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
         self.steps += 1
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(still), model=self.name)
@@ -366,13 +379,54 @@ class Engine:
                 if self.metrics is not None:
                     self.metrics.queue_time.observe(t.queued, model=self.name, tier=t.tier)
             s.decoder, reused = self._decoder_for(t)
-            s.logits = prefill(self.exe, s.decoder, t.prompt_ids[reused:])
+            s.todo = t.prompt_ids[reused:]           # prefilled by _feed_prompts, in chunks while others decode
         except Exception as e:
             log.exception("prefill failed")
             bad = isinstance(e, InputError)
             self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
             return
         self._running.append(s)
+
+    def _feed_prompts(self) -> None:
+        """Prefill the prompts of admitted sequences, best tier first: all of them (up to
+        `prefill_tokens`) when no sequence is decoding, else a chunk that costs about
+        `prefill_share` decode steps, so that running streams keep their pace. A sequence whose
+        prompt is all in gets its first logits and joins this iteration's decode step."""
+        pending = sorted((s for s in self._running if s.todo and not s.request.cancelled), key=lambda s: s.request.rank)
+        if not pending:
+            return
+        decoding = any(not s.todo for s in self._running)
+        budget = self._chunk() if decoding else self.prefill_tokens
+        for s in pending:
+            if budget <= 0:
+                break
+            n = min(len(s.todo), budget)
+            if n < len(s.todo) and decoding:      # a part of a prompt: whole quanta only (fewer distinct shapes)
+                n = max(PREFILL_QUANTUM, n // PREFILL_QUANTUM * PREFILL_QUANTUM)
+            chunk = s.todo[:n]
+            t0 = time.perf_counter()
+            try:
+                logits = prefill(self.exe, s.decoder, chunk)
+            except Exception as e:
+                log.exception("prefill failed")
+                bad = isinstance(e, InputError)
+                self._fail(s.request, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
+                continue
+            dt = (time.perf_counter() - t0) / n
+            if n >= PREFILL_QUANTUM:
+                self._token_s = dt if not self._token_s else 0.8 * self._token_s + 0.2 * dt
+            s.todo = s.todo[n:]
+            if not s.todo:
+                s.logits = logits
+            budget -= n
+
+    def _chunk(self) -> int:
+        """Prompt tokens to prefill in one iteration while streams decode."""
+        if not self._step_s or not self._token_s:
+            n = 2 * PREFILL_QUANTUM
+        else:
+            n = int(self.prefill_share * self._step_s / self._token_s)
+        return max(PREFILL_QUANTUM, min(self.prefill_tokens, n // PREFILL_QUANTUM * PREFILL_QUANTUM))
 
     def _decoder_for(self, t: Ticket) -> tuple[object, int]:
         """A decoder for `t`'s prompt: the prefix cache's, holding the longest cached prefix of the
