@@ -288,3 +288,46 @@ def test_the_installed_genai_builder_still_gives_what_isthmus_reads(precision, t
     theirs, ours = sess.run(names, feeds), exe.run(feeds)
     for name, want in zip(names, theirs):
         assert np.abs(ours[name] - want).max() <= TOL * np.ptp(theirs[0]), name
+
+
+def _edited_genai(tmp_path, edit) -> Path:
+    """A copy of the genai int4 export with `edit(node)` applied to its com.microsoft nodes."""
+    import shutil
+
+    folder = Path(shutil.copytree(DATA / "genai" / "int4", tmp_path / "edited"))
+    model = onnx.load(str(folder / "model.onnx"))
+    for node in model.graph.node:
+        if node.domain == "com.microsoft":
+            edit(node)
+    (folder / "model.onnx.data").unlink()
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return folder
+
+
+def _set(name, value):
+    def edit(node):
+        for a in node.attribute:
+            if a.name == name:
+                a.CopyFrom(onnx.helper.make_attribute(name, value))
+    return edit
+
+
+@pytest.mark.parametrize("name,value,needle", [("local_window_size", 4, "local_window_size 4"),
+                                               ("softcap", 30.0, "softcap"), ("bits", 3, "3-bit weights")])
+def test_what_the_microsoft_ops_do_not_implement_is_one_line(tmp_path, capsys, name, value, needle):
+    from cli_runner import one_line_error
+
+    folder = _edited_genai(tmp_path, _set(name, value))
+    rc, out, err = run(capsys, "info", folder)
+    one_line_error(rc, err, needle, "node /model/layers.0/")
+
+
+def test_chat_without_a_tokenizer_is_one_line(tmp_path, capsys):
+    import shutil
+
+    from cli_runner import one_line_error
+
+    folder = Path(shutil.copytree(DATA / "optimum" / "gpt2", tmp_path / "no_tokenizer"))
+    (folder / "tokenizer.json").unlink()
+    rc, out, err = run(capsys, "chat", "--model", folder, "hello")
+    one_line_error(rc, err, "tokenizer")
