@@ -128,9 +128,7 @@ class _Plan:
         return got
 
     def tensor(self, a: np.ndarray) -> torch.Tensor:
-        a = np.ascontiguousarray(a)
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())
-        return t.to(self.device, self.act if t.is_floating_point() else t.dtype)
+        return _to_device(a, self.device, self.act)
 
     # -- steps -------------------------------------------------------------------------------
 
@@ -368,6 +366,16 @@ class _Plan:
         return run
 
 
+def _to_device(a, device, act: torch.dtype) -> torch.Tensor:
+    """A host array on the device, floats in the activation type; a 0-d array stays 0-d
+    (np.ascontiguousarray would make it 1-d, which host-run ops such as `range` refuse)."""
+    a = np.asarray(a)
+    if not a.flags.c_contiguous or not a.flags.writeable:
+        a = np.array(a, order="C")
+    t = torch.from_numpy(a)
+    return t.to(device, act if t.is_floating_point() else t.dtype)
+
+
 def _to_numpy(x, dtype=None) -> np.ndarray:
     if isinstance(x, k_q.PackedWeight):
         x = k_q.dequantize(x)
@@ -507,9 +515,7 @@ class TritonExecutable(Executable):
         return env
 
     def upload(self, a: np.ndarray) -> torch.Tensor:
-        a = np.ascontiguousarray(a)
-        t = torch.from_numpy(a if a.flags.writeable else a.copy())
-        return t.to(self.device, self.act if t.is_floating_point() else t.dtype)
+        return _to_device(a, self.device, self.act)
 
     def run(self, inputs: dict) -> dict[str, np.ndarray]:
         inputs = self.check_inputs(inputs)

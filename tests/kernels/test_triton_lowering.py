@@ -234,3 +234,26 @@ def test_errors(tiny_model, monkeypatch):
     monkeypatch.setenv("ISTHMUS_TRITON_DTYPE", "f64")
     with pytest.raises(UnsupportedError, match="ISTHMUS_TRITON_DTYPE"):
         isthmus.compile(tiny_model, target="triton")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_torch_dynamo_onnx_exports_run_as_onnxruntime_does(arch, tmp_path):
+    """The exports build positions and masks with host-run integer ops fed 0-d constants (range):
+    the decoder of a dynamo export with its cache, against onnxruntime on the same file."""
+    import onnxruntime as ort
+    from onnx_exports import export_dynamo_with_cache, hf_model as hf_onnx_model
+
+    path = export_dynamo_with_cache(hf_onnx_model(arch), tmp_path) / "model.onnx"
+    model = load_model(path)
+    exe = isthmus.compile(model, target="triton")
+    d = model.graph.decoder.resolve(model.graph)
+    feeds = {d.input_ids.name: np.asarray([[3, 17, 5, 9]], np.int64)}
+    if d.position_ids is not None:
+        feeds[d.position_ids.name] = np.arange(4)[None]
+    for past in d.pasts:
+        feeds[past.name] = np.zeros((1, past.shape[1], 0, past.shape[3]), np.float32)
+    if model.graph.decoder.attention_mask is not None:
+        feeds[model.graph.decoder.attention_mask] = np.ones((1, 4), np.int64)
+    want = ort.InferenceSession(str(path)).run([d.logits.name], feeds)[0]
+    got = exe.run(feeds)[d.logits.name]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-4 * np.ptp(want))
