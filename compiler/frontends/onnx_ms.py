@@ -55,6 +55,8 @@ def _dequantize_blocks(n: NodeContext, q: Value, scales: Value, zero_points: Val
                        bits: int, block: int) -> np.ndarray:
     """The f32 [rows, cols] matrix of blockwise-quantized rows: element j of row r is
     (q - zp) * scale[r, j // block], with q packed little-end first in bytes (bits 4 or 8)."""
+    while not q.is_constant and q.producer is not None and q.producer.op == "reshape":
+        q = q.producer.inputs[0]          # the builder shares MatMulNBits' blocks with a reshaped view
     for v, what in ((q, "quantized weight"), (scales, "scales")):
         if not v.is_constant or not isinstance(v.data, np.ndarray):
             n.unsupported(f"the {what} must be an initializer")

@@ -40,7 +40,7 @@ def hf_tokenizer():
     return fast
 
 
-def hf_model(arch: str, seed: int = 0):
+def hf_model(arch: str, seed: int = 0, tied: bool = False):
     """A tiny random `transformers` decoder ("llama": GQA 6 query / 2 kv heads, hidden 48; "llama-hd16":
     3 query / 1 kv heads of 16;
     "gpt2": hidden 40, 4 heads), trained a few steps on TEXT; eval mode."""
@@ -53,7 +53,7 @@ def hf_model(arch: str, seed: int = 0):
         cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=80, num_hidden_layers=2,
                                        num_attention_heads=heads[0], num_key_value_heads=heads[1], vocab_size=VOCAB,
                                        max_position_embeddings=128, rms_norm_eps=1e-5, rope_theta=500.0,
-                                       bos_token_id=1, eos_token_id=2)
+                                       bos_token_id=1, eos_token_id=2, tie_word_embeddings=tied)
         model = transformers.LlamaForCausalLM(cfg)
     elif arch == "gpt2":
         cfg = transformers.GPT2Config(vocab_size=VOCAB, n_embd=40, n_layer=2, n_head=4, n_positions=128,
@@ -180,7 +180,7 @@ def left_padded_feeds(batch: int, seq: int, seed: int = 0) -> dict:
     return feeds
 
 
-def export_genai(model, folder, precision: str) -> Path:
+def export_genai(model, folder, precision: str, *extra: str) -> Path:
     """onnxruntime-genai's model builder on the checkpoint of `model` (precision "fp32" or "int4",
     execution provider cpu): model.onnx (+ .data) beside genai_config.json and the tokenizer."""
     import subprocess
@@ -193,7 +193,8 @@ def export_genai(model, folder, precision: str) -> Path:
         save_beside(model, src)
     out = folder / precision
     r = subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-m", str(src), "-i", str(src),
-                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "cache")],
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(folder / "cache"),
+                        *(["--extra_options", *extra] if extra else [])],
                        capture_output=True, text=True, timeout=300, cwd=folder)   # not the repo root: its kernels/ would shadow HF's
     if r.returncode:
         raise RuntimeError(f"the genai builder failed: {r.stderr[-2000:]}")
