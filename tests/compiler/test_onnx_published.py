@@ -218,7 +218,7 @@ def test_logits_and_caches_match_onnxruntime(export, compiled, target):
 def test_greedy_continuations_match_the_oracle(export, compiled, target):
     exe = compiled[target]
     rng = np.random.default_rng(3)
-    for n in (1, 6, 23) if target != "npu" else (6,):      # the NPU simulator is the slow one
+    for n in (1, 23) if target != "npu" else (6,):      # the NPU simulator is the slow one
         ids = rng.integers(3, VOCAB, n).tolist()
         ours = list(generate(exe, ids, SamplingParams(max_tokens=20), stop_ids=()))
         assert ours == oracle_greedy(export, ids, 20), n
