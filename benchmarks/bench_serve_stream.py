@@ -38,6 +38,7 @@ import sys
 import time
 
 PROMPT = "Write a story about a cat who learns to sail."
+ENV = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "NUMBA_NUM_THREADS", "NUMBA_THREADING_LAYER")   # printed with the figures
 
 CHAT = r"""
 import json, sys, time
@@ -123,7 +124,7 @@ def prefix_rounds(url: str, model: str, rounds: int) -> dict:
     return rows
 
 
-async def chunked_round(url: str, model: str, streams: int, n: int) -> dict:
+async def chunked_round(url: str, model: str, streams: int, n: int, r: int = 0) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
@@ -133,7 +134,7 @@ async def chunked_round(url: str, model: str, streams: int, n: int) -> dict:
     async def one(i):
         stream = await client.chat.completions.create(
             model=model, temperature=0, max_tokens=n, stream=True, extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": f"Write a story about the number {i}."}])
+            messages=[{"role": "user", "content": f"Round {r}: write a story about the number {i}."}])
         times = []
         async for chunk in stream:
             if any(c.delta.content for c in chunk.choices):
@@ -150,7 +151,7 @@ async def chunked_round(url: str, model: str, streams: int, n: int) -> dict:
         t0 = time.perf_counter()
         stream = await client.chat.completions.create(
             model=model, temperature=0, max_tokens=4, stream=True, extra_body={"ignore_eos": True},
-            messages=[{"role": "user", "content": LONG * 76 + " Summarise this."}])
+            messages=[{"role": "user", "content": f"Round {r}. " + LONG * 76 + " Summarise this."}])   # no reuse
         first = None
         async for chunk in stream:
             if first is None and any(c.delta.content for c in chunk.choices):
@@ -238,8 +239,10 @@ def main(argv=None) -> dict:
     out = {"tokens": args.tokens, "rounds": args.rounds, "target": args.target, "load": load,
            "best": best, "median": median, "ratio_best": best["serve"] / best["chat"],
            "ratio_median": median["serve"] / median["chat"], "rows": rows}
+    env = {k: os.environ[k] for k in ENV if k in os.environ}
+    out["env"] = env
     print(f"one stream, {args.tokens} tokens, target {args.target}, {args.rounds} rounds taking turns; "
-          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; env {env}")
     print("| side | best tokens/s | median tokens/s | each round |")
     print("|---|---:|---:|---|")
     for k in ("chat", "serve"):
@@ -309,7 +312,7 @@ def main_chunked(args) -> dict:
                 time.sleep(0.2)
         model_id = httpx.get(url + "/models").json()["data"][0]["id"]
         asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
-        rows = [asyncio.run(chunked_round(url, model_id, args.streams, args.tokens)) for _ in range(args.rounds)]
+        rows = [asyncio.run(chunked_round(url, model_id, args.streams, args.tokens, r)) for r in range(args.rounds)]
     finally:
         proc.terminate()
         proc.wait(timeout=60)
