@@ -283,7 +283,10 @@ class Engine:
             key = min(heads, key=lambda k: (k[0], running[k[1]], _ticket(heads[k]).id))
             rank, tenant = key
             unit = heads[key]
-            size = len(unit.request.prompt_ids) + len(unit.fed) if isinstance(unit, _Seq) else len(unit.prompt_ids)
+            if isinstance(unit, _Seq):          # a paused sequence resumes with its KV cache: nothing to prefill
+                size = len(unit.todo) if unit.decoder is not None else len(unit.request.prompt_ids) + len(unit.fed)
+            else:
+                size = len(unit.prompt_ids)
             if admitted and tokens + size > self.prefill_tokens:
                 break
             busy = sum(running.values())
