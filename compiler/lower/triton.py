@@ -540,7 +540,7 @@ class TritonExecutable(Executable):
 
         Graphs whose cache is not made by concat(past, new) get the functional decoder."""
         d = self.graph.decoder
-        if (d is None or d.position_ids is None or not d.kv
+        if (d is None or d.position_ids is None or not d.kv or d.attention_mask is not None   # feeds ids and positions only
                 or sorted(_kv_concats(self.graph).values()) != sorted(v.name for v in d.resolve(self.graph).pasts)):
             return super().decoder()
         if self._decoder_plan is None:

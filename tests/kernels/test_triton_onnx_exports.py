@@ -1,0 +1,56 @@
+"""`--target triton` (TRITON_INTERPRET=1 on CPU) on ONNX decoders as published: the committed
+Optimum and onnxruntime-genai exports and a torch.onnx dynamo export with its cache (see
+tests/compiler/test_onnx_published.py, which checks the other targets against onnxruntime and
+transformers). Their decoder record names an attention mask, which the triton in-place decoder
+does not feed: generation takes the functional decoder and gives the reference target's tokens.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+_SAVED = os.environ.get("TRITON_INTERPRET")
+os.environ["TRITON_INTERPRET"] = "1"    # triton.jit reads it when it decorates: set before triton is imported
+try:
+    pytest.importorskip("torch")
+    triton = pytest.importorskip("triton")
+    if type(triton.language.sum).__name__ != "InterpretedFunction":
+        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; run "
+                    "tests/kernels/test_triton_*.py in a process of their own", allow_module_level=True)
+finally:                                # the rest of the session sees the variable as it was
+    if _SAVED is None:
+        os.environ.pop("TRITON_INTERPRET", None)
+    else:
+        os.environ["TRITON_INTERPRET"] = _SAVED
+
+pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py
+
+import isthmus  # noqa: E402
+from isthmus.compiler.frontends import load_model  # noqa: E402
+from isthmus.compiler.kv_cache import FunctionalDecoder  # noqa: E402
+from isthmus.runtime.generate import generate  # noqa: E402
+from isthmus.runtime.sampling import SamplingParams  # noqa: E402
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+@pytest.fixture(scope="module", params=["optimum/llama", "optimum/gpt2", "genai/fp32", "genai/int4",
+                                        "genai/int4-shared", "dynamocache-llama", "dynamo-gpt2"])
+def folder(request, tmp_path_factory):
+    if request.param.startswith("dynamo"):
+        from onnx_exports import export_dynamo, export_dynamo_with_cache, hf_model
+
+        kind, arch = request.param.split("-")
+        export = export_dynamo if kind == "dynamo" else export_dynamo_with_cache
+        return export(hf_model(arch), tmp_path_factory.mktemp(request.param))
+    return DATA / request.param
+
+
+def test_generation_on_triton_matches_the_reference_target(folder):
+    model = load_model(folder)
+    exe, ref = isthmus.compile(model, target="triton"), isthmus.compile(model, target="reference")
+    assert isinstance(exe.decoder(), FunctionalDecoder)
+    ids = [5, 6, 7, 8, 9, 10]
+    ours = list(generate(exe, ids, SamplingParams(max_tokens=10), stop_ids=()))
+    assert ours == list(generate(ref, ids, SamplingParams(max_tokens=10), stop_ids=()))
