@@ -3,6 +3,7 @@
     python benchmarks/bench_serve_stream.py [--tokens 128] [--rounds 4] [--target numba] [--model PATH]
     python benchmarks/bench_serve_stream.py --prefix [--rounds 4]
     python benchmarks/bench_serve_stream.py --chunked [--streams 8] [--tokens 128]
+    python benchmarks/bench_serve_stream.py --tiers [--streams 32] [--max-batch 8]
 
 Both decode the same chat prompt greedily for exactly --tokens tokens (`ignore_eos`), and both
 are timed the same way: tokens per second between the first token and the last one (so prompt
@@ -24,6 +25,11 @@ leaves those streams' p99 inter-token latency <= 3x their median): --streams str
 tokens start together; once all have their first token, a ~2,000-token prompt arrives; the gaps
 between the streams' text chunks (from their first chunk on) are pooled, and their median, p90,
 p99 and max are printed, with the long prompt's TTFT.
+
+--tiers measures service tiers (the target: with a flex tenant saturating the server with 32
+streams, priority requests keep p99 TTFT <= 2x their TTFT on an idle server): priority requests'
+TTFT on the idle server, then --streams flex streams of --tokens tokens (the server run with
+--max-batch), and once they all run or wait, priority requests one after another.
 """
 
 from __future__ import annotations
@@ -171,9 +177,43 @@ async def chunked_round(url: str, model: str, streams: int, n: int, r: int = 0) 
             "gaps": len(gaps), "long_ttft": ttft_long, "median_after_long": q(during, 0.5)}
 
 
-def start_server(model: str, target: str):
+async def tiers_round(url: str, model: str, streams: int, n: int, probes: int) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
+    async def probe(i):
+        t0 = time.perf_counter()
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=4, stream=True, service_tier="priority",
+            messages=[{"role": "user", "content": f"Quick question {i}: what is {i} + {i}?"}])
+        first = None
+        async for chunk in stream:
+            if first is None and any(c.delta.content for c in chunk.choices):
+                first = time.perf_counter() - t0
+        return first
+
+    async def flex(i):
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=n, stream=True, service_tier="flex",
+            extra_body={"ignore_eos": True}, messages=[{"role": "user", "content": f"Write about the number {i}."}])
+        async for _ in stream:
+            pass
+
+    try:
+        idle = [await probe(i) for i in range(probes)]
+        load = [asyncio.create_task(flex(i)) for i in range(streams)]
+        await asyncio.sleep(2.0)
+        busy = [await probe(100 + i) for i in range(probes)]
+        await asyncio.gather(*load)
+    finally:
+        await client.close()
+    return {"idle": idle, "busy": busy}
+
+
+def start_server(model: str, target: str, *extra):
     cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
     line = proc.stderr.readline()
     m = re.search(r"http://127\.0\.0\.1:\d+/v1", line)
@@ -193,7 +233,11 @@ def main(argv=None) -> dict:
     p.add_argument("--prefix", action="store_true", help="measure conversation KV reuse (TTFT) instead")
     p.add_argument("--chunked", action="store_true", help="measure chunked prefill (inter-token latency) instead")
     p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--tiers", action="store_true", help="measure priority TTFT under a flex load instead")
+    p.add_argument("--max-batch", type=int, default=8, help="--tiers: the server's --max-batch")
     args = p.parse_args(argv)
+    if args.tiers:
+        return main_tiers(args)
     if args.prefix:
         return main_prefix(args)
     if args.chunked:
@@ -325,6 +369,46 @@ def main_chunked(args) -> dict:
         print(f"| {i} | {r['median'] * 1e3:.0f} ms | {r['p90'] * 1e3:.0f} ms | {r['p99'] * 1e3:.0f} ms | "
               f"{r['max'] * 1e3:.0f} ms | {r['p99'] / r['median']:.2f}x | {r['long_ttft']:.2f} s |")
     out = {"target": args.target, "streams": args.streams, "tokens": args.tokens, "load": load, "rows": rows}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+def main_tiers(args) -> dict:
+    import httpx
+
+    from isthmus.models import pull
+
+    model = args.model or str(pull(progress=False))
+    proc, url = start_server(model, args.target, "--max-batch", str(args.max_batch))
+    try:
+        while True:
+            try:
+                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
+        r = asyncio.run(tiers_round(url, model_id, args.streams, args.tokens, max(5, args.rounds)))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    load = os.getloadavg()
+
+    def q(xs, p):
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(p * (len(xs) - 1) + 0.5))]
+    print(f"priority TTFT, idle and under {args.streams} flex streams of {args.tokens} tokens (--max-batch "
+          f"{args.max_batch}), target {args.target}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| server | median | p99 | each (ms) |")
+    print("|---|---:|---:|---|")
+    for k in ("idle", "busy"):
+        print(f"| {k} | {q(r[k], 0.5) * 1e3:.0f} ms | {q(r[k], 0.99) * 1e3:.0f} ms | "
+              f"{' '.join(f'{x * 1e3:.0f}' for x in r[k])} |")
+    print(f"busy p99 / idle median: {q(r['busy'], 0.99) / q(r['idle'], 0.5):.2f}x")
+    out = {"target": args.target, "streams": args.streams, "max_batch": args.max_batch, "load": load, **r}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)

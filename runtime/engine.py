@@ -393,18 +393,21 @@ class Engine:
     def _feed_prompts(self) -> None:
         """Prefill the prompts of admitted sequences, best tier first: all of them (up to
         `prefill_tokens`) when no sequence is decoding, else a chunk that costs about
-        `prefill_share` decode steps, so that running streams keep their pace. A sequence whose
+        `prefill_share` decode steps, so that running streams keep their pace (a prompt of a
+        better tier than every decoding stream's is not held back for them). A sequence whose
         prompt is all in gets its first logits and joins this iteration's decode step."""
         pending = sorted((s for s in self._running if s.todo and not s.request.cancelled), key=lambda s: s.request.rank)
         if not pending:
             return
-        decoding = any(not s.todo for s in self._running)
-        budget = self._chunk() if decoding else self.prefill_tokens
+        # the best tier among the decoding streams: a prompt of a better tier does not yield to them
+        best = min((s.request.rank for s in self._running if not s.todo), default=len(TIERS))
+        budget = self._chunk() if best < len(TIERS) else self.prefill_tokens
         for s in pending:
-            if budget <= 0:
+            ahead = s.request.rank < best
+            if budget <= 0 and not ahead:
                 break
-            n = min(len(s.todo), budget)
-            if n < len(s.todo) and decoding:      # a part of a prompt: whole quanta only (fewer distinct shapes)
+            n = min(len(s.todo), self.prefill_tokens if ahead else budget)
+            if n < len(s.todo) and not ahead:     # a part of a prompt: whole quanta only (fewer distinct shapes)
                 n = max(PREFILL_QUANTUM, n // PREFILL_QUANTUM * PREFILL_QUANTUM)
             chunk = s.todo[:n]
             t0 = time.perf_counter()
@@ -421,7 +424,8 @@ class Engine:
             s.todo = s.todo[n:]
             if not s.todo:
                 s.logits = logits
-            budget -= n
+            if not ahead:
+                budget -= n
 
     def _chunk(self) -> int:
         """Prompt tokens to prefill in one iteration while streams decode."""

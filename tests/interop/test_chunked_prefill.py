@@ -86,3 +86,25 @@ def test_the_chunk_follows_the_measured_costs(tiny_chat):
     assert engine._chunk() == 192
     engine._step_s = 10.0
     assert engine._chunk() == 512                                       # never over prefill_tokens
+
+
+def test_a_better_tier_prompt_is_not_chunked_for_worse_streams(tiny_chat, monkeypatch):
+    log = []
+    real = engine_mod.prefill
+    monkeypatch.setattr(engine_mod, "prefill", lambda exe, d, ids: log.append(len(ids)) or real(exe, d, ids))
+    engine = tiny_chat.engine(max_batch=4, max_waiting=8, prefill_tokens=512)
+    engine._step_s, engine._token_s = 1e-4, 1e-3          # as measured: a chunk would be one quantum
+    done = threading.Event()
+    long_ids = tiny_chat.prompt_ids(LONG)
+    engine.start()
+    try:
+        engine.submit(tiny_chat.prompt_ids(SHORT), SamplingParams(max_tokens=40, temperature=0), lambda ev: None,
+                      ignore_eos=True, tier="flex")
+        assert _wait(lambda: engine.steps >= 2)
+        log.clear()
+        engine.submit(long_ids, SamplingParams(max_tokens=2, temperature=0),
+                      lambda ev: isinstance(ev, Finished) and done.set(), tier="priority")
+        assert done.wait(30)
+    finally:
+        engine.stop()
+    assert log[0] == len(long_ids)                         # one prefill, not chunks of 32
