@@ -388,7 +388,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     for more): a caller that runs the same shapes again (a decode step) binds this once."""
     n = x2.shape[0]
     integer = INT_ACTIVATIONS and w.kind != "f32"
-    if n > MATVEC_MAX_ROWS:
+    if n > MATVEC_MAX_ROWS or w.kind == "f32":      # dense f32 weights: BLAS (_dense_matmul) is faster
         return None
     res_arr = out if res is None else res
     if integer:
@@ -435,11 +435,13 @@ def _dense_matmul(x2, w: Packed, out, ws: Workspace):
     # at most GEMM_ROWS rows a chunk, and the same number of near-equal chunks for every item
     per_item = -(-w.rows // items)
     chunk = -(-per_item // -(-per_item // GEMM_ROWS))
+    if w.kind == "f32":
+        # dense weights need no dequantizing: one BLAS call on BLAS's own threads (which are idle
+        # while the Numba pool waits) beats a product per work item
+        np.dot(x2, w.qs.T, out=out)
+        return
     with serial_blas():
-        if w.kind == "f32":
-            matmul_rows(x2, w.qs, out, items, chunk)
-        else:
-            dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(items, chunk, w.cols), out)
+        dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(items, chunk, w.cols), out)
 
 
 def embedding(table: Packed, ids, out2):
