@@ -318,18 +318,6 @@ def dequant_matmul(x2, qs, d, m, tiles, out):
             out[:, r0:r1] = np.dot(x2, tile[:r1 - r0].T)
 
 
-@njit(**PJIT)
-def matmul_rows(x2, w, out, items, chunk):
-    """out = x2 @ w.T for f32 weights, split like `dequant_matmul` (no tile: the rows are the weights)."""
-    rows = w.shape[0]
-    chunks = (rows + chunk - 1) // chunk
-    for it in prange(items):
-        for c in range(it, chunks, items):
-            r0 = c * chunk
-            r1 = min(rows, r0 + chunk)
-            out[:, r0:r1] = np.dot(x2, w[r0:r1].T)
-
-
 @njit(**JIT)
 def embedding_rows(qs, d, m, ids, out):
     """out[i] = table[ids[i]]; the caller has checked the ids are in range."""
@@ -431,15 +419,15 @@ def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, no
 
 
 def _dense_matmul(x2, w: Packed, out, ws: Workspace):
-    items = ws.items()
-    # at most GEMM_ROWS rows a chunk, and the same number of near-equal chunks for every item
-    per_item = -(-w.rows // items)
-    chunk = -(-per_item // -(-per_item // GEMM_ROWS))
     if w.kind == "f32":
         # dense weights need no dequantizing: one BLAS call on BLAS's own threads (which are idle
         # while the Numba pool waits) beats a product per work item
         np.dot(x2, w.qs.T, out=out)
         return
+    items = ws.items()
+    # at most GEMM_ROWS rows a chunk, and the same number of near-equal chunks for every item
+    per_item = -(-w.rows // items)
+    chunk = -(-per_item // -(-per_item // GEMM_ROWS))
     with serial_blas():
         dequant_matmul(x2, w.qs, w.d, w.m, ws.tiles(items, chunk, w.cols), out)
 
