@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from isthmus.compiler.frontends.llama import _weight
-from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
+from isthmus.compiler.frontends.llama import _weight, decoder_inputs, finish_decoder
+from isthmus.compiler.ir import Graph
 
 
 def build_gemma(config: dict, weights: dict, *, name: str = "gemma", where: str = "model") -> Graph:
@@ -28,10 +28,7 @@ def build_gemma(config: dict, weights: dict, *, name: str = "gemma", where: str 
     V, eps = config["vocab_size"], config["rms_eps"]
 
     g = Graph(name)
-    ids = g.add_input("input_ids", ("batch", "seq"), "i64")
-    pos = g.add_input("position_ids", ("batch", "seq"), "i64")
-    pasts = [(g.add_input(f"past_key.{i}", ("batch", KVH, "past", hd), "f32"),
-              g.add_input(f"past_value.{i}", ("batch", KVH, "past", hd), "f32")) for i in range(L)]
+    ids, pos, pasts = decoder_inputs(g, L, KVH, hd)
 
     def w(n, shape):
         return _weight(g, weights, n, shape, where)
@@ -90,7 +87,5 @@ def build_gemma(config: dict, weights: dict, *, name: str = "gemma", where: str 
     if cap:
         c = g.const(cap, name="final_softcap")
         logits = g.add("mul", [g.add("tanh", [g.add("div", [logits, c])]), c], name="logits", source="output")
-    g.set_outputs([logits] + presents)
-    g.decoder = DecoderInterface("input_ids", "logits", "position_ids", tuple(
-        KVLayer(pk.name, pv.name, k.name, v.name) for (pk, pv), k, v in zip(pasts, presents[::2], presents[1::2])))
+    finish_decoder(g, logits, pasts, presents)
     return g

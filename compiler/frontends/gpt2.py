@@ -9,8 +9,8 @@ Llama. The decoder interface is Llama's (input_ids, position_ids, past/present k
 
 from __future__ import annotations
 
-from isthmus.compiler.frontends.llama import _weight, split_rows
-from isthmus.compiler.ir import DecoderInterface, Graph, KVLayer
+from isthmus.compiler.frontends.llama import _weight, decoder_inputs, finish_decoder, split_rows
+from isthmus.compiler.ir import Graph
 from isthmus.errors import ModelFormatError
 
 
@@ -21,10 +21,7 @@ def build_gpt2(config: dict, weights: dict, *, name: str = "gpt2", where: str = 
         raise ModelFormatError(f"{where}: {H} heads of {hd} do not make the hidden size {D}")
 
     g = Graph(name)
-    ids = g.add_input("input_ids", ("batch", "seq"), "i64")
-    pos = g.add_input("position_ids", ("batch", "seq"), "i64")
-    pasts = [(g.add_input(f"past_key.{i}", ("batch", H, "past", hd), "f32"),
-              g.add_input(f"past_value.{i}", ("batch", H, "past", hd), "f32")) for i in range(L)]
+    ids, pos, pasts = decoder_inputs(g, L, H, hd)
 
     def w(n, shape):
         return _weight(g, weights, n, shape, where)
@@ -72,9 +69,7 @@ def build_gpt2(config: dict, weights: dict, *, name: str = "gpt2", where: str = 
     x = layernorm(x, "output_norm", "output_norm")
     head = w("output.weight", (V, D)) if "output.weight" in weights else tok
     logits = g.add("linear", [x, head], name="logits", source="output")
-    g.set_outputs([logits] + presents)
-    g.decoder = DecoderInterface("input_ids", "logits", "position_ids", tuple(
-        KVLayer(pk.name, pv.name, k.name, v.name) for (pk, pv), k, v in zip(pasts, presents[::2], presents[1::2])))
+    finish_decoder(g, logits, pasts, presents)
     return g
 
 

@@ -26,6 +26,23 @@ from isthmus.compiler.quant import QuantizedArray
 from isthmus.errors import ModelFormatError
 
 
+def decoder_inputs(g: Graph, n_layers: int, kv_heads: int, head_dim: int):
+    """The decoder interface's inputs every builder here declares: token ids, positions and each
+    layer's (past key, past value), [batch, kv_heads, past, head_dim]."""
+    ids = g.add_input("input_ids", ("batch", "seq"), "i64")
+    pos = g.add_input("position_ids", ("batch", "seq"), "i64")
+    pasts = [(g.add_input(f"past_key.{i}", ("batch", kv_heads, "past", head_dim), "f32"),
+              g.add_input(f"past_value.{i}", ("batch", kv_heads, "past", head_dim), "f32")) for i in range(n_layers)]
+    return ids, pos, pasts
+
+
+def finish_decoder(g: Graph, logits, pasts: list, presents: list) -> None:
+    """Outputs logits then each layer's present key and value, and the record of that interface."""
+    g.set_outputs([logits] + presents)
+    g.decoder = DecoderInterface("input_ids", logits.name, "position_ids", tuple(
+        KVLayer(pk.name, pv.name, k.name, v.name) for (pk, pv), k, v in zip(pasts, presents[::2], presents[1::2])))
+
+
 def _weight(g: Graph, weights: dict, name: str, shape: tuple, where: str):
     if name not in weights:
         raise ModelFormatError(f"{where}: tensor {name} is missing")
@@ -113,10 +130,7 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
 
     weights = _unfused(config, weights, where)
     g = Graph(name)
-    ids = g.add_input("input_ids", ("batch", "seq"), "i64")
-    pos = g.add_input("position_ids", ("batch", "seq"), "i64")
-    pasts = [(g.add_input(f"past_key.{i}", ("batch", KVH, "past", hd), "f32"),
-              g.add_input(f"past_value.{i}", ("batch", KVH, "past", hd), "f32")) for i in range(L)]
+    ids, pos, pasts = decoder_inputs(g, L, KVH, hd)
 
     def w(n, shape):
         return _weight(g, weights, n, shape, where)
@@ -164,7 +178,5 @@ def build_llama(config: dict, weights: dict, *, rope_layout: str, name: str = "l
     x = g.add("rmsnorm", [x, w("output_norm.weight", (D,))], {"eps": eps}, name="output_norm", source="output_norm")
     head = w("output.weight", (V, D)) if "output.weight" in weights else tok
     logits = g.add("linear", [x, head], name="logits", source="output")
-    g.set_outputs([logits] + presents)
-    g.decoder = DecoderInterface("input_ids", "logits", "position_ids", tuple(
-        KVLayer(pk.name, pv.name, k.name, v.name) for (pk, pv), k, v in zip(pasts, presents[::2], presents[1::2])))
+    finish_decoder(g, logits, pasts, presents)
     return g
