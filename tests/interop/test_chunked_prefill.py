@@ -58,7 +58,8 @@ def test_a_long_prompt_is_prefilled_between_decode_steps(tiny_chat, monkeypatch)
     assert len(long_ids) > 3 * PREFILL_QUANTUM
     engine.start()
     try:
-        engine.submit(tiny_chat.prompt_ids(SHORT), SamplingParams(max_tokens=60, temperature=0), sink("short"),
+        # long enough to outlast the long prompt's prefill on any machine (the tiny model decodes in ~1 ms)
+        engine.submit(tiny_chat.prompt_ids(SHORT), SamplingParams(max_tokens=200, temperature=0), sink("short"),
                       ignore_eos=True)
         assert _wait(lambda: engine.steps >= 2)
         log.append(("submit", "long"))
