@@ -5,26 +5,16 @@ kernel tiles, a forced small `config` makes it take several tiles and K steps. T
 figures come from benchmarks/gpu_check.py.
 """
 
-import os
-
 import numpy as np
 import pytest
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"    # triton.jit reads it when it decorates: set before triton is imported
-try:
-    torch = pytest.importorskip("torch")
-    triton = pytest.importorskip("triton")
-    if type(triton.language.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; run "
-                    "tests/kernels/test_triton_*.py in a process of their own", allow_module_level=True)
-    from isthmus.kernels.triton import (_aot, attention, elementwise, embedding, matmul, norm, qmatmul,  # noqa: E402
-                                        rope, softmax)
-finally:                                # the rest of the session sees the variable as it was
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
+from triton_interpreted import import_interpreted  # noqa: E402  tests/support
+
+import_interpreted(*(f"isthmus.kernels.triton.{m}" for m in (
+    "_aot", "attention", "elementwise", "embedding", "matmul", "norm", "qmatmul", "rope", "softmax")))
+import torch  # noqa: E402
+from isthmus.kernels.triton import (_aot, attention, elementwise, embedding, matmul, norm, qmatmul,  # noqa: E402
+                                    rope, softmax)
 
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py

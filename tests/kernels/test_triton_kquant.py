@@ -2,25 +2,12 @@
 for (q5_0, q5_1, iq4_nl, q2_k..q6_k; tests/support/kquant_model.py): the lowering uploads those
 weights dequantized, and the logits match the reference target (TRITON_INTERPRET=1, f32)."""
 
-import os
-
 import numpy as np
 import pytest
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"    # triton.jit reads it when it decorates: set before triton is imported
-try:
-    pytest.importorskip("torch")
-    triton = pytest.importorskip("triton")
-    if type(triton.language.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; run "
-                    "tests/kernels/test_triton_*.py in a process of their own", allow_module_level=True)
-    import isthmus.compiler.lower.triton as LOWERING  # noqa: F401
-finally:                                # the rest of the session sees the variable as it was
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
+from triton_interpreted import import_interpreted  # noqa: E402  tests/support
+
+import_interpreted("isthmus.compiler.lower.triton")
 
 import ggml_ref  # noqa: E402  tests/support
 import isthmus  # noqa: E402

@@ -4,25 +4,12 @@ A tiny Llama (float and GGUF-quantized weights) through run(), the cached decode
 generate(); an arbitrary graph op by op; and the errors a user can hit.
 """
 
-import os
-
 import numpy as np
 import pytest
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"    # triton.jit reads it when it decorates: set before triton is imported
-try:
-    pytest.importorskip("torch")
-    triton = pytest.importorskip("triton")
-    if type(triton.language.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; run "
-                    "tests/kernels/test_triton_*.py in a process of their own", allow_module_level=True)
-    import isthmus.compiler.lower.triton as LOWERING
-finally:                                # the rest of the session sees the variable as it was
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
+from triton_interpreted import import_interpreted  # noqa: E402  tests/support
+
+LOWERING, = import_interpreted("isthmus.compiler.lower.triton")
 
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py

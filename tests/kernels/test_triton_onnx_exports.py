@@ -5,24 +5,13 @@ transformers). Their decoder record names an attention mask, which the triton in
 does not feed: generation takes the functional decoder and gives the reference target's tokens.
 """
 
-import os
 from pathlib import Path
 
 import pytest
 
-_SAVED = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"    # triton.jit reads it when it decorates: set before triton is imported
-try:
-    pytest.importorskip("torch")
-    triton = pytest.importorskip("triton")
-    if type(triton.language.sum).__name__ != "InterpretedFunction":
-        pytest.skip("triton was imported without TRITON_INTERPRET=1 earlier in this process; run "
-                    "tests/kernels/test_triton_*.py in a process of their own", allow_module_level=True)
-finally:                                # the rest of the session sees the variable as it was
-    if _SAVED is None:
-        os.environ.pop("TRITON_INTERPRET", None)
-    else:
-        os.environ["TRITON_INTERPRET"] = _SAVED
+from triton_interpreted import import_interpreted  # noqa: E402  tests/support
+
+import_interpreted("isthmus.compiler.lower.triton")
 
 pytestmark = pytest.mark.usefixtures("triton_interpreter")     # tests/kernels/conftest.py
 
