@@ -122,13 +122,7 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
         t["output_norm.weight"], t["output_norm.bias"] = sd["transformer.ln_f.weight"], sd["transformer.ln_f.bias"]
     else:
         hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        w.add_context_length(cfg.max_position_embeddings)
-        w.add_embedding_length(cfg.hidden_size)
-        w.add_feed_forward_length(cfg.intermediate_size)
-        w.add_block_count(cfg.num_hidden_layers)
-        w.add_head_count(cfg.num_attention_heads)
-        w.add_head_count_kv(cfg.num_key_value_heads)
-        w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        _llama_sizes(w, cfg)
         w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
         w.add_vocab_size(cfg.vocab_size)
         if arch == "qwen3":
@@ -195,18 +189,23 @@ def write_gguf(model, path, arch: str, extra_metadata: dict | None = None, extra
     return path
 
 
-def _gemma_tensors(w, cfg, sd, arch, t):
-    """Gemma as llama.cpp's converter writes it: norm weights with Gemma's 1 added, no Q/K permutation,
-    the tied embedding only, the soft-capping and window settings under the architecture's prefix."""
+def _llama_sizes(w, cfg):
+    """The sizes and norm epsilon every Llama-like family writes under its prefix."""
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_block_count(cfg.num_hidden_layers)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+
+
+def _gemma_tensors(w, cfg, sd, arch, t):
+    """Gemma as llama.cpp's converter writes it: norm weights with Gemma's 1 added, no Q/K permutation,
+    the tied embedding only, the soft-capping and window settings under the architecture's prefix."""
+    _llama_sizes(w, cfg)
     w.add_key_length(cfg.head_dim)
     w.add_value_length(cfg.head_dim)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_uint32(f"{arch}.attention.sliding_window", cfg.sliding_window)
     if arch == "gemma2":
         w.add_float32(f"{arch}.attn_logit_softcapping", cfg.attn_logit_softcapping)
