@@ -1,4 +1,5 @@
-"""HF checkpoint folder (config.json + *.safetensors) -> Model, for the Llama architecture.
+"""HF checkpoint folder (config.json + *.safetensors) -> Model: the Llama family (llama, mistral,
+qwen2, qwen3, phi3), and Gemma 2, Gemma 3 (text) and GPT-2 (safetensors_families.py).
 
 A safetensors file is: a u64 little-endian header length N, N bytes of JSON
 (`{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`), then the
@@ -9,8 +10,10 @@ stays 16-bit as a `QuantizedArray("bf16")` (widened to f32 by `uint16 << 16` whe
 as the GGUF reader holds it. The file is untrusted: offsets, sizes and shapes are checked
 before use, and any malformation is a one-line `ModelFormatError` naming the file.
 
-HF names map onto the GGUF names `build_llama` expects; HF stores Q/K rows in the half-split
-(rotate_half) order, so the graph uses `rope_layout="half"`. A sharded checkpoint lists its
+HF names map onto the GGUF names the builders expect (llama.py, gemma.py, gpt2.py); HF stores Q/K
+rows in the half-split (rotate_half) order, so no row is permuted and the graph uses
+`rope_layout="half"` (llama.cpp permutes only the llama architecture's rows, into the interleaved
+order its GGUF path undoes with `rope_layout="interleaved"`). A sharded checkpoint lists its
 files in model.safetensors.index.json.
 """
 
@@ -53,15 +56,16 @@ _LAYER_NAMES = {
     "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up",                  # phi3's fused ones
 }
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)")
-# model_type -> what isthmus builds it as (all Llama-family: build_llama reads the variant's tensors)
-MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# the model_types build_llama builds (it reads the variant's tensors), and the other families'
+LLAMA_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+MODEL_TYPES = (*LLAMA_TYPES, "gemma2", "gemma3_text", "gpt2")
 _IGNORED_RE = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")  # old checkpoints carry it
 
 
 def load_safetensors(folder) -> Model:
     """`folder`: a path, or a `memfiles.MemoryFolder` (the checkpoint's files in memory, as sealed)."""
     folder = _folder(folder)
-    config = llama_config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
+    config = config_from_hf(_read_json(folder / "config.json"), str(folder / "config.json"))
     _add_generation_stops(folder, config)
     tok_config = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
     if not isinstance(tok_config, dict):
@@ -69,12 +73,18 @@ def load_safetensors(folder) -> Model:
     config["chat_template"] = _chat_template(folder, tok_config)
     config["name"] = config["name"] or folder.resolve().name
 
-    from isthmus.compiler.frontends.llama import build_llama
+    checkpoint, arch = read_checkpoint(folder), config["architecture"]
+    if arch in LLAMA_TYPES:
+        from isthmus.compiler.frontends.llama import build_llama
 
-    checkpoint = read_checkpoint(folder)
-    weights = TakenWeights(llama_weights(checkpoint, config, str(folder)))
-    graph = build_llama(config, weights, rope_layout="half", name=config["name"], where=str(folder))
-    weights.refuse_unused(str(folder), config["architecture"], shown={gguf_name(n): n for n in checkpoint})
+        weights, shown = renamed_weights(checkpoint, config, str(folder), _llama_tensor, _IGNORED_RE)
+        weights = TakenWeights(weights)
+        graph = build_llama(config, weights, rope_layout="half", name=config["name"], where=str(folder))
+    else:
+        from isthmus.compiler.frontends.safetensors_families import build_family
+
+        weights, shown, graph = build_family(checkpoint, config, str(folder))
+    weights.refuse_unused(str(folder), arch, shown=shown)
     tokenizer = None
     if (folder / "tokenizer.json").exists():
         from isthmus.compiler.frontends.hf_tokenizer import tokenizer_from_hf
@@ -87,15 +97,26 @@ def load_safetensors(folder) -> Model:
 
 def llama_weights(hf: dict, config: dict, where: str) -> dict:
     """HF-named tensors -> the GGUF-named dict `build_llama` takes (which checks shapes and presence)."""
-    weights = {}
+    return renamed_weights(hf, config, where, _llama_tensor, _IGNORED_RE)[0]
+
+
+def renamed_weights(hf: dict, config: dict, where: str, rename, ignored: re.Pattern) -> tuple[dict, dict]:
+    """HF-named tensors -> (GGUF-named tensors, GGUF name -> HF name). `rename(hf_name, array)` gives
+    (GGUF name, the array as the builder takes it), or None for a name outside the architecture;
+    `ignored` matches the harmless extras a checkpoint may carry (buffers, not weights)."""
+    weights, shown = {}, {}
     for hf_name, array in hf.items():
-        name = gguf_name(hf_name)
-        if name is None:
-            if _IGNORED_RE.fullmatch(hf_name):
+        renamed = rename(hf_name, array)
+        if renamed is None:
+            if ignored.fullmatch(hf_name):
                 continue
             raise UnsupportedError(f"{where}: tensor {one_line(hf_name)} is not part of the "
                                    f"{config['architecture']} architecture isthmus builds")
-        weights[name] = array
+        name, array = renamed
+        if name in weights:
+            raise ModelFormatError(f"{where}: tensors {one_line(shown[name])} and {one_line(hf_name)} are the same "
+                                   f"weight ({name})")
+        weights[name], shown[name] = array, hf_name
     if config["tied_embeddings"]:
         weights.pop("output.weight", None)     # some checkpoints store the tied copy anyway
     elif "output.weight" not in weights:
@@ -103,9 +124,9 @@ def llama_weights(hf: dict, config: dict, where: str) -> dict:
                                f"(config.json says the embeddings are not tied)")
     extra = sorted(n for n in weights if n.startswith("blk.") and int(n.split(".")[1]) >= config["n_layers"])
     if extra:
-        raise ModelFormatError(f"{where}: tensor {extra[0]} is beyond the {config['n_layers']} layers "
-                               f"config.json declares")
-    return weights
+        raise ModelFormatError(f"{where}: tensor {one_line(shown[extra[0]])} is beyond the {config['n_layers']} "
+                               f"layers config.json declares")
+    return weights, shown
 
 
 def _add_generation_stops(folder: Path, config: dict) -> None:
@@ -132,16 +153,40 @@ def gguf_name(hf_name: str) -> str | None:
     return None
 
 
+def _llama_tensor(hf_name: str, array):
+    name = gguf_name(hf_name)
+    return None if name is None else (name, array)
+
+
 # --- config.json -------------------------------------------------------------------------------
 
-def llama_config_from_hf(cfg: dict, where: str) -> dict:
-    """The hyperparameters `build_llama` needs (the keys of `gguf_arch.config_from_gguf`), from config.json."""
+def config_from_hf(cfg: dict, where: str) -> dict:
+    """The hyperparameters of config.json's model_type, as its builder takes them."""
+    model_type = _model_type(cfg, where)
+    if model_type in LLAMA_TYPES:
+        return llama_config_from_hf(cfg, where)
+    from isthmus.compiler.frontends.safetensors_families import family_config_from_hf
+
+    return family_config_from_hf(cfg, model_type, where)
+
+
+def _model_type(cfg: dict, where: str) -> str:
     if not isinstance(cfg, dict):
         raise ModelFormatError(f"{where}: expected a JSON object")
     model_type = cfg.get("model_type")
+    if model_type == "gemma3":
+        raise UnsupportedError(f"{where}: model_type 'gemma3' is the multimodal Gemma 3 (vision tower included); "
+                               "isthmus reads text-only Gemma 3 checkpoints (Gemma3ForCausalLM, model_type "
+                               "'gemma3_text')")
     if model_type not in MODEL_TYPES:
         raise UnsupportedError(f"{where}: model_type {one_line(repr(model_type))} is not supported; "
                                f"supported: {', '.join(MODEL_TYPES)}")
+    return model_type
+
+
+def hf_getter(cfg: dict, where: str):
+    """get(key, kind, default=..., limit=None): config.json's positive number `key` (`default` when it
+    is absent or null; a missing key without one is an error), checked against `limit`."""
 
     def get(key: str, kind: type, default=..., limit: int | None = None):
         value = cfg.get(key)
@@ -153,6 +198,21 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
         if not ok or value <= 0:
             raise ModelFormatError(f"{where}: {key} is {one_line(repr(value))}, expected a positive {kind.__name__}")
         return kind(value) if limit is None else check_limit(value, limit, key, where)
+    return get
+
+
+def hf_name(cfg: dict) -> str | None:
+    """The checkpoint's own name, from config.json's _name_or_path."""
+    name = cfg.get("_name_or_path")
+    return name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.strip("/") else None
+
+
+def llama_config_from_hf(cfg: dict, where: str) -> dict:
+    """The hyperparameters `build_llama` needs (the keys of `gguf_arch.config_from_gguf`), from config.json."""
+    model_type = _model_type(cfg, where)
+    if model_type not in LLAMA_TYPES:
+        raise UnsupportedError(f"{where}: model_type {model_type!r} is not a Llama-family model")
+    get = hf_getter(cfg, where)
 
     for key in ("attention_bias", "mlp_bias"):      # qwen2's Q/K/V biases are its own, not these flags
         if cfg.get(key):
@@ -181,10 +241,9 @@ def llama_config_from_hf(cfg: dict, where: str) -> dict:
     vocab = get("vocab_size", int, limit=MAX_VOCAB)
     eos = _token_ids(cfg.get("eos_token_id"), "eos_token_id", vocab, where)
     bos = _token_ids(cfg.get("bos_token_id"), "bos_token_id", vocab, where)
-    name = cfg.get("_name_or_path")
     return {
         "architecture": model_type,
-        "name": name.rstrip("/").rsplit("/", 1)[-1] if isinstance(name, str) and name.strip("/") else None,
+        "name": hf_name(cfg),
         "n_layers": get("num_hidden_layers", int, limit=MAX_LAYERS),
         "hidden": hidden,
         "ffn": get("intermediate_size", int, limit=MAX_WIDTH),

@@ -3,8 +3,9 @@
 tests/support/hf_gguf.py writes tiny random transformers models (llama, llama with llama3 rope
 scaling, qwen2, qwen3, phi3, gemma2, gemma3, gpt2) as llama.cpp's converter lays them out; isthmus loads the file, and its
 decoder's logits at every step of a prefill and decode must match the transformers model's (f32
-both: within 1e-4 of the logits' range). A setting or tensor isthmus does not apply is an error
-naming it, never a run with wrong numbers.
+both: within 1e-4 of the logits' range). The same tiny models saved by `save_pretrained`
+(config.json + safetensors) go through the safetensors frontend against the same oracle. A setting
+or tensor isthmus does not apply is an error naming it, never a run with wrong numbers.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def test_decoder_logits_match_transformers(arch_file, target):
         assert type(dec).__name__ == "NumbaDecoder"
 
 
-@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "phi3"])
+@pytest.mark.parametrize("arch", ["llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"])
 def test_safetensors_checkpoints_of_the_families_match_transformers(arch, tmp_path):
     hf = hf_model(arch)
     hf.save_pretrained(tmp_path)                      # config.json + model.safetensors, as published
@@ -54,6 +55,69 @@ def test_safetensors_checkpoints_of_the_families_match_transformers(arch, tmp_pa
     got = [np.array(dec.step(IDS[:PREFILL]))] + [np.array(dec.step([t])) for t in IDS[PREFILL:]]
     for i, row in enumerate(got):
         np.testing.assert_allclose(row, want[PREFILL - 1 + i], rtol=0, atol=1e-4 * np.ptp(want), err_msg=f"step {i}")
+
+
+@pytest.mark.parametrize("arch, setting, said", [
+    ("gemma2", {"hidden_activation": "gelu"}, "hidden_activation 'gelu' is not supported"),
+    ("gemma2", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, "rope scaling on the sliding-window layers"),
+    ("gemma3", {"layer_types": ["chunked_attention"] + ["full_attention"] * 5}, "layer_types holds 'chunked_attention'"),
+    ("gemma3", {"rope_parameters": {"full_attention": {"rope_type": "yarn", "factor": 4.0},
+                                    "sliding_attention": {"rope_type": "default"}}}, "rope scaling 'yarn'"),
+    ("gpt2", {"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx True is not applied"),
+    ("gpt2", {"activation_function": "relu"}, "activation_function 'relu' is not supported")])
+def test_safetensors_settings_isthmus_does_not_apply_are_errors_naming_them(arch, setting, said, tmp_path):
+    """config.json as saved, with one setting changed that transformers would apply."""
+    import json
+
+    hf_model(arch).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **setting}))
+    with pytest.raises(UnsupportedError, match=said):
+        load_model(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gpt2"])
+def test_bf16_safetensors_checkpoints_match_transformers_reading_them(arch, tmp_path):
+    """bf16 weights (GPT-2's Conv1D transposed as 16-bit values, Gemma's norms widened to add their 1);
+    GPT-2 laid out as openai-community/gpt2 is: no `transformer.` prefix, causal-mask buffers kept."""
+    import torch
+    import transformers as tf
+    from safetensors.torch import load_file, save_file
+
+    hf_model(arch).to(torch.bfloat16).save_pretrained(tmp_path)
+    if arch == "gpt2":
+        sd = {k.removeprefix("transformer."): v for k, v in load_file(tmp_path / "model.safetensors").items()}
+        for i in range(2):
+            sd[f"h.{i}.attn.bias"] = torch.tril(torch.ones(1, 1, 128, 128))
+            sd[f"h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
+        save_file(sd, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    oracle = tf.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    want = hf_logits(oracle, IDS)[-1]
+    model = load_model(tmp_path)
+    assert "bf16" in model.quantization()
+    got = isthmus.compile(model, target="reference").decoder().step(IDS)
+    np.testing.assert_allclose(np.reshape(got, -1), want, rtol=0, atol=1e-4 * np.ptp(want))
+
+
+def test_multimodal_gemma3_and_stray_tensors_are_refused(tmp_path):
+    import json
+
+    from safetensors.numpy import save_file
+
+    hf_model("gemma2").save_pretrained(tmp_path / "g")          # a gemma3 norm in a gemma2 checkpoint
+    save_file({"model.layers.0.self_attn.q_norm.weight": np.zeros(16, np.float32)}, str(tmp_path / "g" / "x.safetensors"))
+    with pytest.raises(UnsupportedError, match="tensor model.layers.0.self_attn.q_norm.weight is not applied"):
+        load_model(tmp_path / "g")
+    hf_model("gpt2").save_pretrained(tmp_path)
+    stray = tmp_path / "extra.safetensors"
+    save_file({"transformer.h.0.attn.c_attn.lora_A": np.zeros((4, 72), np.float32)}, str(stray))
+    with pytest.raises(UnsupportedError, match="tensor transformer.h.0.attn.c_attn.lora_A is not part of the gpt2"):
+        load_model(tmp_path)
+    stray.unlink()
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "model_type": "gemma3"}))
+    with pytest.raises(UnsupportedError, match="model_type 'gemma3' is the multimodal Gemma 3"):
+        load_model(tmp_path)
 
 
 def test_a_sliding_window_checkpoint_is_refused(tmp_path):
