@@ -7,6 +7,7 @@ a rope_freqs tensor. The transformers model itself is the oracle the tests compa
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 
@@ -226,6 +227,17 @@ def _gemma_tensors(w, cfg, sd, arch, t):
                          ("mlp.down_proj", "ffn_down")):
             t[f"{b}.{dst}.weight"] = sd[f"{m}.{src}.weight"]
     t["output_norm.weight"] = sd["model.norm.weight"] + 1
+
+
+def transformers_reading(model, path):
+    """transformers' own model of the GGUF at `path`, as `from_pretrained(gguf_file=...)` reads it
+    (dequantizing with the gguf package), given `model`'s config: from these tiny files' metadata it
+    does not recover every setting (the vocabulary size without a tokenizer, qwen3's head_dim,
+    gemma2's soft caps, gpt2's n_inner). The weights are all the file's."""
+    import transformers as tf
+
+    path = Path(path)
+    return tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, config=model.config).eval()
 
 
 def hf_logits(model, ids: list[int]) -> np.ndarray:
