@@ -42,7 +42,8 @@ from isthmus.errors import InputError
 # -- the Numba binding -----------------------------------------------------------------------------
 
 def _f32(v: Value) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(v.data), np.float32)
+    data = v.data.dequantize() if hasattr(v.data, "dequantize") else v.data    # bf16 norms, biases
+    return np.ascontiguousarray(np.asarray(data), np.float32)
 
 
 class NumbaExecutable(Executable):
