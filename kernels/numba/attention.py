@@ -41,36 +41,54 @@ def _score(s, scale, softcap):
 
 @njit(inline="always", **JIT)
 def _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window):
+    """Query i of the `group` query heads that share KV head kh (job = (b, kh, i)): each key and
+    value row is read once for the whole group. Head h's scores and weights are in scratch row
+    (b * heads + h) * seq + i."""
     nb, hq, seq, hd = q.shape
-    group = hq // k.shape[1]
-    b = job // (hq * seq)
-    h = (job // seq) % hq
+    kvh = k.shape[1]
+    group = hq // kvh
+    b = job // (kvh * seq)
+    kh = (job // seq) % kvh
     i = job % seq
-    kh = h // group
+    h0 = kh * group
+    r0 = (b * hq + h0) * seq + i
     lo, n = _keys(past, i, seq, causal, window)
     for t in range(lo, n):       # scratch holds key t at column t - lo
-        s = np.float32(0.0)
-        for j in range(hd):
-            s += q[b, h, i, j] * k[b, kh, t, j]
-        scratch[job, t - lo] = _score(s, scale, softcap)
-    softmax_row(scratch, scratch, job, n - lo)
-    for j in range(hd):
-        out[b, i, h * hd + j] = 0.0
+        kt = k[b, kh, t]
+        for g in range(group):
+            scratch[r0 + g * seq, t - lo] = _score(_dot(q[b, h0 + g, i], kt, hd), scale, softcap)
+    for g in range(group):
+        softmax_row(scratch, scratch, r0 + g * seq, n - lo)
+        out[b, i, (h0 + g) * hd:(h0 + g + 1) * hd] = 0.0
     for t in range(lo, n):
-        p = scratch[job, t - lo]
-        for j in range(hd):
-            out[b, i, h * hd + j] += p * v[b, kh, t, j]
+        vt = v[b, kh, t]
+        for g in range(group):
+            _axpy(scratch[r0 + g * seq, t - lo], vt, out[b, i, (h0 + g) * hd:(h0 + g + 1) * hd], hd)
+
+
+@njit(inline="always", **JIT)
+def _dot(a, b, n):
+    s = np.float32(0.0)
+    for j in range(n):
+        s += a[j] * b[j]
+    return s
+
+
+@njit(inline="always", **JIT)
+def _axpy(p, x, y, n):
+    for j in range(n):
+        y[j] += p * x[j]
 
 
 @njit(**PJIT)
 def attention_par(q, k, v, past, causal, scale, out, scratch, softcap, window):
-    for job in prange(q.shape[0] * q.shape[1] * q.shape[2]):
+    for job in prange(q.shape[0] * k.shape[1] * q.shape[2]):
         _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
 
 
 @njit(**JIT)
 def attention_serial(q, k, v, past, causal, scale, out, scratch, softcap, window):
-    for job in range(q.shape[0] * q.shape[1] * q.shape[2]):
+    for job in range(q.shape[0] * k.shape[1] * q.shape[2]):
         _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
 
 

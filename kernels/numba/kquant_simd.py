@@ -28,7 +28,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from isthmus.kernels.numba.simd import _array_parts, _block_loop, _fma, _half, _row_ptr, _x86
+from isthmus.kernels.numba.simd import (HAVE_VNNI, I8_PER_I16, _array_parts, _block_loop, _fma, _half,
+                                        _row_ptr, _x86)
 
 
 def _host_has_avx512bw() -> bool:
@@ -46,7 +47,41 @@ def _host_has_avx512bw() -> bool:
 WIDE = _host_has_avx512bw() and os.environ.get("ISTHMUS_NUMBA_AVX512", "1") != "0"
 
 
-def _make(fmt: str, wide: bool = WIDE):
+def _i8_columns(builder, xqrow, nb):
+    """Pointers to a row's i8 activations and to its i32 lanes of -32 x each 4 values' sum
+    (simd.i8_columns), for rows of nb 256-value blocks."""
+    i64 = ir.IntType(64)
+    at = builder.mul(nb, ir.Constant(i64, 256))
+    x8 = builder.bitcast(builder.gep(xqrow, [at]), ir.IntType(8).as_pointer())
+    negs = builder.bitcast(builder.gep(xqrow, [builder.add(at, builder.mul(nb, ir.Constant(i64, 128)))]),
+                           ir.IntType(32).as_pointer())
+    return x8, negs
+
+
+class _Partials:
+    """A block's scaled runs summed in independent chains, added to the row's accumulator once: one
+    chain through a block's eight FMAs waits 4 cycles on each, longer than the block's own work."""
+
+    def __init__(self, builder, chains: int = 4):
+        self.builder, self.chains, self.sums, self.n = builder, chains, [], 0
+
+    def add(self, a, b):
+        k = self.n % self.chains
+        self.n += 1
+        if k == len(self.sums):
+            self.sums.append(self.builder.fmul(a, b))
+        else:
+            self.sums[k] = _fma(self.builder, a, b, self.sums[k])
+
+    def into(self, acc):
+        sums = self.sums
+        while len(sums) > 1:
+            sums = [self.builder.fadd(sums[i], sums[i + 1]) if i + 1 < len(sums) else sums[i]
+                    for i in range(0, len(sums), 2)]
+        return self.builder.fadd(acc, sums[0])
+
+
+def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
     size = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
@@ -155,39 +190,65 @@ def _make(fmt: str, wide: bool = WIDE):
             if fmt in ("q4_k", "q5_k"):
                 five = fmt == "q5_k"
                 q0 = 48 if five else 16
-                d, dmin = f16(bp, 0), f16(bp, 2)
-                # the 8 scales and mins unpacked as vectors (get_scale_min_k4 lane by lane):
-                # lanes j < 4: sc = s[j] & 63, mn = s[j + 4] & 63; j >= 4: sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4,
-                # mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4, s being the 12 scale bytes at 4
-                v8i8, v8i32 = ir.VectorType(i8, 8), ir.VectorType(i32, 8)
+                i8_acts = vnni and not five
+                # the 8 scales and 8 mins as one vector (get_scale_min_k4 lane by lane; s = the 12
+                # scale bytes at 4): lanes j < 4 sc = s[j] & 63, j in 4..7 sc = (s[j + 4] & 15) |
+                # (s[j - 4] >> 6) << 4; lanes 8 + j: mn = s[j + 4] & 63, or (s[j + 4] >> 4) | (s[j] >> 6) << 4
                 sb = bytes16(bp, 4)
 
-                def pick(idx):
-                    return builder.shuffle_vector(sb, sb, ir.Constant(v8i32, idx))
+                def pick16(idx):
+                    return builder.zext(builder.shuffle_vector(sb, sb, ir.Constant(v16i32, idx)), v16i16)
 
-                def c8(vals):
-                    return ir.Constant(v8i8, vals)
+                def k16(vals):
+                    return ir.Constant(v16i16, vals)
 
-                first = ir.Constant(ir.VectorType(ir.IntType(1), 8), [1] * 4 + [0] * 4)
-                p_, m_ = pick([0, 1, 2, 3, 8, 9, 10, 11]), pick([4, 5, 6, 7, 8, 9, 10, 11])
-                top_s = builder.shl(builder.lshr(pick([0, 0, 0, 0, 0, 1, 2, 3]), c8([6] * 8)), c8([4] * 8))
-                top_m = builder.shl(builder.lshr(pick([0, 0, 0, 0, 4, 5, 6, 7]), c8([6] * 8)), c8([4] * 8))
-                sc8 = builder.select(first, builder.and_(p_, c8([63] * 8)), builder.or_(builder.and_(p_, c8([15] * 8)), top_s))
-                mn8 = builder.select(first, builder.and_(m_, c8([63] * 8)), builder.or_(builder.lshr(m_, c8([4] * 8)), top_m))
+                low = builder.and_(builder.lshr(pick16([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]),
+                                                k16([0] * 12 + [4] * 4)), k16(([63] * 4 + [15] * 4) * 2))
+                top = builder.and_(builder.lshr(pick16([0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]), k16([2] * 16)),
+                                   k16(([0] * 4 + [48] * 4) * 2))
+                scmn = builder.uitofp(builder.or_(low, top), v16f)
+                # x d (lanes 0-7) and x -dmin (8-15), the f16 pair at the block's start converted at once
+                v2f = ir.VectorType(f32, 2)
+                dm = builder.fpext(builder.load(builder.bitcast(bp, ir.VectorType(ir.HalfType(), 2).as_pointer()),
+                                                align=1), v2f)
+                dm = builder.fmul(builder.shuffle_vector(dm, dm, ir.Constant(v16i32, [0] * 8 + [1] * 8)),
+                                  ir.Constant(v16f, [1.0] * 8 + [-1.0] * 8))
+                # x the activations' scale per run (lanes 0-7) and sum per run (8-15); with i8
+                # activations their scale and sums, the sums stored as i16 after the i8 values
                 v8f = ir.VectorType(f32, 8)
-
-                def splat8(v):
-                    x = builder.insert_element(ir.Constant(v8f, ir.Undefined), v, ir.Constant(i32, 0))
-                    return builder.shuffle_vector(x, x, ir.Constant(v8i32, [0] * 8))
-
                 xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
-                xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
-                scale8 = builder.fmul(builder.fmul(splat8(d), builder.uitofp(sc8, v8f)), xd8)
-                mins8 = builder.fmul(builder.fmul(splat8(builder.fneg(dmin)), builder.uitofp(mn8, v8f)), xs8)
-                # the mins enter the accumulator as lanes 0-7 of one extra term per block
-                acc = builder.fadd(acc, builder.shuffle_vector(mins8, ir.Constant(v8f, [0.0] * 8),
-                                                               ir.Constant(v16i32, list(range(16)))))
+                if i8_acts:       # the i8 blocks' sums (simd.i8_columns: after the i8 values and 4-sums)
+                    s8 = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(builder.mul(nb, c64(512)), k0)]),
+                                                      ir.VectorType(i16, 8).as_pointer()), align=2)
+                    xs8 = builder.fmul(builder.sitofp(s8, v8f), xd8)
+                else:
+                    xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
+                xx = builder.shuffle_vector(xd8, xs8, ir.Constant(v16i32, list(range(16))))
+                if i8_acts:
+                    xx = builder.fmul(xx, ir.Constant(v16f, [I8_PER_I16] * 16))
+                scales = builder.fmul(builder.fmul(scmn, dm), xx)      # d sc xd per run, then -dmin mn xs
+                # the mins enter the accumulator as lanes 8-15 of one extra term per block
+                acc = builder.fadd(acc, builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8),
+                                                       scales, ir.Constant(v16f, [0.0] * 16)))
                 hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
+                parts = _Partials(builder)
+                if i8_acts:
+                    # i8 activations (the columns after the i16 ones): one 64-byte vector holds runs
+                    # 2c (low nibbles) and 2c + 1 (high), and vpdpbusd sums each run in 8 lanes
+                    x8, _ = _i8_columns(builder, xqrow, nb)
+                    v64i8 = ir.VectorType(i8, 64)
+                    for c in range(4):
+                        q32 = bytes32(bp, q0 + 32 * c)
+                        w = builder.shuffle_vector(q32, q32, ir.Constant(ir.VectorType(i32, 64), list(range(32)) * 2))
+                        w = builder.lshr(builder.bitcast(w, v32i16), ir.Constant(v32i16, [0] * 16 + [4] * 16))
+                        w = builder.and_(builder.bitcast(w, v64i8), ir.Constant(v64i8, [15] * 64))
+                        xv = builder.load(builder.bitcast(builder.gep(x8, [builder.add(x0, c64(64 * c))]),
+                                                          v64i8.as_pointer()), align=1)
+                        p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
+                                 [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32), builder.bitcast(xv, v16i32)])
+                        sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [2 * c] * 8 + [2 * c + 1] * 8))
+                        parts.add(builder.sitofp(p, v16f), sv)
+                    return parts.into(acc), macc
                 for c in range(4):
                     qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
                     for j in (2 * c, 2 * c + 1):
@@ -196,9 +257,9 @@ def _make(fmt: str, wide: bool = WIDE):
                             h = builder.and_(builder.lshr(hbits, splat32(j)), splat32(1))
                             q = builder.or_(q, builder.shl(h, splat32(4)))
                         p = madd32(q, builder.add(x0, c64(32 * j)))
-                        sv = builder.shuffle_vector(scale8, scale8, ir.Constant(v16i32, [j] * 16))
-                        acc = _fma(builder, builder.sitofp(p, v16f), sv, acc)
-                return acc, macc
+                        sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [j] * 16))
+                        parts.add(builder.sitofp(p, v16f), sv)
+                return parts.into(acc), macc
 
             if fmt in ("q2_k", "q3_k"):
                 # 2-bit q: run k of half h is (qs[32 h + l] >> 2k) & 3; its 16-value sub-runs have a scale each
@@ -246,6 +307,35 @@ def _make(fmt: str, wide: bool = WIDE):
             xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
             xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
             scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
+            if vnni:
+                # i8 activations: runs k = 2kk, 2kk + 1 of half h are 64 contiguous values, one
+                # vpdpbusd of their u8 q (0..63) whose lanes start at -32 x the sum of their 4
+                # activations (the values' offset); the 16 lanes are 4 per 16-value sub-run
+                scale16 = builder.fmul(scale16, ir.Constant(v16f, [I8_PER_I16] * 16))
+                x8, negs = _i8_columns(builder, xqrow, nb)
+                v64i8 = ir.VectorType(i8, 64)
+                parts = _Partials(builder)
+                for h in range(2):
+                    lo64 = builder.load(builder.bitcast(builder.gep(bp, [c64(64 * h)]), v64i8.as_pointer()), align=1)
+                    hb32 = bytes32(bp, 128 + 32 * h)
+                    hb64 = builder.bitcast(builder.shuffle_vector(hb32, hb32, ir.Constant(ir.VectorType(i32, 64),
+                                                                                          list(range(32)) * 2)), v32i16)
+                    for kk in range(2):
+                        lo = lo64 if kk == 0 else builder.bitcast(builder.lshr(builder.bitcast(lo64, v32i16), splat32(4)), v64i8)
+                        hb = builder.lshr(hb64, ir.Constant(v32i16, [4 * kk] * 16 + [4 * kk + 2] * 16))
+                        hb = builder.shl(builder.and_(builder.bitcast(hb, v64i8), ir.Constant(v64i8, [3] * 64)),
+                                         ir.Constant(v64i8, [4] * 64))
+                        q = builder.or_(builder.and_(lo, ir.Constant(v64i8, [15] * 64)), hb)
+                        xo = builder.add(x0, c64(128 * h + 64 * kk))
+                        init = builder.load(builder.bitcast(builder.gep(negs, [builder.ashr(xo, c64(2))]),
+                                                            v16i32.as_pointer()), align=4)
+                        xv = builder.load(builder.bitcast(builder.gep(x8, [xo]), v64i8.as_pointer()), align=1)
+                        p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
+                                 [init, builder.bitcast(q, v16i32), builder.bitcast(xv, v16i32)])
+                        m = 8 * h + 4 * kk
+                        sv = builder.shuffle_vector(scale16, scale16, ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
+                        parts.add(builder.sitofp(p, v16f), sv)
+                return parts.into(acc), macc
             for h in range(2):
                 hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
                 for k in range(4):
@@ -342,6 +432,8 @@ def _make(fmt: str, wide: bool = WIDE):
     return intrinsic(typer)
 
 
+# the formats whose decode dot products take i8 activations on this host (the rest: i16)
+I8_FORMATS = ("q4_k", "q6_k") if HAVE_VNNI else ()
 row_dot_q4k_i16 = _make("q4_k")
 row_dot_q5k_i16 = _make("q5_k")
 row_dot_q6k_i16 = _make("q6_k")

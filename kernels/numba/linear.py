@@ -41,7 +41,7 @@ from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba import kquant
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
-from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
+from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
                                         row_dot_q8, row_dot_q8_i16, sigmoid_f32)
 
 MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
@@ -349,7 +349,7 @@ class Workspace:
         key = ("i16", cols)
         if key not in self.sx or self.sx[key][0].shape[0] < n:
             nb = max(cols // 32, 1)
-            self.sx[key] = (np.empty((n, cols), np.int16), np.empty((n, nb), np.float32),
+            self.sx[key] = (np.empty((n, i8_columns(cols)), np.int16), np.empty((n, nb), np.float32),
                             np.empty((n, nb), np.float32))
         xq, xd, xs = self.sx[key]
         return xq[:n], xd[:n], xs[:n]

@@ -6,6 +6,8 @@ float's bits): within 2 ulp of libm over the range that matters, and, unlike a c
 expf, it inlines into vector code. Inputs below -87.3 give exactly 0 (so -inf does), above 88.3 +inf.
 """
 
+import os
+
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
@@ -351,25 +353,83 @@ row_dot_q4_i16 = _make_row_dot_i16(4)
 row_dot_q8_i16 = _make_row_dot_i16(8)
 
 _Q16 = np.float32(32767.0)
+_Q8 = np.float32(127.0)
+I8_PER_I16 = 32767.0 / 127.0      # an i8 block's scale over its i16 scale (amax / 127 over amax / 32767)
+
+
+def _host_has_vnni() -> bool:
+    try:
+        from llvmlite import binding as llb
+        feats = llb.get_host_cpu_features().flatten().split(",")
+    except Exception:        # pragma: no cover - llvmlite without the query
+        return False
+    return "+avx512vnni" in feats and "+avx512bw" in feats
+
+
+# AVX-512 VNNI's vpdpbusd multiplies 64 u8 x s8 pairs and adds them in fours into 16 i32 lanes: one
+# instruction for what takes a widening, a vpmaddwd and half the conversions on the i16 path. The
+# K-quant kernels use it with i8 activations (as llama.cpp's q8_K) where the host has it;
+# ISTHMUS_NUMBA_AVX512=0 turns it off with the other 512-bit code (comparison only).
+HAVE_VNNI = _host_has_vnni() and os.environ.get("ISTHMUS_NUMBA_AVX512", "1") != "0"
 
 
 @njit(fastmath=False, cache=True)
 def quantize_rows_i16(x, xq, xd, xs):
     """x [n, k] f32 -> per 32-block i16 xq, scale xd = amax / 32767 and xs = xd * sum(xq)
-    (the sum carries the 4-bit formats' offsets m). Rounds half away from zero."""
+    (the sum carries the 4-bit formats' offsets m). Rounds half away from zero.
+
+    Where xq has the columns `i8_columns` asks for, they hold the same blocks quantized to i8 as
+    well, for the VNNI kernels (layout there)."""
+    cols = 32 * xd.shape[1]
+    with_i8 = xq.shape[1] >= i8_columns_all(cols)
     for t in range(x.shape[0]):
+        if with_i8:             # the i8 columns' three parts (i8_columns), as their own types
+            x8 = xq[t, cols:cols + cols // 2].view(np.int8)
+            negs = xq[t, cols + cols // 2:2 * cols].view(np.int32)
+            sums = xq[t, 2 * cols:2 * cols + cols // 32]
         for b in range(xd.shape[1]):
             amax = np.float32(0.0)
             for j in range(32):
                 amax = max(amax, abs(x[t, 32 * b + j]))
             dd = amax / _Q16
             inv = _Q16 / amax if amax > 0 else np.float32(0.0)
-            s = 0
+            s = np.int32(0)
             for j in range(32):
-                v = x[t, 32 * b + j] * inv
-                q = np.int32(v + np.float32(0.5)) if v >= 0 else -np.int32(np.float32(0.5) - v)
-                q = min(max(q, -32767), 32767)
+                q = _round_clamped(x[t, 32 * b + j] * inv, 32767)
                 xq[t, 32 * b + j] = q
                 s += q
             xd[t, b] = dd
             xs[t, b] = dd * np.float32(s)
+            if with_i8:
+                inv8 = _Q8 / amax if amax > 0 else np.float32(0.0)
+                for j in range(32):
+                    x8[32 * b + j] = _round_clamped(x[t, 32 * b + j] * inv8, 127)
+                s8 = np.int32(0)
+                for g in range(8):      # -32 x each 4 values' sum: one i32 lane of vpdpbusd
+                    s4 = (np.int32(x8[32 * b + 4 * g]) + np.int32(x8[32 * b + 4 * g + 1])
+                          + np.int32(x8[32 * b + 4 * g + 2]) + np.int32(x8[32 * b + 4 * g + 3]))
+                    negs[8 * b + g] = -32 * s4
+                    s8 += s4
+                sums[b] = s8
+
+
+@njit(fastmath=False, cache=True, inline="always")
+def _round_clamped(v, limit):
+    """v rounded half away from zero (branch-free, so loops of it vectorise), clamped to +-limit."""
+    q = np.int32(v + np.float32(0.5) * np.sign(v))
+    return min(max(q, -limit), limit)
+
+
+@njit(cache=True, inline="always")
+def i8_columns_all(cols):
+    return cols + cols // 2 + cols // 2 + cols // 32
+
+
+def i8_columns(cols: int) -> int:
+    """The columns of `quantize_rows_i16`'s xq for rows of `cols` values. On hosts with VNNI kernels,
+    after the `cols` i16 values: their i8 copies (scale amax / 127 = xd * I8_PER_I16), two per
+    column; -32 x the sum of each 4 i8 values as i32 (two columns each: the offset of q6_k's values,
+    half that of q5_0's, which start vpdpbusd's lanes); each 32-block's sum of its i8 values (the
+    q4_k mins must meet the same activations as the integers do, or the offset term's error no
+    longer cancels)."""
+    return i8_columns_all(cols) if HAVE_VNNI else cols

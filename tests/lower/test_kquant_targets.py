@@ -33,10 +33,15 @@ def close(got, want, tol):
 
 
 def test_numba_decoder_matches_reference(model, reference):
+    from isthmus.kernels.numba.kquant_simd import I8_FORMATS
+
     exe = isthmus.compile(model, target="numba")
     ref, dec = reference.decoder(), exe.decoder()
+    # i16 activations move the logits by ~1e-4 of their range; i8 ones (q4_k and q6_k on VNNI
+    # hosts, as llama.cpp's q8_K), whose step is 1/127 of a 32-block's largest value, by ~1e-2
+    tol = 2e-2 if I8_FORMATS else 1e-3
     for ids in STEPS:
-        close(dec.step(ids), ref.step(ids), 1e-3)
+        close(dec.step(ids), ref.step(ids), tol)
     params = SamplingParams(max_tokens=12, temperature=0.0)
     assert list(generate(exe, [1, 2, 3], params)) == list(generate(reference, [1, 2, 3], params))
     # layer 0's q4_k Q and K beside a q6_k V are not stacked; layer 1's alike Q, K, V are
