@@ -7,6 +7,7 @@ Groups (each a function `(quick, log) -> list[Row]`):
   kernels  numba kernels vs numpy (ops.py)
   onnx     isthmus's ONNX import + numba vs onnxruntime on one-node models (ops.py)
   model    the default model's prefill (38, 271 tokens) and decode vs llama.cpp (model.py)
+  quant    decode and prefill per GGUF quantization type (Q4_K_M ... Q5_1) vs llama.cpp on the same files (quant.py)
   npu      modeled cycles of compiled programs vs the machine's bounds (npu.py)
   tee      seal/unseal vs AES-256-GCM alone (tee.py)
 
@@ -18,12 +19,13 @@ from __future__ import annotations
 
 import time
 
-GROUPS = ("kernels", "onnx", "model", "npu", "tee")
+GROUPS = ("kernels", "onnx", "model", "quant", "npu", "tee")
 
 
 def _group(name: str):
-    from isthmus.bench import model, npu, ops, tee
-    return {"kernels": ops.kernels, "onnx": ops.onnx, "model": model.model, "npu": npu.npu, "tee": tee.tee}[name]
+    from isthmus.bench import model, npu, ops, quant, tee
+    return {"kernels": ops.kernels, "onnx": ops.onnx, "model": model.model, "quant": quant.quant, "npu": npu.npu,
+            "tee": tee.tee}[name]
 
 
 def run(groups=GROUPS, quick: bool = False, log=print) -> list:

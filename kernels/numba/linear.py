@@ -41,8 +41,8 @@ from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba import kquant
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
-from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4, row_dot_q4_i16,
-                                        row_dot_q8, row_dot_q8_i16, sigmoid_f32)
+from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4,
+                                        row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, sigmoid_f32)
 
 MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
 GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)

@@ -86,6 +86,32 @@ def test_without_the_default_model_the_rows_say_how_to_get_it(monkeypatch, tmp_p
     assert "isthmus pull" in table(rows)
 
 
+def test_without_llama_cpp_the_quant_rows_say_how_to_get_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)          # import llama_cpp -> ImportError
+    rows = run(["quant"], quick=True, log=lambda m: None)
+    assert [(r.case, r.shape) for r in rows] == [("decode Q4_K_M", "synthetic Llama"),
+                                                 ("decode Q4_K_M", "smollm2-135m-instruct")]
+    assert all(r.value is None and "peers" in r.note for r in rows)
+
+
+@pytest.mark.slow
+def test_quant_group_races_llama_cpp_on_files_of_each_type(monkeypatch, tmp_path, default_model_path):
+    pytest.importorskip("llama_cpp")
+    from isthmus.bench.quant import quantized_file, tensor_types
+
+    monkeypatch.setenv("ISTHMUS_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    os.symlink(default_model_path, tmp_path / "models" / os.path.basename(default_model_path))   # as pulled
+    synthetic = quantized_file("synthetic Llama", "Q6_K", log=lambda m: None)
+    assert set(tensor_types(synthetic)) == {"Q6_K", "F32"}            # widths of 256: stored as the type asked
+    rows = run(["quant"], quick=True, log=lambda m: None)
+    assert [(r.case, r.shape) for r in rows] == [
+        ("decode Q4_K_M", "synthetic Llama"), ("prefill Q4_K_M", "synthetic Llama"),
+        ("decode Q4_K_M", "smollm2-135m-instruct"), ("prefill Q4_K_M", "smollm2-135m-instruct")]
+    for r in rows:
+        assert r.value > 0 and r.peer_value > 0 and "q4_k x" in r.note and "q6_k x" in r.note
+
+
 def test_each_engine_runs_in_a_process_of_its_own_with_its_own_environment(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")        # what a shell or CI may have set for isthmus
     monkeypatch.setenv("GOMP_SPINCOUNT", "0")
