@@ -4,8 +4,13 @@ same ops from any other frontend.
 
 - SkipSimplifiedLayerNormalization: s = input + skip (+ bias); rmsnorm(s); the sum is output 3.
 - MatMulNBits / GatherBlockQuantized: blockwise-quantized weights (4 or 8 bits, a scale per block,
-  optional packed zero points, default 2^(bits-1)), dequantized to f32 while importing (exact):
-  a `linear` / `embedding` on the f32 weight.
+  optional packed zero points, default 2^(bits-1)): a `linear` / `embedding` on the weight. 4 bits
+  in blocks of 32 are ggml's q4_1 (value = q * d + m, m = -zp * scale) when every scale and m is
+  exactly an f16 (the genai builder's symmetric scales of a bf16 or f16 checkpoint are +-weight / 8)
+  and the blocks fill the columns: the nibbles are reordered (two consecutive values a byte ->
+  values j and j + 16 in byte j) and the weight stays 4-bit (`QuantizedArray`), the same numbers.
+  Otherwise (f32 scales f16 would round, as from an f32 checkpoint; other bits or block sizes) it
+  is dequantized exactly to f32 (f16 for an f16 gather) while importing.
 - GroupQueryAttention (with packed or separate q/k/v, past caches, seqlens_k, total_sequence_length
   and, with do_rotary, its cos/sin caches): the new keys and values go where onnxruntime writes
   them, at row b's own past length past_b (the end of the cache unless the row is padded), zeros
@@ -28,6 +33,7 @@ from isthmus.compiler.frontends.onnx_ops import NodeContext, on
 from isthmus.compiler.ir import Value, numpy_dtype
 from isthmus.compiler.ops.attention import rope_angles
 from isthmus.compiler.passes.canonicalize_rope import rope_attrs
+from isthmus.compiler.quant import QuantizedArray
 
 MS = ("com.microsoft",)
 
@@ -51,12 +57,11 @@ def _skip_norm(n: NodeContext):
     return [y, None, None, s]
 
 
-def _dequantize_blocks(n: NodeContext, q: Value, scales: Value, zero_points: Value | None, rows: int, cols: int,
-                       bits: int, block: int) -> np.ndarray:
-    """The f32 [rows, cols] matrix of blockwise-quantized rows: element j of row r is
-    (q - zp) * scale[r, j // block], with q packed little-end first in bytes (bits 4 or 8)."""
-    while not q.is_constant and q.producer is not None and q.producer.op == "reshape":
-        q = q.producer.inputs[0]          # the builder shares MatMulNBits' blocks with a reshaped view
+def _blocks(n: NodeContext, q: Value, scales: Value, zero_points: Value | None, rows: int, cols: int,
+            bits: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The quantized values u8 [rows, blocks, block], scales f32 and zero points f32 [rows, blocks]
+    of blockwise-quantized rows: element j of row r is (q - zp) * scale[r, j // block], with q
+    packed little-end first in bytes (bits 4 or 8), the last block padded past `cols`."""
     for v, what in ((q, "quantized weight"), (scales, "scales")):
         if not v.is_constant or not isinstance(v.data, np.ndarray):
             n.unsupported(f"the {what} must be an initializer")
@@ -70,7 +75,6 @@ def _dequantize_blocks(n: NodeContext, q: Value, scales: Value, zero_points: Val
     vals = raw[:, : blocks * block // per_byte]
     if bits == 4:
         vals = np.stack([vals & 0x0F, vals >> 4], axis=-1).reshape(rows, -1)
-    vals = vals.reshape(rows, blocks, block).astype(np.float32)
     scale = np.asarray(scales.data, np.float32).reshape(rows, blocks)
     if zero_points is None:
         zp = np.full((rows, blocks), 2 ** (bits - 1), np.float32)
@@ -81,8 +85,60 @@ def _dequantize_blocks(n: NodeContext, q: Value, scales: Value, zero_points: Val
         if bits == 4:
             zraw = np.stack([zraw & 0x0F, zraw >> 4], axis=-1).reshape(rows, -1)
         zp = zraw[:, :blocks].astype(np.float32)
-    w = (vals - zp[..., None]) * scale[..., None]
-    return np.ascontiguousarray(w.reshape(rows, blocks * block)[:, :cols])
+    return vals.reshape(rows, blocks, block), scale, zp
+
+
+def _dequantize(vals: np.ndarray, scale: np.ndarray, zp: np.ndarray, cols: int) -> np.ndarray:
+    """The f32 [rows, cols] matrix of `_blocks`' parts: (q - zp) * scale, exact."""
+    w = (vals.astype(np.float32) - zp[..., None]) * scale[..., None]
+    return np.ascontiguousarray(w.reshape(len(vals), -1)[:, :cols])
+
+
+def _as_q4_1(vals: np.ndarray, scale: np.ndarray, zp: np.ndarray, cols: int, bits: int) -> QuantizedArray | None:
+    """The same numbers as ggml q4_1 blocks (value = q * d + m), or None when they are not: 4 bits in
+    blocks of 32 filling the columns, every scale d and m = -zp * d exactly an f16. Then q * d and
+    the sum are exact in f32 (at most 15 significant bits, multiples of d's last bit), so q4_1
+    dequantizes to (q - zp) * scale bit for bit (a zero may change its sign)."""
+    rows, blocks, block = vals.shape
+    if bits != 4 or block != 32 or cols != blocks * block:
+        return None
+    m = -zp * scale
+    d16, m16 = scale.astype(np.float16), m.astype(np.float16)
+    if not (np.isfinite(scale).all() and np.array_equal(d16.astype(np.float32), scale)
+            and np.array_equal(m16.astype(np.float32), m)):
+        return None
+    nibbles = vals[..., :16] | (vals[..., 16:] << 4)      # byte j: value j low, value j + 16 high
+    raw = np.concatenate([d16.astype("<f2")[..., None].view(np.uint8), m16.astype("<f2")[..., None].view(np.uint8),
+                          nibbles], axis=-1)
+    raw = np.ascontiguousarray(raw.reshape(rows, blocks * 20))
+    raw.flags.writeable = False
+    return QuantizedArray("q4_1", (rows, cols), raw)
+
+
+def _weight(n: NodeContext, q: Value, scales: Value, zero_points: Value | None, rows: int, cols: int,
+            bits: int, block: int, what: str):
+    """The [rows, cols] weight of blockwise-quantized rows as a constant: q4_1 blocks where they
+    hold the same numbers (one constant for every node reading the same blocks: the genai builder
+    shares the tied lm_head's with the embedding), else None and the exact f32 matrix."""
+    while not q.is_constant and q.producer is not None and q.producer.op == "reshape":
+        q = q.producer.inputs[0]          # the builder shares MatMulNBits' blocks with a reshaped view
+    vals, scale, zp = _blocks(n, q, scales, zero_points, rows, cols, bits, block)
+    # the same bytes (a folded reshape is a view of them) with the same scales and zero points
+    key = (_address(q), _address(scales), _address(zero_points), rows, cols, bits, block)
+    shared = n.imp.__dict__.setdefault("_q4_1_weights", {})     # per import
+    if key not in shared:
+        blocks = _as_q4_1(vals, scale, zp, cols, bits)
+        if blocks is None:
+            return None, _dequantize(vals, scale, zp, cols)
+        shared[key] = n.imp.g.add_constant(f"{n.name}/{what}", blocks)
+    return shared[key], None
+
+
+def _address(v: Value | None):
+    if v is None:
+        return None
+    data = np.asarray(v.data)
+    return data.__array_interface__["data"][0], data.nbytes, data.dtype.str
 
 
 @on("MatMulNBits", domains=MS)
@@ -92,8 +148,9 @@ def _matmul_nbits(n: NodeContext):
     if g_idx is not None:
         n.unsupported("g_idx (act-order quantization)")
     rows, cols = int(n.attr("N")), int(n.attr("K"))
-    w = _dequantize_blocks(n, q, scales, zp, rows, cols, int(n.attr("bits", 4)), int(n.attr("block_size")))
-    weight = n.const(w.astype(numpy_dtype(x.dtype)), "weight")
+    weight, w = _weight(n, q, scales, zp, rows, cols, int(n.attr("bits", 4)), int(n.attr("block_size")), "weight")
+    if weight is None:
+        weight = n.const(w.astype(numpy_dtype(x.dtype)), "weight")
     return n.emit("linear", [x, weight] + ([bias] if bias is not None else []))
 
 
@@ -106,9 +163,13 @@ def _gather_block_quantized(n: NodeContext):
     bits = int(n.attr("bits", 4))
     rows = q.shape[0]
     cols = q.shape[1] * (2 if q.dtype == "u8" and bits == 4 else 1)
-    w = _dequantize_blocks(n, q, scales, zp, rows, cols, bits, int(n.attr("block_size", 128)))
-    table = n.const(w.astype(np.float32 if scales.dtype not in ("f16",) else np.float16), "table")
-    return n.emit("embedding", [table, idx])
+    table, w = _weight(n, q, scales, zp, rows, cols, bits, int(n.attr("block_size", 128)), "table")
+    if table is None:
+        table = n.const(w.astype(np.float32 if scales.dtype not in ("f16",) else np.float16), "table")
+    out = n.emit("embedding", [table, idx])
+    if scales.dtype == "f16" and out.dtype != "f16":     # onnxruntime's rows are f16, as the scales
+        out = n.emit("cast", [out], {"to": "f16"}, suffix="f16")
+    return out
 
 
 def _rope_attrs(n: NodeContext, cos: Value, sin: Value, interleaved: bool) -> dict:
