@@ -246,3 +246,33 @@ def hf_logits(model, ids: list[int]) -> np.ndarray:
 
     with torch.no_grad():
         return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def resized(model, seed: int = 0, **sizes):
+    """`model` (from hf_model) rebuilt at other sizes with fresh random weights from `seed`, its
+    norms and biases spread as hf_model spreads them. `sizes` are spelled as Llama's config spells
+    them (vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+    num_key_value_heads, head_dim) for every family; e.g. widths that are multiples of 256, which
+    llama.cpp's k-quants need (tests/data/kquant_families/make.py)."""
+    import torch
+
+    d = model.config.to_dict()
+    d.pop("layer_types", None)           # recomputed from the new layer count
+    if d["model_type"] == "gpt2":
+        names = dict(hidden_size="n_embd", intermediate_size="n_inner", num_hidden_layers="n_layer",
+                     num_attention_heads="n_head")
+        sizes = {names.get(k, k): v for k, v in sizes.items() if k not in ("num_key_value_heads", "head_dim")}
+    elif "query_pre_attn_scalar" in d and "head_dim" in sizes:
+        sizes["query_pre_attn_scalar"] = sizes["head_dim"]
+    if "head_dim" not in d:
+        sizes.pop("head_dim", None)
+    d.update(sizes)
+    torch.manual_seed(seed)
+    out = type(model)(type(model.config)(**d))
+    with torch.no_grad():
+        for name, p in out.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.2 * torch.randn_like(p))
+            elif name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    return out.eval()
