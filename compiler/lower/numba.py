@@ -28,6 +28,7 @@ are taken before inputs are released, so no step reads and writes the same buffe
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
@@ -55,6 +56,7 @@ class NumbaExecutable(Executable):
 
         self.groups = groups_of(self.graph)
         self.plan = make_plan(self.groups)
+        self._row_batches = threading.local()
         self._packed: dict[tuple, object] = {}
         for st in self.plan.steps:
             g = st.group
@@ -128,6 +130,25 @@ class NumbaExecutable(Executable):
             return FunctionalDecoder(self)
         return NumbaDecoder(self)
 
+    def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+        """One decode step for B of this executable's in-place decoders at once: the linear layers
+        compute the B rows in one pass over the weights, attention and the KV append work on each
+        sequence's own cache (by address). Every row is computed as its sequence would be alone,
+        so its logits are bitwise those of `decoder.step`. Other decoders step one by one."""
+        from isthmus.compiler.batch import step_each
+
+        if len(decoders) < 2 or not all(isinstance(d, NumbaDecoder) and d.exe is self for d in decoders) \
+                or len({d.capacity for d in decoders}) > 1 or len({id(d) for d in decoders}) < len(decoders):
+            return step_each(decoders, token_ids)
+        for d in decoders:
+            if d.length + 1 > d.capacity:
+                raise InputError(f"the KV cache holds {d.capacity} positions; {d.length} used, 1 more asked")
+        key = (len(decoders), decoders[0].capacity)
+        batches = self._row_batches.__dict__.setdefault("by_size", {})    # per thread: engines may share
+        if key not in batches:
+            batches[key] = RowBatch(self, *key)
+        return batches[key].step(decoders, token_ids)
+
 
 def _release_mapped_pages(graph: Graph) -> None:
     """Drop the model file's pages from this process's resident set once the weights are repacked.
@@ -166,10 +187,13 @@ class Bound:
     """The plan bound to concrete dims and buffers: `run(past)` calls each step's kernel in order."""
 
     def __init__(self, exe: NumbaExecutable, dims: dict, env: dict, caches: dict, last_only: bool,
-                 workspace=None):
+                 workspace=None, rows=None):
         from isthmus.kernels.numba.linear import Workspace
 
         self.exe, self.dims, self.env, self.caches, self.last_only = exe, dims, env, caches, last_only
+        # a batched decode step's caches by address (RowCaches); every kernel then works row by row
+        # as for one sequence alone, so each row's numbers are those of its sequence alone
+        self.rows = rows
         # scratch of this binding alone: decoders in different threads never share a buffer
         self.workspace = workspace if workspace is not None else Workspace()
         self._scratch = np.empty(0, np.float32)
@@ -217,7 +241,7 @@ class Bound:
     # steps --------------------------------------------------------------------------------------
     def _bind_linear(self, st: Step):
         from isthmus.kernels.numba import linear as L
-        from isthmus.kernels.numba.rope import inv_freq, qkv_epilogue
+        from isthmus.kernels.numba.rope import inv_freq, qkv_epilogue, qkv_epilogue_rows
 
         g, exe = st.group, self.exe
         w, epi = g.attrs["packed"], g.attrs["epilogue"]
@@ -228,7 +252,7 @@ class Bound:
         bias = g.attrs["bias"]           # the siblings' biases stacked as their weights are, or None
         if epi == "qkv":
             q = g.attrs["qkv"]
-            kc, vc = self.caches[st]
+            kc, vc = self.caches[st] if self.rows is None else (None, None)
             q_out = self._buffer(g.outputs[0])
             n = q_out.shape[0] * q_out.shape[2]
             qkv = np.empty((n, w.rows), np.float32)
@@ -250,6 +274,18 @@ class Bound:
             if q["positions"] is None or self.env.get(q["positions"]) is not None:
                 pos = pos_get()             # fixed for this binding (a decode step's)
                 pos_get = lambda: pos       # noqa: E731
+
+            if self.rows is not None:
+                rows = self.rows
+                k_addr, v_addr = rows.tables(st)
+
+                def call_rows(past):
+                    project()
+                    if bias is not None:
+                        np.add(qkv, bias, out=qkv)
+                    qkv_epilogue_rows(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, k_addr, v_addr,
+                                      rows.capacity, rows.pasts, qn, kn, n_eps)
+                return call_rows
 
             def call(past):
                 project()
@@ -308,12 +344,13 @@ class Bound:
                     part()
                     out[:, lo:hi] = buf
             return siblings
-        bound = None if x_static is None else L.matvec_call(x_static, w, out, ws, norm=norm, h=h)
+        bound = None if x_static is None else L.matvec_call(x_static, w, out, ws, norm=norm, h=h,
+                                                          row_wise=self.rows is not None)
         if bound is not None:
             fn, args = bound
             call = (lambda: fn(*args))
         else:
-            call = (lambda: L.linear(x_get(), w, out, ws, norm=norm, h=h))
+            call = (lambda: L.linear(x_get(), w, out, ws, norm=norm, h=h, row_wise=self.rows is not None))
         call.out = out
         return call
 
@@ -342,23 +379,24 @@ class Bound:
         if epi == "add":
             res_static = self._static(g.attrs["residual"])
             if x_static is not None and res_static is not None:
-                bound = L.matvec_call(x_static, w, out2, ws, res=res_static, **kw)
+                bound = L.matvec_call(x_static, w, out2, ws, res=res_static, row_wise=self.rows is not None,
+                                      **kw)
                 if bound is not None:        # a decode step: the kernel and its arguments, bound once
                     fn, args = bound
                     return lambda past: fn(*args)
             res_get = self._rows(g.attrs["residual"])
 
             def call(past):
-                L.linear(x_rows(), w, out2, ws, res=res_get(), **kw)
+                L.linear(x_rows(), w, out2, ws, res=res_get(), row_wise=self.rows is not None, **kw)
             return call
         if x_static is not None:
-            bound = L.matvec_call(x_static, w, out2, ws, **kw)
+            bound = L.matvec_call(x_static, w, out2, ws, row_wise=self.rows is not None, **kw)
             if bound is not None:
                 fn, args = bound
                 return lambda past: fn(*args)
 
         def call(past):
-            L.linear(x_rows(), w, out2, ws, **kw)
+            L.linear(x_rows(), w, out2, ws, row_wise=self.rows is not None, **kw)
         return call
 
     def _positions(self, v: Value, b: int, s: int):
@@ -378,9 +416,24 @@ class Bound:
         softcap, window = float(node.attrs["softcap"]), int(node.attrs["window"])
         hd = qv.shape[3]
         scale = np.float32(node.attrs["scale"] or 1.0 / np.sqrt(hd))
+        env = self.env
+        if self.rows is not None:
+            from isthmus.kernels.numba.attention import attention_rows
+
+            rows = self.rows
+            k_addr, v_addr = rows.tables(next(c.step for c in self.exe.plan.caches
+                                              if c.present_k is kv and c.present_v is vv))
+            kvh = kv.shape[1]
+
+            def call_rows(past):
+                q = env[qv]
+                jobs = q.shape[0] * q.shape[1] * q.shape[2]
+                attention_rows(q, k_addr, v_addr, kvh, rows.capacity, rows.pasts, causal, scale, out,
+                               self.scratch(jobs, int(rows.pasts.max()) + q.shape[2]), np.float32(softcap),
+                               np.int64(window))
+            return call_rows
         cache = next((self.caches[c.step] for c in self.exe.plan.caches
                       if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
-        env = self.env
 
         def call(past):
             q = env[qv]
@@ -521,8 +574,12 @@ class NumbaDecoder:
             self.caches[c.step] = (_zeros((1, h, self.capacity, hd)), _zeros((1, h, self.capacity, hd)))
         self.length = 0
         self._bound: dict[int, tuple] = {}
+        from isthmus.kernels.numba.kv_rows import address
         from isthmus.kernels.numba.linear import Workspace
         self.workspace = Workspace()
+        # its caches' data addresses in plan order (K, V): what a batched step (RowBatch) reads
+        self.addresses = np.array([[address(self.caches[c.step][i]) for c in exe.plan.caches] for i in (0, 1)],
+                                  np.int64)
 
     def _bind(self, n: int):
         if n not in self._bound:
@@ -557,6 +614,51 @@ class NumbaDecoder:
         bound.run(self.length)
         self.length += n
         return logits() if callable(logits) else logits
+
+
+class RowCaches:
+    """A batched binding's view of its sequences' caches: per cache step, the K and V data
+    addresses of each sequence (rows of `k`, `v`, in plan order), and each one's length."""
+
+    def __init__(self, exe: NumbaExecutable, batch: int, capacity: int):
+        steps = [c.step for c in exe.plan.caches]
+        self.k = np.zeros((len(steps), batch), np.int64)
+        self.v = np.zeros((len(steps), batch), np.int64)
+        self.index = {st: i for i, st in enumerate(steps)}
+        self.pasts = np.zeros(batch, np.int64)
+        self.capacity = capacity
+
+    def tables(self, step) -> tuple[np.ndarray, np.ndarray]:
+        i = self.index[step]
+        return self.k[i], self.v[i]
+
+
+class RowBatch:
+    """The decoder plan bound once for B sequences of one token each (`decode_batch`)."""
+
+    def __init__(self, exe: NumbaExecutable, batch: int, capacity: int):
+        from isthmus.kernels.numba.linear import Workspace
+
+        d = exe.graph.decoder.resolve(exe.graph)
+        self.ids = np.zeros((batch, 1), np.int64)
+        self.pos = np.zeros((batch, 1), np.int64)
+        env = {d.input_ids: self.ids, d.position_ids: self.pos}
+        dims = {k: size for k, size in zip(d.input_ids.shape, (batch, 1)) if isinstance(k, str)}
+        self.rows = RowCaches(exe, batch, capacity)
+        self.bound = Bound(exe, dims, env, {}, last_only=True, workspace=Workspace(), rows=self.rows)
+        self.env, self.logits_value = env, d.logits
+
+    def step(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+        rows = self.rows
+        for b, (dec, t) in enumerate(zip(decoders, token_ids)):
+            self.ids[b, 0] = t
+            self.pos[b, 0] = rows.pasts[b] = dec.length
+            rows.k[:, b], rows.v[:, b] = dec.addresses
+        self.bound.run(0)
+        for dec in decoders:
+            dec.length += 1
+        logits = self.env[self.logits_value]
+        return np.array(logits.reshape(len(decoders), -1, logits.shape[-1])[:, -1], np.float32)
 
 
 def lower_numba(graph: Graph, model=None) -> NumbaExecutable:

@@ -19,6 +19,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.kv_rows import cache_at
 from isthmus.kernels.numba.softmax import softmax_row
 from isthmus.kernels.numba.threads import serial_blas
 
@@ -41,29 +42,37 @@ def _score(s, scale, softcap):
 
 @njit(inline="always", **JIT)
 def _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window):
-    """Query i of the `group` query heads that share KV head kh (job = (b, kh, i)): each key and
-    value row is read once for the whole group. Head h's scores and weights are in scratch row
-    (b * heads + h) * seq + i."""
-    nb, hq, seq, hd = q.shape
-    kvh = k.shape[1]
-    group = hq // kvh
+    """Work item job = (b, kh, i) over q [batch, heads, seq, hd] and the caches k, v [batch,
+    kv_heads, capacity, hd] of that batch, all of one length `past` before this step."""
+    kvh, seq = k.shape[1], q.shape[2]
     b = job // (kvh * seq)
-    kh = (job // seq) % kvh
-    i = job % seq
+    _attend_one(q[b], k[b], v[b], past, causal, scale, out[b], scratch, b * q.shape[1] * seq, job % (kvh * seq),
+                softcap, window)
+
+
+@njit(inline="always", **JIT)
+def _attend_one(q, k, v, past, causal, scale, out, scratch, row0, job, softcap, window):
+    """Query i of the `group` query heads that share KV head kh (job = kh * seq + i) of one
+    sequence: q [heads, seq, hd], k, v [kv_heads, capacity, hd], out [seq, heads * hd]. Each key
+    and value row is read once for the whole group. Head h's scores and weights are in scratch
+    row row0 + h * seq + i."""
+    hq, seq, hd = q.shape
+    group = hq // k.shape[0]
+    kh, i = job // seq, job % seq
     h0 = kh * group
-    r0 = (b * hq + h0) * seq + i
+    r0 = row0 + h0 * seq + i
     lo, n = _keys(past, i, seq, causal, window)
     for t in range(lo, n):       # scratch holds key t at column t - lo
-        kt = k[b, kh, t]
+        kt = k[kh, t]
         for g in range(group):
-            scratch[r0 + g * seq, t - lo] = _score(_dot(q[b, h0 + g, i], kt, hd), scale, softcap)
+            scratch[r0 + g * seq, t - lo] = _score(_dot(q[h0 + g, i], kt, hd), scale, softcap)
     for g in range(group):
         softmax_row(scratch, scratch, r0 + g * seq, n - lo)
-        out[b, i, (h0 + g) * hd:(h0 + g + 1) * hd] = 0.0
+        out[i, (h0 + g) * hd:(h0 + g + 1) * hd] = 0.0
     for t in range(lo, n):
-        vt = v[b, kh, t]
+        vt = v[kh, t]
         for g in range(group):
-            _axpy(scratch[r0 + g * seq, t - lo], vt, out[b, i, (h0 + g) * hd:(h0 + g + 1) * hd], hd)
+            _axpy(scratch[r0 + g * seq, t - lo], vt, out[i, (h0 + g) * hd:(h0 + g + 1) * hd], hd)
 
 
 @njit(inline="always", **JIT)
@@ -90,6 +99,21 @@ def attention_par(q, k, v, past, causal, scale, out, scratch, softcap, window):
 def attention_serial(q, k, v, past, causal, scale, out, scratch, softcap, window):
     for job in range(q.shape[0] * k.shape[1] * q.shape[2]):
         _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
+
+
+@njit(**PJIT)
+def attention_rows(q, k_addr, v_addr, kvh, capacity, pasts, causal, scale, out, scratch, softcap, window):
+    """A batched decode step's attention: q [batch, heads, seq, hd], sequence b's caches at
+    addresses k_addr[b], v_addr[b] ([kvh, capacity, hd] each, kv_rows.py) holding pasts[b]
+    positions before this step. The work items of `attention_serial` for each sequence alone, so
+    each sequence's output is bitwise what it would be alone."""
+    nb, hq, seq, hd = q.shape
+    for job in prange(nb * kvh * seq):
+        b = job // (kvh * seq)
+        k = cache_at(k_addr[b], kvh, capacity, hd)
+        v = cache_at(v_addr[b], kvh, capacity, hd)
+        _attend_one(q[b], k, v, pasts[b], causal, scale, out[b], scratch, b * hq * seq, job % (kvh * seq),
+                    softcap, window)
 
 
 @njit(**JIT)

@@ -371,12 +371,19 @@ class Workspace:
         return self.tile[: items * rows * cols].reshape(items, rows, cols)
 
 
-def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None):
+def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None,
+                row_wise=False):
     """The fused matvec kernel and its arguments for `linear` of up to MATVEC_MAX_ROWS rows (None
-    for more): a caller that runs the same shapes again (a decode step) binds this once."""
+    for more): a caller that runs the same shapes again (a decode step) binds this once.
+
+    `row_wise` (a batched decode step): any number of rows, each computed exactly as it would be
+    alone (the matvec kernels compute rows independently; dense f32 weights go to BLAS one row at a
+    time, since BLAS's result for a row may depend on how many rows it is given)."""
     n = x2.shape[0]
     integer = INT_ACTIVATIONS and w.kind != "f32"
-    if n > MATVEC_MAX_ROWS or w.kind == "f32":      # dense f32 weights: BLAS (_dense_matmul) is faster
+    if row_wise and n > 1 and w.kind == "f32":
+        return _rows_one_by_one, (x2, w, out, ws, res, epilogue, norm, h)
+    if (n > MATVEC_MAX_ROWS and not row_wise) or w.kind == "f32":   # dense f32 weights: BLAS is faster
         return None
     res_arr = out if res is None else res
     if integer:
@@ -391,12 +398,19 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     return matvec, (x2, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
 
 
-def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None):
+def _rows_one_by_one(x2, w, out, ws, res, epilogue, norm, h):
+    for i in range(x2.shape[0]):
+        linear(x2[i:i + 1], w, out[i:i + 1], ws, res=None if res is None else res[i:i + 1], epilogue=epilogue,
+               norm=norm, h=None if h is None else h[i:i + 1])
+
+
+def linear(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NONE, norm=None, h=None, row_wise=False):
     """out = [rmsnorm](x2) @ W.T with an epilogue; x2 [n, cols] f32 C-contiguous, out [n, rows'].
 
-    `norm` = (weight, eps) fuses an rmsnorm prologue (h receives the normalised rows).
+    `norm` = (weight, eps) fuses an rmsnorm prologue (h receives the normalised rows); `row_wise`
+    as for `matvec_call`.
     """
-    call = matvec_call(x2, w, out, ws, res=res, epilogue=epilogue, norm=norm, h=h)
+    call = matvec_call(x2, w, out, ws, res=res, epilogue=epilogue, norm=norm, h=h, row_wise=row_wise)
     if call is not None:
         call[0](*call[1])
         return out

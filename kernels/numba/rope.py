@@ -13,6 +13,7 @@ import numpy as np
 from numba import njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.kv_rows import cache_at
 
 # No fast-math anywhere in this file: rotation has no reductions to reassociate, and under a
 # function's fast-math flags LLVM rewrites the inlined three-part range reduction of sincos_f32.
@@ -120,23 +121,46 @@ def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_
     With q_norm / k_norm [hd] (empty: none), each Q and K head is RMS-normalised first, in qkv.
     """
     nb, seq = q_out.shape[0], q_out.shape[2]
-    hd = q_out.shape[3]
     cs = np.empty(inv.shape[0], np.float32)
     sn = np.empty(inv.shape[0], np.float32)
     for b in range(nb):
         for s in range(seq):
-            row = qkv[b * seq + s]
-            _angles(pos[b, s], inv, cs, sn)
-            for h in range(n_q):
-                if q_norm.shape[0]:
-                    _head_norm(row[h * hd:(h + 1) * hd], q_norm, eps)
-                _rotate(row[h * hd:(h + 1) * hd], q_out[b, h, s], cs, sn, interleaved)
-            for h in range(n_kv):
-                src = row[(n_q + h) * hd:(n_q + h + 1) * hd]
-                if k_norm.shape[0]:
-                    _head_norm(src, k_norm, eps)
-                if rope_k:
-                    _rotate(src, k_out[b, h, past + s], cs, sn, interleaved)
-                else:
-                    k_out[b, h, past + s] = src
-                v_out[b, h, past + s] = row[(n_q + n_kv + h) * hd:(n_q + n_kv + h + 1) * hd]
+            _qkv_token(qkv[b * seq + s], pos[b, s], inv, interleaved, n_q, n_kv, rope_k, q_out[b], s,
+                       k_out[b], v_out[b], past + s, q_norm, k_norm, eps, cs, sn)
+
+
+@njit(**JIT)
+def qkv_epilogue_rows(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_addr, v_addr, capacity, pasts,
+                      q_norm, k_norm, eps):
+    """`qkv_epilogue` for a batched decode step: sequence b's caches are at addresses k_addr[b],
+    v_addr[b] ([n_kv, capacity, hd] each, kv_rows.py) and its rows go to pasts[b] onwards."""
+    nb, seq, hd = q_out.shape[0], q_out.shape[2], q_out.shape[3]
+    cs = np.empty(inv.shape[0], np.float32)
+    sn = np.empty(inv.shape[0], np.float32)
+    for b in range(nb):
+        k_out = cache_at(k_addr[b], n_kv, capacity, hd)
+        v_out = cache_at(v_addr[b], n_kv, capacity, hd)
+        for s in range(seq):
+            _qkv_token(qkv[b * seq + s], pos[b, s], inv, interleaved, n_q, n_kv, rope_k, q_out[b], s,
+                       k_out, v_out, pasts[b] + s, q_norm, k_norm, eps, cs, sn)
+
+
+@njit(inline="always", **JIT)
+def _qkv_token(row, p, inv, interleaved, n_q, n_kv, rope_k, q_out, s, k_out, v_out, at, q_norm, k_norm, eps, cs, sn):
+    """One token's fused projection row: its Q heads into q_out [n_q, seq, hd] at s, its K and V
+    heads into the caches [n_kv, capacity, hd] at row `at`."""
+    hd = q_out.shape[2]
+    _angles(p, inv, cs, sn)
+    for h in range(n_q):
+        if q_norm.shape[0]:
+            _head_norm(row[h * hd:(h + 1) * hd], q_norm, eps)
+        _rotate(row[h * hd:(h + 1) * hd], q_out[h, s], cs, sn, interleaved)
+    for h in range(n_kv):
+        src = row[(n_q + h) * hd:(n_q + h + 1) * hd]
+        if k_norm.shape[0]:
+            _head_norm(src, k_norm, eps)
+        if rope_k:
+            _rotate(src, k_out[h, at], cs, sn, interleaved)
+        else:
+            k_out[h, at] = src
+        v_out[h, at] = row[(n_q + n_kv + h) * hd:(n_q + n_kv + h + 1) * hd]

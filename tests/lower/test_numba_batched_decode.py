@@ -1,0 +1,107 @@
+"""Batched decode on the numba target (`NumbaExecutable.decode_batch`): one step for B sequences,
+each with its own KV cache and position, and each sequence's logits bitwise those of its decoder
+stepping alone, whatever shares its batch. The oracle is the single-sequence decoder, itself
+checked against the reference target (tests/kernels/test_numba_lowering.py)."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("numba")
+
+import isthmus  # noqa: E402
+from isthmus.compiler.lower.numba import NumbaDecoder  # noqa: E402
+from isthmus.errors import InputError  # noqa: E402
+from tiny_models import tiny_llama_model  # noqa: E402  # tests/support
+
+CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=67,
+           rms_eps=1e-5, rope_theta=10000.0, context_length=64)
+STEPS = 6
+
+
+def _gemma2():
+    """A Gemma 2 file (soft-capping, a sliding window of 4, GQA): attention's variants batched."""
+    import os
+    import tempfile
+
+    from hf_gguf import hf_model, write_gguf
+
+    path = os.path.join(tempfile.mkdtemp(), "gemma2.gguf")
+    write_gguf(hf_model("gemma2"), path, "gemma2")
+    return isthmus.load(path)
+
+
+MODELS = {
+    "q4_1": lambda: tiny_llama_model(CFG, quant="q4_1"),
+    "q8_0": lambda: tiny_llama_model(CFG, quant="q8_0", layout="interleaved"),
+    "f32": lambda: tiny_llama_model(CFG),                 # dense weights: BLAS one row at a time
+    "gemma2": _gemma2,
+}
+
+
+@pytest.fixture(scope="module", params=list(MODELS))
+def exe(request):
+    return isthmus.compile(MODELS[request.param](), target="numba")
+
+
+def _script(vocab, n, seed):
+    """n sequences: (prompt, the tokens fed after it) of random lengths."""
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, vocab, int(rng.integers(1, 9))).tolist(), rng.integers(0, vocab, STEPS).tolist())
+            for _ in range(n)]
+
+
+def test_each_sequence_in_any_batch_is_bitwise_itself_alone(exe):
+    vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
+    script = _script(vocab, 16, seed=1)
+    alone = []
+    for prompt, fed in script:
+        dec = exe.decoder()
+        assert isinstance(dec, NumbaDecoder)
+        dec.step(prompt)
+        alone.append([dec.step([t]).copy() for t in fed])
+    decoders = []
+    for prompt, _ in script:
+        decoders.append(exe.decoder())
+        decoders[-1].step(prompt)
+    done = [0] * len(script)
+    rng = np.random.default_rng(2)
+    sizes = set()
+    while any(d < STEPS for d in done):
+        live = [i for i in range(len(script)) if done[i] < STEPS]
+        pick = sorted(rng.choice(live, size=min(len(live), int(rng.integers(2, 17))), replace=False).tolist())
+        if len(pick) == 1:                  # a batch of one is a plain step: covered above
+            i = pick[0]
+            got = [decoders[i].step([script[i][1][done[i]]]).copy()]
+        else:
+            got = exe.decode_batch([decoders[i] for i in pick], [script[i][1][done[i]] for i in pick])
+            sizes.add(len(pick))
+        for row, i in zip(got, pick):
+            assert np.array_equal(row, alone[i][done[i]]), f"sequence {i}, step {done[i]}, batch of {len(pick)}"
+            done[i] += 1
+    assert max(sizes) >= 8 and min(sizes) <= 4            # both small and large batches were made
+    assert [d.length for d in decoders] == [len(p) + STEPS for p, _ in script]
+
+
+@pytest.mark.parametrize("name", ["q4_1", "q8_0"])
+def test_chunked_prefill_of_short_chunks_is_bitwise_the_whole_prompt(name):
+    """Block-quantized weights: chunks of up to MATVEC_MAX_ROWS tokens take the row-wise kernels,
+    as a whole prompt of that length does, so the next step's logits are the same bits. (Dense
+    f32/f16 weights take BLAS for several tokens, whose rounding depends on how many: not so.)"""
+    exe = isthmus.compile(MODELS[name](), target="numba")
+    vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
+    prompt = np.random.default_rng(3).integers(0, vocab, 8).tolist()
+    whole, chunked = exe.decoder(), exe.decoder()
+    whole.step(prompt)
+    for chunk in (prompt[:3], prompt[3:4], prompt[4:]):
+        chunked.step(chunk)
+    assert np.array_equal(whole.step([5]), chunked.step([5]))
+
+
+def test_a_batch_past_a_cache_is_refused_before_anything_moves(exe):
+    a, b = exe.decoder(), exe.decoder()
+    a.step([1] * (a.capacity - 1))
+    b.step([1])
+    exe.decode_batch([a, b], [2, 3])                       # a's last position
+    with pytest.raises(InputError, match="holds"):
+        exe.decode_batch([b, a], [2, 3])
+    assert (a.length, b.length) == (a.capacity, 2)
