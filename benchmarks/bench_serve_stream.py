@@ -4,6 +4,7 @@
     python benchmarks/bench_serve_stream.py --prefix [--rounds 4]
     python benchmarks/bench_serve_stream.py --chunked [--streams 8] [--tokens 128]
     python benchmarks/bench_serve_stream.py --tiers [--streams 32] [--max-batch 8]
+    python benchmarks/bench_serve_stream.py --concurrent [--streams 8] [--tokens 64]
 
 Both decode the same chat prompt greedily for exactly --tokens tokens (`ignore_eos`), and both
 are timed the same way: tokens per second between the first token and the last one (so prompt
@@ -25,6 +26,12 @@ leaves those streams' p99 inter-token latency <= 3x their median): --streams str
 tokens start together; once all have their first token, a ~2,000-token prompt arrives; the gaps
 between the streams' text chunks (from their first chunk on) are pooled, and their median, p90,
 p99 and max are printed, with the long prompt's TTFT.
+
+--concurrent measures batched decode (the target: 8 concurrent streams >= 4x one stream's rate;
+32 streams all complete with exact token counts): per round, one stream alone, then --streams
+streams started together, each rate the generated tokens over the time from the request(s) to the
+last token (prompt processing included on both sides, alike); the token count of every stream is
+checked.
 
 --tiers measures service tiers (the target: with a flex tenant saturating the server with 32
 streams, priority requests keep p99 TTFT <= 2x their TTFT on an idle server): priority requests'
@@ -211,6 +218,32 @@ async def tiers_round(url: str, model: str, streams: int, n: int, probes: int) -
     return {"idle": idle, "busy": busy}
 
 
+async def concurrent_round(url: str, model: str, streams: int, n: int, r: int = 0) -> dict:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
+    async def one(i):
+        stream = await client.chat.completions.create(
+            model=model, temperature=0, max_tokens=n, stream=True, stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True}, messages=[{"role": "user", "content": f"Round {r}: a story about {i}."}])
+        usage, last = None, None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            if any(c.delta.content for c in chunk.choices):
+                last = time.perf_counter()
+        if usage is None or usage.completion_tokens != n:
+            raise RuntimeError(f"stream {i} returned {usage and usage.completion_tokens} tokens, not {n}")
+        return last
+
+    try:
+        t0 = time.perf_counter()
+        lasts = await asyncio.gather(*(one(i) for i in range(streams)))
+    finally:
+        await client.close()
+    return {"streams": streams, "rate": streams * n / (max(lasts) - t0)}
+
+
 def start_server(model: str, target: str, *extra):
     cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
            "--log-level", "warning", *extra]
@@ -235,7 +268,10 @@ def main(argv=None) -> dict:
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--tiers", action="store_true", help="measure priority TTFT under a flex load instead")
     p.add_argument("--max-batch", type=int, default=8, help="--tiers: the server's --max-batch")
+    p.add_argument("--concurrent", action="store_true", help="measure --streams concurrent streams' aggregate rate")
     args = p.parse_args(argv)
+    if args.concurrent:
+        return main_concurrent(args)
     if args.tiers:
         return main_tiers(args)
     if args.prefix:
@@ -409,6 +445,48 @@ def main_tiers(args) -> dict:
               f"{' '.join(f'{x * 1e3:.0f}' for x in r[k])} |")
     print(f"busy p99 / idle median: {q(r['busy'], 0.99) / q(r['idle'], 0.5):.2f}x")
     out = {"target": args.target, "streams": args.streams, "max_batch": args.max_batch, "load": load, **r}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
+    return out
+
+
+
+def main_concurrent(args) -> dict:
+    import httpx
+
+    from isthmus.models import pull
+
+    model = args.model or str(pull(progress=False))
+    proc, url = start_server(model, args.target, "--max-batch", str(max(args.streams, 8)))
+    rows = {"one stream": [], f"{args.streams} streams": []}
+    try:
+        while True:
+            try:
+                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        asyncio.run(concurrent_round(url, model_id, 2, 4))                  # warm-up: compile, bind
+        for r in range(args.rounds):
+            rows["one stream"].append(asyncio.run(concurrent_round(url, model_id, 1, args.tokens, r))["rate"])
+            rows[f"{args.streams} streams"].append(
+                asyncio.run(concurrent_round(url, model_id, args.streams, args.tokens, r))["rate"])
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    load = os.getloadavg()
+    best = {k: max(v) for k, v in rows.items()}
+    print(f"aggregate tokens/s, {args.tokens} tokens per stream, target {args.target}, {args.rounds} rounds; "
+          f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print("| streams | best tokens/s | each round |")
+    print("|---|---:|---|")
+    for k, v in rows.items():
+        print(f"| {k} | {best[k]:.1f} | {' '.join(f'{x:.1f}' for x in v)} |")
+    ratio = best[f"{args.streams} streams"] / best["one stream"]
+    print(f"{args.streams} streams / one: {ratio:.2f}x (every stream returned exactly {args.tokens} tokens)")
+    out = {"rows": rows, "best": best, "ratio": ratio, "load": load}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
