@@ -671,8 +671,32 @@ def lower_numba(graph: Graph, model=None) -> NumbaExecutable:
     if exe.in_place_cache:
         # Load the kernels' machine code now (from Numba's cache, or compile it on a first run),
         # so that it counts as load time and not as the first prompt's evaluation.
-        from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
-
-        exe.decoder().step([0] * (MATVEC_MAX_ROWS + 1))
-        exe.decoder().step([0])
+        _on_a_passing_thread(_warm, exe)
     return exe
+
+
+def _warm(exe: NumbaExecutable) -> None:
+    from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
+
+    exe.decoder().step([0] * (MATVEC_MAX_ROWS + 1))
+    exe.decoder().step([0])
+
+
+def _on_a_passing_thread(fn, *args) -> None:
+    """Run fn on a thread that ends with it. libgomp keeps a team of worker threads for every thread
+    that has launched a parallel region, for as long as that thread lives, and once it manages more
+    threads than there are cores its workers stop spinning between launches and sleep instead: a
+    decode step from a second thread (a server's engine) then pays a wake-up per launch, 2.5x slower
+    here. The thread that compiles must therefore not be one that lives on beside the one that decodes."""
+    error = []
+
+    def run():
+        try:
+            fn(*args)
+        except BaseException as e:       # re-raised on the caller's thread
+            error.append(e)
+    t = threading.Thread(target=run, name="isthmus-warm-up")
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
