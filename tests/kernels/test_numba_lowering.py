@@ -178,3 +178,29 @@ def test_siblings_in_mixed_block_formats_still_decode_in_place():
     for ids in ([3, 7, 1, 9, 4, 11, 2, 5, 8, 13], [5], [2, 6], [1]):      # prefill (matmul), then matvec steps
         want = ref.step(ids)
         np.testing.assert_allclose(dec.step(ids), want, rtol=2e-4, atol=2e-4 * (1 + np.abs(want).max()))
+
+
+def test_compiling_leaves_no_worker_team_on_the_callers_thread(tmp_path):
+    """The warm-up's parallel launches run on a thread that ends with it: a thread that launched
+    one keeps libgomp workers for as long as it lives, and two such teams on a small machine make
+    every team's workers sleep between launches (a server's engine thread then decodes ~2.5x slower).
+    Counted in a fresh process, by the OS threads before and after compiling."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, numpy as np, isthmus\n"
+        "from tiny_models import tiny_llama_model\n"
+        "m = tiny_llama_model(dict(n_layers=1, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=16, "
+        "vocab_size=67, rms_eps=1e-5, rope_theta=1e4, context_length=16), quant='q4_1')\n"
+        "before = len(os.listdir('/proc/self/task'))\n"
+        "exe = isthmus.compile(m, target='numba')\n"
+        "after = len(os.listdir('/proc/self/task'))\n"
+        "d = exe.decoder(); d.step([1, 2])\n"
+        "print(before, after, len(os.listdir('/proc/self/task')))\n")
+    support = str(__import__("pathlib").Path(__file__).parents[1] / "support")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                         env={**__import__("os").environ, "PYTHONPATH": support}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    before, after, decoding = map(int, out.stdout.split())
+    assert after == before < decoding          # the team appears with the first decode, on its thread
