@@ -11,7 +11,7 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
      `runtime.generate.TextStream` drives too: sampling, budget, stop ids, stop strings, UTF-8
      holdback) on its pending logits, emits the text, and retires the sequences that finished;
   3. runs ONE batched decode step for all the sequences still running
-     (`compiler.batch.decode_batch`: the reference target runs the graph once for the batch).
+     (`compiler.batch.decode_batch`: numba and the reference target run one step for the whole batch).
 
 Every request has a service tier (TIERS: priority, default, flex). Batch slots go to the best
 tier first, and a decode step serves its sequences best tier first (a target that steps them one
