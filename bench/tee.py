@@ -71,14 +71,21 @@ def tee(quick: bool = False, log=print) -> list[Row]:
 
         log(f"  seal {size >> 20} MiB")
         # a new file each time, as a real seal writes: replacing the last one would add the
-        # filesystem's cost of freeing it (~0.1 s for 128 MiB here) to the figure
-        sealed = _best_rate(do_seal, size, rounds, before=lambda: pkg.unlink(missing_ok=True))
+        # filesystem's cost of freeing it (~0.1 s for 128 MiB here) to the figure; and dirty pages
+        # written out first (untimed): with earlier work's writes still in the page cache (a full
+        # `isthmus bench` writes GGUF files just before), the kernel throttles every writer to the
+        # disk's pace, which made the same seal 4x slower
+        def fresh():
+            pkg.unlink(missing_ok=True)
+            os.sync()
+        sealed = _best_rate(do_seal, size, rounds, before=fresh)
         log(f"  unseal {size >> 20} MiB")
         unsealed = _best_rate(do_unseal, size, rounds)
         # what bounds them besides the cipher: writing the package's bytes to a new file (one stream),
         # and fresh memory for the plaintext, populated, zeroised and unmapped
         blob, copy = pkg.read_bytes(), Path(tmp) / "copy.isth"
-        write = _best_rate(lambda: copy.write_bytes(blob), size, rounds, before=lambda: copy.unlink(missing_ok=True))
+        write = _best_rate(lambda: copy.write_bytes(blob), size, rounds,
+                           before=lambda: (copy.unlink(missing_ok=True), os.sync()))
         del blob
         memory = _best_rate(lambda: _fresh_memory(size), size, rounds)
     log("  AES-256-GCM alone")
