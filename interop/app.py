@@ -166,6 +166,10 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":
             msg, param = "We could not parse the JSON body of your request.", None
+        if first.get("type") == "extra_forbidden":        # as OpenAI words an unknown parameter
+            return api.bad_request(f"Unrecognized request argument supplied: {param} (this server does not "
+                                   "implement it; docs/api.md lists what it does)", param,
+                                   "unknown_parameter").response()
         return api.bad_request(f"{msg}" + (f" (at {param})" if param else ""), param).response()
 
     @app.exception_handler(StarletteHTTPException)

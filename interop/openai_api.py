@@ -27,6 +27,7 @@ from isthmus.runtime.sampling import SamplingParams
 
 MAX_N = 8
 MAX_STOP = 4
+MAX_LOGIT_BIAS = 1024     # entries of logit_bias (token ids)
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63
 
@@ -73,7 +74,9 @@ JsonInt = Annotated[int, BeforeValidator(_integral)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # a field this server does not implement is a 400 naming it (as OpenAI answers an unknown
+    # parameter), never silently dropped: a client asking for JSON or tools must not get free text
+    model_config = ConfigDict(strict=True, extra="forbid")
 
 
 class TextPart(_Strict):
@@ -105,8 +108,17 @@ class ChatCompletionRequest(_Strict):
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
     top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
-    presence_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
-    frequency_penalty: float | None = Field(None, ge=-2, le=2, description="only 0 is supported")
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
+                                                description="token id (as a string) -> bias in [-100, 100]")
+    top_k: JsonInt | None = Field(None, ge=-1, lt=INT64, description="extension (as in vLLM): keep the k most "
+                                  "likely tokens; 0 or -1: no limit")
+    min_p: float | None = Field(None, ge=0, le=1, description="extension (as in vLLM): drop tokens less likely "
+                                "than min_p times the most likely one")
+    repetition_penalty: float | None = Field(None, gt=0, le=100, description="extension (as in vLLM): divide "
+                                             "the positive logits (multiply the negative ones) of every token "
+                                             "in the prompt or the output so far; 1: none")
     user: str | None = None
     service_tier: str | None = Field(None, description="priority, default or flex (auto: the tenant's "
                                      "default); the response says which tier served it")
@@ -248,7 +260,7 @@ def service_tier(asked: str | None, tenant) -> str:
     return asked
 
 
-def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int) -> SamplingParams:
+def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int, vocab: int) -> SamplingParams:
     if n_prompt >= n_ctx:
         raise bad_request(f"This model's maximum context length is {n_ctx} tokens. However, your messages "
                           f"resulted in {n_prompt} tokens. Please reduce the length of the messages.",
@@ -262,17 +274,25 @@ def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int) -> SamplingP
                           f"{n_prompt + max_tokens} tokens ({n_prompt} in the messages, {max_tokens} in the "
                           f"completion). Please reduce the length of the messages or completion.",
                           param, "context_length_exceeded")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(req, name):
-            raise bad_request(f"{name} is not supported (only 0)", name, "unsupported_parameter")
+    bias = {}
+    for key, value in (req.logit_bias or {}).items():
+        if not (key.isascii() and key.isdigit()) or int(key) >= vocab:
+            raise bad_request(f"logit_bias keys must be token ids below {vocab}, got {key!r}", "logit_bias",
+                              "invalid_value")
+        if not -100 <= value <= 100:
+            raise bad_request(f"logit_bias values must be in [-100, 100], got {value} for token {key}", "logit_bias",
+                              "invalid_value")
+        bias[int(key)] = float(value)
     temperature = 1.0 if req.temperature is None else req.temperature
     top_p = 1.0 if req.top_p is None else req.top_p
     if top_p == 0.0:            # the smallest nucleus is the single most likely token
         temperature, top_p = 0.0, 1.0
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     seed = None if req.seed is None else req.seed % 2**64      # the schema allows negative seeds
-    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                          seed=seed, stop=stop)
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, req.top_k or 0),
+                          min_p=req.min_p or 0.0, seed=seed, stop=stop, logit_bias=bias,
+                          presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+                          repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
 
 
 class SSEResponse(StreamingResponse):
@@ -311,7 +331,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
     tier = service_tier(req.service_tier, tenant)
     ids = await run_in_threadpool(prompt_ids, engine, req.messages)
-    params = sampling(req, len(ids), engine.n_ctx)
+    params = sampling(req, len(ids), engine.n_ctx, engine.vocab)
     n = req.n or 1
     top = (req.top_logprobs or 0) if req.logprobs else None
     loop = asyncio.get_running_loop()

@@ -152,6 +152,7 @@ class Engine:
             raise InputError("max_batch must be >= 1 and max_waiting >= 0")
         self.exe, self.model, self.tokenizer, self.name = exe, model, model.tokenizer, name
         self.n_ctx = context_length(exe)
+        self.vocab = int(exe.graph.decoder.resolve(exe.graph).logits.shape[-1])
         self.max_batch, self.max_waiting, self.prefill_tokens = max_batch, max_waiting, prefill_tokens
         # chunked prefill: while streams decode, an iteration prefills about `prefill_share` x a decode
         # step's time of prompt tokens (from running means of both), in multiples of PREFILL_QUANTUM
@@ -375,7 +376,7 @@ class Engine:
         budget = min(params.max_tokens, self.n_ctx - len(t.prompt_ids))
         try:
             core = Sequence(params, budget, stop_ids=() if t.ignore_eos else self.tokenizer.stop_ids,
-                            tokenizer=self.tokenizer, stream=i, top_logprobs=t.top_logprobs)
+                            tokenizer=self.tokenizer, stream=i, top_logprobs=t.top_logprobs, prompt_ids=t.prompt_ids)
             s = _Seq(t, i, core)
             if i == 0:
                 t.queued = time.perf_counter() - t.submitted

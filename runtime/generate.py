@@ -51,7 +51,7 @@ def _sequence(exe, prompt_ids: list[int], params: SamplingParams, **kwargs) -> S
         raise InputError("the prompt is empty")
     if len(prompt_ids) >= n_ctx:
         raise InputError(f"the prompt is {len(prompt_ids)} tokens; the model's context window is {n_ctx}")
-    return Sequence(params, min(params.max_tokens, n_ctx - len(prompt_ids)), **kwargs)
+    return Sequence(params, min(params.max_tokens, n_ctx - len(prompt_ids)), prompt_ids=prompt_ids, **kwargs)
 
 
 def _run(exe, prompt_ids: list[int], seq: Sequence, stats: GenerationStats) -> Iterator[str]:

@@ -29,8 +29,9 @@ class Sequence:
                  "finish_reason", "logged", "_stops", "_detok", "_pending")
 
     def __init__(self, params: SamplingParams, budget: int, *, stop_ids=(), tokenizer=None,
-                 stream: int | None = None, top_logprobs: int | None = None):
+                 stream: int | None = None, top_logprobs: int | None = None, prompt_ids=()):
         self.sampler = Sampler(params)
+        self.sampler.prompt(prompt_ids)          # what the repetition penalty counts besides the output
         if stream is not None and params.seed is not None:
             self.sampler.rng = np.random.default_rng([params.seed % 2**64, stream])
         self.budget, self.stop_ids = budget, stop_ids

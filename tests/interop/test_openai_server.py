@@ -132,7 +132,7 @@ def test_bad_requests_are_400(server, client):
         dict(messages=USER, max_tokens=10_000),                    # over the context
         dict(messages=[{"role": "user", "content": "x" * 2000}]),  # the prompt alone is over the context
         dict(messages=USER, top_logprobs=2),                       # without logprobs
-        dict(messages=USER, presence_penalty=1.0),
+        dict(messages=USER, presence_penalty=3.0),                 # out of [-2, 2]
         dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]),
     ]
     for kw in cases:
