@@ -244,6 +244,19 @@ async def concurrent_round(url: str, model: str, streams: int, n: int, r: int = 
     return {"streams": streams, "rate": streams * n / (max(lasts) - t0)}
 
 
+def ready(url: str) -> str:
+    """Wait for the server at `url` (.../v1) to answer /health; the id of its model."""
+    import httpx
+
+    while True:
+        try:
+            if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    return httpx.get(url + "/models").json()["data"][0]["id"]
+
+
 def start_server(model: str, target: str, *extra):
     cmd = [sys.executable, "-m", "isthmus.cli", "serve", "--model", model, "--target", target, "--port", "0",
            "--log-level", "warning", *extra]
@@ -278,8 +291,6 @@ def main(argv=None) -> dict:
         return main_prefix(args)
     if args.chunked:
         return main_chunked(args)
-    import httpx
-
     from isthmus.models import pull
 
     model = args.model or str(pull(progress=False))
@@ -288,13 +299,7 @@ def main(argv=None) -> dict:
     proc, url = start_server(model, args.target)
     rows = {"chat": [], "serve": []}
     try:
-        while True:
-            try:
-                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        model_id = ready(url)
         asyncio.run(serve_round(url, model_id, 4))                         # warm-up: compile, bind
         chat.stdin.write("warm\n")
         chat.stdin.flush()
@@ -337,20 +342,12 @@ def main(argv=None) -> dict:
 
 
 def main_prefix(args) -> dict:
-    import httpx
-
     from isthmus.models import pull
 
     model = args.model or str(pull(progress=False))
     proc, url = start_server(model, args.target)
     try:
-        while True:
-            try:
-                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        model_id = ready(url)
         asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
         rows = prefix_rounds(url, model_id, args.rounds)
     finally:
@@ -377,20 +374,12 @@ def main_prefix(args) -> dict:
 
 
 def main_chunked(args) -> dict:
-    import httpx
-
     from isthmus.models import pull
 
     model = args.model or str(pull(progress=False))
     proc, url = start_server(model, args.target)
     try:
-        while True:
-            try:
-                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        model_id = ready(url)
         asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
         rows = [asyncio.run(chunked_round(url, model_id, args.streams, args.tokens, r)) for r in range(args.rounds)]
     finally:
@@ -412,20 +401,12 @@ def main_chunked(args) -> dict:
 
 
 def main_tiers(args) -> dict:
-    import httpx
-
     from isthmus.models import pull
 
     model = args.model or str(pull(progress=False))
     proc, url = start_server(model, args.target, "--max-batch", str(args.max_batch))
     try:
-        while True:
-            try:
-                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        model_id = ready(url)
         asyncio.run(ttft(url, model_id, [{"role": "user", "content": "warm up"}], 4))
         r = asyncio.run(tiers_round(url, model_id, args.streams, args.tokens, max(5, args.rounds)))
     finally:
@@ -453,21 +434,13 @@ def main_tiers(args) -> dict:
 
 
 def main_concurrent(args) -> dict:
-    import httpx
-
     from isthmus.models import pull
 
     model = args.model or str(pull(progress=False))
     proc, url = start_server(model, args.target, "--max-batch", str(max(args.streams, 8)))
     rows = {"one stream": [], f"{args.streams} streams": []}
     try:
-        while True:
-            try:
-                if httpx.get(url[:-3] + "/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        model_id = httpx.get(url + "/models").json()["data"][0]["id"]
+        model_id = ready(url)
         asyncio.run(concurrent_round(url, model_id, 2, 4))                  # warm-up: compile, bind
         for r in range(args.rounds):
             rows["one stream"].append(asyncio.run(concurrent_round(url, model_id, 1, args.tokens, r))["rate"])
