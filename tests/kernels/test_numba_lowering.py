@@ -185,22 +185,27 @@ def test_compiling_leaves_no_worker_team_on_the_callers_thread(tmp_path):
     one keeps libgomp workers for as long as it lives, and two such teams on a small machine make
     every team's workers sleep between launches (a server's engine thread then decodes ~2.5x slower).
     Counted in a fresh process, by the OS threads before and after compiling."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     script = (
-        "import os, numpy as np, isthmus\n"
+        "import os, time, isthmus\n"
         "from tiny_models import tiny_llama_model\n"
         "m = tiny_llama_model(dict(n_layers=1, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=16, "
         "vocab_size=67, rms_eps=1e-5, rope_theta=1e4, context_length=16), quant='q4_1')\n"
         "before = len(os.listdir('/proc/self/task'))\n"
         "exe = isthmus.compile(m, target='numba')\n"
+        "deadline = time.monotonic() + 10\n"          # the ended thread's workers exit a moment later
+        "while len(os.listdir('/proc/self/task')) > before and time.monotonic() < deadline:\n"
+        "    time.sleep(0.02)\n"
         "after = len(os.listdir('/proc/self/task'))\n"
         "d = exe.decoder(); d.step([1, 2])\n"
         "print(before, after, len(os.listdir('/proc/self/task')))\n")
-    support = str(__import__("pathlib").Path(__file__).parents[1] / "support")
+    support = str(Path(__file__).parents[1] / "support")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         env={**__import__("os").environ, "PYTHONPATH": support}, timeout=300)
+                         env={**os.environ, "PYTHONPATH": support}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     before, after, decoding = map(int, out.stdout.split())
     assert after == before < decoding          # the team appears with the first decode, on its thread
