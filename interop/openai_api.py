@@ -94,6 +94,32 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class ResponseFormatText(_Strict):
+    type: Literal["text"]
+
+
+class ResponseFormatJsonObject(_Strict):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+
+
+class ResponseFormatJsonSchema(_Strict):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[ResponseFormatText | ResponseFormatJsonObject | ResponseFormatJsonSchema,
+                           Field(discriminator="type")]
+
+
 class ChatCompletionRequest(_Strict):
     model: str = Field(min_length=1, max_length=256)
     messages: list[ChatMessage] = Field(min_length=1, max_length=2048)
@@ -110,6 +136,8 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema: the "
+                                                   "reply is decoded under the schema's grammar (llguidance)")
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
                                                 description="token id (as a string) -> bias in [-100, 100]")
     top_k: JsonInt | None = Field(None, ge=-1, lt=INT64, description="extension (as in vLLM): keep the k most "
@@ -260,7 +288,26 @@ def service_tier(asked: str | None, tenant) -> str:
     return asked
 
 
-def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int, vocab: int) -> SamplingParams:
+def grammar(req: ChatCompletionRequest, engine):
+    """The grammar `response_format` asks for (None: free text); a 400 for a schema it cannot use."""
+    fmt = req.response_format
+    if fmt is None or fmt.type == "text":
+        return None
+    if req.ignore_eos:
+        raise bad_request("ignore_eos cannot be combined with response_format: a structured reply ends when its "
+                          "value does", "ignore_eos", "invalid_value")
+    from isthmus.runtime.constraints import Grammar
+
+    schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
+    if fmt.type == "json_schema" and schema is None:
+        schema = {}                         # OpenAI: no schema is any JSON value
+    try:
+        return Grammar.json(engine.tokenizer, engine.vocab, schema)
+    except IsthmusError as e:
+        raise bad_request(str(e), "response_format", "invalid_value") from None
+
+
+def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int, vocab: int, grammar=None) -> SamplingParams:
     if n_prompt >= n_ctx:
         raise bad_request(f"This model's maximum context length is {n_ctx} tokens. However, your messages "
                           f"resulted in {n_prompt} tokens. Please reduce the length of the messages.",
@@ -292,7 +339,8 @@ def sampling(req: ChatCompletionRequest, n_prompt: int, n_ctx: int, vocab: int) 
     return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(0, req.top_k or 0),
                           min_p=req.min_p or 0.0, seed=seed, stop=stop, logit_bias=bias,
                           presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
-                          repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty)
+                          repetition_penalty=1.0 if req.repetition_penalty is None else req.repetition_penalty,
+                          grammar=grammar)
 
 
 class SSEResponse(StreamingResponse):
@@ -331,7 +379,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
     tier = service_tier(req.service_tier, tenant)
     ids = await run_in_threadpool(prompt_ids, engine, req.messages)
-    params = sampling(req, len(ids), engine.n_ctx, engine.vocab)
+    params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
     n = req.n or 1
     top = (req.top_logprobs or 0) if req.logprobs else None
     loop = asyncio.get_running_loop()

@@ -25,6 +25,7 @@ class SamplingParams:
     presence_penalty: float = 0.0   # subtracted once from each token generated at least once
     frequency_penalty: float = 0.0  # subtracted per time a token was generated
     repetition_penalty: float = 1.0  # > 1: logits of prompt and generated tokens divided (negative: multiplied)
+    grammar: object | None = None   # runtime.constraints.Grammar: only the tokens it allows are chosen
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -62,6 +63,7 @@ class Sampler:
         self.rng = np.random.default_rng(params.seed)
         self.counts: dict[int, int] = {}        # generated token -> times
         self.seen: set[int] = set()             # prompt and generated tokens (repetition penalty)
+        self.matcher = params.grammar.matcher() if params.grammar is not None else None
 
     def prompt(self, ids) -> None:
         if self.params.repetition_penalty != 1.0:
@@ -71,7 +73,11 @@ class Sampler:
         p = self.params
         if p.adjusts:
             logits = self.adjusted(logits)
+        if self.matcher is not None:
+            logits = self.matcher.mask(logits)
         token = self._choose(logits)
+        if self.matcher is not None:
+            self.matcher.accept(token)
         self.counts[token] = self.counts.get(token, 0) + 1
         if p.repetition_penalty != 1.0:
             self.seen.add(token)

@@ -94,7 +94,7 @@ def test_top_k_and_min_p_narrow_sampling_to_the_greedy_token(server, client):
 
 @pytest.mark.parametrize("kw, param", [
     (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools"),
-    (dict(response_format={"type": "json_object"}), "response_format"),
+    (dict(functions=[{"name": "f", "parameters": {"type": "object"}}]), "functions"),
     (dict(parallel_tool_calls=False), "parallel_tool_calls"),
     (dict(extra_body={"temprature": 0.5}), "temprature"),
     (dict(messages=[{"role": "user", "content": "hi", "tool_calls": []}]), "messages.0.tool_calls"),
