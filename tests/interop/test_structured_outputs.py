@@ -101,3 +101,50 @@ def test_the_clients_parse_helper_gets_a_validated_object(smollm):
     owner = r.choices[0].message.parsed
     assert isinstance(owner, Owner) and r.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(r.choices[0].message.content), Owner.model_json_schema())
+
+
+# -- generated schemas ----------------------------------------------------------------------------
+
+def _schemas():
+    """Bounded JSON schemas of the kinds structured outputs take (nested objects, arrays, enums,
+    numbers with bounds, optional fields): every string and array has a maximum size, so that a
+    random model's reply ends within its budget, as a real schema's does with a real model."""
+    from hypothesis import strategies as st
+
+    leaf = st.one_of(
+        st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+        st.builds(lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+                  st.integers(-50, 50), st.integers(0, 100)),
+        st.builds(lambda lo: {"type": "number", "minimum": lo, "maximum": lo + 10}, st.integers(-5, 5)),
+        st.just({"type": "boolean"}), st.just({"type": "null"}),
+        st.builds(lambda vs: {"enum": vs}, st.lists(st.sampled_from(["a", "b", "yes", "no", 1, 2.5, None, True]),
+                                                    min_size=1, max_size=4, unique_by=repr)),
+    )
+
+    def grow(inner):
+        names = st.text(alphabet="abcdefgh_", min_size=1, max_size=6)
+        obj = st.builds(lambda props, req: {"type": "object", "properties": props,
+                                            "required": [k for k in props if k in req],
+                                            "additionalProperties": False},
+                        st.dictionaries(names, inner, min_size=1, max_size=3), st.sets(names, max_size=3))
+        arr = st.builds(lambda item, n: {"type": "array", "items": item, "maxItems": n}, inner, st.integers(0, 3))
+        return st.one_of(obj, arr)
+
+    return st.recursive(leaf, grow, max_leaves=6).map(
+        lambda s: s if s.get("type") == "object" else {"type": "object", "properties": {"value": s},
+                                                        "required": ["value"], "additionalProperties": False})
+
+
+@pytest.mark.slow
+def test_generated_schemas_always_give_valid_replies(server, client):
+    from hypothesis import HealthCheck, given, settings
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(_schemas())
+    def check(schema):
+        r = client.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "json"}],
+                                           max_tokens=150, temperature=1.0, seed=0, response_format=_fmt(schema))
+        assert r.choices[0].finish_reason == "stop", (schema, r.choices[0].message.content)
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+    check()
