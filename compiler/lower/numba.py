@@ -407,7 +407,7 @@ class Bound:
         return lambda: np.ascontiguousarray(np.broadcast_to(np.asarray(env[v], np.int64).reshape(-1, s), (b, s)))
 
     def _bind_attention(self, st: Step):
-        from isthmus.kernels.numba.attention import attention_kv
+        from isthmus.kernels.numba.attention import BLAS_MIN_SEQ, attention_kv
 
         node = st.group.attrs["node"]
         qv, kv, vv = node.inputs
@@ -435,6 +435,24 @@ class Bound:
         cache = next((self.caches[c.step] for c in self.exe.plan.caches
                       if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
 
+        q_static = env.get(qv) if qv in self._owned else None
+        if cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ:
+            # a decode binding: the kernel and its arguments fixed once, the dispatch rule inline
+            # (attention_kv's, without its Python per call: a decode step makes one such call a layer)
+            from isthmus.kernels.numba.attention import PARALLEL_MIN, attention_par, attention_serial
+
+            q = q_static
+            k, v = cache
+            nb, hq, seq, hd = q.shape
+            scratch = np.empty((nb * hq * seq, k.shape[2]), np.float32)
+            per_key = nb * hq * seq * hd
+            cap, win = np.float32(softcap), np.int64(window)
+
+            def call_decode(past):
+                kernel = attention_serial if per_key * (past + seq) < PARALLEL_MIN else attention_par
+                kernel(q, k, v, past, causal, scale, out, scratch, cap, win)
+            return call_decode
+
         def call(past):
             q = env[qv]
             if q.dtype != np.float32 or not q.flags.c_contiguous:
@@ -460,7 +478,10 @@ class Bound:
 
         def call(past):
             ids = env[ids_v].reshape(-1)
-            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            if ids.size == 1:                      # a decode step: one id, checked as a scalar
+                if not 0 <= ids[0] < vocab:
+                    raise InputError(f"token id out of range [0, {vocab}): {ids[0]}")
+            elif ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise InputError(f"token id out of range [0, {vocab}): min {ids.min()}, max {ids.max()}")
             embedding(p, ids, out2)
         return call
