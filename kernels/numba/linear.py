@@ -39,6 +39,7 @@ from numba.extending import overload
 
 from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba import kquant
+from isthmus.kernels.numba.kquant_simd import I8_FORMATS
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4,
@@ -344,13 +345,15 @@ class Workspace:
         self.tile = np.empty(0, np.float32)
         self.sx = {}
 
-    def act_i16(self, n, cols):
-        """Views of the first n rows of (grown as needed) quantized-activation buffers."""
-        key = ("i16", cols)
+    def act_i16(self, n, cols, i8=False):
+        """Views of the first n rows of (grown as needed) quantized-activation buffers; with `i8`,
+        xq also has the i8 columns the VNNI kernels read (simd.i8_columns), which cost a little
+        more to fill, so only the formats that read them get them."""
+        key = ("i16", cols, i8)
         if key not in self.sx or self.sx[key][0].shape[0] < n:
             nb = max(cols // 32, 1)
-            self.sx[key] = (np.empty((n, i8_columns(cols)), np.int16), np.empty((n, nb), np.float32),
-                            np.empty((n, nb), np.float32))
+            self.sx[key] = (np.empty((n, i8_columns(cols) if i8 else cols), np.int16),
+                            np.empty((n, nb), np.float32), np.empty((n, nb), np.float32))
         xq, xd, xs = self.sx[key]
         return xq[:n], xd[:n], xs[:n]
 
@@ -387,7 +390,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
         return None
     res_arr = out if res is None else res
     if integer:
-        xq, xd, xs = ws.act_i16(n, w.cols)
+        xq, xd, xs = ws.act_i16(n, w.cols, i8=w.kind in I8_FORMATS)
         if norm is not None:
             return norm_matvec_i16, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, xq, xd, xs, res_arr,
                                     out, epilogue)

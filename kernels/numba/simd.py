@@ -428,8 +428,7 @@ def i8_columns_all(cols):
 def i8_columns(cols: int) -> int:
     """The columns of `quantize_rows_i16`'s xq for rows of `cols` values. On hosts with VNNI kernels,
     after the `cols` i16 values: their i8 copies (scale amax / 127 = xd * I8_PER_I16), two per
-    column; -32 x the sum of each 4 i8 values as i32 (two columns each: the offset of q6_k's values,
-    half that of q5_0's, which start vpdpbusd's lanes); each 32-block's sum of its i8 values (the
-    q4_k mins must meet the same activations as the integers do, or the offset term's error no
-    longer cancels)."""
+    column; -32 x the sum of each 4 i8 values as i32, two columns each (q6_k's values are q - 32:
+    these start its vpdpbusd lanes); each 32-block's sum of its i8 values (the q4_k mins must meet
+    the same activations as the integers do, or the offset term's error no longer cancels)."""
     return i8_columns_all(cols) if HAVE_VNNI else cols
