@@ -245,7 +245,8 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
                         xv = builder.load(builder.bitcast(builder.gep(x8, [builder.add(x0, c64(64 * c))]),
                                                           v64i8.as_pointer()), align=1)
                         p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
-                                 [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32), builder.bitcast(xv, v16i32)])
+                                 [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32),
+                                  builder.bitcast(xv, v16i32)])
                         sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [2 * c] * 8 + [2 * c + 1] * 8))
                         parts.add(builder.sitofp(p, v16f), sv)
                     return parts.into(acc), macc
@@ -321,7 +322,8 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
                     hb64 = builder.bitcast(builder.shuffle_vector(hb32, hb32, ir.Constant(ir.VectorType(i32, 64),
                                                                                           list(range(32)) * 2)), v32i16)
                     for kk in range(2):
-                        lo = lo64 if kk == 0 else builder.bitcast(builder.lshr(builder.bitcast(lo64, v32i16), splat32(4)), v64i8)
+                        lo = lo64 if kk == 0 else builder.bitcast(
+                            builder.lshr(builder.bitcast(lo64, v32i16), splat32(4)), v64i8)
                         hb = builder.lshr(hb64, ir.Constant(v32i16, [4 * kk] * 16 + [4 * kk + 2] * 16))
                         hb = builder.shl(builder.and_(builder.bitcast(hb, v64i8), ir.Constant(v64i8, [3] * 64)),
                                          ir.Constant(v64i8, [4] * 64))
@@ -333,7 +335,8 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
                         p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
                                  [init, builder.bitcast(q, v16i32), builder.bitcast(xv, v16i32)])
                         m = 8 * h + 4 * kk
-                        sv = builder.shuffle_vector(scale16, scale16, ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
+                        sv = builder.shuffle_vector(scale16, scale16,
+                                                    ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
                         parts.add(builder.sitofp(p, v16f), sv)
                 return parts.into(acc), macc
             for h in range(2):
