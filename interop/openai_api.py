@@ -28,6 +28,8 @@ from isthmus.runtime.sampling import SamplingParams
 MAX_N = 8
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 1024     # entries of logit_bias (token ids)
+MAX_TOOLS = 128
+MAX_PARALLEL_CALLS = 4    # tool calls in one reply when parallel_tool_calls allows several
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63
 
@@ -84,10 +86,44 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str = Field(max_length=64)
+    arguments: str
+
+
+class ToolCall(_Strict):
+    id: str = Field(max_length=256)
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, max_length=256)
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ToolDef(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(_Strict):
@@ -136,6 +172,9 @@ class ChatCompletionRequest(_Strict):
     top_logprobs: JsonInt | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    tools: list[ToolDef] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = Field(None, description="text, json_object, or json_schema: the "
                                                    "reply is decoded under the schema's grammar (llguidance)")
     logit_bias: dict[str, float] | None = Field(None, max_length=MAX_LOGIT_BIAS,
@@ -188,17 +227,29 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+class CalledFunction(BaseModel):
+    name: str
+    arguments: str                  # a JSON object, as a string (OpenAI's shape)
+
+
+class CalledTool(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
     refusal: str | None = None
+    tool_calls: list[CalledTool] | None = None
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "tool_calls"]
 
 
 class ChatCompletion(BaseModel):
@@ -263,10 +314,49 @@ def _text_of(m: ChatMessage, i: int) -> str:
     return text
 
 
-def prompt_ids(engine, messages: list[ChatMessage]) -> list[int]:
-    """The model's chat template applied to `messages`, tokenized (runs in a worker thread)."""
-    msgs = [{"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
-            for i, m in enumerate(messages)]
+TOOLS_PROMPT = ("You can call functions. They are described by these JSON schemas:\n{tools}\n"
+                "To call functions, answer with only this JSON object and nothing else: "
+                '{{"tool_calls": [{{"name": <a function name>, "arguments": <its arguments as a JSON object>}}]}}')
+
+
+def _tool_call_text(calls: list[ToolCall]) -> str:
+    """An assistant turn that called tools, as the generic format writes it (TOOLS_PROMPT)."""
+    def args(a: str):
+        try:
+            return json.loads(a)
+        except ValueError:
+            return a
+    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": args(c.function.arguments)}
+                                      for c in calls]}, ensure_ascii=False)
+
+
+def _turn(m: ChatMessage, i: int) -> dict:
+    """A message as the chat template takes it. Tools use isthmus's generic format (docs/api.md):
+    an assistant turn that called tools is its JSON call, a tool result is a user turn naming its call."""
+    if m.role == "tool":
+        if not m.tool_call_id:
+            raise bad_request(f"messages[{i}].tool_call_id is required for role 'tool'", f"messages[{i}].tool_call_id")
+        return {"role": "user", "content": f"[result of tool call {m.tool_call_id}] {_text_of(m, i)}"}
+    if m.tool_calls:
+        if m.role != "assistant":
+            raise bad_request(f"messages[{i}].tool_calls is only for role 'assistant'", f"messages[{i}].tool_calls")
+        return {"role": "assistant", "content": _tool_call_text(m.tool_calls)}
+    return {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
+
+
+def prompt_ids(engine, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> list[int]:
+    """The model's chat template applied to `messages`, tokenized (runs in a worker thread); with
+    `tools`, their description and the call format first, in the system turn."""
+    msgs = [_turn(m, i) for i, m in enumerate(messages)]
+    if tools:
+        listing = json.dumps([{"name": t.function.name, "description": t.function.description or "",
+                               "parameters": t.function.parameters or {"type": "object"}} for t in tools],
+                             ensure_ascii=False)
+        text = TOOLS_PROMPT.format(tools=listing)
+        if msgs[0]["role"] == "system":
+            msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + text}
+        else:
+            msgs.insert(0, {"role": "system", "content": text})
     try:
         text = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
         return engine.tokenizer.encode(text)
@@ -288,16 +378,54 @@ def service_tier(asked: str | None, tenant) -> str:
     return asked
 
 
-def grammar(req: ChatCompletionRequest, engine):
-    """The grammar `response_format` asks for (None: free text); a 400 for a schema it cannot use."""
-    fmt = req.response_format
-    if fmt is None or fmt.type == "text":
+def offered_tools(req: ChatCompletionRequest) -> list[ToolDef] | None:
+    """The tools the model may call in this reply (None: none), after tool_choice."""
+    choice = req.tool_choice
+    if not req.tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice needs tools", "tool_choice", "invalid_value")
         return None
-    if req.ignore_eos:
-        raise bad_request("ignore_eos cannot be combined with response_format: a structured reply ends when its "
-                          "value does", "ignore_eos", "invalid_value")
+    if choice == "none":
+        return None
+    if isinstance(choice, NamedToolChoice):
+        named = [t for t in req.tools if t.function.name == choice.function.name]
+        if not named:
+            raise bad_request(f"tool_choice names {choice.function.name!r}, which is not among the tools",
+                              "tool_choice", "invalid_value")
+        return named
+    return req.tools
+
+
+def _calls_schema(tools: list[ToolDef], parallel: bool) -> dict:
+    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                               "arguments": t.function.parameters or {"type": "object"}},
+              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    return {"type": "object", "properties": {"tool_calls": {
+        "type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}},
+        "required": ["tool_calls"], "additionalProperties": False}
+
+
+def grammar(req: ChatCompletionRequest, engine):
+    """The grammar this reply is decoded under (None: free text): a tool call's (its arguments under
+    each function's schema; with tool_choice auto, the reply's first token decides between a call and
+    text), or `response_format`'s; a 400 for a schema it cannot use."""
     from isthmus.runtime.constraints import Grammar
 
+    tools, fmt = offered_tools(req), req.response_format
+    if tools and fmt is not None and fmt.type != "text":
+        raise bad_request("response_format and tools cannot be combined here: a reply is either a tool call "
+                          "or the formatted value", "response_format", "invalid_value")
+    if (tools or (fmt is not None and fmt.type != "text")) and req.ignore_eos:
+        raise bad_request("ignore_eos cannot be combined with response_format or tools: a structured reply ends "
+                          "when its value does", "ignore_eos", "invalid_value")
+    if tools:
+        schema = _calls_schema(tools, req.parallel_tool_calls is not False)
+        try:
+            return Grammar.json(engine.tokenizer, engine.vocab, schema, or_text=req.tool_choice in (None, "auto"))
+        except IsthmusError as e:
+            raise bad_request(f"a tool's parameters: {e}", "tools", "invalid_value") from None
+    if fmt is None or fmt.type == "text":
+        return None
     schema = fmt.json_schema.schema_ if fmt.type == "json_schema" else None
     if fmt.type == "json_schema" and schema is None:
         schema = {}                         # OpenAI: no schema is any JSON value
@@ -378,7 +506,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
     tier = service_tier(req.service_tier, tenant)
-    ids = await run_in_threadpool(prompt_ids, engine, req.messages)
+    ids = await run_in_threadpool(prompt_ids, engine, req.messages, offered_tools(req))
     params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
     n = req.n or 1
     top = (req.top_logprobs or 0) if req.logprobs else None
@@ -413,6 +541,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": state.fingerprint(engine), "service_tier": tier}
     run = _Run(state, engine, ticket, queue, t_arrival, labels)
+    run.tools = offered_tools(req) is not None
     run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -458,6 +587,7 @@ class _Run:
             self.state.metrics.completion_tokens.inc(event.completion_tokens, **self.labels)
 
     user: str | None = None         # who the request counts for in the usage statistics
+    tools: bool = False             # tools were offered: a reply that is a call becomes tool_calls
 
     def _count(self, tokens: int) -> None:
         """The request completed: one message answered, `tokens` used (ServerState.record_usage)."""
@@ -482,9 +612,16 @@ class _Run:
                 reasons[event.index] = event.reason
                 completion += event.completion_tokens
                 remaining -= 1
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(texts[i]), "refusal": None},
-                    "logprobs": {"content": logs[i], "refusal": None} if logprobs else None,
-                    "finish_reason": reasons[i]} for i in range(n)]
+        choices = []
+        for i in range(n):
+            text = "".join(texts[i])
+            calls = _tool_calls(text) if self.tools and reasons[i] == "stop" else None
+            message = {"role": "assistant", "content": None if calls else text, "refusal": None}
+            if calls:
+                message["tool_calls"] = calls
+            choices.append({"index": i, "message": message,
+                            "logprobs": {"content": logs[i], "refusal": None} if logprobs else None,
+                            "finish_reason": "tool_calls" if calls else reasons[i]})
         self._count(n_prompt + completion)
         return {**head, "object": "chat.completion", "choices": choices,
                 "usage": {"prompt_tokens": n_prompt, "completion_tokens": completion,
@@ -505,6 +642,7 @@ class _Run:
             return f'{prefix}{index},"delta":{delta},"finish_reason":{finish}{tail}'
 
         completion, remaining, queue = 0, n, self.queue
+        held = [[] for _ in range(n)] if self.tools else None      # a reply that may be a call waits whole
         try:
             yield "".join(chunk(i, '{"role":"assistant","content":"","refusal":null}') for i in range(n))
             while remaining:
@@ -521,11 +659,29 @@ class _Run:
                         yield "".join(out)
                         return
                     if isinstance(event, Delta):
+                        if held is not None:
+                            held[event.index].append(event)
+                            continue
                         out.append(chunk(event.index, '{"content":' + _text(event.text) + "}", logs=event.logprobs or []))
                     elif isinstance(event, Finished):
                         completion += event.completion_tokens
                         remaining -= 1
-                        out.append(chunk(event.index, "{}", '"' + event.reason + '"'))
+                        reason = event.reason
+                        if held is not None:
+                            text = "".join(d.text for d in held[event.index])
+                            calls = _tool_calls(text) if reason == "stop" else None
+                            if calls:
+                                reason = "tool_calls"
+                                for k, c in enumerate(calls):     # OpenAI's shape: id and name, then arguments
+                                    first = {"index": k, "id": c["id"], "type": "function",
+                                             "function": {"name": c["function"]["name"], "arguments": ""}}
+                                    out.append(chunk(event.index, _json({"tool_calls": [first]}), logs=[]))
+                                    more = {"index": k, "function": {"arguments": c["function"]["arguments"]}}
+                                    out.append(chunk(event.index, _json({"tool_calls": [more]}), logs=[]))
+                            elif text:
+                                logs = [x for d in held[event.index] for x in (d.logprobs or [])]
+                                out.append(chunk(event.index, '{"content":' + _text(text) + "}", logs=logs))
+                        out.append(chunk(event.index, "{}", '"' + reason + '"'))
                 if out:
                     yield "".join(out)
             self._count(n_prompt + completion)
@@ -538,6 +694,23 @@ class _Run:
             logging.getLogger("isthmus.serve").exception("stream failed")
             yield f"event: error\ndata: {json.dumps(error_body('internal error while streaming', 'server_error'))}\n\n"
             yield "data: [DONE]\n\n"
+
+
+def _tool_calls(text: str) -> list[dict] | None:
+    """A reply written in the generic call format (TOOLS_PROMPT) as OpenAI's tool_calls; None for
+    a text reply."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    calls = value.get("tool_calls") if isinstance(value, dict) else None
+    if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
+        return None
+    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False)}}
+            for c in calls]
 
 
 def model_card(model_id: str, created: int) -> dict:

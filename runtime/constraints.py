@@ -67,13 +67,18 @@ def _ll_tokenizer(tokenizer, vocab: int):
 class Grammar:
     """A compiled grammar for one model's vocabulary; `matcher()` for each sequence."""
 
-    def __init__(self, ll_tokenizer, grammar: str, vocab: int):
+    def __init__(self, ll_tokenizer, grammar: str, vocab: int, text: np.ndarray | None = None):
         self.ll_tokenizer, self.grammar, self.vocab = ll_tokenizer, grammar, vocab
+        # or_text: the tokens that start a free-text reply instead (see Matcher)
+        self.text = text
 
     @classmethod
-    def json(cls, tokenizer, vocab: int, schema: dict | None = None) -> Grammar:
-        """Any JSON object (`schema` None), or one valid under `schema`. InputError names what is
-        wrong with a schema the compiler refuses."""
+    def json(cls, tokenizer, vocab: int, schema: dict | None = None, or_text: bool = False) -> Grammar:
+        """Any JSON object (`schema` None), or one valid under `schema`; with `or_text`, either
+        that or free text, decided by the reply's first token: one that starts with "{" begins the
+        JSON value, any other (not a special token) a text reply, which is then not constrained (a
+        model that wants to call a tool writes the call; one that answers, answers). InputError
+        names what is wrong with a schema the compiler refuses."""
         import llguidance
 
         spec = {"type": "object"} if schema is None else schema
@@ -87,7 +92,13 @@ class Grammar:
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
         if is_error:
             raise InputError(f"the JSON schema is not supported: {messages[0] if messages else 'invalid'}")
-        return cls(ll, grammar, vocab)
+        text = None
+        if or_text:
+            n = min(vocab, tokenizer.vocab_size)
+            text = np.zeros(vocab, bool)
+            text[:n] = [not tokenizer.token_bytes(i).lstrip().startswith(b"{") and i not in tokenizer.special_ids
+                        for i in range(n)]
+        return cls(ll, grammar, vocab, text)
 
     def matcher(self) -> Matcher:
         return Matcher(self)
@@ -104,6 +115,8 @@ class Matcher:
             raise InputError(f"the grammar is not usable: {self._m.get_error()}")
         self._words = (grammar.vocab + 31) // 32
         self._mask = np.zeros(self._words, np.int32)
+        self._text = grammar.text           # before the first token: the tokens that begin free text
+        self.free = False                   # a free-text reply (or_text): nothing more is masked
 
     def allowed(self) -> np.ndarray:
         """A boolean array over the vocabulary: the tokens the grammar allows next."""
@@ -114,15 +127,26 @@ class Matcher:
 
     def mask(self, logits: np.ndarray) -> np.ndarray:
         """A copy of `logits` with every token the grammar does not allow at -inf."""
+        if self.free:
+            return logits
         ok = self.allowed()[:logits.shape[-1]]
+        if self._text is not None:
+            ok = ok | self._text[:ok.size]
         if not ok.any():
             raise InputError(f"the grammar allows no token here: {self._m.get_error() or 'dead end'}")
         return np.where(ok, np.asarray(logits, np.float32), np.float32(-np.inf))
 
     def accept(self, token: int) -> None:
+        if self.free:
+            return
+        if self._text is not None:
+            text, self._text = bool(self._text[token]), None
+            if text:
+                self.free = True
+                return
         if not self._m.consume_token(int(token)):
             raise InputError(f"the grammar refused token {token}: {self._m.get_error()}")
 
     @property
     def complete(self) -> bool:
-        return self._m.is_accepting()
+        return self.free or self._m.is_accepting()

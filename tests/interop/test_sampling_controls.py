@@ -93,11 +93,11 @@ def test_top_k_and_min_p_narrow_sampling_to_the_greedy_token(server, client):
 
 
 @pytest.mark.parametrize("kw, param", [
-    (dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]), "tools"),
+    (dict(modalities=["text", "audio"]), "modalities"),
     (dict(functions=[{"name": "f", "parameters": {"type": "object"}}]), "functions"),
-    (dict(parallel_tool_calls=False), "parallel_tool_calls"),
+    (dict(prediction={"type": "content", "content": "x"}), "prediction"),
     (dict(extra_body={"temprature": 0.5}), "temprature"),
-    (dict(messages=[{"role": "user", "content": "hi", "tool_calls": []}]), "messages.0.tool_calls"),
+    (dict(messages=[{"role": "user", "content": "hi", "audio": {"id": "x"}}]), "messages.0.audio"),
     (dict(stream_options={"include_usage": True, "chunk_size": 3}, stream=True), "stream_options.chunk_size"),
 ])
 def test_fields_the_server_does_not_implement_are_400_naming_them(server, client, kw, param):

@@ -69,8 +69,9 @@ def byte_alphabet() -> list[str]:
     return [spelled[b] for b in range(256)]
 
 
-def write_tiny_chat_gguf(path, seed=0):
-    """A 2-layer random Llama with a real (tiny) tokenizer and chat template, as a GGUF file."""
+def write_tiny_chat_gguf(path, seed=0, context_length=None):
+    """A 2-layer random Llama with a real (tiny) tokenizer and chat template, as a GGUF file
+    (`context_length`: other than CHAT_CONFIG's, for prompts that need more room)."""
     import gguf
 
     tokens = SPECIALS + byte_alphabet() + ["".join(m.split(" ")) for m in MERGES]
@@ -83,7 +84,7 @@ def write_tiny_chat_gguf(path, seed=0):
 
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_name("tiny-chat")
-    w.add_uint32("llama.context_length", CHAT_CONFIG["context_length"])
+    w.add_uint32("llama.context_length", context_length or CHAT_CONFIG["context_length"])
     w.add_uint32("llama.embedding_length", D)
     w.add_uint32("llama.block_count", CHAT_CONFIG["n_layers"])
     w.add_uint32("llama.feed_forward_length", F)
