@@ -642,7 +642,9 @@ class _Run:
             return f'{prefix}{index},"delta":{delta},"finish_reason":{finish}{tail}'
 
         completion, remaining, queue = 0, n, self.queue
-        held = [[] for _ in range(n)] if self.tools else None      # a reply that may be a call waits whole
+        # with tools, a reply waits until its first text shows what it is: one that begins with "{"
+        # may be a call and waits whole; any other streams as text from then on
+        held = [[] for _ in range(n)] if self.tools else [None] * n
         try:
             yield "".join(chunk(i, '{"role":"assistant","content":"","refusal":null}') for i in range(n))
             while remaining:
@@ -659,15 +661,22 @@ class _Run:
                         yield "".join(out)
                         return
                     if isinstance(event, Delta):
-                        if held is not None:
-                            held[event.index].append(event)
+                        wait = held[event.index]
+                        if wait is not None:
+                            wait.append(event)
+                            begun = "".join(d.text for d in wait).lstrip()
+                            if not begun or begun.startswith("{"):
+                                continue
+                            held[event.index] = None        # text: what waited goes out now
+                            out.append(chunk(event.index, '{"content":' + _text("".join(d.text for d in wait)) + "}",
+                                             logs=[x for d in wait for x in (d.logprobs or [])]))
                             continue
                         out.append(chunk(event.index, '{"content":' + _text(event.text) + "}", logs=event.logprobs or []))
                     elif isinstance(event, Finished):
                         completion += event.completion_tokens
                         remaining -= 1
                         reason = event.reason
-                        if held is not None:
+                        if held[event.index] is not None:
                             text = "".join(d.text for d in held[event.index])
                             calls = _tool_calls(text) if reason == "stop" else None
                             if calls:

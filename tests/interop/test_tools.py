@@ -98,6 +98,20 @@ def test_streamed_calls_reassemble_to_the_non_streamed_ones(server, client):
     assert deltas[0].id and deltas[0].function.name == want[0].function.name and deltas[0].index == 0
 
 
+def test_with_tools_a_text_reply_still_streams_as_text(server, client):
+    """tool_choice none: never a call; the streamed text equals the non-streamed reply."""
+    kw = dict(tool_choice="none", temperature=0, max_tokens=24)
+    want = _create(server, client, **kw).choices[0].message.content
+    chunks = list(_create(server, client, stream=True, **kw))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    for seed in range(4):                       # auto: whichever the reply is, streamed == not streamed
+        one = _create(server, client, temperature=1.0, seed=seed).choices[0].message
+        streamed = list(_create(server, client, temperature=1.0, seed=seed, stream=True))
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        calls = [tc for c in streamed if c.choices and c.choices[0].delta.tool_calls for tc in c.choices[0].delta.tool_calls]
+        assert (text or None) == one.content and bool(calls) == bool(one.tool_calls)
+
+
 def test_a_tool_round_trip(server, client):
     first = _create(server, client, tool_choice="required", temperature=0).choices[0].message
     call = first.tool_calls[0]
