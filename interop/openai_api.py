@@ -344,19 +344,29 @@ def _turn(m: ChatMessage, i: int) -> dict:
     return {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
 
 
-def prompt_ids(engine, messages: list[ChatMessage], tools: list[ToolDef] | None = None) -> list[int]:
-    """The model's chat template applied to `messages`, tokenized (runs in a worker thread); with
-    `tools`, their description and the call format first, in the system turn."""
-    msgs = [_turn(m, i) for i, m in enumerate(messages)]
+def system_note(req: ChatCompletionRequest) -> str | None:
+    """What the request adds to the system turn: the offered tools and the call format, or a JSON
+    schema format's description (OpenAI: "used by the model to determine how to respond")."""
+    tools, fmt = offered_tools(req), req.response_format
     if tools:
         listing = json.dumps([{"name": t.function.name, "description": t.function.description or "",
                                "parameters": t.function.parameters or {"type": "object"}} for t in tools],
                              ensure_ascii=False)
-        text = TOOLS_PROMPT.format(tools=listing)
+        return TOOLS_PROMPT.format(tools=listing)
+    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema.description:
+        return f"Reply with a JSON value: {fmt.json_schema.description}"
+    return None
+
+
+def prompt_ids(engine, messages: list[ChatMessage], note: str | None = None) -> list[int]:
+    """The model's chat template applied to `messages`, tokenized (runs in a worker thread); `note`
+    (`system_note`) is appended to the system turn, or is one."""
+    msgs = [_turn(m, i) for i, m in enumerate(messages)]
+    if note:
         if msgs[0]["role"] == "system":
-            msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + text}
+            msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + note}
         else:
-            msgs.insert(0, {"role": "system", "content": text})
+            msgs.insert(0, {"role": "system", "content": note})
     try:
         text = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
         return engine.tokenizer.encode(text)
@@ -506,7 +516,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
     tier = service_tier(req.service_tier, tenant)
-    ids = await run_in_threadpool(prompt_ids, engine, req.messages, offered_tools(req))
+    ids = await run_in_threadpool(prompt_ids, engine, req.messages, system_note(req))
     params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
     n = req.n or 1
     top = (req.top_logprobs or 0) if req.logprobs else None

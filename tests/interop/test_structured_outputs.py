@@ -148,3 +148,14 @@ def test_generated_schemas_always_give_valid_replies(server, client):
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
 
     check()
+
+
+def test_a_schema_description_reaches_the_model(server, client):
+    """OpenAI: the description is "used by the model to determine how to respond": it goes into the
+    system turn (so it is not accepted and dropped)."""
+    def prompt_tokens(fmt):
+        return client.chat.completions.create(model=server.model_id, messages=[{"role": "user", "content": "c"}],
+                                              max_tokens=40, temperature=0, response_format=fmt).usage.prompt_tokens
+    described = _fmt(COLOR)
+    described["json_schema"]["description"] = "a colour and its shade"
+    assert prompt_tokens(described) >= prompt_tokens(_fmt(COLOR)) + len("a colour and its shade")
