@@ -439,7 +439,7 @@ class Bound:
         if cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ:
             # a decode binding: the kernel and its arguments fixed once, the dispatch rule inline
             # (attention_kv's, without its Python per call: a decode step makes one such call a layer)
-            from isthmus.kernels.numba.attention import PARALLEL_MIN, attention_par, attention_serial
+            from isthmus.kernels.numba.attention import decode_kernel
 
             q = q_static
             k, v = cache
@@ -449,8 +449,7 @@ class Bound:
             cap, win = np.float32(softcap), np.int64(window)
 
             def call_decode(past):
-                kernel = attention_serial if per_key * (past + seq) < PARALLEL_MIN else attention_par
-                kernel(q, k, v, past, causal, scale, out, scratch, cap, win)
+                decode_kernel(per_key * (past + seq))(q, k, v, past, causal, scale, out, scratch, cap, win)
             return call_decode
 
         def call(past):

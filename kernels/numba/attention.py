@@ -177,8 +177,12 @@ def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window
                            np.float32(softcap), np.int64(window))
         return
     work = q.shape[0] * q.shape[1] * q.shape[2] * (past + q.shape[2]) * q.shape[3]
-    (attention_serial if work < PARALLEL_MIN else attention_par)(q, k, v, past, causal, scale, out, scratch,
-                                                                 np.float32(softcap), np.int64(window))
+    decode_kernel(work)(q, k, v, past, causal, scale, out, scratch, np.float32(softcap), np.int64(window))
+
+
+def decode_kernel(work: int):
+    """The kernel for a step of fewer than BLAS_MIN_SEQ queries doing `work` multiply-adds."""
+    return attention_serial if work < PARALLEL_MIN else attention_par
 
 
 def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None, softcap=0.0, window=0):
