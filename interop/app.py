@@ -30,8 +30,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from isthmus import __version__
 from isthmus.errors import IsthmusError
 from isthmus.interop import openai_api as api
+from isthmus.interop import responses_api
 from isthmus.interop.connections import ConnectionGuard
 from isthmus.interop.metrics import Metrics
+from isthmus.interop.response_store import ResponseStore
 from isthmus.interop.tenants import AuthError, RateLimited, Tenant, Tenants
 
 log = logging.getLogger("isthmus.serve")
@@ -52,6 +54,7 @@ class ServerState:
         self.engines, self.tenants, self.metrics, self.limits = engines, tenants, metrics, limits
         self.attestation = attestation          # anything with report(nonce: bytes) -> bytes, or None
         self.usage = None                       # a runtime.privacy.UsageStats, or None: see record_usage
+        self.responses = ResponseStore()        # the Responses API's stored responses
         self.created = int(time.time())
         self.connections = ConnectionGuard(limits.max_connections, limits.max_connections_per_client,
                                            limits.header_timeout, metrics)
@@ -116,16 +119,19 @@ class Health(BaseModel):
 
 
 def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None = None, metrics: Metrics | None = None,
-               attestation=None, whatsapp=None, usage=None) -> FastAPI:
+               attestation=None, whatsapp=None, usage=None, responses: ResponseStore | None = None) -> FastAPI:
     """`engines`: {model id: Engine} (or one Engine, served under its name). `attestation`: an object
     with `report(nonce) -> bytes` (the simulated TEE's EnclaveSession). `whatsapp`: a
     `webhook.WhatsAppAdapter` to mount at /webhooks/whatsapp. `usage`: a `runtime.privacy.UsageStats`
-    that counts completed requests (`ServerState.record_usage`)."""
+    that counts completed requests (`ServerState.record_usage`). `responses`: where the Responses
+    API keeps stored responses (default: a `ResponseStore` with the default retention)."""
     if not isinstance(engines, dict):
         engines = {engines.name: engines}
     metrics = metrics or Metrics()
     state = ServerState(engines, tenants or Tenants(), metrics, limits or Limits(), attestation)
     state.usage = usage
+    if responses is not None:
+        state.responses = responses
     for e in engines.values():
         e.metrics = metrics
     metrics.gauge("isthmus_running_sequences", "sequences in the decode batch",
@@ -160,9 +166,10 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(x) for x in first.get("loc", ()) if x not in ("body", "query", "header", "path")]
-        param = ".".join(loc) or None
+        # of a union's alternatives' errors, the deepest says what is wrong (an image part is an
+        # unknown content part, not "input should be a valid string")
+        first = max(errors, key=lambda e: len(e.get("loc", ())), default={})
+        param = _param(first.get("loc", ()), exc.body)
         msg = str(first.get("msg", "invalid request"))
         if first.get("type") == "json_invalid":
             msg, param = "We could not parse the JSON body of your request.", None
@@ -189,6 +196,24 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
               summary="Create a chat completion (OpenAI-compatible)", tags=["openai"])
     async def chat_completions(body: api.ChatCompletionRequest, request: Request, tenant: Tenant = Depends(authorize)):
         return await api.chat_completions(body, request, tenant, state)
+
+    @app.post("/v1/responses", response_model=responses_api.ResponseObject,
+              responses=responses_api.CREATE_RESPONSES, summary="Create a response (OpenAI's Responses API)",
+              tags=["openai"])
+    async def create_response(body: responses_api.ResponseRequest, request: Request,
+                              tenant: Tenant = Depends(authorize)):
+        return await responses_api.create(body, request, tenant, state)
+
+    @app.get("/v1/responses/{response_id}", response_model=responses_api.ResponseObject,
+             responses=api.error_responses(401, 404, 429), summary="A stored response (this key's tenant only)",
+             tags=["openai"])
+    async def get_response(response_id: str, tenant: Tenant = Depends(authorize)):
+        return responses_api.retrieve(state, tenant, response_id)
+
+    @app.delete("/v1/responses/{response_id}", response_model=responses_api.DeletedResponse,
+                responses=api.error_responses(401, 404, 429), summary="Erase a stored response", tags=["openai"])
+    async def delete_response(response_id: str, tenant: Tenant = Depends(authorize)):
+        return responses_api.delete(state, tenant, response_id)
 
     @app.get("/v1/models", response_model=api.ModelList, responses=api.error_responses(401, 429),
              summary="List the models this key may use", tags=["openai"])
@@ -241,6 +266,28 @@ def create_app(engines, *, tenants: Tenants | None = None, limits: Limits | None
     return app
 
 
+_LABELS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _param(loc, body) -> str | None:
+    """A validation error's location as the request's own path (`input.0.content.1`): the parts
+    pydantic adds for union alternatives and tags (`str`, `list[...]`, a model's name, `message`)
+    are dropped by walking the body alongside."""
+    out, here = [], body
+    for part in loc[1:] if loc and loc[0] in ("body", "query", "header", "path") else loc:
+        if isinstance(here, dict) and part in here:
+            here = here[part]
+        elif isinstance(here, list) and isinstance(part, int) and 0 <= part < len(here):
+            here = here[part]
+        elif isinstance(part, str) and ("[" in part or "(" in part or part in _LABELS or part[:1].isupper()
+                                        or (isinstance(here, dict) and part == here.get("type"))):
+            continue
+        else:
+            here = None                         # a missing field: the rest is below it
+        out.append(str(part))
+    return ".".join(out) or None
+
+
 class Guard:
     """Outermost ASGI layer: the body size limit (413), the body timeout (408), per-route request
     metrics, and telling the connection guard when a request starts and ends.
@@ -249,7 +296,7 @@ class Guard:
     it; a larger body (by Content-Length or as it streams in) is refused without being parsed.
     """
 
-    ROUTES = ("/v1/chat/completions", "/v1/models", "/v1/attestation", "/health", "/metrics", "/webhooks/whatsapp",
+    ROUTES = ("/v1/chat/completions", "/v1/responses", "/v1/models", "/v1/attestation", "/health", "/metrics", "/webhooks/whatsapp",
               "/openapi.json", "/docs")
 
     def __init__(self, app, state: ServerState):
@@ -258,6 +305,8 @@ class Guard:
     def _route(self, path: str) -> str:
         if path in self.ROUTES:
             return path
+        if path.startswith("/v1/responses/"):
+            return "/v1/responses/{response_id}"
         return "/v1/models/{model}" if path.startswith("/v1/models/") else "other"
 
     async def __call__(self, scope, receive, send):

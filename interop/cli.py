@@ -93,6 +93,9 @@ def build(args):
     whatsapp_cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp") if "whatsapp" in doc else None
     if whatsapp_cfg is not None:
         whatsapp_cfg.check_tenants(tenants)
+    from isthmus.interop.response_store import ResponsesConfig, ResponseStore
+    responses_cfg = ResponsesConfig.from_config(doc.get("responses", {}), f"{args.tenants}: responses")
+    responses_cfg.check_tenants(tenants, f"{args.tenants}: responses")
     session = None
     if args.sealed:
         from isthmus.runtime.tee.cli import open_sealed
@@ -111,7 +114,8 @@ def build(args):
     whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
     from isthmus.runtime.privacy import UsageStats      # counts under $ISTHMUS_HOME/usage, released only with DP
     app = create_app({model_id: engine}, tenants=tenants, limits=limits,
-                     attestation=attestation, whatsapp=whatsapp, usage=UsageStats.local())
+                     attestation=attestation, whatsapp=whatsapp, usage=UsageStats.local(),
+                     responses=ResponseStore(responses_cfg))
     return app, session, tenants
 
 

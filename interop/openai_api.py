@@ -510,16 +510,11 @@ def _sse(obj) -> str:
     return f"data: {_json(obj)}\n\n"
 
 
-async def chat_completions(req: ChatCompletionRequest, request: Request, tenant, state):
-    t_arrival = time.perf_counter()
-    engine = state.engine_for(req.model, tenant)
-    if req.top_logprobs is not None and not req.logprobs:
-        raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
-    tier = service_tier(req.service_tier, tenant)
-    ids = await run_in_threadpool(prompt_ids, engine, req.messages, system_note(req))
-    params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
-    n = req.n or 1
-    top = (req.top_logprobs or 0) if req.logprobs else None
+def submit(state, engine, tenant, ids: list[int], params: SamplingParams, *, n: int = 1, top_logprobs=None,
+           ignore_eos: bool = False, tier: str = "default"):
+    """Admit a request against its tenant's limits and queue it on the engine (both APIs): its
+    ticket, the queue its events arrive on (in the running loop), and `done`, to call once when
+    the request ends (cancels what still runs and refunds the unused part of the grant)."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue = asyncio.Queue()
 
@@ -532,7 +527,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         state.metrics.rate_limited.inc(tenant=tenant.id)
         raise rate_limited(e) from None
     try:
-        ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top, ignore_eos=bool(req.ignore_eos),
+        ticket = engine.submit(ids, params, sink, n=n, top_logprobs=top_logprobs, ignore_eos=ignore_eos,
                                tenant=tenant.id, tier=tier)
     except Overloaded as e:
         grant.release(used_tokens=0)
@@ -546,17 +541,31 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
         ticket.cancel()
         grant.release(used_tokens=len(ids) * n + ticket.generated)
 
-    labels = {"model": engine.name, "tenant": tenant.id}
-    state.metrics.prompt_tokens.inc(len(ids) * n, **labels)
+    state.metrics.prompt_tokens.inc(len(ids) * n, model=engine.name, tenant=tenant.id)
+    return ticket, queue, done
+
+
+async def chat_completions(req: ChatCompletionRequest, request: Request, tenant, state):
+    t_arrival = time.perf_counter()
+    engine = state.engine_for(req.model, tenant)
+    if req.top_logprobs is not None and not req.logprobs:
+        raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
+    tier = service_tier(req.service_tier, tenant)
+    ids = await run_in_threadpool(prompt_ids, engine, req.messages, system_note(req))
+    params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
+    n = req.n or 1
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    ticket, queue, done = submit(state, engine, tenant, ids, params, n=n, top_logprobs=top,
+                                 ignore_eos=bool(req.ignore_eos), tier=tier)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": state.fingerprint(engine), "service_tier": tier}
-    run = _Run(state, engine, ticket, queue, t_arrival, labels)
+    run = _Run(state, engine, ticket, queue, t_arrival, {"model": engine.name, "tenant": tenant.id})
     run.tools = offered_tools(req) is not None
     run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return SSEResponse(run.stream(head, n, len(ids), include_usage, top is not None), on_close=done)
-    watcher = loop.create_task(_watch_disconnect(request, ticket, queue))
+    watcher = asyncio.get_running_loop().create_task(_watch_disconnect(request, ticket, queue))
     try:
         return JSONResponse(await run.collect(head, n, len(ids), top is not None))
     except ClientGone:

@@ -216,9 +216,9 @@ class Tenants:
     @classmethod
     def from_config(cls, doc: dict, where: str = "tenants") -> Tenants:
         """Tenants from a parsed tenants file; any mistake is one `InputError` naming the entry."""
-        unknown = set(doc) - {"tenants", "admin", "whatsapp"}
+        unknown = set(doc) - {"tenants", "admin", "whatsapp", "responses"}
         if unknown:
-            raise InputError(f"{where}: unknown table(s) {sorted(unknown)}; known: admin, tenants, whatsapp")
+            raise InputError(f"{where}: unknown table(s) {sorted(unknown)}; known: admin, responses, tenants, whatsapp")
         items = doc.get("tenants", [])
         if not isinstance(items, list):
             raise InputError(f"{where}: 'tenants' must be a list of tables")

@@ -16,7 +16,8 @@ from schemathesis.specs.openapi.checks import (content_type_conformance, negativ
                                                status_code_conformance)
 
 MAX_EXAMPLES = 25
-OPERATIONS = [("POST", "/v1/chat/completions"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
+OPERATIONS = [("POST", "/v1/chat/completions"), ("POST", "/v1/responses"), ("GET", "/v1/responses/{response_id}"),
+              ("DELETE", "/v1/responses/{response_id}"), ("GET", "/v1/models"), ("GET", "/v1/models/{model}"),
               ("GET", "/v1/attestation"), ("GET", "/health"), ("GET", "/metrics"),
               ("GET", "/webhooks/whatsapp"), ("POST", "/webhooks/whatsapp")]
 
