@@ -22,6 +22,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from isthmus.errors import IsthmusError
 from isthmus.interop.tenants import RateLimited
+from isthmus.interop.tool_formats import ToolFormat, tool_format
 from isthmus.runtime.engine import TIERS, Delta, Failed, Finished, Overloaded
 from isthmus.runtime.sampling import SamplingParams
 
@@ -29,7 +30,6 @@ MAX_N = 8
 MAX_STOP = 4
 MAX_LOGIT_BIAS = 1024     # entries of logit_bias (token ids)
 MAX_TOOLS = 128
-MAX_PARALLEL_CALLS = 4    # tool calls in one reply when parallel_tool_calls allows several
 MAX_TOP_LOGPROBS = 20
 INT64 = 2**63
 
@@ -314,61 +314,52 @@ def _text_of(m: ChatMessage, i: int) -> str:
     return text
 
 
-TOOLS_PROMPT = ("You can call functions. They are described by these JSON schemas:\n{tools}\n"
-                "To call functions, answer with only this JSON object and nothing else: "
-                '{{"tool_calls": [{{"name": <a function name>, "arguments": <its arguments as a JSON object>}}]}}')
+def _turns(messages: list[ChatMessage], fmt: ToolFormat) -> list[dict]:
+    """The messages as the chat template takes them; earlier tool calls and their results in the
+    tool format of this model (interop/tool_formats.py)."""
+    names, out = {}, []
+    for i, m in enumerate(messages):
+        if m.role == "tool":
+            if not m.tool_call_id:
+                raise bad_request(f"messages[{i}].tool_call_id is required for role 'tool'",
+                                  f"messages[{i}].tool_call_id")
+            out.append(fmt.result_turn(m.tool_call_id, names.get(m.tool_call_id), _text_of(m, i)))
+        elif m.tool_calls:
+            if m.role != "assistant":
+                raise bad_request(f"messages[{i}].tool_calls is only for role 'assistant'", f"messages[{i}].tool_calls")
+            names.update((c.id, c.function.name) for c in m.tool_calls)
+            out.append(fmt.call_turn(m.tool_calls, _text_of(m, i)))
+        else:
+            out.append({"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)})
+    return out
 
 
-def _tool_call_text(calls: list[ToolCall]) -> str:
-    """An assistant turn that called tools, as the generic format writes it (TOOLS_PROMPT)."""
-    def args(a: str):
-        try:
-            return json.loads(a)
-        except ValueError:
-            return a
-    return json.dumps({"tool_calls": [{"name": c.function.name, "arguments": args(c.function.arguments)}
-                                      for c in calls]}, ensure_ascii=False)
-
-
-def _turn(m: ChatMessage, i: int) -> dict:
-    """A message as the chat template takes it. Tools use isthmus's generic format (docs/api.md):
-    an assistant turn that called tools is its JSON call, a tool result is a user turn naming its call."""
-    if m.role == "tool":
-        if not m.tool_call_id:
-            raise bad_request(f"messages[{i}].tool_call_id is required for role 'tool'", f"messages[{i}].tool_call_id")
-        return {"role": "user", "content": f"[result of tool call {m.tool_call_id}] {_text_of(m, i)}"}
-    if m.tool_calls:
-        if m.role != "assistant":
-            raise bad_request(f"messages[{i}].tool_calls is only for role 'assistant'", f"messages[{i}].tool_calls")
-        return {"role": "assistant", "content": _tool_call_text(m.tool_calls)}
-    return {"role": "system" if m.role == "developer" else m.role, "content": _text_of(m, i)}
-
-
-def system_note(req: ChatCompletionRequest) -> str | None:
-    """What the request adds to the system turn: the offered tools and the call format, or a JSON
-    schema format's description (OpenAI: "used by the model to determine how to respond")."""
-    tools, fmt = offered_tools(req), req.response_format
+def system_note(req: ChatCompletionRequest, fmt: ToolFormat) -> str | None:
+    """What the request adds to the system turn: the offered tools and the call format (when the
+    template does not describe them itself), or a JSON schema format's description (OpenAI: "used by
+    the model to determine how to respond")."""
+    tools, rf = offered_tools(req), req.response_format
     if tools:
-        listing = json.dumps([{"name": t.function.name, "description": t.function.description or "",
-                               "parameters": t.function.parameters or {"type": "object"}} for t in tools],
-                             ensure_ascii=False)
-        return TOOLS_PROMPT.format(tools=listing)
-    if fmt is not None and fmt.type == "json_schema" and fmt.json_schema.description:
-        return f"Reply with a JSON value: {fmt.json_schema.description}"
+        return fmt.system_note(tools)
+    if rf is not None and rf.type == "json_schema" and rf.json_schema.description:
+        return f"Reply with a JSON value: {rf.json_schema.description}"
     return None
 
 
-def prompt_ids(engine, messages: list[ChatMessage], note: str | None = None) -> list[int]:
+def prompt_ids(engine, messages: list[ChatMessage], note: str | None = None, tools=None) -> list[int]:
     """The model's chat template applied to `messages`, tokenized (runs in a worker thread); `note`
-    (`system_note`) is appended to the system turn, or is one."""
-    msgs = [_turn(m, i) for i, m in enumerate(messages)]
+    (`system_note`) is appended to the system turn, or is one; `tools` (offered_tools) go to a
+    template that knows tools."""
+    fmt = tool_format(engine.tokenizer)
+    msgs = _turns(messages, fmt)
     if note:
         if msgs[0]["role"] == "system":
             msgs[0] = {"role": "system", "content": msgs[0]["content"] + "\n\n" + note}
         else:
             msgs.insert(0, {"role": "system", "content": note})
     try:
-        text = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True)
+        text = engine.tokenizer.apply_chat_template(msgs, add_generation_prompt=True,
+                                                    **(fmt.template_kwargs(tools) if tools else {}))
         return engine.tokenizer.encode(text)
     except IsthmusError as e:
         raise bad_request(str(e), "messages") from None
@@ -406,15 +397,6 @@ def offered_tools(req: ChatCompletionRequest) -> list[ToolDef] | None:
     return req.tools
 
 
-def _calls_schema(tools: list[ToolDef], parallel: bool) -> dict:
-    calls = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                               "arguments": t.function.parameters or {"type": "object"}},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
-    return {"type": "object", "properties": {"tool_calls": {
-        "type": "array", "items": {"anyOf": calls}, "minItems": 1, "maxItems": MAX_PARALLEL_CALLS if parallel else 1}},
-        "required": ["tool_calls"], "additionalProperties": False}
-
-
 def grammar(req: ChatCompletionRequest, engine):
     """The grammar this reply is decoded under (None: free text): a tool call's (its arguments under
     each function's schema; with tool_choice auto, the reply's first token decides between a call and
@@ -429,9 +411,13 @@ def grammar(req: ChatCompletionRequest, engine):
         raise bad_request("ignore_eos cannot be combined with response_format or tools: a structured reply ends "
                           "when its value does", "ignore_eos", "invalid_value")
     if tools:
-        schema = _calls_schema(tools, req.parallel_tool_calls is not False)
+        fmt = tool_format(engine.tokenizer)
+        kind, spec = fmt.grammar(tools, req.parallel_tool_calls is not False)
+        or_text = fmt.opener if req.tool_choice in (None, "auto") else None
         try:
-            return Grammar.json(engine.tokenizer, engine.vocab, schema, or_text=req.tool_choice in (None, "auto"))
+            if kind == "lark":
+                return Grammar.lark(engine.tokenizer, engine.vocab, spec, or_text=or_text)
+            return Grammar.json(engine.tokenizer, engine.vocab, spec, or_text=or_text)
         except IsthmusError as e:
             raise bad_request(f"a tool's parameters: {e}", "tools", "invalid_value") from None
     if fmt is None or fmt.type == "text":
@@ -551,7 +537,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     if req.top_logprobs is not None and not req.logprobs:
         raise bad_request("logprobs must be true when top_logprobs is given", "top_logprobs")
     tier = service_tier(req.service_tier, tenant)
-    ids = await run_in_threadpool(prompt_ids, engine, req.messages, system_note(req))
+    fmt = tool_format(engine.tokenizer)
+    ids = await run_in_threadpool(prompt_ids, engine, req.messages, system_note(req, fmt), offered_tools(req))
     params = sampling(req, len(ids), engine.n_ctx, engine.vocab, await run_in_threadpool(grammar, req, engine))
     n = req.n or 1
     top = (req.top_logprobs or 0) if req.logprobs else None
@@ -560,7 +547,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, tenant,
     head = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": engine.name,
             "system_fingerprint": state.fingerprint(engine), "service_tier": tier}
     run = _Run(state, engine, ticket, queue, t_arrival, {"model": engine.name, "tenant": tenant.id})
-    run.tools = offered_tools(req) is not None
+    run.tools = fmt if offered_tools(req) is not None else None
     run.user = state.usage_user(request.headers.get("authorization"), req.user)     # for the usage statistics
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -606,7 +593,7 @@ class _Run:
             self.state.metrics.completion_tokens.inc(event.completion_tokens, **self.labels)
 
     user: str | None = None         # who the request counts for in the usage statistics
-    tools: bool = False             # tools were offered: a reply that is a call becomes tool_calls
+    tools: ToolFormat | None = None     # tools were offered: a reply that is a call becomes tool_calls
 
     def _count(self, tokens: int) -> None:
         """The request completed: one message answered, `tokens` used (ServerState.record_usage)."""
@@ -634,7 +621,7 @@ class _Run:
         choices = []
         for i in range(n):
             text = "".join(texts[i])
-            calls = _tool_calls(text) if self.tools and reasons[i] == "stop" else None
+            calls = self.tools.parse(text) if self.tools and reasons[i] == "stop" else None
             message = {"role": "assistant", "content": None if calls else text, "refusal": None}
             if calls:
                 message["tool_calls"] = calls
@@ -661,8 +648,8 @@ class _Run:
             return f'{prefix}{index},"delta":{delta},"finish_reason":{finish}{tail}'
 
         completion, remaining, queue = 0, n, self.queue
-        # with tools, a reply waits until its first text shows what it is: one that begins with "{"
-        # may be a call and waits whole; any other streams as text from then on
+        # with tools, a reply waits until its first text shows what it is: one that may begin a
+        # call (the format's opener) waits whole; any other streams as text from then on
         held = [[] for _ in range(n)] if self.tools else [None] * n
         try:
             yield "".join(chunk(i, '{"role":"assistant","content":"","refusal":null}') for i in range(n))
@@ -684,7 +671,7 @@ class _Run:
                         if wait is not None:
                             wait.append(event)
                             begun = "".join(d.text for d in wait).lstrip()
-                            if not begun or begun.startswith("{"):
+                            if not begun or self.tools.may_be_call(begun):
                                 continue
                             held[event.index] = None        # text: what waited goes out now
                             out.append(chunk(event.index, '{"content":' + _text("".join(d.text for d in wait)) + "}",
@@ -697,7 +684,7 @@ class _Run:
                         reason = event.reason
                         if held[event.index] is not None:
                             text = "".join(d.text for d in held[event.index])
-                            calls = _tool_calls(text) if reason == "stop" else None
+                            calls = self.tools.parse(text) if reason == "stop" else None
                             if calls:
                                 reason = "tool_calls"
                                 for k, c in enumerate(calls):     # OpenAI's shape: id and name, then arguments
@@ -722,23 +709,6 @@ class _Run:
             logging.getLogger("isthmus.serve").exception("stream failed")
             yield f"event: error\ndata: {json.dumps(error_body('internal error while streaming', 'server_error'))}\n\n"
             yield "data: [DONE]\n\n"
-
-
-def _tool_calls(text: str) -> list[dict] | None:
-    """A reply written in the generic call format (TOOLS_PROMPT) as OpenAI's tool_calls; None for
-    a text reply."""
-    if not text.lstrip().startswith("{"):
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError:
-        return None
-    calls = value.get("tool_calls") if isinstance(value, dict) else None
-    if not isinstance(calls, list) or not calls or not all(isinstance(c, dict) and "name" in c for c in calls):
-        return None
-    return [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-             "function": {"name": c["name"], "arguments": json.dumps(c.get("arguments", {}), ensure_ascii=False)}}
-            for c in calls]
 
 
 def model_card(model_id: str, created: int) -> dict:

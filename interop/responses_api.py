@@ -28,7 +28,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from isthmus.interop import openai_api as api
-from isthmus.interop.openai_api import MAX_TOOLS, INT64, JsonInt, _Strict
+from isthmus.interop.openai_api import INT64, MAX_TOOLS, JsonInt, _Strict
+from isthmus.interop.tool_formats import ToolFormat, tool_format
 from isthmus.runtime.engine import Delta, Failed, Finished
 
 MAX_ITEMS = 2048
@@ -266,7 +267,7 @@ def _ids(prefix: str) -> str:
 class _Reply:
     """One response being made: its id, the request's echo, and its output items as they form."""
 
-    def __init__(self, req: ResponseRequest, engine, tier: str, n_prompt: int, tools: bool):
+    def __init__(self, req: ResponseRequest, engine, tier: str, n_prompt: int, tools: ToolFormat | None):
         self.req, self.engine, self.tier, self.n_prompt, self.tools = req, engine, tier, n_prompt, tools
         self.id, self.message_id, self.created = _ids("resp"), _ids("msg"), int(time.time())
         self.output: list[dict] = []
@@ -299,7 +300,7 @@ class _Reply:
 
     def calls(self, text: str, reason: str) -> list[dict] | None:
         """The reply as function_call items, if tools were offered and it is a call."""
-        found = api._tool_calls(text) if self.tools and reason == "stop" else None
+        found = self.tools.parse(text) if self.tools and reason == "stop" else None
         return None if not found else [
             {"type": "function_call", "id": _ids("fc"), "call_id": c["id"], "name": c["function"]["name"],
              "arguments": c["function"]["arguments"], "status": "completed"} for c in found]
@@ -330,9 +331,11 @@ async def create(req: ResponseRequest, request: Request, tenant, state):
         history = stored[1]
     turn = input_messages(req)
     chat = chat_request(req, [api.ChatMessage.model_validate(m) for m in history] + turn)
+    fmt = tool_format(engine.tokenizer)
     try:
         tier = api.service_tier(chat.service_tier, tenant)
-        ids = await run_in_threadpool(api.prompt_ids, engine, chat.messages, api.system_note(chat))
+        ids = await run_in_threadpool(api.prompt_ids, engine, chat.messages, api.system_note(chat, fmt),
+                                      api.offered_tools(chat))
         grammar = await run_in_threadpool(api.grammar, chat, engine)
         params = api.sampling(chat, len(ids), engine.n_ctx, engine.vocab, grammar)
     except api.ApiError as e:
@@ -340,7 +343,7 @@ async def create(req: ResponseRequest, request: Request, tenant, state):
     ticket, queue, done = api.submit(state, engine, tenant, ids, params, tier=tier)
     run = api._Run(state, engine, ticket, queue, t_arrival, {"model": engine.name, "tenant": tenant.id})
     run.user = state.usage_user(request.headers.get("authorization"), req.user)
-    reply = _Reply(req, engine, tier, len(ids), api.offered_tools(chat) is not None)
+    reply = _Reply(req, engine, tier, len(ids), fmt if api.offered_tools(chat) is not None else None)
     conversation = history + [m.model_dump(exclude_none=True) for m in turn]
 
     def keep(body: dict) -> None:
@@ -403,7 +406,7 @@ async def _stream(run, reply: _Reply, keep):
                 + event("response.output_item.done", output_index=0, item=item))
 
     # with tools, the reply waits until its first text shows what it is (as Chat Completions streams)
-    held: list[str] | None = [] if reply.tools else None
+    held: list[str] | None = [] if reply.tools is not None else None
     texts: list[str] = []
     is_open = False
     try:
@@ -422,7 +425,7 @@ async def _stream(run, reply: _Reply, keep):
                     if held is not None:
                         held.append(e.text)
                         begun = "".join(held).lstrip()
-                        if not begun or begun.startswith("{"):
+                        if not begun or reply.tools.may_be_call(begun):
                             continue
                         delta, held = "".join(held), None       # text: what waited goes out now
                     else:

@@ -67,17 +67,21 @@ def _ll_tokenizer(tokenizer, vocab: int):
 _text_masks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
-def _text_starts(tokenizer, vocab: int) -> np.ndarray:
-    """The tokens that begin a free-text reply (Grammar.json's or_text): neither special nor
-    starting with "{" (after spaces); made once per tokenizer (~30 ms for a 49k vocabulary)."""
+def _text_starts(tokenizer, vocab: int, opener: str) -> np.ndarray:
+    """The tokens that begin a free-text reply instead of a value that starts with `opener`
+    (or_text): not special, and (after spaces) neither starting `opener` nor a beginning of it.
+    Made once per tokenizer and opener (~30 ms for a 49k vocabulary)."""
+    start = opener.encode("utf-8")
     with _lock:
-        got = _text_masks.get(tokenizer)
-        if got is None or got.size != vocab:
+        masks = _text_masks.setdefault(tokenizer, {})
+        got = masks.get((vocab, start))
+        if got is None:
             n = min(vocab, tokenizer.vocab_size)
             got = np.zeros(vocab, bool)
-            got[:n] = [not tokenizer.token_bytes(i).lstrip().startswith(b"{") and i not in tokenizer.special_ids
-                       for i in range(n)]
-            _text_masks[tokenizer] = got
+            for i in range(n):
+                b = tokenizer.token_bytes(i).lstrip()
+                got[i] = not (b.startswith(start) or (b and start.startswith(b))) and i not in tokenizer.special_ids
+            masks[(vocab, start)] = got
         return got
 
 
@@ -90,12 +94,13 @@ class Grammar:
         self.text = text
 
     @classmethod
-    def json(cls, tokenizer, vocab: int, schema: dict | None = None, or_text: bool = False) -> Grammar:
-        """Any JSON object (`schema` None), or one valid under `schema`; with `or_text`, either
-        that or free text, decided by the reply's first token: one that starts with "{" begins the
-        JSON value, any other (not a special token) a text reply, which is then not constrained (a
-        model that wants to call a tool writes the call; one that answers, answers). InputError
-        names what is wrong with a schema the compiler refuses."""
+    def json(cls, tokenizer, vocab: int, schema: dict | None = None, or_text: str | None = None) -> Grammar:
+        """Any JSON object (`schema` None), or one valid under `schema`; with `or_text` (the
+        value's first characters, "{"), either that or free text, decided by the reply's first
+        token: one that could begin `or_text` begins the value, any other (not a special token) a
+        text reply, which is then not constrained (a model that wants to call a tool writes the
+        call; one that answers, answers). InputError names what is wrong with a schema the
+        compiler refuses."""
         import llguidance
 
         spec = {"type": "object"} if schema is None else schema
@@ -105,11 +110,29 @@ class Grammar:
             grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(spec), defaults=options)
         except (ValueError, TypeError) as e:
             raise InputError(f"the JSON schema is not usable: {e}") from None
+        return cls._checked(tokenizer, vocab, grammar, "JSON schema", or_text)
+
+    @classmethod
+    def lark(cls, tokenizer, vocab: int, grammar: str, or_text: str | None = None) -> Grammar:
+        """A grammar in llguidance's Lark syntax (JSON schemas embedded with `%json`); `or_text`
+        as for `json`."""
+        import llguidance
+
+        try:
+            grammar = llguidance.LLMatcher.grammar_from_lark(grammar)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"the grammar is not usable: {e}") from None
+        return cls._checked(tokenizer, vocab, grammar, "grammar", or_text)
+
+    @classmethod
+    def _checked(cls, tokenizer, vocab: int, grammar: str, what: str, or_text: str | None) -> Grammar:
+        import llguidance
+
         ll = _ll_tokenizer(tokenizer, vocab)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, ll)
         if is_error:
-            raise InputError(f"the JSON schema is not supported: {messages[0] if messages else 'invalid'}")
-        return cls(ll, grammar, vocab, _text_starts(tokenizer, vocab) if or_text else None)
+            raise InputError(f"the {what} is not supported: {messages[0] if messages else 'invalid'}")
+        return cls(ll, grammar, vocab, _text_starts(tokenizer, vocab, or_text) if or_text else None)
 
     def matcher(self) -> Matcher:
         return Matcher(self)

@@ -55,6 +55,33 @@ TEMPLATE = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+# A template that knows tools, in the Hermes convention (Qwen2.5, Qwen3, Hermes): the tools listed
+# in the system turn, calls as <tool_call> JSON, results as <tool_response> in a user turn.
+HERMES_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\n' }}"
+    "{%- if messages[0].role == 'system' %}{{- messages[0].content + '\n\n' }}{%- endif %}"
+    "{{- '# Tools\n\nYou may call functions. Their signatures are within <tools></tools> tags:\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\n</tools>\n\nFor each call, return a JSON object with the function name and arguments within "
+    "<tool_call></tool_call> tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}"
+    "\n</tool_call><|im_end|>\n' }}"
+    "{%- elif messages[0].role == 'system' %}{{- '<|im_start|>system\n' + messages[0].content + '<|im_end|>\n' }}"
+    "{%- endif %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'system' and loop.first %}"
+    "{%- elif m.role == 'assistant' and m.tool_calls %}{{- '<|im_start|>assistant' }}"
+    "{%- if m.content %}{{- '\n' + m.content }}{%- endif %}"
+    "{%- for c in m.tool_calls %}{%- set f = c.function if c.function is defined else c %}"
+    "{{- '\n<tool_call>\n{\"name\": \"' + f.name + '\", \"arguments\": ' + (f.arguments | tojson) + '}\n</tool_call>' }}"
+    "{%- endfor %}{{- '<|im_end|>\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\n<tool_response>\n' + m.content + '\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\n' }}{%- endif %}"
+    "{%- else %}{{- '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
 CHAT_CONFIG = dict(n_layers=2, hidden=64, ffn=128, n_heads=4, n_kv_heads=2, head_dim=16, context_length=256)
 
 
@@ -69,7 +96,7 @@ def byte_alphabet() -> list[str]:
     return [spelled[b] for b in range(256)]
 
 
-def write_tiny_chat_gguf(path, seed=0, context_length=None):
+def write_tiny_chat_gguf(path, seed=0, context_length=None, template=TEMPLATE):
     """A 2-layer random Llama with a real (tiny) tokenizer and chat template, as a GGUF file
     (`context_length`: other than CHAT_CONFIG's, for prompts that need more room)."""
     import gguf
@@ -99,7 +126,7 @@ def write_tiny_chat_gguf(path, seed=0, context_length=None):
     w.add_array("tokenizer.ggml.merges", MERGES)
     w.add_uint32("tokenizer.ggml.bos_token_id", 1)
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_string("tokenizer.chat_template", TEMPLATE)
+    w.add_string("tokenizer.chat_template", template)
     out = mat(V, D, 4.0)           # sharp logits: greedy choices are far from ties
     out[2] *= 0.3                  # <|im_end|> is rare, so replies run to max_tokens mostly
     tensors = {"token_embd.weight": rng.standard_normal((V, D)).astype(np.float32),
