@@ -136,6 +136,11 @@ def test_streaming_events_reassemble_to_the_response(server, client):
     assert final.output_text == want.output_text and final.status == want.status
     assert final.usage.output_tokens == want.usage.output_tokens
     assert client.responses.retrieve(final.id).output_text == want.output_text     # stored too
+    # the client's stream helper over the same text: its deltas carry the growing snapshot
+    with client.responses.stream(model=server.model_id, input="Hello, who are you?", max_output_tokens=16,
+                                 temperature=0) as s:
+        deltas = [e for e in s if e.type == "response.output_text.delta"]
+    assert deltas and deltas[-1].snapshot == want.output_text
 
 
 def test_json_schema_parse_and_stream(server, client):
