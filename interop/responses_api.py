@@ -96,26 +96,18 @@ class FormatJsonObject(_Strict):
     type: Literal["json_object"]
 
 
-class FormatJsonSchema(_Strict):
+class FormatJsonSchema(api.JsonSchemaSpec):
+    # Chat Completions' json_schema, flattened into the format with its type
     type: Literal["json_schema"]
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    schema_: dict | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
 class TextConfig(_Strict):
     format: Annotated[FormatText | FormatJsonObject | FormatJsonSchema, Field(discriminator="type")] | None = None
 
 
-class FunctionTool(_Strict):
+class FunctionTool(api.FunctionDef):
+    # Chat Completions' function, flattened into the tool with its type
     type: Literal["function"]
-    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
-    description: str | None = None
-    parameters: dict | None = None
-    strict: bool | None = None
 
 
 class FunctionChoice(_Strict):
