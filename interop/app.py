@@ -302,8 +302,10 @@ class Guard:
     def __init__(self, app, state: ServerState):
         self.app, self.state = app, state
 
-    def _route(self, path: str) -> str:
-        if path in self.ROUTES:
+    @classmethod
+    def route(cls, path: str) -> str:
+        """The route label of a path (a bounded set: unknown paths are "other")."""
+        if path in cls.ROUTES:
             return path
         if path.startswith("/v1/responses/"):
             return "/v1/responses/{response_id}"
@@ -356,7 +358,7 @@ class Guard:
             raise
         finally:
             connections.request_finished(scope.get("client"))
-            route = self._route(scope.get("path", ""))
+            route = self.route(scope.get("path", ""))
             self.state.metrics.requests.inc(route=route, status=str(status[0] or 499))
             self.state.metrics.latency.observe(time.perf_counter() - t0, route=route)
 

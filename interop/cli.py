@@ -38,6 +38,14 @@ def register(sub, common) -> None:
                    help="seconds for a request's head to arrive, else the connection is closed (default 10)")
     p.add_argument("--body-timeout", type=float, default=30.0,
                    help="seconds for a request's body to arrive, else 408 (default 30)")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="serve N replicas through Ray Serve, each with its own engine, sharing limits, webhook "
+                   "de-duplication and outbox, and routing a conversation to the replica holding its cache "
+                   "(needs isthmus[scale]; docs/serving.md)")
+    p.add_argument("--ray-address", help="with --replicas: join this Ray cluster (`ray start --head` prints it; "
+                   "default: start a local Ray)")
+    p.add_argument("--autoscale", metavar="MIN:MAX", help="with --replicas: let Ray Serve scale between MIN and MAX "
+                   "replicas, aiming at --max-batch ongoing requests per replica (--replicas is the initial count)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--new-key", action="store_true", help="print a fresh API key and its hash for the tenants file, and exit")
     p.set_defaults(fn=cmd_serve)
@@ -73,8 +81,10 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def build(args):
-    """The ASGI app and what it needs, from parsed `serve` arguments (also used by tests)."""
+def build(args, shared=None, replica: str | None = None):
+    """The ASGI app and what it needs, from parsed `serve` arguments (also used by tests). A Ray
+    Serve replica (interop/scale.py) passes the `shared` state (interop/shared_state.py) and its id:
+    the tenants' rate limits, the webhook outbox and response ownership then live there."""
     import isthmus
     from isthmus.interop.app import create_app
     from isthmus.interop.envelope import SessionKey
@@ -90,10 +100,13 @@ def build(args):
     limits = _limits(args)
     doc = load_config(args.tenants) if args.tenants else {}
     tenants = Tenants.from_config(doc, args.tenants or "tenants")
+    if shared is not None:
+        from isthmus.interop.shared_state import share_limits
+        share_limits(tenants, shared)
     whatsapp_cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp") if "whatsapp" in doc else None
     if whatsapp_cfg is not None:
         whatsapp_cfg.check_tenants(tenants)
-    from isthmus.interop.response_store import ResponsesConfig, ResponseStore
+    from isthmus.interop.response_store import ResponsesConfig
     responses_cfg = ResponsesConfig.from_config(doc.get("responses", {}), f"{args.tenants}: responses")
     responses_cfg.check_tenants(tenants, f"{args.tenants}: responses")
     session = None
@@ -111,12 +124,24 @@ def build(args):
     cache_mb = 0 if session is not None else args.prefix_cache_mb    # sealed: no KV outlives its request
     engine = Engine(exe, name=model_id, max_batch=args.max_batch, max_waiting=args.max_waiting,
                     prefix_cache_bytes=cache_mb << 20)
-    whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave) if whatsapp_cfg else None
+    outbox = None
+    if shared is not None and whatsapp_cfg is not None:
+        from isthmus.interop.shared_state import SharedOutbox
+        outbox = SharedOutbox(shared, replica)
+    whatsapp = WhatsAppAdapter(whatsapp_cfg, enclave=enclave, outbox=outbox) if whatsapp_cfg else None
     from isthmus.runtime.privacy import UsageStats      # counts under $ISTHMUS_HOME/usage, released only with DP
     app = create_app({model_id: engine}, tenants=tenants, limits=limits,
                      attestation=attestation, whatsapp=whatsapp, usage=UsageStats.local(),
-                     responses=ResponseStore(responses_cfg))
+                     responses=_responses(responses_cfg, shared, replica))
     return app, session, tenants
+
+
+def _responses(config, shared, replica):
+    if shared is None:
+        from isthmus.interop.response_store import ResponseStore
+        return ResponseStore(config)
+    from isthmus.interop.shared_state import OwnedResponseStore
+    return OwnedResponseStore(shared, replica, config)
 
 
 def _limits(args):
@@ -150,6 +175,10 @@ def cmd_serve(args) -> int:
         print(f"api key (give to the tenant, not stored anywhere): {key}")
         print(f'tenants file entry:  api_key_sha256 = ["{digest}"]')
         return 0
+    if args.replicas is not None:
+        return _serve_replicas(args)
+    if args.ray_address or args.autoscale:
+        raise InputError(f"{'--ray-address' if args.ray_address else '--autoscale'} needs --replicas N")
     import uvicorn
 
     _limits(args)                    # a bad flag fails before the model loads
@@ -172,6 +201,64 @@ def cmd_serve(args) -> int:
         if session is not None:
             session.close()
     return 0
+
+
+def _scale_flags(args) -> tuple[int, int] | None:
+    """Check --replicas, --autoscale and the flags that cannot apply under Ray Serve; the autoscale range."""
+    if not 1 <= args.replicas <= 1024:
+        raise InputError(f"--replicas must be 1..1024, got {args.replicas}")
+    autoscale = None
+    if args.autoscale is not None:
+        lo, sep, hi = args.autoscale.partition(":")
+        if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 1024):
+            raise InputError(f"--autoscale must be MIN:MAX with 1 <= MIN <= MAX <= 1024, got {args.autoscale!r}")
+        autoscale = int(lo), int(hi)
+    if args.sealed:
+        raise InputError("--sealed with --replicas is not supported: each replica would open its own enclave "
+                         "session, with its own attestation and E2E key")
+    # the client connections are Ray Serve's proxy's, not ours: these would be silently ignored
+    for flag, value, default in (("--max-connections", args.max_connections, 1000),
+                                 ("--max-connections-per-client", args.max_connections_per_client, 100),
+                                 ("--header-timeout", args.header_timeout, 10.0)):
+        if value != default:
+            raise InputError(f"{flag} does not apply with --replicas (Ray Serve's proxy holds the connections)")
+    return autoscale
+
+
+def _serve_replicas(args) -> int:
+    import importlib.util
+
+    autoscale = _scale_flags(args)
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise InputError("--replicas needs Ray Serve: pip install 'isthmus[scale]'")
+    if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
+        raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
+    if not 0 <= args.port <= 65535:
+        raise InputError(f"--port must be 0..65535, got {args.port}")
+    # the config is checked here, before Ray starts; the outbox's file is the state actor's
+    from isthmus.interop.outbox import WEEK
+    from isthmus.interop.response_store import ResponsesConfig
+    from isthmus.interop.tenants import Tenants, load_config
+    from isthmus.interop.webhook import WhatsAppConfig
+    doc = load_config(args.tenants) if args.tenants else {}
+    tenants = Tenants.from_config(doc, args.tenants or "tenants")
+    outbox, window = ":memory:", WEEK
+    if "whatsapp" in doc:
+        cfg = WhatsAppConfig.from_config(doc["whatsapp"], f"{args.tenants}: whatsapp")
+        cfg.check_tenants(tenants)
+        from pathlib import Path
+        outbox = cfg.outbox if cfg.outbox == ":memory:" else str(Path(cfg.outbox).resolve())
+        window = cfg.dedup_window_s
+    ResponsesConfig.from_config(doc.get("responses", {}), f"{args.tenants}: responses").check_tenants(
+        tenants, f"{args.tenants}: responses")
+    probe = _listen(args.host, args.port)          # the port is free (0: picks one); Serve's proxy then takes it
+    port = probe.getsockname()[1]
+    probe.close()
+    if tenants.open and not (_is_ip(args.host) and ipaddress.ip_address(args.host).is_loopback):
+        print(f"isthmus: warning: serving on {args.host} without a tenants file: anyone who can reach it may use it",
+              file=sys.stderr)
+    from isthmus.interop import scale
+    return scale.run(args, autoscale, port, outbox, window)
 
 
 def _is_ip(host: str) -> bool:

@@ -154,6 +154,7 @@ class Metrics:
         self.connections_closed = Counter("isthmus_connections_closed_total",
                                           "connections the server closed to protect itself, by reason")
         self._gauges: list[Gauge] = []
+        self.labels: dict[str, str] = {}       # put on every series (a Ray Serve replica: {"replica": its id})
 
     def gauge(self, name: str, help: str, fn) -> None:
         self._gauges.append(Gauge(name, help, fn))
@@ -168,5 +169,17 @@ class Metrics:
         for m in parts:
             lines = m.lines(tenant)
             if lines or tenant is None:
-                out += m.header() + lines
+                out += m.header() + [_with(line, self.labels) for line in lines]
         return "\n".join(out) + "\n"
+
+
+def _with(line: str, labels: dict) -> str:
+    """A series line with `labels` added first."""
+    if not labels:
+        return line
+    name, _, rest = line.partition(" ")
+    extra = _labels(labels)[1:-1]
+    if name.endswith("}"):
+        base, _, inner = name[:-1].partition("{")
+        return f"{base}{{{extra},{inner}}} {rest}"
+    return f"{name}{{{extra}}} {rest}"
