@@ -212,9 +212,12 @@ def application(args, autoscale: tuple[int, int] | None):
         scaling = {"autoscaling_config": AutoscalingConfig(
             min_replicas=lo, max_replicas=hi, initial_replicas=min(max(args.replicas, lo), hi),
             target_ongoing_requests=args.max_batch)}
+    actor_options = {"num_cpus": 1}
+    if "ISTHMUS_HOME" in os.environ:        # the replicas' models, keys and usage counts: the same home as ours
+        actor_options["runtime_env"] = {"env_vars": {"ISTHMUS_HOME": os.environ["ISTHMUS_HOME"]}}
     replicas = serve.deployment(
         ModelReplica, name="ModelReplica", max_ongoing_requests=per_replica, health_check_period_s=HEALTH_PERIOD_S,
-        health_check_timeout_s=30, graceful_shutdown_timeout_s=5, ray_actor_options={"num_cpus": 1},
+        health_check_timeout_s=30, graceful_shutdown_timeout_s=5, ray_actor_options=actor_options,
         request_router_config=RequestRouterConfig(request_router_class="isthmus.interop.ray_router:AffinityRouter"),
         **scaling).bind(options)
     router = serve.deployment(Router, name="Router", num_replicas=1, max_ongoing_requests=4 * per_replica * args.replicas,
