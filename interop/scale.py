@@ -9,7 +9,7 @@
   ownership are bound to the state actor (interop/shared_state.py). It runs each request through
   the FastAPI app as ASGI messages, adds `x-isthmus-replica: <id>`, labels its /metrics series
   with `replica`, and counts requests in Ray's metrics (`isthmus_replica_requests`).
-* **Router** reads the body (up to --max-body-bytes), works out the request's affinity
+* **Router** reads the body (up to --max-body-bytes, within --body-timeout), works out the request's affinity
   (interop/affinity.py: its conversation key, and the live owner of a response it names) and
   sends it through a deployment handle whose request router is `AffinityRouter`. When a replica
   dies under a request, the request ends with a clean error: a 503 in OpenAI's error shape before
@@ -126,18 +126,23 @@ class ModelReplica:
 class Router:
     """The HTTP ingress: affinity, then a replica through the handle; clean errors when one dies."""
 
-    def __init__(self, replicas, max_body_bytes: int):
+    def __init__(self, replicas, max_body_bytes: int, body_timeout: float):
         self.replicas = replicas.options(stream=True)
-        self.max_body_bytes = max_body_bytes
+        self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.state = ray.get_actor(STATE_ACTOR, namespace=NAMESPACE)
 
     async def __call__(self, request: Request) -> Response:
         body = b""
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                return _error(413, f"The request body is over the limit of {self.max_body_bytes} bytes.",
-                              "invalid_request_error", "request_too_large")
+        try:
+            async with asyncio.timeout(self.body_timeout):
+                async for chunk in request.stream():
+                    body += chunk
+                    if len(body) > self.max_body_bytes:
+                        return _error(413, f"The request body is over the limit of {self.max_body_bytes} bytes.",
+                                      "invalid_request_error", "request_too_large")
+        except TimeoutError:
+            return _error(408, f"The request body did not arrive within {self.body_timeout:g} s.",
+                          "invalid_request_error", "request_timeout", {"Connection": "close"})
         scope = {k: request.scope[k] for k in SCOPE_KEYS if k in request.scope}
         affinity = request_affinity(request.method, request.url.path, request.headers.get("authorization"), body)
         if "response" in affinity:
@@ -222,7 +227,7 @@ def application(args, autoscale: tuple[int, int] | None):
         **scaling).bind(options)
     router = serve.deployment(Router, name="Router", num_replicas=1, max_ongoing_requests=4 * per_replica * args.replicas,
                               ray_actor_options={"num_cpus": 0})
-    return router.bind(replicas, args.max_body_bytes)
+    return router.bind(replicas, args.max_body_bytes, args.body_timeout)
 
 
 def start_state(outbox: str, window_s: float):
@@ -244,16 +249,29 @@ def run(args, autoscale: tuple[int, int] | None, port: int, outbox: str, window_
                  log_to_driver=args.log_level == "debug", logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as e:
         raise InputError(f"cannot reach the Ray cluster at {args.ray_address}: {str(e).splitlines()[0]}") from None
-    actor = None
+    actor, ours, deployed = None, False, False
     try:
+        from ray.serve.context import _get_global_client
+        from ray.serve.exceptions import RayServeException
+        try:
+            serving = _get_global_client().http_config        # Serve already runs on this cluster
+        except RayServeException:
+            serving = None
+        if serving is not None and (serving.port, serving.host) != (port, args.host) and args.port != 0:
+            raise InputError(f"Ray Serve on this cluster already listens on {serving.host}:{serving.port}; "
+                             f"pass --host {serving.host} --port {serving.port}, or stop it (`serve shutdown`)")
+        if serving is not None:
+            port = serving.port
         with _quiet():
             serve.start(http_options={"host": args.host, "port": port})
-        try:
-            ray.kill(ray.get_actor(STATE_ACTOR, namespace=NAMESPACE))   # a stale one from an earlier run
+        ours = serving is None                 # we started Serve: we stop it (and free its port)
+        try:        # a stale one from an earlier run (one `isthmus serve --replicas` per cluster: the app is "isthmus")
+            ray.kill(ray.get_actor(STATE_ACTOR, namespace=NAMESPACE))
         except ValueError:
             pass
         actor = start_state(outbox, window_s)
         t0 = time.monotonic()
+        deployed = True
         serve.run(application(args, autoscale), name=APP, route_prefix="/", blocking=False)
         count = f"{autoscale[0]}..{autoscale[1]} (autoscaled)" if autoscale else str(args.replicas)
         print(f"isthmus: serving on http://{args.host}:{port}/v1 with {count} replicas on Ray "
@@ -267,8 +285,9 @@ def run(args, autoscale: tuple[int, int] | None, port: int, outbox: str, window_
     finally:
         with _quiet():
             try:
-                serve.delete(APP)
-                if local:
+                if deployed:
+                    serve.delete(APP)
+                if local or ours:
                     serve.shutdown()
             except Exception as e:          # the cluster went first: nothing left to take down
                 log.warning("stopping the Serve application: %s", _why(e))
