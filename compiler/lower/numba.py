@@ -329,6 +329,13 @@ class Bound:
 
         ws = self.workspace
         if isinstance(w, Siblings):
+            fused = None if x_static is None else L.siblings_call(x_static, w.parts, out, ws, norm=norm, h=h,
+                                                                    row_wise=self.rows is not None)
+            if fused is not None:       # one launch for all the siblings, straight into their columns
+                fn, args = fused
+                call = (lambda: fn(*args))
+                call.out = out
+                return call
             cols = np.cumsum([0, *w.splits])
             parts = [self._projection(p, x_static, x_get, np.empty((out.shape[0], p.rows), np.float32),
                                       norm if i == 0 else None, h if i == 0 else None)

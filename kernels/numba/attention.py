@@ -50,29 +50,47 @@ def _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window):
                 softcap, window)
 
 
+TILE = 64        # keys per tile: a tile of K (or V) rows stays in L1 while each head of the group reads it
+
+
 @njit(inline="always", **JIT)
 def _attend_one(q, k, v, past, causal, scale, out, scratch, row0, job, softcap, window):
     """Query i of the `group` query heads that share KV head kh (job = kh * seq + i) of one
-    sequence: q [heads, seq, hd], k, v [kv_heads, capacity, hd], out [seq, heads * hd]. Each key
-    and value row is read once for the whole group. Head h's scores and weights are in scratch
-    row row0 + h * seq + i."""
+    sequence: q [heads, seq, hd], k, v [kv_heads, capacity, hd], out [seq, heads * hd]. Keys and
+    values are read in tiles of TILE rows, each tile once from memory for the whole group (then
+    from L1 for each head, whose dot products and sums then run along hd without a gather). Head
+    h's scores and weights are in scratch row row0 + h * seq + i."""
     hq, seq, hd = q.shape
     group = hq // k.shape[0]
     kh, i = job // seq, job % seq
     h0 = kh * group
     r0 = row0 + h0 * seq + i
     lo, n = _keys(past, i, seq, causal, window)
-    for t in range(lo, n):       # scratch holds key t at column t - lo
-        kt = k[kh, t]
+    for t0 in range(lo, n, TILE):
+        t1 = min(n, t0 + TILE)
         for g in range(group):
-            scratch[r0 + g * seq, t - lo] = _score(_dot(q[h0 + g, i], kt, hd), scale, softcap)
+            qg = q[h0 + g, i]
+            r = r0 + g * seq
+            for t in range(t0, t1):
+                scratch[r, t - lo] = _score(_dot(qg, k[kh, t], hd), scale, softcap)
     for g in range(group):
         softmax_row(scratch, scratch, r0 + g * seq, n - lo)
         out[i, (h0 + g) * hd:(h0 + g + 1) * hd] = 0.0
-    for t in range(lo, n):
-        vt = v[kh, t]
+    for t0 in range(lo, n, TILE):
+        t1 = min(n, t0 + TILE)
         for g in range(group):
-            _axpy(scratch[r0 + g * seq, t - lo], vt, out[i, (h0 + g) * hd:(h0 + g + 1) * hd], hd)
+            acc = out[i, (h0 + g) * hd:(h0 + g + 1) * hd]
+            r = r0 + g * seq
+            t = t0
+            while t + 4 <= t1:      # four values per pass over acc: four times fewer loads and stores of it
+                p0, p1, p2, p3 = (scratch[r, t - lo], scratch[r, t + 1 - lo], scratch[r, t + 2 - lo],
+                                  scratch[r, t + 3 - lo])
+                v0, v1, v2, v3 = v[kh, t], v[kh, t + 1], v[kh, t + 2], v[kh, t + 3]
+                for j in range(hd):
+                    acc[j] += p0 * v0[j] + p1 * v1[j] + p2 * v2[j] + p3 * v3[j]
+                t += 4
+            for t in range(t, t1):
+                _axpy(scratch[r, t - lo], v[kh, t], acc, hd)
 
 
 @njit(inline="always", **JIT)

@@ -296,6 +296,40 @@ def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue)
                 out[t, r] = y
 
 
+@njit(**JIT)
+def _part_chunks(rows):
+    return (rows + CHUNK - 1) // CHUNK
+
+
+@njit(**PJIT)
+def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, xq, xd, xs, out):
+    """[rmsnorm](x) @ [A; B; C].T into out's columns, A, B and C being sibling weights in block
+    formats of their own (Q and K in q4_k, V in q6_k): one launch and one quantization of the
+    activations for all three, where one product per weight would pay both three times. An empty
+    norm_w means no norm (then h is unused); C may have no rows (two siblings)."""
+    src = x
+    if norm_w.size:
+        rmsnorm_into(x, norm_w, eps, h)
+        src = h
+    quantize_rows_i16(src, xq, xd, xs)
+    n = src.shape[0]
+    ra, rb, rc = qa.shape[0], qb.shape[0], qc.shape[0]
+    ca, cb = _part_chunks(ra), _part_chunks(rb)
+    for c in prange(ca + cb + _part_chunks(rc)):
+        if c < ca:
+            for r in range(c * CHUNK, min(ra, c * CHUNK + CHUNK)):
+                for t in range(n):
+                    out[t, r] = row_dot_i16(qa, da, ma, r, xq, xd, xs, t)
+        elif c < ca + cb:
+            for r in range((c - ca) * CHUNK, min(rb, (c - ca) * CHUNK + CHUNK)):
+                for t in range(n):
+                    out[t, ra + r] = row_dot_i16(qb, db, mb, r, xq, xd, xs, t)
+        else:
+            for r in range((c - ca - cb) * CHUNK, min(rc, (c - ca - cb) * CHUNK + CHUNK)):
+                for t in range(n):
+                    out[t, ra + rb + r] = row_dot_i16(qc, dc, mc, r, xq, xd, xs, t)
+
+
 @njit(**PJIT)
 def dequant_rows(qs, d, m, r0, r1, tile):
     """tile[i] = W[r0 + i] for i < r1 - r0, in f32."""
@@ -399,6 +433,27 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     if norm is not None:
         return norm_matvec, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
     return matvec, (x2, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
+
+
+_NO_NORM = np.zeros(0, np.float32)
+
+
+def siblings_call(x2, parts: list[Packed], out, ws: Workspace, *, norm=None, h=None, row_wise=False):
+    """`siblings_matvec_i16` and its arguments for two or three sibling weights (each its own
+    format) read by the same rows, writing their products side by side into out [n, sum of rows];
+    None where it does not apply (dense or non-integer weights, more rows than a decode step, more
+    siblings), and the caller makes one product per weight."""
+    n = x2.shape[0]
+    if (not INT_ACTIVATIONS or not 2 <= len(parts) <= 3 or any(p.kind == "f32" for p in parts)
+            or (n > MATVEC_MAX_ROWS and not row_wise) or len({p.cols for p in parts}) != 1):
+        return None
+    xq, xd, xs = ws.act_i16(n, parts[0].cols, i8=any(p.kind in I8_FORMATS for p in parts))
+    if len(parts) == 2:           # C: B's arrays with no rows (same types: no other compilation)
+        b = parts[1]
+        parts = [*parts, Packed(b.kind, b.qs[:0], b.d[:0], b.m[:0], (0,))]
+    arrays = [a for p in parts for a in p.arrays]
+    nw, eps = (_NO_NORM, np.float32(0.0)) if norm is None else (norm[0], np.float32(norm[1]))
+    return siblings_matvec_i16, (x2, nw, eps, x2 if h is None else h, *arrays, xq, xd, xs, out)
 
 
 def _rows_one_by_one(x2, w, out, ws, res, epilogue, norm, h):
