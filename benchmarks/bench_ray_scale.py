@@ -120,13 +120,16 @@ def main() -> int:
     p.add_argument("--replicas", default="1,2", help="replica counts to measure (default 1,2)")
     args = p.parse_args()
 
+    # Ray runs its workers (the replicas) at nice 15 unless told otherwise: on a machine shared with
+    # other work they would lose every contest for a core to the plain server's nice 0
+    os.environ.setdefault("RAY_worker_niceness", "0")
     import ray
     tmp = tempfile.mkdtemp(prefix="isb", dir="/tmp")
     ray.init(_temp_dir=tmp, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     address = ray.get_runtime_context().gcs_address
     cores = os.cpu_count()
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.2f}; model {args.model} on {args.target}; "
-          f"ray {ray.__version__}", flush=True)
+          f"ray {ray.__version__}, RAY_worker_niceness={os.environ['RAY_worker_niceness']}", flush=True)
     results = {}
     try:
         plain = Server(args, [])
@@ -148,6 +151,8 @@ def main() -> int:
                 results[r] = best
             finally:
                 server.stop()
+                from ray import serve
+                serve.shutdown()        # its proxy's port goes with it (the next run listens on another)
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -164,7 +169,7 @@ def main() -> int:
         cap = args.tokens / overhead
         print(f"scaling model: aggregate(M machines, one replica each) ~= min(M x {per:.0f}, {cap:.0f}) tokens/s "
               f"(router cap = {args.tokens} tokens/request / {overhead * 1e3:.2f} ms, if that overhead were all "
-              f"router CPU; add Router replicas past M ~= {cap / per:.0f})")
+              f"router CPU: past M ~= {cap / per:.0f} machines the one Router replica would be the limit)")
     return 0
 
 

@@ -46,6 +46,9 @@ def register(sub, common) -> None:
                    "default: start a local Ray)")
     p.add_argument("--autoscale", metavar="MIN:MAX", help="with --replicas: let Ray Serve scale between MIN and MAX "
                    "replicas, aiming at --max-batch ongoing requests per replica (--replicas is the initial count)")
+    p.add_argument("--replica-cpus", type=int, default=None, help="with --replicas: CPUs Ray reserves for each "
+                   "replica, and the threads its engine uses (default: the cluster's CPUs / replicas (MAX with "
+                   "--autoscale), at most one node's, at least 1)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.add_argument("--new-key", action="store_true", help="print a fresh API key and its hash for the tenants file, and exit")
     p.set_defaults(fn=cmd_serve)
@@ -177,8 +180,10 @@ def cmd_serve(args) -> int:
         return 0
     if args.replicas is not None:
         return _serve_replicas(args)
-    if args.ray_address or args.autoscale:
-        raise InputError(f"{'--ray-address' if args.ray_address else '--autoscale'} needs --replicas N")
+    for flag, value in (("--ray-address", args.ray_address), ("--autoscale", args.autoscale),
+                        ("--replica-cpus", args.replica_cpus)):
+        if value is not None:
+            raise InputError(f"{flag} needs --replicas N")
     import uvicorn
 
     _limits(args)                    # a bad flag fails before the model loads
@@ -213,6 +218,8 @@ def _scale_flags(args) -> tuple[int, int] | None:
         if not (sep and lo.isdigit() and hi.isdigit() and 1 <= int(lo) <= int(hi) <= 1024):
             raise InputError(f"--autoscale must be MIN:MAX with 1 <= MIN <= MAX <= 1024, got {args.autoscale!r}")
         autoscale = int(lo), int(hi)
+    if args.replica_cpus is not None and not 1 <= args.replica_cpus <= 4096:
+        raise InputError(f"--replica-cpus must be 1..4096, got {args.replica_cpus}")
     if args.sealed:
         raise InputError("--sealed with --replicas is not supported: each replica would open its own enclave "
                          "session, with its own attestation and E2E key")

@@ -204,8 +204,19 @@ def _stream_error(path: str) -> bytes:
 
 # -- deploying ----------------------------------------------------------------------------------------
 
-def application(args, autoscale: tuple[int, int] | None):
-    """The Serve application for parsed `serve` arguments."""
+def replica_cpus(args, autoscale: tuple[int, int] | None) -> int:
+    """--replica-cpus, else the cluster's CPUs shared by the most replicas there may be, at most one
+    node's: replicas whose engines each spin a thread per core of the machine would thrash it."""
+    if args.replica_cpus is not None:
+        return args.replica_cpus
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    most = autoscale[1] if autoscale else args.replicas
+    return max(1, min(int(max(nodes, default=1)), int(sum(nodes)) // most))
+
+
+def application(args, autoscale: tuple[int, int] | None, cpus: int = 1):
+    """The Serve application for parsed `serve` arguments, each replica reserving `cpus` CPUs and
+    running its engine on that many threads."""
     options = {k: v for k, v in vars(args).items() if k != "fn"}
     for key in ("model", "tenants", "sealed", "key_file"):      # replicas may run in another directory
         if isinstance(options.get(key), str) and Path(options[key]).exists():
@@ -217,9 +228,10 @@ def application(args, autoscale: tuple[int, int] | None):
         scaling = {"autoscaling_config": AutoscalingConfig(
             min_replicas=lo, max_replicas=hi, initial_replicas=min(max(args.replicas, lo), hi),
             target_ongoing_requests=args.max_batch)}
-    actor_options = {"num_cpus": 1}
+    env = {"NUMBA_NUM_THREADS": str(cpus), "OMP_NUM_THREADS": str(cpus)}
     if "ISTHMUS_HOME" in os.environ:        # the replicas' models, keys and usage counts: the same home as ours
-        actor_options["runtime_env"] = {"env_vars": {"ISTHMUS_HOME": os.environ["ISTHMUS_HOME"]}}
+        env["ISTHMUS_HOME"] = os.environ["ISTHMUS_HOME"]
+    actor_options = {"num_cpus": cpus, "runtime_env": {"env_vars": env}}
     replicas = serve.deployment(
         ModelReplica, name="ModelReplica", max_ongoing_requests=per_replica, health_check_period_s=HEALTH_PERIOD_S,
         health_check_timeout_s=30, graceful_shutdown_timeout_s=5, ray_actor_options=actor_options,
@@ -244,6 +256,8 @@ def start_state(outbox: str, window_s: float):
 def run(args, autoscale: tuple[int, int] | None, port: int, outbox: str, window_s: float) -> int:
     """Deploy, print where, and block until Ctrl-C / SIGTERM; then take the application down."""
     local = not args.ray_address
+    if local:       # Ray starts its workers at nice 15: the replicas are the server, so no lower than one
+        os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=args.ray_address or None, namespace=NAMESPACE, include_dashboard=False,
                  log_to_driver=args.log_level == "debug", logging_level=logging.WARNING)
@@ -272,9 +286,10 @@ def run(args, autoscale: tuple[int, int] | None, port: int, outbox: str, window_
         actor = start_state(outbox, window_s)
         t0 = time.monotonic()
         deployed = True
-        serve.run(application(args, autoscale), name=APP, route_prefix="/", blocking=False)
+        cpus = replica_cpus(args, autoscale)
+        serve.run(application(args, autoscale, cpus), name=APP, route_prefix="/", blocking=False)
         count = f"{autoscale[0]}..{autoscale[1]} (autoscaled)" if autoscale else str(args.replicas)
-        print(f"isthmus: serving on http://{args.host}:{port}/v1 with {count} replicas on Ray "
+        print(f"isthmus: serving on http://{args.host}:{port}/v1 with {count} replicas of {cpus} CPU(s) on Ray "
               f"{'(local)' if local else 'at ' + args.ray_address} (ready in {time.monotonic() - t0:.1f} s; "
               "Ctrl-C stops)", file=sys.stderr, flush=True)
         signal.signal(signal.SIGTERM, _interrupt)      # SIGTERM takes the application down, as Ctrl-C does

@@ -118,6 +118,21 @@ def test_owned_responses_route_by_id():
     assert state.owner("response", "", "resp_9") is None
 
 
+def test_a_replica_labels_every_series():
+    from isthmus.interop.metrics import Metrics
+    m = Metrics()
+    m.requests.inc(route="/health", status="200")
+    m.latency.observe(0.01, route="/health")
+    m.gauge("isthmus_open_connections", "open", lambda: 3)
+    plain = m.render()
+    m.labels = {"replica": "abc"}
+    labelled = m.render()
+    assert 'isthmus_requests_total{replica="abc",route="/health",status="200"} 1' in labelled
+    assert 'isthmus_open_connections{replica="abc"} 3' in labelled
+    assert 'isthmus_request_duration_seconds_bucket{replica="abc",route="/health",le="0.01"} 1' in labelled
+    assert plain.replace('replica="abc",', "") == labelled.replace('replica="abc",', "").replace('{replica="abc"}', "")
+
+
 # -- affinity -------------------------------------------------------------------------------------
 
 def _chat(messages, key="k"):
@@ -161,6 +176,8 @@ def test_rank_prefers_owner_then_hash_then_least_loaded():
     (["--replicas", "2", "--autoscale", "two"], "--autoscale must be MIN:MAX"),
     (["--ray-address", "127.0.0.1:6379"], "--ray-address needs --replicas"),
     (["--autoscale", "1:2"], "--autoscale needs --replicas"),
+    (["--replica-cpus", "2"], "--replica-cpus needs --replicas"),
+    (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus must be 1..4096"),
     (["--replicas", "2", "--sealed", "x.isth"], "--sealed with --replicas is not supported"),
     (["--replicas", "2", "--max-connections", "10"], "--max-connections does not apply with --replicas"),
 ])
@@ -330,6 +347,54 @@ def _texts_for_each(replicas: list[str], n: int, key: str) -> dict[str, list[str
     return out
 
 
+DOC = __import__("pathlib").Path(__file__).resolve().parents[2] / "docs" / "serving.md"
+
+
+def _doc_commands() -> list[str]:
+    import re
+    section = DOC.read_text().split("### Single machine", 1)[1].split("###", 1)[0]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    return [line for line in block.replace("\\\n", " ").splitlines() if line and not line.startswith("#")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--autoscale", "1:3"]], ids=["replicas", "autoscale"])
+def test_the_single_machine_recipe_runs_as_documented(tmp_path, extra):
+    """The docs' commands on the tiny model (a local Ray, started and stopped by `isthmus serve`).
+    Runs before the module's own Ray starts: no other cluster to join by mistake."""
+    from isthmus.interop.tenants import hash_key
+    commands = _doc_commands()
+    assert commands[0] == "pip install 'isthmus[scale]'"
+    serve_cmd, curl = commands[1], commands[2]
+    port, key = _free_port(), "sk-docs-0123456789"
+    (tmp_path / "tenants.toml").write_text(f'[[tenants]]\nid = "acme"\napi_key_sha256 = ["{hash_key(key)}"]\n')
+    model = write_tiny_chat_gguf(tmp_path / "tiny.gguf")
+    argv = serve_cmd.split()
+    assert argv[:4] == ["isthmus", "serve", "--replicas", "2"], serve_cmd
+    argv = [a.replace("8000", str(port)) for a in argv[1:]]
+    argv[argv.index("--model") + 1] = str(model)
+    argv += ["--model-id", "smollm2-135m-instruct", "--target", "reference", *extra]
+    ray_tmp = tempfile.mkdtemp(prefix="isd", dir="/tmp")
+    env = {**os.environ, "RAY_TMPDIR": ray_tmp, "ISTHMUS_API_KEY": key}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())",
+                             *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        while line and "isthmus: serving on" not in line:
+            line = proc.stderr.readline()
+        assert "isthmus: serving on" in line, "isthmus serve --replicas did not start"
+        assert ("1..3 (autoscaled)" if extra else "with 2 replicas") in line and "(local)" in line
+        out = subprocess.run(["bash", "-eo", "pipefail", "-c", curl.replace("8000", str(port))], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.lower().startswith("x-isthmus-replica: "), out.stderr
+    finally:
+        import signal
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(90) == 0
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
 @pytest.mark.slow
 def test_shared_state_contract_on_a_ray_actor(ray_cluster):
     import ray
@@ -447,16 +512,17 @@ def test_killing_a_replica_mid_load_fails_only_its_requests(scaled):
     """Runs last: it kills a replica (Ray Serve starts another)."""
     import threading
 
+    import openai
     import ray
     client = scaled.client()
     replicas = scaled.replicas()
-    texts = _texts_for_each(replicas, 3, "acme")
+    texts = _texts_for_each(replicas, 4, "acme")
     started = threading.Semaphore(0)
 
     def stream(text):
         with client.chat.completions.with_streaming_response.create(
                 model="tiny-chat", messages=[{"role": "user", "content": text}], max_tokens=1500, stream=True,
-                temperature=0.0) as resp:
+                temperature=0.0, extra_body={"ignore_eos": True}) as resp:
             rid, data = resp.headers["x-isthmus-replica"], []
             for line in resp.iter_lines():
                 if line.startswith("data: "):
@@ -465,13 +531,23 @@ def test_killing_a_replica_mid_load_fails_only_its_requests(scaled):
                         started.release()
         return rid, data
 
-    with cf.ThreadPoolExecutor(6) as pool:
-        futures = [pool.submit(stream, t) for ts in texts.values() for t in ts]
+    def whole(text):
+        try:
+            return _ask(client, text, max_tokens=1500, extra_body={"ignore_eos": True})[0]
+        except openai.APIStatusError as e:
+            return e
+
+    victim = replicas[0]
+    with cf.ThreadPoolExecutor(8) as pool:
+        futures = [pool.submit(stream, t) for ts in texts.values() for t in ts[:3]]
+        blocking = pool.submit(whole, texts[victim][3])      # a non-streamed request on the victim
         for _ in futures:
             assert started.acquire(timeout=60)              # every stream is under way
-        victim = replicas[0]
         ray.kill(ray.get_actor(f"SERVE_REPLICA::isthmus#ModelReplica#{victim}", namespace="serve"))
         results = [f.result(timeout=120) for f in futures]
+        failed = blocking.result(timeout=120)
+    assert isinstance(failed, openai.APIStatusError) and failed.status_code == 503, failed
+    assert failed.body["code"] == "replica_unavailable"      # a clean error in OpenAI's shape
     for rid, data in results:
         assert data[-1] == "[DONE]"
         if rid == victim:                                   # an error event, then [DONE]
