@@ -29,7 +29,9 @@ from numba import njit
 
 from isthmus.kernels.numba import JIT
 from isthmus.kernels.numba.kquant_simd import (WIDE, row_dot_q2k_i16, row_dot_q3k_i16, row_dot_q4k_i16,
-                                               row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16)
+                                               row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16,
+                                               rows4_q2k_i16, rows4_q3k_i16, rows4_q4k_i16, rows4_q5k_i16,
+                                               rows4_q6k_i16, rows4_q50_i16, rows4_q51_i16)
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -343,3 +345,39 @@ def dot_blocks_row_i16(qs, r, xq, xd, xs, t):
     if ts == 110:
         return _DOT_Q3K(qs, r, xq, xd, xs, t)
     return _DOT_Q2K(qs, r, xq, xd, xs, t)
+
+
+@njit(**JIT)
+def _four_q2k(qs, r, xq, xd, xs, t):
+    return (_DOT_Q2K(qs, r, xq, xd, xs, t), _DOT_Q2K(qs, r, xq, xd, xs, t + 1), _DOT_Q2K(qs, r, xq, xd, xs, t + 2),
+            _DOT_Q2K(qs, r, xq, xd, xs, t + 3))
+
+
+@njit(**JIT)
+def _four_q3k(qs, r, xq, xd, xs, t):
+    return (_DOT_Q3K(qs, r, xq, xd, xs, t), _DOT_Q3K(qs, r, xq, xd, xs, t + 1), _DOT_Q3K(qs, r, xq, xd, xs, t + 2),
+            _DOT_Q3K(qs, r, xq, xd, xs, t + 3))
+
+
+_ROWS4_Q2K = rows4_q2k_i16 if WIDE else _four_q2k
+_ROWS4_Q3K = rows4_q3k_i16 if WIDE else _four_q3k
+
+
+@njit(**JIT)
+def dot_blocks_rows4_i16(qs, r, xq, xd, xs, t):
+    """`dot_blocks_row_i16` of tokens t .. t + 3 at once (the weight row unpacked once), each
+    bitwise equal to its one-token dot."""
+    ts = qs.shape[2]
+    if ts == 144:
+        return rows4_q4k_i16(qs, r, xq, xd, xs, t)
+    if ts == 210:
+        return rows4_q6k_i16(qs, r, xq, xd, xs, t)
+    if ts == 176:
+        return rows4_q5k_i16(qs, r, xq, xd, xs, t)
+    if ts == 22:
+        return rows4_q50_i16(qs, r, xq, xd, xs, t)
+    if ts == 24:
+        return rows4_q51_i16(qs, r, xq, xd, xs, t)
+    if ts == 110:
+        return _ROWS4_Q3K(qs, r, xq, xd, xs, t)
+    return _ROWS4_Q2K(qs, r, xq, xd, xs, t)

@@ -28,8 +28,8 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from isthmus.kernels.numba.simd import (HAVE_VNNI, I8_PER_I16, _array_parts, _block_loop, _fma, _half,
-                                        _row_ptr, _x86)
+from isthmus.kernels.numba.simd import (HAVE_VNNI, I8_PER_I16, StrictFloats, _array_parts, _block_loop_multi, _fma,
+                                        _half, _row_ptr, _x86)
 
 
 def _host_has_avx512bw() -> bool:
@@ -81,13 +81,18 @@ class _Partials:
         return self.builder.fadd(acc, sums[0])
 
 
-def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
+def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
+    """The row dot product of `fmt` blocks: dot(W[r], x[t]) as f32; with `tokens` > 1, the dots of
+    x[t], ..., x[t + tokens - 1] as a tuple, each computed by exactly the instructions of the
+    one-token dot (so bitwise equal to it), the weight bytes loaded and unpacked once for all."""
     size = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
-        return types.float32(qs, r, xq, xd, xs, t), codegen
+        ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
+        return ret(qs, r, xq, xd, xs, t), codegen
 
     def codegen(context, builder, sig, args):
+        builder = StrictFloats(builder)
         qs_t, _, xq_t, xd_t, xs_t, _ = sig.args
         qs, r, xq, xd, xs, t = args
         f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
@@ -100,337 +105,345 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI):
         r = context.cast(builder, r, sig.args[1], types.int64)
         t = context.cast(builder, t, sig.args[5], types.int64)
         qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
-        xqrow = _row_ptr(builder, xqdata, xqstr[0], t, i16)
-        xdrow = _row_ptr(builder, xddata, xdstr[0], t, f32)
-        xsrow = _row_ptr(builder, xsdata, xsstr[0], t, f32)
         nb = qshape[1]
+        vtype = ir.VectorType(ir.FloatType(), 16 if wide else 8)
 
-        def c64(v):
-            return ir.Constant(i64, v)
+        def body_for(xqrow, xdrow, xsrow):
+            """One token's block body (its activation rows); every token's body loads and unpacks
+            the same weight bytes, which LLVM's common-subexpression elimination then does once."""
+            def c64(v):
+                return ir.Constant(i64, v)
 
-        def splat16(v):
-            return ir.Constant(v16i16, [v] * 16)
+            def splat16(v):
+                return ir.Constant(v16i16, [v] * 16)
 
-        def byte(bp, off):                      # one block byte as i32
-            return builder.zext(builder.load(builder.gep(bp, [c64(off)])), i32)
+            def byte(bp, off):                      # one block byte as i32
+                return builder.zext(builder.load(builder.gep(bp, [c64(off)])), i32)
 
-        def bytes16(bp, off):
-            return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v16i8.as_pointer()), align=1)
+            def bytes16(bp, off):
+                return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v16i8.as_pointer()), align=1)
 
-        def f16(bp, off):
-            return _half(builder, builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), i16.as_pointer())))
+            def f16(bp, off):
+                return _half(builder, builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), i16.as_pointer())))
 
-        def madd(w16, xo):
-            """<8 x i32> pairwise sums of w16 * xq[xo : xo + 16]."""
-            xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
-            return _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [w16, xv])
+            def madd(w16, xo):
+                """<8 x i32> pairwise sums of w16 * xq[xo : xo + 16]."""
+                xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
+                return _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [w16, xv])
 
-        def scaled(acc, p32, scale):
-            sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
-            return _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+            def scaled(acc, p32, scale):
+                sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
+                sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
+                return _fma(builder, builder.sitofp(p32, v8f), sv, acc)
 
-        v32i8, v32i16, v16i32, v16f = (ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 16),
-                                       ir.VectorType(f32, 16))
+            v32i8, v32i16, v16i32, v16f = (ir.VectorType(i8, 32), ir.VectorType(i16, 32), ir.VectorType(i32, 16),
+                                           ir.VectorType(f32, 16))
 
-        def splat32(v):
-            return ir.Constant(v32i16, [v] * 32)
+            def splat32(v):
+                return ir.Constant(v32i16, [v] * 32)
 
-        def bytes32(bp, off):
-            return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v32i8.as_pointer()), align=1)
+            def bytes32(bp, off):
+                return builder.load(builder.bitcast(builder.gep(bp, [c64(off)]), v32i8.as_pointer()), align=1)
 
-        def madd32(w32, xo):
-            """<16 x i32> pairwise sums of w32 * xq[xo : xo + 32] (one 512-bit vpmaddwd)."""
-            xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v32i16.as_pointer()), align=2)
-            return _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16i32, [w32, xv])
+            def madd32(w32, xo):
+                """<16 x i32> pairwise sums of w32 * xq[xo : xo + 32] (one 512-bit vpmaddwd)."""
+                xv = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v32i16.as_pointer()), align=2)
+                return _x86(builder, "llvm.x86.avx512.pmaddw.d.512", v16i32, [w32, xv])
 
-        def scales16(s0, s1=None):
-            """<16 x float>: s0 in every lane, or s0 in lanes 0-7 and s1 in lanes 8-15."""
-            v = builder.insert_element(ir.Constant(v16f, ir.Undefined), s0, ir.Constant(i32, 0))
-            if s1 is None:
-                return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 16))
-            v = builder.insert_element(v, s1, ir.Constant(i32, 1))
-            return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 8 + [1] * 8))
+            def scales16(s0, s1=None):
+                """<16 x float>: s0 in every lane, or s0 in lanes 0-7 and s1 in lanes 8-15."""
+                v = builder.insert_element(ir.Constant(v16f, ir.Undefined), s0, ir.Constant(i32, 0))
+                if s1 is None:
+                    return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 16))
+                v = builder.insert_element(v, s1, ir.Constant(i32, 1))
+                return builder.shuffle_vector(v, v, ir.Constant(v16i32, [0] * 8 + [1] * 8))
 
-        def scale_min_k4(bp, j):
-            """q4_k / q5_k sub-block j's 6-bit scale and min as i32 (get_scale_min_k4, scales at byte 4)."""
-            if j < 4:
-                return (builder.and_(byte(bp, 4 + j), ir.Constant(i32, 63)),
-                        builder.and_(byte(bp, 8 + j), ir.Constant(i32, 63)))
-            top = byte(bp, 8 + j)
-            sc = builder.or_(builder.and_(top, ir.Constant(i32, 15)),
-                             builder.shl(builder.lshr(byte(bp, j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
-            mn = builder.or_(builder.lshr(top, ir.Constant(i32, 4)),
-                             builder.shl(builder.lshr(byte(bp, 4 + j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
-            return sc, mn
+            def scale_min_k4(bp, j):
+                """q4_k / q5_k sub-block j's 6-bit scale and min as i32 (get_scale_min_k4, scales at byte 4)."""
+                if j < 4:
+                    return (builder.and_(byte(bp, 4 + j), ir.Constant(i32, 63)),
+                            builder.and_(byte(bp, 8 + j), ir.Constant(i32, 63)))
+                top = byte(bp, 8 + j)
+                sc = builder.or_(builder.and_(top, ir.Constant(i32, 15)),
+                                 builder.shl(builder.lshr(byte(bp, j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
+                mn = builder.or_(builder.lshr(top, ir.Constant(i32, 4)),
+                                 builder.shl(builder.lshr(byte(bp, 4 + j), ir.Constant(i32, 6)), ir.Constant(i32, 4)))
+                return sc, mn
 
-        def block_wide(b, acc, macc):
-            bp = builder.gep(qrow, [builder.mul(b, c64(size))])
-            if fmt in ("q5_0", "q5_1"):
-                one = fmt == "q5_1"
-                at = 4 if one else 2
-                nib = builder.zext(bytes16(bp, at + 4), v16i16)
-                q = builder.shuffle_vector(builder.and_(nib, splat16(15)), builder.lshr(nib, splat16(4)),
-                                           ir.Constant(ir.VectorType(i32, 32), list(range(32))))
-                qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
-                set_ = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))     # bit j -> lane j: a k-mask
-                q = builder.add(q, builder.select(set_, splat32(16 if one else 0), splat32(0 if one else -16)))
-                p = madd32(q, builder.mul(b, c64(32)))
-                scale = builder.fmul(f16(bp, 0), builder.load(builder.gep(xdrow, [b])))
-                acc = _fma(builder, builder.sitofp(p, v16f), scales16(scale), acc)
-                if one:
-                    macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
-                return acc, macc
-            x0 = builder.mul(b, c64(256))
-            k0 = builder.mul(b, c64(8))
+            def block_wide(b, acc, macc):
+                bp = builder.gep(qrow, [builder.mul(b, c64(size))])
+                if fmt in ("q5_0", "q5_1"):
+                    one = fmt == "q5_1"
+                    at = 4 if one else 2
+                    nib = builder.zext(bytes16(bp, at + 4), v16i16)
+                    q = builder.shuffle_vector(builder.and_(nib, splat16(15)), builder.lshr(nib, splat16(4)),
+                                               ir.Constant(ir.VectorType(i32, 32), list(range(32))))
+                    qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
+                    set_ = builder.bitcast(qh, ir.VectorType(ir.IntType(1), 32))     # bit j -> lane j: a k-mask
+                    q = builder.add(q, builder.select(set_, splat32(16 if one else 0), splat32(0 if one else -16)))
+                    p = madd32(q, builder.mul(b, c64(32)))
+                    scale = builder.fmul(f16(bp, 0), builder.load(builder.gep(xdrow, [b])))
+                    acc = _fma(builder, builder.sitofp(p, v16f), scales16(scale), acc)
+                    if one:
+                        macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
+                    return acc, macc
+                x0 = builder.mul(b, c64(256))
+                k0 = builder.mul(b, c64(8))
 
-            def xd_at(k):
-                return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
+                def xd_at(k):
+                    return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
 
-            if fmt in ("q4_k", "q5_k"):
-                five = fmt == "q5_k"
-                q0 = 48 if five else 16
-                i8_acts = vnni and not five
-                # the 8 scales and 8 mins as one vector (get_scale_min_k4 lane by lane; s = the 12
-                # scale bytes at 4): lanes j < 4 sc = s[j] & 63, j in 4..7 sc = (s[j + 4] & 15) |
-                # (s[j - 4] >> 6) << 4; lanes 8 + j: mn = s[j + 4] & 63, or (s[j + 4] >> 4) | (s[j] >> 6) << 4
-                sb = bytes16(bp, 4)
+                if fmt in ("q4_k", "q5_k"):
+                    five = fmt == "q5_k"
+                    q0 = 48 if five else 16
+                    i8_acts = vnni and not five
+                    # the 8 scales and 8 mins as one vector (get_scale_min_k4 lane by lane; s = the 12
+                    # scale bytes at 4): lanes j < 4 sc = s[j] & 63, j in 4..7 sc = (s[j + 4] & 15) |
+                    # (s[j - 4] >> 6) << 4; lanes 8 + j: mn = s[j + 4] & 63, or (s[j + 4] >> 4) | (s[j] >> 6) << 4
+                    sb = bytes16(bp, 4)
 
-                def pick16(idx):
-                    return builder.zext(builder.shuffle_vector(sb, sb, ir.Constant(v16i32, idx)), v16i16)
+                    def pick16(idx):
+                        return builder.zext(builder.shuffle_vector(sb, sb, ir.Constant(v16i32, idx)), v16i16)
 
-                def k16(vals):
-                    return ir.Constant(v16i16, vals)
+                    def k16(vals):
+                        return ir.Constant(v16i16, vals)
 
-                low = builder.and_(builder.lshr(pick16([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]),
-                                                k16([0] * 12 + [4] * 4)), k16(([63] * 4 + [15] * 4) * 2))
-                top = builder.and_(builder.lshr(pick16([0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]), k16([2] * 16)),
-                                   k16(([0] * 4 + [48] * 4) * 2))
-                scmn = builder.uitofp(builder.or_(low, top), v16f)
-                # x d (lanes 0-7) and x -dmin (8-15), the f16 pair at the block's start converted at once
-                v2f = ir.VectorType(f32, 2)
-                dm = builder.fpext(builder.load(builder.bitcast(bp, ir.VectorType(ir.HalfType(), 2).as_pointer()),
-                                                align=1), v2f)
-                dm = builder.fmul(builder.shuffle_vector(dm, dm, ir.Constant(v16i32, [0] * 8 + [1] * 8)),
-                                  ir.Constant(v16f, [1.0] * 8 + [-1.0] * 8))
-                # x the activations' scale per run (lanes 0-7) and sum per run (8-15); with i8
-                # activations their scale and sums, the sums stored as i16 after the i8 values
-                v8f = ir.VectorType(f32, 8)
-                xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
-                if i8_acts:       # the i8 blocks' sums (simd.i8_columns: after the i8 values and 4-sums)
-                    s8 = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(builder.mul(nb, c64(512)), k0)]),
-                                                      ir.VectorType(i16, 8).as_pointer()), align=2)
-                    xs8 = builder.fmul(builder.sitofp(s8, v8f), xd8)
-                else:
-                    xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
-                xx = builder.shuffle_vector(xd8, xs8, ir.Constant(v16i32, list(range(16))))
-                if i8_acts:
-                    xx = builder.fmul(xx, ir.Constant(v16f, [I8_PER_I16] * 16))
-                scales = builder.fmul(builder.fmul(scmn, dm), xx)      # d sc xd per run, then -dmin mn xs
-                # the mins enter the accumulator as lanes 8-15 of one extra term per block
-                acc = builder.fadd(acc, builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8),
-                                                       scales, ir.Constant(v16f, [0.0] * 16)))
-                hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
-                parts = _Partials(builder)
-                if i8_acts:
-                    # i8 activations (the columns after the i16 ones): one 64-byte vector holds runs
-                    # 2c (low nibbles) and 2c + 1 (high), and vpdpbusd sums each run in 8 lanes
-                    x8, _ = _i8_columns(builder, xqrow, nb)
-                    v64i8 = ir.VectorType(i8, 64)
+                    low = builder.and_(builder.lshr(pick16([0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11]),
+                                                    k16([0] * 12 + [4] * 4)), k16(([63] * 4 + [15] * 4) * 2))
+                    top = builder.and_(builder.lshr(pick16([0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]), k16([2] * 16)),
+                                       k16(([0] * 4 + [48] * 4) * 2))
+                    scmn = builder.uitofp(builder.or_(low, top), v16f)
+                    # x d (lanes 0-7) and x -dmin (8-15), the f16 pair at the block's start converted at once
+                    v2f = ir.VectorType(f32, 2)
+                    dm = builder.fpext(builder.load(builder.bitcast(bp, ir.VectorType(ir.HalfType(), 2).as_pointer()),
+                                                    align=1), v2f)
+                    dm = builder.fmul(builder.shuffle_vector(dm, dm, ir.Constant(v16i32, [0] * 8 + [1] * 8)),
+                                      ir.Constant(v16f, [1.0] * 8 + [-1.0] * 8))
+                    # x the activations' scale per run (lanes 0-7) and sum per run (8-15); with i8
+                    # activations their scale and sums, the sums stored as i16 after the i8 values
+                    v8f = ir.VectorType(f32, 8)
+                    xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
+                    if i8_acts:       # the i8 blocks' sums (simd.i8_columns: after the i8 values and 4-sums)
+                        s8 = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(builder.mul(nb, c64(512)), k0)]),
+                                                          ir.VectorType(i16, 8).as_pointer()), align=2)
+                        xs8 = builder.fmul(builder.sitofp(s8, v8f), xd8)
+                    else:
+                        xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
+                    xx = builder.shuffle_vector(xd8, xs8, ir.Constant(v16i32, list(range(16))))
+                    if i8_acts:
+                        xx = builder.fmul(xx, ir.Constant(v16f, [I8_PER_I16] * 16))
+                    scales = builder.fmul(builder.fmul(scmn, dm), xx)      # d sc xd per run, then -dmin mn xs
+                    # the mins enter the accumulator as lanes 8-15 of one extra term per block
+                    acc = builder.fadd(acc, builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8),
+                                                           scales, ir.Constant(v16f, [0.0] * 16)))
+                    hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
+                    parts = _Partials(builder)
+                    if i8_acts:
+                        # i8 activations (the columns after the i16 ones): one 64-byte vector holds runs
+                        # 2c (low nibbles) and 2c + 1 (high), and vpdpbusd sums each run in 8 lanes
+                        x8, _ = _i8_columns(builder, xqrow, nb)
+                        v64i8 = ir.VectorType(i8, 64)
+                        for c in range(4):
+                            q32 = bytes32(bp, q0 + 32 * c)
+                            w = builder.shuffle_vector(q32, q32, ir.Constant(ir.VectorType(i32, 64), list(range(32)) * 2))
+                            w = builder.lshr(builder.bitcast(w, v32i16), ir.Constant(v32i16, [0] * 16 + [4] * 16))
+                            w = builder.and_(builder.bitcast(w, v64i8), ir.Constant(v64i8, [15] * 64))
+                            xv = builder.load(builder.bitcast(builder.gep(x8, [builder.add(x0, c64(64 * c))]),
+                                                              v64i8.as_pointer()), align=1)
+                            p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
+                                     [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32),
+                                      builder.bitcast(xv, v16i32)])
+                            sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [2 * c] * 8 + [2 * c + 1] * 8))
+                            parts.add(builder.sitofp(p, v16f), sv)
+                        return parts.into(acc), macc
                     for c in range(4):
-                        q32 = bytes32(bp, q0 + 32 * c)
-                        w = builder.shuffle_vector(q32, q32, ir.Constant(ir.VectorType(i32, 64), list(range(32)) * 2))
-                        w = builder.lshr(builder.bitcast(w, v32i16), ir.Constant(v32i16, [0] * 16 + [4] * 16))
-                        w = builder.and_(builder.bitcast(w, v64i8), ir.Constant(v64i8, [15] * 64))
-                        xv = builder.load(builder.bitcast(builder.gep(x8, [builder.add(x0, c64(64 * c))]),
-                                                          v64i8.as_pointer()), align=1)
-                        p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
-                                 [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32),
-                                  builder.bitcast(xv, v16i32)])
-                        sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [2 * c] * 8 + [2 * c + 1] * 8))
-                        parts.add(builder.sitofp(p, v16f), sv)
-                    return parts.into(acc), macc
-                for c in range(4):
-                    qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
-                    for j in (2 * c, 2 * c + 1):
-                        q = builder.lshr(qv, splat32(4)) if j & 1 else builder.and_(qv, splat32(15))
-                        if five:
-                            h = builder.and_(builder.lshr(hbits, splat32(j)), splat32(1))
-                            q = builder.or_(q, builder.shl(h, splat32(4)))
-                        p = madd32(q, builder.add(x0, c64(32 * j)))
-                        sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [j] * 16))
-                        parts.add(builder.sitofp(p, v16f), sv)
-                return parts.into(acc), macc
-
-            if fmt in ("q2_k", "q3_k"):
-                # 2-bit q: run k of half h is (qs[32 h + l] >> 2k) & 3; its 16-value sub-runs have a scale each
-                three = fmt == "q3_k"
-                qoff = 32 if three else 16
-                d = f16(bp, 108) if three else f16(bp, 80)
-                ones = splat32(1)
-                for h in range(2):
-                    qb = builder.zext(bytes32(bp, qoff + 32 * h), v32i16)
-                    for k in range(4):
-                        q = builder.and_(builder.lshr(qb, splat32(2 * k)), splat32(3))
-                        if three:       # minus 4 where bit 4h + k of hmask[l] is clear
-                            hm = builder.zext(bytes32(bp, 0), v32i16)
-                            hb = builder.and_(builder.lshr(hm, splat32(4 * h + k)), ones)
-                            q = builder.sub(q, builder.shl(builder.xor(hb, ones), splat32(2)))
-                        xo = builder.add(x0, c64(128 * h + 32 * k))
-                        p = madd32(q, xo)                   # lanes 0-7: sub-run 0, 8-15: sub-run 1
-                        dx = builder.fmul(d, xd_at(4 * h + k))
-                        sc, mn = [], []
-                        for i in (0, 1):
-                            si = 8 * h + 2 * k + i
-                            if three:
-                                low = byte(bp, 96 + si) if si < 8 else builder.lshr(byte(bp, 96 + si - 8), ir.Constant(i32, 4))
-                                low = builder.and_(low, ir.Constant(i32, 15))
-                                high = builder.and_(builder.lshr(byte(bp, 104 + (si & 3)), ir.Constant(i32, 2 * (si >> 2))),
-                                                    ir.Constant(i32, 3))
-                                v = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
-                                sc.append(builder.fmul(dx, builder.sitofp(v, f32)))
-                            else:
-                                v = byte(bp, si)
-                                sc.append(builder.fmul(dx, builder.uitofp(builder.and_(v, ir.Constant(i32, 15)), f32)))
-                                mn.append(builder.uitofp(builder.lshr(v, ir.Constant(i32, 4)), f32))
-                        acc = _fma(builder, builder.sitofp(p, v16f), scales16(*sc), acc)
-                        if not three:   # - dmin * mn * sum(x) per sub-run: the x sums by a multiply-add with ones
-                            psum = madd32(ones, xo)
-                            ndx = builder.fmul(builder.fneg(f16(bp, 82)), xd_at(4 * h + k))
-                            acc = _fma(builder, builder.sitofp(psum, v16f),
-                                       scales16(*(builder.fmul(ndx, m_) for m_ in mn)), acc)
-                return acc, macc
-
-            d = f16(bp, 208)                    # q6_k
-            # the 16 scales x d x xd (two 16-value runs per 32-block) as one vector
-            v8f = ir.VectorType(f32, 8)
-            sc16 = builder.sitofp(bytes16(bp, 192), v16f)
-            xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
-            xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
-            scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
-            if vnni:
-                # i8 activations: runs k = 2kk, 2kk + 1 of half h are 64 contiguous values, one
-                # vpdpbusd of their u8 q (0..63) whose lanes start at -32 x the sum of their 4
-                # activations (the values' offset); the 16 lanes are 4 per 16-value sub-run
-                scale16 = builder.fmul(scale16, ir.Constant(v16f, [I8_PER_I16] * 16))
-                x8, negs = _i8_columns(builder, xqrow, nb)
-                v64i8 = ir.VectorType(i8, 64)
-                parts = _Partials(builder)
-                for h in range(2):
-                    lo64 = builder.load(builder.bitcast(builder.gep(bp, [c64(64 * h)]), v64i8.as_pointer()), align=1)
-                    hb32 = bytes32(bp, 128 + 32 * h)
-                    hb64 = builder.bitcast(builder.shuffle_vector(hb32, hb32, ir.Constant(ir.VectorType(i32, 64),
-                                                                                          list(range(32)) * 2)), v32i16)
-                    for kk in range(2):
-                        lo = lo64 if kk == 0 else builder.bitcast(
-                            builder.lshr(builder.bitcast(lo64, v32i16), splat32(4)), v64i8)
-                        hb = builder.lshr(hb64, ir.Constant(v32i16, [4 * kk] * 16 + [4 * kk + 2] * 16))
-                        hb = builder.shl(builder.and_(builder.bitcast(hb, v64i8), ir.Constant(v64i8, [3] * 64)),
-                                         ir.Constant(v64i8, [4] * 64))
-                        q = builder.or_(builder.and_(lo, ir.Constant(v64i8, [15] * 64)), hb)
-                        xo = builder.add(x0, c64(128 * h + 64 * kk))
-                        init = builder.load(builder.bitcast(builder.gep(negs, [builder.ashr(xo, c64(2))]),
-                                                            v16i32.as_pointer()), align=4)
-                        xv = builder.load(builder.bitcast(builder.gep(x8, [xo]), v64i8.as_pointer()), align=1)
-                        p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
-                                 [init, builder.bitcast(q, v16i32), builder.bitcast(xv, v16i32)])
-                        m = 8 * h + 4 * kk
-                        sv = builder.shuffle_vector(scale16, scale16,
-                                                    ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
-                        parts.add(builder.sitofp(p, v16f), sv)
-                return parts.into(acc), macc
-            for h in range(2):
-                hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
-                for k in range(4):
-                    lo = builder.zext(bytes32(bp, 64 * h + 32 * (k & 1)), v32i16)
-                    lo = builder.lshr(lo, splat32(4)) if k >= 2 else builder.and_(lo, splat32(15))
-                    hb = builder.shl(builder.and_(builder.lshr(hb_all, splat32(2 * k)), splat32(3)), splat32(4))
-                    q = builder.sub(builder.or_(lo, hb), splat32(32))
-                    p = madd32(q, builder.add(x0, c64(128 * h + 32 * k)))     # lanes 0-7: run 0, 8-15: run 1
-                    m = 8 * h + 2 * k
-                    sv = builder.shuffle_vector(scale16, scale16, ir.Constant(v16i32, [m] * 8 + [m + 1] * 8))
-                    acc = _fma(builder, builder.sitofp(p, v16f), sv, acc)
-            return acc, macc
-
-        if wide:
-            return _block_loop(builder, nb, v16f, block_wide)
-
-        def block(b, acc, macc):
-            bp = builder.gep(qrow, [builder.mul(b, c64(size))])
-            x0 = builder.mul(b, c64(256))       # first value of the block
-            k0 = builder.mul(b, c64(8))         # first 32-block of the block (xd, xs)
-
-            def xd_at(k):
-                return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
-
-            if fmt in ("q5_0", "q5_1"):
-                # 32 values: nibbles at `at` (value j low, j + 16 high), bit j of the u32 qh is bit 4 of value j
-                one = fmt == "q5_1"
-                at = 4 if one else 2
-                d = f16(bp, 0)
-                x32 = builder.mul(b, c64(32))
-                qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
-                nib = builder.zext(bytes16(bp, at + 4), v16i16)
-                masks = ir.Constant(v16i16, [1 << j for j in range(16)])
-                p32 = None
-                for half in (0, 1):
-                    q = builder.and_(nib, splat16(15)) if half == 0 else builder.lshr(nib, splat16(4))
-                    h16 = builder.trunc(builder.lshr(qh, ir.Constant(i32, 16 * half)), i16)
-                    hv = builder.insert_element(ir.Constant(v16i16, ir.Undefined), h16, ir.Constant(i32, 0))
-                    hv = builder.shuffle_vector(hv, hv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
-                    set_ = builder.icmp_unsigned("!=", builder.and_(hv, masks), ir.Constant(v16i16, [0] * 16))
-                    # bit 4 of the value; q5_0 also subtracts 16: q - 16 = nibble - (bit ? 0 : 16)
-                    add = builder.select(set_, splat16(0 if not one else 16), splat16(-16 if not one else 0))
-                    q = builder.add(q, add)
-                    m = madd(q, builder.add(x32, c64(16 * half)))
-                    p32 = m if p32 is None else builder.add(p32, m)
-                acc = scaled(acc, p32, builder.fmul(d, builder.load(builder.gep(xdrow, [b]))))
-                if one:
-                    macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
-                return acc, macc
-
-            if fmt in ("q4_k", "q5_k"):    # q5_k: 32 bytes qh at 16 (bit j of byte l: bit 4 of value 32 j + l)
-                five = fmt == "q5_k"
-                q0 = 48 if five else 16
-                d, dmin = f16(bp, 0), f16(bp, 2)
-                msum = ir.Constant(f32, 0.0)
-                for c in range(4):
-                    for j in (2 * c, 2 * c + 1):
-                        sc, mn = scale_min_k4(bp, j)
-                        high = j & 1
-                        p32 = None
-                        for half in (0, 1):
-                            q = builder.zext(bytes16(bp, q0 + 32 * c + 16 * half), v16i16)
-                            q = builder.lshr(q, splat16(4)) if high else builder.and_(q, splat16(15))
+                        qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
+                        for j in (2 * c, 2 * c + 1):
+                            q = builder.lshr(qv, splat32(4)) if j & 1 else builder.and_(qv, splat32(15))
                             if five:
-                                h = builder.zext(bytes16(bp, 16 + 16 * half), v16i16)
-                                h = builder.shl(builder.and_(builder.lshr(h, splat16(j)), splat16(1)), splat16(4))
-                                q = builder.or_(q, h)
-                            m = madd(q, builder.add(x0, c64(64 * c + 32 * high + 16 * half)))
-                            p32 = m if p32 is None else builder.add(p32, m)
-                        scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
-                        acc = scaled(acc, p32, scale)
-                        xs_j = builder.load(builder.gep(xsrow, [builder.add(k0, c64(j))]))
-                        msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
-                macc = _fma(builder, builder.fneg(dmin), msum, macc)
+                                h = builder.and_(builder.lshr(hbits, splat32(j)), splat32(1))
+                                q = builder.or_(q, builder.shl(h, splat32(4)))
+                            p = madd32(q, builder.add(x0, c64(32 * j)))
+                            sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [j] * 16))
+                            parts.add(builder.sitofp(p, v16f), sv)
+                    return parts.into(acc), macc
+
+                if fmt in ("q2_k", "q3_k"):
+                    # 2-bit q: run k of half h is (qs[32 h + l] >> 2k) & 3; its 16-value sub-runs have a scale each
+                    three = fmt == "q3_k"
+                    qoff = 32 if three else 16
+                    d = f16(bp, 108) if three else f16(bp, 80)
+                    ones = splat32(1)
+                    for h in range(2):
+                        qb = builder.zext(bytes32(bp, qoff + 32 * h), v32i16)
+                        for k in range(4):
+                            q = builder.and_(builder.lshr(qb, splat32(2 * k)), splat32(3))
+                            if three:       # minus 4 where bit 4h + k of hmask[l] is clear
+                                hm = builder.zext(bytes32(bp, 0), v32i16)
+                                hb = builder.and_(builder.lshr(hm, splat32(4 * h + k)), ones)
+                                q = builder.sub(q, builder.shl(builder.xor(hb, ones), splat32(2)))
+                            xo = builder.add(x0, c64(128 * h + 32 * k))
+                            p = madd32(q, xo)                   # lanes 0-7: sub-run 0, 8-15: sub-run 1
+                            dx = builder.fmul(d, xd_at(4 * h + k))
+                            sc, mn = [], []
+                            for i in (0, 1):
+                                si = 8 * h + 2 * k + i
+                                if three:
+                                    low = byte(bp, 96 + si) if si < 8 else builder.lshr(byte(bp, 96 + si - 8), ir.Constant(i32, 4))
+                                    low = builder.and_(low, ir.Constant(i32, 15))
+                                    high = builder.and_(builder.lshr(byte(bp, 104 + (si & 3)), ir.Constant(i32, 2 * (si >> 2))),
+                                                        ir.Constant(i32, 3))
+                                    v = builder.sub(builder.or_(low, builder.shl(high, ir.Constant(i32, 4))), ir.Constant(i32, 32))
+                                    sc.append(builder.fmul(dx, builder.sitofp(v, f32)))
+                                else:
+                                    v = byte(bp, si)
+                                    sc.append(builder.fmul(dx, builder.uitofp(builder.and_(v, ir.Constant(i32, 15)), f32)))
+                                    mn.append(builder.uitofp(builder.lshr(v, ir.Constant(i32, 4)), f32))
+                            acc = _fma(builder, builder.sitofp(p, v16f), scales16(*sc), acc)
+                            if not three:   # - dmin * mn * sum(x) per sub-run: the x sums by a multiply-add with ones
+                                psum = madd32(ones, xo)
+                                ndx = builder.fmul(builder.fneg(f16(bp, 82)), xd_at(4 * h + k))
+                                acc = _fma(builder, builder.sitofp(psum, v16f),
+                                           scales16(*(builder.fmul(ndx, m_) for m_ in mn)), acc)
+                    return acc, macc
+
+                d = f16(bp, 208)                    # q6_k
+                # the 16 scales x d x xd (two 16-value runs per 32-block) as one vector
+                v8f = ir.VectorType(f32, 8)
+                sc16 = builder.sitofp(bytes16(bp, 192), v16f)
+                xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
+                xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
+                scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
+                if vnni:
+                    # i8 activations: runs k = 2kk, 2kk + 1 of half h are 64 contiguous values, one
+                    # vpdpbusd of their u8 q (0..63) whose lanes start at -32 x the sum of their 4
+                    # activations (the values' offset); the 16 lanes are 4 per 16-value sub-run
+                    scale16 = builder.fmul(scale16, ir.Constant(v16f, [I8_PER_I16] * 16))
+                    x8, negs = _i8_columns(builder, xqrow, nb)
+                    v64i8 = ir.VectorType(i8, 64)
+                    parts = _Partials(builder)
+                    for h in range(2):
+                        lo64 = builder.load(builder.bitcast(builder.gep(bp, [c64(64 * h)]), v64i8.as_pointer()), align=1)
+                        hb32 = bytes32(bp, 128 + 32 * h)
+                        hb64 = builder.bitcast(builder.shuffle_vector(hb32, hb32, ir.Constant(ir.VectorType(i32, 64),
+                                                                                              list(range(32)) * 2)), v32i16)
+                        for kk in range(2):
+                            lo = lo64 if kk == 0 else builder.bitcast(
+                                builder.lshr(builder.bitcast(lo64, v32i16), splat32(4)), v64i8)
+                            hb = builder.lshr(hb64, ir.Constant(v32i16, [4 * kk] * 16 + [4 * kk + 2] * 16))
+                            hb = builder.shl(builder.and_(builder.bitcast(hb, v64i8), ir.Constant(v64i8, [3] * 64)),
+                                             ir.Constant(v64i8, [4] * 64))
+                            q = builder.or_(builder.and_(lo, ir.Constant(v64i8, [15] * 64)), hb)
+                            xo = builder.add(x0, c64(128 * h + 64 * kk))
+                            init = builder.load(builder.bitcast(builder.gep(negs, [builder.ashr(xo, c64(2))]),
+                                                                v16i32.as_pointer()), align=4)
+                            xv = builder.load(builder.bitcast(builder.gep(x8, [xo]), v64i8.as_pointer()), align=1)
+                            p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
+                                     [init, builder.bitcast(q, v16i32), builder.bitcast(xv, v16i32)])
+                            m = 8 * h + 4 * kk
+                            sv = builder.shuffle_vector(scale16, scale16,
+                                                        ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
+                            parts.add(builder.sitofp(p, v16f), sv)
+                    return parts.into(acc), macc
+                for h in range(2):
+                    hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
+                    for k in range(4):
+                        lo = builder.zext(bytes32(bp, 64 * h + 32 * (k & 1)), v32i16)
+                        lo = builder.lshr(lo, splat32(4)) if k >= 2 else builder.and_(lo, splat32(15))
+                        hb = builder.shl(builder.and_(builder.lshr(hb_all, splat32(2 * k)), splat32(3)), splat32(4))
+                        q = builder.sub(builder.or_(lo, hb), splat32(32))
+                        p = madd32(q, builder.add(x0, c64(128 * h + 32 * k)))     # lanes 0-7: run 0, 8-15: run 1
+                        m = 8 * h + 2 * k
+                        sv = builder.shuffle_vector(scale16, scale16, ir.Constant(v16i32, [m] * 8 + [m + 1] * 8))
+                        acc = _fma(builder, builder.sitofp(p, v16f), sv, acc)
                 return acc, macc
 
-            # q6_k: value = d * sc * (q - 32), q = low nibble | high 2 bits << 4
-            d = f16(bp, 208)
-            for h in range(2):
-                for k in range(4):
-                    for half in (0, 1):
-                        lo = builder.zext(bytes16(bp, 64 * h + 32 * (k & 1) + 16 * half), v16i16)
-                        lo = builder.lshr(lo, splat16(4)) if k >= 2 else builder.and_(lo, splat16(15))
-                        hb = builder.zext(bytes16(bp, 128 + 32 * h + 16 * half), v16i16)
-                        hb = builder.shl(builder.and_(builder.lshr(hb, splat16(2 * k)), splat16(3)), splat16(4))
-                        q = builder.sub(builder.or_(lo, hb), splat16(32))
-                        p32 = madd(q, builder.add(x0, c64(128 * h + 32 * k + 16 * half)))
-                        sc = builder.sitofp(builder.load(builder.gep(bp, [c64(192 + 8 * h + 2 * k + half)])), f32)
-                        acc = scaled(acc, p32, builder.fmul(builder.fmul(d, sc), xd_at(4 * h + k)))
-            return acc, macc
 
-        return _block_loop(builder, nb, v8f, block)
+            def block(b, acc, macc):
+                bp = builder.gep(qrow, [builder.mul(b, c64(size))])
+                x0 = builder.mul(b, c64(256))       # first value of the block
+                k0 = builder.mul(b, c64(8))         # first 32-block of the block (xd, xs)
+
+                def xd_at(k):
+                    return builder.load(builder.gep(xdrow, [builder.add(k0, c64(k))]))
+
+                if fmt in ("q5_0", "q5_1"):
+                    # 32 values: nibbles at `at` (value j low, j + 16 high), bit j of the u32 qh is bit 4 of value j
+                    one = fmt == "q5_1"
+                    at = 4 if one else 2
+                    d = f16(bp, 0)
+                    x32 = builder.mul(b, c64(32))
+                    qh = builder.load(builder.bitcast(builder.gep(bp, [c64(at)]), i32.as_pointer()), align=1)
+                    nib = builder.zext(bytes16(bp, at + 4), v16i16)
+                    masks = ir.Constant(v16i16, [1 << j for j in range(16)])
+                    p32 = None
+                    for half in (0, 1):
+                        q = builder.and_(nib, splat16(15)) if half == 0 else builder.lshr(nib, splat16(4))
+                        h16 = builder.trunc(builder.lshr(qh, ir.Constant(i32, 16 * half)), i16)
+                        hv = builder.insert_element(ir.Constant(v16i16, ir.Undefined), h16, ir.Constant(i32, 0))
+                        hv = builder.shuffle_vector(hv, hv, ir.Constant(ir.VectorType(i32, 16), [0] * 16))
+                        set_ = builder.icmp_unsigned("!=", builder.and_(hv, masks), ir.Constant(v16i16, [0] * 16))
+                        # bit 4 of the value; q5_0 also subtracts 16: q - 16 = nibble - (bit ? 0 : 16)
+                        add = builder.select(set_, splat16(0 if not one else 16), splat16(-16 if not one else 0))
+                        q = builder.add(q, add)
+                        m = madd(q, builder.add(x32, c64(16 * half)))
+                        p32 = m if p32 is None else builder.add(p32, m)
+                    acc = scaled(acc, p32, builder.fmul(d, builder.load(builder.gep(xdrow, [b]))))
+                    if one:
+                        macc = _fma(builder, f16(bp, 2), builder.load(builder.gep(xsrow, [b])), macc)
+                    return acc, macc
+
+                if fmt in ("q4_k", "q5_k"):    # q5_k: 32 bytes qh at 16 (bit j of byte l: bit 4 of value 32 j + l)
+                    five = fmt == "q5_k"
+                    q0 = 48 if five else 16
+                    d, dmin = f16(bp, 0), f16(bp, 2)
+                    msum = ir.Constant(f32, 0.0)
+                    for c in range(4):
+                        for j in (2 * c, 2 * c + 1):
+                            sc, mn = scale_min_k4(bp, j)
+                            high = j & 1
+                            p32 = None
+                            for half in (0, 1):
+                                q = builder.zext(bytes16(bp, q0 + 32 * c + 16 * half), v16i16)
+                                q = builder.lshr(q, splat16(4)) if high else builder.and_(q, splat16(15))
+                                if five:
+                                    h = builder.zext(bytes16(bp, 16 + 16 * half), v16i16)
+                                    h = builder.shl(builder.and_(builder.lshr(h, splat16(j)), splat16(1)), splat16(4))
+                                    q = builder.or_(q, h)
+                                m = madd(q, builder.add(x0, c64(64 * c + 32 * high + 16 * half)))
+                                p32 = m if p32 is None else builder.add(p32, m)
+                            scale = builder.fmul(builder.fmul(d, builder.uitofp(sc, f32)), xd_at(j))
+                            acc = scaled(acc, p32, scale)
+                            xs_j = builder.load(builder.gep(xsrow, [builder.add(k0, c64(j))]))
+                            msum = _fma(builder, builder.uitofp(mn, f32), xs_j, msum)
+                    macc = _fma(builder, builder.fneg(dmin), msum, macc)
+                    return acc, macc
+
+                # q6_k: value = d * sc * (q - 32), q = low nibble | high 2 bits << 4
+                d = f16(bp, 208)
+                for h in range(2):
+                    for k in range(4):
+                        for half in (0, 1):
+                            lo = builder.zext(bytes16(bp, 64 * h + 32 * (k & 1) + 16 * half), v16i16)
+                            lo = builder.lshr(lo, splat16(4)) if k >= 2 else builder.and_(lo, splat16(15))
+                            hb = builder.zext(bytes16(bp, 128 + 32 * h + 16 * half), v16i16)
+                            hb = builder.shl(builder.and_(builder.lshr(hb, splat16(2 * k)), splat16(3)), splat16(4))
+                            q = builder.sub(builder.or_(lo, hb), splat16(32))
+                            p32 = madd(q, builder.add(x0, c64(128 * h + 32 * k + 16 * half)))
+                            sc = builder.sitofp(builder.load(builder.gep(bp, [c64(192 + 8 * h + 2 * k + half)])), f32)
+                            acc = scaled(acc, p32, builder.fmul(builder.fmul(d, sc), xd_at(4 * h + k)))
+                return acc, macc
+
+            return block_wide if wide else block
+
+        bodies = []
+        for k in range(tokens):        # token t + k: its rows of the quantized activations
+            tk = builder.add(t, ir.Constant(ir.IntType(64), k))
+            bodies.append(body_for(_row_ptr(builder, xqdata, xqstr[0], tk, i16),
+                                   _row_ptr(builder, xddata, xdstr[0], tk, f32),
+                                   _row_ptr(builder, xsdata, xsstr[0], tk, f32)))
+        dots = _block_loop_multi(builder, nb, vtype, bodies)
+        return dots[0] if tokens == 1 else context.make_tuple(builder, sig.return_type, dots)
 
     return intrinsic(typer)
 
@@ -445,3 +458,13 @@ row_dot_q51_i16 = _make("q5_1")
 # q2_k and q3_k have vector-IR versions for AVX-512 hosts only (kquant.py's Numba loops elsewhere)
 row_dot_q2k_i16 = _make("q2_k", True) if WIDE else None
 row_dot_q3k_i16 = _make("q3_k", True) if WIDE else None
+
+# four tokens at a time (batched decode, prefill): the weights unpacked once for the four
+TOKENS = 4
+rows4_q4k_i16 = _make("q4_k", tokens=TOKENS)
+rows4_q5k_i16 = _make("q5_k", tokens=TOKENS)
+rows4_q6k_i16 = _make("q6_k", tokens=TOKENS)
+rows4_q50_i16 = _make("q5_0", tokens=TOKENS)
+rows4_q51_i16 = _make("q5_1", tokens=TOKENS)
+rows4_q2k_i16 = _make("q2_k", True, tokens=TOKENS) if WIDE else None
+rows4_q3k_i16 = _make("q3_k", True, tokens=TOKENS) if WIDE else None

@@ -43,7 +43,8 @@ from isthmus.kernels.numba.kquant_simd import I8_FORMATS
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4,
-                                        row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, sigmoid_f32)
+                                        row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, rows4_q4_i16, rows4_q8_i16,
+                                        sigmoid_f32)
 
 MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
 GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)
@@ -262,38 +263,70 @@ def _row_dot_i16(qs, d, m, r, xq, xd, xs, t):
     return lambda qs, d, m, r, xq, xd, xs, t: row_dot_q8_i16(qs, d, m, r, xq, xd, xs, t)
 
 
+def row_dot4_i16(qs, d, m, r, xq, xd, xs, t):
+    """`row_dot_i16` of tokens t .. t + 3 at once (each bitwise its one-token dot)."""
+
+
+@overload(row_dot4_i16)
+def _row_dot4_i16(qs, d, m, r, xq, xd, xs, t):
+    if qs.dtype == types.uint8 and qs.ndim == 3:
+        return lambda qs, d, m, r, xq, xd, xs, t: kquant.dot_blocks_rows4_i16(qs, r, xq, xd, xs, t)
+    if qs.dtype == types.uint8:
+        return lambda qs, d, m, r, xq, xd, xs, t: rows4_q4_i16(qs, d, m, r, xq, xd, xs, t)
+    return lambda qs, d, m, r, xq, xd, xs, t: rows4_q8_i16(qs, d, m, r, xq, xd, xs, t)
+
+
+@njit(inline="always", **JIT)
+def _store(y, u, t, r, c, res, out, epilogue):
+    """out[t, c] = y after the epilogue (res at [t, r]; u the up row's dot for swiglu)."""
+    if epilogue == EPI_ADD:
+        y += res[t, r]
+    elif epilogue == EPI_SWIGLU:
+        y = y * sigmoid_f32(y) * u
+    out[t, c] = y
+
+
+@njit(inline="always", **JIT)
+def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue):
+    """Row r of W for every input row (token): out[:, c] (after the epilogue; `up`: the swiglu's up
+    row). Four tokens per pass over the row where there are four: the weights unpacked once."""
+    n = out.shape[0]
+    t = 0
+    zero = np.float32(0.0)
+    while t + 4 <= n:
+        y0, y1, y2, y3 = row_dot4_i16(qs, d, m, r, xq, xd, xs, t)
+        u0, u1, u2, u3 = zero, zero, zero, zero
+        if epilogue == EPI_SWIGLU:
+            u0, u1, u2, u3 = row_dot4_i16(qs, d, m, up, xq, xd, xs, t)
+        _store(y0, u0, t, r, c, res, out, epilogue)
+        _store(y1, u1, t + 1, r, c, res, out, epilogue)
+        _store(y2, u2, t + 2, r, c, res, out, epilogue)
+        _store(y3, u3, t + 3, r, c, res, out, epilogue)
+        t += 4
+    while t < n:
+        u = row_dot_i16(qs, d, m, up, xq, xd, xs, t) if epilogue == EPI_SWIGLU else zero
+        _store(row_dot_i16(qs, d, m, r, xq, xd, xs, t), u, t, r, c, res, out, epilogue)
+        t += 1
+
+
 @njit(**PJIT)
 def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue):
     """`matvec` with the input rows quantized to i16 first (AVX2 integer dot products)."""
     quantize_rows_i16(x, xq, xd, xs)
-    n = x.shape[0]
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
         for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            for t in range(n):
-                y = row_dot_i16(qs, d, m, r, xq, xd, xs, t)
-                if epilogue == EPI_ADD:
-                    y += res[t, r]
-                elif epilogue == EPI_SWIGLU:
-                    y = y * sigmoid_f32(y) * row_dot_i16(qs, d, m, r + rows, xq, xd, xs, t)
-                out[t, r] = y
+            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue)
 
 
 @njit(**PJIT)
 def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue):
     rmsnorm_into(x, norm_w, eps, h)
     quantize_rows_i16(h, xq, xd, xs)
-    n = h.shape[0]
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
         for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            for t in range(n):
-                y = row_dot_i16(qs, d, m, r, xq, xd, xs, t)
-                if epilogue == EPI_ADD:
-                    y += res[t, r]
-                elif epilogue == EPI_SWIGLU:
-                    y = y * sigmoid_f32(y) * row_dot_i16(qs, d, m, r + rows, xq, xd, xs, t)
-                out[t, r] = y
+            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue)
 
 
 @njit(**JIT)
@@ -312,22 +345,18 @@ def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, x
         rmsnorm_into(x, norm_w, eps, h)
         src = h
     quantize_rows_i16(src, xq, xd, xs)
-    n = src.shape[0]
     ra, rb, rc = qa.shape[0], qb.shape[0], qc.shape[0]
     ca, cb = _part_chunks(ra), _part_chunks(rb)
     for c in prange(ca + cb + _part_chunks(rc)):
         if c < ca:
             for r in range(c * CHUNK, min(ra, c * CHUNK + CHUNK)):
-                for t in range(n):
-                    out[t, r] = row_dot_i16(qa, da, ma, r, xq, xd, xs, t)
+                _row_i16(qa, da, ma, r, r, r, xq, xd, xs, out, out, EPI_NONE)
         elif c < ca + cb:
             for r in range((c - ca) * CHUNK, min(rb, (c - ca) * CHUNK + CHUNK)):
-                for t in range(n):
-                    out[t, ra + r] = row_dot_i16(qb, db, mb, r, xq, xd, xs, t)
+                _row_i16(qb, db, mb, r, r, ra + r, xq, xd, xs, out, out, EPI_NONE)
         else:
             for r in range((c - ca - cb) * CHUNK, min(rc, (c - ca - cb) * CHUNK + CHUNK)):
-                for t in range(n):
-                    out[t, ra + rb + r] = row_dot_i16(qc, dc, mc, r, xq, xd, xs, t)
+                _row_i16(qc, dc, mc, r, r, ra + rb + r, xq, xd, xs, out, out, EPI_NONE)
 
 
 @njit(**PJIT)

@@ -125,6 +125,30 @@ def _fma(builder, a, b, c):
     return builder.call(fn, [a, b, c])
 
 
+class StrictFloats:
+    """An IR builder whose float additions, subtractions and multiplications carry the one flag
+    that changes nothing for them (`arcp` concerns division only). Numba's fastmath pass gives
+    every flagless float op of a fastmath function `reassoc` and `contract`, with which LLVM may
+    reorder or fuse this file's hand-ordered sums differently in different surroundings: a row's
+    dot product would then depend on how many tokens share the call. With a flag they are left as
+    written, and a token's dot is bitwise the same alone or beside others."""
+
+    def __init__(self, builder):
+        self._builder = builder
+
+    def __getattr__(self, name):
+        return getattr(self._builder, name)
+
+    def fadd(self, a, b, name=""):
+        return self._builder.fadd(a, b, name=name, flags=("arcp",))
+
+    def fsub(self, a, b, name=""):
+        return self._builder.fsub(a, b, name=name, flags=("arcp",))
+
+    def fmul(self, a, b, name=""):
+        return self._builder.fmul(a, b, name=name, flags=("arcp",))
+
+
 def _reduce_fadd(builder, vec):
     width = vec.type.count
     while width > 1:     # pairwise halving: log2(width) shuffles and adds
@@ -140,6 +164,12 @@ def _block_loop(builder, nb, vtype, body):
     """An LLVM loop over blocks b in [0, nb) carrying a vector and a scalar f32 accumulator:
     body(b, acc, macc) -> (acc', macc') emits one block's work. Returns hsum(acc) + macc (0.0 when
     nb == 0)."""
+    return _block_loop_multi(builder, nb, vtype, [body])[0]
+
+
+def _block_loop_multi(builder, nb, vtype, bodies):
+    """`_block_loop` for several tokens in one loop: each body with its own accumulators, emitted
+    one after the other in each block; one result per body."""
     f32, i64 = ir.FloatType(), ir.IntType(64)
     entry = builder.block
     loop = builder.append_basic_block("blocks")
@@ -149,26 +179,30 @@ def _block_loop(builder, nb, vtype, body):
 
     builder.position_at_end(loop)
     b = builder.phi(i64)
-    acc = builder.phi(vtype)
-    macc = builder.phi(f32)
-    acc2, macc2 = body(b, acc, macc)
+    accs = [(builder.phi(vtype), builder.phi(f32)) for _ in bodies]
+    outs = [body(b, acc, macc) for body, (acc, macc) in zip(bodies, accs)]
     b2 = builder.add(b, ir.Constant(i64, 1))
     b.add_incoming(ir.Constant(i64, 0), entry)
     b.add_incoming(b2, loop)
-    acc.add_incoming(zero_v, entry)
-    acc.add_incoming(acc2, loop)
-    macc.add_incoming(ir.Constant(f32, 0.0), entry)
-    macc.add_incoming(macc2, loop)
+    for (acc, macc), (acc2, macc2) in zip(accs, outs):
+        acc.add_incoming(zero_v, entry)
+        acc.add_incoming(acc2, builder.block)
+        macc.add_incoming(ir.Constant(f32, 0.0), entry)
+        macc.add_incoming(macc2, builder.block)
+    latch = builder.block
     builder.cbranch(builder.icmp_signed("<", b2, nb), loop, done)
 
     builder.position_at_end(done)
-    accf = builder.phi(vtype)
-    accf.add_incoming(zero_v, entry)
-    accf.add_incoming(acc2, loop)
-    maccf = builder.phi(f32)
-    maccf.add_incoming(ir.Constant(f32, 0.0), entry)
-    maccf.add_incoming(macc2, loop)
-    return builder.fadd(_reduce_fadd(builder, accf), maccf)
+    finals = []
+    for acc2, macc2 in outs:          # the phis first: LLVM wants them at the top of the block
+        accf = builder.phi(vtype)
+        accf.add_incoming(zero_v, entry)
+        accf.add_incoming(acc2, latch)
+        maccf = builder.phi(f32)
+        maccf.add_incoming(ir.Constant(f32, 0.0), entry)
+        maccf.add_incoming(macc2, latch)
+        finals.append((accf, maccf))
+    return [builder.fadd(_reduce_fadd(builder, accf), maccf) for accf, maccf in finals]
 
 
 def _make_row_dot(bits: int):
@@ -288,11 +322,15 @@ def _x86(builder, name, ret, args):
     return builder.call(fn, args)
 
 
-def _make_row_dot_i16(bits: int):
+def _make_row_dot_i16(bits: int, tokens: int = 1):
+    """dot(W[r], x[t]) of q4/q8 rows with i16 activations; with `tokens` > 1 the dots of x[t] ..
+    x[t + tokens - 1] as a tuple, each bitwise the one-token dot (kquant_simd._make says how)."""
     def typer(typingctx, qs, d, m, r, xq, xd, xs, t):
-        return types.float32(qs, d, m, r, xq, xd, xs, t), codegen
+        ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
+        return ret(qs, d, m, r, xq, xd, xs, t), codegen
 
     def codegen(context, builder, sig, args):
+        builder = StrictFloats(builder)
         qs_t, d_t, m_t, _, xq_t, xd_t, xs_t, _ = sig.args
         qs, d, m, r, xq, xd, xs, t = args
         f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
@@ -308,49 +346,55 @@ def _make_row_dot_i16(bits: int):
         t = context.cast(builder, t, sig.args[7], types.int64)
         qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
         drow = _row_ptr(builder, ddata, dstr[0], r, i16)
-        xqrow = _row_ptr(builder, xqdata, xqstr[0], t, i16)
-        xdrow = _row_ptr(builder, xddata, xdstr[0], t, f32)
-        if bits == 4:
-            mrow = _row_ptr(builder, mdata, mstr[0], r, i16)
-            xsrow = _row_ptr(builder, xsdata, xsstr[0], t, f32)
+        mrow = _row_ptr(builder, mdata, mstr[0], r, i16) if bits == 4 else None
         nb = dshape[1]
 
-        def block(b, acc, macc):
-            xo = builder.mul(b, ir.Constant(i64, 32))
-            xl = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
-            xh = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(xo, ir.Constant(i64, 16))]),
-                                              v16i16.as_pointer()), align=2)
-            if bits == 4:
-                qv = builder.load(builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(i64, 16))]),
-                                                  v16i8.as_pointer()), align=1)
-                w16 = builder.zext(qv, v16i16)
-                lo = builder.and_(w16, ir.Constant(v16i16, [15] * 16))
-                hi = builder.lshr(w16, ir.Constant(v16i16, [4] * 16))
-                mb = _half(builder, builder.load(builder.gep(mrow, [b])))
-                sb = builder.load(builder.gep(xsrow, [b]))
-                macc2 = _fma(builder, mb, sb, macc)
-            else:
-                qp = builder.gep(qrow, [xo])
-                lo = builder.sext(builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1), v16i16)
-                hi = builder.sext(builder.load(builder.bitcast(builder.gep(qp, [ir.Constant(i64, 16)]),
-                                                               v16i8.as_pointer()), align=1), v16i16)
-                macc2 = macc
-            p32 = builder.add(_x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [lo, xl]),
-                              _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [hi, xh]))
-            db = _half(builder, builder.load(builder.gep(drow, [b])))
-            scale = builder.fmul(db, builder.load(builder.gep(xdrow, [b])))
-            sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
-            sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
-            acc2 = _fma(builder, builder.sitofp(p32, v8f), sv, acc)
-            return acc2, macc2
+        def body_for(tk):
+            xqrow = _row_ptr(builder, xqdata, xqstr[0], tk, i16)
+            xdrow = _row_ptr(builder, xddata, xdstr[0], tk, f32)
+            xsrow = _row_ptr(builder, xsdata, xsstr[0], tk, f32) if bits == 4 else None
 
-        return _block_loop(builder, nb, v8f, block)
+            def block(b, acc, macc):
+                xo = builder.mul(b, ir.Constant(i64, 32))
+                xl = builder.load(builder.bitcast(builder.gep(xqrow, [xo]), v16i16.as_pointer()), align=2)
+                xh = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(xo, ir.Constant(i64, 16))]),
+                                                  v16i16.as_pointer()), align=2)
+                if bits == 4:
+                    qv = builder.load(builder.bitcast(builder.gep(qrow, [builder.mul(b, ir.Constant(i64, 16))]),
+                                                      v16i8.as_pointer()), align=1)
+                    w16 = builder.zext(qv, v16i16)
+                    lo = builder.and_(w16, ir.Constant(v16i16, [15] * 16))
+                    hi = builder.lshr(w16, ir.Constant(v16i16, [4] * 16))
+                    mb = _half(builder, builder.load(builder.gep(mrow, [b])))
+                    sb = builder.load(builder.gep(xsrow, [b]))
+                    macc2 = _fma(builder, mb, sb, macc)
+                else:
+                    qp = builder.gep(qrow, [xo])
+                    lo = builder.sext(builder.load(builder.bitcast(qp, v16i8.as_pointer()), align=1), v16i16)
+                    hi = builder.sext(builder.load(builder.bitcast(builder.gep(qp, [ir.Constant(i64, 16)]),
+                                                                   v16i8.as_pointer()), align=1), v16i16)
+                    macc2 = macc
+                p32 = builder.add(_x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [lo, xl]),
+                                  _x86(builder, "llvm.x86.avx2.pmadd.wd", v8i32, [hi, xh]))
+                db = _half(builder, builder.load(builder.gep(drow, [b])))
+                scale = builder.fmul(db, builder.load(builder.gep(xdrow, [b])))
+                sv = builder.insert_element(ir.Constant(v8f, ir.Undefined), scale, ir.Constant(i32, 0))
+                sv = builder.shuffle_vector(sv, sv, ir.Constant(v8i32, [0] * 8))
+                acc2 = _fma(builder, builder.sitofp(p32, v8f), sv, acc)
+                return acc2, macc2
+            return block
+
+        bodies = [body_for(builder.add(t, ir.Constant(i64, k))) for k in range(tokens)]
+        dots = _block_loop_multi(builder, nb, v8f, bodies)
+        return dots[0] if tokens == 1 else context.make_tuple(builder, sig.return_type, dots)
 
     return intrinsic(typer)
 
 
 row_dot_q4_i16 = _make_row_dot_i16(4)
 row_dot_q8_i16 = _make_row_dot_i16(8)
+rows4_q4_i16 = _make_row_dot_i16(4, tokens=4)     # four tokens at a time (batched decode, prefill)
+rows4_q8_i16 = _make_row_dot_i16(8, tokens=4)
 
 _Q16 = np.float32(32767.0)
 _Q8 = np.float32(127.0)

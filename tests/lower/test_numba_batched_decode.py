@@ -30,8 +30,16 @@ def _gemma2():
     return isthmus.load(path)
 
 
+def _kquant():
+    """A Llama file quantized to Q4_K_M by llama.cpp (q4_k, q6_k and the q5_0/q8_0 fallbacks):
+    the four-token kernels of each block format batched."""
+    from pathlib import Path
+    return isthmus.load(Path(__file__).resolve().parents[1] / "data" / "kquant_families" / "llama" / "q4_k_m.gguf")
+
+
 MODELS = {
     "q4_1": lambda: tiny_llama_model(CFG, quant="q4_1"),
+    "q4_k_m": _kquant,
     "q8_0": lambda: tiny_llama_model(CFG, quant="q8_0", layout="interleaved"),
     "f32": lambda: tiny_llama_model(CFG),                 # dense weights: BLAS one row at a time
     "gemma2": _gemma2,
