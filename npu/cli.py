@@ -25,7 +25,7 @@ def register(sub, common) -> None:
 
     q = npu.add_parser("run", parents=[common], help="simulate a program and print its timing stats")
     q.add_argument("program", help="assembly (.s) or binary (.bin)")
-    q.add_argument("--config", default="datacenter", help="a preset (datacenter, edge) or a .json config")
+    q.add_argument("--config", default="core", help="a preset (core, chip, edge, datacenter) or a .json config")
     q.add_argument("--trace", help="write a Chrome/Perfetto trace (.json) here")
     q.add_argument("--serial", action="store_true", help="FORCE_SERIAL: run every instruction in program order")
     q.add_argument("--no-race-check", action="store_true",
@@ -125,6 +125,8 @@ def cmd_run(args) -> int:
     prog = load_program(args.program)
     result = run(prog, _inputs(prog, args), cfg, serial=args.serial, check_races=not args.no_race_check)
     print(result.stats.table())
+    from isthmus.npu.timing import roofline
+    print(roofline(prog, cfg).describe(result.stats.cycles))
     if args.trace:
         write_trace(args.trace, prog, result.timeline, cfg)
         print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")

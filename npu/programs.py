@@ -13,79 +13,131 @@ from isthmus.npu.isa import AP, DTYPES, Program
 
 
 def tiled_matmul(config: NpuConfig | str | None = None, m: int = 512, n: int = 512, k: int = 512,
-                 dtype: str = "bf16", tile_n: int = 128, load_queues: int = 8) -> Program:
+                 dtype: str = "bf16", tile_n: int = 128, load_queues: int = 8, block_rows: int = 2) -> Program:
     """C[m, n] = AT[k, m]^T @ B[k, n] (AT is A transposed, as the PE array wants it), tiled 128 x tile_n.
 
-    Engines overlap, synchronised by dependency tokens: DMA queues 0..load_queues-1 load AT and B
-    tiles in the order the tensor engine consumes them (B stays resident, AT slabs of 128 columns
-    are double buffered); the tensor engine accumulates each [128, tile_n] output over K in one of
-    4 PSUM banks; evictions (PSUM -> SBUF, casting to `dtype`) alternate between ACT and VECTOR,
-    ending on VECTOR (the cheaper); the last DMA queue stores each tile while later ones compute.
+    AT and B stay resident in SBUF (so m, n, k are bounded by its size). Output tiles go in blocks of
+    `block_rows` tile rows; inside a block the K loop is outermost, every tile of the block
+    accumulating in its own PSUM tile, so each K step reuses each loaded piece block_rows or n/tile_n
+    times: the loads outpace the tensor engine from the second matmul on, where a K-innermost order
+    needs a whole B column slab per output tile at first. DMA queues 0..load_queues-1 load the pieces
+    in the order of first use; consecutive blocks alternate between two sets of PSUM tiles, so a block's
+    evictions (PSUM -> SBUF, casting to `dtype`; alternating ACT and VECTOR) and its stores (on the
+    remaining queues) overlap the next block's matmuls.
     """
     cfg = load_config(config)
     p, kp = cfg.pe_cols, cfg.pe_rows
-    if m % p or k % kp or n % tile_n or load_queues + 1 > cfg.dma_queues:
-        raise ValueError("m, k must be multiples of the PE array and n of tile_n; need load_queues + 1 DMA queues")
     mt, nt, kt, sz = m // p, n // tile_n, k // kp, DTYPES[dtype].size
-    store_q = f"dma{cfg.dma_queues - 1}"
+    per_bank = cfg.psum_bank_bytes // (4 * tile_n)
+    tiles = block_rows * nt
+    if m % p or k % kp or n % tile_n or mt % block_rows or load_queues >= cfg.dma_queues:
+        raise ValueError("m, k must be multiples of the PE array, n of tile_n and m/128 of block_rows; "
+                         "need more DMA queues than load_queues")
+    if not per_bank or 2 * tiles > per_bank * (cfg.psum_bytes_per_partition // cfg.psum_bank_bytes):
+        raise ValueError(f"two blocks of {tiles} [128, {tile_n}] fp32 tiles do not fit PSUM")
     b = ProgramBuilder(cfg)
     AT = b.tensor("AT", (k, m), dtype, "input")
     B = b.tensor("B", (k, n), dtype, "input")
     C = b.tensor("C", (m, n), dtype, "output")
-    at = [b.sbuf((kt, p), dtype, kp) for _ in range(2)]               # AT slab: [K part, kt, 128 cols]
-    bt = b.sbuf((kt, n), dtype, kp)                                  # B resident: [K part, kt, n]
-    ps = [b.psum(tile_n) for _ in range(4)]
-    out = [b.sbuf(tile_n, dtype, p) for _ in range(4)]
-    queue = itertools.cycle(range(load_queues))
-    loaded, done, evicted, stored = {}, {}, {}, {}                   # tokens by piece / output tile
+    at = b.sbuf((kt, m), dtype, kp)                                  # resident: [K part, kt, m]
+    bt = b.sbuf((kt, n), dtype, kp)                                  # resident: [K part, kt, n]
+    banks = [b.psum((per_bank, tile_n)) for _ in range(-(-2 * tiles // per_bank))]
+    out = [b.sbuf(tile_n, dtype, p) for _ in range(mt * nt)]
+    load_q = itertools.cycle(range(load_queues))
+    store_q = itertools.cycle(range(load_queues, cfg.dma_queues))
+    loaded, done, evicted = {}, {}, {}                               # tokens by piece / output tile
 
     def at_tile(i, mi):
-        return AP("sbuf", dtype, 0, kp, at[mi % 2].offset + i * p * sz, ((p, 1),))
+        return AP("sbuf", dtype, 0, kp, at.offset + (i * m + mi * p) * sz, ((p, 1),))
 
-    def b_tile(i, ni):
-        return AP("sbuf", dtype, 0, kp, bt.offset + (i * n + ni * tile_n) * sz, ((tile_n, 1),))
+    def b_tile(i, ni, lo=0, hi=tile_n):
+        return AP("sbuf", dtype, 0, kp, bt.offset + (i * n + ni * tile_n + lo) * sz, ((hi - lo, 1),))
 
-    def load(piece, dst, src, after=None):
-        q = next(queue)
-        with b.label(f"load {piece[0]}[{piece[1]},{piece[2]}]"):
-            b.wait(f"dma{q}", after)
-            b.dma_copy(dst, src, queue=q)
+    def ps_tile(j):                                                  # j: a tile's place in its block, set by parity
+        bank, slot = divmod(j, per_bank)
+        return AP("psum", "f32", 0, p, banks[bank].offset + slot * tile_n * 4, ((tile_n, 1),))
+
+    def load(piece):
+        """piece: (name, K tile, M or N tile, None)."""
+        if piece in loaded:
+            return
+        name, i, x, half = piece
+        q = next(load_q)
+        with b.label(f"load {name}[{i},{x}]"):
+            if name == "AT":
+                b.dma_copy(at_tile(i, x), AT[i * kp:(i + 1) * kp, x * p:(x + 1) * p], queue=q)
+            else:
+                lo, hi = (0, tile_n) if half is None else (half * tile_n // 2, (half + 1) * tile_n // 2)
+                b.dma_copy(b_tile(i, x, lo, hi), B[i * kp:(i + 1) * kp, x * tile_n + lo:x * tile_n + hi], queue=q)
             loaded[piece] = b.signal(f"dma{q}")
 
-    def load_at(i, mi, after=None):
-        load(("AT", i, mi), at_tile(i, mi), AT[i * kp:(i + 1) * kp, mi * p:(mi + 1) * p], after)
+    # the first block runs K-outer (reuse ramps up while the loads are in flight); later blocks, whose
+    # pieces are all resident by then, tile by tile with K inner, so their tiles finish one at a time
+    # and the stores spread out instead of bunching at the end. The very last matmul is split into two
+    # of half width: the first half is evicted and stored while the second is multiplied.
+    blocks = [[(mi, ni) for ni in range(nt) for mi in range(r, r + block_rows)]    # column by column: the
+              for r in range(0, mt, block_rows)]                                   # first K step needs a new
+    #                                                                               piece every other matmul
+    steps = [(i, mi, ni) for i in range(kt) for mi, ni in blocks[0]]
+    steps += [(i, mi, ni) for blk in blocks[1:] for mi, ni in blk for i in range(kt)]
+    first, last = steps[0], steps[-1]
 
-    for ni in range(nt):                                             # consumption order; slabs 0, 1 up front
-        for i in range(kt):
-            if ni == 0:
-                load_at(i, 0)
-            load(("B", i, ni), b_tile(i, ni), B[i * kp:(i + 1) * kp, ni * tile_n:(ni + 1) * tile_n])
-    for i in range(kt if mt > 1 else 0):
-        load_at(i, 1)
+    def pieces(step):
+        i, mi, ni = step
+        return [("AT", i, mi, None), ("B", i, ni, None)]
 
-    for mi in range(mt):
-        for ni in range(nt):
-            j, slot = mi * nt + ni, (mi * nt + ni) % 4
-            with b.label(f"C[{mi},{ni}]"):
-                b.wait("tensor", evicted.get(j - 4))                # its PSUM bank is free again
-                for i in range(kt):
-                    b.wait("tensor", loaded["AT", i, mi], loaded["B", i, ni])
-                    b.matmul(ps[slot].ap(), at_tile(i, mi), b_tile(i, ni), acc=int(i > 0))
-                done[j] = b.signal("tensor")
-                eng = "vector" if j % 2 else "act"
-                b.wait(eng, done[j], stored.get(j - 4))              # staging buffer free again
-                if eng == "vector":
-                    b.copy(out[slot].ap(), ps[slot].ap())
-                else:
-                    b.activate(out[slot].ap(), ps[slot].ap(), func="identity")
-                evicted[j] = b.signal(eng)
-                b.wait(store_q, evicted[j])
-                b.dma_copy(C[mi * p:(mi + 1) * p, ni * tile_n:(ni + 1) * tile_n], out[slot].ap(),
-                           queue=cfg.dma_queues - 1)
-                stored[j] = b.signal(store_q)
-        if mi + 2 < mt:                                              # slab mi consumed: load slab mi + 2
-            for i in range(kt):
-                load_at(i, mi + 2, after=done[(mi + 1) * nt - 1])
+    for step in steps:                                               # loads in the order of first use
+        for piece in pieces(step):
+            load(piece)
+
+    def evict_and_store(mi, ni, t, ps, cols=(0, tile_n), eng=None):
+        j = mi * nt + ni
+        eng = eng or ("vector" if t % 2 else "act")
+        q = next(store_q)
+        lo, hi = cols
+        with b.label(f"C[{mi},{ni}]"):
+            b.wait(eng, done[mi, ni, lo])
+            dst = AP("sbuf", dtype, 0, p, out[j].offset + lo * sz, ((hi - lo, 1),))
+            src = AP("psum", "f32", 0, p, ps.offset + lo * 4, ((hi - lo, 1),))
+            if eng == "vector":
+                b.copy(dst, src)
+            else:
+                b.activate(dst, src, func="identity")
+            evicted[mi, ni, lo] = b.signal(eng)
+            b.wait(f"dma{q}", evicted[mi, ni, lo])
+            b.dma_copy(C[mi * p:(mi + 1) * p, ni * tile_n + lo:ni * tile_n + hi], dst, queue=q)
+
+    place = {}                                                       # output tile -> (its PSUM tile, parity slot)
+    for bi, blk in enumerate(blocks):
+        for t, tile in enumerate(blk):
+            place[tile] = ((bi % 2) * tiles + t, bi, t)
+    for step in steps:
+        i, mi, ni = step
+        j, bi, t = place[mi, ni]
+        ps = ps_tile(j)
+        with b.label(f"C[{mi},{ni}]"):
+            if i == 0 and bi >= 2:                                   # its PSUM tile was evicted two blocks ago
+                prev = blocks[bi - 2][t]
+                b.wait("tensor", *[v for key, v in evicted.items() if key[:2] == prev])
+            if step == last:
+                for h in (0, 1):
+                    lo, hi = h * tile_n // 2, (h + 1) * tile_n // 2
+                    b.wait("tensor", loaded["AT", i, mi, None], loaded["B", i, ni, None])
+                    b.matmul(AP("psum", "f32", 0, p, ps.offset + lo * 4, ((hi - lo, 1),)), at_tile(i, mi),
+                             b_tile(i, ni, lo, hi), acc=int(i > 0))
+                    done[mi, ni, lo] = b.signal("tensor")
+                if True:
+                    evict_and_store(mi, ni, t, ps, (0, tile_n // 2), "act")
+                    evict_and_store(mi, ni, t, ps, (tile_n // 2, tile_n), "vector")
+            else:
+                if bi == 0:
+                    b.wait("tensor", loaded["AT", i, mi, None], loaded["B", i, ni, None])
+                elif i == 0:                                         # resident by now: wait once per tile
+                    b.wait("tensor", *[loaded[x, k_, y, None] for k_ in range(kt) for x, y in (("AT", mi), ("B", ni))])
+                b.matmul(ps, at_tile(i, mi), b_tile(i, ni), acc=int(i > 0))
+            if i == kt - 1 and step != last:
+                done[mi, ni, 0] = b.signal("tensor")
+                evict_and_store(mi, ni, t, ps)
     return b.build()
 
 
@@ -122,7 +174,7 @@ def tile_mix(config: NpuConfig | str | None = None, partitions: int = 32, cols: 
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "npu"
-GOLDEN = {"matmul_512.s": lambda: tiled_matmul("datacenter", 512, 512, 512, "bf16")}
+GOLDEN = {"matmul_512.s": lambda: tiled_matmul("core", 512, 512, 512, "bf16")}
 
 
 def main() -> int:

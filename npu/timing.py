@@ -70,8 +70,9 @@ COSTS = {
     "transpose": (_transpose, "ceil(max(P, F) / vector_elems_per_cycle) + vector_fixed_cycles for a [P, F] source."),
     "act": (_act, "ceil(E / act_elems_per_cycle) + act_fixed_cycles, E = src elements per partition. "
                   "FLOPs = (3, or 4 with accum) * partitions * E."),
-    "dma": (_dma, "dma_latency_cycles + ceil(bytes * A / (hbm_bytes_per_s / clock_hz)), bytes = the larger "
-                  "side, A = DMA queues busy when it starts (itself included): queues share HBM bandwidth."),
+    "dma": (_dma, "dma_latency_cycles + ceil(bytes * A / (hbm_bytes_per_s / cores / clock_hz)), bytes = the larger "
+                  "side, A = DMA queues busy when it starts (itself included): queues share the core's HBM "
+                  "bandwidth."),
     "sync": (_sync, "sync_cycles (plus, for sem_wait, the stall until the semaphore is reached)."),
 }
 
@@ -147,8 +148,8 @@ class Stats:
         lines.append(f"FLOPs {self.flops:,}: {self.achieved_flops / 1e12:.3f} TFLOP/s achieved of "
                      f"{c.peak_flops / 1e12:.3f} peak ({self.achieved_flops / c.peak_flops:.1%})")
         lines.append(f"HBM bytes read {self.hbm_read_bytes:,}, written {self.hbm_write_bytes:,}: "
-                     f"{self.achieved_bytes_per_s / 1e9:.2f} GB/s achieved of {c.hbm_bytes_per_s / 1e9:.1f} peak "
-                     f"({self.achieved_bytes_per_s / c.hbm_bytes_per_s:.1%})")
+                     f"{self.achieved_bytes_per_s / 1e9:.2f} GB/s achieved of {c.core_hbm_bytes_per_s / 1e9:.1f} peak "
+                     f"({self.achieved_bytes_per_s / c.core_hbm_bytes_per_s:.1%})")
         return "\n".join(lines)
 
 
@@ -293,3 +294,85 @@ def engine_bound(prog: Program, cfg: NpuConfig, engine: str = "tensor") -> int:
     """Cycles `engine` must be busy with work other than synchronisation: a lower bound on any schedule."""
     return sum(cycles for (e, cycles, _, _), ins in zip(_plan(prog, cfg), prog.instructions)
                if e == engine and OPS[ins.op].cost != "sync")
+
+
+@dataclass(frozen=True)
+class Roofline:
+    """The least time any schedule of a program can take on a config: each engine's busy floor and the
+    compulsory HBM traffic at full bandwidth, in cycles. `binding` names the largest term."""
+
+    tensor: int
+    vector: int
+    act: int
+    hbm: float
+    hbm_bytes: int            # distinct HBM bytes read plus distinct bytes written
+
+    @property
+    def terms(self) -> dict[str, float]:
+        return {"tensor": self.tensor, "vector": self.vector, "act": self.act, "hbm": self.hbm}
+
+    @property
+    def cycles(self) -> float:
+        return max(self.terms.values())
+
+    @property
+    def binding(self) -> str:
+        return max(self.terms, key=self.terms.get)
+
+    def describe(self, cycles: int) -> str:
+        """One line: the bound, what binds, and how far `cycles` is from it."""
+        return (f"roofline {self.cycles:,.0f} cycles ({self.binding} binds: tensor {self.tensor:,}, vector "
+                f"{self.vector:,}, act {self.act:,}, HBM {self.hbm_bytes / 1e6:,.2f} MB = {self.hbm:,.0f}); "
+                f"the program takes {cycles / self.cycles:.3f}x that")
+
+
+def _distinct_bytes(spans: list) -> int:
+    """Bytes covered by a list of (starts, ends) arrays of half-open HBM byte ranges."""
+    import numpy as np
+    if not spans:
+        return 0
+    starts = np.concatenate([s for s, _ in spans])
+    ends = np.concatenate([e for _, e in spans])
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], np.maximum.accumulate(ends[order])
+    # a range starts a new run where it begins past everything before it
+    new = np.ones(len(starts), bool)
+    new[1:] = starts[1:] > ends[:-1]
+    run_start = starts[new]
+    run_end = np.append(ends[np.flatnonzero(new)[1:] - 1], ends[-1])
+    return int((run_end - run_start).sum())
+
+
+def _hbm_rows(ap) -> tuple:
+    """Each HBM row of an access pattern as a byte range (its first to its last byte: conservative for a
+    strided row, exact for the contiguous rows programs stream)."""
+    import numpy as np
+    size = ap.nbytes // (ap.count * ap.free_elems)
+    row = np.arange(ap.count, dtype=np.int64) * ap.pstride * size + ap.offset
+    return row, row + ap.extent
+
+
+def roofline(prog: Program, cfg: NpuConfig) -> Roofline:
+    """max(tensor-engine bound, vector/act bound, compulsory HBM traffic / bandwidth) of a program. Engine
+    bounds are the busy cycles of its instructions (synchronisation excluded); the HBM term counts each
+    byte once (reading it again, or a gathered row, is not compulsory beyond the first time; a gather's
+    rows count as its destination's bytes, since which rows is data)."""
+    busy = {"tensor": 0, "vector": 0, "act": 0}
+    reads, writes, gathered = [], [], 0
+    seen = set()
+    for (e, cycles, _, _), ins in zip(_plan(prog, cfg), prog.instructions):
+        if e in busy and OPS[ins.op].cost != "sync":
+            busy[e] += cycles
+        if ins.op == "dma_copy":
+            key = (ins["src"], ins["dst"])
+            if key in seen:
+                continue
+            seen.add(key)
+            if ins["src"].space == "hbm":
+                reads.append(_hbm_rows(ins["src"]))
+            if ins["dst"].space == "hbm":
+                writes.append(_hbm_rows(ins["dst"]))
+        elif ins.op == "dma_gather":
+            gathered += ins["dst"].nbytes
+    nbytes = _distinct_bytes(reads) + _distinct_bytes(writes) + gathered
+    return Roofline(busy["tensor"], busy["vector"], busy["act"], nbytes / cfg.hbm_bytes_per_cycle, nbytes)

@@ -1,5 +1,6 @@
-"""Modeled performance figures of the NPU lowering (timing model only, no functional simulation);
-docs/npu-performance.md quotes them and explains the bounds."""
+"""Modeled performance figures of the NPU lowering (timing model only, no functional simulation),
+each against its roofline: max(tensor-engine bound, vector/act bound, compulsory HBM traffic /
+bandwidth). docs/npu-performance.md quotes them and explains the bounds."""
 
 from pathlib import Path
 
@@ -7,14 +8,18 @@ import pytest
 
 from isthmus.compiler.lower.npu.profile_tables import decode_figures, matmul_figures
 
-
-def test_matmul_1024x4096x4096_bf16_reaches_85_percent_of_peak():
-    f = matmul_figures(1024, 4096, 4096, "bf16", "datacenter")
-    assert f["flop_utilisation"] >= 0.85, f["flop_utilisation"]
-    assert f["tensor_busy"] >= f["flop_utilisation"]
-
-
 CORE_SHARE = Path(__file__).resolve().parents[2] / "examples" / "npu" / "datacenter-core-share.json"
+
+
+def test_matmul_1024x4096x4096_bf16_near_tensor_peak_on_core():
+    """On `core` the tensor engine binds (HBM: 50 MB against 1.05M tensor cycles). 90.7 % of the
+    FLOP peak, not the 95 % issue 19 asks for: the first matmul waits 72k cycles for the first row
+    block's x^T and the first 1 MB weight piece (docs/npu-performance.md)."""
+    f = matmul_figures(1024, 4096, 4096, "bf16", "core")
+    assert f["roofline"].binding == "tensor"
+    assert f["flop_utilisation"] >= 0.90, f["flop_utilisation"]
+    assert f["cycles"] <= 1.07 * f["roofline"].cycles, (f["cycles"], f["roofline"].cycles)
+    assert f["tensor_busy"] >= f["flop_utilisation"]
 
 
 @pytest.fixture(scope="module")
@@ -23,35 +28,32 @@ def pipelined(default_model):
     return run_pipeline(default_model.graph)
 
 
-@pytest.fixture(scope="module")
-def npu_exes(default_model, pipelined):
-    from isthmus.compiler.lower.npu.target import lower_npu
-    return {p: lower_npu(pipelined, model=default_model, precision=p) for p in ("bf16", "bf16x3")}
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16", "bf16x3"])
-def test_decode_step_figures(npu_exes, precision):
-    """One decode step of SmolLM2-135M on the datacenter preset. It cannot reach 1.5x the HBM bound
-    there: a decode matmul streams one moving column, which the cost model charges as 64
-    (tensor_min_moving) + 16 cycles per 128x128 weight tile, i.e. at most 205 weights per cycle,
-    while HBM delivers 1036 bf16 weights per cycle; the floor is the tensor engine's issue time.
-    This pins the step within 20% of that floor (and the HBM ratio against regressions)."""
-    f = decode_figures(npu_exes[precision], window=64)
-    assert f["cycles"] <= 1.2 * f["tensor_bound_cycles"], (f["cycles"], f["tensor_bound_cycles"])
-    assert f["hbm_ratio"] <= 7.5, f["hbm_ratio"]
-    assert f["memory"]["spills"] == []
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["bf16", "bf16x3"])
-def test_decode_step_is_near_the_hbm_bound_with_a_cores_share_of_the_chip(default_model, pipelined, precision):
-    """The same lowering where HBM, not the PE array, bounds a matvec: the datacenter core with its
-    share of the chip's bandwidth (2.9 TB/s / 8; examples/npu/datacenter-core-share.json). Here the
-    weight ring must keep the DMA queues streaming for the step to stay within 1.5x of the bound."""
+@pytest.mark.parametrize("precision,binds", [("bf16", "hbm"), ("bf16x3", "hbm"), ("f32", "tensor")])
+def test_decode_step_is_within_1_2x_of_its_roofline_on_core(default_model, pipelined, precision, binds):
+    """One decode step of SmolLM2-135M on `core` (a NeuronCore with its 362.5 GB/s share of the
+    chip's HBM): HBM binds in bf16 and bf16x3 (the weight ring keeps the DMA queues streaming), the
+    tensor engine in f32 (4 passes per matmul). Measured: 1.123x, 1.077x, 1.065x."""
     from isthmus.compiler.lower.npu.target import lower_npu
-    exe = lower_npu(pipelined, model=default_model, config=CORE_SHARE, precision=precision)
-    assert exe.config.hbm_bytes_per_s == 2.9e12 / 8
+    exe = lower_npu(pipelined, model=default_model, precision=precision)
+    assert exe.config.name == "core" and exe.config.hbm_bytes_per_s == 2.9e12 / 8
     f = decode_figures(exe, window=64)
-    assert f["hbm_ratio"] <= 1.5, f["hbm_ratio"]
+    roof = f["roofline"]
+    assert roof.binding == binds
+    assert roof.hbm_bytes >= f["weight_bytes"]                  # every weight, plus the KV window and logits
+    assert f["cycles"] <= 1.2 * roof.cycles, (f["cycles"], roof.cycles)
     assert f["memory"]["spills"] == []
+
+
+@pytest.mark.slow
+def test_decode_step_on_the_legacy_datacenter_preset_is_tensor_bound(default_model, pipelined):
+    """The legacy preset gives one core the whole chip's 2.9 TB/s: a decode matmul streams one moving
+    column, which costs 64 (tensor_min_moving) + 16 cycles per 128x128 weight tile, at most 205
+    weights per cycle against HBM's 1036, so the tensor engine binds; the step stays within 1.2x of it.
+    The JSON config of a core's share gives `core`'s figure."""
+    from isthmus.compiler.lower.npu.target import lower_npu
+    f = decode_figures(lower_npu(pipelined, model=default_model, config="datacenter", precision="bf16"), window=64)
+    assert f["roofline"].binding == "tensor" and f["cycles"] <= 1.2 * f["roofline"].cycles
+    share = decode_figures(lower_npu(pipelined, model=default_model, config=CORE_SHARE, precision="bf16"), window=64)
+    core = decode_figures(lower_npu(pipelined, model=default_model, config="core", precision="bf16"), window=64)
+    assert share["cycles"] == core["cycles"]

@@ -36,7 +36,7 @@ def test_asm_disasm_run_with_trace_and_outputs(tmp_path):
     rc, out, err = isthmus("npu", "run", tmp_path / "s.bin", "--inputs", tmp_path / "in.npz", "-o",
                            tmp_path / "out.npz", "--trace", tmp_path / "t.json")
     assert rc == 0, err
-    for needle in ("config datacenter", "cycles", "engine", "busy", "stall", "TFLOP/s", "GB/s", "dma_copy"):
+    for needle in ("config core", "cycles", "engine", "busy", "stall", "TFLOP/s", "GB/s", "dma_copy"):
         assert needle in out
     y = np.load(tmp_path / "out.npz")["y"]
     np.testing.assert_allclose(y.sum(axis=1), 1, rtol=1e-5)

@@ -75,10 +75,12 @@ def op_table(program, timeline, stats, graph, cfg, by: str = "op", limit: int = 
     total = sum(r.cycles for r in rows) or 1.0
     head = f"{'op' if by == 'op' else 'node':<24}{'nodes':>6}{'instrs':>8}{'cycles':>12}{'share':>8}{'bytes':>14}" \
            f"{'FLOPs':>15}{'tensor':>8}{'vector':>8}{'act':>7}{'dma':>7}  bound"
+    from isthmus.npu.timing import roofline
     lines = [f"{stats.cycles:,} cycles = {stats.seconds * 1e6:.1f} us modeled on {cfg.name}; "
              f"{len(program.instructions):,} instructions; HBM read {stats.hbm_read_bytes / 1e6:.1f} MB "
-             f"(bound {stats.hbm_read_bytes / cfg.hbm_bytes_per_s * 1e6:.1f} us at "
-             f"{cfg.hbm_bytes_per_s / 1e9:.0f} GB/s)", head, "-" * len(head)]
+             f"(bound {stats.hbm_read_bytes / cfg.core_hbm_bytes_per_s * 1e6:.1f} us at "
+             f"{cfg.core_hbm_bytes_per_s / 1e9:.1f} GB/s)", roofline(program, cfg).describe(stats.cycles),
+             head, "-" * len(head)]
     for r in rows[:limit or None]:
         c = max(r.cycles, 1.0)
         util = [f"{r.busy.get(e, 0) / c:>{w}.0%}" for e, w in (("tensor", 8), ("vector", 8), ("act", 7))]
@@ -92,15 +94,15 @@ def op_table(program, timeline, stats, graph, cfg, by: str = "op", limit: int = 
 
 # -- figures the docs and tests quote ---------------------------------------------------------------------------
 
-def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="datacenter") -> dict:
+def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="core") -> dict:
     """Lower x[m, k] @ W[k, n] (W a constant, as a model's weight) and run the timing model only:
-    cycles, FLOP utilisation (achieved / peak) and tensor-engine busy fraction."""
+    cycles, FLOP utilisation (achieved / peak), tensor-engine busy fraction and the roofline."""
     import numpy as np
 
     from isthmus.compiler.ir import Graph
     from isthmus.compiler.lower.npu.op_runner import Compiled, GenericRunner
     from isthmus.compiler.lower.npu.target import lower_npu
-    from isthmus.npu.timing import schedule, stats
+    from isthmus.npu.timing import roofline, schedule, stats
     g = Graph(f"matmul_{m}x{k}x{n}")
     x = g.add_input("x", (m, k), "f32")
     w = g.add_constant("w", np.zeros((k, n), np.float32))
@@ -112,14 +114,16 @@ def matmul_figures(m: int, k: int, n: int, precision: str = "bf16", config="data
     st = stats(prog, tl, cfg)
     ideal = 2.0 * m * k * n / cfg.peak_flops * cfg.clock_hz
     return {"program": prog, "stats": st, "cycles": st.cycles, "flop_utilisation": ideal / st.cycles,
-            "tensor_busy": st.engines["tensor"].busy / st.cycles, "ideal_cycles": ideal}
+            "tensor_busy": st.engines["tensor"].busy / st.cycles, "ideal_cycles": ideal,
+            "roofline": roofline(prog, cfg)}
 
 
 def decode_figures(exe, window: int = 64) -> dict:
     """One decode step of a compiled decoder (timing model only): cycles, time, the HBM-bandwidth bound
-    of its weight bytes, and the tensor-issue bound of its matmuls."""
+    of its weight bytes, the tensor-issue bound of its matmuls, and its roofline (all its compulsory
+    HBM traffic: weights, the KV window, logits)."""
     from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
-    from isthmus.npu.timing import engine_bound, schedule, stats
+    from isthmus.npu.timing import engine_bound, roofline, schedule, stats
     cfg = exe.config
     prog = build_chunk_program(exe.image, 1, window)
     tl = schedule(prog, cfg)
@@ -129,4 +133,4 @@ def decode_figures(exe, window: int = 64) -> dict:
     return {"program": prog, "stats": st, "cycles": st.cycles, "seconds": st.seconds, "weight_bytes": wb,
             "hbm_bound_cycles": hbm, "hbm_ratio": st.cycles / hbm,
             "tensor_bound_cycles": engine_bound(prog, cfg, "tensor"),
-            "memory": prog.memory}
+            "roofline": roofline(prog, cfg), "memory": prog.memory}

@@ -17,7 +17,7 @@ attention.py):
 - Any graph runs through `run(inputs)`: one program per set of input shapes, each node lowered
   on its own with its values in HBM (op_runner.py), so every op of the op set is covered.
 
-Options: `config` (an NPU preset or JSON path, default "datacenter"), `precision`: "bf16x3" (the
+Options: `config` (an NPU preset or JSON path, default "core"), `precision`: "bf16x3" (the
 default: weights and the activations feeding them as bf16 hi + lo pairs, three bf16 products
 accumulated in fp32 (two per weight tile in decode), attention and the KV cache in f32 — results
 agree with the f32 reference to ~1e-5), "bf16" (one bf16 product per tile, bf16 attention and KV
@@ -49,7 +49,7 @@ MIN_WINDOW = 64
 def lower_npu(graph: Graph, model=None, *, config=None, precision: str | None = None,
               check_races: bool | None = None, eager: bool = False, max_context: int | None = None) -> "NpuExecutable":
     from isthmus.npu.config import load_config
-    cfg = load_config(config or os.environ.get("ISTHMUS_NPU_CONFIG") or "datacenter")
+    cfg = load_config(config or os.environ.get("ISTHMUS_NPU_CONFIG") or "core")
     precision = precision or os.environ.get("ISTHMUS_NPU_PRECISION", "bf16x3")
     if precision not in PRECISIONS:
         raise InputError(f"NPU precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
