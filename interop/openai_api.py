@@ -411,9 +411,9 @@ def grammar(req: ChatCompletionRequest, engine):
         raise bad_request("ignore_eos cannot be combined with response_format or tools: a structured reply ends "
                           "when its value does", "ignore_eos", "invalid_value")
     if tools:
-        fmt = tool_format(engine.tokenizer)
-        kind, spec = fmt.grammar(tools, req.parallel_tool_calls is not False)
-        or_text = fmt.opener if req.tool_choice in (None, "auto") else None
+        calls = tool_format(engine.tokenizer)
+        kind, spec = calls.grammar(tools, req.parallel_tool_calls is not False)
+        or_text = calls.opener if req.tool_choice in (None, "auto") else None
         try:
             if kind == "lark":
                 return Grammar.lark(engine.tokenizer, engine.vocab, spec, or_text=or_text)
