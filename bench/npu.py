@@ -45,6 +45,11 @@ def npu(quick: bool = False, log=print) -> list[Row]:
     graph = run_pipeline(model.graph)
     for config, p in cases:
         log(f"  decode step {p} on {config}")
-        f = decode_figures(lower_npu(graph, model=model, config=config, precision=p), window=64)
+        exe = lower_npu(graph, model=model, config=config, precision=p)
+        if exe.spec is None:        # edge: SmolLM2's 64-wide heads exceed its 32 partitions (decoder and per-op)
+            rows.append(Row("npu", f"decode step {p}, {config}", "SmolLM2, window 64", "npu", None, "roofline",
+                            None, "cycles", note=f"not lowered: head_dim exceeds {config}'s partitions"))
+            continue
+        f = decode_figures(exe, window=64)
         rows.append(_row(f"decode step {p}, {config}", "SmolLM2, window 64", f["cycles"], f["roofline"]))
     return rows
