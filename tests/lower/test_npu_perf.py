@@ -11,14 +11,13 @@ from isthmus.compiler.lower.npu.profile_tables import decode_figures, matmul_fig
 CORE_SHARE = Path(__file__).resolve().parents[2] / "examples" / "npu" / "datacenter-core-share.json"
 
 
-def test_matmul_1024x4096x4096_bf16_near_tensor_peak_on_core():
-    """On `core` the tensor engine binds (HBM: 50 MB against 1.05M tensor cycles). 90.7 % of the
-    FLOP peak, not the 95 % issue 19 asks for: the first matmul waits 72k cycles for the first row
-    block's x^T and the first 1 MB weight piece (docs/npu-performance.md)."""
+def test_matmul_1024x4096x4096_bf16_reaches_95_percent_of_tensor_peak_on_core():
+    """On `core` the tensor engine binds (HBM: 50 MB against 1.05M tensor cycles); the weight pieces
+    load in 128 KB DMAs, so the first matmuls wait for their first K tiles only. Measured: 95.07 %."""
     f = matmul_figures(1024, 4096, 4096, "bf16", "core")
     assert f["roofline"].binding == "tensor"
-    assert f["flop_utilisation"] >= 0.90, f["flop_utilisation"]
-    assert f["cycles"] <= 1.07 * f["roofline"].cycles, (f["cycles"], f["roofline"].cycles)
+    assert f["flop_utilisation"] >= 0.95, f["flop_utilisation"]
+    assert f["cycles"] <= 1.03 * f["roofline"].cycles, (f["cycles"], f["roofline"].cycles)
     assert f["tensor_busy"] >= f["flop_utilisation"]
 
 
@@ -33,7 +32,7 @@ def pipelined(default_model):
 def test_decode_step_is_within_1_2x_of_its_roofline_on_core(default_model, pipelined, precision, binds):
     """One decode step of SmolLM2-135M on `core` (a NeuronCore with its 362.5 GB/s share of the
     chip's HBM): HBM binds in bf16 and bf16x3 (the weight ring keeps the DMA queues streaming), the
-    tensor engine in f32 (4 passes per matmul). Measured: 1.123x, 1.077x, 1.065x."""
+    tensor engine in f32 (4 passes per matmul). Measured: 1.040x, 1.039x, 1.034x."""
     from isthmus.compiler.lower.npu.target import lower_npu
     exe = lower_npu(pipelined, model=default_model, precision=precision)
     assert exe.config.name == "core" and exe.config.hbm_bytes_per_s == 2.9e12 / 8
