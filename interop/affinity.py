@@ -40,7 +40,8 @@ def _first_turn(items) -> list:
 
 def request_affinity(method: str, path: str, authorization: str | None, body: bytes) -> dict:
     """{"response": id} when the request needs the replica that stored a response, {"key": hex} for
-    a conversation to keep on one replica, {} when any replica will do. A body that is not JSON
+    a conversation to keep on one replica, {} when any replica will do; plus "stream": True when the
+    body asks for a stream (the router then relays the answer as it comes). A body that is not JSON
     gets {}: the replica that takes it answers the 400."""
     if path.startswith("/v1/responses/") and method in ("GET", "DELETE"):
         return {"response": path.removeprefix("/v1/responses/")}
@@ -52,14 +53,15 @@ def request_affinity(method: str, path: str, authorization: str | None, body: by
         return {}
     if not isinstance(doc, dict):
         return {}
+    stream = {"stream": True} if doc.get("stream") is True else {}
     caller = hashlib.sha256((authorization or "").encode("utf-8", "surrogatepass")).hexdigest()
     if path == "/v1/chat/completions":
-        return {"key": _digest(caller, doc.get("model"), _first_turn(doc.get("messages")))}
+        return {"key": _digest(caller, doc.get("model"), _first_turn(doc.get("messages"))), **stream}
     if isinstance(doc.get("previous_response_id"), str):
-        return {"response": doc["previous_response_id"]}
+        return {"response": doc["previous_response_id"], **stream}
     given = doc.get("input")
     first = given if isinstance(given, str) else _first_turn(given)
-    return {"key": _digest(caller, doc.get("model"), doc.get("instructions"), first)}
+    return {"key": _digest(caller, doc.get("model"), doc.get("instructions"), first), **stream}
 
 
 def _weight(key: str, replica: str) -> int:

@@ -115,6 +115,10 @@ class ModelReplica:
             from isthmus.interop.app import Guard
             self.requests.inc(tags={"route": Guard.route(scope.get("path", "")), "status": str(status[0] or 499)})
 
+    async def whole(self, scope: dict, body: bytes, affinity: dict | None = None) -> list[dict]:
+        """All of `handle`'s messages in one reply: a request that does not stream costs one call."""
+        return [m async for m in self.handle(scope, body, affinity)]
+
     async def __del__(self):
         try:
             await self._lifespan.__aexit__(None, None, None)
@@ -127,7 +131,7 @@ class Router:
     """The HTTP ingress: affinity, then a replica through the handle; clean errors when one dies."""
 
     def __init__(self, replicas, max_body_bytes: int, body_timeout: float):
-        self.replicas = replicas.options(stream=True)
+        self.replicas, self.streams = replicas, replicas.options(stream=True)
         self.max_body_bytes, self.body_timeout = max_body_bytes, body_timeout
         self.state = ray.get_actor(STATE_ACTOR, namespace=NAMESPACE)
 
@@ -147,21 +151,19 @@ class Router:
         affinity = request_affinity(request.method, request.url.path, request.headers.get("authorization"), body)
         if "response" in affinity:
             affinity["owner"] = await self.state.owner.remote("response", "", affinity["response"])
-        messages = self.replicas.handle.remote(scope, body, affinity=affinity)
+        if not affinity.get("stream"):      # one call for the whole answer, or a clean error instead of it
+            try:
+                start, *rest = await self.replicas.whole.remote(scope, body, affinity=affinity)
+            except Exception as e:          # the replica died (or could not be reached) before answering
+                return _replica_failed(e)
+            return _raw(Response(b"".join(m.get("body", b"") for m in rest), status_code=start["status"]),
+                        start.get("headers", []))
+        messages = self.streams.handle.remote(scope, body, affinity=affinity)
         try:
             start = await messages.__anext__()
-        except Exception as e:              # the replica died (or could not be reached) before answering
+        except Exception as e:
             return _replica_failed(e)
         headers = list(start.get("headers", []))
-        streaming = any(k.lower() == b"content-type" and v.startswith(b"text/event-stream") for k, v in headers)
-        if not streaming:                   # a whole body, or a clean error instead of half of one
-            chunks = []
-            try:
-                async for m in messages:
-                    chunks.append(m.get("body", b""))
-            except Exception as e:
-                return _replica_failed(e)
-            return _raw(Response(b"".join(chunks), status_code=start["status"]), headers)
 
         async def stream():
             try:
