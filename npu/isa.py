@@ -45,6 +45,8 @@ DTYPES: dict[str, DType] = {d.name: d for d in (
     DType("f8e4m3", 3, np.dtype(ml_dtypes.float8_e4m3fn), "OCP FP8 E4M3 (finite, max 448)"),
     DType("i8", 4, np.dtype(np.int8), "signed 8-bit integer"),
     DType("i32", 5, np.dtype(np.int32), "signed 32-bit integer (int8 matmul accumulator)"),
+    DType("u8", 6, np.dtype(np.uint8), "unsigned 8-bit integer; `dequant packed=1` reads each byte as two "
+                                       "4-bit values (low nibble first)"),
 )}
 DTYPE_BY_CODE = {d.code: d for d in DTYPES.values()}
 
@@ -257,6 +259,14 @@ OPS: dict[str, Op] = {op.name: op for op in (
     Op("copy", 0x52, "vector", "vector", (ap("dst"), ap("src")),
        "dst = src, converting the dtype (PSUM -> SBUF evacuation, casts)."),
     Op("memset", 0x53, "vector", "vector", (ap("dst"), f32("value")), "dst = value."),
+    Op("dequant", 0x54, "any", "dequant",
+       (engine("vector or act: the engine that runs it"), ap("dst"), ap("src"), ap("scale"), ap("zero"),
+        uint("group", 16, "consecutive dst elements sharing one scale and zero"),
+        flag("packed", "1: src is u8, each byte two 4-bit values 0..15, low nibble first")),
+       "Weight dequantisation after a DMA: dst[p, i] = q[p, i] * scale[p, i // group] + zero[p, i // group], "
+       "in fp32, over each partition's elements in row-major order; q is src's value (i8, f8e4m3, ...) or, "
+       "with `packed`, the i-th 4-bit value of src. dst has group x as many elements per partition as "
+       "scale and zero, and as src (twice as many with `packed`)."),
 )}
 OP_BY_CODE = {op.opcode: op for op in OPS.values()}
 COMPUTE_SPACES = ("sbuf", "psum")    # what the tensor/vector/act engines may touch

@@ -336,6 +336,46 @@ def _copy(m, ins):
     return chain(step, convert(m, d, s))
 
 
+@semantics("dequant")
+def _dequant(m, ins):
+    if ins["engine"] not in ("vector", "act"):
+        raise NpuError(f"dequant runs on vector or act, not {ins['engine']}")
+    d, s, sc, z = operands(m, ins, "dst", "src", "scale", "zero")
+    a, g = ins.args, ins["group"]
+    parts, n = a["dst"].count, a["dst"].free_elems
+    if a["src"].count != parts or a["scale"].count != parts or a["zero"].count != parts:
+        raise NpuError("dequant: dst, src, scale and zero must have the same partitions")
+    if ins["packed"] and a["src"].dtype != "u8":
+        raise NpuError(f"dequant packed=1 reads u8 pairs of 4-bit values, got src {a['src'].dtype}")
+    if a["src"].free_elems * (2 if ins["packed"] else 1) != n:
+        raise NpuError(f"dequant: src has {a['src'].free_elems} elements per partition for {n} dst elements"
+                       + (" (two 4-bit values a byte)" if ins["packed"] else ""))
+    if n % g or a["scale"].free_elems != n // g or a["zero"].free_elems != n // g:
+        raise NpuError(f"dequant: {n} dst elements per partition in groups of {g} need {n // g if g else '?'} "
+                       f"scale and zero elements, got {a['scale'].free_elems} and {a['zero'].free_elems}")
+    s_step, s2 = as_shape(m, s, (parts, a["src"].free_elems), "dq_src")
+    sc_step, sc2 = as_shape(m, sc, (parts, n // g, 1), "dq_scale")
+    z_step, z2 = as_shape(m, z, (parts, n // g, 1), "dq_zero")
+    q = m.scratch((parts, n // g, g), "dq_q")
+    flat = q.reshape(parts, n)
+    if ins["packed"]:
+        lo, hi = flat[:, 0::2], flat[:, 1::2]
+
+        def unpack():
+            np.bitwise_and(s2, 15, out=lo, casting="unsafe")
+            np.right_shift(s2, 4, out=hi, casting="unsafe")
+        load = unpack
+    else:
+        load = partial(np.copyto, flat, s2, casting="unsafe")
+    out = m.scratch((parts, n // g, g), "dq_out")
+    d_step, d2 = as_shape(m, d, (parts, n // g, g), "dq_dst")
+    if d_step is not None:                       # dst not viewable in that shape: write through a reshape
+        return chain(s_step, sc_step, z_step, load, partial(np.multiply, q, sc2, out=out),
+                     partial(np.add, out, z2, out=out), convert(m, d, out.reshape(d.shape)))
+    return chain(s_step, sc_step, z_step, load, partial(np.multiply, q, sc2, out=out),
+                 partial(np.add, out, z2, out=out), convert(m, d2, out))
+
+
 @semantics("memset")
 def _memset(m, ins):
     (d,) = operands(m, ins, "dst")

@@ -52,6 +52,13 @@ def _act(ins: Instruction, cfg: NpuConfig):
     return math.ceil(e / cfg.act_elems_per_cycle) + cfg.act_fixed_cycles, per * ins["src"].count * e
 
 
+def _dequant(ins: Instruction, cfg: NpuConfig):
+    e = ins["dst"].free_elems
+    if ins["engine"] == "act":
+        return math.ceil(e / cfg.act_elems_per_cycle) + cfg.act_fixed_cycles, 2 * ins["dst"].count * e
+    return math.ceil(e / cfg.vector_elems_per_cycle) + cfg.vector_fixed_cycles, 2 * ins["dst"].count * e
+
+
 def _sync(ins: Instruction, cfg: NpuConfig):
     return cfg.sync_cycles, 0
 
@@ -73,6 +80,8 @@ COSTS = {
     "dma": (_dma, "dma_latency_cycles + ceil(bytes * A / (hbm_bytes_per_s / cores / clock_hz)), bytes = the larger "
                   "side, A = DMA queues busy when it starts (itself included): queues share the core's HBM "
                   "bandwidth."),
+    "dequant": (_dequant, "as vector (engine=vector) or act (engine=act) over E = dst elements per partition. "
+                          "FLOPs = 2 * partitions * E."),
     "sync": (_sync, "sync_cycles (plus, for sem_wait, the stall until the semaphore is reached)."),
 }
 

@@ -219,3 +219,37 @@ def test_memset_and_nop_like_sync_ops(rig):
                        ("sem_wait", {"engine": "tensor", "sem": 1, "value": 0}), ("halt", {})]:
         rig.run(op, **fields)
     np.testing.assert_array_equal(rig.m.sbuf, before)
+
+
+@pytest.mark.parametrize("src_dt,packed,engine", [("i8", 0, "vector"), ("f8e4m3", 0, "act"), ("u8", 1, "vector"),
+                                                  ("u8", 1, "act")])
+def test_dequant_against_numpy(rig, rng, src_dt, packed, engine):
+    """dst = q * scale[group] + zero[group] per partition; packed: two 4-bit values a byte, low nibble first."""
+    P, n, g = 96, 64, 16
+    if packed:
+        q = rng.integers(0, 16, (P, n))
+        src = rig.put(rig.sb("u8", P, n // 2), q[:, 0::2] | (q[:, 1::2] << 4))
+    else:
+        src = rig.put(rig.sb(src_dt, P, n), rng.standard_normal((P, n)) * 40)
+        q = src
+    scale = rig.put(rig.sb("bf16", P, n // g, offset=256), rng.standard_normal((P, n // g)))
+    zero = rig.put(rig.sb("f32", P, n // g, offset=320), rng.standard_normal((P, n // g)))
+    rig.run("dequant", rig.sb("bf16", P, n, offset=512), rig.sb("u8" if packed else src_dt, P, n // 2 if packed else n),
+            rig.sb("bf16", P, n // g, offset=256), rig.sb("f32", P, n // g, offset=320), group=g, packed=packed,
+            engine=engine)
+    want = (q.reshape(P, n // g, g) * scale[..., None] + zero[..., None]).reshape(P, n).astype(np.float32)
+    np.testing.assert_array_equal(rig.get(rig.sb("bf16", P, n, offset=512)), rig.rounded(want, "bf16"))
+    assert src is not None
+
+
+@pytest.mark.parametrize("fields,needle", [
+    (dict(group=16, packed=1, engine="vector"), "reads u8 pairs"),          # i8 source with packed=1
+    (dict(group=24, packed=0, engine="vector"), "in groups of 24"),
+    (dict(group=16, packed=0, engine="tensor"), "runs on vector or act"),
+])
+def test_dequant_errors(rig, fields, needle):
+    from isthmus.errors import NpuError
+    with pytest.raises(NpuError, match=None) as e:
+        rig.run("dequant", rig.sb("bf16", 32, 64, offset=512), rig.sb("i8", 32, 64), rig.sb("bf16", 32, 4, offset=256),
+                rig.sb("bf16", 32, 4, offset=320), **fields)
+    assert needle in str(e.value)

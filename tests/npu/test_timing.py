@@ -33,6 +33,17 @@ def test_matmul_cost(dt, n, want):
         + CFG.tensor_fixed_cycles
 
 
+@pytest.mark.parametrize("engine,fixed", [("vector", CFG.vector_fixed_cycles), ("act", CFG.act_fixed_cycles)])
+def test_dequant_cost_on_either_engine(engine, fixed):
+    """A 4-bit dequant of 512 values a partition: E = dst elements, at one a cycle, plus the engine's fixed cost."""
+    (c,), tl = _cycles_of(lambda b: b.dequant(AP("sbuf", "bf16", 0, 128, 0, ((512, 1),)),
+                                              AP("sbuf", "u8", 0, 128, 2048, ((256, 1),)),
+                                              AP("sbuf", "bf16", 0, 128, 4096, ((16, 1),)),
+                                              AP("sbuf", "bf16", 0, 128, 4160, ((16, 1),)),
+                                              group=32, packed=1, engine=engine))
+    assert c == 512 + fixed and tl.engine == [engine]
+
+
 def test_vector_act_sync_and_dma_costs():
     t = AP("sbuf", "f32", 0, 128, 0, ((4, 25), (25, 1)))
     big = AP("sbuf", "bf16", 0, 128, 4096, ((128, 1),))
