@@ -4,6 +4,7 @@ harness, the one `isthmus bench` uses for the default model).
 
     python benchmarks/bench_kquant_decode.py [FILE.gguf ...] [--synthetic [--q4-1]] [--rounds N]
     python benchmarks/bench_kquant_decode.py --matvec      # per block format: one decode matvec
+    python benchmarks/bench_kquant_decode.py --rows        # per token: integer kernels vs dequantize+BLAS
 
 Without FILE it takes the default model (SmolLM2-135M-Instruct, q4_1/q8_0) requantized by llama.cpp's
 own quantizer to Q4_K_M; `--synthetic` a random-weight Llama whose widths are multiples of 256
@@ -66,6 +67,51 @@ def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 1
               f"{best[name] / best['q4_1']:.2f}x q4_1's time")
 
 
+def rows(rounds: int = 5) -> None:
+    """Per input row (token), on one thread, in CPU time (so other work on the machine skews it
+    little): the integer matvec kernels (four tokens per pass over a weight row) against dequantize
+    + BLAS, at 1 to 256 rows: where `linear.MATVEC_MAX_ROWS` belongs."""
+    import sys
+    import time
+
+    import numba
+    import numpy as np
+    from gguf import GGMLQuantizationType as T
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "support"))
+    import ggml_ref
+    from isthmus.compiler.quant import QuantizedArray, quantize
+    from isthmus.kernels.numba import linear
+
+    numba.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    print(f"ms per token, one thread, CPU time, best of {rounds}; integer kernels / dequantize+BLAS")
+    for fmt, shape in (("q4_k", (2816, 1024)), ("q5_0", (1536, 576)), ("q8_0", (1536, 576))):
+        wf = rng.standard_normal(shape).astype(np.float32)
+        p = linear.pack(quantize(wf, fmt) if fmt == "q8_0"
+                        else QuantizedArray(fmt, wf.shape, ggml_ref.quantize(wf, T[fmt.upper()])))
+        ws, cells = linear.Workspace(), []
+        for n in (1, 4, 8, 16, 32, 64, 128, 256):
+            x = rng.standard_normal((n, shape[1])).astype(np.float32)
+            out = np.zeros((n, shape[0]), np.float32)
+            best = {}
+            for _ in range(rounds + 1):             # the first round compiles and warms
+                for integer in (True, False):
+                    if not integer and n == 1:
+                        continue
+                    threshold = linear.MATVEC_MAX_ROWS
+                    linear.MATVEC_MAX_ROWS = threshold if integer else 0     # BLAS at any row count
+                    try:
+                        t0 = time.thread_time()
+                        linear.linear(x, p, out, ws, row_wise=integer)
+                        best[integer] = min(best.get(integer, 1e9), time.thread_time() - t0)
+                    finally:
+                        linear.MATVEC_MAX_ROWS = threshold
+            blas = f" / {best[False] * 1e3 / n:.3f}" if False in best else ""
+            cells.append(f"{n}: {best[True] * 1e3 / n:.3f}{blas}")
+        print(f"  {fmt} {shape[0]}x{shape[1]}  " + "   ".join(cells))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*", help="GGUF files; several are measured in the same interleaved rounds")
@@ -75,9 +121,12 @@ def main() -> None:
     ap.add_argument("--synthetic", action="store_true", help="a random Llama with widths multiple of 256")
     ap.add_argument("--q4-1", action="store_true", help="with --synthetic: also the same weights as Q4_1")
     ap.add_argument("--matvec", action="store_true", help="per block format: one decode matvec, no model")
+    ap.add_argument("--rows", action="store_true", help="per token: integer kernels vs dequantize+BLAS, 1-256 rows")
     args = ap.parse_args()
     if args.matvec:
         return matvec()
+    if args.rows:
+        return rows(args.rounds)
     from isthmus.bench.isolated import Worker, interleave
     from isthmus.compiler.frontends.gguf import read_gguf
 

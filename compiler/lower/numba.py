@@ -705,7 +705,8 @@ def lower_numba(graph: Graph, model=None) -> NumbaExecutable:
 def _warm(exe: NumbaExecutable) -> None:
     from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
 
-    exe.decoder().step([0] * (MATVEC_MAX_ROWS + 1))
+    prefill = exe.decoder()                 # the prefill path, as far as the model's context allows
+    prefill.step([0] * min(MATVEC_MAX_ROWS + 1, prefill.capacity - 1))
     exe.decoder().step([0])
 
 

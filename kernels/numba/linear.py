@@ -16,12 +16,15 @@ block keeps its GGUF size (q4_1: 20 bytes per 32 weights; q4_0 grows from 18 to 
 copy of a quantized matrix is ever kept. Sibling linears that read the same input
 (Q, K and V; gate and up) are packed as one matrix by stacking rows (`pack([w1, w2, ...])`).
 
-Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode) use the fused matvec
-kernels below: one parallel launch over weight rows, each block multiplied in registers (integer
-dot products with i16 activations on AVX2 hosts, f32 elsewhere). More rows (prefill) dequantize
-`GEMM_ROWS` weight rows at a time into a tile per work item and multiply each tile with BLAS
-running single-threaded on that item's thread (`dequant_matmul`: one parallel launch, one thread
-pool; threads.py says why), which at 256 rows beats the integer kernel by ~1.5x here.
+Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode, batched decode, short
+prefills) use the fused matvec kernels below: one parallel launch over weight rows, each block
+multiplied in registers (integer dot products with i16 or i8 activations on AVX2 hosts, f32
+elsewhere), four input rows per pass over a weight row where there are four (`_row_i16`). More
+rows (prefill) dequantize `GEMM_ROWS` weight rows at a time into a tile per work item and multiply
+each tile with BLAS running single-threaded on that item's thread (`dequant_matmul`: one parallel
+launch, one thread pool; threads.py says why). Per token, one thread, CPU time, from 4 rows on:
+the integer kernels 0.062 ms (q4_k 2816x1024), 0.033 (q5_0 1536x576), 0.022 (q8_0); dequantize +
+BLAS 0.108 / 0.034 / 0.044 at 16 rows, 0.078 / 0.024 / 0.029 at 32, 0.050 / 0.015 / 0.016 at 256 (`python benchmarks/bench_kquant_decode.py --rows`).
 
 The raw-block formats' row primitives live in kquant.py and kquant_simd.py and are compiled into
 this file's kernels: Numba's cache keys each kernel on its own file's contents only, so after
@@ -46,7 +49,7 @@ from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quant
                                         row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, rows4_q4_i16, rows4_q8_i16,
                                         sigmoid_f32)
 
-MATVEC_MAX_ROWS = 8       # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
+MATVEC_MAX_ROWS = 16      # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
 GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)
 CHUNK = 16                # weight rows per parallel work item
 

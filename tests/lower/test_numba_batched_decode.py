@@ -90,17 +90,22 @@ def test_each_sequence_in_any_batch_is_bitwise_itself_alone(exe):
     assert [d.length for d in decoders] == [len(p) + STEPS for p, _ in script]
 
 
-@pytest.mark.parametrize("name", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("name", ["q4_1", "q8_0", "q4_k_m"])
 def test_chunked_prefill_of_short_chunks_is_bitwise_the_whole_prompt(name):
-    """Block-quantized weights: chunks of up to MATVEC_MAX_ROWS tokens take the row-wise kernels,
-    as a whole prompt of that length does, so the next step's logits are the same bits. (Dense
-    f32/f16 weights take BLAS for several tokens, whose rounding depends on how many: not so.)"""
+    """Block-quantized weights: prompts below attention's BLAS_MIN_SEQ (and within MATVEC_MAX_ROWS)
+    take the row-wise kernels, four tokens per pass or one, each token's dot the same bits either
+    way, so the next step's logits do not depend on the chunking. (Dense f32/f16 weights take BLAS
+    for several tokens, whose rounding depends on how many: not so.)"""
+    from isthmus.kernels.numba.attention import BLAS_MIN_SEQ
+    from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
+
     exe = isthmus.compile(MODELS[name](), target="numba")
     vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
-    prompt = np.random.default_rng(3).integers(0, vocab, 8).tolist()
+    n = min(BLAS_MIN_SEQ - 1, MATVEC_MAX_ROWS)
+    prompt = np.random.default_rng(3).integers(0, vocab, n).tolist()
     whole, chunked = exe.decoder(), exe.decoder()
     whole.step(prompt)
-    for chunk in (prompt[:3], prompt[3:4], prompt[4:]):
+    for chunk in (prompt[:3], prompt[3:4], prompt[4:9], prompt[9:]):
         chunked.step(chunk)
     assert np.array_equal(whole.step([5]), chunked.step([5]))
 

@@ -96,9 +96,10 @@ def byte_alphabet() -> list[str]:
     return [spelled[b] for b in range(256)]
 
 
-def write_tiny_chat_gguf(path, seed=0, context_length=None, template=TEMPLATE):
-    """A 2-layer random Llama with a real (tiny) tokenizer and chat template, as a GGUF file
-    (`context_length`: other than CHAT_CONFIG's, for prompts that need more room)."""
+def write_tiny_chat_gguf(path, seed=0, context_length=None, template=None):
+    """A 2-layer random Llama with a real (tiny) tokenizer and chat template (default TEMPLATE,
+    read when called), as a GGUF file (`context_length`: other than CHAT_CONFIG's, for prompts that
+    need more room)."""
     import gguf
 
     tokens = SPECIALS + byte_alphabet() + ["".join(m.split(" ")) for m in MERGES]
@@ -126,7 +127,7 @@ def write_tiny_chat_gguf(path, seed=0, context_length=None, template=TEMPLATE):
     w.add_array("tokenizer.ggml.merges", MERGES)
     w.add_uint32("tokenizer.ggml.bos_token_id", 1)
     w.add_uint32("tokenizer.ggml.eos_token_id", 2)
-    w.add_string("tokenizer.chat_template", template)
+    w.add_string("tokenizer.chat_template", template or TEMPLATE)
     out = mat(V, D, 4.0)           # sharp logits: greedy choices are far from ties
     out[2] *= 0.3                  # <|im_end|> is rare, so replies run to max_tokens mostly
     tensors = {"token_embd.weight": rng.standard_normal((V, D)).astype(np.float32),
