@@ -9,7 +9,10 @@ joined to it, for R = 1 and 2, each as its own process like a user would run it:
 * **throughput**: per round, --streams chat completions per replica at once (distinct
   conversations, so the affinity router spreads them), each exactly --tokens tokens (`ignore_eos`,
   greedy), through the official `openai` client; aggregate = all completion tokens / wall time of
-  the round (prompt processing included). Best round of each R, with how the requests split.
+  the round (prompt processing included). Each round is preceded by the same requests on a plain
+  `isthmus serve` (one process, no Ray), so every figure has a reference taken under the same load
+  (the machine is shared: absolute figures drift); median and range of the rounds, and the median
+  ratio to the plain server.
 * **router overhead**: the median latency of `GET /v1/models` (no generation: all that is left is
   the HTTP path) through `--replicas 1` (Serve proxy -> Router -> handle -> replica) minus the same
   on plain `isthmus serve` (uvicorn, one process), --probes sequential requests each after a warm-up.
@@ -118,6 +121,7 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--probes", type=int, default=200, help="requests timed for the router overhead (default 200)")
     p.add_argument("--replicas", default="1,2", help="replica counts to measure (default 1,2)")
+    p.add_argument("--replica-cpus", type=int, help="passed to isthmus serve (default: its own choice)")
     args = p.parse_args()
 
     # Ray runs its workers (the replicas) at nice 15 unless told otherwise: on a machine shared with
@@ -130,29 +134,33 @@ def main() -> int:
     cores = os.cpu_count()
     print(f"machine: {cores} cores, load average {os.getloadavg()[0]:.2f}; model {args.model} on {args.target}; "
           f"ray {ray.__version__}, RAY_worker_niceness={os.environ['RAY_worker_niceness']}", flush=True)
-    results = {}
+    results, reference = {}, {}
     try:
-        plain = Server(args, [])
-        direct = probe_latency(plain.url, args.probes)
-        plain.stop()
-        for r in [int(x) for x in args.replicas.split(",")]:
-            server = Server(args, ["--replicas", str(r), "--ray-address", address])
-            try:
-                if r == 1:
-                    via_ray = probe_latency(server.url, args.probes)
-                asyncio.run(one_round(server.url, 2 * r, 4, "warm"))          # every replica compiled and warm
-                best = None
-                for k in range(args.rounds):
-                    wall, toks, split = asyncio.run(one_round(server.url, args.streams * r, args.tokens, f"{r}.{k}"))
-                    rate = toks / wall
-                    print(f"  replicas={r} round {k}: {toks} tokens in {wall:.2f} s = {rate:.1f} tokens/s; "
-                          f"requests per replica {sorted(split.values())}", flush=True)
-                    best = max(best or 0.0, rate)
-                results[r] = best
-            finally:
-                server.stop()
-                from ray import serve
-                serve.shutdown()        # its proxy's port goes with it (the next run listens on another)
+        plain = Server(args, [])             # one process, no Ray: the reference, measured in alternation
+        asyncio.run(one_round(plain.url, 2, 4, "warm"))
+        try:
+            for r in [int(x) for x in args.replicas.split(",")]:
+                cpus = ["--replica-cpus", str(args.replica_cpus)] if args.replica_cpus else []
+                server = Server(args, ["--replicas", str(r), "--ray-address", address, *cpus])
+                try:
+                    if r == 1:
+                        direct, via_ray = probe_latency(plain.url, args.probes), probe_latency(server.url, args.probes)
+                    asyncio.run(one_round(server.url, 2 * r, 4, "warm"))      # every replica compiled and warm
+                    for k in range(args.rounds):
+                        wall, toks, _ = asyncio.run(one_round(plain.url, args.streams * r, args.tokens, f"p{r}.{k}"))
+                        reference.setdefault(r, []).append(toks / wall)
+                        wall, toks, split = asyncio.run(one_round(server.url, args.streams * r, args.tokens,
+                                                                  f"{r}.{k}"))
+                        results.setdefault(r, []).append(toks / wall)
+                        print(f"  round {k}: {args.streams * r} requests: plain server {reference[r][-1]:.1f} "
+                              f"tokens/s, {r} replica(s) {results[r][-1]:.1f} tokens/s (requests per replica "
+                              f"{sorted(split.values())}); load average {os.getloadavg()[0]:.2f}", flush=True)
+                finally:
+                    server.stop()
+                    from ray import serve
+                    serve.shutdown()        # its proxy's port goes with it (the next run listens on another)
+        finally:
+            plain.stop()
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,12 +168,15 @@ def main() -> int:
     overhead = via_ray - direct
     print(f"\nrouter overhead: GET /v1/models median {direct * 1e3:.2f} ms direct (uvicorn), "
           f"{via_ray * 1e3:.2f} ms through Ray Serve (proxy -> Router -> replica): +{overhead * 1e3:.2f} ms per request")
-    print("aggregate throughput (best round, prompt processing included):")
-    for r, rate in results.items():
-        print(f"  {r} replica(s) on this machine: {rate:.1f} tokens/s" +
-              (f"  ({rate / results[1]:.2f}x of 1 replica)" if r != 1 and 1 in results else ""))
+    print(f"aggregate throughput, {args.tokens}-token replies, prompt processing included (median [min-max] of "
+          f"{args.rounds} rounds; each round of the plain server right before, same number of requests):")
+    for r, rates in results.items():
+        ratio = statistics.median(a / b for a, b in zip(rates, reference[r]))
+        print(f"  {r} replica(s): {statistics.median(rates):.1f} [{min(rates):.1f}-{max(rates):.1f}] tokens/s; "
+              f"plain server {statistics.median(reference[r]):.1f} [{min(reference[r]):.1f}-{max(reference[r]):.1f}]; "
+              f"ratio to plain (median of rounds) {ratio:.2f}")
     if 1 in results and overhead > 0:
-        per = results[1]
+        per = statistics.median(results[1])
         cap = args.tokens / overhead
         print(f"scaling model: aggregate(M machines, one replica each) ~= min(M x {per:.0f}, {cap:.0f}) tokens/s "
               f"(router cap = {args.tokens} tokens/request / {overhead * 1e3:.2f} ms, if that overhead were all "
