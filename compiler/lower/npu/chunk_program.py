@@ -85,6 +85,8 @@ class DecoderImage:
     resident: list[tuple[str, str, tuple, np.ndarray | None]] = field(default_factory=list)
     ring_piece_bytes: int = 0
     released: bool = False
+    weight_option: str = "bf16"               # quant_weights.OPTIONS: each weight's format follows from it
+    scale_chunks: int = 0                     # columns of the per-output scale table (int8/fp8 weights)
 
     @property
     def wdt(self) -> str:
@@ -104,10 +106,18 @@ class DecoderImage:
         """Drop the packed host arrays once they are bound into HBM (the HBM image holds them)."""
         self.resident = [(n, d, s, None) for n, d, s, _ in self.resident]
         for w in [w for lw in self.weights for w in lw.values()] + [self.head]:
-            w.data = None
+            w.data = w.qdata = w.gscale = w.gzero = None
             if w.lo is not None:
                 w.lo.data = None
         self.released = True
+
+    @property
+    def formats(self) -> dict[str, int]:
+        """How many weights are stored in each format."""
+        out: dict[str, int] = {}
+        for w in [w for lw in self.weights for w in lw.values()] + [self.head]:
+            out[w.fmt] = out.get(w.fmt, 0) + 1
+        return out
 
     @property
     def weight_bytes(self) -> int:
@@ -116,7 +126,9 @@ class DecoderImage:
         return sum(w.nbytes + (w.lo.nbytes if w.lo is not None else 0) for w in ws)
 
 
-def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -> DecoderImage:
+def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
+                weights: str = "bf16") -> DecoderImage:
+    from isthmus.compiler.lower.npu.quant_weights import choose_format
     from isthmus.kernels.numba.weight_pack import dequantize
     P = cfg.partitions
     sl = assign_slots(spec.heads, spec.kv_heads, spec.head_dim, P, cfg.pe_partition_align)
@@ -124,8 +136,10 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -
         raise ValueError("head_dim does not fit the partition layout")
     hd, G, D = spec.head_dim, spec.kv_heads, spec.hidden
     cmax = max(64, 1 << (max(context, 1) - 1).bit_length())
-    img = DecoderImage(spec, cfg, precision, sl, cmax, cmax)
+    img = DecoderImage(spec, cfg, precision, sl, cmax, cmax, weight_option=weights)
     wdt, split = img.wdt, img.split
+    if weights != "bf16" and precision == "f32":
+        raise ValueError(f"quantized NPU weights ({weights}) need precision bf16 or bf16x3, not f32")
     budget = cfg.sbuf_bytes_per_partition // (16 if split else 8)    # one piece (hi or lo) in the ring
     img.ring_piece_bytes = budget * (2 if split else 1)
 
@@ -139,17 +153,27 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -
                 k_map[j * P + i * sl.stride:j * P + i * sl.stride + hd] = np.arange(g * hd, (g + 1) * hd)
     k_map = k_map[:int(np.max(np.nonzero(k_map >= 0)[0])) + 1]
 
-    def pack(name, node, rows=None, cols=None):
+    def pack(name, node, rows=None, cols=None, row_major=False):
         data = node.inputs[1].data
         n = len(rows) if rows is not None else data.shape[0]
         k = len(cols) if cols is not None else data.shape[1]
-        return make_weight(name, data, wdt, P, piece_cols_for(k, n, P, wdt, budget), rows=rows, cols=cols,
-                           split=split, label=node.outputs[0].name)
+        fmt = choose_format(data, n, weights)
+        if row_major and fmt in ("int8", "fp8"):    # outputs along the free dim: no per-partition scale
+            fmt = "bf16"
+        if fmt == "q4" and rows is not None and not np.array_equal(rows, np.arange(data.shape[0])):
+            fmt = "int8"                            # q4 blocks follow the stored output order; padding would
+        #                                             not stay zero in a block with real outputs
+        w = make_weight(name, data, wdt, P, piece_cols_for(k, n, P, wdt, budget, fmt), rows=rows, cols=cols,
+                        split=split, label=node.outputs[0].name, fmt=fmt)
+        if w.chan_scale is not None:
+            w.scale_chunk0 = img.scale_chunks
+            img.scale_chunks += -(-n // P)
+        return w
 
     for L in spec.layers:
         i = L.index
         img.weights.append({"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
-                            "v": pack(f"L{i}.v", L.v), "o": pack(f"L{i}.o", L.o, cols=q_map),
+                            "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=q_map),
                             "gate": pack(f"L{i}.gate", L.gate), "up": pack(f"L{i}.up", L.up),
                             "down": pack(f"L{i}.down", L.down)})
     img.head = pack("head", spec.head)
@@ -169,10 +193,19 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int) -
     Lc = len(spec.layers)
     res = img.resident
     res.append(("embed", "f32", (spec.vocab, D), dequantize(spec.embed.inputs[0].data)))
+    scales = np.zeros((P, max(img.scale_chunks, 1)), np.float32)
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
-        for part in (w, w.lo):
-            if part is not None:
-                res.append((part.name, wdt, part.data.shape, part.data))
+        for suffix, dt, arr in w.parts_in_hbm:
+            res.append((w.name + suffix, dt, arr.shape, arr))
+        if w.lo is not None:
+            res.append((w.lo.name, wdt, w.lo.data.shape, w.lo.data))
+        if w.chan_scale is not None:
+            nch = -(-w.n // P)
+            col = np.zeros(nch * P, np.float32)
+            col[:w.n] = w.chan_scale
+            scales[:, w.scale_chunk0:w.scale_chunk0 + nch] = col.reshape(nch, P).T
+    if img.scale_chunks:
+        res.append(("wscales", "f32", scales.shape, scales))
     res.append(("norms", "f32", norms.shape, norms))
     res.append(("rope", "f32", (img.max_pos, 2 * P),
                 rope_table(img.max_pos, P, sl.stride, hd, spec.rope_theta, spec.rope_layout).reshape(img.max_pos, -1)))
@@ -198,7 +231,11 @@ def _declare(em: Emitter, img: DecoderImage) -> dict:
     for name, dtype, shape, _ in img.resident:
         t[name] = em.tensor(name, shape, dtype, "input")
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
-        w.hbm = t[w.name]
+        if w.fmt == "bf16":
+            w.hbm = t[w.name]
+        else:
+            w.qhbm = t[w.name + ".q"]
+            w.shbm, w.zhbm = t.get(w.name + ".s"), t.get(w.name + ".z")
         if w.lo is not None:
             w.lo.hbm = t[w.lo.name]
     return t
@@ -248,6 +285,10 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
     sinT = em.sbuf((P,), "f32", what="sin")
     kvb = em.sbuf((C,), "f32", what="window bias")
     norms = em.sbuf((2 * Lc + 1, nc), "f32", what="norm weights")
+    scales = em.sbuf((img.scale_chunks,), "f32", what="weight scales") if img.scale_chunks else None
+    for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
+        w.scale_tile = None if w.chan_scale is None else \
+            Tile("sbuf", "f32", 0, NP, scales.offset + 4 * w.scale_chunk0, (-(-w.n // NP),))
     rot = em.sbuf((NP,), adt, what="rotation")
     idx = em.sbuf((nb, 2), "i32", what="ids, positions")
     reserve = 8 * nc * P + 4 * 2 * NP * 4 + 24 * 1024
@@ -267,6 +308,8 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
 
     with em.label(spec.embed.outputs[0].name):
         em.dma(norms[:, :, :], hbm["norms"].ap(0, NP, nc, [(2 * Lc + 1, NP * nc), (nc, 1)]))
+        if scales is not None:
+            em.dma(scales[:, :], hbm["wscales"][0:NP, 0:img.scale_chunks])
         em.dma(rot[:, :], hbm["rot"][0:NP, 0:NP])
         em.dma(kvb[:, :], bias_t.ap(0, NP, 0, [(C, 1)]))
         em.memset(attnT.tile.ap(), 0.0)

@@ -263,6 +263,13 @@ class Emitter:
             return self.act(dst, src)
         return self.emit("copy", dst, src)
 
+    def dequant(self, dst: AP, src: AP, scale: AP, zero: AP, group: int, packed: int) -> int:
+        """Weight dequantisation on VECTOR or ACT, whichever is less busy."""
+        ev = self.busy.get("vector", 0.0) + self.cfg.vector_fixed_cycles
+        ea = self.busy.get("act", 0.0) + self.cfg.act_fixed_cycles
+        return self.emit("dequant", dst, src, scale, zero, group=group, packed=packed,
+                         engine="vector" if ev <= ea else "act")
+
     # -- the program --------------------------------------------------------------------------------------
     def build(self) -> Program:
         """Instructions with the semaphores their dependencies need (see the module docstring)."""

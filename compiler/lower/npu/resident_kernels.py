@@ -119,18 +119,19 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
     costs two matmuls per weight tile instead of three."""
     cfg = em.cfg
     P = cfg.partitions
-    split = w.lo is not None
-    if split != x.split:
-        raise ValueError("a split weight needs a split activation and the reverse")
+    split = w.lo is not None           # a weight without a lo part (quantized: exact in bf16) may meet a
+    if split and not x.split:          # split activation: W x_hi + W x_lo
+        raise ValueError("a split weight needs a split activation")
+    xsplit = x.split
     R = x.rows
     rb_max = cfg.moving_max
-    paired = split and 2 * R <= cfg.tensor_min_moving          # [hi | lo] in one moving operand
+    paired = xsplit and 2 * R <= cfg.tensor_min_moving         # [hi | lo] in one moving operand
     width = 2 * R if paired else min(R, rb_max)
     pairs = [w] if up is None else [w, up]
     for pcs in zip(*(ww.pieces for ww in pairs)):
         for ww, pc in zip(pairs, pcs):
             stream.acquire(ww, pc)
-            if split:
+            if ww.lo is not None:
                 stream.acquire(ww.lo, ww.lo.pieces[ww.pieces.index(pc)])
         pc0 = pcs[0]
         for r0 in range(0, R, rb_max):
@@ -143,23 +144,30 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
                 gc1 = min(chunk_hi, gc0 + g)
                 ps = [em.psum((gc1 - gc0, cols)) for _ in pairs]
                 for ww, pc, pt in zip(pairs, pcs, ps):
-                    lpc = ww.lo.pieces[ww.pieces.index(pc)] if split else None
+                    lpc = ww.lo.pieces[ww.pieces.index(pc)] if ww.lo is not None else None
                     for c in range(gc0, gc1):
                         m0, m1 = c * P, min(ww.n, (c + 1) * P)
                         dst = pt[0:m1 - m0, c - gc0, :]
                         for t in range(ww.kt):
                             kp = P if t < ww.kt - 1 else ww.kp
                             sta = ww.stationary(pc, t, m0, m1)
-                            if not split:
+                            if not xsplit:
                                 em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
                             elif paired:
                                 em.matmul(dst, sta, x.tile[0:kp, t, 0:2 * R], acc=t > 0)
-                                em.matmul(pt[0:m1 - m0, c - gc0, 0:R], ww.lo.stationary(lpc, t, m0, m1),
-                                          x.tile[0:kp, t, 0:R], acc=True)
+                                if lpc is not None:
+                                    em.matmul(pt[0:m1 - m0, c - gc0, 0:R], ww.lo.stationary(lpc, t, m0, m1),
+                                              x.tile[0:kp, t, 0:R], acc=True)
+                            elif lpc is None:
+                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                                em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
                             else:
                                 em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
                                 em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
                                 em.matmul(dst, ww.lo.stationary(lpc, t, m0, m1), x.tile[0:kp, t, r0:r1], acc=True)
+                for ww, pt in zip(pairs, ps):
+                    if ww.scale_tile is not None:      # int8/fp8: the per-output scale, one per partition
+                        em.tt(pt[:, :, :], pt[:, :, :], bcast(ww.scale_tile, gc0, gc1, 0, cols, "rows"), "mul")
                 srcs = []
                 for pt in ps:
                     if paired:          # fold the x_lo half into the first
@@ -171,7 +179,7 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
                 em.free(*ps)
         for ww, pc in zip(pairs, pcs):
             stream.release(ww, pc)
-            if split:
+            if ww.lo is not None:
                 stream.release(ww.lo, ww.lo.pieces[ww.pieces.index(pc)])
     return out
 
@@ -224,8 +232,9 @@ def linear_rows(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, dst:
                 kp = P if t < w.kt - 1 else w.kp
                 mov = pc.tile[0:kp, t, o0 - pc.o0:o1 - pc.o0]
                 em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, r0:r1], mov, acc=t > 0)
-                if split:
+                if x.split:
                     em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, R + r0:R + r1], mov, acc=True)
+                if split:
                     em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, r0:r1], lpc.tile[0:kp, t, o0 - pc.o0:o1 - pc.o0],
                               acc=True)
             em.copy(dst[0:r1 - r0, o0:o1], pt[0:r1 - r0, :], engine=copy_engine)

@@ -26,7 +26,13 @@ operands, which the PE array takes in 4 passes). `check_races` (ISTHMUS_NPU_CHEC
 the simulator's race check on every program loaded; the emitter's dependency analysis makes
 programs race-free by construction, so it is off by default outside tests. `max_context`
 (ISTHMUS_NPU_MAX_CONTEXT, default 4096): the KV cache's capacity, at most the model's context.
-Environment: ISTHMUS_NPU_CONFIG, ISTHMUS_NPU_PRECISION. docs/npu-performance.md has the figures.
+`weights` (ISTHMUS_NPU_WEIGHTS, default "bf16"): how the decoder stores its weights in HBM:
+"bf16" (dequantized ahead of time in the precision's dtype), "int8", "fp8", "q4" (stored quantized
+and dequantized on chip after each DMA: quant_weights.py), or "auto" (per layer from the model
+file's quantization). A quantized weight is exact in bf16, so at precision bf16x3 it needs no lo
+part: W x_hi + W x_lo, one matmul per tile in decode, as bf16.
+Environment: ISTHMUS_NPU_CONFIG, ISTHMUS_NPU_PRECISION, ISTHMUS_NPU_WEIGHTS. docs/npu-performance.md
+has the figures.
 """
 
 from __future__ import annotations
@@ -47,19 +53,26 @@ MIN_WINDOW = 64
 
 
 def lower_npu(graph: Graph, model=None, *, config=None, precision: str | None = None,
-              check_races: bool | None = None, eager: bool = False, max_context: int | None = None) -> "NpuExecutable":
+              check_races: bool | None = None, eager: bool = False, max_context: int | None = None,
+              weights: str | None = None) -> "NpuExecutable":
+    from isthmus.compiler.lower.npu.quant_weights import OPTIONS
     from isthmus.npu.config import load_config
     cfg = load_config(config or os.environ.get("ISTHMUS_NPU_CONFIG") or "core")
-    precision = precision or os.environ.get("ISTHMUS_NPU_PRECISION", "bf16x3")
+    weights = weights or os.environ.get("ISTHMUS_NPU_WEIGHTS") or "bf16"
+    if weights not in OPTIONS:
+        raise InputError(f"NPU weights must be one of {', '.join(OPTIONS)}, got {weights!r}")
+    precision = precision or os.environ.get("ISTHMUS_NPU_PRECISION") or "bf16x3"
     if precision not in PRECISIONS:
         raise InputError(f"NPU precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if weights != "bf16" and precision == "f32":
+        raise InputError(f"quantized NPU weights (--npu-weights {weights}) run at precision bf16 or bf16x3, not f32")
     if cfg.pe_rows != cfg.partitions or cfg.pe_cols != cfg.partitions:
         raise UnsupportedError(f"NPU config {cfg.name}: the lowering needs a PE array as wide as the partitions")
     if check_races is None:
         check_races = os.environ.get("ISTHMUS_NPU_CHECK_RACES", "") not in ("", "0")
     max_context = max_context or int(os.environ.get("ISTHMUS_NPU_MAX_CONTEXT", "4096"))
     exe = NpuExecutable(graph, "npu", model=model, config=cfg, precision=precision, check_races=check_races,
-                        max_context=max_context)
+                        max_context=max_context, weights=weights)
     if eager and exe.spec is not None:
         exe.runtime.program(1, MIN_WINDOW)
     return exe
@@ -71,6 +84,7 @@ class NpuExecutable(Executable):
     precision: str = "bf16x3"
     check_races: bool = False
     max_context: int = 4096
+    weights: str = "bf16"
     runs: list = field(default_factory=list, repr=False)     # (program, timeline, stats) while profiling
 
     def __post_init__(self):          # replaces the reference's, which would dequantize every weight
@@ -81,7 +95,7 @@ class NpuExecutable(Executable):
         if self.spec is not None:
             from isthmus.compiler.lower.npu.chunk_program import build_image
             try:
-                self.image = build_image(self.spec, self.config, self.precision, self._context())
+                self.image = build_image(self.spec, self.config, self.precision, self._context(), self.weights)
             except ValueError:
                 self.spec = None
 

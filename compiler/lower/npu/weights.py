@@ -1,13 +1,12 @@
 """Weights for the NPU: converted ahead of time, packed for the PE array, streamed through an SBUF ring.
 
-**Quantized weights are dequantized ahead of time** (at compile time, on the host, by the Numba
-kernel kernels/numba/weight_pack.py) to the lowering's matmul dtype. The NPU has no 4-bit type
-and its matmul takes float operands of one dtype, so on-chip dequantisation would cost VECTOR
-passes per weight tile (`q * d + m` over 32-element blocks) on every decode step, for HBM bytes
-that are not the bottleneck on the datacenter preset (the tensor engine's issue rate is;
-docs/npu-performance.md). The cost is memory, per weight value: bf16 2 bytes (3.2x a Q4_1 value's 0.625), "bf16x3" 4 bytes (a bf16 hi
-and a bf16 lo part, so the product keeps ~16 bits of the dequantized value; see resident_kernels),
-f32 4 bytes.
+**Storage.** By default (format "bf16") quantized weights are dequantized ahead of time (at compile
+time, on the host, by the Numba kernel kernels/numba/weight_pack.py) to the lowering's matmul dtype:
+per weight value bf16 2 bytes (3.2x a Q4_1 value's 0.625), "bf16x3" 4 bytes (a bf16 hi and a bf16
+lo part, so the product keeps ~16 bits of the dequantized value; see resident_kernels), f32 4 bytes.
+A weight may instead be stored quantized (int8, fp8, q4: quant_weights.py) and dequantized on chip
+by VECTOR or ACT after its DMA, into the bf16 tile the matmuls read; an int8/fp8 weight's per-output
+scale is applied to the matmul's PSUM result (`linear`'s eviction).
 
 Packing: the PE array contracts over partitions, so a linear layer y = x W^T (W [out, in]) runs
 with W^T tiles as the *stationary* operand: [K=in rows on partitions, M=out columns]. A weight is
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isthmus.compiler.lower.npu.emitter import Emitter, Hbm, Tile
+from isthmus.compiler.lower.npu.quant_weights import Q4_GROUP, STORAGE_DTYPE, STORED_BYTES, pack_nibbles, quantize
 from isthmus.npu.isa import DTYPES
 
 
@@ -47,7 +47,10 @@ class Piece:
 
 @dataclass
 class PackedWeight:
-    """W^T [k, n] (k input features, n outputs) packed for the PE array (see the module docstring)."""
+    """W^T [k, n] (k input features, n outputs) packed for the PE array (see the module docstring).
+    A quantized weight (`fmt` != "bf16") keeps its stored arrays in `qdata` (and q4's `gscale`, `gzero`,
+    packed alike with one value per 32 outputs), its per-output scales in `chan_scale` (int8, fp8); its
+    SBUF tiles are bf16."""
 
     name: str
     k: int
@@ -59,6 +62,16 @@ class PackedWeight:
     hbm: Hbm | None = None
     label: str | None = None
     lo: "PackedWeight | None" = None    # bf16x3: the bf16 remainder W - hi, packed alike
+    fmt: str = "bf16"
+    qdata: np.ndarray | None = None
+    gscale: np.ndarray | None = None
+    gzero: np.ndarray | None = None
+    chan_scale: np.ndarray | None = None
+    qhbm: Hbm | None = None
+    shbm: Hbm | None = None
+    zhbm: Hbm | None = None
+    scale_chunk0: int = 0               # this weight's first column in the program's per-output scale tile
+    scale_tile: Tile | None = None      # [parts, n / parts] f32 per-output scales, set per program
 
     @property
     def kt(self) -> int:
@@ -70,12 +83,36 @@ class PackedWeight:
         return self.k - (self.kt - 1) * self.parts
 
     def piece_bytes(self, pc: Piece) -> int:
-        """Bytes per partition a piece takes in SBUF."""
-        return self.kt * (pc.o1 - pc.o0) * DTYPES[self.dtype].size
+        """Bytes per partition a piece takes in SBUF (a quantized one: its bf16 tile and its staging)."""
+        return self.kt * (pc.o1 - pc.o0) * DTYPES[self.dtype].size + self._staging(pc.o1 - pc.o0)[-1]
+
+    def _staging(self, cols: int) -> tuple[int, int, int]:
+        """Bytes per partition of a piece's staging: (values, q4 scales, q4 zeros, ...) offsets; last: total."""
+        if self.fmt == "bf16":
+            return (0,)
+        qb = int(self.kt * cols * STORED_BYTES[self.fmt])
+        if self.fmt != "q4":
+            return 0, qb
+        gb = self.kt * (cols // Q4_GROUP) * 2
+        return 0, qb, qb + gb, qb + 2 * gb
 
     @property
     def nbytes(self) -> int:
-        return self.k * self.n * DTYPES[self.dtype].size
+        """HBM bytes the weight streams per token (a quantized one: values and scales)."""
+        if self.fmt == "bf16":
+            return self.k * self.n * DTYPES[self.dtype].size
+        vals = int(self.k * self.n * STORED_BYTES[self.fmt])
+        return vals + (self.k * self.n // Q4_GROUP * 4 if self.fmt == "q4" else 4 * self.n)
+
+    @property
+    def parts_in_hbm(self) -> list[tuple[str, str, np.ndarray | None]]:
+        """(name suffix, dtype, host array) of each HBM tensor the weight is stored as."""
+        if self.fmt == "bf16":
+            return [("", self.dtype, self.data)]
+        out = [(".q", STORAGE_DTYPE[self.fmt], self.qdata)]
+        if self.fmt == "q4":
+            out += [(".s", "bf16", self.gscale), (".z", "bf16", self.gzero)]
+        return out
 
     def stationary(self, pc: Piece, t: int, m0: int, m1: int):
         """The [K-tile t rows, outputs m0:m1] stationary AP of a loaded piece (m in absolute outputs)."""
@@ -84,10 +121,13 @@ class PackedWeight:
 
 
 def make_weight(name: str, data, dtype: str, parts: int, piece_cols: int, *, rows=None, cols=None,
-                transposed: bool = False, split: bool = False, label: str | None = None) -> PackedWeight:
+                transposed: bool = False, split: bool = False, label: str | None = None,
+                fmt: str = "bf16") -> PackedWeight:
     """W^T packed for the PE array from a weight as stored (see weight_pack.pack for rows/cols/transposed);
-    `split` also packs the bf16 remainder as `.lo`."""
+    `split` also packs the bf16 remainder as `.lo`; `fmt` stores it quantized (quant_weights.py)."""
     from isthmus.kernels.numba.weight_pack import pack
+    if fmt != "bf16":
+        return _make_quantized(name, data, parts, piece_cols, rows, cols, label, fmt)
     hi, lo = pack(data, dtype, parts, piece_cols, rows=rows, cols=cols, transposed=transposed, split=split)
     src_rows, src_cols = (data.shape[::-1] if transposed else data.shape)
     n = src_rows if rows is None else len(rows)
@@ -100,11 +140,52 @@ def make_weight(name: str, data, dtype: str, parts: int, piece_cols: int, *, row
     return w
 
 
-def piece_cols_for(k: int, n: int, parts: int, dtype: str, budget: int) -> int:
+def _make_quantized(name, data, parts, piece_cols, rows, cols, label, fmt) -> PackedWeight:
+    import ml_dtypes
+
+    from isthmus.kernels.numba.weight_pack import pack
+    w = dense_f32(data)
+    if rows is not None:
+        rows = np.asarray(rows)
+        w = np.where((rows >= 0)[:, None], w[np.maximum(rows, 0)], 0.0).astype(np.float32)
+    if cols is not None:
+        w = np.ascontiguousarray(w[:, np.asarray(cols)])
+    n, k = w.shape
+    qz = quantize(w, fmt)
+    vals, _ = pack(qz.values, "f32", parts, piece_cols)
+    pieces = [Piece(o0, min(n, o0 + piece_cols), o0 * k) for o0 in range(0, n, piece_cols)]
+    pw = PackedWeight(name, k, n, "bf16", parts, pieces, None, label=label, fmt=fmt)
+    if fmt == "q4":
+        pw.qdata = pack_nibbles(vals)
+        pw.gscale = pack_layout(qz.group_scale, parts, piece_cols // Q4_GROUP).astype(ml_dtypes.bfloat16)
+        pw.gzero = pack_layout(qz.group_zero, parts, piece_cols // Q4_GROUP).astype(ml_dtypes.bfloat16)
+    else:
+        pw.qdata = vals.astype(DTYPES[STORAGE_DTYPE[fmt]].np)
+        pw.chan_scale = qz.channel_scale
+    return pw
+
+
+def pack_layout(m: np.ndarray, parts: int, piece_cols: int) -> np.ndarray:
+    """[n, k] values laid out as `pack` lays a weight (pieces of `piece_cols` outputs, each [parts, kt-1,
+    cols] then the last K tile's rows), in numpy: for q4's scale tables, whose pieces are 1/32 as wide
+    as the weight's (the packing kernel works in blocks of 32 outputs)."""
+    n, k = m.shape
+    kt = -(-k // parts)
+    kf = (kt - 1) * parts
+    out = []
+    for o0 in range(0, n, piece_cols):
+        sub = np.asarray(m[o0:o0 + piece_cols], np.float32).T                 # [k, cols]
+        if kf:
+            out.append(sub[:kf].reshape(kt - 1, parts, -1).transpose(1, 0, 2).ravel())
+        out.append(sub[kf:].ravel())
+    return np.concatenate(out)
+
+
+def piece_cols_for(k: int, n: int, parts: int, dtype: str, budget: int, fmt: str = "bf16") -> int:
     """Outputs per piece: as many as fit `budget` bytes per partition, a multiple of `parts`."""
     kt = -(-k // parts)
-    per_col = kt * DTYPES[dtype].size
-    cols = max(parts, (budget // per_col) // parts * parts)
+    per_col = kt * (DTYPES[dtype].size + STORED_BYTES[fmt] * (fmt != "bf16")) + (4 if fmt == "q4" else 0)
+    cols = max(parts, int(budget // per_col) // parts * parts)
     return min(cols, -(-n // parts) * parts)
 
 
@@ -113,6 +194,7 @@ def piece_cols_for(k: int, n: int, parts: int, dtype: str, budget: int) -> int:
 # 90.7 % of peak and the SmolLM2 decode step at 1.12x its roofline; 128 KB ones give 95.1 % and
 # 1.04x (64 KB: 95.3 %, 1.05x: more DMA latencies in flight; docs/npu-performance.md).
 LOAD_BYTES = 128 * 1024
+LOOKAHEAD = 1
 
 
 @dataclass
@@ -128,6 +210,7 @@ class WeightStream:
     _pos: int = 0                    # ring byte offset of the next load
     _live: dict = field(default_factory=dict)    # order index -> (lo, hi) ring bytes
     _where: dict = field(default_factory=dict)   # id(piece) -> order index it was loaded as
+    _pending: dict = field(default_factory=dict)  # order index -> its dequantisation, not yet emitted
 
     @property
     def capacity(self) -> int:
@@ -160,6 +243,17 @@ class WeightStream:
         lo, hi = self._slot()
         pc.tile = Tile("sbuf", w.dtype, 0, w.parts, self.ring.offset + lo, (w.kt, pc.o1 - pc.o0))
         cols = pc.o1 - pc.o0
+        if w.fmt != "bf16":
+            self._pending[self._next] = self._load_quantized(w, pc, self.ring.offset + lo + pc.tile.nbytes)
+        else:
+            self._load_plain(w, pc, cols)
+        pc.loaded = True
+        self._live[self._next] = (lo, hi)
+        self._where[id(pc)] = self._next
+        self._pos = hi
+        self._next += 1
+
+    def _load_plain(self, w: PackedWeight, pc: Piece, cols: int) -> None:
         kf = (w.kt - 1) * w.parts
         # in K groups of at most LOAD_TILES tiles: the first matmuls of a piece wait for its first group,
         # not for the whole piece (which may be ~1 MB, 4k cycles at a core's bandwidth)
@@ -171,11 +265,55 @@ class WeightStream:
                 self.em.dma(pc.tile[:, t0:t1, :], src)
             src = w.hbm.ap(pc.offset + kf * cols, w.kp, cols, [(cols, 1)])
             self.em.dma(pc.tile[0:w.kp, w.kt - 1, :], src)
-        pc.loaded = True
-        self._live[self._next] = (lo, hi)
-        self._where[id(pc)] = self._next
-        self._pos = hi
-        self._next += 1
+
+    def _load_quantized(self, w: PackedWeight, pc: Piece, stage: int):
+        """DMA the stored values (and q4's scales and zeros) into staging behind the piece's bf16 tile now;
+        return the dequantisation of each K group into the tile (VECTOR or ACT; int8/fp8: a converting
+        copy), which `acquire` emits just before the piece is needed: emitted with the load, it would sit
+        in the in-order VECTOR/ACT queues ahead of the current layer's epilogues and norms, waiting for
+        DMAs far ahead."""
+        cols, parts, kt = pc.o1 - pc.o0, w.parts, w.kt
+        em = self.em
+        offs = w._staging(cols)
+        qcols = int(cols * STORED_BYTES[w.fmt]) if w.fmt != "q4" else cols // 2
+        qt = Tile("sbuf", STORAGE_DTYPE[w.fmt], 0, parts, stage + offs[0], (kt, qcols))
+        q4 = w.fmt == "q4"
+        gc = cols // Q4_GROUP
+        st = Tile("sbuf", "bf16", 0, parts, stage + offs[1], (kt, gc)) if q4 else None
+        zt = Tile("sbuf", "bf16", 0, parts, stage + offs[2], (kt, gc)) if q4 else None
+        # element offsets of this piece in each stored tensor (the values' layout is the bf16 one, scaled)
+        qoff = pc.offset // 2 if q4 else pc.offset
+        goff = pc.offset // Q4_GROUP
+        group = max(1, LOAD_BYTES // (parts * qcols * DTYPES[qt.dtype].size))
+
+        steps = []
+
+        def dequantize(rows: int, t0: int, t1: int):
+            if q4:
+                em.dequant(pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :], st[0:rows, t0:t1, :],
+                           zt[0:rows, t0:t1, :], group=Q4_GROUP, packed=1)
+            else:
+                em.copy(pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :])
+
+        def load(rows: int, t0: int, t1: int, qsrc: int, gsrc: int, row_stride: int):
+            em.dma(qt[0:rows, t0:t1, :], w.qhbm.ap(qsrc, rows, row_stride * qcols // cols, [((t1 - t0) * qcols, 1)]))
+            if q4:
+                for tile, hbm in ((st, w.shbm), (zt, w.zhbm)):
+                    em.dma(tile[0:rows, t0:t1, :], hbm.ap(gsrc, rows, row_stride // Q4_GROUP, [((t1 - t0) * gc, 1)]))
+            steps.append((rows, t0, t1))
+
+        with em.label(w.label):
+            for t0 in range(0, kt - 1, group):
+                t1 = min(kt - 1, t0 + group)
+                load(parts, t0, t1, qoff + t0 * qcols, goff + t0 * gc, (kt - 1) * cols)
+            kf = (kt - 1) * parts       # the last, partial K tile is stored after the full ones
+            load(w.kp, kt - 1, kt, qoff + kf * qcols, goff + kf * gc, cols)
+
+        def emit():
+            with em.label(w.label):
+                for step in steps:
+                    dequantize(*step)
+        return emit
 
     def acquire(self, w: PackedWeight, pc: Piece) -> Tile:
         """Make sure `pc` is loaded (and as many later pieces as the ring holds); its tile."""
@@ -187,6 +325,11 @@ class WeightStream:
             self._load_next()
         while self._fits_next():
             self._load_next()
+        i = self._where[id(pc)]
+        for j in range(i, i + LOOKAHEAD + 1):   # this piece's dequantisation, and the next one's to overlap its matmuls
+            emit = self._pending.pop(j, None)
+            if emit is not None:
+                emit()
         return pc.tile
 
     def release(self, w: PackedWeight, pc: Piece) -> None:
