@@ -217,8 +217,11 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                     v2f = ir.VectorType(f32, 2)
                     dm = builder.fpext(builder.load(builder.bitcast(bp, ir.VectorType(ir.HalfType(), 2).as_pointer()),
                                                     align=1), v2f)
+                    # (with i8 activations also x their scale's ratio to xd's, I8_PER_I16: the weight's
+                    # side, shared by every token, takes the multiply)
+                    unit = I8_PER_I16 if i8_acts else 1.0
                     dm = builder.fmul(builder.shuffle_vector(dm, dm, ir.Constant(v16i32, [0] * 8 + [1] * 8)),
-                                      ir.Constant(v16f, [1.0] * 8 + [-1.0] * 8))
+                                      ir.Constant(v16f, [unit] * 8 + [-unit] * 8))
                     # x the activations' scale per run (lanes 0-7) and sum per run (8-15); with i8
                     # activations their scale and sums, the sums stored as i16 after the i8 values
                     v8f = ir.VectorType(f32, 8)
@@ -230,14 +233,13 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                     else:
                         xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
                     xx = builder.shuffle_vector(xd8, xs8, ir.Constant(v16i32, list(range(16))))
-                    if i8_acts:
-                        xx = builder.fmul(xx, ir.Constant(v16f, [I8_PER_I16] * 16))
                     scales = builder.fmul(builder.fmul(scmn, dm), xx)      # d sc xd per run, then -dmin mn xs
                     # the mins enter the accumulator as lanes 8-15 of one extra term per block
-                    acc = builder.fadd(acc, builder.select(ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8),
-                                                           scales, ir.Constant(v16f, [0.0] * 16)))
+                    mins = ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8)
+                    acc = builder.select(mins, builder.fadd(acc, scales), acc)      # a masked add
                     hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
-                    parts = _Partials(builder)
+                    # i8: four terms a block, two chains of a multiply and a fused multiply-add; i16: eight
+                    parts = _Partials(builder, chains=2 if i8_acts else 4)
                     if i8_acts:
                         # i8 activations (the columns after the i16 ones): one 64-byte vector holds runs
                         # 2c (low nibbles) and 2c + 1 (high), and vpdpbusd sums each run in 8 lanes
@@ -313,15 +315,16 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                 sc16 = builder.sitofp(bytes16(bp, 192), v16f)
                 xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
                 xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
+                if vnni:                            # i8 activations: x their scale's ratio to xd's, on d
+                    d = builder.fmul(d, ir.Constant(f32, I8_PER_I16))
                 scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
                 if vnni:
                     # i8 activations: runs k = 2kk, 2kk + 1 of half h are 64 contiguous values, one
                     # vpdpbusd of their u8 q (0..63) whose lanes start at -32 x the sum of their 4
                     # activations (the values' offset); the 16 lanes are 4 per 16-value sub-run
-                    scale16 = builder.fmul(scale16, ir.Constant(v16f, [I8_PER_I16] * 16))
                     x8, negs = _i8_columns(builder, xqrow, nb)
                     v64i8 = ir.VectorType(i8, 64)
-                    parts = _Partials(builder)
+                    parts = _Partials(builder, chains=2)        # four terms a block: two chains of two
                     for h in range(2):
                         lo64 = builder.load(builder.bitcast(builder.gep(bp, [c64(64 * h)]), v64i8.as_pointer()), align=1)
                         hb32 = bytes32(bp, 128 + 32 * h)
