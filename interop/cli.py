@@ -264,8 +264,25 @@ def _serve_replicas(args) -> int:
     if tenants.open and not (_is_ip(args.host) and ipaddress.ip_address(args.host).is_loopback):
         print(f"isthmus: warning: serving on {args.host} without a tenants file: anyone who can reach it may use it",
               file=sys.stderr)
+    _reachable(args.ray_address)
+    if not args.sealed:                 # a wrong path fails here, not in every replica; a registry
+        from isthmus.models import resolve      # model is pulled once, before the replicas look for it
+        resolve(args.model)
     from isthmus.interop import scale
     return scale.run(args, autoscale, port, outbox, window)
+
+
+def _reachable(address: str | None) -> None:
+    """A HOST:PORT cluster address that nothing answers on is a one-line error at once (Ray itself
+    retries for minutes before it gives up)."""
+    host, sep, port = (address or "").rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return                          # no address (a local Ray), "auto", or a ray:// client address
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise InputError(f"cannot reach the Ray cluster at {address}: {e.strerror or e} "
+                         "(start one with `ray start --head`)") from None
 
 
 def _is_ip(host: str) -> bool:

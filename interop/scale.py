@@ -289,7 +289,11 @@ def run(args, autoscale: tuple[int, int] | None, port: int, outbox: str, window_
         t0 = time.monotonic()
         deployed = True
         cpus = replica_cpus(args, autoscale)
-        serve.run(application(args, autoscale, cpus), name=APP, route_prefix="/", blocking=False)
+        try:
+            serve.run(application(args, autoscale, cpus), name=APP, route_prefix="/", blocking=False)
+        except RuntimeError as e:           # a replica's constructor failed, again and again
+            reason = next((line.strip() for line in reversed(str(e).splitlines()) if line.strip()), "")
+            raise InputError(f"the replicas did not start: {reason[:300]} (Ray's logs have the rest)") from None
         count = f"{autoscale[0]}..{autoscale[1]} (autoscaled)" if autoscale else str(args.replicas)
         print(f"isthmus: serving on http://{args.host}:{port}/v1 with {count} replicas of {cpus} CPU(s) on Ray "
               f"{'(local)' if local else 'at ' + args.ray_address} (ready in {time.monotonic() - t0:.1f} s; "

@@ -180,6 +180,8 @@ def test_rank_prefers_owner_then_hash_then_least_loaded():
     (["--replicas", "2", "--replica-cpus", "0"], "--replica-cpus must be 1..4096"),
     (["--replicas", "2", "--sealed", "x.isth"], "--sealed with --replicas is not supported"),
     (["--replicas", "2", "--max-connections", "10"], "--max-connections does not apply with --replicas"),
+    (["--replicas", "2", "--ray-address", "127.0.0.1:1"], "cannot reach the Ray cluster at 127.0.0.1:1"),
+    (["--replicas", "2"], "nowhere.gguf: no such file or folder"),
 ])
 def test_bad_scale_flags_are_one_line_errors(capsys, flags, needle):
     rc, _, err = run(capsys, "serve", "--model", "nowhere.gguf", *flags)
