@@ -20,6 +20,10 @@ def register(sub, common) -> None:
     p.add_argument("--config", default="core", help="NPU preset (core, chip, edge, datacenter) or a .json config")
     p.add_argument("--precision", default=None, choices=("bf16x3", "bf16", "f32"),
                    help="matmul precision (default bf16x3; see docs/npu-performance.md)")
+    p.add_argument("--npu-weights", default=None, choices=("bf16", "int8", "fp8", "q4", "auto"),
+                   help="how weights are stored in HBM: bf16 (default), int8/fp8 (per-channel scales), q4 (4-bit, "
+                        "a scale and zero per 32), auto (per layer from the file's quantization); the quantized "
+                        "ones are dequantized on chip")
     p.add_argument("--by", default="op", choices=("op", "node"), help="one row per op kind or per graph node")
     p.add_argument("--limit", type=int, default=30, help="rows to print (0: all)")
     p.add_argument("--prefill", action="store_true", help="also print the prefill program's table")
@@ -42,9 +46,10 @@ def cmd_profile(args) -> int:
         raise UnsupportedError("profile runs a decoder model (prefill and a decode step); "
                                "for other graphs use `isthmus run --target npu`")
     t0 = time.perf_counter()
-    exe = lower_npu(run_pipeline(model.graph), model=model, config=cfg, precision=args.precision)
-    print(f"compiled in {time.perf_counter() - t0:.2f} s (precision {exe.precision}, config {cfg.name})",
-          file=sys.stderr)
+    exe = lower_npu(run_pipeline(model.graph), model=model, config=cfg, precision=args.precision,
+                    weights=args.npu_weights)
+    print(f"compiled in {time.perf_counter() - t0:.2f} s (precision {exe.precision}, weights {exe.weights}, "
+          f"config {cfg.name})", file=sys.stderr)
     if exe.spec is None:
         raise UnsupportedError("this graph is not a Llama decoder the NPU lowering recognises; "
                                "profile the per-op lowering with `isthmus run --target npu`")
@@ -70,7 +75,8 @@ def cmd_profile(args) -> int:
               + (f"; chunks split to fit SBUF: {sorted(exe.runtime.unfit)}" if exe.runtime.unfit else ""))
     wb = exe.image.weight_bytes
     bound = wb / cfg.core_hbm_bytes_per_s
-    print(f"weights streamed per token: {wb / 1e6:.1f} MB; their HBM-bandwidth bound {bound * 1e6:.1f} us; "
+    fmts = ", ".join(f"{n} {f}" for f, n in sorted(exe.image.formats.items()))
+    print(f"weights streamed per token: {wb / 1e6:.1f} MB ({fmts}); their HBM-bandwidth bound {bound * 1e6:.1f} us; "
           f"the step takes {st.seconds / bound:.2f}x that (the roofline above counts all its HBM traffic)")
     if args.trace:
         write_trace(args.trace, prog, tl, cfg)

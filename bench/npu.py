@@ -34,6 +34,7 @@ def npu(quick: bool = False, log=print) -> list[Row]:
     from isthmus.models import DEFAULT_MODEL, REGISTRY, cache_path, is_pulled
 
     cases = [("core", "bf16")] if quick else [("core", "bf16"), ("core", "bf16x3"), ("edge", "bf16")]
+    quantized = [] if quick else [("int8", "bf16"), ("q4", "bf16")]
     if not is_pulled():
         return rows + [Row("npu", f"decode step {p}, {c}", DEFAULT_MODEL, "npu", None, "roofline", None, "cycles",
                            note=f"{DEFAULT_MODEL} not pulled: run `isthmus pull`") for c, p in cases]
@@ -52,4 +53,9 @@ def npu(quick: bool = False, log=print) -> list[Row]:
             continue
         f = decode_figures(exe, window=64)
         rows.append(_row(f"decode step {p}, {config}", "SmolLM2, window 64", f["cycles"], f["roofline"]))
+    for w, p in quantized:          # weights stored quantized in HBM, dequantized on chip
+        log(f"  decode step {w} weights on core")
+        f = decode_figures(lower_npu(graph, model=model, precision=p, weights=w), window=64)
+        rows.append(_row(f"decode step {w} weights, core", f"SmolLM2, window 64, HBM {f['roofline'].hbm_bytes / 1e6:.0f} MB",
+                         f["cycles"], f["roofline"]))
     return rows

@@ -63,11 +63,15 @@ def test_q4_packing_round_trips_through_the_piece_layout():
     assert pw.nbytes == 256 * 320 * 5 // 8                        # 4 bits + a bf16 scale and zero per 32
 
 
-def _reference_on_quantized_weights(image, seed: int = 0):
-    """The reference target on the tiny model with each linear replaced by its quantized-dequantized
-    values in the format the lowering chose for it (the tied head gets its own copy: the embedding
-    stays as stored)."""
-    model = tiny_llama_model(CFG, seed=seed, quant="q4_1")
+def _reference_on_quantized_weights(image, model=None):
+    return _reference_exe(image, model).decoder()
+
+
+def _reference_exe(image, model=None):
+    """The reference target on a fresh copy of the model (default: the tiny one) with each linear
+    replaced by its quantized-dequantized values in the format the lowering chose for it (the tied
+    head gets its own copy: the embedding stays as stored)."""
+    model = model or tiny_llama_model(CFG, seed=0, quant="q4_1")
     spec = match_llama(model.graph)
     for L, lw in zip(spec.layers, image.weights):
         for name in ("q", "k", "v", "o", "gate", "up", "down"):
@@ -77,7 +81,7 @@ def _reference_on_quantized_weights(image, seed: int = 0):
     t = spec.head.inputs[1]
     spec.head.inputs[1] = model.graph.add_constant(
         "head.quantized", quantize(dense_f32(t.data), image.head.fmt).dequantized())
-    return isthmus.compile(model, target="reference").decoder()
+    return isthmus.compile(model, target="reference")
 
 
 @pytest.mark.parametrize("fmt,precision,tol", [("int8", "bf16x3", 1e-4), ("fp8", "bf16x3", 1e-4), ("q4", "bf16x3", 1e-4),
@@ -101,3 +105,30 @@ def test_quantized_weights_options():
         lower_npu(run_pipeline(model.graph), model=model, weights="int3")
     with pytest.raises(InputError, match="run at precision bf16 or bf16x3, not f32"):
         lower_npu(run_pipeline(model.graph), model=model, weights="int8", precision="f32")
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+
+
+@pytest.mark.slow
+def test_default_model_int8_greedy_matches_the_reference_on_the_same_weights(default_model, default_model_path,
+                                                                              default_exe):
+    """SmolLM2-135M with int8 weights at bf16x3 on `core`: greedy 20-token continuations of the three
+    test prompts are identical to the reference run on the same int8 weights, logits within 1e-4.
+    Against the reference on the file's own Q4_1 weights the logits differ by ~4 % of their range
+    (int8's rounding of the dequantized Q4_1 values, not the lowering: the reference on the int8
+    weights differs as much) and the third prompt's near-tie flips at token 5."""
+    from isthmus.compiler.frontends import load_model
+    from isthmus.runtime.generate import generate
+    from isthmus.runtime.sampling import SamplingParams
+    exe = lower_npu(run_pipeline(default_model.graph), model=default_model, weights="int8", precision="bf16x3")
+    ref = _reference_exe(exe.image, load_model(default_model_path))
+    ids = default_model.tokenizer.encode(PROMPTS[0])
+    a, b, orig = exe.decoder().step(ids), ref.decoder().step(ids), default_exe.decoder().step(ids)
+    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert np.abs(a - orig).max() <= 0.06 * np.abs(orig).max()
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    for prompt in PROMPTS:
+        p_ids = default_model.tokenizer.encode(prompt)
+        want, got = list(generate(ref, p_ids, params)), list(generate(exe, p_ids, params))
+        assert got == want and len(got) == 20, prompt
