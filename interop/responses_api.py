@@ -189,12 +189,14 @@ _RENAMED = {"messages": "input", "max_tokens": "max_output_tokens", "max_complet
 
 
 def _renamed(e: api.ApiError) -> api.ApiError:
+    """`e` naming this API's parameter. A message's index counts the stored conversation and the
+    instructions too, so it is not an index of `input`: the parameter is `input` alone."""
     if e.param:
-        head, dot, rest = e.param.partition(".")
-        head, bracket, index = head.partition("[")
-        if head in _RENAMED:
-            e.param = _RENAMED[head] + (bracket + index if head == "messages" else "") + dot + rest
-            e.message = e.message.replace("messages", "input") if head == "messages" else e.message
+        head = e.param.partition(".")[0].partition("[")[0]
+        if head == "messages":
+            e.param, e.message = "input", e.message.replace("messages", "the conversation's messages", 1)
+        elif head in _RENAMED:
+            e.param = _RENAMED[head] + e.param[len(head):]
     return e
 
 
