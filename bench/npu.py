@@ -53,6 +53,13 @@ def npu(quick: bool = False, log=print) -> list[Row]:
             continue
         f = decode_figures(exe, window=64)
         rows.append(_row(f"decode step {p}, {config}", "SmolLM2, window 64", f["cycles"], f["roofline"]))
+    from isthmus.compiler.lower.npu.profile_tables import batch_figures
+    log("  decode batch 16 on core")
+    exe = lower_npu(graph, model=model, precision="bf16")
+    one, b16 = batch_figures(exe, 1, 64), batch_figures(exe, 16, 64)
+    rows.append(_row("decode batch 16 bf16, core", "SmolLM2, window 64", b16["cycles"], b16["roofline"]))
+    rows.append(Row("npu", "decode batch 16 bf16, core", "SmolLM2, window 64", "npu", b16["tokens_per_s"],
+                    "8x batch 1's tokens/s (target)", 8 * one["tokens_per_s"], "tok/s", higher_is_better=True))
     for w, p in quantized:          # weights stored quantized in HBM, dequantized on chip
         log(f"  decode step {w} weights on core")
         f = decode_figures(lower_npu(graph, model=model, precision=p, weights=w), window=64)

@@ -252,8 +252,14 @@ def io_bytes(img: DecoderImage, P: int, C: int) -> int:
     return 4 * (2 * P + C + img.spec.vocab) + 4 * 64
 
 
-def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
-    """The program for P new tokens over a window of C (P <= C <= Cmax, powers of two)."""
+def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False) -> Program:
+    """The program for P new tokens over a window of C (P <= C <= Cmax, powers of two).
+
+    `batched`: the P tokens are one decode step of P *different* sequences (batched decode). The
+    linears, norms and rotary run on the P columns at once (the PE array's moving side is the batch:
+    up to 64 columns cost what one does); each sequence b has its own KV cache (`bkcache`/`bvcache`
+    slot b, right-aligned like the one-sequence cache), its own window of C in SBUF, its own validity
+    row `kvbias[b]`, and attends alone; the logits of every sequence come back ([P, vocab])."""
     spec, cfg, sl = img.spec, img.cfg, img.slots
     wdt, adt, split = img.wdt, img.adt, img.split
     NP = cfg.partitions
@@ -262,10 +268,15 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
     nc = -(-D // NP)
     em = Emitter(cfg)
     hbm = _declare(em, img)
+    if batched:                                  # first: at the same offsets in every window's program
+        bkc = em.tensor("bkcache", (P, Lc, G, hd, cmax), adt, "input")       # resident, as "kcache"
+        bvc = em.tensor("bvcache", (P, Lc, cmax, G * hd), adt, "input")
     ids_t = em.tensor("ids", (P,), "i32", "input")
     pos_t = em.tensor("pos", (P,), "i32", "input")
-    bias_t = em.tensor("kvbias", (C,), "f32", "input")
-    logits_t = em.tensor("logits", (V,), "f32", "output")
+    bias_t = em.tensor("kvbias", (P, C) if batched else (C,), "f32", "input")
+    logits_t = em.tensor("logits", (P, V) if batched else (V,), "f32", "output")
+    S = P if batched else 1                      # sequences: windows, caches, validity rows
+    Pw = 1 if batched else P                     # new tokens of each sequence in its window
     nb = -(-P // NP)
     nvch = -(-C // NP)
     consts = Consts(em)
@@ -276,19 +287,25 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
     qT = new_act(em, sl.q_rows, P, adt, "q")
     qr = new_act(em, sl.q_rows, P, adt, "q roped")
     kT = new_act(em, img.weights[0]["k"].n, P, adt, "k")
-    Kw = em.sbuf((sl.k_chunks, C), adt, what="K window")
-    Vw = em.sbuf((nvch, G * hd), adt, what="V window")
+    Kws = [em.sbuf((sl.k_chunks, C), adt, what="K window") for _ in range(S)]
+    Vws = [em.sbuf((nvch, G * hd), adt, what="V window") for _ in range(S)]
+    Kw, Vw = Kws[0], Vws[0]
+    Knew = em.sbuf((sl.k_chunks, P), adt, what="new keys") if batched else Kw
+    Vnew = em.sbuf((nb, G * hd), adt, what="new values") if batched else Vw
     attnT = new_act(em, sl.q_rows, P, "f32" if split else wdt, "attention out")
     attnS = new_act(em, sl.q_rows, P, wdt, "attention out, split", True) if split else attnT
     a = new_act(em, F, P, wdt, "ffn", split)
     cosT = em.sbuf((P,), "f32", what="cos")
     sinT = em.sbuf((P,), "f32", what="sin")
-    kvb = em.sbuf((C,), "f32", what="window bias")
+    kvbs = [em.sbuf((C,), "f32", what="window bias") for _ in range(S)]
+    kvb = kvbs[0]
     norms = em.sbuf((2 * Lc + 1, nc), "f32", what="norm weights")
     scales = em.sbuf((img.scale_chunks,), "f32", what="weight scales") if img.scale_chunks else None
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
         w.scale_tile = None if w.chan_scale is None else \
             Tile("sbuf", "f32", 0, NP, scales.offset + 4 * w.scale_chunk0, (-(-w.n // NP),))
+    # a batch's logits ([vocab, B] f32: 24 KB a partition for SmolLM2 at B = 16) before the ring is sized
+    lg = new_act(em, V, P, "f32", "logits") if batched else None
     rot = em.sbuf((NP,), adt, what="rotation")
     idx = em.sbuf((nb, 2), "i32", what="ids, positions")
     reserve = 8 * nc * P + 4 * 2 * NP * 4 + 24 * 1024
@@ -311,7 +328,8 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
         if scales is not None:
             em.dma(scales[:, :], hbm["wscales"][0:NP, 0:img.scale_chunks])
         em.dma(rot[:, :], hbm["rot"][0:NP, 0:NP])
-        em.dma(kvb[:, :], bias_t.ap(0, NP, 0, [(C, 1)]))
+        for b, t in enumerate(kvbs):             # each sequence's validity row, on every partition
+            em.dma(t[:, :], bias_t.ap(b * C, NP, 0, [(C, 1)]))
         em.memset(attnT.tile.ap(), 0.0)
         for b in range(nb):
             r0, r1 = b * NP, min(P, (b + 1) * NP)
@@ -330,7 +348,7 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
             em.transpose(sinT[0:NP, r0:r1], tr[0:rn, NP:2 * NP])
             em.free(tr)
 
-    kc, vc = hbm["kcache"], hbm["vcache"]
+    kc, vc = (bkc, bvc) if batched else (hbm["kcache"], hbm["vcache"])
     kslot = {}                                   # kv head -> first (chunk, start) holding it
     for j, row in enumerate(sl.k_groups):
         for i, g in enumerate(row):
@@ -338,9 +356,10 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
                 kslot.setdefault(g, (j, i * sl.stride))
     GH = G * hd
 
-    def v_rows(layer, lo, hi, slot0, store):
-        """Move cache rows [lo, hi) of `layer` <-> window slots [slot0, slot0 + hi - lo)."""
-        base = layer * cmax * GH
+    def v_rows(layer, lo, hi, slot0, store, seq=0):
+        """Move cache rows [lo, hi) of `layer` <-> window slots [slot0, slot0 + hi - lo) (of sequence `seq`)."""
+        Vw = Vws[seq]
+        base = (seq * Lc + layer) * cmax * GH
         s, r = slot0, lo
         while r < hi:
             ch, p = divmod(s, NP)
@@ -356,25 +375,27 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
                 s, r = s + n, r + n
             em.dma(hb, dst_sb) if store else em.dma(dst_sb, hb)
 
-    def k_cols(layer, g, j, st, c0, c1, w0, store):
+    def k_cols(layer, g, j, st, c0, c1, w0, store, seq=0):
         """cache K^T columns [c0, c1) of kv head g <-> window columns [w0, ...) at slot (j, st)."""
-        off = ((layer * G + g) * hd) * cmax + c0
+        off = (((seq * Lc + layer) * G + g) * hd) * cmax + c0
         hb = kc.ap(off, hd, cmax, [(c1 - c0, 1)])
-        sb = Kw[st:st + hd, j, w0:w0 + c1 - c0]
+        sb = Kws[seq][st:st + hd, j, w0:w0 + c1 - c0]
         em.dma(hb, sb) if store else em.dma(sb, hb)
 
     scale = spec.scale
     for L, lw in zip(spec.layers, img.weights):
         l = L.index
         with em.label(L.k_cat.outputs[0].name):          # the cache's older part into the window
-            if C > P:
-                for j, row in enumerate(sl.k_groups):
-                    for i, g in enumerate(row):
-                        if g is not None:
-                            k_cols(l, g, j, i * sl.stride, cmax - C + P, cmax, P, store=False)
+            if C > Pw:
+                for seq in range(S):
+                    for j, row in enumerate(sl.k_groups):
+                        for i, g in enumerate(row):
+                            if g is not None:
+                                k_cols(l, g, j, i * sl.stride, cmax - C + Pw, cmax, Pw, False, seq)
         with em.label(L.v_cat.outputs[0].name):
-            if C > P:
-                v_rows(l, cmax - C + P, cmax, P, store=False)
+            if C > Pw:
+                for seq in range(S):
+                    v_rows(l, cmax - C + Pw, cmax, Pw, False, seq)
         with em.label(L.attn_norm.outputs[0].name):
             rmsnorm(em, consts, x, _norm_tile(norms, 2 * l, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
         with em.label(L.q.outputs[0].name):
@@ -384,35 +405,44 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
         with em.label(L.v.outputs[0].name):
             for b in range(nb):
                 r0, r1 = b * NP, min(P, (b + 1) * NP)
-                linear_rows(em, h, lw["v"], stream, Tile("sbuf", adt, 0, NP, Vw.offset + b * GH * DTYPES[adt].size,
+                linear_rows(em, h, lw["v"], stream, Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH * DTYPES[adt].size,
                                                           (GH,)), r0, r1)
+            for seq in range(S if batched else 0):     # sequence b's new row: slot 0 of its window
+                ch, pp = divmod(seq, NP)
+                em.dma(Vws[seq][0:1, 0, :], Vnew[pp:pp + 1, ch, :])
         with em.label(L.q_rope.outputs[0].name):
             rope(em, qT, qr.tile, rot, cosT, sinT)
         with em.label(L.k_rope.outputs[0].name):
-            rope(em, kT, Kw, rot, cosT, sinT)
+            rope(em, kT, Knew, rot, cosT, sinT)
+            for seq in range(S if batched else 0):     # sequence b's new key: column 0 of its window
+                em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
         with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first
-            for g, (j, st) in sorted(kslot.items()):
-                if C > P:
-                    k_cols(l, g, j, st, cmax - C, cmax - P, P, store=True)
-                k_cols(l, g, j, st, cmax - P, cmax, 0, store=True)
+            for seq in range(S):
+                for g, (j, st) in sorted(kslot.items()):
+                    if C > Pw:
+                        k_cols(l, g, j, st, cmax - C, cmax - Pw, Pw, True, seq)
+                    k_cols(l, g, j, st, cmax - Pw, cmax, 0, True, seq)
         with em.label(L.v_cat.outputs[0].name):
-            if C > P:
-                v_rows(l, cmax - C, cmax - P, P, store=True)
-            v_rows(l, cmax - P, cmax, 0, store=True)
+            for seq in range(S):
+                if C > Pw:
+                    v_rows(l, cmax - C, cmax - Pw, Pw, True, seq)
+                v_rows(l, cmax - Pw, cmax, 0, True, seq)
         with em.label(L.attn.outputs[0].name):
-            units = _units(sl, qr, attnT, hd, P)
-            if P == 1:               # decode: batch units at aligned rows, one softmax for all of them
+            for seq in range(S if batched or P == 1 else 0):
+                units = _units(sl, qr, attnT, hd, 1, col=seq)
+                # decode: units at aligned rows, one softmax for all of them
                 align = cfg.pe_partition_align
                 batch, top = [], 0
                 for u in units + [None]:
                     if u is None or top + u.m > NP:
-                        attend(em, batch, Kw, Vw, kvb, hd, C, P, scale, adt)
+                        attend(em, batch, Kws[seq], Vws[seq], kvbs[seq], hd, C, 1, scale, adt)
                         batch, top = [], 0
                     if u is not None:
                         u.row0 = top
                         batch.append(u)
                         top = -(-(top + u.m) // align) * align
-            else:
+            if not batched and P > 1:
+                units = _units(sl, qr, attnT, hd, P)
                 for u in units:
                     attend(em, u, Kw, Vw, kvb, hd, C, P, scale, adt)
             if split:
@@ -425,18 +455,20 @@ def build_chunk_program(img: DecoderImage, P: int, C: int) -> Program:
             linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"])
         with em.label(L.down.outputs[0].name):
             linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
-    hl = new_act(em, D, 1, wdt, "last row", split)
+    nl = P if batched else 1                     # rows whose logits come back
+    hl = new_act(em, D, nl, wdt, "last row", split)
     with em.label(spec.final_norm.outputs[0].name):
-        rmsnorm(em, consts, x, _norm_tile(norms, 2 * Lc, nc, NP), spec.final_norm.attrs["eps"], hl, P - 1, P,
+        rmsnorm(em, consts, x, _norm_tile(norms, 2 * Lc, nc, NP), spec.final_norm.attrs["eps"], hl, P - nl, P,
                 mm_dtype=adt)
-    lg = new_act(em, V, 1, "f32", "logits")
+    lg = lg or new_act(em, V, nl, "f32", "logits")
     with em.label(spec.head.outputs[0].name):
         linear(em, hl, img.head, stream, lg)
         nfull = V // NP
-        if nfull:
-            em.dma(logits_t.ap(0, NP, 1, [(nfull, NP)]), lg.tile[0:NP, 0:nfull, 0])
-        if V % NP:
-            em.dma(logits_t.ap(nfull * NP, V % NP, 1, [(1, 1)]), lg.tile[0:V % NP, nfull, 0])
+        for r in range(nl):
+            if nfull:
+                em.dma(logits_t.ap(r * V, NP, 1, [(nfull, NP)]), lg.tile[0:NP, 0:nfull, r])
+            if V % NP:
+                em.dma(logits_t.ap(r * V + nfull * NP, V % NP, 1, [(1, 1)]), lg.tile[0:V % NP, nfull, r])
     prog = em.build()
     from isthmus.compiler.lower.npu.op_runner import memory_report
     prog.memory = memory_report(em)
@@ -448,7 +480,7 @@ def _norm_tile(norms: Tile, i: int, nc: int, NP: int) -> Tile:
     return Tile("sbuf", "f32", 0, NP, norms.offset + 4 * i * nc, (nc,))
 
 
-def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int) -> list[Unit]:
+def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int, col: int = 0) -> list[Unit]:
     NP = qr.tile.parts
     units = []
     H = len(sl.head_slot)
@@ -475,8 +507,8 @@ def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int) -> list[Unit]:
             runs.append(run)
             for run in runs:
                 ca, cb = run[0], run[-1] + 1
-                units.append(Unit(qr.tile[s:s + hd, ca:cb, 0], attnT.tile[s:s + hd, ca:cb, 0], kpos[(g, s)], s, g,
-                                  cb - ca, 0, False))
+                units.append(Unit(qr.tile[s:s + hd, ca:cb, col], attnT.tile[s:s + hd, ca:cb, col], kpos[(g, s)], s,
+                                  g, cb - ca, 0, False))
         return units
     for h, (c, s) in enumerate(sl.head_slot):
         g = h // per_group

@@ -134,3 +134,15 @@ def decode_figures(exe, window: int = 64) -> dict:
             "hbm_bound_cycles": hbm, "hbm_ratio": st.cycles / hbm,
             "tensor_bound_cycles": engine_bound(prog, cfg, "tensor"),
             "roofline": roofline(prog, cfg), "memory": prog.memory}
+
+
+def batch_figures(exe, batch: int, window: int = 64) -> dict:
+    """One decode step of `batch` conversations together (timing model only; batch 1 is the ordinary
+    decode program): cycles, tokens per modeled second, the roofline."""
+    from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
+    from isthmus.npu.timing import roofline, schedule
+    cfg = exe.config
+    prog = build_chunk_program(exe.image, batch, window, batched=batch > 1)
+    cycles = schedule(prog, cfg).cycles
+    return {"program": prog, "cycles": cycles, "tokens_per_s": batch * cfg.clock_hz / cycles,
+            "roofline": roofline(prog, cfg), "memory": prog.memory}
