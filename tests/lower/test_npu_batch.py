@@ -62,3 +62,27 @@ def test_batch_16_decodes_at_least_8x_the_tokens_per_second_of_batch_1_on_core(d
     one, sixteen = batch_figures(exe, 1, 64), batch_figures(exe, 16, 64)
     assert sixteen["tokens_per_s"] >= 8 * one["tokens_per_s"], (sixteen["tokens_per_s"], one["tokens_per_s"])
     assert sixteen["roofline"].binding == "hbm" and sixteen["memory"]["spills"] == []
+
+
+def test_decode_batch_steps_conversations_together_and_they_can_go_on_alone():
+    """What continuous batching calls every step: the conversations in flight take it together (one
+    batched program), the set changes between steps, and a conversation then steps alone."""
+    from isthmus.compiler.batch import decode_batch
+    model = tiny_llama_model(CFG, seed=1, quant="q8_0")
+    exe = lower_npu(run_pipeline(model.graph), model=model, precision="bf16x3", check_races=True)
+    prompts = [[5, 17, 99, 3, 42], [7, 8], list(range(20, 81))]
+    refs = [isthmus.compile(model, target="reference").decoder() for _ in prompts]
+    decs = [exe.decoder() for _ in prompts]
+    for r, d, p in zip(refs, decs, prompts):
+        r.step(p), d.step(p)
+    exe.profiling = True
+    for members in ([0, 1, 2], [0, 1, 2], [2, 0], [0, 1, 2]):
+        toks = [(11 * m + len(exe.runs)) % CFG["vocab_size"] for m in members]
+        got = decode_batch(exe, [decs[m] for m in members], toks)
+        for row, m, t in zip(got, members, toks):
+            want = refs[m].step([t])
+            assert np.abs(row - want).max() <= 1e-4 * np.abs(want).max()
+    assert [p.tensor("logits").shape for p, _, _ in exe.runs] == [(3, 131), (3, 131), (2, 131), (3, 131)]
+    for d, r in zip(decs, refs):                   # each goes on alone from the batch's caches
+        a, b = d.step([4]), r.step([4])
+        assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()

@@ -1,5 +1,12 @@
 """Batched decode on the NPU: B conversations take one decode step together, in one program.
 
+Two ways in: `NpuExecutable.decode_batch(decoders, tokens)` (what continuous batching calls every
+step, for whichever conversations are in flight) runs `step_together`: the conversations' last C-1
+cache entries are copied by the host into the batch's window-sized cache slots, the program runs,
+and each conversation's new entry is appended to its saved cache, so any of them may go on alone
+or in another batch. The copies are host work outside the modeled time (a real runtime would keep
+the caches in HBM and address them by table: see docs/npu-performance.md).
+
 `NpuBatchDecoder(exe, decoders)` takes conversations already prefilled by their own `NpuDecoder`s
 and from then on steps them in lockstep: `step([token of each])` returns [B, vocab] logits. Each
 step runs `build_chunk_program(img, B, C, batched=True)`: the linears multiply all B columns per
@@ -89,3 +96,66 @@ class NpuBatchDecoder:
         self.exe.record(lp.program, lp.timeline, result.stats)
         self.lengths = [n + 1 for n in self.lengths]
         return result.outputs["logits"]
+
+
+def step_together(exe, decoders: list, tokens) -> np.ndarray:
+    """One decode step of every (prefilled) decoder in one batched program; logits [B, vocab]."""
+    from isthmus.compiler.lower.npu.attention import NEG
+    from isthmus.compiler.lower.npu.target import MIN_WINDOW, _pow2
+    tokens = [int(t) for t in tokens]
+    rt, B = exe.runtime, len(decoders)
+    vocab = rt.img.spec.vocab
+    if B > exe.config.partitions:
+        from isthmus.compiler.batch import step_each
+        return step_each(decoders, tokens)
+    bad = [t for t in tokens if not 0 <= t < vocab]
+    if bad:
+        raise InputError(f"token id {bad[0]} out of range [0, {vocab})")
+    lengths = [d.length for d in decoders]
+    if max(lengths) + 1 > rt.cmax:
+        raise InputError(f"{max(lengths) + 1} tokens exceed the context window of {rt.cmax}")
+    C = min(rt.cmax, max(MIN_WINDOW, _pow2(max(lengths) + 1)))
+    with rt.lock:
+        rt.claim(None)                             # every conversation's entries are in its `saved` now
+        lp = _batch_program(exe, B, C)
+        k = lp.machine.tensor_view(lp.program.tensor("bkcache"))
+        v = lp.machine.tensor_view(lp.program.tensor("bvcache"))
+        k.fill(0)
+        v.fill(0)
+        bias = np.zeros((B, C), np.float32)
+        for b, d in enumerate(decoders):
+            n = min(d.length, C - 1)
+            ks, vs = d.saved
+            k[b][..., C - n:], v[b][:, C - n:] = ks[..., ks.shape[-1] - n:], vs[:, vs.shape[1] - n:]
+            bias[b, 1:C - d.length] = NEG
+        result = lp.run({"ids": np.array(tokens, np.int32), "pos": np.array(lengths, np.int32),
+                         "kvbias": bias / np.float32(rt.img.spec.scale)})
+        for b, d in enumerate(decoders):           # the new entry is the slot's last
+            ks, vs = d.saved
+            d.saved = (np.concatenate([ks, k[b][..., C - 1:]], axis=-1), np.concatenate([vs, v[b][:, C - 1:]], axis=1))
+            d.length += 1
+    exe.record(lp.program, lp.timeline, result.stats)
+    return result.outputs["logits"].copy()
+
+
+def _batch_program(exe, B: int, C: int):
+    """The loaded (B, C) batch program; all share one HBM buffer holding a copy of the weights, grown
+    (and the programs reloaded) when a larger batch's cache slots need more room."""
+    from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
+    from isthmus.npu.sim import LoadedProgram
+    rt = exe.runtime
+    progs = rt.__dict__.setdefault("batch_programs", {})
+    lp = progs.get((B, C))
+    if lp is not None:
+        return lp
+    prog = build_chunk_program(rt.img, B, C, batched=True, cache_len=C)
+    hbm = rt.__dict__.get("batch_hbm")
+    if hbm is None or hbm.size < prog.hbm_bytes:
+        hbm = np.empty(2 * prog.hbm_bytes, np.uint8)
+        hbm[:rt.resident_end] = rt.hbm[:rt.resident_end]
+        rt.batch_hbm = hbm
+        progs.clear()
+    lp = LoadedProgram(prog, exe.config, check_races=exe.check_races, hbm=hbm)
+    lp.bind(names=[r[0] for r in rt.img.resident] + ["bkcache", "bvcache"])
+    progs[B, C] = lp
+    return lp

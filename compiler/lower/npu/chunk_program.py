@@ -252,19 +252,22 @@ def io_bytes(img: DecoderImage, P: int, C: int) -> int:
     return 4 * (2 * P + C + img.spec.vocab) + 4 * 64
 
 
-def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False) -> Program:
+def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False,
+                        cache_len: int | None = None) -> Program:
     """The program for P new tokens over a window of C (P <= C <= Cmax, powers of two).
 
     `batched`: the P tokens are one decode step of P *different* sequences (batched decode). The
     linears, norms and rotary run on the P columns at once (the PE array's moving side is the batch:
     up to 64 columns cost what one does); each sequence b has its own KV cache (`bkcache`/`bvcache`
     slot b, right-aligned like the one-sequence cache), its own window of C in SBUF, its own validity
-    row `kvbias[b]`, and attends alone; the logits of every sequence come back ([P, vocab])."""
+    row `kvbias[b]`, and attends alone; the logits of every sequence come back ([P, vocab]). A batch's
+    cache slots hold `cache_len` entries (default: the image's capacity; a step-by-step batch passes C:
+    the window's entries, copied in and out by the host)."""
     spec, cfg, sl = img.spec, img.cfg, img.slots
     wdt, adt, split = img.wdt, img.adt, img.split
     NP = cfg.partitions
     D, F, hd, G, V = spec.hidden, spec.ffn, spec.head_dim, spec.kv_heads, spec.vocab
-    Lc, cmax = len(spec.layers), img.cmax
+    Lc, cmax = len(spec.layers), (cache_len or img.cmax) if batched else img.cmax
     nc = -(-D // NP)
     em = Emitter(cfg)
     hbm = _declare(em, img)

@@ -127,7 +127,13 @@ class NpuExecutable(Executable):
         return NpuDecoder(self.runtime)
 
     def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+        """Prefilled NPU conversations of this executable take the step together in one batched program
+        (batch_decode.step_together); anything else steps one by one."""
         from isthmus.compiler.batch import step_each
+        if self.spec is not None and len(decoders) > 1 and all(
+                isinstance(d, NpuDecoder) and d.rt is self.runtime and d.length for d in decoders):
+            from isthmus.compiler.lower.npu.batch_decode import step_together
+            return step_together(self, decoders, token_ids)
         return step_each(decoders, token_ids)
 
     def record(self, program, timeline, stats) -> None:
@@ -197,8 +203,9 @@ class DecoderRuntime:
             self.build_seconds[P, C] = time.perf_counter() - t0
         return lp
 
-    def claim(self, dec: "NpuDecoder") -> None:
-        """Make `dec`'s KV cache the one in HBM (saving the previous owner's live entries)."""
+    def claim(self, dec: "NpuDecoder | None") -> None:
+        """Make `dec`'s KV cache the one in HBM (saving the previous owner's live entries); None: only
+        save the owner's (a batched step reads every conversation's saved entries)."""
         if self.owner is dec:
             return
         lp = next(iter(self.loaded.values()), None)
@@ -209,7 +216,7 @@ class DecoderRuntime:
             if old is not None and old.length:
                 n = old.length
                 old.saved = (k[..., self.cmax - n:].copy(), v[:, self.cmax - n:].copy())
-            if dec.saved is not None:
+            if dec is not None and dec.saved is not None:
                 n = dec.length
                 k[..., self.cmax - n:], v[:, self.cmax - n:] = dec.saved
                 dec.saved = None
