@@ -220,6 +220,9 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "grow; `sem_signal` adds 1. Waiting for a value no signal can reach is a deadlock (an error)."),
     Op("sem_signal", 0x03, "any", "sync", (engine(), uint("sem", 8)),
        "Adds 1 to semaphore `sem` once every earlier instruction of its engine has finished."),
+    Op("sem_signal_core", 0x04, "any", "sync", (engine(), uint("core", 8), uint("sem", 8)),
+       "Adds 1 to semaphore `sem` of core `core` once every earlier instruction of its engine has "
+       "finished; the other core sees it `link_latency_cycles` later. Chip programs only (npu.chip)."),
     Op("dma_copy", 0x10, "dma", "dma", (ap("dst"), ap("src"), uint("queue", 6)),
        "Copies `src` to `dst` (HBM<->SBUF or SBUF->SBUF; never PSUM) on DMA queue `queue`: a load when "
        "`src` is in HBM, a store when `dst` is. Both sides have the same partition (row) count and "
@@ -229,6 +232,10 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "Indirect DMA (embedding lookup): `dst` partition p <- `table` row `index[p]`. `table` is an "
        "HBM AP whose rows are the gatherable rows; `index` is i32, one element per dst partition. "
        "An index outside [0, rows) is an error."),
+    Op("dma_core", 0x12, "dma", "link", (ap("dst"), ap("src"), uint("core", 8), uint("queue", 6)),
+       "Copies `src` (this core's SBUF or HBM) into `dst` in core `core`'s SBUF over the core-to-core "
+       "link (the building block of collectives: all-reduce, all-gather); same partitions and elements "
+       "per partition on both sides, dtypes convert as dma_copy's. Chip programs only (npu.chip)."),
     Op("matmul", 0x20, "tensor", "matmul",
        (ap("dst", "PSUM [M, N], fp32 (i32 for i8 operands)"), ap("stationary", "SBUF [K, M]"),
         ap("moving", "SBUF [K, N]"), flag("acc", "0: start (overwrite dst); 1: accumulate (add into dst)")),

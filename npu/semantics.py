@@ -91,6 +91,29 @@ def _dma_copy(m, ins):
     return chain(step, convert(m, d, s))
 
 
+@semantics("dma_core")
+def _dma_core(m, ins):
+    peers = getattr(m, "peers", None)
+    if peers is None:
+        raise NpuError("dma_core moves data between cores: run it in a chip program (npu.chip)")
+    if ins["core"] >= len(peers):
+        raise NpuError(f"core {ins['core']} does not exist ({len(peers)} cores)")
+    (s,) = operands(m, ins, "src", spaces=("hbm", "sbuf"))
+    dst, src = ins["dst"], ins["src"]
+    if dst.space != "sbuf":
+        raise NpuError(f"dma_core writes another core's SBUF, not {dst.space.upper()}")
+    d = peers[ins["core"]].view(dst, "dst")
+    if dst.count != src.count or dst.free_elems != src.free_elems:
+        raise NpuError(f"dst has {dst.count} x {dst.free_elems} elements, src {src.count} x {src.free_elems}")
+    step, s = as_shape(m, s, d.shape, "dma")
+    return chain(step, convert(m, d, s))
+
+
+@semantics("sem_signal_core")
+def _sem_signal_core(m, ins):
+    return None
+
+
 @semantics("dma_gather")
 def _dma_gather(m, ins):
     (d,) = operands(m, ins, "dst", spaces=("sbuf",))

@@ -82,6 +82,8 @@ COSTS = {
                   "bandwidth."),
     "dequant": (_dequant, "as vector (engine=vector) or act (engine=act) over E = dst elements per partition. "
                           "FLOPs = 2 * partitions * E."),
+    "link": (_dma, "link_latency_cycles + ceil(bytes * A / (link_bytes_per_s / clock_hz)), A = the core's DMA "
+                   "queues busy when it starts (npu.chip schedules it; a one-core program cannot hold it)."),
     "sync": (_sync, "sync_cycles (plus, for sem_wait, the stall until the semaphore is reached)."),
 }
 
@@ -172,6 +174,8 @@ def _plan(prog: Program, cfg: NpuConfig):
         key = (ins.op, *ins.args.values())
         row = done.get(key)
         if row is None:
+            if ins.op in ("dma_core", "sem_signal_core"):
+                raise instruction_error(i, ins, "a core-to-core instruction: run the chip program (npu.chip)")
             eng = ins.engine
             if eng.startswith("dma") and int(eng[3:]) >= cfg.dma_queues:
                 raise instruction_error(i, ins, f"DMA queue {eng[3:]} does not exist ({cfg.dma_queues} queues)")

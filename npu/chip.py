@@ -1,0 +1,228 @@
+"""Several cores as one chip: a program per core, timed concurrently, simulated together, traced per core.
+
+A `ChipProgram` holds one `Program` per core of a config with `cores` > 1 (the `chip` preset). The
+cores share HBM (each program declares the tensors it uses; a tensor of the same name must sit at
+the same offset in every core's program) and nothing else: each has its own SBUF, PSUM, engines,
+DMA queues and semaphores. They meet through two instructions: `dma_core` (a DMA into another
+core's SBUF over the core-to-core link) and `sem_signal_core` (a semaphore increment on another
+core, seen there `link_latency_cycles` later). Collectives are built from them (collectives.py).
+
+Timing (`schedule_chip`): the single-core event simulation over every core's engine queues at once
+(timing.py's rules: in-order queues, the earliest runnable start next, semaphores). A DMA shares its
+core's bandwidth with that core's busy DMA queues: HBM at `hbm_bytes_per_s / cores` (every core
+streaming), the link at `link_bytes_per_s`. A remote signal's arrival is its end plus the link
+latency; semaphore values count arrivals in time order. Not modeled: contention between cores
+beyond the per-core HBM share; the race check (per core only, `races.py`, is not run on chips).
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import json
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from isthmus.errors import NpuError
+from isthmus.npu.config import NpuConfig, load_config
+from isthmus.npu.isa import ENGINES, OPS, Program, instruction_error
+from isthmus.npu.timing import COSTS, Stats, Timeline, stats
+
+
+@dataclass
+class ChipProgram:
+    cores: list[Program]
+
+    def __post_init__(self):
+        seen = {}
+        for c, prog in enumerate(self.cores):
+            for t in prog.tensors:
+                other = seen.setdefault(t.name, (c, t))
+                if (other[1].offset, other[1].shape, other[1].dtype) != (t.offset, t.shape, t.dtype):
+                    raise NpuError(f"tensor {t.name} differs between core {other[0]} and core {c} "
+                                   f"(the cores share HBM: same offset, shape and dtype)")
+
+    @property
+    def hbm_bytes(self) -> int:
+        return max(p.hbm_bytes for p in self.cores)
+
+
+@dataclass
+class ChipTimeline:
+    timelines: list[Timeline]                 # one per core
+    order: list[tuple[int, int]] = field(default_factory=list)   # (core, instruction), execution order
+
+    @property
+    def cycles(self) -> int:
+        return max((t.cycles for t in self.timelines), default=0)
+
+
+def _plan(prog: Program, core: int, cores: int, cfg: NpuConfig):
+    rows = []
+    for i, ins in enumerate(prog.instructions):
+        if ins.op == "halt":
+            break
+        eng = ins.engine
+        if eng.startswith("dma") and int(eng[3:]) >= cfg.dma_queues:
+            raise instruction_error(i, ins, f"DMA queue {eng[3:]} does not exist ({cfg.dma_queues} queues)")
+        if "sem" in ins.args and ins["sem"] >= cfg.semaphores:
+            raise instruction_error(i, ins, f"semaphore {ins['sem']} does not exist ({cfg.semaphores} semaphores)")
+        if "core" in ins.args and (ins["core"] >= cores or ins["core"] == core):
+            raise instruction_error(i, ins, f"core {ins['core']} is not another core of this chip ({cores} cores; "
+                                            f"this is core {core})")
+        cost = OPS[ins.op].cost
+        cycles, flops = COSTS[cost][0](ins, cfg) if cost != "link" else (cfg.link_latency_cycles, 0)
+        nbytes, kind = 0, None
+        if ins.op in ("dma_copy", "dma_core"):
+            nbytes = max(ins["dst"].nbytes, ins["src"].nbytes)
+            kind = "link" if ins.op == "dma_core" else "hbm"
+        elif ins.op == "dma_gather":
+            nbytes, kind = ins["dst"].nbytes, "hbm"
+        rows.append((eng, cycles, flops, nbytes, kind))
+    return rows
+
+
+def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> ChipTimeline:
+    """Every core's timeline, the cores running concurrently; NpuError on a deadlock (naming the core).
+    The config defaults to the `chip` preset."""
+    cfg = load_config(cfg or "chip")
+    n = len(chip.cores)
+    if n > cfg.cores:
+        raise NpuError(f"a chip program for {n} cores on config {cfg.name}, which has {cfg.cores}")
+    plans = [_plan(p, c, n, cfg) for c, p in enumerate(chip.cores)]
+    bpc = {"hbm": cfg.hbm_bytes_per_cycle, "link": cfg.link_bytes_per_cycle}
+    tls = []
+    for plan in plans:
+        m = len(plan)
+        tls.append(Timeline([], [r[0] for r in plan], [0] * m, [0] * m, [0] * m, [r[2] for r in plan],
+                            [r[3] for r in plan]))
+    order: list[tuple[int, int]] = []
+    free: dict[tuple[int, str], int] = {}
+    arrivals: dict[tuple[int, int], list[int]] = {}          # (core, sem) -> signal arrival times, sorted
+    waiting: dict[tuple[int, int], list[str]] = {}
+    queues: dict[tuple[int, str], list[int]] = {}
+    for c, plan in enumerate(plans):
+        for i, r in enumerate(plan):
+            queues.setdefault((c, r[0]), []).append(i)
+    head = {q: 0 for q in queues}
+    heap: list[tuple[int, int, int, str]] = []
+    dma_engines = [f"dma{q}" for q in range(cfg.dma_queues)]
+
+    def offer(key):
+        c, e = key
+        q = queues[key]
+        if head[key] >= len(q):
+            return
+        i = q[head[key]]
+        ins = chip.cores[c].instructions[i]
+        t = free.get(key, 0)
+        if ins.op == "sem_wait":
+            got = arrivals.get((c, ins["sem"]), [])
+            v = ins["value"]
+            if len(got) < v:
+                waiting.setdefault((c, ins["sem"]), []).append(e)
+                return
+            if v:
+                t = max(t, got[v - 1])
+        heapq.heappush(heap, (t, c, i, e))
+
+    for key in queues:
+        offer(key)
+    while heap:
+        t, c, i, e = heapq.heappop(heap)
+        eng, cycles, _, nbytes, kind = plans[c][i]
+        tl = tls[c]
+        tl.reach[i] = free.get((c, e), 0)
+        if nbytes:
+            active = 1 + sum(1 for q in dma_engines if q != e and free.get((c, q), 0) > t)
+            cycles += math.ceil(nbytes * active / bpc[kind])
+        tl.start[i], tl.end[i] = t, t + cycles
+        free[c, e] = t + cycles
+        tl.order.append(i)
+        order.append((c, i))
+        head[c, e] += 1
+        offer((c, e))
+        ins = chip.cores[c].instructions[i]
+        if ins.op in ("sem_signal", "sem_signal_core"):
+            dest = c if ins.op == "sem_signal" else ins["core"]
+            arrive = t + cycles + (cfg.link_latency_cycles if ins.op == "sem_signal_core" else 0)
+            bisect.insort(arrivals.setdefault((dest, ins["sem"]), []), arrive)
+            for w in waiting.pop((dest, ins["sem"]), []):
+                offer((dest, w))
+    blocked = [(c, queues[c, e][head[c, e]]) for (c, e) in queues if head[c, e] < len(queues[c, e])]
+    if blocked:
+        c, i = min(blocked)
+        ins = chip.cores[c].instructions[i]
+        got = len(arrivals.get((c, ins["sem"]), []))
+        raise NpuError(f"core {c}: " + str(instruction_error(
+            i, ins, f"semaphore deadlock: waits for semaphore {ins['sem']} >= {ins['value']}, which never gets "
+                    f"past {got}" + (f"; {len(blocked) - 1} other engine(s) blocked too" if len(blocked) > 1 else ""))))
+    return ChipTimeline(tls, order)
+
+
+@dataclass
+class ChipResult:
+    outputs: dict[str, np.ndarray]
+    stats: list[Stats]                        # per core
+    timeline: ChipTimeline
+
+    @property
+    def cycles(self) -> int:
+        return self.timeline.cycles
+
+
+def run_chip(chip: ChipProgram, inputs: dict | None = None, config: NpuConfig | str | None = None) -> ChipResult:
+    """Time the chip, then execute every core's instructions in that order on shared HBM (config: `chip`)."""
+    from isthmus.npu.sim import Machine, blas_single_threaded, prepare
+    cfg = load_config(config or "chip")
+    ctl = schedule_chip(chip, cfg)
+    hbm = np.full(chip.hbm_bytes, 0xFF, np.uint8)
+    machines = [Machine.for_program(cfg, p, hbm) for p in chip.cores]
+    for m in machines:
+        m.peers = machines
+    tensors = {t.name: t for p in chip.cores for t in p.tensors}
+    inputs = dict(inputs or {})
+    for name, t in tensors.items():
+        if name in inputs:
+            machines[0].write_tensor(t, inputs.pop(name))
+        elif t.kind in ("input", "inout"):
+            raise NpuError(f"missing input {name} ({t.dtype}{list(t.shape)})")
+    if inputs:
+        raise NpuError(f"unknown input(s) {', '.join(sorted(inputs))}")
+    fns = [dict(zip(tl.order, prepare(p, m, tl.order))) for p, m, tl in zip(chip.cores, machines, ctl.timelines)]
+    with np.errstate(all="ignore"), blas_single_threaded():
+        for c, i in ctl.order:
+            fn = fns[c][i]
+            if fn is not None:
+                try:
+                    fn()
+                except NpuError as e:
+                    raise NpuError(f"core {c}: " + str(instruction_error(i, chip.cores[c].instructions[i], str(e))))
+    outputs = {n: machines[0].read_tensor(t) for n, t in tensors.items() if t.kind in ("output", "inout")}
+    return ChipResult(outputs, [stats(p, tl, cfg) for p, tl in zip(chip.cores, ctl.timelines)], ctl)
+
+
+def chip_trace_events(chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig) -> dict:
+    """One Perfetto process (track group) per core, one track per engine in it."""
+    from isthmus.npu.trace import trace_events
+    events = []
+    for c, (prog, tl) in enumerate(zip(chip.cores, ctl.timelines)):
+        for ev in trace_events(prog, tl, cfg)["traceEvents"]:
+            ev = dict(ev, pid=c + 1)
+            if ev.get("name") == "process_name":
+                ev["args"] = {"name": f"core {c} ({cfg.name})"}
+            events.append(ev)
+        events.append({"ph": "M", "pid": c + 1, "name": "process_sort_index", "args": {"sort_index": c}})
+    return {"traceEvents": events, "displayTimeUnit": "ns",
+            "otherData": {"config": cfg.name, "cores": len(chip.cores), "cycles": ctl.cycles}}
+
+
+def write_chip_trace(path, chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig) -> None:
+    with open(path, "w") as f:
+        json.dump(chip_trace_events(chip, ctl, cfg), f)
+
+
+__all__ = ["ChipProgram", "ChipTimeline", "ChipResult", "schedule_chip", "run_chip", "write_chip_trace",
+           "chip_trace_events", "ENGINES"]
