@@ -234,9 +234,11 @@ def _scale_flags(args) -> tuple[int, int] | None:
 
 def _serve_replicas(args) -> int:
     import importlib.util
+    import os
 
     autoscale = _scale_flags(args)
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+    spec = importlib.util.find_spec("ray")      # found without importing it (Ray takes seconds to import)
+    if spec is None or not any(os.path.isdir(os.path.join(p, "serve")) for p in spec.submodule_search_locations or []):
         raise InputError("--replicas needs Ray Serve: pip install 'isthmus[scale]'")
     if args.max_batch < 1 or args.max_waiting < 0 or args.max_body_bytes < 1024:
         raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
