@@ -8,7 +8,8 @@
   threads, so nothing of them is made in the driver. Its rate limits, webhook outbox and response
   ownership are bound to the state actor (interop/shared_state.py). It runs each request through
   the FastAPI app as ASGI messages, adds `x-isthmus-replica: <id>`, labels its /metrics series
-  with `replica`, and counts requests in Ray's metrics (`isthmus_replica_requests`).
+  with `replica`, and counts requests in Ray's metrics (`isthmus_replica_requests`, exported by
+  each Ray node as `ray_isthmus_replica_requests_total{replica, route, status}`).
 * **Router** reads the body (up to --max-body-bytes, within --body-timeout), works out the request's affinity
   (interop/affinity.py: its conversation key, and the live owner of a response it names) and
   sends it through a deployment handle whose request router is `AffinityRouter`. When a replica
@@ -71,8 +72,9 @@ class ModelReplica:
         self.app.state.isthmus.metrics.labels = {"replica": self.id}
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()               # engines start, and the webhook's outbox worker
-        self.requests = Counter("isthmus_replica_requests", "requests a replica answered, by route and status "
-                                "(Serve adds the deployment and replica tags)", tag_keys=("route", "status"))
+        self.requests = Counter("isthmus_replica_requests", "requests a replica answered, by replica, route and "
+                                "status", tag_keys=("replica", "route", "status"))
+        self.requests.set_default_tags({"replica": self.id})      # Ray's export adds only a worker id
 
     def check_health(self):
         """Serve calls this every few seconds: a replica whose engine thread died is restarted."""

@@ -247,10 +247,11 @@ def ray_cluster():
     """A local Ray in a short temporary directory (its socket paths must fit), torn down after."""
     ray = pytest.importorskip("ray")
     tmp = tempfile.mkdtemp(prefix="isr", dir="/tmp")
+    metrics_port = _free_port()
     ray.init(_temp_dir=tmp, num_cpus=4, include_dashboard=False, namespace="isthmus-tests", log_to_driver=False,
-             logging_level="WARNING")
+             logging_level="WARNING", _metrics_export_port=metrics_port)
     try:
-        yield ray.get_runtime_context().gcs_address
+        yield ray.get_runtime_context().gcs_address, metrics_port
     finally:
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -287,6 +288,7 @@ class Scaled:
 @pytest.fixture(scope="module")
 def scaled(ray_cluster, tmp_path_factory):
     """`isthmus serve --replicas 2` on the tiny chat model, joined to the test's Ray."""
+    address, metrics_port = ray_cluster
     from isthmus.interop.tenants import hash_key
     tmp = tmp_path_factory.mktemp("scaled")
     model = write_tiny_chat_gguf(tmp / "tiny-chat.gguf", context_length=2048)
@@ -301,7 +303,7 @@ def scaled(ray_cluster, tmp_path_factory):
     (tmp / "tenants.json").write_text(json.dumps(tenants))
     port = _free_port()
     cmd = [sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())", "serve",
-           "--replicas", "2", "--ray-address", ray_cluster, "--model", str(model), "--model-id", "tiny-chat",
+           "--replicas", "2", "--ray-address", address, "--model", str(model), "--model-id", "tiny-chat",
            "--target", "reference", "--tenants", str(tmp / "tenants.json"), "--port", str(port)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True)
     url = f"http://127.0.0.1:{port}"
@@ -317,7 +319,9 @@ def scaled(ray_cluster, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        yield Scaled(url, proc, platform)
+        scaled = Scaled(url, proc, platform)
+        scaled.metrics_port = metrics_port
+        yield scaled
     finally:
         import signal
         proc.send_signal(signal.SIGINT)
@@ -507,6 +511,13 @@ def test_metrics_carry_the_replica_label(scaled):
         assert f'isthmus_requests_total{{replica="{rid}",' in r.text
         seen.add(rid)
     assert seen <= set(scaled.replicas())
+    deadline, exported = time.monotonic() + 90, {}
+    while time.monotonic() < deadline and set(exported) != seen:   # Ray's export, every few seconds
+        text = httpx.get(f"http://127.0.0.1:{scaled.metrics_port}/metrics", timeout=10).text
+        exported = {line.split('replica="')[1].split('"')[0]: line for line in text.splitlines()
+                    if line.startswith("ray_isthmus_replica_requests_total{") and 'route="/metrics"' in line}
+        time.sleep(1)
+    assert set(exported) == seen, sorted(exported)
 
 
 @pytest.mark.slow
