@@ -24,7 +24,8 @@ rows (prefill) dequantize `GEMM_ROWS` weight rows at a time into a tile per work
 each tile with BLAS running single-threaded on that item's thread (`dequant_matmul`: one parallel
 launch, one thread pool; threads.py says why). Per token, one thread, CPU time, from 4 rows on:
 the integer kernels 0.062 ms (q4_k 2816x1024), 0.033 (q5_0 1536x576), 0.022 (q8_0); dequantize +
-BLAS 0.108 / 0.034 / 0.044 at 16 rows, 0.078 / 0.024 / 0.029 at 32, 0.050 / 0.015 / 0.016 at 256 (`python benchmarks/bench_kquant_decode.py --rows`).
+BLAS 0.108 / 0.034 / 0.044 at 16 rows, 0.078 / 0.024 / 0.029 at 32, 0.050 / 0.015 / 0.016 at 256
+(`python benchmarks/bench_kquant_decode.py --rows`).
 
 The raw-block formats' row primitives live in kquant.py and kquant_simd.py and are compiled into
 this file's kernels: Numba's cache keys each kernel on its own file's contents only, so after
