@@ -164,8 +164,13 @@ class Tenant:
                 if wait > 0:
                     raise RateLimited(f"Rate limit reached for tenant `{self.id}`: retry in {wait:.2f} s.",
                                       wait, "requests")
-            if tb is not None:
-                tb.take(tokens)
+            if tb is not None and tb.take(tokens) > 0:
+                # a bucket shared by replicas (interop/shared_state.py) lost its tokens to another
+                # replica between the check and the take: refused, and the request token given back
+                if requests and self.bucket is not None:
+                    self.bucket.put(requests)
+                raise RateLimited(f"Token rate limit reached for tenant `{self.id}` ({int(tb.burst)} per "
+                                  "minute): retry in 1.00 s.", 1.0, "tokens")
             self.sequences += sequences
             return Grant(self, tokens if tb is not None else 0, sequences)
 

@@ -107,6 +107,24 @@ def test_shared_state_contract(kind):
     check_contract(_implementations(clock)[kind], clock)
 
 
+def test_two_replicas_share_a_tenants_token_and_request_limits():
+    from isthmus.interop.shared_state import LocalState, share_limits
+    from isthmus.interop.tenants import RateLimited, Tenants
+    doc = {"tenants": [{"id": "t", "tokens_per_minute": 100, "requests_per_second": 0.001, "burst": 3}]}
+    state = LocalState()
+    one, two = Tenants.from_config(doc), Tenants.from_config(doc)        # what each replica builds
+    share_limits(one, state)
+    share_limits(two, state)
+    grant = one.get("t").admit(tokens=60, requests=1)
+    with pytest.raises(RateLimited, match="Token rate limit"):
+        two.get("t").admit(tokens=60, requests=1)                        # the other replica sees the 60
+    grant.release(used_tokens=10)                                         # 50 refunded, for both
+    two.get("t").admit(tokens=60, requests=1)
+    one.get("t").admit(tokens=1, requests=1)                              # the refused one took no request
+    with pytest.raises(RateLimited, match="Rate limit reached"):
+        two.get("t").admit(tokens=1, requests=1)                          # 3 requests in all: burst 3
+
+
 def test_owned_responses_route_by_id():
     state = LocalState()
     store = OwnedResponseStore(state, "r1")
