@@ -201,8 +201,9 @@ def _replica_failed(e: BaseException) -> Response:
 def _stream_error(path: str) -> bytes:
     error = {"message": "The replica serving this stream stopped; retry the request.", "type": "server_error",
              "param": None, "code": "replica_unavailable"}
-    if path == "/v1/responses":          # the Responses API's typed events have no [DONE]
-        return f"event: error\ndata: {json.dumps({'type': 'error', **error})}\n\n".encode()
+    if path == "/v1/responses":          # the Responses API's typed `error` event; its streams have no [DONE]
+        event = {"type": "error", "code": error["code"], "message": error["message"], "param": None}
+        return f"event: error\ndata: {json.dumps(event)}\n\n".encode()
     return f"data: {json.dumps({'error': error})}\n\ndata: [DONE]\n\n".encode()
 
 

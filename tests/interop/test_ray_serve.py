@@ -568,15 +568,28 @@ def test_killing_a_replica_mid_load_fails_only_its_requests(scaled):
         except openai.APIStatusError as e:
             return e
 
-    victim = replicas[0]
-    with cf.ThreadPoolExecutor(8) as pool:
+    def typed_events(response_id):                          # a Responses API stream, on the victim
+        events = []
+        for ev in client.responses.create(model="tiny-chat", input="go on", max_output_tokens=1500, stream=True,
+                                          previous_response_id=response_id, temperature=0.0):
+            events.append(ev)
+            if len(events) == 1:
+                started.release()
+        return events
+
+    stored = client.responses.with_raw_response.create(model="tiny-chat", input="start", max_output_tokens=2)
+    victim = stored.headers["x-isthmus-replica"]            # the replica that holds that response
+    with cf.ThreadPoolExecutor(9) as pool:
         futures = [pool.submit(stream, t) for ts in texts.values() for t in ts[:3]]
         blocking = pool.submit(whole, texts[victim][3])      # a non-streamed request on the victim
-        for _ in futures:
+        typed = pool.submit(typed_events, stored.parse().id)
+        for _ in futures + [typed]:
             assert started.acquire(timeout=60)              # every stream is under way
         ray.kill(ray.get_actor(f"SERVE_REPLICA::isthmus#ModelReplica#{victim}", namespace="serve"))
         results = [f.result(timeout=120) for f in futures]
         failed = blocking.result(timeout=120)
+        events = typed.result(timeout=120)
+    assert events[-1].type == "error" and events[-1].code == "replica_unavailable", events[-1]   # typed stream
     assert isinstance(failed, openai.APIStatusError) and failed.status_code == 503, failed
     assert failed.body["code"] == "replica_unavailable"      # a clean error in OpenAI's shape
     for rid, data in results:
