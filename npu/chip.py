@@ -27,7 +27,7 @@ import numpy as np
 
 from isthmus.errors import NpuError
 from isthmus.npu.config import NpuConfig, load_config
-from isthmus.npu.isa import ENGINES, OPS, Program, instruction_error
+from isthmus.npu.isa import OPS, Program, instruction_error
 from isthmus.npu.timing import COSTS, Stats, Timeline, stats
 
 
@@ -222,7 +222,3 @@ def chip_trace_events(chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig) -> d
 def write_chip_trace(path, chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig) -> None:
     with open(path, "w") as f:
         json.dump(chip_trace_events(chip, ctl, cfg), f)
-
-
-__all__ = ["ChipProgram", "ChipTimeline", "ChipResult", "schedule_chip", "run_chip", "write_chip_trace",
-           "chip_trace_events", "ENGINES"]

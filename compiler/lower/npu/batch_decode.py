@@ -50,7 +50,8 @@ class NpuBatchDecoder:
             for b, d in enumerate(decoders):
                 n = d.length
                 if d is rt.owner:
-                    self.kcache[b][..., cmax - n:], self.vcache[b][:, cmax - n:] = k[..., cmax - n:], v[:, cmax - n:]
+                    self.kcache[b][..., cmax - n:] = k[..., cmax - n:]
+                    self.vcache[b][:, cmax - n:] = v[:, cmax - n:]
                 else:
                     self.kcache[b][..., cmax - n:], self.vcache[b][:, cmax - n:] = d.saved
         self.loaded: dict[int, object] = {}
@@ -64,7 +65,8 @@ class NpuBatchDecoder:
             prog = build_chunk_program(self.rt.img, self.B, C, batched=True)
             first = self.hbm is None
             if first:               # the weights as the one-sequence programs hold them, then this batch's part
-                self.hbm = np.empty(prog.hbm_bytes + 4 * self.B * self.rt.cmax + 4096, np.uint8)   # room for wider windows' io
+                # room for a wider window's validity rows: its program's io is larger
+                self.hbm = np.empty(prog.hbm_bytes + 4 * self.B * self.rt.cmax + 4096, np.uint8)
                 self.hbm[:self.rt.resident_end] = self.rt.hbm[:self.rt.resident_end]
                 self.hbm[self.rt.resident_end:] = 0xFF
             lp = LoadedProgram(prog, self.exe.config, check_races=self.exe.check_races, hbm=self.hbm)
