@@ -71,7 +71,7 @@ class Server:
             time.sleep(0.5)
 
     def stop(self):
-        self.proc.send_signal(signal.SIGINT)
+        self.proc.send_signal(signal.SIGTERM)   # SIGINT may be ignored (a background job of a shell)
         try:
             self.proc.wait(60)
         except subprocess.TimeoutExpired:

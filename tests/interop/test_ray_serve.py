@@ -275,6 +275,28 @@ def ray_cluster():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _serve(argv: list[str], **kwargs) -> subprocess.Popen:
+    """`isthmus serve ...` as its own process, which gets SIGTERM if this one dies first (a killed
+    pytest must not leave a server and its Ray behind). Stopped with SIGTERM, not SIGINT: a shell
+    that runs pytest in the background starts it with SIGINT ignored, and so every child too."""
+    def die_with_parent():
+        import ctypes
+        import signal
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)     # PR_SET_PDEATHSIG
+    return subprocess.Popen([sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())",
+                             "serve", *argv], preexec_fn=die_with_parent, **kwargs)
+
+
+def _stop(proc: subprocess.Popen, timeout: float) -> int:
+    import signal
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
 def _free_port() -> int:
     import socket
     with socket.socket() as s:
@@ -320,10 +342,9 @@ def scaled(ray_cluster, tmp_path_factory):
                      "outbox": str(tmp / "outbox.sqlite3")}}
     (tmp / "tenants.json").write_text(json.dumps(tenants))
     port = _free_port()
-    cmd = [sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())", "serve",
-           "--replicas", "2", "--ray-address", address, "--model", str(model), "--model-id", "tiny-chat",
-           "--target", "reference", "--tenants", str(tmp / "tenants.json"), "--port", str(port)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True)
+    proc = _serve(["--replicas", "2", "--ray-address", address, "--model", str(model), "--model-id", "tiny-chat",
+                   "--target", "reference", "--tenants", str(tmp / "tenants.json"), "--port", str(port)],
+                  stdout=subprocess.PIPE, stderr=open(tmp / "serve.log", "w"), text=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 240
     try:
@@ -341,13 +362,10 @@ def scaled(ray_cluster, tmp_path_factory):
         scaled.metrics_port = metrics_port
         yield scaled
     finally:
-        import signal
-        proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        platform.httpd.shutdown()
+            _stop(proc, 60)
+        finally:
+            platform.httpd.shutdown()
 
 
 def _ask(client, text, max_tokens=8, **kwargs):
@@ -401,8 +419,7 @@ def test_the_single_machine_recipe_runs_as_documented(tmp_path, extra):
     ray_tmp = tempfile.mkdtemp(prefix="isd", dir="/tmp")
     env = {**os.environ, "RAY_TMPDIR": ray_tmp, "ISTHMUS_API_KEY": key}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-c", "import sys; from isthmus.cli import main; sys.exit(main())",
-                             *argv], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    proc = _serve(argv[1:], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()
         while line and "isthmus: serving on" not in line:
@@ -413,10 +430,10 @@ def test_the_single_machine_recipe_runs_as_documented(tmp_path, extra):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0 and out.stdout.lower().startswith("x-isthmus-replica: "), out.stderr
     finally:
-        import signal
-        proc.send_signal(signal.SIGINT)
-        assert proc.wait(90) == 0
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+        try:
+            assert _stop(proc, 90) == 0
+        finally:
+            shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
