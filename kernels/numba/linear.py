@@ -290,14 +290,31 @@ def _store(y, u, t, r, c, res, out, epilogue):
     out[t, c] = y
 
 
+# Tokens per pass over a weight row, told apart by type so that each is its own compilation of the
+# kernels: with the four-token code in the same loop, LLVM made the one-token decode path (the
+# swiglu's above all: 89 -> 211 us for 5632x1024 q4_k) twice as slow.
+ONE_PER_PASS, FOUR_PER_PASS = np.int32(1), np.int64(4)
+
+
+def _four_per_pass(per_pass):
+    """Whether `per_pass` is FOUR_PER_PASS (a constant of its type)."""
+
+
+@overload(_four_per_pass)
+def _four_per_pass_impl(per_pass):
+    four = per_pass == types.int64
+    return lambda per_pass: four
+
+
 @njit(inline="always", **JIT)
-def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue):
+def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue, per_pass):
     """Row r of W for every input row (token): out[:, c] (after the epilogue; `up`: the swiglu's up
-    row). Four tokens per pass over the row where there are four: the weights unpacked once."""
+    row). With FOUR_PER_PASS, four tokens per pass over the row while four remain: the weights
+    unpacked once for them."""
     n = out.shape[0]
     t = 0
     zero = np.float32(0.0)
-    while t + 4 <= n:
+    while _four_per_pass(per_pass) and t + 4 <= n:
         y0, y1, y2, y3 = row_dot4_i16(qs, d, m, r, xq, xd, xs, t)
         u0, u1, u2, u3 = zero, zero, zero, zero
         if epilogue == EPI_SWIGLU:
@@ -308,29 +325,30 @@ def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue):
         _store(y3, u3, t + 3, r, c, res, out, epilogue)
         t += 4
     while t < n:
+        y = row_dot_i16(qs, d, m, r, xq, xd, xs, t)
         u = row_dot_i16(qs, d, m, up, xq, xd, xs, t) if epilogue == EPI_SWIGLU else zero
-        _store(row_dot_i16(qs, d, m, r, xq, xd, xs, t), u, t, r, c, res, out, epilogue)
+        _store(y, u, t, r, c, res, out, epilogue)
         t += 1
 
 
 @njit(**PJIT)
-def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue):
+def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue, per_pass):
     """`matvec` with the input rows quantized to i16 first (AVX2 integer dot products)."""
     quantize_rows_i16(x, xq, xd, xs)
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
         for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue)
+            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue, per_pass)
 
 
 @njit(**PJIT)
-def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue):
+def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue, per_pass):
     rmsnorm_into(x, norm_w, eps, h)
     quantize_rows_i16(h, xq, xd, xs)
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
         for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue)
+            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue, per_pass)
 
 
 @njit(**JIT)
@@ -339,7 +357,7 @@ def _part_chunks(rows):
 
 
 @njit(**PJIT)
-def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, xq, xd, xs, out):
+def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, xq, xd, xs, out, per_pass):
     """[rmsnorm](x) @ [A; B; C].T into out's columns, A, B and C being sibling weights in block
     formats of their own (Q and K in q4_k, V in q6_k): one launch and one quantization of the
     activations for all three, where one product per weight would pay both three times. An empty
@@ -354,13 +372,13 @@ def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, x
     for c in prange(ca + cb + _part_chunks(rc)):
         if c < ca:
             for r in range(c * CHUNK, min(ra, c * CHUNK + CHUNK)):
-                _row_i16(qa, da, ma, r, r, r, xq, xd, xs, out, out, EPI_NONE)
+                _row_i16(qa, da, ma, r, r, r, xq, xd, xs, out, out, EPI_NONE, per_pass)
         elif c < ca + cb:
             for r in range((c - ca) * CHUNK, min(rb, (c - ca) * CHUNK + CHUNK)):
-                _row_i16(qb, db, mb, r, r, ra + r, xq, xd, xs, out, out, EPI_NONE)
+                _row_i16(qb, db, mb, r, r, ra + r, xq, xd, xs, out, out, EPI_NONE, per_pass)
         else:
             for r in range((c - ca - cb) * CHUNK, min(rc, (c - ca - cb) * CHUNK + CHUNK)):
-                _row_i16(qc, dc, mc, r, r, ra + rb + r, xq, xd, xs, out, out, EPI_NONE)
+                _row_i16(qc, dc, mc, r, r, ra + rb + r, xq, xd, xs, out, out, EPI_NONE, per_pass)
 
 
 @njit(**PJIT)
@@ -458,10 +476,11 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     res_arr = out if res is None else res
     if integer:
         xq, xd, xs = ws.act_i16(n, w.cols, i8=w.kind in I8_FORMATS)
+        per_pass = FOUR_PER_PASS if n >= 4 else ONE_PER_PASS
         if norm is not None:
             return norm_matvec_i16, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, xq, xd, xs, res_arr,
-                                    out, epilogue)
-        return matvec_i16, (x2, w.qs, w.d, w.m, xq, xd, xs, res_arr, out, epilogue)
+                                    out, epilogue, per_pass)
+        return matvec_i16, (x2, w.qs, w.d, w.m, xq, xd, xs, res_arr, out, epilogue, per_pass)
     sx = ws.sums(n, w.cols)
     if norm is not None:
         return norm_matvec, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
@@ -486,7 +505,8 @@ def siblings_call(x2, parts: list[Packed], out, ws: Workspace, *, norm=None, h=N
         parts = [*parts, Packed(b.kind, b.qs[:0], b.d[:0], b.m[:0], (0,))]
     arrays = [a for p in parts for a in p.arrays]
     nw, eps = (_NO_NORM, np.float32(0.0)) if norm is None else (norm[0], np.float32(norm[1]))
-    return siblings_matvec_i16, (x2, nw, eps, x2 if h is None else h, *arrays, xq, xd, xs, out)
+    return siblings_matvec_i16, (x2, nw, eps, x2 if h is None else h, *arrays, xq, xd, xs, out,
+                                 FOUR_PER_PASS if n >= 4 else ONE_PER_PASS)
 
 
 def _rows_one_by_one(x2, w, out, ws, res, epilogue, norm, h):
