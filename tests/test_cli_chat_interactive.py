@@ -21,10 +21,18 @@ PROMPT = ">>> "
 COUNT = re.compile(r"prompt eval count:\s+(\d+) token")
 
 
+def _default_sigint():
+    # a shell that runs pytest in the background starts it with SIGINT ignored, and every child
+    # inherits that: the session under test gets the default a terminal's user has
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def spawn(cwd, *args, timeout=60):
     env = dict(os.environ, TERM="dumb")    # readline without terminal escape sequences
     child = pexpect.spawn(sys.executable, ["-m", "isthmus.cli", "chat", *map(str, args)], cwd=str(cwd), env=env,
-                          encoding="utf-8", codec_errors="replace", timeout=timeout, dimensions=(24, 2000))
+                          encoding="utf-8", codec_errors="replace", timeout=timeout, dimensions=(24, 2000),
+                          preexec_fn=_default_sigint)
     return child
 
 
