@@ -360,12 +360,25 @@ def scaled(ray_cluster, tmp_path_factory):
             time.sleep(0.5)
         scaled = Scaled(url, proc, platform)
         scaled.metrics_port = metrics_port
+        _until_each_replica_takes_requests(scaled, deadline)
         yield scaled
     finally:
         try:
             _stop(proc, 60)
         finally:
             platform.httpd.shutdown()
+
+
+def _until_each_replica_takes_requests(scaled, deadline):
+    """Both replicas listed is not both routable yet (Serve's router learns of a new replica a moment
+    later): wait until a conversation placed on each one is answered there."""
+    client = scaled.client()
+    while True:
+        placed = _texts_for_each(scaled.replicas(), 1, "acme")
+        if all(_ask(client, texts[0], max_tokens=1)[0] == rid for rid, texts in placed.items()):
+            return
+        assert time.monotonic() < deadline, "a replica never took the requests the router places on it"
+        time.sleep(0.5)
 
 
 def _ask(client, text, max_tokens=8, **kwargs):
