@@ -28,7 +28,7 @@ from llvmlite import ir
 from numba import types
 from numba.extending import intrinsic
 
-from isthmus.kernels.numba.simd import (HAVE_VNNI, I8_PER_I16, StrictFloats, _array_parts, _block_loop_multi, _fma,
+from isthmus.kernels.numba.simd import (HAVE_VNNI, StrictFloats, _array_parts, _block_loop_multi, _fma,
                                         _half, _row_ptr, _x86)
 
 
@@ -48,14 +48,39 @@ WIDE = _host_has_avx512bw() and os.environ.get("ISTHMUS_NUMBA_AVX512", "1") != "
 
 
 def _i8_columns(builder, xqrow, nb):
-    """Pointers to a row's i8 activations and to its i32 lanes of -32 x each 4 values' sum
-    (simd.i8_columns), for rows of nb 256-value blocks."""
+    """Pointers to a row's i8 activations, its f32 scale per 256-value block and its i16 sums per 16
+    values (simd.i8_columns), for rows of nb 256-value blocks."""
     i64 = ir.IntType(64)
     at = builder.mul(nb, ir.Constant(i64, 256))
     x8 = builder.bitcast(builder.gep(xqrow, [at]), ir.IntType(8).as_pointer())
-    negs = builder.bitcast(builder.gep(xqrow, [builder.add(at, builder.mul(nb, ir.Constant(i64, 128)))]),
-                           ir.IntType(32).as_pointer())
-    return x8, negs
+    at = builder.add(at, builder.mul(nb, ir.Constant(i64, 128)))
+    d8 = builder.bitcast(builder.gep(xqrow, [at]), ir.FloatType().as_pointer())
+    sums = builder.gep(xqrow, [builder.add(at, builder.mul(nb, ir.Constant(i64, 2)))])
+    return x8, d8, sums
+
+
+def _i8_block_dot(builder, acc_i, w, x8, xo, scales):
+    """acc_i + the 64 products w[i] * x8[xo + i] (u8 x i8) in pairs (vpmaddubsw: no saturation for
+    weights below 64 and |x| <= 127), each pair multiplied by its lane of the i16 `scales` and
+    added in pairs into acc_i's 16 i32 lanes (vpdpwssd)."""
+    i8, i16, i32 = ir.IntType(8), ir.IntType(16), ir.IntType(32)
+    v64i8, v32i16, v16i32 = ir.VectorType(i8, 64), ir.VectorType(i16, 32), ir.VectorType(i32, 16)
+    xv = builder.load(builder.bitcast(builder.gep(x8, [xo]), v64i8.as_pointer()), align=1)
+    p = _x86(builder, "llvm.x86.avx512.pmaddubs.w.512", v32i16, [w, xv])
+    return _x86(builder, "llvm.x86.avx512.vpdpwssd.512", v16i32,
+                [acc_i, builder.bitcast(p, v16i32), builder.bitcast(scales, v16i32)])
+
+
+def _i8_block_offsets(builder, per16, sums, b):
+    """<16 x i32>: lanes 0-7 the pairwise sums of per16[i] x the block's 16 activation sums (one per
+    16 values), lanes 8-15 zero."""
+    i16, i32 = ir.IntType(16), ir.IntType(32)
+    v16i16 = ir.VectorType(i16, 16)
+    bs = builder.load(builder.bitcast(builder.gep(sums, [builder.mul(b, ir.Constant(ir.IntType(64), 16))]),
+                                      v16i16.as_pointer()), align=2)
+    p = _x86(builder, "llvm.x86.avx2.pmadd.wd", ir.VectorType(i32, 8), [per16, bs])
+    return builder.shuffle_vector(p, ir.Constant(ir.VectorType(i32, 8), [0] * 8),
+                                  ir.Constant(ir.VectorType(i32, 16), list(range(16))))
 
 
 class _Partials:
@@ -212,52 +237,51 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                                                     k16([0] * 12 + [4] * 4)), k16(([63] * 4 + [15] * 4) * 2))
                     top = builder.and_(builder.lshr(pick16([0] * 4 + [0, 1, 2, 3] + [0] * 4 + [4, 5, 6, 7]), k16([2] * 16)),
                                        k16(([0] * 4 + [48] * 4) * 2))
-                    scmn = builder.uitofp(builder.or_(low, top), v16f)
-                    # x d (lanes 0-7) and x -dmin (8-15), the f16 pair at the block's start converted at once
+                    scmn16 = builder.or_(low, top)
                     v2f = ir.VectorType(f32, 2)
                     dm = builder.fpext(builder.load(builder.bitcast(bp, ir.VectorType(ir.HalfType(), 2).as_pointer()),
                                                     align=1), v2f)
-                    # (with i8 activations also x their scale's ratio to xd's, I8_PER_I16: the weight's
-                    # side, shared by every token, takes the multiply)
-                    unit = I8_PER_I16 if i8_acts else 1.0
+                    if i8_acts:
+                        # i8 activations, one scale a block (simd.i8_columns): each 64-byte vector holds
+                        # runs 2c (low nibbles) and 2c + 1 (high); their products meet the runs' 6-bit
+                        # scales in i32 (vpmaddubsw, vpdpwssd), the mins the activations' sums per 16
+                        # (vpmaddwd); two conversions and multiply-adds a block
+                        x8, d8p, sums = _i8_columns(builder, xqrow, nb)
+                        v64i8 = ir.VectorType(i8, 64)
+                        acc_i = ir.Constant(v16i32, [0] * 16)
+                        for c in range(4):
+                            q32 = bytes32(bp, q0 + 32 * c)
+                            w = builder.shuffle_vector(q32, q32, ir.Constant(ir.VectorType(i32, 64), list(range(32)) * 2))
+                            w = builder.lshr(builder.bitcast(w, v32i16), ir.Constant(v32i16, [0] * 16 + [4] * 16))
+                            w = builder.and_(builder.bitcast(w, v64i8), ir.Constant(v64i8, [15] * 64))
+                            sc = builder.shuffle_vector(scmn16, scmn16, ir.Constant(ir.VectorType(i32, 32),
+                                                                                    [2 * c] * 16 + [2 * c + 1] * 16))
+                            acc_i = _i8_block_dot(builder, acc_i, w, x8, builder.add(x0, c64(64 * c)), sc)
+                        mins = builder.shuffle_vector(scmn16, scmn16, ir.Constant(v16i32, [8 + i // 2 for i in range(16)]))
+                        off = _i8_block_offsets(builder, mins, sums, b)
+                        d8 = builder.load(builder.gep(d8p, [b]))
+                        dmx = builder.fmul(dm, builder.shuffle_vector(
+                            builder.insert_element(ir.Constant(v2f, ir.Undefined), d8, ir.Constant(i32, 0)),
+                            ir.Constant(v2f, ir.Undefined), ir.Constant(ir.VectorType(i32, 2), [0, 0])))
+                        dx = builder.extract_element(dmx, ir.Constant(i32, 0))
+                        mx = builder.fneg(builder.extract_element(dmx, ir.Constant(i32, 1)))
+                        acc = _fma(builder, builder.sitofp(acc_i, v16f), scales16(dx), acc)
+                        return _fma(builder, builder.sitofp(off, v16f), scales16(mx), acc), macc
+                    scmn = builder.uitofp(scmn16, v16f)
+                    # x d (lanes 0-7) and x -dmin (8-15), the f16 pair at the block's start converted at once
                     dm = builder.fmul(builder.shuffle_vector(dm, dm, ir.Constant(v16i32, [0] * 8 + [1] * 8)),
-                                      ir.Constant(v16f, [unit] * 8 + [-unit] * 8))
-                    # x the activations' scale per run (lanes 0-7) and sum per run (8-15); with i8
-                    # activations their scale and sums, the sums stored as i16 after the i8 values
+                                      ir.Constant(v16f, [1.0] * 8 + [-1.0] * 8))
+                    # x the activations' scale per run (lanes 0-7) and sum per run (8-15)
                     v8f = ir.VectorType(f32, 8)
                     xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
-                    if i8_acts:       # the i8 blocks' sums (simd.i8_columns: after the i8 values and 4-sums)
-                        s8 = builder.load(builder.bitcast(builder.gep(xqrow, [builder.add(builder.mul(nb, c64(512)), k0)]),
-                                                          ir.VectorType(i16, 8).as_pointer()), align=2)
-                        xs8 = builder.fmul(builder.sitofp(s8, v8f), xd8)
-                    else:
-                        xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
+                    xs8 = builder.load(builder.bitcast(builder.gep(xsrow, [k0]), v8f.as_pointer()), align=4)
                     xx = builder.shuffle_vector(xd8, xs8, ir.Constant(v16i32, list(range(16))))
                     scales = builder.fmul(builder.fmul(scmn, dm), xx)      # d sc xd per run, then -dmin mn xs
                     # the mins enter the accumulator as lanes 8-15 of one extra term per block
                     mins = ir.Constant(ir.VectorType(ir.IntType(1), 16), [0] * 8 + [1] * 8)
                     acc = builder.select(mins, builder.fadd(acc, scales), acc)      # a masked add
                     hbits = builder.zext(bytes32(bp, 16), v32i16) if five else None
-                    # i8: four terms a block, two chains of a multiply and a fused multiply-add; i16: eight
-                    parts = _Partials(builder, chains=2 if i8_acts else 4)
-                    if i8_acts:
-                        # i8 activations (the columns after the i16 ones): one 64-byte vector holds runs
-                        # 2c (low nibbles) and 2c + 1 (high), and vpdpbusd sums each run in 8 lanes
-                        x8, _ = _i8_columns(builder, xqrow, nb)
-                        v64i8 = ir.VectorType(i8, 64)
-                        for c in range(4):
-                            q32 = bytes32(bp, q0 + 32 * c)
-                            w = builder.shuffle_vector(q32, q32, ir.Constant(ir.VectorType(i32, 64), list(range(32)) * 2))
-                            w = builder.lshr(builder.bitcast(w, v32i16), ir.Constant(v32i16, [0] * 16 + [4] * 16))
-                            w = builder.and_(builder.bitcast(w, v64i8), ir.Constant(v64i8, [15] * 64))
-                            xv = builder.load(builder.bitcast(builder.gep(x8, [builder.add(x0, c64(64 * c))]),
-                                                              v64i8.as_pointer()), align=1)
-                            p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
-                                     [ir.Constant(v16i32, [0] * 16), builder.bitcast(w, v16i32),
-                                      builder.bitcast(xv, v16i32)])
-                            sv = builder.shuffle_vector(scales, scales, ir.Constant(v16i32, [2 * c] * 8 + [2 * c + 1] * 8))
-                            parts.add(builder.sitofp(p, v16f), sv)
-                        return parts.into(acc), macc
+                    parts = _Partials(builder)
                     for c in range(4):
                         qv = builder.zext(bytes32(bp, q0 + 32 * c), v32i16)
                         for j in (2 * c, 2 * c + 1):
@@ -310,21 +334,15 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                     return acc, macc
 
                 d = f16(bp, 208)                    # q6_k
-                # the 16 scales x d x xd (two 16-value runs per 32-block) as one vector
-                v8f = ir.VectorType(f32, 8)
-                sc16 = builder.sitofp(bytes16(bp, 192), v16f)
-                xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
-                xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
-                if vnni:                            # i8 activations: x their scale's ratio to xd's, on d
-                    d = builder.fmul(d, ir.Constant(f32, I8_PER_I16))
-                scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
                 if vnni:
-                    # i8 activations: runs k = 2kk, 2kk + 1 of half h are 64 contiguous values, one
-                    # vpdpbusd of their u8 q (0..63) whose lanes start at -32 x the sum of their 4
-                    # activations (the values' offset); the 16 lanes are 4 per 16-value sub-run
-                    x8, negs = _i8_columns(builder, xqrow, nb)
+                    # i8 activations, one scale a block (simd.i8_columns): runs k = 2kk, 2kk + 1 of half
+                    # h are 64 contiguous values, their u8 q (0..63) multiplied in pairs (vpmaddubsw)
+                    # and by the sub-runs' int8 scales into i32 (vpdpwssd); the offset of 32 through
+                    # the activations' sums per 16 values; one conversion and multiply-add a block
+                    x8, d8p, sums = _i8_columns(builder, xqrow, nb)
                     v64i8 = ir.VectorType(i8, 64)
-                    parts = _Partials(builder, chains=2)        # four terms a block: two chains of two
+                    sc = builder.sext(bytes16(bp, 192), v16i16)
+                    acc_i = ir.Constant(v16i32, [0] * 16)
                     for h in range(2):
                         lo64 = builder.load(builder.bitcast(builder.gep(bp, [c64(64 * h)]), v64i8.as_pointer()), align=1)
                         hb32 = bytes32(bp, 128 + 32 * h)
@@ -337,17 +355,20 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
                             hb = builder.shl(builder.and_(builder.bitcast(hb, v64i8), ir.Constant(v64i8, [3] * 64)),
                                              ir.Constant(v64i8, [4] * 64))
                             q = builder.or_(builder.and_(lo, ir.Constant(v64i8, [15] * 64)), hb)
-                            xo = builder.add(x0, c64(128 * h + 64 * kk))
-                            init = builder.load(builder.bitcast(builder.gep(negs, [builder.ashr(xo, c64(2))]),
-                                                                v16i32.as_pointer()), align=4)
-                            xv = builder.load(builder.bitcast(builder.gep(x8, [xo]), v64i8.as_pointer()), align=1)
-                            p = _x86(builder, "llvm.x86.avx512.vpdpbusd.512", v16i32,
-                                     [init, builder.bitcast(q, v16i32), builder.bitcast(xv, v16i32)])
-                            m = 8 * h + 4 * kk
-                            sv = builder.shuffle_vector(scale16, scale16,
-                                                        ir.Constant(v16i32, [m + i // 4 for i in range(16)]))
-                            parts.add(builder.sitofp(p, v16f), sv)
-                    return parts.into(acc), macc
+                            m = 8 * h + 4 * kk          # the first of its four 16-value sub-runs (8 lanes each)
+                            scv = builder.shuffle_vector(sc, sc, ir.Constant(ir.VectorType(i32, 32),
+                                                                             [m + i // 8 for i in range(32)]))
+                            acc_i = _i8_block_dot(builder, acc_i, q, x8, builder.add(x0, c64(128 * h + 64 * kk)), scv)
+                    off = _i8_block_offsets(builder, sc, sums, b)
+                    acc_i = builder.sub(acc_i, builder.shl(off, ir.Constant(v16i32, [5] * 16)))
+                    dx = builder.fmul(d, builder.load(builder.gep(d8p, [b])))
+                    return _fma(builder, builder.sitofp(acc_i, v16f), scales16(dx), acc), macc
+                # the 16 scales x d x xd (two 16-value runs per 32-block) as one vector
+                v8f = ir.VectorType(f32, 8)
+                sc16 = builder.sitofp(bytes16(bp, 192), v16f)
+                xd8 = builder.load(builder.bitcast(builder.gep(xdrow, [k0]), v8f.as_pointer()), align=4)
+                xd16 = builder.shuffle_vector(xd8, xd8, ir.Constant(v16i32, [i // 2 for i in range(16)]))
+                scale16 = builder.fmul(builder.fmul(scales16(d), sc16), xd16)
                 for h in range(2):
                     hb_all = builder.zext(bytes32(bp, 128 + 32 * h), v32i16)
                     for k in range(4):

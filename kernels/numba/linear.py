@@ -430,13 +430,14 @@ class Workspace:
         self.tile = np.empty(0, np.float32)
         self.sx = {}
 
-    def act_i16(self, n, cols, i8=False):
+    def act_i16(self, n, cols, i8=False, i16=True):
         """Views of the first n rows of (grown as needed) quantized-activation buffers; with `i8`,
         xq also has the i8 columns the VNNI kernels read (simd.i8_columns), which cost a little
-        more to fill, so only the formats that read them get them."""
-        key = ("i16", cols, i8)
+        more to fill, so only the formats that read them get them; without `i16` (every weight of
+        the launch reads the i8 ones) xd and xs have no columns and the i16 part is not filled."""
+        key = ("i16", cols, i8, i16)
         if key not in self.sx or self.sx[key][0].shape[0] < n:
-            nb = max(cols // 32, 1)
+            nb = max(cols // 32, 1) if i16 else 0
             self.sx[key] = (np.empty((n, i8_columns(cols) if i8 else cols), np.int16),
                             np.empty((n, nb), np.float32), np.empty((n, nb), np.float32))
         xq, xd, xs = self.sx[key]
@@ -475,7 +476,8 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
         return None
     res_arr = out if res is None else res
     if integer:
-        xq, xd, xs = ws.act_i16(n, w.cols, i8=w.kind in I8_FORMATS)
+        i8 = w.kind in I8_FORMATS
+        xq, xd, xs = ws.act_i16(n, w.cols, i8=i8, i16=not i8)
         per_pass = FOUR_PER_PASS if n >= 4 else ONE_PER_PASS
         if norm is not None:
             return norm_matvec_i16, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, xq, xd, xs, res_arr,
@@ -499,7 +501,8 @@ def siblings_call(x2, parts: list[Packed], out, ws: Workspace, *, norm=None, h=N
     if (not INT_ACTIVATIONS or not 2 <= len(parts) <= 3 or any(p.kind == "f32" for p in parts)
             or (n > MATVEC_MAX_ROWS and not row_wise) or len({p.cols for p in parts}) != 1):
         return None
-    xq, xd, xs = ws.act_i16(n, parts[0].cols, i8=any(p.kind in I8_FORMATS for p in parts))
+    xq, xd, xs = ws.act_i16(n, parts[0].cols, i8=any(p.kind in I8_FORMATS for p in parts),
+                            i16=any(p.kind not in I8_FORMATS for p in parts))
     if len(parts) == 2:           # C: B's arrays with no rows (same types: no other compilation)
         b = parts[1]
         parts = [*parts, Packed(b.kind, b.qs[:0], b.d[:0], b.m[:0], (0,))]

@@ -398,7 +398,6 @@ rows4_q8_i16 = _make_row_dot_i16(8, tokens=4)
 
 _Q16 = np.float32(32767.0)
 _Q8 = np.float32(127.0)
-I8_PER_I16 = 32767.0 / 127.0      # an i8 block's scale over its i16 scale (amax / 127 over amax / 32767)
 
 
 def _host_has_vnni() -> bool:
@@ -422,57 +421,70 @@ def quantize_rows_i16(x, xq, xd, xs):
     """x [n, k] f32 -> per 32-block i16 xq, scale xd = amax / 32767 and xs = xd * sum(xq)
     (the sum carries the 4-bit formats' offsets m). Rounds half away from zero.
 
-    Where xq has the columns `i8_columns` asks for, they hold the same blocks quantized to i8 as
-    well, for the VNNI kernels (layout there)."""
-    cols = 32 * xd.shape[1]
+    Where xq has the columns `i8_columns` asks for, they also hold x quantized to i8 per 256-value
+    block, for the VNNI kernels (layout there); an xd of no columns skips the i16 part (a launch
+    whose weights all read the i8 one)."""
+    cols = x.shape[1]
     with_i8 = xq.shape[1] >= i8_columns_all(cols)
     for t in range(x.shape[0]):
-        if with_i8:             # the i8 columns' three parts (i8_columns), as their own types
-            x8 = xq[t, cols:cols + cols // 2].view(np.int8)
-            negs = xq[t, cols + cols // 2:2 * cols].view(np.int32)
-            sums = xq[t, 2 * cols:2 * cols + cols // 32]
+        bits = x[t].view(np.int32)
         for b in range(xd.shape[1]):
-            amax = np.float32(0.0)
+            top = np.int32(0)       # as in _quantize_row_i8
             for j in range(32):
-                amax = max(amax, abs(x[t, 32 * b + j]))
+                top = max(top, bits[32 * b + j] & np.int32(0x7FFFFFFF))
+            amax = i32_as_f32(top)
             dd = amax / _Q16
             inv = _Q16 / amax if amax > 0 else np.float32(0.0)
             s = np.int32(0)
-            for j in range(32):
-                q = _round_clamped(x[t, 32 * b + j] * inv, 32767)
+            for j in range(32):     # |v| <= 32767 (times 1 + 2^-23): no clamp needed
+                v = x[t, 32 * b + j] * inv
+                q = np.int32(v + np.float32(0.5) * np.sign(v))
                 xq[t, 32 * b + j] = q
                 s += q
             xd[t, b] = dd
             xs[t, b] = dd * np.float32(s)
-            if with_i8:
-                inv8 = _Q8 / amax if amax > 0 else np.float32(0.0)
-                for j in range(32):
-                    x8[32 * b + j] = _round_clamped(x[t, 32 * b + j] * inv8, 127)
-                s8 = np.int32(0)
-                for g in range(8):      # -32 x each 4 values' sum: one i32 lane of vpdpbusd
-                    s4 = (np.int32(x8[32 * b + 4 * g]) + np.int32(x8[32 * b + 4 * g + 1])
-                          + np.int32(x8[32 * b + 4 * g + 2]) + np.int32(x8[32 * b + 4 * g + 3]))
-                    negs[8 * b + g] = -32 * s4
-                    s8 += s4
-                sums[b] = s8
+        if with_i8:
+            _quantize_row_i8(x[t], xq[t], cols)
 
 
 @njit(fastmath=False, cache=True, inline="always")
-def _round_clamped(v, limit):
-    """v rounded half away from zero (branch-free, so loops of it vectorise), clamped to +-limit."""
-    q = np.int32(v + np.float32(0.5) * np.sign(v))
-    return min(max(q, -limit), limit)
+def _quantize_row_i8(x, xq, cols):
+    """One row's i8 columns (i8_columns): values, a scale per 256 and sums per 16."""
+    x8 = xq[cols:cols + cols // 2].view(np.int8)
+    d8 = xq[cols + cols // 2:cols + cols // 2 + cols // 128].view(np.float32)
+    sums = xq[cols + cols // 2 + cols // 128:i8_columns_all(cols)]
+    bits = x.view(np.int32)
+    for b in range(cols // 256):
+        # the largest |x| of the block found as the largest bits of |x| (ordered as the values are,
+        # NaN above inf; an integer max LLVM vectorises without fast math)
+        top = np.int32(0)
+        for j in range(256):
+            top = max(top, bits[256 * b + j] & np.int32(0x7FFFFFFF))
+        amax = i32_as_f32(top)
+        d8[b] = amax / _Q8
+        inv8 = _Q8 / amax if amax > 0 else np.float32(0.0)
+        for j in range(256):        # |v| <= 127 (times 1 + 2^-23), so rounding needs no clamp
+            v = x[256 * b + j] * inv8
+            x8[256 * b + j] = np.int32(v + np.float32(0.5) * np.sign(v))
+        for g in range(16):
+            s16 = np.int32(0)
+            for j in range(16 * g, 16 * g + 16):
+                s16 += np.int32(x8[256 * b + j])
+            sums[16 * b + g] = s16
 
 
 @njit(cache=True, inline="always")
 def i8_columns_all(cols):
-    return cols + cols // 2 + cols // 2 + cols // 32
+    return cols + cols // 2 + cols // 128 + cols // 16
 
 
 def i8_columns(cols: int) -> int:
-    """The columns of `quantize_rows_i16`'s xq for rows of `cols` values. On hosts with VNNI kernels,
-    after the `cols` i16 values: their i8 copies (scale amax / 127 = xd * I8_PER_I16), two per
-    column; -32 x the sum of each 4 i8 values as i32, two columns each (q6_k's values are q - 32:
-    these start its vpdpbusd lanes); each 32-block's sum of its i8 values (the q4_k mins must meet
-    the same activations as the integers do, or the offset term's error no longer cancels)."""
+    """The columns of `quantize_rows_i16`'s xq for rows of `cols` values (a multiple of 256 where
+    the i8 part is asked for: the VNNI formats' rows are). On hosts with VNNI kernels, after the
+    `cols` i16 values, x quantized to i8 per 256-value block as llama.cpp's q8_K: the i8 values
+    (two per column), each block's scale amax / 127 as f32 (two columns), and each 16 values' sum
+    of their i8 values as i16 (the q4_k mins and q6_k's offset of 32 meet the same activations as
+    the integers do, so their errors cancel as in the file's own arithmetic). One scale per 256
+    values lets a block's integer products be summed in i32 with the weights' integer sub-block
+    scales (vpmaddubsw, then vpdpwssd), converted to float once a block."""
     return i8_columns_all(cols) if HAVE_VNNI else cols

@@ -31,7 +31,7 @@ FAMILIES = ["llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt2"]
 TEXT = "the quick brown fox jumps"     # make.py's training text begins so; its tokens are ASCII - 32
 IDS = [ord(c) - 32 for c in TEXT][:16]       # past gemma's window of 4
 PREFILL = 10                                 # more than 8 tokens: numba's prefill runs in f32
-# numba's q4_k / q6_k decode dot products round activations to i8 per 32 values (llama.cpp's q8_K)
+# numba's q4_k / q6_k decode dot products round activations to i8 per 256 values (llama.cpp's q8_K)
 # where the host has AVX-512 VNNI, i16 elsewhere
 NUMBA_TOL = 2e-2 if I8_FORMATS else 1e-4
 

@@ -4,8 +4,9 @@ q2_k..q6_k; iq4_nl is repacked as q8_0) against an oracle sharing no code with i
 
 Tolerance: activations may be quantized to i16 per 32-block and sums run in f32, so an output's
 error is bounded relative to sum_j |w_j| |x_j| (1e-3 of it; layout mistakes give ~1e-1). Where
-the host has VNNI, q4_k and q6_k decode with i8 activations (as llama.cpp's q8_K): each x_j is then
-off by up to half a step, amax of its 32-block / 254, which adds sum_j |w_j| amax_j / 254."""
+the host has VNNI, q4_k and q6_k decode with i8 activations, one scale per 256 values (as llama.cpp's
+q8_K): each x_j is then off by up to half a step, amax of its 256-block / 254, which adds
+sum_j |w_j| amax_j / 254."""
 
 import gguf
 import numpy as np
@@ -38,7 +39,7 @@ def check(got, x, wd, extra=0.0, i8=False):
     want = x64 @ w64.T + extra
     bound = 1e-3 * (np.abs(x64) @ np.abs(w64).T) + 1e-6 * np.abs(extra)
     if i8:
-        step = np.repeat(np.abs(x64).reshape(len(x64), -1, 32).max(axis=2), 32, axis=1) / 254
+        step = np.repeat(np.abs(x64).reshape(len(x64), -1, 256).max(axis=2), 256, axis=1) / 254
         bound = bound + step @ np.abs(w64).T
     err = np.abs(got - want)
     assert np.all(err <= bound), f"worst {float((err / bound).max()):.2f} x the bound"

@@ -38,7 +38,7 @@ def test_numba_decoder_matches_reference(model, reference):
     exe = isthmus.compile(model, target="numba")
     ref, dec = reference.decoder(), exe.decoder()
     # i16 activations move the logits by ~1e-4 of their range; i8 ones (q4_k and q6_k on VNNI
-    # hosts, as llama.cpp's q8_K), whose step is 1/127 of a 32-block's largest value, by ~1e-2
+    # hosts, as llama.cpp's q8_K), whose step is 1/127 of a 256-block's largest value, by ~1e-2
     tol = 2e-2 if I8_FORMATS else 1e-3
     for ids in STEPS:
         close(dec.step(ids), ref.step(ids), tol)
