@@ -21,9 +21,9 @@ def register(sub, common) -> None:
     p.add_argument("--precision", default=None, choices=("bf16x3", "bf16", "f32"),
                    help="matmul precision (default bf16x3; see docs/npu-performance.md)")
     p.add_argument("--npu-weights", default=None, choices=("bf16", "int8", "fp8", "q4", "auto"),
-                   help="how weights are stored in HBM: bf16 (default), int8/fp8 (per-channel scales), q4 (4-bit, "
-                        "a scale and zero per 32), auto (per layer from the file's quantization); the quantized "
-                        "ones are dequantized on chip")
+                   help="how weights are stored in HBM: bf16 (default), int8 and q4 (8 or 4 bits, a scale and min "
+                        "per 32 inputs: GGUF's blocks, the file's own where it has them), fp8 (per-channel "
+                        "scales), auto (per layer from the file's quantization); the quantized ones are scaled on chip")
     p.add_argument("--by", default="op", choices=("op", "node"), help="one row per op kind or per graph node")
     p.add_argument("--limit", type=int, default=30, help="rows to print (0: all)")
     p.add_argument("--prefill", action="store_true", help="also print the prefill program's table")

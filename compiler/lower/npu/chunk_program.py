@@ -106,7 +106,7 @@ class DecoderImage:
         """Drop the packed host arrays once they are bound into HBM (the HBM image holds them)."""
         self.resident = [(n, d, s, None) for n, d, s, _ in self.resident]
         for w in [w for lw in self.weights for w in lw.values()] + [self.head]:
-            w.data = w.qdata = w.gscale = w.gzero = None
+            w.data = w.qdata = w.bscale = w.bzero = None
             if w.lo is not None:
                 w.lo.data = None
         self.released = True
@@ -153,16 +153,13 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
                 k_map[j * P + i * sl.stride:j * P + i * sl.stride + hd] = np.arange(g * hd, (g + 1) * hd)
     k_map = k_map[:int(np.max(np.nonzero(k_map >= 0)[0])) + 1]
 
-    def pack(name, node, rows=None, cols=None, row_major=False):
+    def pack(name, node, rows=None, cols=None, row_major=False, option=weights):
         data = node.inputs[1].data
         n = len(rows) if rows is not None else data.shape[0]
         k = len(cols) if cols is not None else data.shape[1]
-        fmt = choose_format(data, n, weights)
-        if row_major and fmt in ("int8", "fp8"):    # outputs along the free dim: no per-partition scale
-            fmt = "bf16"
-        if fmt == "q4" and rows is not None and not np.array_equal(rows, np.arange(data.shape[0])):
-            fmt = "int8"                            # q4 blocks follow the stored output order; padding would
-        #                                             not stay zero in a block with real outputs
+        fmt = choose_format(data, n, option)
+        if row_major:          # V: the weight is the moving operand, its outputs along the free dim, where
+            fmt = "bf16"       # neither a per-output scale nor per-block partial sums can be applied
         w = make_weight(name, data, wdt, P, piece_cols_for(k, n, P, wdt, budget, fmt), rows=rows, cols=cols,
                         split=split, label=node.outputs[0].name, fmt=fmt)
         if w.chan_scale is not None:
@@ -176,7 +173,9 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
                             "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=q_map),
                             "gate": pack(f"L{i}.gate", L.gate), "up": pack(f"L{i}.up", L.up),
                             "down": pack(f"L{i}.down", L.down)})
-    img.head = pack("head", spec.head)
+    # the output head is the layer 4 bits hurt most (SmolLM2's Q8_0 head requantized to q4: logits 17.5 %
+    # off); under q4 it takes int8, as llama.cpp's Q4 presets keep output.weight at Q6_K or Q8_0
+    img.head = pack("head", spec.head, option="int8" if weights == "q4" else weights)
 
     nc = -(-D // P)
     norms = np.zeros((2 * len(spec.layers) + 1, P, nc), np.float32)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
+from isthmus.compiler.lower.npu.quant_weights import BLOCKED
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream
 from isthmus.npu.isa import AP
 
@@ -117,6 +118,12 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
     PSUM. When the hi and lo columns together fit the tensor engine's minimum moving width (decode),
     W_hi takes [x_hi | x_lo] in one matmul and the eviction adds the two halves, so the product
     costs two matmuls per weight tile instead of three."""
+    if w.fmt in BLOCKED:               # int8 / q4: scales per block of inputs (block_linear.py)
+        from isthmus.compiler.lower.npu.block_linear import linear_blocked
+        linear_blocked(em, x, [w] if up is None else [w, up], stream, out,
+                       lambda c0, c1, r0, r1, srcs: _epilogue(em, out, c0, c1, r0, r1, epilogue, residual, bias,
+                                                              func, srcs))
+        return out
     cfg = em.cfg
     P = cfg.partitions
     split = w.lo is not None           # a weight without a lo part (quantized: exact in bf16) may meet a
@@ -166,7 +173,7 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
                                 em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
                                 em.matmul(dst, ww.lo.stationary(lpc, t, m0, m1), x.tile[0:kp, t, r0:r1], acc=True)
                 for ww, pt in zip(pairs, ps):
-                    if ww.scale_tile is not None:      # int8/fp8: the per-output scale, one per partition
+                    if ww.scale_tile is not None:      # fp8: the per-output scale, one per partition
                         em.tt(pt[:, :, :], pt[:, :, :], bcast(ww.scale_tile, gc0, gc1, 0, cols, "rows"), "mul")
                 srcs = []
                 for pt in ps:

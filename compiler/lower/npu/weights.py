@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isthmus.compiler.lower.npu.emitter import Emitter, Hbm, Tile
-from isthmus.compiler.lower.npu.quant_weights import Q4_GROUP, STORAGE_DTYPE, STORED_BYTES, pack_nibbles, quantize
+from isthmus.compiler.lower.npu.quant_weights import (BLOCK, BLOCKED, STORAGE_DTYPE, STORED_BYTES, pack_nibbles,
+                                                      quantize_weight)
 from isthmus.npu.isa import DTYPES
 
 
@@ -43,14 +44,17 @@ class Piece:
     offset: int          # element offset in the packed HBM tensor
     tile: Tile | None = None
     loaded: bool = False
+    dtile: Tile | None = None    # int8/q4: [parts, chunks, nbp] block scales of the piece's outputs
+    mtile: Tile | None = None    # q4: block mins, alike
 
 
 @dataclass
 class PackedWeight:
     """W^T [k, n] (k input features, n outputs) packed for the PE array (see the module docstring).
-    A quantized weight (`fmt` != "bf16") keeps its stored arrays in `qdata` (and q4's `gscale`, `gzero`,
-    packed alike with one value per 32 outputs), its per-output scales in `chan_scale` (int8, fp8); its
-    SBUF tiles are bf16."""
+    A quantized weight (`fmt` != "bf16") keeps its stored values in `qdata`; int8 and q4 their block
+    scales (and q4 mins) in `bscale` (`bzero`), [parts, output chunks, nbp] (output c*parts + p, block
+    b of 32 inputs; nbp = kt * parts / 32, the K tiles' blocks, zero past the last), fp8 its per-output
+    scales in `chan_scale`; its SBUF tiles are bf16."""
 
     name: str
     k: int
@@ -64,8 +68,12 @@ class PackedWeight:
     lo: "PackedWeight | None" = None    # bf16x3: the bf16 remainder W - hi, packed alike
     fmt: str = "bf16"
     qdata: np.ndarray | None = None
-    gscale: np.ndarray | None = None
-    gzero: np.ndarray | None = None
+    bscale: np.ndarray | None = None
+    bzero: np.ndarray | None = None
+    bdtype: str = "f32"                 # dtype of bscale/bzero in HBM and SBUF (f16 where exact)
+    qoffset: int = 0                    # int8: HBM holds q - qoffset; the unpacking adds it back
+    rows: np.ndarray | None = None      # the source rows/cols the packing picked (-1: zeros), for checks
+    cols: np.ndarray | None = None
     chan_scale: np.ndarray | None = None
     qhbm: Hbm | None = None
     shbm: Hbm | None = None
@@ -76,6 +84,16 @@ class PackedWeight:
     @property
     def kt(self) -> int:
         return -(-self.k // self.parts)
+
+    @property
+    def minned(self) -> bool:
+        """int8/q4 with a min per block (the m[o, b] * xs[b] term)."""
+        return self.zhbm is not None or self.bzero is not None
+
+    @property
+    def nbp(self) -> int:
+        """Blocks of 32 inputs per output, counted over whole K tiles (int8, q4)."""
+        return self.kt * (self.parts // BLOCK)
 
     @property
     def kp(self) -> int:
@@ -90,11 +108,12 @@ class PackedWeight:
         """Bytes per partition of a piece's staging: (values, q4 scales, q4 zeros, ...) offsets; last: total."""
         if self.fmt == "bf16":
             return (0,)
-        qb = int(self.kt * cols * STORED_BYTES[self.fmt])
-        if self.fmt != "q4":
+        qb = -(-int(self.kt * cols * STORED_BYTES[self.fmt]) // 4) * 4     # 4-byte aligned parts
+        if self.fmt not in BLOCKED:
             return 0, qb
-        gb = self.kt * (cols // Q4_GROUP) * 2
-        return 0, qb, qb + gb, qb + 2 * gb
+        gb = -(-cols // self.parts) * self.nbp * DTYPES[self.bdtype].size
+        gb = -(-gb // 4) * 4
+        return 0, qb, qb + gb, qb + gb * (1 + self.minned)
 
     @property
     def nbytes(self) -> int:
@@ -102,7 +121,10 @@ class PackedWeight:
         if self.fmt == "bf16":
             return self.k * self.n * DTYPES[self.dtype].size
         vals = int(self.k * self.n * STORED_BYTES[self.fmt])
-        return vals + (self.k * self.n // Q4_GROUP * 4 if self.fmt == "q4" else 4 * self.n)
+        if self.fmt not in BLOCKED:
+            return vals + 4 * self.n
+        tables = 2 if self.minned else 1
+        return vals + tables * self.parts * -(-self.n // self.parts) * self.nbp * DTYPES[self.bdtype].size
 
     @property
     def parts_in_hbm(self) -> list[tuple[str, str, np.ndarray | None]]:
@@ -110,8 +132,10 @@ class PackedWeight:
         if self.fmt == "bf16":
             return [("", self.dtype, self.data)]
         out = [(".q", STORAGE_DTYPE[self.fmt], self.qdata)]
-        if self.fmt == "q4":
-            out += [(".s", "bf16", self.gscale), (".z", "bf16", self.gzero)]
+        if self.fmt in BLOCKED:
+            out.append((".s", self.bdtype, self.bscale))
+        if self.minned:
+            out.append((".z", self.bdtype, self.bzero))
         return out
 
     def stationary(self, pc: Piece, t: int, m0: int, m1: int):
@@ -141,50 +165,45 @@ def make_weight(name: str, data, dtype: str, parts: int, piece_cols: int, *, row
 
 
 def _make_quantized(name, data, parts, piece_cols, rows, cols, label, fmt) -> PackedWeight:
-    import ml_dtypes
-
     from isthmus.kernels.numba.weight_pack import pack
-    w = dense_f32(data)
-    if rows is not None:
-        rows = np.asarray(rows)
-        w = np.where((rows >= 0)[:, None], w[np.maximum(rows, 0)], 0.0).astype(np.float32)
-    if cols is not None:
-        w = np.ascontiguousarray(w[:, np.asarray(cols)])
-    n, k = w.shape
-    qz = quantize(w, fmt)
+    qz = quantize_weight(data, fmt, rows, cols)
+    n, k = qz.values.shape
     vals, _ = pack(qz.values, "f32", parts, piece_cols)
     pieces = [Piece(o0, min(n, o0 + piece_cols), o0 * k) for o0 in range(0, n, piece_cols)]
-    pw = PackedWeight(name, k, n, "bf16", parts, pieces, None, label=label, fmt=fmt)
-    if fmt == "q4":
-        pw.qdata = pack_nibbles(vals)
-        pw.gscale = pack_layout(qz.group_scale, parts, piece_cols // Q4_GROUP).astype(ml_dtypes.bfloat16)
-        pw.gzero = pack_layout(qz.group_zero, parts, piece_cols // Q4_GROUP).astype(ml_dtypes.bfloat16)
+    pw = PackedWeight(name, k, n, "bf16", parts, pieces, None, label=label, fmt=fmt,
+                      rows=None if rows is None else np.asarray(rows), cols=None if cols is None else np.asarray(cols))
+    if qz.offset:
+        vals = vals - qz.offset
+    pw.qdata = pack_nibbles(vals) if fmt == "q4" else vals.astype(DTYPES[STORAGE_DTYPE[fmt]].np)
+    pw.qoffset = qz.offset
+    if fmt in BLOCKED:
+        if parts % BLOCK:
+            raise ValueError(f"{fmt} weights need a multiple of {BLOCK} partitions, not {parts}")
+        pw.bdtype = qz.scale_dtype
+        pw.bscale = block_table(qz.scale, parts, pw.nbp, pw.bdtype)
+        if qz.zero is not None:
+            pw.bzero = block_table(qz.zero, parts, pw.nbp, pw.bdtype)
     else:
-        pw.qdata = vals.astype(DTYPES[STORAGE_DTYPE[fmt]].np)
-        pw.chan_scale = qz.channel_scale
+        pw.chan_scale = qz.scale
     return pw
 
 
-def pack_layout(m: np.ndarray, parts: int, piece_cols: int) -> np.ndarray:
-    """[n, k] values laid out as `pack` lays a weight (pieces of `piece_cols` outputs, each [parts, kt-1,
-    cols] then the last K tile's rows), in numpy: for q4's scale tables, whose pieces are 1/32 as wide
-    as the weight's (the packing kernel works in blocks of 32 outputs)."""
-    n, k = m.shape
-    kt = -(-k // parts)
-    kf = (kt - 1) * parts
-    out = []
-    for o0 in range(0, n, piece_cols):
-        sub = np.asarray(m[o0:o0 + piece_cols], np.float32).T                 # [k, cols]
-        if kf:
-            out.append(sub[:kf].reshape(kt - 1, parts, -1).transpose(1, 0, 2).ravel())
-        out.append(sub[kf:].ravel())
-    return np.concatenate(out)
+def block_table(t: np.ndarray, parts: int, nbp: int, dtype: str) -> np.ndarray:
+    """Block scales [n, nb] laid out [parts, chunks, nbp] (output c*parts + p at partition p), zero-padded."""
+    n, nb = t.shape
+    nch = -(-n // parts)
+    out = np.zeros((nch * parts, nbp), np.float32)
+    out[:n, :nb] = t
+    return out.reshape(nch, parts, nbp).transpose(1, 0, 2).astype(DTYPES[dtype].np).ravel()
 
 
 def piece_cols_for(k: int, n: int, parts: int, dtype: str, budget: int, fmt: str = "bf16") -> int:
     """Outputs per piece: as many as fit `budget` bytes per partition, a multiple of `parts`."""
     kt = -(-k // parts)
-    per_col = kt * (DTYPES[dtype].size + STORED_BYTES[fmt] * (fmt != "bf16")) + (4 if fmt == "q4" else 0)
+    per_col = kt * (DTYPES[dtype].size + STORED_BYTES[fmt] * (fmt != "bf16"))
+    if fmt in BLOCKED:                     # block scales and mins, at most f32, per output chunk; alignment
+        per_col += 2 * 4 * kt * (parts // BLOCK) / parts
+        budget -= 16
     cols = max(parts, int(budget // per_col) // parts * parts)
     return min(cols, -(-n // parts) * parts)
 
@@ -211,6 +230,7 @@ class WeightStream:
     _live: dict = field(default_factory=dict)    # order index -> (lo, hi) ring bytes
     _where: dict = field(default_factory=dict)   # id(piece) -> order index it was loaded as
     _pending: dict = field(default_factory=dict)  # order index -> its dequantisation, not yet emitted
+    _unit_tile: Tile | None = None   # q4 unpacking's constants (`_unit`)
 
     @property
     def capacity(self) -> int:
@@ -266,53 +286,62 @@ class WeightStream:
             src = w.hbm.ap(pc.offset + kf * cols, w.kp, cols, [(cols, 1)])
             self.em.dma(pc.tile[0:w.kp, w.kt - 1, :], src)
 
+    def _unit(self) -> Tile:
+        """[parts, 3] f32 constants 1.0, 0.0 and 128.0: the scale and zero of an unpacking `dequant`."""
+        if self._unit_tile is None:
+            self._unit_tile = self.em.sbuf((3,), "f32", what="dequant constants")
+            for i, v in enumerate((1.0, 0.0, 128.0)):
+                self.em.memset(self._unit_tile[:, i:i + 1], v)
+        return self._unit_tile
+
     def _load_quantized(self, w: PackedWeight, pc: Piece, stage: int):
-        """DMA the stored values (and q4's scales and zeros) into staging behind the piece's bf16 tile now;
-        return the dequantisation of each K group into the tile (VECTOR or ACT; int8/fp8: a converting
-        copy), which `acquire` emits just before the piece is needed: emitted with the load, it would sit
-        in the in-order VECTOR/ACT queues ahead of the current layer's epilogues and norms, waiting for
+        """DMA the stored values (and int8/q4's block scales) into staging behind the piece's bf16 tile
+        now; return the conversion of each K group into the tile (VECTOR or ACT: int8/fp8 a converting
+        copy, q4 an unpacking `dequant`; both exact: the scales apply to the products, in `linear`),
+        which `acquire` emits just before the piece is needed: emitted with the load, it would sit in
+        the in-order VECTOR/ACT queues ahead of the current layer's epilogues and norms, waiting for
         DMAs far ahead."""
         cols, parts, kt = pc.o1 - pc.o0, w.parts, w.kt
         em = self.em
         offs = w._staging(cols)
-        qcols = int(cols * STORED_BYTES[w.fmt]) if w.fmt != "q4" else cols // 2
-        qt = Tile("sbuf", STORAGE_DTYPE[w.fmt], 0, parts, stage + offs[0], (kt, qcols))
         q4 = w.fmt == "q4"
-        gc = cols // Q4_GROUP
-        st = Tile("sbuf", "bf16", 0, parts, stage + offs[1], (kt, gc)) if q4 else None
-        zt = Tile("sbuf", "bf16", 0, parts, stage + offs[2], (kt, gc)) if q4 else None
-        # element offsets of this piece in each stored tensor (the values' layout is the bf16 one, scaled)
+        qcols = cols // 2 if q4 else int(cols * STORED_BYTES[w.fmt])
+        qt = Tile("sbuf", STORAGE_DTYPE[w.fmt], 0, parts, stage + offs[0], (kt, qcols))
         qoff = pc.offset // 2 if q4 else pc.offset
-        goff = pc.offset // Q4_GROUP
         group = max(1, LOAD_BYTES // (parts * qcols * DTYPES[qt.dtype].size))
-
+        unit = self._unit() if q4 or w.qoffset else None
         steps = []
 
-        def dequantize(rows: int, t0: int, t1: int):
-            if q4:
-                em.dequant(pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :], st[0:rows, t0:t1, :],
-                           zt[0:rows, t0:t1, :], group=Q4_GROUP, packed=1)
-            else:
-                em.copy(pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :])
-
-        def load(rows: int, t0: int, t1: int, qsrc: int, gsrc: int, row_stride: int):
+        def load(rows: int, t0: int, t1: int, qsrc: int, row_stride: int):
             em.dma(qt[0:rows, t0:t1, :], w.qhbm.ap(qsrc, rows, row_stride * qcols // cols, [((t1 - t0) * qcols, 1)]))
-            if q4:
-                for tile, hbm in ((st, w.shbm), (zt, w.zhbm)):
-                    em.dma(tile[0:rows, t0:t1, :], hbm.ap(gsrc, rows, row_stride // Q4_GROUP, [((t1 - t0) * gc, 1)]))
             steps.append((rows, t0, t1))
 
         with em.label(w.label):
+            if w.fmt in BLOCKED:          # the piece's block scales (and mins): [parts, chunks, nbp]
+                nch, nbp, c0 = -(-cols // parts), w.nbp, pc.o0 // parts
+                tot = -(-w.n // parts) * nbp
+                for attr, hbm, off in (("dtile", w.shbm, offs[1]), ("mtile", w.zhbm, offs[2])):
+                    if hbm is None:
+                        continue
+                    t = Tile("sbuf", w.bdtype, 0, parts, stage + off, (nch, nbp))
+                    em.dma(t[:, :, :], hbm.ap(c0 * nbp, parts, tot, [(nch * nbp, 1)]))
+                    setattr(pc, attr, t)
             for t0 in range(0, kt - 1, group):
                 t1 = min(kt - 1, t0 + group)
-                load(parts, t0, t1, qoff + t0 * qcols, goff + t0 * gc, (kt - 1) * cols)
+                load(parts, t0, t1, qoff + t0 * qcols, (kt - 1) * cols)
             kf = (kt - 1) * parts       # the last, partial K tile is stored after the full ones
-            load(w.kp, kt - 1, kt, qoff + kf * qcols, goff + kf * gc, cols)
+            load(w.kp, kt - 1, kt, qoff + kf * qcols, cols)
 
         def emit():
             with em.label(w.label):
-                for step in steps:
-                    dequantize(*step)
+                for rows, t0, t1 in steps:
+                    dst, src = pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :]
+                    if q4 or w.qoffset:             # q4: unpack; int8 with a zero point: q + 128
+                        n = (t1 - t0) * cols
+                        zcol = 2 if w.qoffset == 128 else 1
+                        em.dequant(dst, src, unit[0:rows, 0:1], unit[0:rows, zcol:zcol + 1], group=n, packed=int(q4))
+                    else:
+                        em.copy(dst, src)
         return emit
 
     def acquire(self, w: PackedWeight, pc: Piece) -> Tile:
