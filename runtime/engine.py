@@ -62,7 +62,7 @@ class Overloaded(Exception):
 # Service tiers (OpenAI's `service_tier` values), best first: the rank orders admission and decode, and a
 # higher tier preempts a lower one when the batch is full.
 TIERS = {"priority": 0, "default": 1, "flex": 2}
-PREFILL_QUANTUM = 32     # a prompt prefilled in parts is cut at multiples of this many tokens
+PREFILL_QUANTUM = 16     # a prompt prefilled in parts is cut at multiples of this many tokens
 
 
 # -- events (worker thread -> request owner) -------------------------------------------------------

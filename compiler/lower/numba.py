@@ -708,6 +708,15 @@ def _warm(exe: NumbaExecutable) -> None:
     prefill = exe.decoder()                 # the prefill path, as far as the model's context allows
     prefill.step([0] * min(MATVEC_MAX_ROWS + 1, prefill.capacity - 1))
     exe.decoder().step([0])
+    # four tokens a pass over the weights (prompts of 4-16 tokens, a server's chunked-prefill parts)
+    # and the batched step of a server's streams: compiled on a first run here, not on a request
+    # (a first 16-token prefill part stalled a server's streams 1.5 s)
+    if prefill.capacity > 8:
+        exe.decoder().step([0] * 4)
+        decoders = [exe.decoder() for _ in range(4)]
+        for d in decoders:
+            d.step([0])
+        exe.decode_batch(decoders, [0] * 4)
 
 
 def _on_a_passing_thread(fn, *args) -> None:
