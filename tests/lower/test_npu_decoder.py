@@ -136,7 +136,9 @@ def test_head_slots_put_each_query_head_with_its_kv_head():
         assert s in starts[h // 3]                     # the kv head is at the query head's partition start
     sl = assign_slots(6, 2, 8, 128, 32)                # small heads: one per 32-partition slot
     assert sl.stride == 32 and sl.per_chunk == 4
-    assert assign_slots(4, 2, 256, 128, 32) is None    # a head wider than the partitions
+    assert assign_slots(4, 2, 160, 128, 32) is None    # wider than the partitions, not a multiple of them
+    sl = assign_slots(9, 3, 64, 32, 32)                # SmolLM2 on edge: each head spans 2 chunks
+    assert sl.hc == 2 and sl.q_chunks == 18 and sl.k_chunks == 6 and sl.q_rows == 576
 
 
 def test_edge_preset():
@@ -149,3 +151,34 @@ def test_edge_preset():
     for ids in ([1, 2, 3, 4, 5], [6], [7, 8], list(range(9, 109))):
         close(dec.step(ids), ref.step(ids), "bf16x3")
     assert exe.runtime.unfit                       # the 64-token chunk over a 128 window did not fit
+
+
+# heads of 64 (SmolLM2's width) on edge's 32 partitions: each head two chunks (sub-heads), scores
+# accumulated over them in PSUM
+WIDE = dict(CFG, hidden=96, ffn=64, n_heads=3, n_kv_heads=1, head_dim=64)
+
+
+@pytest.mark.parametrize("layout,precision", [("half", "bf16x3"), ("interleaved", "f32"), ("half", "bf16")])
+def test_heads_wider_than_the_partitions_on_edge(layout, precision):
+    model = tiny("q8_0", layout, cfg=WIDE)
+    ref = isthmus.compile(model, target="reference").decoder()
+    exe = lower_npu(run_pipeline(model.graph), model=model, config="edge", precision=precision, check_races=True)
+    assert exe.image.slots.hc == 2
+    dec = exe.decoder()
+    for ids in ([1, 2, 3, 4, 5], [6], [7, 8], [9]):
+        close(dec.step(ids), ref.step(ids), precision)
+
+
+def test_heads_wider_than_the_partitions_per_op_path():
+    """The per-op attention kernel splits a 64-wide head over two 32-partition tiles on edge."""
+    model = tiny("q8_0", "half", cfg=WIDE)
+    g = run_pipeline(model.graph)
+    rng = np.random.default_rng(3)
+    feeds = {"input_ids": rng.integers(0, 131, (1, 3)), "position_ids": np.arange(4, 7)[None]}
+    for v in g.inputs:
+        if v.name.startswith("past_"):
+            feeds[v.name] = rng.standard_normal((1, 1, 4, 64)).astype(np.float32)
+    ref = isthmus.compile(model, target="reference").run(feeds)
+    got = lower_npu(g, model=model, config="edge", precision="f32", check_races=True).run(feeds)
+    for name, r in ref.items():
+        assert np.abs(got[name] - r).max() <= 1e-5 * max(1.0, np.abs(r).max()), name

@@ -32,9 +32,23 @@ from isthmus.compiler.lower.npu.resident_kernels import Act, bcast
 NEG = -30000.0          # a masked logit: exp(scale * (NEG - max)) is exactly 0 in fp32
 
 
+def head_perm(hd: int, parts: int, layout: str) -> np.ndarray:
+    """The order in which a head's dims sit on the partitions. A head no wider than the partitions keeps
+    its own order. A wider one spans hd/parts whole chunks (*sub-heads*), and in the "half" layout its
+    rotation pairs (i, i + hd/2) would land on different chunks; so sub-head j takes dims
+    [j*parts/2, (j+1)*parts/2) and their partners, and is itself a "half"-layout head of width `parts`
+    (scores are sums over dims, indifferent to their order as long as q and k share it)."""
+    if hd <= parts or layout == "interleaved":
+        return np.arange(hd)
+    h2, p2 = hd // 2, parts // 2
+    return np.concatenate([np.r_[j * p2:(j + 1) * p2, h2 + j * p2:h2 + (j + 1) * p2] for j in range(hd // parts)])
+
+
 def rotation_matrix(parts: int, stride: int, hd: int, layout: str) -> np.ndarray:
     """The stationary operand R^T [K=parts, M=parts] with (R x)[f] = -x[pair] or +x[pair] per slot, so
-    rope(x) = x * cos + (R x) * sin (cos/sin repeated per pair)."""
+    rope(x) = x * cos + (R x) * sin (cos/sin repeated per pair). A head wider than the partitions is
+    rotated per sub-head (`head_perm`): the same matrix as a head of width `parts`."""
+    hd = min(hd, parts)
     r = np.zeros((parts, parts), np.float32)          # r[out, in]
     for s in range(0, parts - hd + 1, stride):
         for i in range(hd // 2):
@@ -48,45 +62,57 @@ def rotation_matrix(parts: int, stride: int, hd: int, layout: str) -> np.ndarray
 
 
 def rope_table(max_pos: int, parts: int, stride: int, hd: int, theta: float, layout: str) -> np.ndarray:
-    """[max_pos, 2, parts] f32: cos and sin of each partition's pair angle, per slot, as the reference
-    computes them (rope_angles in compiler/ops/attention.py)."""
+    """[max_pos, 2, phases, parts] f32: cos and sin of each partition's pair angle, per slot, as the
+    reference computes them (rope_angles in compiler/ops/attention.py). A head wider than the
+    partitions has one phase per sub-head (its chunk j of every head: `head_perm`); others one."""
     from isthmus.compiler.ops.attention import rope_angles
     cos, sin = rope_angles(np.arange(max_pos), hd, theta)             # [max_pos, hd/2]
-    per = np.arange(hd)
+    per = head_perm(hd, parts, layout)
     pair = per // 2 if layout == "interleaved" else per % (hd // 2)
-    t = np.zeros((max_pos, 2, parts), np.float32)
+    if hd > parts:
+        return np.stack([cos[:, pair], sin[:, pair]], axis=1).reshape(max_pos, 2, hd // parts, parts)
+    t = np.zeros((max_pos, 2, 1, parts), np.float32)
     for s in range(0, parts - hd + 1, stride):
-        t[:, 0, s:s + hd] = cos[:, pair]
-        t[:, 1, s:s + hd] = sin[:, pair]
+        t[:, 0, 0, s:s + hd] = cos[:, pair]
+        t[:, 1, 0, s:s + hd] = sin[:, pair]
     return t
 
 
 def rope(em: Emitter, src: Act, dst: Tile, rot: Tile, cos: Tile, sin: Tile) -> None:
-    """dst[:, c, :] = src * cos + (R src) * sin for every chunk; cos/sin are [P, rows] f32."""
+    """dst[:, c, :] = src * cos + (R src) * sin for every chunk; cos/sin are [P, phases, rows] f32, the
+    chunks in `phases` equal runs (sub-head j of every head, for heads wider than the partitions)."""
     R = src.rows
+    phases = cos.shape[0]
+    per = src.chunks // phases
     g = max(1, (em.cfg.psum_bank_bytes // 4) // R)
-    for c0 in range(0, src.chunks, g):
-        c1 = min(src.chunks, c0 + g)
-        ps = em.psum((c1 - c0, R))
-        for c in range(c0, c1):
-            kp = src.parts(c)
-            em.matmul(ps[0:kp, c - c0, :], rot[0:kp, 0:kp], src.tile[0:kp, c, :])
-        t1 = em.sbuf((c1 - c0, R), "f32", what="rope")
-        t2 = em.sbuf((c1 - c0, R), "f32", what="rope")
-        em.tt(t1[:, :, :], src.block(c0, c1), bcast(cos, c0, c1, 0, R, "chunks"), "mul")
-        em.tt(t2[:, :, :], ps[:, :, :], bcast(sin, c0, c1, 0, R, "chunks"), "mul")
-        em.tt(dst[:, c0:c1, 0:R], t1[:, :, :], t2[:, :, :], "add")
-        em.free(t1, t2, ps)
+    for ph in range(phases):
+        cph = Tile(cos.space, cos.dtype, cos.start, cos.parts, cos.offset + 4 * ph * cos.shape[-1], cos.shape[-1:])
+        sph = Tile(sin.space, sin.dtype, sin.start, sin.parts, sin.offset + 4 * ph * sin.shape[-1], sin.shape[-1:])
+        for c0 in range(ph * per, (ph + 1) * per, g):
+            c1 = min((ph + 1) * per, c0 + g)
+            ps = em.psum((c1 - c0, R))
+            for c in range(c0, c1):
+                kp = src.parts(c)
+                em.matmul(ps[0:kp, c - c0, :], rot[0:kp, 0:kp], src.tile[0:kp, c, :])
+            t1 = em.sbuf((c1 - c0, R), "f32", what="rope")
+            t2 = em.sbuf((c1 - c0, R), "f32", what="rope")
+            em.tt(t1[:, :, :], src.block(c0, c1), bcast(cph, c0, c1, 0, R, "chunks"), "mul")
+            em.tt(t2[:, :, :], ps[:, :, :], bcast(sph, c0, c1, 0, R, "chunks"), "mul")
+            em.tt(dst[:, c0:c1, 0:R], t1[:, :, :], t2[:, :, :], "add")
+            em.free(t1, t2, ps)
 
 
 @dataclass
 class Unit:
-    """Query rows of one kv head: `q` is the stationary [hd, M] AP (at partition s), `out` the [hd, M]
-    AP of attn^T to write (or None: `attend` returns O [M, hd] in SBUF), keys at k-slot (kchunk, s)."""
+    """Query rows of one kv head. `q`: the stationary [kp, M] APs, one per partition tile of the head
+    (kp = hd, or the partitions for a head wider than them: its sub-heads' scores accumulate in PSUM,
+    as a matmul over K tiles does); `kchunks`: the K window chunk each one meets, at partitions
+    [start, start + kp); `out`: the [kp, M] APs of attn^T to write, one per tile of hd (or None:
+    `attend` returns O [M, hd] in SBUF)."""
 
-    q: object
-    out: object
-    kchunk: int
+    q: list
+    out: list | None
+    kchunks: list
     start: int
     group: int
     m: int
@@ -106,6 +132,7 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
     gives zeros, as the reference's softmax does for a row of -inf (see op_kernels_tensor._mask)."""
     units = [units] if isinstance(units, Unit) else list(units)
     P = em.cfg.partitions
+    kp = min(hd, P)                                      # contraction partitions of one tile of a head
     kb_max = em.cfg.moving_max
     M = max(u.row0 + u.m for u in units)
     u0 = units[0]
@@ -115,7 +142,8 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
         kb = k1 - k0
         S = em.psum((kb,), parts=M)
         for u in units:
-            em.matmul(S[u.row0:u.row0 + u.m, :], u.q, Kw[u.start:u.start + hd, u.kchunk, k0:k1])
+            for t, (q, kc) in enumerate(zip(u.q, u.kchunks)):
+                em.matmul(S[u.row0:u.row0 + u.m, :], q, Kw[u.start:u.start + kp, kc, k0:k1], acc=t > 0)
         L = em.sbuf((kb,), "f32", parts=M, what="scores")
         if bias is not None:
             em.tt(L[0:M, :], S[0:M, :], bias[0:M, k0:k1], "add")
@@ -183,5 +211,6 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
     if u0.out is None:
         return Of
     for u in units:
-        em.transpose(u.out, Of[u.row0:u.row0 + u.m, :])
+        for t, out in enumerate(u.out):
+            em.transpose(out, Of[u.row0:u.row0 + u.m, t * kp:(t + 1) * kp])
     em.free(Of)

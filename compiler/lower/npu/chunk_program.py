@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from isthmus.compiler.lower.npu.attention import Unit, attend, rope, rope_table, rotation_matrix
+from isthmus.compiler.lower.npu.attention import Unit, attend, head_perm, rope, rope_table, rotation_matrix
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
 from isthmus.compiler.lower.npu.resident_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
@@ -48,9 +48,33 @@ class Slots:
     k_chunks: int
     k_groups: list[list[int | None]]  # [k chunk][slot index] -> kv head held there
     q_rows: int                       # rows of the permuted q / attn^T (trailing unused slots trimmed)
+    hc: int = 1                       # chunks a head spans (> 1: a head wider than the partitions)
+
+    def k_pieces(self, hd: int) -> list[tuple[int, int, int, int, int, bool]]:
+        """(kv head g, first row of its K^T, rows, k chunk, partition start, first copy) for every place
+        k^T holds (part of) a kv head; a head wider than the partitions is `hc` pieces of a chunk each."""
+        if self.hc > 1:
+            G = len(self.k_groups) // self.hc
+            return [(g, j * self.stride, self.stride, j * G + g, 0, True) for j in range(self.hc) for g in range(G)]
+        out, seen = [], set()
+        for j, row in enumerate(self.k_groups):
+            for i, g in enumerate(row):
+                if g is not None:
+                    out.append((g, 0, hd, j, i * self.stride, g not in seen))
+                    seen.add(g)
+        return out
 
 
 def assign_slots(H: int, G: int, hd: int, parts: int, align: int) -> Slots | None:
+    """Slots for H query heads and G kv heads of width hd. A head wider than the partitions (a whole
+    multiple of them) spans hc = hd/parts chunks: sub-head j of query head h in chunk j*H + h, of kv
+    head g in k chunk j*G + g (the heads of a group stay in consecutive chunks for every j)."""
+    if hd > parts:
+        if hd % parts:
+            return None
+        hc = hd // parts
+        return Slots(parts, 1, H * hc, [(h, 0) for h in range(H)], G * hc,
+                     [[g] for _ in range(hc) for g in range(G)], H * hd, hc)
     stride = -(-hd // align) * align
     if stride > parts or parts % stride:
         return None
@@ -140,17 +164,26 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
     wdt, split = img.wdt, img.split
     if weights != "bf16" and precision == "f32":
         raise ValueError(f"quantized NPU weights ({weights}) need precision bf16 or bf16x3, not f32")
-    budget = cfg.sbuf_bytes_per_partition // (16 if split else 8)    # one piece (hi or lo) in the ring
+    # one piece (hi or lo) in the ring: 1/8 of SBUF, or up to 1/4 where that is needed for a piece's DMA to
+    # move 16x the bytes the DMA latency costs (edge: 16 x 400 cycles x 25.6 B = 160 KB over 32 partitions;
+    # a piece of 1/8, 64 KB, spent 1.29x the step's HBM bound, 1/4 1.12x; core's 1/8 is 53x already)
+    want = 16 * cfg.dma_latency_cycles * cfg.hbm_bytes_per_cycle / P
+    budget = int(min(cfg.sbuf_bytes_per_partition // 4, max(cfg.sbuf_bytes_per_partition // 8, want)))
+    budget //= 2 if split else 1
     img.ring_piece_bytes = budget * (2 if split else 1)
 
+    perm = head_perm(hd, P, spec.rope_layout)        # q and k dims in this order (o reads V's own)
     q_map = np.full(sl.q_rows, -1)
+    o_map = np.full(sl.q_rows, -1)
     for h, (c, s) in enumerate(sl.head_slot):
-        q_map[c * P + s:c * P + s + hd] = np.arange(h * hd, (h + 1) * hd)
+        for j in range(sl.hc):                         # sub-head j of a wide head: chunk j*H + h
+            r0 = (c + j * spec.heads) * P + s
+            n = min(hd, P)
+            q_map[r0:r0 + n] = h * hd + perm[j * n:(j + 1) * n]
+            o_map[r0:r0 + n] = np.arange(h * hd + j * n, h * hd + (j + 1) * n)
     k_map = np.full(sl.k_chunks * P, -1)
-    for j, row in enumerate(sl.k_groups):
-        for i, g in enumerate(row):
-            if g is not None:
-                k_map[j * P + i * sl.stride:j * P + i * sl.stride + hd] = np.arange(g * hd, (g + 1) * hd)
+    for g, row0, n, j, st, _ in sl.k_pieces(hd):
+        k_map[j * P + st:j * P + st + n] = g * hd + perm[row0:row0 + n]
     k_map = k_map[:int(np.max(np.nonzero(k_map >= 0)[0])) + 1]
 
     def pack(name, node, rows=None, cols=None, row_major=False, option=weights):
@@ -170,7 +203,7 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
     for L in spec.layers:
         i = L.index
         img.weights.append({"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
-                            "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=q_map),
+                            "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=o_map),
                             "gate": pack(f"L{i}.gate", L.gate), "up": pack(f"L{i}.up", L.up),
                             "down": pack(f"L{i}.down", L.down)})
     # the output head is the layer 4 bits hurt most (SmolLM2's Q8_0 head requantized to q4: logits 17.5 %
@@ -206,7 +239,7 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
     if img.scale_chunks:
         res.append(("wscales", "f32", scales.shape, scales))
     res.append(("norms", "f32", norms.shape, norms))
-    res.append(("rope", "f32", (img.max_pos, 2 * P),
+    res.append(("rope", "f32", (img.max_pos, 2 * sl.hc * P),
                 rope_table(img.max_pos, P, sl.stride, hd, spec.rope_theta, spec.rope_layout).reshape(img.max_pos, -1)))
     res.append(("rot", img.adt, (P, P), rotation_matrix(P, sl.stride, hd, spec.rope_layout)))
     res.append(("kcache", img.adt, (Lc, G, hd, cmax), None))
@@ -297,24 +330,42 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
     attnT = new_act(em, sl.q_rows, P, "f32" if split else wdt, "attention out")
     attnS = new_act(em, sl.q_rows, P, wdt, "attention out, split", True) if split else attnT
     a = new_act(em, F, P, wdt, "ffn", split)
-    cosT = em.sbuf((P,), "f32", what="cos")
-    sinT = em.sbuf((P,), "f32", what="sin")
+    cosT = em.sbuf((sl.hc, P), "f32", what="cos")
+    sinT = em.sbuf((sl.hc, P), "f32", what="sin")
     kvbs = [em.sbuf((C,), "f32", what="window bias") for _ in range(S)]
     kvb = kvbs[0]
-    norms = em.sbuf((2 * Lc + 1, nc), "f32", what="norm weights")
+    # small machines (edge: 61 norms x 18 chunks = 4.4 KB of its 16 KB a partition) load each layer's
+    # two norm vectors when the layer starts instead of keeping all of them resident
+    norms_resident = (2 * Lc + 1) * nc * 4 <= cfg.sbuf_bytes_per_partition // 32
+    norms = em.sbuf((2 * Lc + 1, nc), "f32", what="norm weights") if norms_resident else None
+
+    def load_norms(i: int, n: int) -> Tile:
+        """Norm vectors i..i+n-1 as a [P, n, nc] tile: the resident table's rows, or fetched now."""
+        if norms_resident:
+            return Tile("sbuf", "f32", 0, NP, norms.offset + 4 * i * nc, (n, nc))
+        t = em.sbuf((n, nc), "f32", what="norm weights")
+        em.dma(t[:, :, :], hbm["norms"].ap(i * NP * nc, NP, nc, [(n, NP * nc), (nc, 1)]))
+        return t
+
     scales = em.sbuf((img.scale_chunks,), "f32", what="weight scales") if img.scale_chunks else None
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
         w.scale_tile = None if w.chan_scale is None else \
             Tile("sbuf", "f32", 0, NP, scales.offset + 4 * w.scale_chunk0, (-(-w.n // NP),))
     # a batch's logits ([vocab, B] f32: 24 KB a partition for SmolLM2 at B = 16) before the ring is sized
-    lg = new_act(em, V, P, "f32", "logits") if batched else None
+    nl = P if batched else 1                     # rows whose logits come back
+    lg = new_act(em, V, nl, "f32", "logits") if batched else None
+    # logits over 1/8 of SBUF (edge: 6 KB a partition for SmolLM2's 49,152) go to HBM a PSUM group at a time
+    stream_logits = not batched and -(-V // NP) * 4 > cfg.sbuf_bytes_per_partition // 8
     rot = em.sbuf((NP,), adt, what="rotation")
     idx = em.sbuf((nb, 2), "i32", what="ids, positions")
-    reserve = 8 * nc * P + 4 * 2 * NP * 4 + 24 * 1024
+    reserve = 8 * nc * P + 4 * 2 * NP * 4 + cfg.sbuf_bytes_per_partition // 8     # core: 24 KB of scratch
     hole = max(hi - lo for lo, hi in em.sbuf_alloc.holes)
     ring_bytes = max(hole - reserve, 2 * img.ring_piece_bytes)
     ring = em.sbuf((ring_bytes,), "i8", what="weight ring")
     stream = WeightStream(em, ring)
+    for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
+        for pc in w.pieces + (w.lo.pieces if w.lo is not None else []):
+            pc.loaded = False                    # a build stopped by a full SBUF may have left pieces marked
     for lw in img.weights:
         stream.add(lw["q"])
         stream.add(lw["k"])
@@ -326,7 +377,8 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
     stream.add(img.head)
 
     with em.label(spec.embed.outputs[0].name):
-        em.dma(norms[:, :, :], hbm["norms"].ap(0, NP, nc, [(2 * Lc + 1, NP * nc), (nc, 1)]))
+        if norms_resident:
+            em.dma(norms[:, :, :], hbm["norms"].ap(0, NP, nc, [(2 * Lc + 1, NP * nc), (nc, 1)]))
         if scales is not None:
             em.dma(scales[:, :], hbm["wscales"][0:NP, 0:img.scale_chunks])
         em.dma(rot[:, :], hbm["rot"][0:NP, 0:NP])
@@ -344,18 +396,16 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
                 pc = min(NP, D - c * NP)
                 em.transpose(x.tile[0:pc, c, r0:r1], xr[0:rn, c * NP:c * NP + pc])
             em.free(xr)
-            tr = em.sbuf((2 * NP,), "f32", what="rope rows")
-            em.gather(tr[0:rn, :], hbm["rope"].ap(0, img.max_pos, 2 * NP, [(2 * NP, 1)]), idx[0:rn, b, 1:2])
-            em.transpose(cosT[0:NP, r0:r1], tr[0:rn, 0:NP])
-            em.transpose(sinT[0:NP, r0:r1], tr[0:rn, NP:2 * NP])
+            rw = 2 * sl.hc * NP
+            tr = em.sbuf((rw,), "f32", what="rope rows")
+            em.gather(tr[0:rn, :], hbm["rope"].ap(0, img.max_pos, rw, [(rw, 1)]), idx[0:rn, b, 1:2])
+            for ph in range(sl.hc):
+                em.transpose(cosT[0:NP, ph, r0:r1], tr[0:rn, ph * NP:(ph + 1) * NP])
+                em.transpose(sinT[0:NP, ph, r0:r1], tr[0:rn, (sl.hc + ph) * NP:(sl.hc + ph + 1) * NP])
             em.free(tr)
 
     kc, vc = (bkc, bvc) if batched else (hbm["kcache"], hbm["vcache"])
-    kslot = {}                                   # kv head -> first (chunk, start) holding it
-    for j, row in enumerate(sl.k_groups):
-        for i, g in enumerate(row):
-            if g is not None:
-                kslot.setdefault(g, (j, i * sl.stride))
+    kpieces = sl.k_pieces(hd)                    # where k^T holds each kv head (first copies are stored)
     GH = G * hd
 
     def v_rows(layer, lo, hi, slot0, store, seq=0):
@@ -377,11 +427,12 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
                 s, r = s + n, r + n
             em.dma(hb, dst_sb) if store else em.dma(dst_sb, hb)
 
-    def k_cols(layer, g, j, st, c0, c1, w0, store, seq=0):
-        """cache K^T columns [c0, c1) of kv head g <-> window columns [w0, ...) at slot (j, st)."""
-        off = (((seq * Lc + layer) * G + g) * hd) * cmax + c0
-        hb = kc.ap(off, hd, cmax, [(c1 - c0, 1)])
-        sb = Kws[seq][st:st + hd, j, w0:w0 + c1 - c0]
+    def k_cols(layer, piece, c0, c1, w0, store, seq=0):
+        """cache K^T columns [c0, c1) of a k piece (rows of kv head g) <-> window columns [w0, ...)."""
+        g, row0, n, j, st, _ = piece
+        off = (((seq * Lc + layer) * G + g) * hd + row0) * cmax + c0
+        hb = kc.ap(off, n, cmax, [(c1 - c0, 1)])
+        sb = Kws[seq][st:st + n, j, w0:w0 + c1 - c0]
         em.dma(hb, sb) if store else em.dma(sb, hb)
 
     scale = spec.scale
@@ -390,16 +441,15 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         with em.label(L.k_cat.outputs[0].name):          # the cache's older part into the window
             if C > Pw:
                 for seq in range(S):
-                    for j, row in enumerate(sl.k_groups):
-                        for i, g in enumerate(row):
-                            if g is not None:
-                                k_cols(l, g, j, i * sl.stride, cmax - C + Pw, cmax, Pw, False, seq)
+                    for piece in kpieces:
+                        k_cols(l, piece, cmax - C + Pw, cmax, Pw, False, seq)
         with em.label(L.v_cat.outputs[0].name):
             if C > Pw:
                 for seq in range(S):
                     v_rows(l, cmax - C + Pw, cmax, Pw, False, seq)
         with em.label(L.attn_norm.outputs[0].name):
-            rmsnorm(em, consts, x, _norm_tile(norms, 2 * l, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
+            lnorm = load_norms(2 * l, 2)
+            rmsnorm(em, consts, x, _norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
         with em.label(L.q.outputs[0].name):
             linear(em, h, lw["q"], stream, qT)
         with em.label(L.k.outputs[0].name):
@@ -420,10 +470,10 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
                 em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
         with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first
             for seq in range(S):
-                for g, (j, st) in sorted(kslot.items()):
+                for piece in sorted((p for p in kpieces if p[5]), key=lambda p: (p[0], p[1])):
                     if C > Pw:
-                        k_cols(l, g, j, st, cmax - C, cmax - Pw, Pw, True, seq)
-                    k_cols(l, g, j, st, cmax - Pw, cmax, 0, True, seq)
+                        k_cols(l, piece, cmax - C, cmax - Pw, Pw, True, seq)
+                    k_cols(l, piece, cmax - Pw, cmax, 0, True, seq)
         with em.label(L.v_cat.outputs[0].name):
             for seq in range(S):
                 if C > Pw:
@@ -452,25 +502,40 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         with em.label(L.o.outputs[0].name):
             linear(em, attnS, lw["o"], stream, x, epilogue="residual", residual=x)
         with em.label(L.ffn_norm.outputs[0].name):
-            rmsnorm(em, consts, x, _norm_tile(norms, 2 * l + 1, nc, NP), L.ffn_norm.attrs["eps"], h, mm_dtype=adt)
+            rmsnorm(em, consts, x, _norm_tile(lnorm, 1, nc, NP), L.ffn_norm.attrs["eps"], h, mm_dtype=adt)
+            if not norms_resident:
+                em.free(lnorm)
         with em.label(L.gate.outputs[0].name):
             linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"])
         with em.label(L.down.outputs[0].name):
             linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
-    nl = P if batched else 1                     # rows whose logits come back
     hl = new_act(em, D, nl, wdt, "last row", split)
     with em.label(spec.final_norm.outputs[0].name):
-        rmsnorm(em, consts, x, _norm_tile(norms, 2 * Lc, nc, NP), spec.final_norm.attrs["eps"], hl, P - nl, P,
-                mm_dtype=adt)
-    lg = lg or new_act(em, V, nl, "f32", "logits")
-    with em.label(spec.head.outputs[0].name):
-        linear(em, hl, img.head, stream, lg)
-        nfull = V // NP
+        rmsnorm(em, consts, x, _norm_tile(load_norms(2 * Lc, 1), 0, nc, NP), spec.final_norm.attrs["eps"], hl,
+                P - nl, P, mm_dtype=adt)
+
+    def logits_out(t: Tile, c0: int, c1: int) -> None:
+        """Logit chunks [c0, c1) of every row, held in `t` from its chunk 0, to HBM."""
+        full = min(c1, V // NP)
         for r in range(nl):
-            if nfull:
-                em.dma(logits_t.ap(r * V, NP, 1, [(nfull, NP)]), lg.tile[0:NP, 0:nfull, r])
-            if V % NP:
-                em.dma(logits_t.ap(r * V + nfull * NP, V % NP, 1, [(1, 1)]), lg.tile[0:V % NP, nfull, r])
+            if full > c0:
+                em.dma(logits_t.ap(r * V + c0 * NP, NP, 1, [(full - c0, NP)]), t[0:NP, 0:full - c0, r])
+            if c1 > full:                        # the last, partial chunk
+                em.dma(logits_t.ap(r * V + full * NP, V % NP, 1, [(1, 1)]), t[0:V % NP, full - c0, r])
+
+    def evict_logits(c0, c1, r0, r1, srcs):
+        t = em.sbuf((c1 - c0, r1 - r0), "f32", what="logits")
+        em.copy(t[:, :, :], srcs[0])
+        logits_out(t, c0, c1)
+        em.free(t)
+
+    with em.label(spec.head.outputs[0].name):
+        if stream_logits:
+            linear(em, hl, img.head, stream, None, evict=evict_logits)
+        else:
+            lg = lg or new_act(em, V, nl, "f32", "logits")
+            linear(em, hl, img.head, stream, lg)
+            logits_out(lg.tile, 0, lg.chunks)
     prog = em.build()
     from isthmus.compiler.lower.npu.op_runner import memory_report
     prog.memory = memory_report(em)
@@ -488,11 +553,22 @@ def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int, col: int = 0) -> lis
     H = len(sl.head_slot)
     G = max(g for row in sl.k_groups for g in row if g is not None) + 1
     per_group = H // G
+    kp = min(hd, NP)
     kpos = {}
-    for j, row in enumerate(sl.k_groups):
+    for j, row in enumerate(sl.k_groups[:len(sl.k_groups) // sl.hc]):
         for i, g in enumerate(row):
             if g is not None:
                 kpos[(g, i * sl.stride)] = j
+
+    def unit(g, s, ca, cb, r0, r1, per_query):
+        """Heads in chunks [ca, cb) at partition s (one head, rows r0:r1, if per_query)."""
+        q = [qr.tile[s:s + kp, ca + j * H:cb + j * H, col] if not per_query else qr.tile[s:s + kp, ca + j * H, r0:r1]
+             for j in range(sl.hc)]
+        out = [attnT.tile[s:s + kp, ca + j * H:cb + j * H, col] if not per_query
+               else attnT.tile[s:s + kp, ca + j * H, r0:r1] for j in range(sl.hc)]
+        ks = [kpos[(g, s)] + j * G for j in range(sl.hc)]
+        return Unit(q, out, ks, s, g, (r1 - r0) if per_query else cb - ca, r0 if per_query else 0, per_query)
+
     if P == 1:
         by = {}
         for h, (c, s) in enumerate(sl.head_slot):
@@ -508,14 +584,10 @@ def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int, col: int = 0) -> lis
                     run = [c]
             runs.append(run)
             for run in runs:
-                ca, cb = run[0], run[-1] + 1
-                units.append(Unit(qr.tile[s:s + hd, ca:cb, col], attnT.tile[s:s + hd, ca:cb, col], kpos[(g, s)], s,
-                                  g, cb - ca, 0, False))
+                units.append(unit(g, s, run[0], run[-1] + 1, 0, 0, False))
         return units
     for h, (c, s) in enumerate(sl.head_slot):
         g = h // per_group
         for r0 in range(0, P, NP):
-            r1 = min(P, r0 + NP)
-            units.append(Unit(qr.tile[s:s + hd, c, r0:r1], attnT.tile[s:s + hd, c, r0:r1], kpos[(g, s)], s, g,
-                              r1 - r0, r0, True))
+            units.append(unit(g, s, c, c + 1, r0, min(P, r0 + NP), True))
     return units

@@ -207,8 +207,9 @@ def _attention(ctx: Ctx, node):
     em, P = ctx.em, ctx.em.cfg.partitions
     B, H, S, hd = q.shape
     G, T = k.shape[1], k.shape[2]
-    if hd > P:
-        raise UnsupportedError(f"attention head_dim {hd} exceeds the {P} partitions")
+    if hd > P and hd % P:
+        raise UnsupportedError(f"attention head_dim {hd} exceeds the {P} partitions and is not a multiple of them")
+    kp, nkt = min(hd, P), -(-hd // P)    # a wider head: nkt tiles of the partitions, scores accumulated in PSUM
     group = H // G
     scale = float(node.attrs["scale"]) or 1.0 / math.sqrt(hd)
     causal = bool(node.attrs["causal"])
@@ -218,8 +219,9 @@ def _attention(ctx: Ctx, node):
     for b in range(B):
         for g in range(G):
             kv = (b * G + g) * T * hd
-            Kw = em.sbuf((1, T), adt, what="K^T")
-            em.dma(Kw[0:hd, 0, :], k.ap(kv, hd, 1, [(T, hd)]))
+            Kw = em.sbuf((nkt, T), adt, what="K^T")
+            for t in range(nkt):
+                em.dma(Kw[0:kp, t, :], k.ap(kv + t * kp, kp, 1, [(T, hd)]))
             Vw = em.sbuf((nvc, hd), adt, what="V")
             if T // P:
                 em.dma(Vw[:, 0:T // P, :], v.ap(kv, P, hd, [(T // P, P * hd), (hd, 1)]))
@@ -229,12 +231,13 @@ def _attention(ctx: Ctx, node):
                 for q0 in range(0, S, P):
                     M = min(P, S - q0)
                     qo = ((b * H + h) * S + q0) * hd
-                    qt = em.sbuf((M,), adt, what="Q^T")
-                    em.dma(qt[0:hd, :], q.ap(qo, hd, 1, [(M, hd)]))
+                    qt = em.sbuf((nkt, M), adt, what="Q^T")
+                    for t in range(nkt):
+                        em.dma(qt[0:kp, t, :], q.ap(qo + t * kp, kp, 1, [(M, hd)]))
                     bias = None
                     if mask is not None:
                         bias = _mask(em, mask, b * mst[0] + h * mst[1] + q0 * mst[2], M, mst[2], T, mst[3], scale)
-                    u = Unit(qt[0:hd, :], None, 0, 0, 0, M, q0, True)
+                    u = Unit([qt[0:kp, t, :] for t in range(nkt)], None, list(range(nkt)), 0, 0, M, q0, True)
                     Of = attend(em, u, Kw, Vw, bias, hd, T, 0, scale, adt, offset=(T - S) if causal else None,
                                 dead_below=None if mask is None else (FIN_MASK + INF_MASK) / (2 * scale))
                     em.dma(out.ap(qo, M, hd, [(hd, 1)]), Of[0:M, :])

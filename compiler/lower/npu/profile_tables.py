@@ -146,3 +146,52 @@ def batch_figures(exe, batch: int, window: int = 64) -> dict:
     cycles = schedule(prog, cfg).cycles
     return {"program": prog, "cycles": cycles, "tokens_per_s": batch * cfg.clock_hz / cycles,
             "roofline": roofline(prog, cfg), "memory": prog.memory}
+
+
+def prefill_figures(exe, tokens: int = 64) -> dict:
+    """A prompt of `tokens` into an empty conversation (timing model only), chunked as the decoder runtime
+    does it (NpuDecoder: a padded first bucket, halved while its working set does not fit SBUF): total
+    cycles and time, and each chunk program's (P, C, cycles, roofline)."""
+    from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
+    from isthmus.compiler.lower.npu.target import MIN_WINDOW, NpuDecoder, _pow2
+    from isthmus.errors import NpuError
+    from isthmus.npu.timing import roofline, schedule
+    cfg, img = exe.config, exe.image
+    built: dict = {}
+
+    def program(P, C):
+        if (P, C) not in built:
+            try:
+                prog = build_chunk_program(img, P, C)
+            except NpuError as e:
+                if "SBUF is full" not in str(e) or P == 1:
+                    raise
+                built[P, C] = None
+            else:
+                built[P, C] = (schedule(prog, cfg).cycles, roofline(prog, cfg))
+        return built[P, C]
+
+    chunks, length = [], 0
+
+    def fit(real, P):
+        nonlocal length
+        C = min(img.cmax, max(MIN_WINDOW, P, _pow2(length + real)))
+        got = program(P, C)
+        if got is None:
+            half = P // 2
+            head = real - half
+            if head <= 0:
+                return fit(real, half)
+            fit(head, half)
+            return fit(real - head, half)
+        chunks.append((P, C, got[0], got[1]))
+        length += real
+
+    dec = NpuDecoder.__new__(NpuDecoder)
+    dec.length, dec.rt = 0, type("R", (), {"max_chunk": cfg.moving_max})()
+    for toks, P in dec._pieces([0] * tokens):
+        fit(len(toks), P)
+    cycles = sum(c for _, _, c, _ in chunks)
+    bound = sum(r.cycles for *_, r in chunks)
+    return {"cycles": cycles, "seconds": cycles / cfg.clock_hz, "chunks": chunks, "roofline_cycles": bound,
+            "binds": sorted({r.binding for *_, r in chunks})}

@@ -109,7 +109,7 @@ class Consts:
 
 def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act, *, epilogue: str = "copy",
            residual: Act | None = None, bias: Tile | None = None, func: str = "identity",
-           up: PackedWeight | None = None) -> Act:
+           up: PackedWeight | None = None, evict=None) -> Act:
     """out^T = epilogue(W x^T) for every row of x. Epilogues: "copy", "bias" (per-feature bias tile
     [P, chunks]), "act" (func), "bias_act", "residual" (out = residual + W x; out may be residual),
     "swiglu" (out = silu(W x) * (U x), with U = `up`, a weight of the same shape).
@@ -117,12 +117,16 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
     A split x and weight (bf16x3) compute W x as W_hi x_hi + W_hi x_lo + W_lo x_hi, accumulated in
     PSUM. When the hi and lo columns together fit the tensor engine's minimum moving width (decode),
     W_hi takes [x_hi | x_lo] in one matmul and the eviction adds the two halves, so the product
-    costs two matmuls per weight tile instead of three."""
+    costs two matmuls per weight tile instead of three.
+
+    `evict(c0, c1, r0, r1, srcs)`, if given, takes each group of output chunks from PSUM instead of the
+    epilogue (`out` is then unused: the decoder streams the logits to HBM a group at a time)."""
+    if evict is None:
+        def evict(c0, c1, r0, r1, srcs):
+            _epilogue(em, out, c0, c1, r0, r1, epilogue, residual, bias, func, srcs)
     if w.fmt in BLOCKED:               # int8 / q4: scales per block of inputs (block_linear.py)
         from isthmus.compiler.lower.npu.block_linear import linear_blocked
-        linear_blocked(em, x, [w] if up is None else [w, up], stream, out,
-                       lambda c0, c1, r0, r1, srcs: _epilogue(em, out, c0, c1, r0, r1, epilogue, residual, bias,
-                                                              func, srcs))
+        linear_blocked(em, x, [w] if up is None else [w, up], stream, out, evict)
         return out
     cfg = em.cfg
     P = cfg.partitions
@@ -182,7 +186,7 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
                         srcs.append(pt[:, :, 0:R])
                     else:
                         srcs.append(pt[:, :, :])
-                _epilogue(em, out, gc0, gc1, r0, r1, epilogue, residual, bias, func, srcs)
+                evict(gc0, gc1, r0, r1, srcs)
                 em.free(*ps)
         for ww, pc in zip(pairs, pcs):
             stream.release(ww, pc)
