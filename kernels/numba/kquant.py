@@ -31,7 +31,9 @@ from isthmus.kernels.numba import JIT
 from isthmus.kernels.numba.kquant_simd import (WIDE, row_dot_q2k_i16, row_dot_q3k_i16, row_dot_q4k_i16,
                                                row_dot_q5k_i16, row_dot_q6k_i16, row_dot_q50_i16, row_dot_q51_i16,
                                                rows4_q2k_i16, rows4_q3k_i16, rows4_q4k_i16, rows4_q5k_i16,
-                                               rows4_q6k_i16, rows4_q50_i16, rows4_q51_i16)
+                                               rows4_q6k_i16, rows4_q50_i16, rows4_q51_i16, span_q2k_i16,
+                                               span_q3k_i16, span_q4k_i16, span_q5k_i16, span_q6k_i16, span_q50_i16,
+                                               span_q51_i16)
 from isthmus.kernels.numba.simd import f16_to_f32
 
 # bytes per block -> values per block, for every format kept as raw blocks
@@ -381,3 +383,40 @@ def dot_blocks_rows4_i16(qs, r, xq, xd, xs, t):
     if ts == 110:
         return _ROWS4_Q3K(qs, r, xq, xd, xs, t)
     return _ROWS4_Q2K(qs, r, xq, xd, xs, t)
+
+
+@njit(**JIT)
+def _span_q2k(qs, r0, xq, xd, xs, t, r1, dst):
+    for r in range(r0, r1):
+        dst[r - r0] = _DOT_Q2K(qs, r, xq, xd, xs, t)
+
+
+@njit(**JIT)
+def _span_q3k(qs, r0, xq, xd, xs, t, r1, dst):
+    for r in range(r0, r1):
+        dst[r - r0] = _DOT_Q3K(qs, r, xq, xd, xs, t)
+
+
+_SPAN_Q2K = span_q2k_i16 if WIDE else _span_q2k
+_SPAN_Q3K = span_q3k_i16 if WIDE else _span_q3k
+
+
+@njit(**JIT)
+def dot_blocks_span_i16(qs, r0, r1, xq, xd, xs, t, dst):
+    """dst[i] = `dot_blocks_row_i16` of row r0 + i for i < r1 - r0, each bitwise its one-row dot:
+    the format chosen once for the span."""
+    ts = qs.shape[2]
+    if ts == 144:
+        span_q4k_i16(qs, r0, xq, xd, xs, t, r1, dst)
+    elif ts == 210:
+        span_q6k_i16(qs, r0, xq, xd, xs, t, r1, dst)
+    elif ts == 176:
+        span_q5k_i16(qs, r0, xq, xd, xs, t, r1, dst)
+    elif ts == 22:
+        span_q50_i16(qs, r0, xq, xd, xs, t, r1, dst)
+    elif ts == 24:
+        span_q51_i16(qs, r0, xq, xd, xs, t, r1, dst)
+    elif ts == 110:
+        _SPAN_Q3K(qs, r0, xq, xd, xs, t, r1, dst)
+    else:
+        _SPAN_Q2K(qs, r0, xq, xd, xs, t, r1, dst)

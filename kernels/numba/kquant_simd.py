@@ -29,7 +29,7 @@ from numba import types
 from numba.extending import intrinsic
 
 from isthmus.kernels.numba.simd import (HAVE_VNNI, StrictFloats, _array_parts, _block_loop_multi, _fma,
-                                        _half, _row_ptr, _x86)
+                                        _half, _row_ptr, _span_rows, _x86)
 
 
 def _host_has_avx512bw() -> bool:
@@ -106,20 +106,33 @@ class _Partials:
         return self.builder.fadd(acc, sums[0])
 
 
-def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
+def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1, span: bool = False):
     """The row dot product of `fmt` blocks: dot(W[r], x[t]) as f32; with `tokens` > 1, the dots of
     x[t], ..., x[t + tokens - 1] as a tuple, each computed by exactly the instructions of the
-    one-token dot (so bitwise equal to it), the weight bytes loaded and unpacked once for all."""
+    one-token dot (so bitwise equal to it), the weight bytes loaded and unpacked once for all.
+
+    With `span` (one token): rows r0 .. r1 - 1, dst[i] = dot(W[r0 + i], x[t]), each row the one-row
+    instructions, in a loop of their own: a row of few blocks (1,024 values are four q4_k blocks)
+    otherwise pays, per row, the call's dispatch on the format, its constants' loads and its
+    pointers, which cost about as much as its blocks (a 1-thread q4_k matvec: 11264x256 190 us,
+    704x4096 54 us for the same bytes)."""
     size = {"q2_k": 84, "q3_k": 110, "q4_k": 144, "q5_k": 176, "q6_k": 210, "q5_0": 22, "q5_1": 24}[fmt]
+    assert tokens == 1 or not span
 
     def typer(typingctx, qs, r, xq, xd, xs, t):
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
         return ret(qs, r, xq, xd, xs, t), codegen
 
+    def span_typer(typingctx, qs, r, xq, xd, xs, t, r1, dst):
+        return types.none(qs, r, xq, xd, xs, t, r1, dst), codegen
+
     def codegen(context, builder, sig, args):
         builder = StrictFloats(builder)
-        qs_t, _, xq_t, xd_t, xs_t, _ = sig.args
-        qs, r, xq, xd, xs, t = args
+        qs_t, _, xq_t, xd_t, xs_t = sig.args[:5]
+        if span:        # (qs, r0, xq, xd, xs, t, r1, dst)
+            qs, r, xq, xd, xs, t, r1, dst = args
+        else:
+            qs, r, xq, xd, xs, t = args
         f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
         v16i8, v16i16, v8i32, v8f = (ir.VectorType(i8, 16), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
                                      ir.VectorType(f32, 8))
@@ -129,11 +142,10 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
         xsdata, xsstr, _ = _array_parts(context, builder, xs_t, xs)
         r = context.cast(builder, r, sig.args[1], types.int64)
         t = context.cast(builder, t, sig.args[5], types.int64)
-        qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
         nb = qshape[1]
         vtype = ir.VectorType(ir.FloatType(), 16 if wide else 8)
 
-        def body_for(xqrow, xdrow, xsrow):
+        def body_for(qrow, xqrow, xdrow, xsrow):
             """One token's block body (its activation rows); every token's body loads and unpacks
             the same weight bytes, which LLVM's common-subexpression elimination then does once."""
             def c64(v):
@@ -460,16 +472,24 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1):
 
             return block_wide if wide else block
 
-        bodies = []
-        for k in range(tokens):        # token t + k: its rows of the quantized activations
-            tk = builder.add(t, ir.Constant(ir.IntType(64), k))
-            bodies.append(body_for(_row_ptr(builder, xqdata, xqstr[0], tk, i16),
-                                   _row_ptr(builder, xddata, xdstr[0], tk, f32),
-                                   _row_ptr(builder, xsdata, xsstr[0], tk, f32)))
-        dots = _block_loop_multi(builder, nb, vtype, bodies)
-        return dots[0] if tokens == 1 else context.make_tuple(builder, sig.return_type, dots)
+        def token_rows(k):             # token t + k: its rows of the quantized activations
+            tk = builder.add(t, ir.Constant(i64, k))
+            return (_row_ptr(builder, xqdata, xqstr[0], tk, i16), _row_ptr(builder, xddata, xdstr[0], tk, f32),
+                    _row_ptr(builder, xsdata, xsstr[0], tk, f32))
 
-    return intrinsic(typer)
+        if not span:
+            qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
+            bodies = [body_for(qrow, *token_rows(k)) for k in range(tokens)]
+            dots = _block_loop_multi(builder, nb, vtype, bodies)
+            return dots[0] if tokens == 1 else context.make_tuple(builder, sig.return_type, dots)
+
+        acts = token_rows(0)
+        r1 = context.cast(builder, r1, sig.args[6], types.int64)
+        return _span_rows(context, builder, r, r1, sig.args[7], dst,
+                          lambda row: _block_loop_multi(builder, nb, vtype,
+                                                        [body_for(_row_ptr(builder, qdata, qstr[0], row, i8), *acts)])[0])
+
+    return intrinsic(span_typer if span else typer)
 
 
 # the formats whose decode dot products take i8 activations on this host (the rest: i16)
@@ -492,3 +512,9 @@ rows4_q50_i16 = _make("q5_0", tokens=TOKENS)
 rows4_q51_i16 = _make("q5_1", tokens=TOKENS)
 rows4_q2k_i16 = _make("q2_k", True, tokens=TOKENS) if WIDE else None
 rows4_q3k_i16 = _make("q3_k", True, tokens=TOKENS) if WIDE else None
+
+# a span of rows for one token (decode): the per-row dispatch and set-up paid once a span
+span_q4k_i16, span_q5k_i16, span_q6k_i16, span_q50_i16, span_q51_i16 = (
+    _make(f, span=True) for f in ("q4_k", "q5_k", "q6_k", "q5_0", "q5_1"))
+span_q2k_i16 = _make("q2_k", True, span=True) if WIDE else None
+span_q3k_i16 = _make("q3_k", True, span=True) if WIDE else None

@@ -48,7 +48,7 @@ from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4,
                                         row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, rows4_q4_i16, rows4_q8_i16,
-                                        sigmoid_f32)
+                                        sigmoid_f32, span_q4_i16, span_q8_i16)
 
 MATVEC_MAX_ROWS = 16      # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
 GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)
@@ -280,6 +280,20 @@ def _row_dot4_i16(qs, d, m, r, xq, xd, xs, t):
     return lambda qs, d, m, r, xq, xd, xs, t: rows4_q8_i16(qs, d, m, r, xq, xd, xs, t)
 
 
+def row_span_i16(qs, d, m, r0, r1, xq, xd, xs, t, dst):
+    """dst[i] = `row_dot_i16` of row r0 + i with token t, for i < r1 - r0."""
+
+
+@overload(row_span_i16)
+def _row_span_i16(qs, d, m, r0, r1, xq, xd, xs, t, dst):
+    if qs.dtype == types.uint8 and qs.ndim == 3:
+        return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: kquant.dot_blocks_span_i16(qs, r0, r1, xq, xd, xs, t, dst)
+
+    if qs.dtype == types.uint8:
+        return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: span_q4_i16(qs, d, m, r0, xq, xd, xs, t, r1, dst)
+    return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: span_q8_i16(qs, d, m, r0, xq, xd, xs, t, r1, dst)
+
+
 @njit(inline="always", **JIT)
 def _store(y, u, t, r, c, res, out, epilogue):
     """out[t, c] = y after the epilogue (res at [t, r]; u the up row's dot for swiglu)."""
@@ -331,24 +345,42 @@ def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue, per_pass):
         t += 1
 
 
+@njit(inline="always", **JIT)
+def _rows_i16(qs, d, m, r0, r1, up, c0, xq, xd, xs, res, out, epilogue, per_pass, span):
+    """Rows r0 .. r1 - 1 of W for every token into out's columns c0 + r - r0 (the swiglu's up row of
+    r: r + up). One token (a decode step): the rows' dots first into `span` (2 x CHUNK scratch of
+    this work item) in one call per span of rows (`row_span_i16`), then the epilogue."""
+    if not _four_per_pass(per_pass) and out.shape[0] == 1:
+        n = r1 - r0
+        row_span_i16(qs, d, m, r0, r1, xq, xd, xs, 0, span[:n])
+        if epilogue == EPI_SWIGLU:
+            row_span_i16(qs, d, m, r0 + up, r1 + up, xq, xd, xs, 0, span[CHUNK:CHUNK + n])
+        for i in range(n):
+            _store(span[i], span[CHUNK + i], 0, r0 + i, c0 + i, res, out, epilogue)
+        return
+    for r in range(r0, r1):
+        _row_i16(qs, d, m, r, r + up, c0 + r - r0, xq, xd, xs, res, out, epilogue, per_pass)
+
+
 @njit(**PJIT)
-def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue, per_pass):
-    """`matvec` with the input rows quantized to i16 first (AVX2 integer dot products)."""
+def matvec_i16(x, qs, d, m, xq, xd, xs, res, out, epilogue, span, per_pass):
+    """`matvec` with the input rows quantized to i16 first (AVX2 integer dot products); span: a
+    [work items, 2 x CHUNK] f32 scratch (`Workspace.span`)."""
     quantize_rows_i16(x, xq, xd, xs)
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
-        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue, per_pass)
+        _rows_i16(qs, d, m, c * CHUNK, min(rows, c * CHUNK + CHUNK), rows, c * CHUNK, xq, xd, xs, res, out,
+                  epilogue, per_pass, span[c])
 
 
 @njit(**PJIT)
-def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue, per_pass):
+def norm_matvec_i16(x, norm_w, eps, h, qs, d, m, xq, xd, xs, res, out, epilogue, span, per_pass):
     rmsnorm_into(x, norm_w, eps, h)
     quantize_rows_i16(h, xq, xd, xs)
     rows = out.shape[1]
     for c in prange((rows + CHUNK - 1) // CHUNK):
-        for r in range(c * CHUNK, min(rows, c * CHUNK + CHUNK)):
-            _row_i16(qs, d, m, r, r + rows, r, xq, xd, xs, res, out, epilogue, per_pass)
+        _rows_i16(qs, d, m, c * CHUNK, min(rows, c * CHUNK + CHUNK), rows, c * CHUNK, xq, xd, xs, res, out,
+                  epilogue, per_pass, span[c])
 
 
 @njit(**JIT)
@@ -357,7 +389,7 @@ def _part_chunks(rows):
 
 
 @njit(**PJIT)
-def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, xq, xd, xs, out, per_pass):
+def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, xq, xd, xs, out, span, per_pass):
     """[rmsnorm](x) @ [A; B; C].T into out's columns, A, B and C being sibling weights in block
     formats of their own (Q and K in q4_k, V in q6_k): one launch and one quantization of the
     activations for all three, where one product per weight would pay both three times. An empty
@@ -371,14 +403,16 @@ def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, x
     ca, cb = _part_chunks(ra), _part_chunks(rb)
     for c in prange(ca + cb + _part_chunks(rc)):
         if c < ca:
-            for r in range(c * CHUNK, min(ra, c * CHUNK + CHUNK)):
-                _row_i16(qa, da, ma, r, r, r, xq, xd, xs, out, out, EPI_NONE, per_pass)
+            r0 = c * CHUNK
+            _rows_i16(qa, da, ma, r0, min(ra, r0 + CHUNK), 0, r0, xq, xd, xs, out, out, EPI_NONE, per_pass, span[c])
         elif c < ca + cb:
-            for r in range((c - ca) * CHUNK, min(rb, (c - ca) * CHUNK + CHUNK)):
-                _row_i16(qb, db, mb, r, r, ra + r, xq, xd, xs, out, out, EPI_NONE, per_pass)
+            r0 = (c - ca) * CHUNK
+            _rows_i16(qb, db, mb, r0, min(rb, r0 + CHUNK), 0, ra + r0, xq, xd, xs, out, out, EPI_NONE, per_pass,
+                      span[c])
         else:
-            for r in range((c - ca - cb) * CHUNK, min(rc, (c - ca - cb) * CHUNK + CHUNK)):
-                _row_i16(qc, dc, mc, r, r, ra + rb + r, xq, xd, xs, out, out, EPI_NONE, per_pass)
+            r0 = (c - ca - cb) * CHUNK
+            _rows_i16(qc, dc, mc, r0, min(rc, r0 + CHUNK), 0, ra + rb + r0, xq, xd, xs, out, out, EPI_NONE,
+                      per_pass, span[c])
 
 
 @njit(**PJIT)
@@ -443,6 +477,12 @@ class Workspace:
         xq, xd, xs = self.sx[key]
         return xq[:n], xd[:n], xs[:n]
 
+    def span(self, items):
+        """A [items, 2 x CHUNK] f32 scratch: each work item's row dots before their epilogue."""
+        if self.sx.get("span") is None or self.sx["span"].shape[0] < items:
+            self.sx["span"] = np.empty((items, 2 * CHUNK), np.float32)
+        return self.sx["span"][:items]
+
     def sums(self, n, cols):
         key = (n, cols)
         if key not in self.sx:
@@ -479,10 +519,11 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
         i8 = w.kind in I8_FORMATS
         xq, xd, xs = ws.act_i16(n, w.cols, i8=i8, i16=not i8)
         per_pass = FOUR_PER_PASS if n >= 4 else ONE_PER_PASS
+        span = ws.span(-(-out.shape[1] // CHUNK))
         if norm is not None:
             return norm_matvec_i16, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, xq, xd, xs, res_arr,
-                                    out, epilogue, per_pass)
-        return matvec_i16, (x2, w.qs, w.d, w.m, xq, xd, xs, res_arr, out, epilogue, per_pass)
+                                    out, epilogue, span, per_pass)
+        return matvec_i16, (x2, w.qs, w.d, w.m, xq, xd, xs, res_arr, out, epilogue, span, per_pass)
     sx = ws.sums(n, w.cols)
     if norm is not None:
         return norm_matvec, (x2, norm[0], np.float32(norm[1]), h, w.qs, w.d, w.m, sx, res_arr, out, epilogue)
@@ -508,7 +549,8 @@ def siblings_call(x2, parts: list[Packed], out, ws: Workspace, *, norm=None, h=N
         parts = [*parts, Packed(b.kind, b.qs[:0], b.d[:0], b.m[:0], (0,))]
     arrays = [a for p in parts for a in p.arrays]
     nw, eps = (_NO_NORM, np.float32(0.0)) if norm is None else (norm[0], np.float32(norm[1]))
-    return siblings_matvec_i16, (x2, nw, eps, x2 if h is None else h, *arrays, xq, xd, xs, out,
+    span = ws.span(sum(-(-p.rows // CHUNK) for p in parts))
+    return siblings_matvec_i16, (x2, nw, eps, x2 if h is None else h, *arrays, xq, xd, xs, out, span,
                                  FOUR_PER_PASS if n >= 4 else ONE_PER_PASS)
 
 

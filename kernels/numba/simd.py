@@ -322,17 +322,43 @@ def _x86(builder, name, ret, args):
     return builder.call(fn, args)
 
 
-def _make_row_dot_i16(bits: int, tokens: int = 1):
+def _span_rows(context, builder, r0, r1, dst_ty, dst, dot_of_row):
+    """An LLVM loop over rows r0 .. r1 - 1 storing dst[i] = dot_of_row(r0 + i) (an i64 row): the
+    row-invariant set-up emitted before it stays outside it."""
+    i64 = ir.IntType(64)
+    ddata, _, _ = _array_parts(context, builder, dst_ty, dst)
+    dst_p = builder.bitcast(ddata, ir.FloatType().as_pointer())
+    entry = builder.block
+    head = builder.append_basic_block("rows")
+    done = builder.append_basic_block("rows_done")
+    builder.cbranch(builder.icmp_signed("<", r0, r1), head, done)
+    builder.position_at_end(head)
+    row = builder.phi(i64)
+    row.add_incoming(r0, entry)
+    builder.store(dot_of_row(row), builder.gep(dst_p, [builder.sub(row, r0)]))
+    nxt = builder.add(row, ir.Constant(i64, 1))
+    row.add_incoming(nxt, builder.block)
+    builder.cbranch(builder.icmp_signed("<", nxt, r1), head, done)
+    builder.position_at_end(done)
+    return context.get_dummy_value()
+
+
+def _make_row_dot_i16(bits: int, tokens: int = 1, span: bool = False):
     """dot(W[r], x[t]) of q4/q8 rows with i16 activations; with `tokens` > 1 the dots of x[t] ..
-    x[t + tokens - 1] as a tuple, each bitwise the one-token dot (kquant_simd._make says how)."""
+    x[t + tokens - 1] as a tuple, each bitwise the one-token dot (kquant_simd._make says how); with
+    `span`, (qs, d, m, r0, xq, xd, xs, t, r1, dst): dst[i] = the dot of row r0 + i, rows in a loop
+    of their own (kquant_simd._make says why)."""
     def typer(typingctx, qs, d, m, r, xq, xd, xs, t):
         ret = types.float32 if tokens == 1 else types.UniTuple(types.float32, tokens)
         return ret(qs, d, m, r, xq, xd, xs, t), codegen
 
+    def span_typer(typingctx, qs, d, m, r, xq, xd, xs, t, r1, dst):
+        return types.none(qs, d, m, r, xq, xd, xs, t, r1, dst), codegen
+
     def codegen(context, builder, sig, args):
         builder = StrictFloats(builder)
-        qs_t, d_t, m_t, _, xq_t, xd_t, xs_t, _ = sig.args
-        qs, d, m, r, xq, xd, xs, t = args
+        qs_t, d_t, m_t, _, xq_t, xd_t, xs_t, _ = sig.args[:8]
+        qs, d, m, r, xq, xd, xs, t = args[:8]
         f32, i64, i32, i16, i8 = ir.FloatType(), ir.IntType(64), ir.IntType(32), ir.IntType(16), ir.IntType(8)
         v16i8, v16i16, v8i32, v8f = (ir.VectorType(i8, 16), ir.VectorType(i16, 16), ir.VectorType(i32, 8),
                                      ir.VectorType(f32, 8))
@@ -344,12 +370,12 @@ def _make_row_dot_i16(bits: int, tokens: int = 1):
         xsdata, xsstr, _ = _array_parts(context, builder, xs_t, xs)
         r = context.cast(builder, r, sig.args[3], types.int64)
         t = context.cast(builder, t, sig.args[7], types.int64)
-        qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
-        drow = _row_ptr(builder, ddata, dstr[0], r, i16)
-        mrow = _row_ptr(builder, mdata, mstr[0], r, i16) if bits == 4 else None
         nb = dshape[1]
 
-        def body_for(tk):
+        def body_for(r, tk):
+            qrow = _row_ptr(builder, qdata, qstr[0], r, i8)
+            drow = _row_ptr(builder, ddata, dstr[0], r, i16)
+            mrow = _row_ptr(builder, mdata, mstr[0], r, i16) if bits == 4 else None
             xqrow = _row_ptr(builder, xqdata, xqstr[0], tk, i16)
             xdrow = _row_ptr(builder, xddata, xdstr[0], tk, f32)
             xsrow = _row_ptr(builder, xsdata, xsstr[0], tk, f32) if bits == 4 else None
@@ -384,17 +410,23 @@ def _make_row_dot_i16(bits: int, tokens: int = 1):
                 return acc2, macc2
             return block
 
-        bodies = [body_for(builder.add(t, ir.Constant(i64, k))) for k in range(tokens)]
+        if span:
+            r1 = context.cast(builder, args[8], sig.args[8], types.int64)
+            return _span_rows(context, builder, r, r1, sig.args[9], args[9],
+                              lambda row: _block_loop_multi(builder, nb, v8f, [body_for(row, t)])[0])
+        bodies = [body_for(r, builder.add(t, ir.Constant(i64, k))) for k in range(tokens)]
         dots = _block_loop_multi(builder, nb, v8f, bodies)
         return dots[0] if tokens == 1 else context.make_tuple(builder, sig.return_type, dots)
 
-    return intrinsic(typer)
+    return intrinsic(span_typer if span else typer)
 
 
 row_dot_q4_i16 = _make_row_dot_i16(4)
 row_dot_q8_i16 = _make_row_dot_i16(8)
 rows4_q4_i16 = _make_row_dot_i16(4, tokens=4)     # four tokens at a time (batched decode, prefill)
 rows4_q8_i16 = _make_row_dot_i16(8, tokens=4)
+span_q4_i16 = _make_row_dot_i16(4, span=True)     # a span of rows for one token (decode)
+span_q8_i16 = _make_row_dot_i16(8, span=True)
 
 _Q16 = np.float32(32767.0)
 _Q8 = np.float32(127.0)

@@ -32,9 +32,19 @@ def test_concurrent_replies_equal_unbatched_ones(live, default_exe):
             return r.choices[0].message.content
 
         async def main():
+            # admitted together (held until all six wait): a prompt read in parts while the first
+            # ones decode would otherwise join after some have finished
+            engine.hold()
             try:
-                return await asyncio.gather(*(one(c) for c in convs))
+                tasks = [asyncio.ensure_future(one(c)) for c in convs]
+                for _ in range(600):
+                    if engine.waiting == len(convs):
+                        break
+                    await asyncio.sleep(0.01)
+                engine.hold(False)
+                return await asyncio.gather(*tasks)
             finally:
+                engine.hold(False)
                 await client.close()
 
         got = asyncio.run(main())
