@@ -66,6 +66,9 @@ def footprints(op: str, args: dict):
         a = args.get(f.name)
         if isinstance(a, AP):
             write = f.name in ("dst", "accum")
+            if op == "dma_core" and write:      # another core's SBUF: ordered by that core's semaphores,
+                continue                        # not by this program's (two sends to one slot of two
+                                                # peers are no conflict here)
             out.append((a, write))
             if write and op == "matmul" and args.get("acc"):
                 out.append((a, False))

@@ -19,8 +19,8 @@ adds of k).
 
 `tp_mlp_program` builds the chip program (one `Program` per core through the ordinary `Emitter`, so
 every local dependency gets its semaphores as in any program); `tp_mlp_figures` times it against the
-same block on one core. The decoder itself (attention heads per core, the chunk programs, a chip HBM
-image) is not split yet: docs/npu-performance.md says how far this goes.
+same block on one core. The whole decoder (attention heads per core, the chunk programs, a chip HBM
+image) is tp_decoder.py, which uses `_all_reduce` with DMA queues of its own.
 """
 
 from __future__ import annotations
@@ -119,22 +119,28 @@ def tp_mlp_program(gate: np.ndarray, up: np.ndarray, down: np.ndarray, norm: np.
     return (ChipProgram(progs) if n > 1 else progs[0]), inputs
 
 
-def _all_reduce(em: Emitter, c: int, n: int, part, x, slots, sem: int, round_: int) -> None:
+def _all_reduce(em: Emitter, c: int, n: int, part, x, slots, sem: int, round_: int,
+                queues: list[int] | None = None) -> None:
     """x += the sum over cores of `part` (one hop: see the module docstring). `round_`: how many
-    all-reduces have used this slot set and semaphore, this one included."""
+    all-reduces have used this slot set and semaphore, this one included. `queues`: the DMA queues the
+    sends take, in turn (default: all of them)."""
     if n == 1:
         em.tt(x.tile[:, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")
         return
-    queues = em.cfg.dma_queues
+    queues = queues or list(range(em.cfg.dma_queues))
+    P = em.cfg.partitions
     for j, k in enumerate(k for k in range(n) if k != c):
-        q = j % queues
+        q = queues[j % len(queues)]
         slot = c if c < k else c - 1                      # my slot among core k's n-1 senders
         em.emit("dma_core", slots[:, slot, :, :], part.tile[:, :, :], core=k, queue=q)
         em.emit("sem_signal_core", engine=f"dma{q}", core=k, sem=sem)
+    em.tt(x.tile[:, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")       # while the partials travel
     em.emit("sem_wait", engine="vector", sem=sem, value=round_ * (n - 1))
-    em.tt(x.tile[:, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")
-    for j in range(n - 1):
-        em.tt(x.tile[:, :, :], x.tile[:, :, :], slots[:, j, :, :], "add")
+    m = x.tile.shape[0] * x.tile.shape[1]                  # the n-1 received partials summed by one reduce
+    got = em.sbuf(x.tile.shape, "f32", what="all-reduce sum")
+    em.reduce(got.raw(0, P, 0, [(m, 1)]), slots.raw(0, P, 0, [(m, 1), (n - 1, m)]), "sum")
+    em.tt(x.tile[:, :, :], x.tile[:, :, :], got[:, :, :], "add")
+    em.free(got)
 
 
 def tp_mlp_figures(gate, up, down, norm, eps: float, rows: int = 1, layers: int = 1) -> dict:
