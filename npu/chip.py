@@ -173,12 +173,17 @@ class ChipResult:
         return self.timeline.cycles
 
 
-def run_chip(chip: ChipProgram, inputs: dict | None = None, config: NpuConfig | str | None = None) -> ChipResult:
-    """Time the chip, then execute every core's instructions in that order on shared HBM (config: `chip`)."""
+def run_chip(chip: ChipProgram, inputs: dict | None = None, config: NpuConfig | str | None = None,
+             hbm: np.ndarray | None = None) -> ChipResult:
+    """Time the chip, then execute every core's instructions in that order on shared HBM (config: `chip`).
+    `hbm`: an HBM image kept between runs (a flat uint8 array; what it holds stays, so inputs written by
+    an earlier run, a KV cache say, need not be passed again); by default a fresh, NaN-filled one."""
     from isthmus.npu.sim import Machine, blas_single_threaded, prepare
     cfg = load_config(config or "chip")
     ctl = schedule_chip(chip, cfg)
-    hbm = np.full(chip.hbm_bytes, 0xFF, np.uint8)
+    kept = hbm is not None
+    if not kept:
+        hbm = np.full(chip.hbm_bytes, 0xFF, np.uint8)
     machines = [Machine.for_program(cfg, p, hbm) for p in chip.cores]
     for m in machines:
         m.peers = machines
@@ -187,7 +192,7 @@ def run_chip(chip: ChipProgram, inputs: dict | None = None, config: NpuConfig | 
     for name, t in tensors.items():
         if name in inputs:
             machines[0].write_tensor(t, inputs.pop(name))
-        elif t.kind in ("input", "inout"):
+        elif t.kind in ("input", "inout") and not kept:
             raise NpuError(f"missing input {name} ({t.dtype}{list(t.shape)})")
     if inputs:
         raise NpuError(f"unknown input(s) {', '.join(sorted(inputs))}")

@@ -258,10 +258,13 @@ def resident_values(img: DecoderImage, skip=()) -> dict:
     return out
 
 
-def _declare(em: Emitter, img: DecoderImage) -> dict:
-    t = {}
+def _declare(em: Emitter, img: DecoderImage, tensors: dict | None = None) -> dict:
+    """Declare the image's resident tensors (or take them from `tensors`, name -> HBM tensor: a core of a
+    tensor-parallel chip, whose program declares every core's tensors) and bind the weights to them."""
+    t = dict(tensors) if tensors is not None else {}
     for name, dtype, shape, _ in img.resident:
-        t[name] = em.tensor(name, shape, dtype, "input")
+        if tensors is None:
+            t[name] = em.tensor(name, shape, dtype, "input")
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
         if w.fmt == "bf16":
             w.hbm = t[w.name]
@@ -285,7 +288,7 @@ def io_bytes(img: DecoderImage, P: int, C: int) -> int:
 
 
 def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False,
-                        cache_len: int | None = None) -> Program:
+                        cache_len: int | None = None, tp=None) -> Program:
     """The program for P new tokens over a window of C (P <= C <= Cmax, powers of two).
 
     `batched`: the P tokens are one decode step of P *different* sequences (batched decode). The
@@ -294,15 +297,21 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
     slot b, right-aligned like the one-sequence cache), its own window of C in SBUF, its own validity
     row `kvbias[b]`, and attends alone; the logits of every sequence come back ([P, vocab]). A batch's
     cache slots hold `cache_len` entries (default: the image's capacity; a step-by-step batch passes C:
-    the window's entries, copied in and out by the host)."""
+    the window's entries, copied in and out by the host).
+
+    `tp`: one core's part of a tensor-parallel chip program (tp_decoder.Shard): `img` holds this core's
+    heads, hidden features and logit rows; the o and down projections give partial sums that an
+    all-reduce between the cores adds into the (replicated) residual stream; the core writes its rows
+    of the logits."""
     spec, cfg, sl = img.spec, img.cfg, img.slots
     wdt, adt, split = img.wdt, img.adt, img.split
     NP = cfg.partitions
     D, F, hd, G, V = spec.hidden, spec.ffn, spec.head_dim, spec.kv_heads, spec.vocab
     Lc, cmax = len(spec.layers), (cache_len or img.cmax) if batched else img.cmax
     nc = -(-D // NP)
+    Vh, v0 = img.head.n, (tp.vocab0 if tp is not None else 0)    # logit rows this program computes
     em = Emitter(cfg)
-    hbm = _declare(em, img)
+    hbm = _declare(em, img, tp.declare(em) if tp is not None else None)
     if batched:                                  # first: at the same offsets in every window's program
         bkc = em.tensor("bkcache", (P, Lc, G, hd, cmax), adt, "input")       # resident, as "kcache"
         bvc = em.tensor("bvcache", (P, Lc, cmax, G * hd), adt, "input")
@@ -353,16 +362,17 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
             Tile("sbuf", "f32", 0, NP, scales.offset + 4 * w.scale_chunk0, (-(-w.n // NP),))
     # a batch's logits ([vocab, B] f32: 24 KB a partition for SmolLM2 at B = 16) before the ring is sized
     nl = P if batched else 1                     # rows whose logits come back
-    lg = new_act(em, V, nl, "f32", "logits") if batched else None
+    lg = new_act(em, Vh, nl, "f32", "logits") if batched else None
     # logits over 1/8 of SBUF (edge: 6 KB a partition for SmolLM2's 49,152) go to HBM a PSUM group at a time
-    stream_logits = not batched and -(-V // NP) * 4 > cfg.sbuf_bytes_per_partition // 8
+    stream_logits = not batched and -(-Vh // NP) * 4 > cfg.sbuf_bytes_per_partition // 8
+    reduce_slots = tp.slots(em, D, P) if tp is not None else None
     rot = em.sbuf((NP,), adt, what="rotation")
     idx = em.sbuf((nb, 2), "i32", what="ids, positions")
     reserve = 8 * nc * P + 4 * 2 * NP * 4 + cfg.sbuf_bytes_per_partition // 8     # core: 24 KB of scratch
     hole = max(hi - lo for lo, hi in em.sbuf_alloc.holes)
     ring_bytes = max(hole - reserve, 2 * img.ring_piece_bytes)
     ring = em.sbuf((ring_bytes,), "i8", what="weight ring")
-    stream = WeightStream(em, ring)
+    stream = WeightStream(em, ring, queues=tp.weight_queues if tp is not None else None)
     for w in [w for lw in img.weights for w in lw.values()] + [img.head]:
         for pc in w.pieces + (w.lo.pieces if w.lo is not None else []):
             pc.loaded = False                    # a build stopped by a full SBUF may have left pieces marked
@@ -500,7 +510,10 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
             if split:
                 split_into(em, attnS, attnT.tile[:, :, :], 0, attnT.chunks, 0, P)
         with em.label(L.o.outputs[0].name):
-            linear(em, attnS, lw["o"], stream, x, epilogue="residual", residual=x)
+            if tp is None:
+                linear(em, attnS, lw["o"], stream, x, epilogue="residual", residual=x)
+            else:
+                tp.reduce_linear(em, attnS, lw["o"], stream, x, reduce_slots, 2 * l)
         with em.label(L.ffn_norm.outputs[0].name):
             rmsnorm(em, consts, x, _norm_tile(lnorm, 1, nc, NP), L.ffn_norm.attrs["eps"], h, mm_dtype=adt)
             if not norms_resident:
@@ -508,7 +521,10 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         with em.label(L.gate.outputs[0].name):
             linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"])
         with em.label(L.down.outputs[0].name):
-            linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
+            if tp is None:
+                linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
+            else:
+                tp.reduce_linear(em, a, lw["down"], stream, x, reduce_slots, 2 * l + 1)
     hl = new_act(em, D, nl, wdt, "last row", split)
     with em.label(spec.final_norm.outputs[0].name):
         rmsnorm(em, consts, x, _norm_tile(load_norms(2 * Lc, 1), 0, nc, NP), spec.final_norm.attrs["eps"], hl,
@@ -516,12 +532,12 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
 
     def logits_out(t: Tile, c0: int, c1: int) -> None:
         """Logit chunks [c0, c1) of every row, held in `t` from its chunk 0, to HBM."""
-        full = min(c1, V // NP)
+        full = min(c1, Vh // NP)
         for r in range(nl):
             if full > c0:
-                em.dma(logits_t.ap(r * V + c0 * NP, NP, 1, [(full - c0, NP)]), t[0:NP, 0:full - c0, r])
+                em.dma(logits_t.ap(r * V + v0 + c0 * NP, NP, 1, [(full - c0, NP)]), t[0:NP, 0:full - c0, r])
             if c1 > full:                        # the last, partial chunk
-                em.dma(logits_t.ap(r * V + full * NP, V % NP, 1, [(1, 1)]), t[0:V % NP, full - c0, r])
+                em.dma(logits_t.ap(r * V + v0 + full * NP, Vh % NP, 1, [(1, 1)]), t[0:Vh % NP, full - c0, r])
 
     def evict_logits(c0, c1, r0, r1, srcs):
         t = em.sbuf((c1 - c0, r1 - r0), "f32", what="logits")
@@ -533,7 +549,7 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         if stream_logits:
             linear(em, hl, img.head, stream, None, evict=evict_logits)
         else:
-            lg = lg or new_act(em, V, nl, "f32", "logits")
+            lg = lg or new_act(em, Vh, nl, "f32", "logits")
             linear(em, hl, img.head, stream, lg)
             logits_out(lg.tile, 0, lg.chunks)
     prog = em.build()

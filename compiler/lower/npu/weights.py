@@ -231,6 +231,12 @@ class WeightStream:
     _where: dict = field(default_factory=dict)   # id(piece) -> order index it was loaded as
     _pending: dict = field(default_factory=dict)  # order index -> its dequantisation, not yet emitted
     _unit_tile: Tile | None = None   # q4 unpacking's constants (`_unit`)
+    queues: list[int] | None = None  # the DMA queues its loads take (default: the emitter's choice of all)
+
+    def _queue(self) -> int | None:
+        if self.queues is None:
+            return None
+        return min(self.queues, key=lambda q: self.em.busy.get(f"dma{q}", 0.0))
 
     @property
     def capacity(self) -> int:
@@ -282,9 +288,9 @@ class WeightStream:
             for t0 in range(0, w.kt - 1, group):
                 t1 = min(w.kt - 1, t0 + group)
                 src = w.hbm.ap(pc.offset + t0 * cols, w.parts, (w.kt - 1) * cols, [((t1 - t0) * cols, 1)])
-                self.em.dma(pc.tile[:, t0:t1, :], src)
+                self.em.dma(pc.tile[:, t0:t1, :], src, queue=self._queue())
             src = w.hbm.ap(pc.offset + kf * cols, w.kp, cols, [(cols, 1)])
-            self.em.dma(pc.tile[0:w.kp, w.kt - 1, :], src)
+            self.em.dma(pc.tile[0:w.kp, w.kt - 1, :], src, queue=self._queue())
 
     def _unit(self) -> Tile:
         """[parts, 3] f32 constants 1.0, 0.0 and 128.0: the scale and zero of an unpacking `dequant`."""
@@ -313,7 +319,7 @@ class WeightStream:
         steps = []
 
         def load(rows: int, t0: int, t1: int, qsrc: int, row_stride: int):
-            em.dma(qt[0:rows, t0:t1, :], w.qhbm.ap(qsrc, rows, row_stride * qcols // cols, [((t1 - t0) * qcols, 1)]))
+            em.dma(qt[0:rows, t0:t1, :], w.qhbm.ap(qsrc, rows, row_stride * qcols // cols, [((t1 - t0) * qcols, 1)]), queue=self._queue())
             steps.append((rows, t0, t1))
 
         with em.label(w.label):
@@ -324,7 +330,7 @@ class WeightStream:
                     if hbm is None:
                         continue
                     t = Tile("sbuf", w.bdtype, 0, parts, stage + off, (nch, nbp))
-                    em.dma(t[:, :, :], hbm.ap(c0 * nbp, parts, tot, [(nch * nbp, 1)]))
+                    em.dma(t[:, :, :], hbm.ap(c0 * nbp, parts, tot, [(nch * nbp, 1)]), queue=self._queue())
                     setattr(pc, attr, t)
             for t0 in range(0, kt - 1, group):
                 t1 = min(kt - 1, t0 + group)

@@ -1,0 +1,255 @@
+"""A Llama decoder tensor-parallel over a chip's cores: each core runs the ordinary chunk program
+(chunk_program.build_chunk_program) on its own slice of the model, and two all-reduces a layer join them.
+
+Split (Megatron-style, as tensor_parallel.py does for the MLP alone):
+- attention by query heads: core c holds the rows of q for its heads, of k and v for their kv heads,
+  and the columns of o for its heads (o split by *inputs*), so its o product is a partial sum of the
+  whole [hidden] output; it keeps its kv heads' KV cache in its own HBM tensors;
+- the MLP by hidden features: gate and up by outputs, down by inputs (a partial sum again);
+- the output head by vocabulary rows: each core writes its rows of the logits, no collective;
+- the embedding, norms and rotary tables are shared HBM tensors every core reads; the residual stream
+  is replicated (each core normalises it itself).
+After o and after down, a one-hop all-reduce (tensor_parallel._all_reduce: each core sends its partial
+to the n-1 others with `dma_core` + `sem_signal_core`) adds the partials into every core's residual.
+
+Heads that do not split evenly (SmolLM2-135M: 9 query heads, 3 kv heads, 8 cores) are split unevenly
+but contiguously: the first H mod n cores take one query head more (SmolLM2: core 0 heads 0-1, cores
+1-7 one head each), and a core computes the k/v of every kv head its query heads read. Three cores
+(one kv group each) would read each k/v weight once but put 3 heads' q, k, v and o on each of 3 cores
+(10 + 5 + 5 + 10 matmuls a layer on the critical path) while 5 cores idle through attention; the
+uneven split's busiest core does 5 + 5 + 5 + 5, at the price of reading a kv head's k/v weights on
+every core that needs them (SmolLM2: 8 k/v slices where 3 would do, +0.74 MB of the 9.0 MB a layer
+reads). A core's heads must read its kv heads in equal groups (true for contiguous slices of a GQA
+layout whenever no slice straddles a group unevenly; `shard_heads` checks).
+
+`TpChip` holds the per-core images and their chip programs; `TpDecoder` steps one conversation on
+the chip simulator (run_chip on one HBM image kept between steps: the KV caches stay in it);
+`tp_decode_figures` times a decode step against one core and the chip's HBM bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
+
+import numpy as np
+
+from isthmus.compiler.lower.npu.chunk_program import DecoderImage, build_chunk_program, build_image, io_bytes
+from isthmus.compiler.lower.npu.resident_kernels import linear, new_act
+from isthmus.compiler.lower.npu.tensor_parallel import RECV_SEMS, _all_reduce, _slices
+from isthmus.compiler.lower.npu.weights import dense_f32
+from isthmus.npu.config import load_config
+
+SHARED = ("embed", "norms", "rope", "rot")       # resident tensors every core reads (the same bytes)
+
+
+def shard_heads(H: int, G: int, n: int) -> list[tuple[list[int], list[int]]]:
+    """(query heads, kv heads) of each of n cores: contiguous query-head slices, the first H mod n cores
+    one head more. ValueError where a core's heads would not read its kv heads in equal groups."""
+    if H < n:
+        raise ValueError(f"{H} query heads cannot give each of {n} cores one")
+    group = H // G
+    out, h0 = [], 0
+    for c in range(n):
+        hs = list(range(h0, h0 + H // n + (c < H % n)))
+        h0 = hs[-1] + 1
+        gs = sorted({h // group for h in hs})
+        per = len(hs) // len(gs)
+        if len(hs) % len(gs) or any(h // group != gs[i // per] for i, h in enumerate(hs)):
+            raise ValueError(f"core {c}'s query heads {hs} do not read kv heads {gs} in equal groups")
+        out.append((hs, gs))
+    return out
+
+
+def _node(node, data: np.ndarray):
+    """A stand-in for a linear node whose weight is `data` (what build_image reads of a node)."""
+    return SimpleNamespace(op=node.op, inputs=[node.inputs[0], SimpleNamespace(data=data)], outputs=node.outputs,
+                           attrs=node.attrs)
+
+
+def _rows(hs, hd):
+    return np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in hs])
+
+
+def core_specs(spec, n: int) -> tuple[list, list[range]]:
+    """Each core's LlamaSpec (its heads, hidden features and vocabulary rows; the vocabulary of the
+    embedding stays whole) and each core's vocabulary rows."""
+    hd = spec.head_dim
+    heads = shard_heads(spec.heads, spec.kv_heads, n)
+    fsl, vsl = _slices(spec.ffn, n), _slices(spec.vocab, n)
+    out = []
+    for c, (hs, gs) in enumerate(heads):
+        qr, kr, fr = _rows(hs, hd), _rows(gs, hd), np.asarray(fsl[c])
+        layers = []
+        for L in spec.layers:
+            w = {k: dense_f32(getattr(L, k).inputs[1].data) for k in ("q", "k", "v", "o", "gate", "up", "down")}
+            layers.append(replace(L, q=_node(L.q, w["q"][qr]), k=_node(L.k, w["k"][kr]), v=_node(L.v, w["v"][kr]),
+                                  o=_node(L.o, w["o"][:, qr]), gate=_node(L.gate, w["gate"][fr]),
+                                  up=_node(L.up, w["up"][fr]), down=_node(L.down, w["down"][:, fr])))
+        head = dense_f32(spec.head.inputs[1].data)[np.asarray(vsl[c])]
+        out.append(replace(spec, heads=len(hs), kv_heads=len(gs), ffn=len(fr), layers=layers,
+                           head=_node(spec.head, head)))
+    return out, vsl
+
+
+@dataclass
+class Shard:
+    """Core `core`'s part of a tensor-parallel chunk program (what build_chunk_program's `tp` asks)."""
+
+    core: int
+    images: list[DecoderImage]
+    vocab0: int
+
+    @property
+    def cores(self) -> int:
+        return len(self.images)
+
+    def declare(self, em) -> dict:
+        """Every core's resident tensors, in the same order in every core's program (the cores share HBM:
+        a name sits at one offset): the shared ones once, then core k's as "c{k}.<name>". Returns this
+        core's, under their own names. Also divides the DMA queues: the last n-1 for the all-reduces'
+        sends (`link_queues`), two for the KV window, the norms and the logits, the rest for the weight
+        stream (`weight_queues`). A core's weights are 1/8 of the model, so its ring runs the stream
+        many layers ahead; on a shared in-order queue a send or a layer's KV window load waited behind
+        those prefetches (sends on the weights' queues: 3.5k cycles an all-reduce, a step 512k cycles;
+        the KV loads too: layer 1 took 75k cycles, the step 345k)."""
+        Q, n = em.cfg.dma_queues, self.cores
+        if Q < n + 1:
+            raise ValueError(f"{Q} DMA queues: too few to keep {n - 1} for the all-reduce and 2 for the rest")
+        self.link_queues = list(range(Q - (n - 1), Q))
+        self.weight_queues = list(range(Q - (n - 1) - 2))
+        em.dma_queues = [Q - n - 1, Q - n]
+        own = {}
+        for name, dtype, shape, _ in self.images[0].resident:
+            if name in SHARED:
+                own[name] = em.tensor(name, shape, dtype, "input")
+        for k, img in enumerate(self.images):
+            for name, dtype, shape, _ in img.resident:
+                if name not in SHARED:
+                    t = em.tensor(f"c{k}.{name}", shape, dtype, "input")
+                    if k == self.core:
+                        own[name] = t
+        return own
+
+    def slots(self, em, D: int, rows: int):
+        """Two sets of receive slots (alternating by the parity of the all-reduce: tensor_parallel)."""
+        nc = -(-D // em.cfg.partitions)
+        return [em.sbuf((max(self.cores - 1, 1), nc, rows), "f32", what="all-reduce receive") for _ in RECV_SEMS]
+
+    def reduce_linear(self, em, act, w, stream, x, slots, k: int) -> None:
+        """x += the sum over the cores of W_c act_c: this core's partial product, then the k-th all-reduce."""
+        part = new_act(em, x.features, x.rows, "f32", "partial sum")
+        linear(em, act, w, stream, part)
+        with em.label("all_reduce"):
+            _all_reduce(em, self.core, self.cores, part, x, slots[k % 2], RECV_SEMS[k % 2], k // 2 + 1,
+                        self.link_queues)
+        em.free(part.tile)
+
+
+class TpChip:
+    """A decoder's per-core images on a chip config (default `chip`: 8 cores) and its chip programs."""
+
+    def __init__(self, spec, config="chip", precision: str = "bf16x3", context: int = 256, cores: int | None = None):
+        self.cfg = load_config(config)
+        n = cores or self.cfg.cores
+        specs, self.vocab = core_specs(spec, n)
+        self.spec = spec
+        self.images = [build_image(s, self.cfg, precision, context) for s in specs]
+        for img in self.images[1:]:                      # the shared tensors' bytes are core 0's
+            for name in SHARED:
+                a = next(r for r in self.images[0].resident if r[0] == name)
+                b = next(r for r in img.resident if r[0] == name)
+                if (a[1], a[2]) != (b[1], b[2]):
+                    raise ValueError(f"shared tensor {name} differs between cores")
+        self.cmax = self.images[0].cmax
+        self.programs: dict[tuple[int, int], object] = {}
+
+    def program(self, P: int, C: int):
+        from isthmus.npu.chip import ChipProgram
+        prog = self.programs.get((P, C))
+        if prog is None:
+            prog = self.programs[P, C] = ChipProgram(
+                [build_chunk_program(img, P, C, tp=Shard(c, self.images, self.vocab[c].start))
+                 for c, img in enumerate(self.images)])
+        return prog
+
+    def resident_values(self) -> dict:
+        """Host arrays of every resident tensor under its chip name (KV caches zero)."""
+        from isthmus.npu.isa import DTYPES
+        out = {}
+        for k, img in enumerate(self.images):
+            for name, dtype, shape, data in img.resident:
+                if name in SHARED and k:
+                    continue
+                arr = data if data is not None else np.zeros(shape, DTYPES[dtype].np)
+                out[name if name in SHARED else f"c{k}.{name}"] = arr
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        """Weight bytes the cores stream per token, together (k/v slices a core shares count per core)."""
+        return sum(img.weight_bytes for img in self.images)
+
+    def decoder(self) -> "TpDecoder":
+        return TpDecoder(self)
+
+
+class TpDecoder:
+    """One conversation on the chip simulator: `step(ids)` runs one chunk (up to 512 tokens, padded on
+    the left to a power of two of at least 8 when it is the prompt) and returns the last logits."""
+
+    def __init__(self, chip: TpChip):
+        self.chip = chip
+        self.length = 0
+        self.hbm = None
+        self.cycles: list[int] = []
+
+    def step(self, ids) -> np.ndarray:
+        from isthmus.compiler.lower.npu.attention import NEG
+        from isthmus.npu.chip import run_chip
+        ids = [int(i) for i in ids]
+        tc = self.chip
+        real = len(ids)
+        P = real if real == 1 else max(8, 1 << (real - 1).bit_length())
+        if P > tc.cfg.moving_max or self.length + real > tc.cmax:
+            raise ValueError(f"a chunk of {real} tokens after {self.length} does not fit one program")
+        pad = P - real
+        C = min(tc.cmax, max(64, P, 1 << max(0, (self.length + real - 1).bit_length())))
+        prog = tc.program(P, C)
+        bias = np.zeros(C, np.float32)
+        bias[:pad] = NEG
+        bias[P:C - self.length] = NEG
+        feeds = {"ids": np.array([0] * pad + ids, np.int32),
+                 "pos": np.array([0] * pad + list(range(self.length, self.length + real)), np.int32),
+                 "kvbias": bias / np.float32(tc.spec.scale)}
+        if self.hbm is None:
+            img = tc.images[0]
+            size = max(p.hbm_bytes for p in prog.cores) + io_bytes(img, tc.cfg.moving_max, tc.cmax) + 4096
+            self.hbm = np.full(size, 0xFF, np.uint8)
+            feeds.update(tc.resident_values())
+        res = run_chip(prog, feeds, tc.cfg, hbm=self.hbm)
+        self.cycles.append(res.cycles)
+        self.length += real
+        return res.outputs["logits"]
+
+
+def tp_decode_figures(spec, window: int = 64, precision: str = "bf16", context: int = 256,
+                      chip: TpChip | None = None) -> dict:
+    """One decode step (P = 1 over a window of `window`) on `chip` (tensor-parallel) and on one `core`
+    (the ordinary chunk program; timing model only): cycles, the speed-up, the chip's HBM bound (the
+    one-core step's compulsory HBM bytes, weights read once, at the whole chip's bandwidth; the
+    all-reduces go over the core-to-core link, not HBM, and are in the chip's cycles, not in the bound)."""
+    from isthmus.npu.chip import schedule_chip
+    from isthmus.npu.timing import roofline, schedule
+    tc = chip or TpChip(spec, "chip", precision, context)
+    core_cfg = load_config("core")
+    ctl = schedule_chip(tc.program(1, window), tc.cfg)
+    one = build_chunk_program(build_image(spec, core_cfg, precision, context), 1, window)
+    single = schedule(one, core_cfg).cycles
+    rl = roofline(one, core_cfg)
+    hbm = rl.hbm_bytes / (tc.cfg.hbm_bytes_per_s / tc.cfg.clock_hz)
+    per_core = [t.cycles for t in ctl.timelines]
+    return {"cycles": ctl.cycles, "one_core_cycles": single, "speedup": single / ctl.cycles,
+            "hbm_bytes": rl.hbm_bytes, "hbm_bound_cycles": hbm, "hbm_ratio": ctl.cycles / hbm,
+            "one_core_roofline": rl, "core_cycles": per_core, "weight_bytes": tc.weight_bytes,
+            "timeline": ctl, "chip": tc}
