@@ -1,8 +1,9 @@
 """The modeled NPU (timing model only: deterministic, so any change is a real change): programs the
 compiler emits against their roofline, max(tensor-engine bound, vector/act bound, compulsory HBM
 traffic / bandwidth); the peer column names the bound that binds. Presets: `core` (one Trainium2
-NeuronCore with its 1/8 share of the chip's HBM bandwidth) and `edge`; docs/npu-performance.md
-explains each bound and the legacy `datacenter` preset.
+NeuronCore with its 1/8 share of the chip's HBM bandwidth), `edge`, and `chip` (eight cores, the
+decode step tensor-parallel, against the chip's HBM bound); docs/npu-performance.md explains each
+bound and the legacy `datacenter` preset.
 
 ratio = roofline / modeled cycles, the fraction of the roofline reached (1.0 is the roofline itself).
 """
@@ -47,7 +48,7 @@ def npu(quick: bool = False, log=print) -> list[Row]:
     for config, p in cases:
         log(f"  decode step {p} on {config}")
         exe = lower_npu(graph, model=model, config=config, precision=p)
-        if exe.spec is None:        # edge: SmolLM2's 64-wide heads exceed its 32 partitions (decoder and per-op)
+        if exe.spec is None:        # a model the decoder lowering does not take
             rows.append(Row("npu", f"decode step {p}, {config}", "SmolLM2, window 64", "npu", None, "roofline",
                             None, "cycles", note=f"not lowered: head_dim exceeds {config}'s partitions"))
             continue
@@ -61,6 +62,14 @@ def npu(quick: bool = False, log=print) -> list[Row]:
         rows.append(_row("decode batch 16 bf16, core", "SmolLM2, window 64", b16["cycles"], b16["roofline"]))
         rows.append(Row("npu", "decode batch 16 bf16, core", "SmolLM2, window 64", "npu", b16["tokens_per_s"],
                         "8x batch 1's tokens/s (target)", 8 * one["tokens_per_s"], "tok/s", higher_is_better=True))
+        from isthmus.compiler.lower.npu.llama_matcher import match_llama
+        from isthmus.compiler.lower.npu.tp_decoder import tp_decode_figures
+        log("  decode step bf16 on chip (8 cores, tensor parallel)")
+        f = tp_decode_figures(match_llama(graph), 64, "bf16", 4096)
+        rows.append(Row("npu", "decode step bf16, chip (8 cores)", "SmolLM2, window 64", "npu", f["cycles"],
+                        "the chip's HBM bound (weights once at 8 cores' bandwidth)", f["hbm_bound_cycles"], "cycles",
+                        note=f"{f['speedup']:.2f}x one core's {f['one_core_cycles']:,} cycles; the all-reduces "
+                             "over the core-to-core link included; issue 19's target: <= 1.5x the bound"))
     for w, p in quantized:          # weights stored quantized in HBM, dequantized on chip
         log(f"  decode step {w} weights on core")
         f = decode_figures(lower_npu(graph, model=model, precision=p, weights=w), window=64)
