@@ -386,19 +386,14 @@ def dot_blocks_rows4_i16(qs, r, xq, xd, xs, t):
 
 
 @njit(**JIT)
-def _span_q2k(qs, r0, xq, xd, xs, t, r1, dst):
+def _span_by_rows(qs, r0, xq, xd, xs, t, r1, dst):
+    """A span one row at a time (q2_k and q3_k without AVX-512: their Numba loops)."""
     for r in range(r0, r1):
-        dst[r - r0] = _DOT_Q2K(qs, r, xq, xd, xs, t)
+        dst[r - r0] = dot_blocks_row_i16(qs, r, xq, xd, xs, t)
 
 
-@njit(**JIT)
-def _span_q3k(qs, r0, xq, xd, xs, t, r1, dst):
-    for r in range(r0, r1):
-        dst[r - r0] = _DOT_Q3K(qs, r, xq, xd, xs, t)
-
-
-_SPAN_Q2K = span_q2k_i16 if WIDE else _span_q2k
-_SPAN_Q3K = span_q3k_i16 if WIDE else _span_q3k
+_SPAN_Q2K = span_q2k_i16 if WIDE else _span_by_rows
+_SPAN_Q3K = span_q3k_i16 if WIDE else _span_by_rows
 
 
 @njit(**JIT)

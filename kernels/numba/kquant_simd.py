@@ -272,11 +272,8 @@ def _make(fmt: str, wide: bool = WIDE, vnni: bool = HAVE_VNNI, tokens: int = 1, 
                         mins = builder.shuffle_vector(scmn16, scmn16, ir.Constant(v16i32, [8 + i // 2 for i in range(16)]))
                         off = _i8_block_offsets(builder, mins, sums, b)
                         d8 = builder.load(builder.gep(d8p, [b]))
-                        dmx = builder.fmul(dm, builder.shuffle_vector(
-                            builder.insert_element(ir.Constant(v2f, ir.Undefined), d8, ir.Constant(i32, 0)),
-                            ir.Constant(v2f, ir.Undefined), ir.Constant(ir.VectorType(i32, 2), [0, 0])))
-                        dx = builder.extract_element(dmx, ir.Constant(i32, 0))
-                        mx = builder.fneg(builder.extract_element(dmx, ir.Constant(i32, 1)))
+                        dx = builder.fmul(builder.extract_element(dm, ir.Constant(i32, 0)), d8)
+                        mx = builder.fneg(builder.fmul(builder.extract_element(dm, ir.Constant(i32, 1)), d8))
                         acc = _fma(builder, builder.sitofp(acc_i, v16f), scales16(dx), acc)
                         return _fma(builder, builder.sitofp(off, v16f), scales16(mx), acc), macc
                     scmn = builder.uitofp(scmn16, v16f)

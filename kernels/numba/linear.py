@@ -288,7 +288,6 @@ def row_span_i16(qs, d, m, r0, r1, xq, xd, xs, t, dst):
 def _row_span_i16(qs, d, m, r0, r1, xq, xd, xs, t, dst):
     if qs.dtype == types.uint8 and qs.ndim == 3:
         return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: kquant.dot_blocks_span_i16(qs, r0, r1, xq, xd, xs, t, dst)
-
     if qs.dtype == types.uint8:
         return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: span_q4_i16(qs, d, m, r0, xq, xd, xs, t, r1, dst)
     return lambda qs, d, m, r0, r1, xq, xd, xs, t, dst: span_q8_i16(qs, d, m, r0, xq, xd, xs, t, r1, dst)

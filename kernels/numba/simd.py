@@ -459,18 +459,13 @@ def quantize_rows_i16(x, xq, xd, xs):
     cols = x.shape[1]
     with_i8 = xq.shape[1] >= i8_columns_all(cols)
     for t in range(x.shape[0]):
-        bits = x[t].view(np.int32)
         for b in range(xd.shape[1]):
-            top = np.int32(0)       # as in _quantize_row_i8
-            for j in range(32):
-                top = max(top, bits[32 * b + j] & np.int32(0x7FFFFFFF))
-            amax = i32_as_f32(top)
+            amax = _amax(x[t], 32 * b, 32)
             dd = amax / _Q16
             inv = _Q16 / amax if amax > 0 else np.float32(0.0)
             s = np.int32(0)
-            for j in range(32):     # |v| <= 32767 (times 1 + 2^-23): no clamp needed
-                v = x[t, 32 * b + j] * inv
-                q = np.int32(v + np.float32(0.5) * np.sign(v))
+            for j in range(32):
+                q = _round(x[t, 32 * b + j] * inv)
                 xq[t, 32 * b + j] = q
                 s += q
             xd[t, b] = dd
@@ -480,24 +475,35 @@ def quantize_rows_i16(x, xq, xd, xs):
 
 
 @njit(fastmath=False, cache=True, inline="always")
+def _amax(x, lo, n):
+    """The largest |x[lo:lo + n]|, found as the largest bits of |x| (ordered as the values are, NaN
+    above inf): an integer max, which LLVM vectorises without fast math."""
+    bits = x.view(np.int32)
+    top = np.int32(0)
+    for j in range(lo, lo + n):
+        top = max(top, bits[j] & np.int32(0x7FFFFFFF))
+    return i32_as_f32(top)
+
+
+@njit(fastmath=False, cache=True, inline="always")
+def _round(v):
+    """v rounded half away from zero, branch-free (loops of it vectorise). The callers scale by
+    limit / amax, so |v| <= limit (times 1 + 2^-23) and no clamp is needed."""
+    return np.int32(v + np.float32(0.5) * np.sign(v))
+
+
+@njit(fastmath=False, cache=True, inline="always")
 def _quantize_row_i8(x, xq, cols):
     """One row's i8 columns (i8_columns): values, a scale per 256 and sums per 16."""
     x8 = xq[cols:cols + cols // 2].view(np.int8)
     d8 = xq[cols + cols // 2:cols + cols // 2 + cols // 128].view(np.float32)
     sums = xq[cols + cols // 2 + cols // 128:i8_columns_all(cols)]
-    bits = x.view(np.int32)
     for b in range(cols // 256):
-        # the largest |x| of the block found as the largest bits of |x| (ordered as the values are,
-        # NaN above inf; an integer max LLVM vectorises without fast math)
-        top = np.int32(0)
-        for j in range(256):
-            top = max(top, bits[256 * b + j] & np.int32(0x7FFFFFFF))
-        amax = i32_as_f32(top)
+        amax = _amax(x, 256 * b, 256)
         d8[b] = amax / _Q8
         inv8 = _Q8 / amax if amax > 0 else np.float32(0.0)
-        for j in range(256):        # |v| <= 127 (times 1 + 2^-23), so rounding needs no clamp
-            v = x[256 * b + j] * inv8
-            x8[256 * b + j] = np.int32(v + np.float32(0.5) * np.sign(v))
+        for j in range(256):
+            x8[256 * b + j] = _round(x[256 * b + j] * inv8)
         for g in range(16):
             s16 = np.int32(0)
             for j in range(16 * g, 16 * g + 16):
