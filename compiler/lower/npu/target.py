@@ -231,6 +231,27 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def chunk_window(length: int, real: int, P: int, cmax: int) -> int:
+    """The KV window C of a chunk of P rows (`real` of them tokens) after `length` positions: a power
+    of two holding them all, at least MIN_WINDOW, at most the cache's `cmax`."""
+    return min(cmax, max(MIN_WINDOW, P, _pow2(length + real)))
+
+
+def chunk_feeds(toks: list[int], length: int, P: int, C: int, scale: float) -> dict:
+    """A chunk program's inputs: the tokens left-padded to P rows, their positions after `length`,
+    and the window's validity bias (padding rows and the slots past the conversation masked),
+    divided by the attention scale as the program adds it before scaling."""
+    from isthmus.compiler.lower.npu.attention import NEG
+    real = len(toks)
+    pad = P - real
+    bias = np.zeros(C, np.float32)
+    bias[:pad] = NEG
+    bias[P:C - length] = NEG
+    return {"ids": np.array([0] * pad + toks, np.int32),
+            "pos": np.array([0] * pad + list(range(length, length + real)), np.int32),
+            "kvbias": bias / np.float32(scale)}
+
+
 class NpuDecoder:
     """One conversation: `step(ids)` runs the chunk programs over ids, returns the last logits."""
 
@@ -282,18 +303,10 @@ class NpuDecoder:
             return self._fit(toks[head:], half)
 
     def _run(self, toks: list[int], P: int) -> np.ndarray:
-        from isthmus.compiler.lower.npu.attention import NEG
         rt, real = self.rt, len(toks)
-        pad = P - real
-        C = min(rt.cmax, max(MIN_WINDOW, P, _pow2(self.length + real)))
+        C = chunk_window(self.length, real, P, rt.cmax)
         lp = rt.program(P, C)
-        bias = np.zeros(C, np.float32)
-        bias[:pad] = NEG
-        bias[P:C - self.length] = NEG
-        feeds = {"ids": np.array([0] * pad + toks, np.int32),
-                 "pos": np.array([0] * pad + list(range(self.length, self.length + real)), np.int32),
-                 "kvbias": bias / np.float32(rt.img.spec.scale)}
-        result = lp.run(feeds)
+        result = lp.run(chunk_feeds(toks, self.length, P, C, rt.img.spec.scale))
         rt.exe.record(lp.program, lp.timeline, result.stats)
         self.length += real
         return result.outputs["logits"]

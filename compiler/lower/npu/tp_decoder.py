@@ -205,23 +205,17 @@ class TpDecoder:
         self.cycles: list[int] = []
 
     def step(self, ids) -> np.ndarray:
-        from isthmus.compiler.lower.npu.attention import NEG
+        from isthmus.compiler.lower.npu.target import _pow2, chunk_feeds, chunk_window
         from isthmus.npu.chip import run_chip
         ids = [int(i) for i in ids]
         tc = self.chip
         real = len(ids)
-        P = real if real == 1 else max(8, 1 << (real - 1).bit_length())
+        P = real if real == 1 else max(8, _pow2(real))
         if P > tc.cfg.moving_max or self.length + real > tc.cmax:
             raise ValueError(f"a chunk of {real} tokens after {self.length} does not fit one program")
-        pad = P - real
-        C = min(tc.cmax, max(64, P, 1 << max(0, (self.length + real - 1).bit_length())))
+        C = chunk_window(self.length, real, P, tc.cmax)
         prog = tc.program(P, C)
-        bias = np.zeros(C, np.float32)
-        bias[:pad] = NEG
-        bias[P:C - self.length] = NEG
-        feeds = {"ids": np.array([0] * pad + ids, np.int32),
-                 "pos": np.array([0] * pad + list(range(self.length, self.length + real)), np.int32),
-                 "kvbias": bias / np.float32(tc.spec.scale)}
+        feeds = chunk_feeds(ids, self.length, P, C, tc.spec.scale)
         if self.hbm is None:
             img = tc.images[0]
             size = max(p.hbm_bytes for p in prog.cores) + io_bytes(img, tc.cfg.moving_max, tc.cmax) + 4096
