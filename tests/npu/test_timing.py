@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from isthmus.npu import programs, sim, timing
+from isthmus.npu import programs, races, sim, timing
 from isthmus.npu.builder import ProgramBuilder
 from isthmus.npu.config import load_config
 from isthmus.npu.isa import AP
@@ -96,25 +96,27 @@ def test_dma_queues_share_hbm_bandwidth():
     assert tl.start == [0, 0]
 
 
-@pytest.mark.parametrize("preset,ratio", [("core", 1.115), ("datacenter", 1.08)])
+@pytest.mark.parametrize("preset,ratio", [("core", 1.10), ("datacenter", 1.07)])
 def test_tiled_matmul_512_matches_numpy_and_is_near_its_roofline(preset, ratio):
-    """C = A @ B, 512x512x512 bf16: near its roofline, far below serial.
+    """C = A @ B, 512x512x512 bf16: within issue 19's 1.10x of its roofline on `core`, far below serial.
 
     The roofline is max(tensor-engine bound, vector/act bound, HBM bytes / bandwidth). The tensor
     engine must run every matmul: each [K=128, M=128] x [128, N=128] step costs max(128,
     tensor_min_moving) + tensor_fixed_cycles = 144 cycles and there are (512/128)^3 = 64 of them, the
-    last split in two halves of 80 (so its first half's store overlaps the second), 9,232 cycles
-    (8,192 at the pure FLOP peak). HBM: 1.5 MB at 259 B/cycle on `core` is 6,074 cycles, so the
-    tensor engine binds on both presets. What is left over it on `core` is the first two 32 KB loads
-    (482 cycles before the first matmul can start) and the last tile's eviction and store (455):
-    1.111x, not the 1.10x that issue 19 asks for (docs/npu-performance.md).
+    last tile's 4 run as 8 of half width (80 each, so its first half is stored while the second is
+    multiplied): 9,280 cycles (8,192 at the pure FLOP peak). HBM: 1.5 MB at 259 B/cycle on `core` is
+    6,074 cycles, so the tensor engine binds on both presets. What is left over it on `core`: the first
+    two 32 KB loads (482 cycles before the first matmul can start), the tensor engine's 19 sem_waits and
+    sem_signals (loads merged into one token per group by the join queue) and the last half tile's
+    eviction and store (409): 10,203 cycles, 1.0995x (1.107x the 9,216 of unsplit matmuls).
     """
     cfg = load_config(preset)
     prog = programs.tiled_matmul(cfg, 512, 512, 512, "bf16", tile_n=128)
-    bound = 63 * (max(128, cfg.tensor_min_moving) + cfg.tensor_fixed_cycles) + 2 * (64 + cfg.tensor_fixed_cycles)
-    assert bound == timing.engine_bound(prog, cfg, "tensor") == 9232
+    bound = 60 * (max(128, cfg.tensor_min_moving) + cfg.tensor_fixed_cycles) + 8 * (64 + cfg.tensor_fixed_cycles)
+    assert bound == timing.engine_bound(prog, cfg, "tensor") == 9280
     roof = timing.roofline(prog, cfg)
     assert roof.binding == "tensor" and roof.cycles == bound and roof.hbm < bound
+    races.check_races(prog, timing.schedule(prog, cfg))
 
     rng = np.random.default_rng(0)
     a = rng.standard_normal((512, 512)).astype(ml_dtypes.bfloat16)
