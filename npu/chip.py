@@ -12,7 +12,9 @@ Timing (`schedule_chip`): the single-core event simulation over every core's eng
 core's bandwidth with that core's busy DMA queues: HBM at `hbm_bytes_per_s / cores` (every core
 streaming), the link at `link_bytes_per_s`. A remote signal's arrival is its end plus the link
 latency; semaphore values count arrivals in time order. Not modeled: contention between cores
-beyond the per-core HBM share; the race check (per core only, `races.py`, is not run on chips).
+beyond the per-core HBM share. `LoadedChip` prepares a chip program once to run many times (a compiled
+model's chunk programs on `chip`); its race check (races.check_chip_races) puts every core's engines
+in one happens-before relation, the cross-core signals and DMAs included.
 """
 
 from __future__ import annotations
@@ -173,40 +175,85 @@ class ChipResult:
         return self.timeline.cycles
 
 
+class LoadedChip:
+    """A chip program timed, checked and prepared once, to run many times (as sim.LoadedProgram is for one
+    core: a compiled model's chunk programs on `chip`): `run` only resets memory, writes the inputs,
+    executes every core's closures in the timeline's order and reads the outputs. `hbm`: a flat uint8
+    array used as the chip's HBM (shared with other loaded chip programs that declare their common
+    tensors at the same offsets); `bind` makes tensors resident across runs. `check_races`: the race
+    check over all cores together (races.check_chip_races)."""
+
+    def __init__(self, chip: ChipProgram, config: NpuConfig | str | None = None, check_races: bool = False,
+                 hbm: np.ndarray | None = None):
+        from isthmus.npu.sim import Machine, gc_paused, prepare
+        cfg = self.config = load_config(config or "chip")
+        if chip.hbm_bytes > cfg.hbm_capacity_bytes:
+            raise NpuError(f"the chip program needs {chip.hbm_bytes:,} bytes of HBM; config {cfg.name} has "
+                           f"{cfg.hbm_capacity_bytes:,}")
+        self.program = chip
+        with gc_paused():
+            self.timeline = schedule_chip(chip, cfg)
+            hbm = np.full(chip.hbm_bytes, 0xFF, np.uint8) if hbm is None else hbm
+            self.machines = [Machine.for_program(cfg, p, hbm) for p in chip.cores]
+            for m in self.machines:
+                m.peers = self.machines
+            fns = [dict(zip(tl.order, prepare(p, m, tl.order)))
+                   for p, m, tl in zip(chip.cores, self.machines, self.timeline.timelines)]
+            self._calls = [(c, i, fns[c][i]) for c, i in self.timeline.order if fns[c][i] is not None]
+            if check_races:
+                from isthmus.npu.races import check_chip_races
+                check_chip_races(chip, self.timeline, cfg)
+            self.stats = [stats(p, tl, cfg) for p, tl in zip(chip.cores, self.timeline.timelines)]
+        self.tensors = {t.name: t for p in chip.cores for t in p.tensors}
+        self._bound: set[str] = set()
+        self._runs = 0
+
+    def bind(self, values: dict | None = None, names=()) -> None:
+        """Make tensors resident: write `values` now, and keep them and `names` across runs."""
+        m = self.machines[0]                     # the HBM is one array: machine 0 keeps its resident ranges
+        for name in [*(values or {}), *names]:
+            t = self.tensors[name]
+            if values and name in values:
+                m.write_tensor(t, values[name])
+            if name not in self._bound:
+                self._bound.add(name)
+                m.resident.append((t.offset, t.offset + t.nbytes))
+
+    def run(self, inputs: dict | None = None, require: bool = True) -> ChipResult:
+        """`require`: a declared input neither given nor bound is an error (off: whatever HBM holds)."""
+        from isthmus.npu.sim import blas_single_threaded
+        if self._runs:
+            self.machines[0].reset()             # SBUF, PSUM and the non-resident HBM
+            for m in self.machines[1:]:
+                m.sbuf.fill(0xFF)
+                m.psum.fill(0xFF)
+        self._runs += 1
+        inputs = dict(inputs or {})
+        for name, t in self.tensors.items():
+            if name in inputs:
+                self.machines[0].write_tensor(t, inputs.pop(name))
+            elif t.kind in ("input", "inout") and require and name not in self._bound:
+                raise NpuError(f"missing input {name} ({t.dtype}{list(t.shape)})")
+        if inputs:
+            raise NpuError(f"unknown input(s) {', '.join(sorted(inputs))}")
+        c = i = 0
+        try:
+            with np.errstate(all="ignore"), blas_single_threaded():
+                for c, i, fn in self._calls:
+                    fn()
+        except NpuError as e:
+            raise NpuError(f"core {c}: " + str(instruction_error(i, self.program.cores[c].instructions[i], str(e))))
+        m = self.machines[0]
+        outputs = {n: m.read_tensor(t) for n, t in self.tensors.items() if t.kind in ("output", "inout")}
+        return ChipResult(outputs, self.stats, self.timeline)
+
+
 def run_chip(chip: ChipProgram, inputs: dict | None = None, config: NpuConfig | str | None = None,
-             hbm: np.ndarray | None = None) -> ChipResult:
+             hbm: np.ndarray | None = None, check_races: bool = False) -> ChipResult:
     """Time the chip, then execute every core's instructions in that order on shared HBM (config: `chip`).
     `hbm`: an HBM image kept between runs (a flat uint8 array; what it holds stays, so inputs written by
     an earlier run, a KV cache say, need not be passed again); by default a fresh, NaN-filled one."""
-    from isthmus.npu.sim import Machine, blas_single_threaded, prepare
-    cfg = load_config(config or "chip")
-    ctl = schedule_chip(chip, cfg)
-    kept = hbm is not None
-    if not kept:
-        hbm = np.full(chip.hbm_bytes, 0xFF, np.uint8)
-    machines = [Machine.for_program(cfg, p, hbm) for p in chip.cores]
-    for m in machines:
-        m.peers = machines
-    tensors = {t.name: t for p in chip.cores for t in p.tensors}
-    inputs = dict(inputs or {})
-    for name, t in tensors.items():
-        if name in inputs:
-            machines[0].write_tensor(t, inputs.pop(name))
-        elif t.kind in ("input", "inout") and not kept:
-            raise NpuError(f"missing input {name} ({t.dtype}{list(t.shape)})")
-    if inputs:
-        raise NpuError(f"unknown input(s) {', '.join(sorted(inputs))}")
-    fns = [dict(zip(tl.order, prepare(p, m, tl.order))) for p, m, tl in zip(chip.cores, machines, ctl.timelines)]
-    with np.errstate(all="ignore"), blas_single_threaded():
-        for c, i in ctl.order:
-            fn = fns[c][i]
-            if fn is not None:
-                try:
-                    fn()
-                except NpuError as e:
-                    raise NpuError(f"core {c}: " + str(instruction_error(i, chip.cores[c].instructions[i], str(e))))
-    outputs = {n: machines[0].read_tensor(t) for n, t in tensors.items() if t.kind in ("output", "inout")}
-    return ChipResult(outputs, [stats(p, tl, cfg) for p, tl in zip(chip.cores, ctl.timelines)], ctl)
+    return LoadedChip(chip, config, check_races, hbm).run(inputs, require=hbm is None)
 
 
 def chip_trace_events(chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig) -> dict:

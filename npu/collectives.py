@@ -44,6 +44,8 @@ def ring_all_reduce(builders: list[ProgramBuilder], tiles: list, queue: int = 0,
         for c, b in enumerate(builders):
             arrivals[c] += 1
             k = (c - s - 1) % n
+            if s == 0:                                      # the add writes the tile `after` filled
+                b.wait("vector", (after or [None] * n)[c])
             b.sem_wait(engine="vector", sem=RECV_SEM, value=arrivals[c])
             b.tensor_tensor(chunk(tiles[c], k), chunk(tiles[c], k), recv[c][s].ap(), op="add")
             last_add[c] = b.signal("vector")

@@ -11,6 +11,8 @@ patterns written by two engines count as overlapping.
 
 from __future__ import annotations
 
+import bisect
+
 from isthmus.npu.isa import AP, DTYPES, ENGINES, OPS, Program, instruction_error
 from isthmus.npu.timing import Timeline
 
@@ -57,58 +59,93 @@ def overlap(x, y) -> bool:
 
 def check_races(prog: Program, tl: Timeline) -> None:
     """Raise NpuError naming the first pair of unordered, conflicting instructions (in execution order)."""
-    engines = sorted(set(tl.engine), key=ENGINES.index)
-    index = {e: n for n, e in enumerate(engines)}
+    _check([(0, i, prog.instructions[i], tl.engine[i], step) for step, i in enumerate(tl.order)],
+           lambda c, j: f"instruction #{j} `{prog.instructions[j]}`", lambda c, err: err)
+
+
+def check_chip_races(chip, ctl, cfg) -> None:
+    """The race check over a chip program (npu/chip.py) as its cores run together: every core's engines
+    in one happens-before relation. A `sem_signal_core` counts on the receiving core's semaphore when it
+    arrives (its end plus the link latency, as schedule_chip times it), so a `sem_wait` there is ordered
+    after the senders' past; a `dma_core` writes the receiving core's SBUF, where it races with that
+    core's own engines unless a semaphore orders them. HBM is one memory for all cores."""
+    from isthmus.errors import NpuError
+    items = []
+    for c, i in ctl.order:
+        tl, ins = ctl.timelines[c], chip.cores[c].instructions[i]
+        arrive = tl.end[i] + (cfg.link_latency_cycles if ins.op == "sem_signal_core" else 0)
+        items.append((c, i, ins, tl.engine[i], arrive))
+    _check(items, lambda c, j: f"core {c}'s instruction #{j} `{chip.cores[c].instructions[j]}`",
+           lambda c, err: NpuError(f"core {c}: {err}"))
+
+
+def _space(c: int, ins, a: AP, write: bool):
+    """The memory an operand touches: HBM (shared), or core c's SBUF/PSUM (a dma_core's dst: the peer's)."""
+    if a.space == "hbm":
+        return "hbm"
+    return (ins["core"] if write and ins.op == "dma_core" else c), a.space
+
+
+def _check(items, name, wrap) -> None:
+    """items: (core, instruction index, instruction, engine, arrival order of a signal), in execution order.
+    Happens-before by vector clocks over every (core, engine); a wait for v joins the clocks of the first
+    v signals of its semaphore to arrive."""
+    engines = sorted({(c, e) for c, _, _, e, _ in items}, key=lambda ce: (ce[0], ENGINES.index(ce[1])))
+    index = {ce: n for n, ce in enumerate(engines)}
     n_eng = len(engines)
     clock = [[0] * n_eng for _ in range(n_eng)]
-    signals: dict[int, list[list[int]]] = {}                   # sem -> prefix joins of its signals' clocks
+    signals: dict = {}              # (core, sem) -> [arrivals sorted, their clocks, prefix joins]
     remaining = [0] * n_eng
-    for i in tl.order:
-        remaining[index[tl.engine[i]]] += 1
-    # space -> engine -> accesses (epoch, box, is_write, instruction) in increasing epoch
-    live = {space: [[] for _ in range(n_eng)] for space in ("hbm", "sbuf", "psum")}
-    boxes: dict = {}                                           # identical instructions share footprints
-    for step, i in enumerate(tl.order):
-        ins = prog.instructions[i]
-        e = index[tl.engine[i]]
+    for c, _, _, e, _ in items:
+        remaining[index[c, e]] += 1
+    live: dict = {}                 # memory -> engine -> accesses (epoch, box, is_write, core, instruction)
+    boxes: dict = {}                # identical instructions share footprints
+    prune = PRUNE_EVERY * max(1, n_eng // 24)
+    for step, (c, i, ins, eng, arrive) in enumerate(items):
+        e = index[c, eng]
         vc = clock[e]
         if ins.op == "sem_wait" and ins["value"]:
-            seen = signals[ins["sem"]][ins["value"] - 1]
+            seen = signals[c, ins["sem"]][2][ins["value"] - 1]
             clock[e] = vc = [max(a, b) for a, b in zip(vc, seen)]
         vc[e] += 1
-        if ins.op == "sem_signal":
-            hist = signals.setdefault(ins["sem"], [])
-            hist.append([max(a, b) for a, b in zip(hist[-1], vc)] if hist else list(vc))
+        if ins.op in ("sem_signal", "sem_signal_core"):
+            times, clocks, joins = signals.setdefault((ins["core"] if ins.op == "sem_signal_core" else c,
+                                                       ins["sem"]), ([], [], []))
+            k = bisect.bisect_right(times, arrive)
+            times.insert(k, arrive)
+            clocks.insert(k, list(vc))
+            del joins[k:]
+            for n in range(k, len(clocks)):
+                joins.append([max(a, b) for a, b in zip(joins[-1], clocks[n])] if joins else clocks[n])
         remaining[e] -= 1
         key = (ins.op, *ins.args.values())
         fp = boxes.get(key)
         if fp is None:
             fp = boxes[key] = [(a, write, footprint_box(a)) for a, write in footprints(ins)]
         for a, write, box in fp:
-            per_engine = live[a.space]
-            for f in range(n_eng):
+            per_engine = live.setdefault(_space(c, ins, a, write), {})
+            for f, accesses in per_engine.items():
                 if f == e:
                     continue
-                accesses, k = per_engine[f], len(per_engine[f]) - 1
+                k = len(accesses) - 1
                 while k >= 0 and accesses[k][0] > vc[f]:               # not known to happen before
-                    _, other, other_write, j = accesses[k]
+                    _, other, other_write, oc, j = accesses[k]
                     if (write or other_write) and overlap(box, other):
                         how = "both writing" if write and other_write else "one writing"
-                        raise instruction_error(
-                            i, ins, f"data race with instruction #{j} `{prog.instructions[j]}`: both touch "
-                            f"{a.space.upper()} ({a} here), {how}, and no semaphore orders them")
+                        raise wrap(c, instruction_error(
+                            i, ins, f"data race with {name(oc, j)}: both touch "
+                            f"{a.space.upper()} ({a} here), {how}, and no semaphore orders them"))
                     k -= 1
-            mine = per_engine[e]
-            mine.append((vc[e], box, write, i))
+            mine = per_engine.setdefault(e, [])
+            mine.append((vc[e], box, write, c, i))
             if len(mine) > MAX_LIVE:
                 del mine[:len(mine) - MAX_LIVE]
-        if step % PRUNE_EVERY == PRUNE_EVERY - 1:                 # drop what every busy engine has seen
+        if step % prune == prune - 1:                             # drop what every busy engine has seen
             active = [clock[x] for x in range(n_eng) if remaining[x]]
-            for f in range(n_eng):
-                known = min((c[f] for c in active), default=None)
-                for per_engine in live.values():
-                    acc = per_engine[f]
+            known = [min(col) for col in zip(*active)] if active else None
+            for per_engine in live.values():
+                for f, acc in per_engine.items():
                     if known is None:
                         acc.clear()
-                    elif acc and acc[0][0] <= known:
-                        per_engine[f] = [x for x in acc if x[0] > known]
+                    elif acc and acc[0][0] <= known[f]:
+                        per_engine[f] = [x for x in acc if x[0] > known[f]]

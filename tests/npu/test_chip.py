@@ -21,7 +21,7 @@ CHIP = load_config("chip")
 def test_ring_all_reduce_sums_every_cores_block(cores):
     chip = all_reduce_program("chip", cores, 256)
     x = np.random.default_rng(cores).standard_normal((cores * 128, 256)).astype(np.float32)
-    r = run_chip(chip, {"x": x})
+    r = run_chip(chip, {"x": x}, check_races=True)      # (the first adds wait for the load they add into)
     want = x.reshape(cores, 128, 256).astype(np.float64).sum(0)
     np.testing.assert_allclose(r.outputs["y"].reshape(cores, 128, 256), np.broadcast_to(want, (cores, 128, 256)),
                                rtol=1e-5, atol=1e-5)
@@ -93,3 +93,44 @@ def test_chip_trace_has_a_track_group_per_core(tmp_path):
     for c in range(8):
         names = {e["name"] for e in events if e["ph"] == "X" and e["pid"] == c + 1}
         assert {"dma_core", "sem_signal_core", "tensor_tensor"} <= names and "load: dma_copy" in names
+
+
+def _mlp_chip(layers=2):
+    from isthmus.compiler.lower.npu.tensor_parallel import tp_mlp_program
+    rng = np.random.default_rng(0)
+    gate, up = (rng.standard_normal((512, 256)).astype(np.float32) * 0.05 for _ in range(2))
+    down = rng.standard_normal((256, 512)).astype(np.float32) * 0.05
+    return tp_mlp_program(gate, up, down, np.ones(256, np.float32), 1e-5, 1, "chip", layers=layers)[0]
+
+
+def _without(chip, core, pick):
+    """`chip` with core `core`'s first instruction for which `pick(ins)` holds changed by it (None: removed)."""
+    from isthmus.npu.isa import Program
+    prog = chip.cores[core]
+    i = next(i for i, ins in enumerate(prog.instructions) if pick(ins))
+    new = pick(prog.instructions[i])
+    ins = prog.instructions[:i] + ([new] if new is not True else []) + prog.instructions[i + 1:]
+    cores = list(chip.cores)
+    cores[core] = Program(ins, prog.tensors, prog.hbm_bytes)
+    return ChipProgram(cores)
+
+
+def test_race_check_over_the_cores_catches_a_seeded_race():
+    """The chip's race check (races.check_chip_races) orders every core's engines together: the one-hop
+    all-reduce passes; without core 3's wait for its peers' partials, the reduce that reads its receive
+    slots races with their dma_core writes into them; waiting for one arrival too few races with the last."""
+    from isthmus.npu.chip import LoadedChip
+    from isthmus.npu.isa import Instruction
+    from isthmus.compiler.lower.npu.tensor_parallel import RECV_SEMS
+    chip = _mlp_chip()
+    LoadedChip(chip, check_races=True)
+    recv = lambda ins: ins.op == "sem_wait" and ins["sem"] == RECV_SEMS[0]       # noqa: E731
+    dropped = _without(chip, 3, lambda ins: recv(ins) or None)
+    with pytest.raises(NpuError, match=r"core 3: instruction #\d+ `tensor_reduce.*data race with core \d's "
+                                       r"instruction #\d+ `dma_core.*core=3"):
+        LoadedChip(dropped, check_races=True)
+    LoadedChip(dropped)                              # the timing happens to serialise them: only the check sees it
+    short = _without(chip, 3, lambda ins: recv(ins) and Instruction(
+        "sem_wait", dict(ins.args, value=ins["value"] - 1), ins.label))
+    with pytest.raises(NpuError, match="core 3: .*data race with core .*dma_core"):
+        LoadedChip(short, check_races=True)
