@@ -60,6 +60,8 @@ def cmd_profile(args) -> int:
     dec = exe.decoder()
     logits = dec.step(ids)
     dec.step([int(logits.argmax())])
+    if exe.config.cores > 1:
+        return _profile_chip(args, exe, dec)
     (pre_prog, pre_tl, pre_st), (prog, tl, st) = exe.runs[0], exe.runs[-1]
     if args.prefill:
         print(f"prefill of {len(ids)} tokens:")
@@ -81,4 +83,28 @@ def cmd_profile(args) -> int:
     if args.trace:
         write_trace(args.trace, prog, tl, cfg)
         print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
+    return 0
+
+
+def _profile_chip(args, exe, dec) -> int:
+    """The tensor-parallel decoder on a multi-core config (tp_runtime.py): the chip's cycles, each core's,
+    the table of the core that finishes last, the weights against the whole chip's HBM bandwidth."""
+    from isthmus.compiler.lower.npu.tp_runtime import chip_report
+    from isthmus.npu.chip import write_chip_trace
+    cfg = exe.config
+    if args.prefill:
+        print(f"prefill of {dec.length - 1} tokens:")
+        print(chip_report(exe, exe.runs[0], args.by, args.limit))
+        print()
+    chip, ctl, _ = exe.runs[-1]
+    print(f"one decode step at position {dec.length - 1}:")
+    print(chip_report(exe, exe.runs[-1], args.by, args.limit))
+    wb = exe.chip.weight_bytes
+    bound = wb / cfg.hbm_bytes_per_s
+    step = ctl.cycles / cfg.clock_hz
+    print(f"weights streamed per token by the {len(chip.cores)} cores: {wb / 1e6:.1f} MB; at the chip's "
+          f"{cfg.hbm_bytes_per_s / 1e9:.0f} GB/s {bound * 1e6:.1f} us; the step takes {step / bound:.2f}x that")
+    if args.trace:
+        write_chip_trace(args.trace, chip, ctl, cfg)
+        print(f"trace: {args.trace} (one track group per core; https://ui.perfetto.dev or chrome://tracing)")
     return 0

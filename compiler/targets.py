@@ -37,9 +37,9 @@ def _triton(graph, model=None):
     return lower_triton(graph, model=model)
 
 
-def _npu(graph, model=None):
+def _npu(graph, model=None, **options):
     from isthmus.compiler.lower.npu.target import lower_npu
-    return lower_npu(graph, model=model)
+    return lower_npu(graph, model=model, **options)
 
 
 REGISTRY: dict[str, Target] = {t.name: t for t in (
@@ -88,21 +88,25 @@ def _has_nvidia_device() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
-def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None) -> Executable:
-    """Run the target's pass pipeline (or `passes`) over a Model (or bare Graph) and lower it."""
+def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None,
+                  **options) -> Executable:
+    """Run the target's pass pipeline (or `passes`) over a Model (or bare Graph) and lower it. `options` go
+    to the lowering (the npu target's: config, precision, weights, max_context, ...)."""
     from isthmus.compiler.passes.pipeline import run_pipeline
 
     name = target or default_target()
     if name not in REGISTRY:
         raise InputError(f"unknown target {name!r}; choose one of {', '.join(TARGETS)}")
     target = REGISTRY[name]
+    if options and name != "npu":
+        raise InputError(f"target {name!r} takes no options ({', '.join(sorted(options))})")
     graph = model if isinstance(model, Graph) else model.graph
     meta = None if isinstance(model, Graph) else model
     t0 = time.perf_counter()
     graph = run_pipeline(graph, passes=target.pipeline if passes is None else passes, dump_dir=dump_dir,
                          on_pass=on_pass)
     try:
-        exe = target.lower(graph, model=meta)
+        exe = target.lower(graph, model=meta, **options)
     except ImportError as e:
         raise UnsupportedError(f"target {name!r} is not available here ({e}); use --target reference") from None
     exe.compile_seconds = time.perf_counter() - t0

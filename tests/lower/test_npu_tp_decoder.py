@@ -1,8 +1,10 @@
-"""A Llama decoder tensor-parallel over the `chip` preset's 8 cores (compiler/lower/npu/tp_decoder.py):
-query heads per core (evenly, and unevenly as SmolLM2's 9 heads must be), the MLP by hidden features,
-the logits by vocabulary rows, two all-reduces a layer; a prompt chunk and decode steps simulated on the
-chip against the one-core NPU program and the reference target, and the decode step timed with the
-cores concurrent (deterministic modeled cycles)."""
+"""A Llama decoder tensor-parallel over the `chip` preset's 8 cores (compiler/lower/npu/tp_decoder.py), as
+the target `isthmus.compile(model, target="npu", config="chip")` runs it (tp_runtime.py): query heads per
+core (evenly, and unevenly as SmolLM2's 9 heads must be), the MLP by hidden features, the logits by
+vocabulary rows, two all-reduces a layer; prompt chunks and decode steps simulated on the chip (race
+check on) against the one-core NPU program and the reference target, quantized weights sliced per core
+against the one-core quantized program, and the decode step timed with the cores concurrent
+(deterministic modeled cycles)."""
 
 import numpy as np
 import pytest
@@ -11,7 +13,11 @@ import isthmus
 from isthmus.compiler.lower.npu.llama_matcher import match_llama
 from isthmus.compiler.lower.npu.target import lower_npu
 from isthmus.compiler.lower.npu.tp_decoder import TpChip, shard_heads, tp_decode_figures
+from isthmus.compiler.lower.npu.tp_runtime import TpExecutable
 from isthmus.compiler.passes.pipeline import run_pipeline
+from isthmus.errors import InputError, UnsupportedError
+from isthmus.runtime.generate import generate
+from isthmus.runtime.sampling import SamplingParams
 from tiny_models import tiny_llama_model  # tests/support, on pythonpath
 
 # head_dim 16; vocab 300 does not split evenly over 8 cores (38 rows each, the last 34)
@@ -33,20 +39,58 @@ def test_shard_heads():
 @pytest.mark.parametrize("heads,kv,precision", [(8, 2, "bf16x3"), (9, 3, "f32"), (16, 4, "bf16")])
 def test_chip_decoder_matches_one_core_and_reference(heads, kv, precision):
     model = tiny_llama_model(dict(CFG, n_heads=heads, n_kv_heads=kv), seed=0, layout="half")
-    graph = run_pipeline(model.graph)
-    chip = TpChip(match_llama(graph), "chip", precision, 256)
-    assert len(chip.images) == 8
-    tp = chip.decoder()
-    one = lower_npu(graph, model=model, precision=precision, check_races=True).decoder()
+    exe = isthmus.compile(model, target="npu", config="chip", precision=precision, check_races=True)
+    assert isinstance(exe, TpExecutable) and len(exe.chip.images) == 8
+    tp, other = exe.decoder(), exe.decoder()
+    one = lower_npu(run_pipeline(model.graph), model=model, precision=precision, check_races=True).decoder()
     ref = isthmus.compile(model, target="reference").decoder()
-    # a prompt chunk padded 5 -> 8, then decode steps
+    tol = {"f32": 1e-5, "bf16x3": 1e-4, "bf16": 3e-2}[precision]
+    # a prompt chunk padded 5 -> 8, then decode steps; another conversation takes the chip in between
     for ids in ([5, 17, 99, 3, 42], [7], [8], [299]):
         got, alone, want = tp.step(ids), one.step(ids), ref.step(ids)
         # the same products as one core; only the order of the partial sums' additions differs
         assert np.abs(got - alone).max() <= 2e-5 * np.abs(alone).max()
-        tol = {"f32": 1e-5, "bf16x3": 1e-4, "bf16": 3e-2}[precision]
         assert np.abs(got - want).max() <= tol * np.abs(want).max()
-    assert tp.length == ref.length == 8
+        other.step([1])
+    assert tp.length == ref.length == 8 and other.length == 4
+    assert set(exe.runtime.loaded) == {(8, 64), (1, 64)}
+
+
+def test_chip_target_errors():
+    """What the chip does not run is an error naming the way out, never one core in its place."""
+    model = tiny_llama_model(dict(CFG, n_heads=4, n_kv_heads=2), seed=0, layout="half")
+    with pytest.raises(UnsupportedError, match="does not split over its 8 cores"):
+        isthmus.compile(model, target="npu", config="chip")
+    exe = isthmus.compile(tiny_llama_model(CFG, seed=0), target="npu", config="chip")
+    with pytest.raises(UnsupportedError, match="config core"):
+        exe.run({"input_ids": np.array([[1, 2]], np.int64)})
+    with pytest.raises(InputError, match="takes no options"):
+        isthmus.compile(model, target="reference", config="chip")
+
+
+# head_dim 32: a head's columns of o are one block of 32 inputs, a core's 64 of ffn's 512 two
+QCFG = dict(CFG, hidden=256, head_dim=32, ffn=512)
+
+
+@pytest.mark.parametrize("quant,weights", [("q8_0", "int8"), ("q4_1", "q4"), ("q4_1", "int8")])
+def test_chip_quantized_weights_match_one_core(quant, weights):
+    """GGUF blocks sliced per core (rows by outputs; o's and down's columns along the inputs at whole
+    blocks) keep the file's own weights: the chip equals the one-core quantized program."""
+    model = tiny_llama_model(QCFG, seed=0, quant=quant)
+    exe = isthmus.compile(model, target="npu", config="chip", weights=weights, check_races=True)
+    assert exe.chip.requantized == []
+    # (v stays bf16, as on one core; under q4 the head takes int8)
+    assert {f for img in exe.chip.images for f in img.formats} == {weights, "int8", "bf16"}
+    one = lower_npu(run_pipeline(model.graph), model=model, weights=weights).decoder()
+    tp, ref = exe.decoder(), isthmus.compile(model, target="reference").decoder()
+    for ids in ([5, 17, 99, 3, 42], [7], [8]):
+        got, alone, want = tp.step(ids), one.step(ids), ref.step(ids)
+        span = want.max() - want.min()
+        assert np.abs(got - alone).max() <= 1e-4 * span
+        assert np.abs(got - want).max() <= 1e-4 * span        # the reference multiplies by the file's weights
+    # a split that cuts blocks (a 16-wide head: half a block of o's inputs) requantizes o, and says so
+    cut = isthmus.compile(tiny_llama_model(CFG, seed=0, quant=quant), target="npu", config="chip", weights=weights)
+    assert cut.chip.requantized == ["L0.o", "L1.o"]
 
 
 def test_chip_decode_step_timing_tiny():
@@ -68,18 +112,19 @@ def test_chip_decode_step_smollm2(default_model):
     assert f["hbm_ratio"] <= 2.15            # 2.10x; the issue's target is 1.5x: not met (see the docs)
 
 
+@pytest.fixture(scope="module")
+def chip_exe(default_model):
+    return isthmus.compile(default_model, target="npu", config="chip", max_context=256)
+
+
 @pytest.mark.slow
-def test_chip_decoder_smollm2_greedy(default_model):
-    """SmolLM2-135M (9 query heads over 8 cores: core 0 takes two) on the chip simulator, bf16x3: a prompt
-    chunk and three greedy decode steps equal to the one-core program and the reference."""
-    graph = run_pipeline(default_model.graph)
-    tp = TpChip(match_llama(graph), "chip", "bf16x3", 256).decoder()
-    one = lower_npu(graph, model=default_model, precision="bf16x3", max_context=256).decoder()
-    ref = isthmus.compile(default_model, target="reference").decoder()
-    ids = [504, 3575, 282, 4649, 314]
-    for _ in range(4):
-        got, alone, want = tp.step(ids), one.step(ids), ref.step(ids)
-        assert np.abs(got - alone).max() <= 5e-5 * np.abs(alone).max()
-        assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
-        assert int(got.argmax()) == int(want.argmax())
-        ids = [int(want.argmax())]
+@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):",
+                                    "Once upon a time, in a small village,"])
+def test_chip_greedy_continuation_matches_reference(default_model, default_exe, chip_exe, prompt):
+    """SmolLM2-135M (9 query heads over 8 cores: core 0 takes two) through the chip target, bf16x3: greedy
+    20 tokens identical to the reference on test_npu_model.py's prompts (~20-40 s of host time each)."""
+    ids = default_model.tokenizer.encode(prompt)
+    params = SamplingParams(max_tokens=20, temperature=0.0)
+    want = list(generate(default_exe, ids, params))
+    got = list(generate(chip_exe, ids, params))
+    assert got == want and len(got) == 20, (default_model.tokenizer.decode(got), default_model.tokenizer.decode(want))

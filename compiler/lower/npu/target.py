@@ -71,8 +71,11 @@ def lower_npu(graph: Graph, model=None, *, config=None, precision: str | None = 
     if check_races is None:
         check_races = os.environ.get("ISTHMUS_NPU_CHECK_RACES", "") not in ("", "0")
     max_context = max_context or int(os.environ.get("ISTHMUS_NPU_MAX_CONTEXT", "4096"))
-    exe = NpuExecutable(graph, "npu", model=model, config=cfg, precision=precision, check_races=check_races,
-                        max_context=max_context, weights=weights)
+    cls = NpuExecutable
+    if cfg.cores > 1:                  # several cores: the decoder tensor-parallel over them (tp_runtime.py)
+        from isthmus.compiler.lower.npu.tp_runtime import TpExecutable as cls
+    exe = cls(graph, "npu", model=model, config=cfg, precision=precision, check_races=check_races,
+              max_context=max_context, weights=weights)
     if eager and exe.spec is not None:
         exe.runtime.program(1, MIN_WINDOW)
     return exe

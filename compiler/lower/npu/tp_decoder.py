@@ -22,9 +22,15 @@ every core that needs them (SmolLM2: 8 k/v slices where 3 would do, +0.74 MB of 
 reads). A core's heads must read its kv heads in equal groups (true for contiguous slices of a GQA
 layout whenever no slice straddles a group unevenly; `shard_heads` checks).
 
-`TpChip` holds the per-core images and their chip programs; `TpDecoder` steps one conversation on
-the chip simulator (run_chip on one HBM image kept between steps: the KV caches stay in it);
-`tp_decode_figures` times a decode step against one core and the chip's HBM bound.
+Weights stay as the file stores them (`take`): a GGUF tensor's rows (outputs) and whole blocks of its
+columns (inputs) are sliced raw, so int8 and q4 keep the file's own blocks on every core as they do on
+one; o's and down's columns split along the inputs at whole blocks of 32 (SmolLM2's Q4_1: a 64-wide head
+is 2 blocks, 192 hidden features 6), and where a split cuts a block (a K-quant's 256) that weight is
+requantized along its slice (`TpChip.requantized` names them).
+
+`TpChip` holds the per-core images and their chip programs; tp_runtime.py makes them a target
+(`lower_npu(..., config="chip")`: the decoder runtime on the chip simulator); `tp_decode_figures` times
+a decode step against one core and the chip's HBM bound.
 """
 
 from __future__ import annotations
@@ -34,7 +40,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from isthmus.compiler.lower.npu.chunk_program import DecoderImage, build_chunk_program, build_image, io_bytes
+from isthmus.compiler.lower.npu.chunk_program import DecoderImage, build_chunk_program, build_image
+from isthmus.compiler.lower.npu.quant_weights import BLOCKED
 from isthmus.compiler.lower.npu.resident_kernels import linear, new_act
 from isthmus.compiler.lower.npu.tensor_parallel import RECV_SEMS, _all_reduce, _slices
 from isthmus.compiler.lower.npu.weights import dense_f32
@@ -61,7 +68,7 @@ def shard_heads(H: int, G: int, n: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def _node(node, data: np.ndarray):
+def _node(node, data):
     """A stand-in for a linear node whose weight is `data` (what build_image reads of a node)."""
     return SimpleNamespace(op=node.op, inputs=[node.inputs[0], SimpleNamespace(data=data)], outputs=node.outputs,
                            attrs=node.attrs)
@@ -71,22 +78,51 @@ def _rows(hs, hd):
     return np.concatenate([np.arange(h * hd, (h + 1) * hd) for h in hs])
 
 
+def take(data, rows=None, cols: range | None = None):
+    """Rows (outputs) and a contiguous range of columns (inputs) of a weight as stored. A GGUF
+    QuantizedArray stays one, its raw blocks sliced (so a quantized format keeps the file's own blocks,
+    exactly as one core does) when the columns keep its blocks whole (Q8_0/Q4_0/Q4_1: 32 inputs, K-quants:
+    256); otherwise the slice of its dequantized values (a quantized format then requantizes it in blocks
+    of 32 along the slice: `requantized` says so)."""
+    from isthmus.compiler.quant import QuantizedArray, _layout
+    if isinstance(data, QuantizedArray) and len(data.shape) == 2:
+        bs, ts = _layout(data.qtype).block_size, _layout(data.qtype).type_size
+        n, k = data.shape
+        c0, c1 = (0, k) if cols is None else (cols.start, cols.stop)
+        if c0 % bs == 0 and c1 % bs == 0:
+            raw = data.raw.reshape(n, k // bs, ts)
+            raw = raw if rows is None else raw[np.asarray(rows)]
+            raw = np.ascontiguousarray(raw[:, c0 // bs:c1 // bs]).reshape(raw.shape[0], -1)
+            return QuantizedArray(data.qtype, (raw.shape[0], c1 - c0), raw)
+    w = dense_f32(data)
+    w = w if rows is None else w[np.asarray(rows)]
+    w = w if cols is None else w[:, cols.start:cols.stop]
+    return np.ascontiguousarray(w)
+
+
+def requantized(data) -> bool:
+    """A slice `take` could not keep in the file's blocks (a quantized weight as dense values)."""
+    return not hasattr(data, "qtype")
+
+
 def core_specs(spec, n: int) -> tuple[list, list[range]]:
     """Each core's LlamaSpec (its heads, hidden features and vocabulary rows; the vocabulary of the
-    embedding stays whole) and each core's vocabulary rows."""
+    embedding stays whole) and each core's vocabulary rows. Weights stay as stored (`take`)."""
     hd = spec.head_dim
     heads = shard_heads(spec.heads, spec.kv_heads, n)
     fsl, vsl = _slices(spec.ffn, n), _slices(spec.vocab, n)
     out = []
     for c, (hs, gs) in enumerate(heads):
-        qr, kr, fr = _rows(hs, hd), _rows(gs, hd), np.asarray(fsl[c])
+        qr, kr, fr = _rows(hs, hd), _rows(gs, hd), fsl[c]
+        oc = range(hs[0] * hd, (hs[-1] + 1) * hd)              # contiguous heads: o's columns a range
         layers = []
         for L in spec.layers:
-            w = {k: dense_f32(getattr(L, k).inputs[1].data) for k in ("q", "k", "v", "o", "gate", "up", "down")}
-            layers.append(replace(L, q=_node(L.q, w["q"][qr]), k=_node(L.k, w["k"][kr]), v=_node(L.v, w["v"][kr]),
-                                  o=_node(L.o, w["o"][:, qr]), gate=_node(L.gate, w["gate"][fr]),
-                                  up=_node(L.up, w["up"][fr]), down=_node(L.down, w["down"][:, fr])))
-        head = dense_f32(spec.head.inputs[1].data)[np.asarray(vsl[c])]
+            w = {k: getattr(L, k).inputs[1].data for k in ("q", "k", "v", "o", "gate", "up", "down")}
+            layers.append(replace(L, q=_node(L.q, take(w["q"], qr)), k=_node(L.k, take(w["k"], kr)),
+                                  v=_node(L.v, take(w["v"], kr)), o=_node(L.o, take(w["o"], cols=oc)),
+                                  gate=_node(L.gate, take(w["gate"], fr)), up=_node(L.up, take(w["up"], fr)),
+                                  down=_node(L.down, take(w["down"], cols=fr))))
+        head = take(spec.head.inputs[1].data, vsl[c])
         out.append(replace(spec, heads=len(hs), kv_heads=len(gs), ffn=len(fr), layers=layers,
                            head=_node(spec.head, head)))
     return out, vsl
@@ -147,20 +183,29 @@ class Shard:
 
 
 class TpChip:
-    """A decoder's per-core images on a chip config (default `chip`: 8 cores) and its chip programs."""
+    """A decoder's per-core images on a chip config (default `chip`: 8 cores) and its chip programs.
+    `weights`: how the weights sit in HBM (quant_weights.OPTIONS, as for one core); `requantized` lists
+    the quantized weights whose slices could not keep the file's blocks (`take`)."""
 
-    def __init__(self, spec, config="chip", precision: str = "bf16x3", context: int = 256, cores: int | None = None):
+    def __init__(self, spec, config="chip", precision: str = "bf16x3", context: int = 256, cores: int | None = None,
+                 weights: str = "bf16"):
         self.cfg = load_config(config)
         n = cores or self.cfg.cores
         specs, self.vocab = core_specs(spec, n)
         self.spec = spec
-        self.images = [build_image(s, self.cfg, precision, context) for s in specs]
+        self.weights = weights
+        self.images = [build_image(s, self.cfg, precision, context, weights) for s in specs]
+        self.requantized = sorted({w.name for img in self.images for w in [*(w for lw in img.weights
+                                   for w in lw.values()), img.head] if w.fmt in BLOCKED
+                                   and hasattr(_source(spec, w.name), "qtype")
+                                   and requantized(_source(img.spec, w.name))})
         for img in self.images[1:]:                      # the shared tensors' bytes are core 0's
             for name in SHARED:
                 a = next(r for r in self.images[0].resident if r[0] == name)
                 b = next(r for r in img.resident if r[0] == name)
                 if (a[1], a[2]) != (b[1], b[2]):
                     raise ValueError(f"shared tensor {name} differs between cores")
+            img.resident = [(r[0], r[1], r[2], None) if r[0] in SHARED else r for r in img.resident]
         self.cmax = self.images[0].cmax
         self.programs: dict[tuple[int, int], object] = {}
 
@@ -173,13 +218,18 @@ class TpChip:
                  for c, img in enumerate(self.images)])
         return prog
 
-    def resident_values(self) -> dict:
+    def resident_names(self) -> list[str]:
+        """Every resident tensor under its chip name (the shared ones once, core k's as "c{k}.<name>")."""
+        return [name if name in SHARED else f"c{k}.{name}" for k, img in enumerate(self.images)
+                for name, *_ in img.resident if not (name in SHARED and k)]
+
+    def resident_values(self, skip=()) -> dict:
         """Host arrays of every resident tensor under its chip name (KV caches zero)."""
         from isthmus.npu.isa import DTYPES
         out = {}
         for k, img in enumerate(self.images):
             for name, dtype, shape, data in img.resident:
-                if name in SHARED and k:
+                if (name in SHARED and k) or name in skip:
                     continue
                 arr = data if data is not None else np.zeros(shape, DTYPES[dtype].np)
                 out[name if name in SHARED else f"c{k}.{name}"] = arr
@@ -190,55 +240,27 @@ class TpChip:
         """Weight bytes the cores stream per token, together (k/v slices a core shares count per core)."""
         return sum(img.weight_bytes for img in self.images)
 
-    def decoder(self) -> "TpDecoder":
-        return TpDecoder(self)
 
-
-class TpDecoder:
-    """One conversation on the chip simulator: `step(ids)` runs one chunk (up to 512 tokens, padded on
-    the left to a power of two of at least 8 when it is the prompt) and returns the last logits."""
-
-    def __init__(self, chip: TpChip):
-        self.chip = chip
-        self.length = 0
-        self.hbm = None
-        self.cycles: list[int] = []
-
-    def step(self, ids) -> np.ndarray:
-        from isthmus.compiler.lower.npu.target import _pow2, chunk_feeds, chunk_window
-        from isthmus.npu.chip import run_chip
-        ids = [int(i) for i in ids]
-        tc = self.chip
-        real = len(ids)
-        P = real if real == 1 else max(8, _pow2(real))
-        if P > tc.cfg.moving_max or self.length + real > tc.cmax:
-            raise ValueError(f"a chunk of {real} tokens after {self.length} does not fit one program")
-        C = chunk_window(self.length, real, P, tc.cmax)
-        prog = tc.program(P, C)
-        feeds = chunk_feeds(ids, self.length, P, C, tc.spec.scale)
-        if self.hbm is None:
-            img = tc.images[0]
-            size = max(p.hbm_bytes for p in prog.cores) + io_bytes(img, tc.cfg.moving_max, tc.cmax) + 4096
-            self.hbm = np.full(size, 0xFF, np.uint8)
-            feeds.update(tc.resident_values())
-        res = run_chip(prog, feeds, tc.cfg, hbm=self.hbm)
-        self.cycles.append(res.cycles)
-        self.length += real
-        return res.outputs["logits"]
+def _source(spec, name: str):
+    """The stored weight a packed weight's name ("L3.o", "head") was made from."""
+    if name == "head":
+        return spec.head.inputs[1].data
+    layer, what = name.split(".")
+    return getattr(spec.layers[int(layer[1:])], what).inputs[1].data
 
 
 def tp_decode_figures(spec, window: int = 64, precision: str = "bf16", context: int = 256,
-                      chip: TpChip | None = None) -> dict:
+                      chip: TpChip | None = None, weights: str = "bf16") -> dict:
     """One decode step (P = 1 over a window of `window`) on `chip` (tensor-parallel) and on one `core`
     (the ordinary chunk program; timing model only): cycles, the speed-up, the chip's HBM bound (the
     one-core step's compulsory HBM bytes, weights read once, at the whole chip's bandwidth; the
     all-reduces go over the core-to-core link, not HBM, and are in the chip's cycles, not in the bound)."""
     from isthmus.npu.chip import schedule_chip
     from isthmus.npu.timing import roofline, schedule
-    tc = chip or TpChip(spec, "chip", precision, context)
+    tc = chip or TpChip(spec, "chip", precision, context, weights=weights)
     core_cfg = load_config("core")
     ctl = schedule_chip(tc.program(1, window), tc.cfg)
-    one = build_chunk_program(build_image(spec, core_cfg, precision, context), 1, window)
+    one = build_chunk_program(build_image(spec, core_cfg, precision, context, tc.weights), 1, window)
     single = schedule(one, core_cfg).cycles
     rl = roofline(one, core_cfg)
     hbm = rl.hbm_bytes / (tc.cfg.hbm_bytes_per_s / tc.cfg.clock_hz)
