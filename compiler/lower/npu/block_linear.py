@@ -24,6 +24,8 @@ tensor work of a bf16 weight on `core` (1x on `edge`, whose 32 partitions are on
 
 from __future__ import annotations
 
+import contextlib
+
 from isthmus.compiler.lower.npu.emitter import Emitter
 from isthmus.compiler.lower.npu.quant_weights import BLOCK
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream
@@ -37,6 +39,20 @@ def _ones(em: Emitter, dtype: str):
         t = cache[dtype] = em.sbuf((P,), dtype, what="ones (block sums)")
         em.memset(t.ap(), 1.0)
     return t
+
+
+@contextlib.contextmanager
+def shared_input(em: Emitter, x):
+    """Blocked linears of the same input `x` inside this block (q and k of a layer) build x per block
+    (Xm) and its block sums once, for the first of them: the later ones start their matmuls at once."""
+    shared = em.__dict__.setdefault("_shared_xm", {})
+    cache = shared[id(x)] = {}
+    try:
+        yield
+    finally:
+        del shared[id(x)]
+        for tiles in cache.values():
+            em.free(*tiles)
 
 
 def linear_blocked(em: Emitter, x, pairs: list[PackedWeight], stream: WeightStream, out, epilogue_fn) -> None:
@@ -84,7 +100,13 @@ def linear_blocked(em: Emitter, x, pairs: list[PackedWeight], stream: WeightStre
         return xm, xsb
 
     blocks = [(r0, min(R, r0 + rb_max)) for r0 in range(0, R, rb_max)]
-    once = masked(*blocks[0]) if len(blocks) == 1 else None
+    shared = em.__dict__.get("_shared_xm", {}).get(id(x)) if len(blocks) == 1 else None
+    key = (kt, w0.kp, minned)
+    once = shared.get(key) if shared is not None else None
+    if once is None and len(blocks) == 1:
+        once = masked(*blocks[0])
+        if shared is not None:
+            shared[key] = once
     for pcs in zip(*(w.pieces for w in pairs)):
         for w, pc in zip(pairs, pcs):
             stream.acquire(w, pc)
@@ -129,7 +151,7 @@ def linear_blocked(em: Emitter, x, pairs: list[PackedWeight], stream: WeightStre
                 em.free(xm, xsb)
         for w, pc in zip(pairs, pcs):
             stream.release(w, pc)
-    if once is not None:
+    if once is not None and shared is None:
         em.free(*once)
 
 

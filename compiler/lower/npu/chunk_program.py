@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from isthmus.compiler.lower.npu.attention import Unit, attend, head_perm, rope, rope_table, rotation_matrix
+from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
 from isthmus.compiler.lower.npu.resident_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
@@ -460,10 +461,11 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         with em.label(L.attn_norm.outputs[0].name):
             lnorm = load_norms(2 * l, 2)
             rmsnorm(em, consts, x, _norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
-        with em.label(L.q.outputs[0].name):
-            linear(em, h, lw["q"], stream, qT)
-        with em.label(L.k.outputs[0].name):
-            linear(em, h, lw["k"], stream, kT)
+        with shared_input(em, h):                        # (blocked weights: x per block built once)
+            with em.label(L.q.outputs[0].name):
+                linear(em, h, lw["q"], stream, qT)
+            with em.label(L.k.outputs[0].name):
+                linear(em, h, lw["k"], stream, kT)
         with em.label(L.v.outputs[0].name):
             for b in range(nb):
                 r0, r1 = b * NP, min(P, (b + 1) * NP)

@@ -91,6 +91,8 @@ class Emitter:
         self._vc = [(-1,) * n_eng for _ in range(n_eng)]   # per engine: last instruction known done, per engine
         self._snap: list[tuple] = []                # per instruction: its engine's clock after it
         self.busy: dict[str, float] = {}            # engine -> estimated busy cycles (engine choice)
+        self.free_at: dict[str, float] = {}         # engine -> when it would be done, by `_end` (engine choice)
+        self._end: list[float] = []                 # per instruction: its estimated end (dependencies + queue)
         self.spills: list[tuple[str, int]] = []      # (what, bytes) reported by the memory planner
         self.dma_queues = list(range(cfg.dma_queues))
 
@@ -193,13 +195,40 @@ class Emitter:
                     else:
                         lst[:] = [o for o in lst if o.write or o.engine != engine or not _covers(box, o.box)]
                 lst.append(new)
+        ready = max((self._end[j] for j in waits.values()), default=0.0)
         waits = self._reduce(engine, idx, waits)
         self.records.append((name, args, ins.label, waits, ins))
         cost = COSTS[spec.cost][0](ins, self.cfg)[0]
         if name in ("dma_copy", "dma_gather"):
             cost += args["dst"].nbytes / self.cfg.hbm_bytes_per_cycle
         self.busy[engine] = self.busy.get(engine, 0.0) + cost
+        end = max(ready, self.free_at.get(engine, 0.0)) + cost
+        self._end.append(end)
+        self.free_at[engine] = end
         return idx
+
+    def _ready(self, *aps: AP) -> float:
+        """When the data `aps` read was last written, by the estimate `_end` (a static list schedule:
+        each instruction starts when its engine is free and what it reads is written)."""
+        t = 0.0
+        for a in aps:
+            box = footprint_box(a)
+            psz = PAGE[a.space]
+            pages = self._pages[a.space]
+            for k in range(box[3] // psz, (box[4] - 1) // psz + 1):
+                for acc in pages.get(k, ()):
+                    if acc.write and acc.idx < len(self._end) and self._end[acc.idx] > t and overlap(box, acc.box):
+                        t = self._end[acc.idx]
+        return t
+
+    def _pick(self, elems: int, *srcs: AP) -> str:
+        """VECTOR or ACT for an instruction either may run (`elems` per partition): the one that would
+        finish it first, by the estimated schedule."""
+        cfg = self.cfg
+        ready = self._ready(*srcs)
+        ev = max(ready, self.free_at.get("vector", 0.0)) + elems / cfg.vector_elems_per_cycle + cfg.vector_fixed_cycles
+        ea = max(ready, self.free_at.get("act", 0.0)) + elems / cfg.act_elems_per_cycle + cfg.act_fixed_cycles
+        return "vector" if ev <= ea else "act"
 
     def _reduce(self, engine: str, idx: int, waits: dict) -> dict:
         """Drop waits already implied through earlier ones (vector clocks: waiting for instruction j of
@@ -259,19 +288,15 @@ class Emitter:
         """dst = src (casting) on VECTOR (`copy`) or ACT (`activate identity`), whichever is less busy
         unless `engine` says; ACT cannot read... both engines read SBUF and PSUM."""
         if engine is None:
-            ev = self.busy.get("vector", 0.0) + self.cfg.vector_fixed_cycles
-            ea = self.busy.get("act", 0.0) + self.cfg.act_fixed_cycles
-            engine = "vector" if ev <= ea else "act"
+            engine = self._pick(max(dst.free_elems, src.free_elems), src)
         if engine == "act":
             return self.act(dst, src)
         return self.emit("copy", dst, src)
 
     def dequant(self, dst: AP, src: AP, scale: AP, zero: AP, group: int, packed: int) -> int:
-        """Weight dequantisation on VECTOR or ACT, whichever is less busy."""
-        ev = self.busy.get("vector", 0.0) + self.cfg.vector_fixed_cycles
-        ea = self.busy.get("act", 0.0) + self.cfg.act_fixed_cycles
+        """Weight dequantisation on VECTOR or ACT, whichever would finish it first."""
         return self.emit("dequant", dst, src, scale, zero, group=group, packed=packed,
-                         engine="vector" if ev <= ea else "act")
+                         engine=self._pick(dst.free_elems, src, scale, zero))
 
     # -- the program --------------------------------------------------------------------------------------
     def build(self) -> Program:
