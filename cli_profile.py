@@ -60,15 +60,35 @@ def cmd_profile(args) -> int:
     dec = exe.decoder()
     logits = dec.step(ids)
     dec.step([int(logits.argmax())])
-    if exe.config.cores > 1:
-        return _profile_chip(args, exe, dec)
-    (pre_prog, pre_tl, pre_st), (prog, tl, st) = exe.runs[0], exe.runs[-1]
+    multi = exe.config.cores > 1             # the decoder tensor-parallel over the cores (tp_runtime.py)
+    if multi:
+        from isthmus.compiler.lower.npu.tp_runtime import chip_report
+        from isthmus.npu.chip import write_chip_trace as write_trace   # noqa: F811
+        table = lambda run: chip_report(exe, run, args.by, args.limit)              # noqa: E731
+    else:
+        table = lambda run: op_table(*run, exe.graph, cfg, args.by, args.limit)     # noqa: E731
     if args.prefill:
         print(f"prefill of {len(ids)} tokens:")
-        print(op_table(pre_prog, pre_tl, pre_st, exe.graph, cfg, args.by, args.limit))
+        print(table(exe.runs[0]))
         print()
+    prog, tl, st = exe.runs[-1]
     print(f"one decode step at position {dec.length - 1}:")
-    print(op_table(prog, tl, st, exe.graph, cfg, args.by, args.limit))
+    print(table(exe.runs[-1]))
+    if multi:
+        wb, bound = exe.chip.weight_bytes, exe.chip.weight_bytes / cfg.hbm_bytes_per_s
+        print(f"weights streamed per token by the {len(prog.cores)} cores: {wb / 1e6:.1f} MB; at the chip's "
+              f"{cfg.hbm_bytes_per_s / 1e9:.0f} GB/s {bound * 1e6:.1f} us; the step takes "
+              f"{tl.cycles / cfg.clock_hz / bound:.2f}x that")
+    else:
+        _memory_and_weights(exe, prog, st, cfg)
+    if args.trace:
+        write_trace(args.trace, prog, tl, cfg)
+        print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing"
+              + ("; a track group per core)" if multi else ")"))
+    return 0
+
+
+def _memory_and_weights(exe, prog, st, cfg) -> None:
     mem = getattr(prog, "memory", {})
     if mem:
         print(f"memory plan: SBUF peak {mem['sbuf_peak']:,} of {mem['sbuf_capacity']:,} bytes per partition "
@@ -80,31 +100,3 @@ def cmd_profile(args) -> int:
     fmts = ", ".join(f"{n} {f}" for f, n in sorted(exe.image.formats.items()))
     print(f"weights streamed per token: {wb / 1e6:.1f} MB ({fmts}); their HBM-bandwidth bound {bound * 1e6:.1f} us; "
           f"the step takes {st.seconds / bound:.2f}x that (the roofline above counts all its HBM traffic)")
-    if args.trace:
-        write_trace(args.trace, prog, tl, cfg)
-        print(f"trace: {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)")
-    return 0
-
-
-def _profile_chip(args, exe, dec) -> int:
-    """The tensor-parallel decoder on a multi-core config (tp_runtime.py): the chip's cycles, each core's,
-    the table of the core that finishes last, the weights against the whole chip's HBM bandwidth."""
-    from isthmus.compiler.lower.npu.tp_runtime import chip_report
-    from isthmus.npu.chip import write_chip_trace
-    cfg = exe.config
-    if args.prefill:
-        print(f"prefill of {dec.length - 1} tokens:")
-        print(chip_report(exe, exe.runs[0], args.by, args.limit))
-        print()
-    chip, ctl, _ = exe.runs[-1]
-    print(f"one decode step at position {dec.length - 1}:")
-    print(chip_report(exe, exe.runs[-1], args.by, args.limit))
-    wb = exe.chip.weight_bytes
-    bound = wb / cfg.hbm_bytes_per_s
-    step = ctl.cycles / cfg.clock_hz
-    print(f"weights streamed per token by the {len(chip.cores)} cores: {wb / 1e6:.1f} MB; at the chip's "
-          f"{cfg.hbm_bytes_per_s / 1e9:.0f} GB/s {bound * 1e6:.1f} us; the step takes {step / bound:.2f}x that")
-    if args.trace:
-        write_chip_trace(args.trace, chip, ctl, cfg)
-        print(f"trace: {args.trace} (one track group per core; https://ui.perfetto.dev or chrome://tracing)")
-    return 0

@@ -68,6 +68,27 @@ def test_chip_target_errors():
         isthmus.compile(model, target="reference", config="chip")
 
 
+def test_profile_on_chip(monkeypatch, tmp_path, capsys):
+    """`isthmus profile --config chip`: the chip's and each core's cycles, the last core's table, a trace
+    with a track group per core; a model that does not split is a user error (exit 2)."""
+    import json
+
+    from isthmus.cli import main
+    model = tiny_llama_model(CFG, seed=0)
+    monkeypatch.setattr(isthmus, "load", lambda name, **kw: model)
+    trace = tmp_path / "chip.json"
+    assert main(["profile", "tiny", "--config", "chip", "--precision", "bf16", "--prefill", "--trace", str(trace)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("8 cores concurrent; each core's cycles") == 2 and "linear" in out and "finishes last" in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    assert {e["args"]["name"] for e in events if e.get("name") == "process_name"} == {f"core {c} (chip)"
+                                                                                     for c in range(8)}
+    few = tiny_llama_model(dict(CFG, n_heads=4), seed=0)
+    monkeypatch.setattr(isthmus, "load", lambda name, **kw: few)
+    assert main(["profile", "tiny", "--config", "chip"]) == 2
+    assert "does not split over its 8 cores" in capsys.readouterr().err
+
+
 # head_dim 32: a head's columns of o are one block of 32 inputs, a core's 64 of ffn's 512 two
 QCFG = dict(CFG, hidden=256, head_dim=32, ffn=512)
 
@@ -110,6 +131,17 @@ def test_chip_decode_step_smollm2(default_model):
     assert (f["cycles"], f["one_core_cycles"]) == (278_921, 1_101_969)
     assert f["speedup"] >= 3.9              # 3.95x
     assert f["hbm_ratio"] <= 2.15            # 2.10x; the issue's target is 1.5x: not met (see the docs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights,cycles,bound", [("int8", 378_340, 76_725), ("q4", 384_524, 51_632)])
+def test_chip_decode_step_smollm2_quantized(default_model, weights, cycles, bound):
+    """SmolLM2-135M's decode step on `chip` with the file's Q4_1 blocks (int8: in a byte; q4: as stored)
+    sliced per core, against the chip's HBM bound for the step's bytes (docs/npu-performance.md)."""
+    spec = match_llama(run_pipeline(default_model.graph))
+    f = tp_decode_figures(spec, 64, "bf16", 4096, weights=weights)
+    assert f["chip"].requantized == []
+    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 4.93x and 7.45x the bound
 
 
 @pytest.fixture(scope="module")

@@ -175,35 +175,43 @@ class DecoderRuntime:
         self.lock = threading.RLock()                    # one machine: one step at a time
 
     def program(self, P: int, C: int):
-        from isthmus.compiler.lower.npu.chunk_program import build_chunk_program, resident_values
-        from isthmus.npu.sim import LoadedProgram
         lp = self.loaded.get((P, C))
         if lp is None:
             if (P, C) in self.unfit:
                 raise DoesNotFit(P, C)
             t0 = time.perf_counter()
             try:
-                prog = build_chunk_program(self.img, P, C)
+                prog = self._build(P, C)
             except NpuError as e:
                 if "SBUF is full" not in str(e) or P == 1:
                     raise
                 self.unfit.add((P, C))
                 raise DoesNotFit(P, C) from None
-            first = self.hbm is None
-            if first:          # the resident part is written by `bind`; only the rest starts as NaN
-                self.hbm = np.empty(self.hbm_size, np.uint8)
-                self.hbm[self.resident_end:] = 0xFF
-            lp = LoadedProgram(prog, self.exe.config, check_races=self.exe.check_races, hbm=self.hbm)
-            names = [r[0] for r in self.img.resident]
-            if first:
-                caches = ("kcache", "vcache")
-                lp.bind(resident_values(self.img, skip=caches))
-                for name in caches:          # an empty cache slot must read as 0, not NaN
-                    lp.machine.tensor_view(prog.tensor(name)).fill(0)
-                self.img.release_host_copies()
-            lp.bind(names=names)
-            self.loaded[P, C] = lp
+            lp = self.loaded[P, C] = self._load(prog)
             self.build_seconds[P, C] = time.perf_counter() - t0
+        return lp
+
+    def _build(self, P: int, C: int):
+        from isthmus.compiler.lower.npu.chunk_program import build_chunk_program
+        return build_chunk_program(self.img, P, C)
+
+    def _load(self, prog):
+        """The program loaded on the runtime's HBM image (the first one binds the resident tensors)."""
+        from isthmus.compiler.lower.npu.chunk_program import resident_values
+        from isthmus.npu.sim import LoadedProgram
+        first = self.hbm is None
+        if first:          # the resident part is written by `bind`; only the rest starts as NaN
+            self.hbm = np.empty(self.hbm_size, np.uint8)
+            self.hbm[self.resident_end:] = 0xFF
+        lp = LoadedProgram(prog, self.exe.config, check_races=self.exe.check_races, hbm=self.hbm)
+        names = [r[0] for r in self.img.resident]
+        if first:
+            caches = ("kcache", "vcache")
+            lp.bind(resident_values(self.img, skip=caches))
+            for name in caches:          # an empty cache slot must read as 0, not NaN
+                lp.machine.tensor_view(prog.tensor(name)).fill(0)
+            self.img.release_host_copies()
+        lp.bind(names=names)
         return lp
 
     def claim(self, dec: "NpuDecoder | None") -> None:

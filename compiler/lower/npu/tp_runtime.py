@@ -15,14 +15,13 @@ chip (a batched chip program is not built).
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from isthmus.compiler.executable import OpProfile
-from isthmus.compiler.lower.npu.target import DecoderRuntime, DoesNotFit, NpuDecoder, NpuExecutable
-from isthmus.errors import NpuError, UnsupportedError
+from isthmus.compiler.lower.npu.target import DecoderRuntime, NpuDecoder, NpuExecutable
+from isthmus.errors import UnsupportedError
 
 
 @dataclass
@@ -96,35 +95,24 @@ class TpRuntime(DecoderRuntime):
         n = len(self.chip.images)
         self.caches = [(f"c{k}.kcache", f"c{k}.vcache") for k in range(n)]
 
-    def program(self, P: int, C: int):
+    def _build(self, P: int, C: int):
+        return self.chip.program(P, C)
+
+    def _load(self, prog):
         from isthmus.npu.chip import LoadedChip
-        lp = self.loaded.get((P, C))
-        if lp is None:
-            if (P, C) in self.unfit:
-                raise DoesNotFit(P, C)
-            t0 = time.perf_counter()
-            try:
-                prog = self.chip.program(P, C)
-            except NpuError as e:
-                if "SBUF is full" not in str(e) or P == 1:
-                    raise
-                self.unfit.add((P, C))
-                raise DoesNotFit(P, C) from None
-            names = self.chip.resident_names()
-            first = self.hbm is None
-            if first:                    # the resident tensors come first in every program, identically
-                top = max(t.offset + t.nbytes for p in prog.cores for t in p.tensors if t.name in names)
-                self.hbm = np.empty(top + self.io_bytes, np.uint8)
-                self.hbm[top:] = 0xFF
-            lp = LoadedChip(prog, self.exe.config, check_races=self.exe.check_races, hbm=self.hbm)
-            if first:
-                lp.bind(self.chip.resident_values())          # KV caches zero: an empty slot must not be NaN
-                for img in self.chip.images:
-                    img.release_host_copies()
-            lp.bind(names=names)
-            self.chip.programs.pop((P, C), None)              # the loaded program holds it
-            self.loaded[P, C] = lp
-            self.build_seconds[P, C] = time.perf_counter() - t0
+        names = self.chip.resident_names()
+        first = self.hbm is None
+        if first:                        # the resident tensors come first in every program, identically
+            top = max(t.offset + t.nbytes for p in prog.cores for t in p.tensors if t.name in names)
+            self.hbm = np.empty(top + self.io_bytes, np.uint8)
+            self.hbm[top:] = 0xFF
+        lp = LoadedChip(prog, self.exe.config, check_races=self.exe.check_races, hbm=self.hbm)
+        if first:
+            lp.bind(self.chip.resident_values())          # KV caches zero: an empty slot must not be NaN
+            for img in self.chip.images:
+                img.release_host_copies()
+        lp.bind(names=names)
+        self.chip.programs.clear()                        # the loaded program holds it
         return lp
 
     def claim(self, dec: "NpuDecoder | None") -> None:
