@@ -301,7 +301,7 @@ def reference_decode_batch(exe, decoders: list, token_ids: list[int]) -> np.ndar
     if len(decoders) != len(token_ids):
         raise InputError(f"{len(decoders)} decoders but {len(token_ids)} tokens")
     plan = _plan_for_decoders(exe, decoders)
-    if plan is None:
+    if plan is None or exe.batch_invariant:       # the batch plan's BLAS rounds B rows as a block
         return step_each(decoders, token_ids)
     return plan.run(decoders, [[int(t)] for t in token_ids])
 
@@ -310,7 +310,7 @@ def prefill(exe, decoder, ids: list[int]) -> np.ndarray:
     """Feed a prompt to one decoder; the logits of its last position. The reference target runs
     it through the batch plan (whose linear layers use BLAS on the whole [seq, D] block)."""
     plan = _plan_for_decoders(exe, [decoder])
-    if plan is None:
+    if plan is None or exe.batch_invariant:
         return np.array(decoder.step(list(ids)), np.float32)
     return plan.run([decoder], [list(ids)])[0]
 

@@ -32,6 +32,10 @@ class Executable:
     _last_use: dict = field(default_factory=dict, repr=False)
     _profile: dict = field(default_factory=dict, repr=False)
     profiling: bool = False
+    # every token computed as it would be alone (`compile(..., batch_invariant=True)`): a sequence's
+    # logits are bitwise the same whatever shares its batch and however its prompt is cut into
+    # parts, at a price in prefill speed (docs/serving.md, "Batch invariance")
+    batch_invariant: bool = False
 
     def __post_init__(self):
         from isthmus.compiler.ops import get_op

@@ -68,6 +68,11 @@ class FunctionalDecoder:
 
     def step(self, ids: list[int]) -> np.ndarray:
         d = self.interface
+        if self.exe.batch_invariant and d.kv and len(ids) > 1:
+            # a graph run rounds its rows' products as one block (BLAS): each token alone instead
+            for t in ids:
+                logits = self.step([t])
+            return logits
         if d.kv:
             start, fed = self.cache.length, list(ids)
         else:

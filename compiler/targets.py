@@ -88,10 +88,14 @@ def _has_nvidia_device() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/proc/driver/nvidia/version")
 
 
+BATCH_INVARIANT_TARGETS = ("reference", "numba")
+
+
 def compile_model(model, target: str | None = None, *, passes=None, dump_dir=None, on_pass=None,
-                  **options) -> Executable:
+                  batch_invariant: bool = False, **options) -> Executable:
     """Run the target's pass pipeline (or `passes`) over a Model (or bare Graph) and lower it. `options` go
-    to the lowering (the npu target's: config, precision, weights, max_context, ...)."""
+    to the lowering (the npu target's: config, precision, weights, max_context, ...). `batch_invariant`:
+    each token computed as it would be alone (`Executable.batch_invariant`; the CPU targets)."""
     from isthmus.compiler.passes.pipeline import run_pipeline
 
     name = target or default_target()
@@ -100,6 +104,9 @@ def compile_model(model, target: str | None = None, *, passes=None, dump_dir=Non
     target = REGISTRY[name]
     if options and name != "npu":
         raise InputError(f"target {name!r} takes no options ({', '.join(sorted(options))})")
+    if batch_invariant and name not in BATCH_INVARIANT_TARGETS:
+        raise UnsupportedError(f"batch-invariant execution is built for the {' and '.join(BATCH_INVARIANT_TARGETS)} "
+                               f"targets, not {name!r}")
     graph = model if isinstance(model, Graph) else model.graph
     meta = None if isinstance(model, Graph) else model
     t0 = time.perf_counter()
@@ -110,4 +117,5 @@ def compile_model(model, target: str | None = None, *, passes=None, dump_dir=Non
     except ImportError as e:
         raise UnsupportedError(f"target {name!r} is not available here ({e}); use --target reference") from None
     exe.compile_seconds = time.perf_counter() - t0
+    exe.batch_invariant = bool(batch_invariant)
     return exe

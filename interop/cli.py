@@ -24,6 +24,10 @@ def register(sub, common) -> None:
     p.add_argument("--tenants", help="tenants file (TOML or JSON): API key hashes, model lists, rate limits, "
                    "and an optional [whatsapp] table for the webhook; without it the server is open")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--batch-invariant", action="store_true",
+                   help="compute every token as it would be alone, so a request's logits (and its temperature-0 "
+                        "or seeded reply) are bitwise the same under any load, however its prompt is batched or "
+                        "cut; prompts are read 1.6-2.2x slower (reference and numba targets)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 503 (default 64)")
     p.add_argument("--prefix-cache-mb", type=int, default=512,
                    help="memory for the KV caches of finished requests, reused by prompts that extend theirs "
@@ -121,7 +125,7 @@ def build(args, shared=None, replica: str | None = None):
     else:
         from pathlib import Path
         model = isthmus.load(args.model)
-        exe = isthmus.compile(model, target=args.target)
+        exe = isthmus.compile(model, target=args.target, batch_invariant=args.batch_invariant)
         model_id = args.model_id or (args.model if args.model in REGISTRY else Path(args.model).stem)
         attestation, enclave = None, None     # no attested key, so no end-to-end envelopes either
     cache_mb = 0 if session is not None else args.prefix_cache_mb    # sealed: no KV outlives its request

@@ -194,6 +194,9 @@ class Bound:
         # a batched decode step's caches by address (RowCaches); every kernel then works row by row
         # as for one sequence alone, so each row's numbers are those of its sequence alone
         self.rows = rows
+        # linears row by row (never one BLAS product over the rows) in a batched step and when the
+        # executable is batch-invariant
+        self.row_wise = rows is not None or exe.batch_invariant
         # scratch of this binding alone: decoders in different threads never share a buffer
         self.workspace = workspace if workspace is not None else Workspace()
         self._scratch = np.empty(0, np.float32)
@@ -330,7 +333,7 @@ class Bound:
         ws = self.workspace
         if isinstance(w, Siblings):
             fused = None if x_static is None else L.siblings_call(x_static, w.parts, out, ws, norm=norm, h=h,
-                                                                    row_wise=self.rows is not None)
+                                                                    row_wise=self.row_wise)
             if fused is not None:       # one launch for all the siblings, straight into their columns
                 fn, args = fused
                 call = (lambda: fn(*args))
@@ -352,12 +355,12 @@ class Bound:
                     out[:, lo:hi] = buf
             return siblings
         bound = None if x_static is None else L.matvec_call(x_static, w, out, ws, norm=norm, h=h,
-                                                          row_wise=self.rows is not None)
+                                                          row_wise=self.row_wise)
         if bound is not None:
             fn, args = bound
             call = (lambda: fn(*args))
         else:
-            call = (lambda: L.linear(x_get(), w, out, ws, norm=norm, h=h, row_wise=self.rows is not None))
+            call = (lambda: L.linear(x_get(), w, out, ws, norm=norm, h=h, row_wise=self.row_wise))
         call.out = out
         return call
 
@@ -386,7 +389,7 @@ class Bound:
         if epi == "add":
             res_static = self._static(g.attrs["residual"])
             if x_static is not None and res_static is not None:
-                bound = L.matvec_call(x_static, w, out2, ws, res=res_static, row_wise=self.rows is not None,
+                bound = L.matvec_call(x_static, w, out2, ws, res=res_static, row_wise=self.row_wise,
                                       **kw)
                 if bound is not None:        # a decode step: the kernel and its arguments, bound once
                     fn, args = bound
@@ -394,16 +397,16 @@ class Bound:
             res_get = self._rows(g.attrs["residual"])
 
             def call(past):
-                L.linear(x_rows(), w, out2, ws, res=res_get(), row_wise=self.rows is not None, **kw)
+                L.linear(x_rows(), w, out2, ws, res=res_get(), row_wise=self.row_wise, **kw)
             return call
         if x_static is not None:
-            bound = L.matvec_call(x_static, w, out2, ws, row_wise=self.rows is not None, **kw)
+            bound = L.matvec_call(x_static, w, out2, ws, row_wise=self.row_wise, **kw)
             if bound is not None:
                 fn, args = bound
                 return lambda past: fn(*args)
 
         def call(past):
-            L.linear(x_rows(), w, out2, ws, row_wise=self.rows is not None, **kw)
+            L.linear(x_rows(), w, out2, ws, row_wise=self.row_wise, **kw)
         return call
 
     def _positions(self, v: Value, b: int, s: int):
@@ -446,17 +449,20 @@ class Bound:
         if cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ:
             # a decode binding: the kernel and its arguments fixed once, the dispatch rule inline
             # (attention_kv's, without its Python per call: a decode step makes one such call a layer)
-            from isthmus.kernels.numba.attention import decode_kernel
+            from isthmus.kernels.numba.attention import attention_rows
+            from isthmus.kernels.numba.kv_rows import batch_addresses
 
             q = q_static
             k, v = cache
             nb, hq, seq, hd = q.shape
             scratch = np.empty((nb * hq * seq, k.shape[2]), np.float32)
-            per_key = nb * hq * seq * hd
+            k_addr, v_addr, kvh, capacity = batch_addresses(k), batch_addresses(v), k.shape[1], k.shape[2]
+            pasts = np.zeros(nb, np.int64)
             cap, win = np.float32(softcap), np.int64(window)
 
             def call_decode(past):
-                decode_kernel(per_key * (past + seq))(q, k, v, past, causal, scale, out, scratch, cap, win)
+                pasts[:] = past
+                attention_rows(q, k_addr, v_addr, kvh, capacity, pasts, causal, scale, out, scratch, cap, win)
             return call_decode
 
         def call(past):
@@ -469,7 +475,8 @@ class Bound:
                 k, v = (np.ascontiguousarray(env[x], np.float32) for x in (kv, vv))
                 p = k.shape[2] - q.shape[2]
             jobs = q.shape[0] * q.shape[1] * q.shape[2]
-            attention_kv(q, k, v, p, causal, scale, out, self.scratch(jobs, p + q.shape[2]), softcap, window)
+            attention_kv(q, k, v, p, causal, scale, out, self.scratch(jobs, p + q.shape[2]), softcap, window,
+                         self.row_wise)
         return call
 
     def _bind_embedding(self, st: Step):

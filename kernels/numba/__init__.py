@@ -9,8 +9,9 @@ inlined into the other files' kernels) delete kernels/numba/__pycache__.
 
 Threading (threads.py chooses; docs/performance.md measures):
   * Kernels parallelise with `prange`; each prange is one parallel launch, so the fused kernels
-    keep to one launch each and a decode step of the default model makes ~121 (4 per layer:
-    QKV, attention output, gate/up, down; attention itself runs serially while it is small).
+    keep to one launch each and a decode step of the default model makes ~151 (5 per layer:
+    QKV, attention, attention output, gate/up, down; attention is one kernel batched or not,
+    so that a sequence's numbers do not depend on its batch).
   * One pool, Numba's: prefill matmuls call BLAS single-threaded inside its work items.
 """
 

@@ -19,7 +19,7 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
-from isthmus.kernels.numba.kv_rows import cache_at
+from isthmus.kernels.numba.kv_rows import batch_addresses, cache_at
 from isthmus.kernels.numba.softmax import softmax_row
 from isthmus.kernels.numba.threads import serial_blas
 
@@ -38,16 +38,6 @@ def _score(s, scale, softcap):
     if softcap > 0:
         s = np.float32(np.tanh(s / softcap)) * softcap
     return s
-
-
-@njit(inline="always", **JIT)
-def _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window):
-    """Work item job = (b, kh, i) over q [batch, heads, seq, hd] and the caches k, v [batch,
-    kv_heads, capacity, hd] of that batch, all of one length `past` before this step."""
-    kvh, seq = k.shape[1], q.shape[2]
-    b = job // (kvh * seq)
-    _attend_one(q[b], k[b], v[b], past, causal, scale, out[b], scratch, b * q.shape[1] * seq, job % (kvh * seq),
-                softcap, window)
 
 
 TILE = 64        # keys per tile: a tile of K (or V) rows stays in L1 while each head of the group reads it
@@ -108,23 +98,15 @@ def _axpy(p, x, y, n):
 
 
 @njit(**PJIT)
-def attention_par(q, k, v, past, causal, scale, out, scratch, softcap, window):
-    for job in prange(q.shape[0] * k.shape[1] * q.shape[2]):
-        _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
-
-
-@njit(**JIT)
-def attention_serial(q, k, v, past, causal, scale, out, scratch, softcap, window):
-    for job in range(q.shape[0] * k.shape[1] * q.shape[2]):
-        _attend(q, k, v, past, causal, scale, out, scratch, job, softcap, window)
-
-
-@njit(**PJIT)
 def attention_rows(q, k_addr, v_addr, kvh, capacity, pasts, causal, scale, out, scratch, softcap, window):
-    """A batched decode step's attention: q [batch, heads, seq, hd], sequence b's caches at
-    addresses k_addr[b], v_addr[b] ([kvh, capacity, hd] each, kv_rows.py) holding pasts[b]
-    positions before this step. The work items of `attention_serial` for each sequence alone, so
-    each sequence's output is bitwise what it would be alone."""
+    """Attention of a few queries a sequence (a decode step, batched or not; a prompt part read
+    row by row): q [batch, heads, seq, hd], sequence b's caches at addresses k_addr[b], v_addr[b]
+    ([kvh, capacity, hd] each, kv_rows.py) holding pasts[b] positions before this step. One work
+    item per (sequence, KV head, query), each computed by the same machine code whatever the
+    batch: this one kernel serves every such call, since two compilations of the same item (a
+    serial loop and this parallel one) rounded differently in 46 % of random cases (fast-math
+    reductions vectorised each their own way), which made a sequence's batched step differ
+    from its step alone."""
     nb, hq, seq, hd = q.shape
     for job in prange(nb * kvh * seq):
         b = job // (kvh * seq)
@@ -177,15 +159,15 @@ def attention_blas(q4, k, v, past, causal, scale, out, row_chunk, softcap, windo
                 out[b, i, col + j] = o[r, j]
 
 
-PARALLEL_MIN = 1 << 16     # multiply-adds below which one thread beats a parallel launch
 BLAS_MIN_SEQ = 16          # queries from which BLAS (as for the prefill's matmuls) wins
 
 
-def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window=0):
-    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more); else one kernel, serial below PARALLEL_MIN multiply-adds (a decode step early in a
-    conversation), parallel above."""
+def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window=0, row_wise=False):
+    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more); else `attention_rows`.
+    `row_wise`: never BLAS, whose rounding of a query's scores depends on how many queries it is
+    given, so each query's output is what it is alone. k and v: C-contiguous f32."""
     nb, hq, seq, hd = q.shape
-    if seq >= BLAS_MIN_SEQ:
+    if seq >= BLAS_MIN_SEQ and not row_wise:
         kvh = k.shape[1]
         rows = hq // kvh * seq
         # enough work items for every thread, each a whole number of rows
@@ -194,13 +176,8 @@ def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window
             attention_blas(q.reshape(nb, kvh, rows, hd), k, v, past, causal, scale, out, row_chunk,
                            np.float32(softcap), np.int64(window))
         return
-    work = q.shape[0] * q.shape[1] * q.shape[2] * (past + q.shape[2]) * q.shape[3]
-    decode_kernel(work)(q, k, v, past, causal, scale, out, scratch, np.float32(softcap), np.int64(window))
-
-
-def decode_kernel(work: int):
-    """The kernel for a step of fewer than BLAS_MIN_SEQ queries doing `work` multiply-adds."""
-    return attention_serial if work < PARALLEL_MIN else attention_par
+    attention_rows(q, batch_addresses(k), batch_addresses(v), k.shape[1], k.shape[2], np.full(nb, past, np.int64),
+                   causal, scale, out, scratch, np.float32(softcap), np.int64(window))
 
 
 def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None, softcap=0.0, window=0):
@@ -212,5 +189,6 @@ def attention(q, k, v, past, causal=True, scale=0.0, out=None, scratch=None, sof
     need = (nb * hq * seq, past + seq)
     if scratch is None or scratch.shape[0] < need[0] or scratch.shape[1] < need[1]:
         scratch = np.empty(need, np.float32)
-    attention_kv(np.ascontiguousarray(q, np.float32), k, v, past, causal, scale, out, scratch, softcap, window)
+    attention_kv(np.ascontiguousarray(q, np.float32), np.ascontiguousarray(k, np.float32),
+                 np.ascontiguousarray(v, np.float32), past, causal, scale, out, scratch, softcap, window)
     return out

@@ -29,6 +29,12 @@ def cache_at(addr, heads, capacity, head_dim):
     return carray(_f32_ptr(addr), (heads, capacity, head_dim), np.float32)
 
 
+def batch_addresses(a: np.ndarray) -> np.ndarray:
+    """The data address of each batch row of a C-contiguous f32 [batch, heads, capacity, head_dim]."""
+    assert a.flags.c_contiguous and a.dtype == np.float32
+    return a.ctypes.data + a.strides[0] * np.arange(a.shape[0], dtype=np.int64)
+
+
 def address(a: np.ndarray) -> int:
     """The data address of one sequence's cache [1, heads, capacity, head_dim] (C-contiguous)."""
     assert a.flags.c_contiguous and a.dtype == np.float32 and a.shape[0] == 1

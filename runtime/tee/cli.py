@@ -255,7 +255,8 @@ def open_sealed(args):
     from isthmus.runtime.tee.keyrelease import KeyReleaseService
 
     kms = KeyReleaseService.local()
-    session = EnclaveSession(platform(), target=args.target, audit=_audit_log())
+    session = EnclaveSession(platform(), target=args.target, audit=_audit_log(),
+                             batch_invariant=getattr(args, "batch_invariant", False))
     try:
         session.load(args.sealed, kms, progress=sys.stderr.isatty())
     except BaseException:

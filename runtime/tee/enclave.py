@@ -40,11 +40,13 @@ from isthmus.runtime.tee.payload import PROGRAM, model_parts, sections
 
 class EnclaveSession:
     def __init__(self, platform: Platform, *, target: str | None = None, debug: bool = False,
-                 kv_budget_bytes: int = DEFAULT_BUDGET, blob_store: MutableMapping | None = None, audit=None):
+                 kv_budget_bytes: int = DEFAULT_BUDGET, blob_store: MutableMapping | None = None, audit=None,
+                 batch_invariant: bool = False):
         from isthmus.compiler.targets import default_target
         self.platform, self.debug = platform, debug
         self.audit = audit                                  # an audit.AuditLog, or None: reports are not logged
         self.target = target or default_target()
+        self.batch_invariant = batch_invariant        # compile_model's: every token as it would be alone
         self._key = X25519PrivateKey.generate()
         self._secret = bytearray(os.urandom(32))          # per-session root of the per-tenant keys
         self.registers = measurement.measure(None, self.target)
@@ -155,7 +157,7 @@ class EnclaveSession:
                             "sealed one (sealed with another isthmus version?)")
         compiled = Model(graph, f"sealed {h.tenant}/{h.model} v{h.version}", model.format, model.config,
                          model.tokenizer)
-        return compile_model(compiled, self.target, passes=[])
+        return compile_model(compiled, self.target, passes=[], batch_invariant=self.batch_invariant)
 
     # -- chatting --------------------------------------------------------------------------------
 

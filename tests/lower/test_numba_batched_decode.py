@@ -90,6 +90,34 @@ def test_each_sequence_in_any_batch_is_bitwise_itself_alone(exe):
     assert [d.length for d in decoders] == [len(p) + STEPS for p, _ in script]
 
 
+def test_long_sequences_in_a_batch_are_bitwise_themselves_alone(tmp_path):
+    """Caches of up to a few hundred positions, companions of any length: attention's work items
+    for a sequence are the same machine code batched or alone (a serial and a parallel compilation
+    of them rounded differently past ~64 positions, 46 % of random cases)."""
+    from tiny_models import write_tiny_chat_gguf
+
+    exe = isthmus.compile(isthmus.load(write_tiny_chat_gguf(tmp_path / "chat.gguf", context_length=512)),
+                          target="numba")
+    rng = np.random.default_rng(5)
+    lengths = [1, 40, 63, 64, 65, 79, 88, 100, 127, 128, 136, 150, 200, 255, 300]
+    alone, batched = [], []
+    for n in lengths:
+        prompt = rng.integers(0, 200, n).tolist()
+        a, b = exe.decoder(), exe.decoder()
+        for d in (a, b):
+            for t in prompt:                       # the same prefill path for both
+                d.step([t])
+        alone.append(a)
+        batched.append(b)
+    for step in range(3):
+        tokens = rng.integers(0, 200, len(lengths)).tolist()
+        want = [d.step([t]).copy() for d, t in zip(alone, tokens)]
+        order = rng.permutation(len(lengths))
+        got = exe.decode_batch([batched[i] for i in order], [tokens[i] for i in order])
+        for row, i in zip(got, order):
+            assert np.array_equal(row, want[i]), f"{lengths[i]} positions, step {step}"
+
+
 @pytest.mark.parametrize("name", ["q4_1", "q8_0", "q4_k_m"])
 def test_chunked_prefill_of_short_chunks_is_bitwise_the_whole_prompt(name):
     """Block-quantized weights: prompts below attention's BLAS_MIN_SEQ (and within MATVEC_MAX_ROWS)
@@ -118,3 +146,48 @@ def test_a_batch_past_a_cache_is_refused_before_anything_moves(exe):
     with pytest.raises(InputError, match="holds"):
         exe.decode_batch([b, a], [2, 3])
     assert (a.length, b.length) == (a.capacity, 2)
+
+
+@pytest.mark.parametrize("target", ["numba", "reference"])
+@pytest.mark.parametrize("name", ["q4_1", "q4_k_m", "f32"])
+def test_batch_invariant_mode_gives_one_sequence_the_same_bits_alone_batched_and_chunked(name, target):
+    """`batch_invariant=True` (issue 16, item 6): a sequence's logits are bitwise the same when it
+    steps alone, in batches of 2-16 with random companions, and after its prompt (longer than the
+    row kernels' MATVEC_MAX_ROWS and attention's BLAS_MIN_SEQ, where the default mode takes BLAS)
+    was read whole or in arbitrary parts."""
+    from isthmus.kernels.numba.attention import BLAS_MIN_SEQ
+    from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
+
+    exe = isthmus.compile(MODELS[name](), target=target, batch_invariant=True)
+    vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
+    rng = np.random.default_rng(4)
+    n = 2 * max(BLAS_MIN_SEQ, MATVEC_MAX_ROWS) + 5
+    prompt = rng.integers(0, vocab, n).tolist()
+    fed = rng.integers(0, vocab, 4).tolist()
+    alone = exe.decoder()
+    alone.step(prompt)
+    want = [alone.step([t]).copy() for t in fed]
+    cuts = sorted(rng.choice(np.arange(1, n), size=4, replace=False).tolist())
+    for size in (1, 2, 7, 16):
+        seq = exe.decoder()
+        for a, b in zip([0, *cuts], [*cuts, n]):             # the prompt in five random parts
+            seq.step(prompt[a:b])
+        companions = []
+        for _ in range(size - 1):
+            c = exe.decoder()
+            c.step(rng.integers(0, vocab, int(rng.integers(1, 30))).tolist())
+            companions.append(c)
+        for k, t in enumerate(fed):
+            at = int(rng.integers(0, size))
+            batch = companions[:at] + [seq] + companions[at:]
+            tokens = [int(x) for x in rng.integers(0, vocab, size)]
+            tokens[at] = t
+            got = exe.decode_batch(batch, tokens)[at] if size > 1 else seq.step([t])
+            assert np.array_equal(got, want[k]), f"batch of {size}, step {k}"
+
+
+def test_batch_invariant_is_refused_where_it_is_not_built():
+    from isthmus.errors import UnsupportedError
+
+    with pytest.raises(UnsupportedError, match="batch-invariant"):
+        isthmus.compile(tiny_llama_model(CFG, quant="q4_1"), target="npu", batch_invariant=True)
