@@ -81,3 +81,34 @@ class LlamaCppBatch:
         self.lib.llama_batch_free(self.batch)
         self.lib.llama_free(self.ctx)
         self.lib.llama_model_free(self.model)
+
+
+class InvariantPrefill:
+    """A prompt read whole by the default model compiled with or without `batch_invariant`
+    (benchmarks/bench_batch_invariant.py), in a worker process of its own."""
+
+    def __init__(self, path, target, invariant):
+        import isthmus
+        self.exe = isthmus.compile(isthmus.load(str(path)), target=target, batch_invariant=invariant)
+
+    def seconds(self, n: int) -> float:
+        import time
+
+        import numpy as np
+        ids = np.random.default_rng(n).integers(100, 20000, n).tolist()
+        d = self.exe.decoder()
+        t0 = time.perf_counter()
+        d.step(ids)
+        return time.perf_counter() - t0
+
+    def chunking_matters(self, n: int) -> bool:
+        import numpy as np
+        ids = np.random.default_rng(n).integers(100, 20000, n).tolist()
+        whole, parts = self.exe.decoder(), self.exe.decoder()
+        a = whole.step(ids).copy()
+        for i in range(0, n, 16):
+            b = parts.step(ids[i:i + 16])
+        return not np.array_equal(a, b)
+
+    def close(self):
+        pass

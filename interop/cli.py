@@ -27,7 +27,7 @@ def register(sub, common) -> None:
     p.add_argument("--batch-invariant", action="store_true",
                    help="compute every token as it would be alone, so a request's logits (and its temperature-0 "
                         "or seeded reply) are bitwise the same under any load, however its prompt is batched or "
-                        "cut; prompts are read 1.6-2.2x slower (reference and numba targets)")
+                        "cut; prompts are read ~1.3-1.4x slower (reference and numba targets)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond the batch before 503 (default 64)")
     p.add_argument("--prefix-cache-mb", type=int, default=512,
                    help="memory for the KV caches of finished requests, reused by prompts that extend theirs "
