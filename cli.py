@@ -38,6 +38,32 @@ def _add_target(p):
     from isthmus.compiler.targets import TARGETS
     p.add_argument("--target", default=None, choices=TARGETS,
                    help="where to run (default: numba on a CPU, triton with a CUDA GPU, when available)")
+    add_npu_options(p)
+
+
+def add_npu_options(p):
+    """--npu-config, --npu-precision, --npu-weights: the npu target's lowering options
+    (`isthmus.compile(..., config=, precision=, weights=)`; docs/npu-performance.md)."""
+    p.add_argument("--npu-config", help="with --target npu: the preset (core, the default; chip: 8 cores, "
+                   "tensor-parallel; edge; datacenter) or a .json config")
+    p.add_argument("--npu-precision", choices=("bf16x3", "bf16", "f32"),
+                   help="with --target npu: matmul precision (default bf16x3)")
+    p.add_argument("--npu-weights", choices=("bf16", "int8", "fp8", "q4", "auto"),
+                   help="with --target npu: how weights sit in HBM (default bf16; int8/q4: GGUF's blocks)")
+
+
+def target_options(args) -> dict:
+    """The --npu-* options given, as `isthmus.compile` keywords; refused with any other target and
+    with --sealed (a sealed package is compiled inside the enclave with the target's defaults)."""
+    given = {k: v for k, v in (("config", args.npu_config), ("precision", args.npu_precision),
+                                ("weights", args.npu_weights)) if v is not None}
+    if given and args.target != "npu":
+        raise InputError(f"--npu-{next(iter(given))} applies to --target npu (the target here is "
+                         f"{args.target or 'the default'})")
+    if given and getattr(args, "sealed", None):
+        raise InputError("--npu-* options are not taken with --sealed: the enclave compiles the sealed "
+                         "program with the target's defaults")
+    return given
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -199,7 +225,7 @@ def cmd_compile(args) -> int:
         print(f"// ----- IR after {name} ({len(graph.nodes)} nodes)")
         print(print_graph(graph), end="")
 
-    exe = isthmus.compile(model, target=args.target, on_pass=dump if args.dump_ir else None)
+    exe = isthmus.compile(model, target=args.target, on_pass=dump if args.dump_ir else None, **target_options(args))
     if args.output:
         with open(args.output, "w") as f:
             f.write(print_graph(exe.graph))
@@ -219,6 +245,7 @@ def cmd_run(args) -> int:
 
     if (args.model is None) == (args.sealed is None):
         raise InputError("give a model to run, or --sealed PACKAGE (not both)")
+    options = target_options(args)
     inputs = load_npz(args.inputs)
     session = None
     if args.sealed:    # the simulated TEE: attest, get the key, unseal in memory, check the program
@@ -228,7 +255,7 @@ def cmd_run(args) -> int:
         model = exe.model
     else:
         model = isthmus.load(args.model)
-        exe = isthmus.compile(model, target=args.target)
+        exe = isthmus.compile(model, target=args.target, **options)
     try:
         outputs = exe.run(inputs)
         expected = _run_check(args, model, inputs, sealed=session is not None) if args.check else None
@@ -274,6 +301,7 @@ def cmd_chat(args) -> int:
     if not interactive and not args.prompt.strip():
         raise InputError("the prompt is empty (give one as an argument, on stdin, or none on a terminal "
                          "for an interactive session)")
+    options = target_options(args)
     session = None
     if args.sealed:    # the simulated TEE: attest, get the key, unseal in memory, check the program
         from isthmus.runtime.tee.cli import open_sealed
@@ -281,7 +309,7 @@ def cmd_chat(args) -> int:
         exe = session.exe
     else:
         model = isthmus.load(args.model)
-        exe = isthmus.compile(model, target=args.target)
+        exe = isthmus.compile(model, target=args.target, **options)
     load_seconds = time.perf_counter() - t0
     try:
         if interactive:

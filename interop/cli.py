@@ -10,8 +10,9 @@ from isthmus.errors import InputError
 
 
 def register(sub, common) -> None:
-    from isthmus.models import DEFAULT_MODEL
+    from isthmus.cli import add_npu_options
     from isthmus.compiler.targets import TARGETS
+    from isthmus.models import DEFAULT_MODEL
 
     p = sub.add_parser("serve", parents=[common], help="serve a model over the OpenAI Chat Completions API")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
@@ -21,6 +22,7 @@ def register(sub, common) -> None:
     p.add_argument("--model-id", help="the model id clients send (default: the registry name or file stem)")
     p.add_argument("--target", default=None, choices=TARGETS,
                    help="where to run (default: numba on a CPU, triton with a CUDA GPU, when available)")
+    add_npu_options(p)
     p.add_argument("--tenants", help="tenants file (TOML or JSON): API key hashes, model lists, rate limits, "
                    "and an optional [whatsapp] table for the webhook; without it the server is open")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
@@ -104,7 +106,10 @@ def build(args, shared=None, replica: str | None = None):
         raise InputError("--max-batch must be >= 1, --max-waiting >= 0 and --max-body-bytes >= 1024")
     if args.prefix_cache_mb < 0:
         raise InputError("--prefix-cache-mb must be >= 0")
+    from isthmus.cli import target_options
+
     limits = _limits(args)
+    options = target_options(args)
     doc = load_config(args.tenants) if args.tenants else {}
     tenants = Tenants.from_config(doc, args.tenants or "tenants")
     if shared is not None:
@@ -125,7 +130,7 @@ def build(args, shared=None, replica: str | None = None):
     else:
         from pathlib import Path
         model = isthmus.load(args.model)
-        exe = isthmus.compile(model, target=args.target, batch_invariant=args.batch_invariant)
+        exe = isthmus.compile(model, target=args.target, batch_invariant=args.batch_invariant, **options)
         model_id = args.model_id or (args.model if args.model in REGISTRY else Path(args.model).stem)
         attestation, enclave = None, None     # no attested key, so no end-to-end envelopes either
     cache_mb = 0 if session is not None else args.prefix_cache_mb    # sealed: no KV outlives its request

@@ -125,3 +125,25 @@ def test_run_with_bad_inputs_file(tmp_path, default_model_path):
     (tmp_path / "in.npz").write_bytes(b"not a zip")
     rc, _, err = isthmus("run", default_model_path, "--inputs", tmp_path / "in.npz")
     assert_one_line_error(rc, err, "in.npz")
+
+
+def test_npu_options_reach_the_npu_lowering_and_nothing_else(tmp_path):
+    """--npu-config / --npu-precision / --npu-weights (chat, run, compile, serve): the npu target's
+    options from the command line, no environment variable needed; with another target they are
+    refused, not ignored."""
+    from tiny_models import write_tiny_chat_gguf    # tests/support
+
+    path = write_tiny_chat_gguf(tmp_path / "tiny-chat.gguf")
+    rc, out, err = isthmus("compile", str(path), "--target", "npu", "--npu-config", "edge", "--npu-precision", "bf16",
+                           "--npu-weights", "int8")
+    assert rc == 0, err
+    assert "compiled" in out and "npu" in out
+    rc, out, err = isthmus("compile", str(path), "--target", "npu", "--npu-config", "chip")   # 4 heads on 8 cores
+    assert_one_line_error(rc, err, "does not split over its 8 cores")
+    for argv in (["compile", str(path), "--npu-config", "chip"],
+                 ["compile", str(path), "--target", "numba", "--npu-weights", "int8"],
+                 ["chat", "hi", "--model", str(path), "--npu-precision", "bf16"]):
+        rc, out, err = isthmus(*argv)
+        assert_one_line_error(rc, err, "applies to --target npu")
+    rc, out, err = isthmus("compile", str(path), "--target", "npu", "--npu-config", "no-such-preset")
+    assert rc != 0 and "Traceback" not in err and "no-such-preset" in err
