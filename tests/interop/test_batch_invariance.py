@@ -74,5 +74,6 @@ def test_a_reply_under_load_is_bitwise_the_idle_one(live, tiny_chat, target, mon
     assert idle == busy
     long_n = len(tiny_chat.prompt_ids(LONG))
     assert idle_parts[:1] == [long_n]                        # idle: the prompt read in one part
-    assert any(p == PREFILL_QUANTUM for p in parts[len(idle_parts):])    # busy: in parts between steps
+    busy_parts = parts[len(idle_parts):]                  # busy: in parts between the streams' steps
+    assert long_n not in busy_parts and any(p % PREFILL_QUANTUM == 0 and p < long_n for p in busy_parts)
     assert max(sizes) >= 4                                   # and decoded in batches with the streams
