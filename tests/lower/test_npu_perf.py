@@ -67,7 +67,7 @@ def test_decode_step_with_quantized_weights_on_core(default_model, pipelined, we
     file's Q4_1 blocks in a byte, an f16 scale and min per 32), 2.6x (q4; the head in int8) and 1.9x
     (fp8, per channel) but the tensor engine binds it (a decode matmul takes at most 205 weights a
     cycle, HBM brings 259 8-bit ones), so each is measured against its own roofline, whose tensor term
-    it is. Measured: int8 1.406x (bf16) / 1.303x (bf16x3); q4 1.297x / 1.264x; fp8 1.159x. int8 and q4
+    it is. Measured: int8 1.406x (bf16) / 1.295x (bf16x3); q4 1.298x / 1.257x; fp8 1.159x. int8 and q4
     apply their block scales to the products on VECTOR/ACT (block_linear.py), which with the unpacking
     keeps both engines ~90 % as busy as the tensor engine, and their dependencies stall it: none is
     within issue 19's 1.2x; with the unpacking free (an analysis, docs/npu-performance.md) int8 would

@@ -128,20 +128,20 @@ def test_chip_decode_step_smollm2(default_model):
     chip's HBM bound: the figures of docs/npu-performance.md ("Eight cores")."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096)
-    assert (f["cycles"], f["one_core_cycles"]) == (278_549, 1_101_937)
-    assert f["speedup"] >= 3.9              # 3.95x
+    assert (f["cycles"], f["one_core_cycles"]) == (278_468, 1_101_937)
+    assert f["speedup"] >= 3.9              # 3.96x
     assert f["hbm_ratio"] <= 2.15            # 2.10x; the issue's target is 1.5x: not met (see the docs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights,cycles,bound", [("int8", 332_554, 76_725), ("q4", 332_613, 51_632)])
+@pytest.mark.parametrize("weights,cycles,bound", [("int8", 334_232, 76_725), ("q4", 334_257, 51_632)])
 def test_chip_decode_step_smollm2_quantized(default_model, weights, cycles, bound):
     """SmolLM2-135M's decode step on `chip` with the file's Q4_1 blocks (int8: in a byte; q4: as stored)
     sliced per core, against the chip's HBM bound for the step's bytes (docs/npu-performance.md)."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096, weights=weights)
     assert f["chip"].requantized == []
-    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 4.33x and 6.44x the bound
+    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 4.36x and 6.47x the bound
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ many as the plain layout). The permutation is folded into the packed weights of 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,8 +35,10 @@ from isthmus.compiler.lower.npu.attention import Unit, attend, head_perm, rope, 
 from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
+from isthmus.compiler.lower.npu.quant_weights import BLOCKED
 from isthmus.compiler.lower.npu.resident_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
+from isthmus.errors import NpuError
 from isthmus.npu.config import NpuConfig
 from isthmus.npu.isa import DTYPES, Program
 
@@ -304,6 +307,18 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
     heads, hidden features and logit rows; the o and down projections give partial sums that an
     all-reduce between the cores adds into the (replicated) residual stream; the core writes its rows
     of the logits."""
+    try:
+        return _chunk_program(img, P, C, batched, cache_len, tp, share=True)
+    except NpuError as e:
+        if "SBUF is full" not in str(e) or img.weights[0]["q"].fmt not in BLOCKED:
+            raise
+    # q and k sharing their input per block (block_linear.shared_input) hold it over k's linear, which
+    # can leave SBUF too fragmented for a later linear (edge, int8, 8 tokens): then build without
+    return _chunk_program(img, P, C, batched, cache_len, tp, share=False)
+
+
+def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: int | None, tp,
+                   share: bool) -> Program:
     spec, cfg, sl = img.spec, img.cfg, img.slots
     wdt, adt, split = img.wdt, img.adt, img.split
     NP = cfg.partitions
@@ -461,7 +476,7 @@ def build_chunk_program(img: DecoderImage, P: int, C: int, batched: bool = False
         with em.label(L.attn_norm.outputs[0].name):
             lnorm = load_norms(2 * l, 2)
             rmsnorm(em, consts, x, _norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
-        with shared_input(em, h):                        # (blocked weights: x per block built once)
+        with shared_input(em, h) if share else contextlib.nullcontext():   # (blocked weights: x per block once)
             with em.label(L.q.outputs[0].name):
                 linear(em, h, lw["q"], stream, qT)
             with em.label(L.k.outputs[0].name):

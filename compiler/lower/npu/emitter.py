@@ -92,7 +92,7 @@ class Emitter:
         self._snap: list[tuple] = []                # per instruction: its engine's clock after it
         self.busy: dict[str, float] = {}            # engine -> estimated busy cycles (engine choice)
         self.free_at: dict[str, float] = {}         # engine -> when it would be done, by `_end` (engine choice)
-        self._end: list[float] = []                 # per instruction: its estimated end (dependencies + queue)
+        self._end: list[float] = []                 # per instruction: its estimated end (dependencies, queue, HBM share)
         self.spills: list[tuple[str, int]] = []      # (what, bytes) reported by the memory planner
         self.dma_queues = list(range(cfg.dma_queues))
 
@@ -199,10 +199,17 @@ class Emitter:
         waits = self._reduce(engine, idx, waits)
         self.records.append((name, args, ins.label, waits, ins))
         cost = COSTS[spec.cost][0](ins, self.cfg)[0]
+        start = max(ready, self.free_at.get(engine, 0.0))
         if name in ("dma_copy", "dma_gather"):
-            cost += args["dst"].nbytes / self.cfg.hbm_bytes_per_cycle
-        self.busy[engine] = self.busy.get(engine, 0.0) + cost
-        end = max(ready, self.free_at.get(engine, 0.0)) + cost
+            # as the timing model charges it: the queues busy when it starts share the bandwidth
+            transfer = args["dst"].nbytes / self.cfg.hbm_bytes_per_cycle
+            active = 1 + sum(1 for q in self.dma_queues
+                             if f"dma{q}" != engine and self.free_at.get(f"dma{q}", 0.0) > start)
+            self.busy[engine] = self.busy.get(engine, 0.0) + cost + transfer
+            end = start + cost + transfer * active
+        else:
+            self.busy[engine] = self.busy.get(engine, 0.0) + cost
+            end = start + cost
         self._end.append(end)
         self.free_at[engine] = end
         return idx
@@ -223,11 +230,16 @@ class Emitter:
 
     def _pick(self, elems: int, *srcs: AP) -> str:
         """VECTOR or ACT for an instruction either may run (`elems` per partition): the one that would
-        finish it first, by the estimated schedule."""
+        finish it first by the estimated schedule, unless the two finishes lie within a quarter of the
+        instruction's length, closer than the estimate can tell apart (both engines idle, waiting for
+        its inputs, say): then the one with the fewer busy cycles so far, which keeps the two balanced."""
         cfg = self.cfg
         ready = self._ready(*srcs)
         ev = max(ready, self.free_at.get("vector", 0.0)) + elems / cfg.vector_elems_per_cycle + cfg.vector_fixed_cycles
         ea = max(ready, self.free_at.get("act", 0.0)) + elems / cfg.act_elems_per_cycle + cfg.act_fixed_cycles
+        if abs(ev - ea) <= elems / 4:
+            ev = self.busy.get("vector", 0.0) + cfg.vector_fixed_cycles
+            ea = self.busy.get("act", 0.0) + cfg.act_fixed_cycles
         return "vector" if ev <= ea else "act"
 
     def _reduce(self, engine: str, idx: int, waits: dict) -> dict:
