@@ -31,8 +31,9 @@ programs race-free by construction, so it is off by default outside tests. `max_
 and dequantized on chip after each DMA: quant_weights.py), or "auto" (per layer from the model
 file's quantization). A quantized weight is exact in bf16, so at precision bf16x3 it needs no lo
 part: W x_hi + W x_lo, one matmul per tile in decode, as bf16.
-Environment: ISTHMUS_NPU_CONFIG, ISTHMUS_NPU_PRECISION, ISTHMUS_NPU_WEIGHTS. docs/npu-performance.md
-has the figures.
+From the command line: --npu-config, --npu-precision, --npu-weights (chat, run, compile, serve); the
+environment variables ISTHMUS_NPU_CONFIG, ISTHMUS_NPU_PRECISION, ISTHMUS_NPU_WEIGHTS are defaults
+under them. docs/npu-performance.md has the figures.
 """
 
 from __future__ import annotations
