@@ -147,9 +147,13 @@ class NpuExecutable(Executable):
     def profile(self) -> list[OpProfile]:
         """Modeled NPU time per op kind over the runs made while `profiling` was on, slowest first
         (`profile_tables.op_table` has the full per-op figures)."""
+        return self._profile_of((program, tl) for program, tl, _ in self.runs)
+
+    def _profile_of(self, runs) -> list[OpProfile]:
+        """`profile` over (program, timeline) pairs, one per run."""
         from isthmus.compiler.lower.npu.profile_tables import op_rows
         out: dict[str, OpProfile] = {}
-        for program, tl, _ in self.runs:
+        for program, tl in runs:
             for row in op_rows(program, tl, self.graph, self.config, by="op"):
                 p = out.setdefault(row.name, OpProfile(row.name))
                 p.calls += row.count
@@ -160,15 +164,18 @@ class NpuExecutable(Executable):
 class DecoderRuntime:
     """The loaded chunk programs of one executable, sharing one HBM image (weights, tables, KV cache)."""
 
-    def __init__(self, exe: NpuExecutable):
+    def __init__(self, exe: NpuExecutable, img=None, cmax: int | None = None):
+        """img, cmax: the image whose layout the programs share and the KV window's largest size
+        (default: the executable's one-core image)."""
         from isthmus.compiler.lower.npu.chunk_program import io_bytes, resident_end
         self.exe = exe
-        self.img = exe.image
-        self.cmax = self.img.cmax
+        self.img = exe.image if img is None else img
+        self.cmax = self.img.cmax if cmax is None else cmax
         self.loaded: dict[tuple[int, int], object] = {}
         self.resident_end = resident_end(self.img)
         self.max_chunk = exe.config.moving_max       # new tokens per program: one PSUM bank of fp32 per matmul
-        self.hbm_size = self.resident_end + io_bytes(self.img, self.max_chunk, self.cmax) + 4096
+        self.io_bytes = io_bytes(self.img, self.max_chunk, self.cmax) + 4096
+        self.hbm_size = self.resident_end + self.io_bytes
         self.hbm = None
         self.owner = None
         self.build_seconds: dict[tuple[int, int], float] = {}

@@ -14,7 +14,6 @@ chip (a batched chip program is not built).
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,15 +59,8 @@ class TpExecutable(NpuExecutable):
     def profile(self) -> list[OpProfile]:
         """Modeled time per op kind over the runs made while `profiling` was on, on the core that finished
         each run last (the cores run concurrently: that core's time is the run's)."""
-        from isthmus.compiler.lower.npu.profile_tables import op_rows
-        out: dict[str, OpProfile] = {}
-        for chip, ctl, _ in self.runs:
-            c = last_core(ctl)
-            for row in op_rows(chip.cores[c], ctl.timelines[c], self.graph, self.config, by="op"):
-                p = out.setdefault(row.name, OpProfile(row.name))
-                p.calls += row.count
-                p.seconds += row.cycles / self.config.clock_hz
-        return sorted(out.values(), key=lambda p: -p.seconds)
+        return self._profile_of((chip.cores[last_core(ctl)], ctl.timelines[last_core(ctl)])
+                                for chip, ctl, _ in self.runs)
 
 
 def last_core(ctl) -> int:
@@ -79,19 +71,10 @@ class TpRuntime(DecoderRuntime):
     """The loaded chip programs of one TpExecutable on one HBM image; `NpuDecoder`s step through it."""
 
     def __init__(self, exe: TpExecutable):
-        from isthmus.compiler.lower.npu.chunk_program import io_bytes
-        self.exe = exe
+        # core 0's image: the spec's vocabulary and scale are every core's; the HBM image is sized at
+        # the first load, from where the resident tensors of all cores end
+        super().__init__(exe, exe.chip.images[0], exe.chip.cmax)
         self.chip = exe.chip
-        self.img = self.chip.images[0]               # the spec's vocabulary and scale are every core's
-        self.cmax = self.chip.cmax
-        self.loaded: dict[tuple[int, int], object] = {}
-        self.max_chunk = exe.config.moving_max
-        self.io_bytes = io_bytes(self.img, self.max_chunk, self.cmax) + 4096
-        self.hbm = None
-        self.owner = None
-        self.build_seconds: dict[tuple[int, int], float] = {}
-        self.unfit: set[tuple[int, int]] = set()
-        self.lock = threading.RLock()
         n = len(self.chip.images)
         self.caches = [(f"c{k}.kcache", f"c{k}.vcache") for k in range(n)]
 
