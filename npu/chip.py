@@ -5,16 +5,18 @@ cores share HBM (each program declares the tensors it uses; a tensor of the same
 the same offset in every core's program) and nothing else: each has its own SBUF, PSUM, engines,
 DMA queues and semaphores. They meet through two instructions: `dma_core` (a DMA into another
 core's SBUF over the core-to-core link) and `sem_signal_core` (a semaphore increment on another
-core, seen there `link_latency_cycles` later). Collectives are built from them (collectives.py).
+core, seen there `link_latency_cycles` later); a `dma_core` with `signal` counts its own arrival on the
+receiver's semaphore, without the second hop. Collectives are built from them (collectives.py).
 
 Timing (`schedule_chip`): the single-core event simulation over every core's engine queues at once
 (timing.py's rules: in-order queues, the earliest runnable start next, semaphores). A DMA shares its
 core's bandwidth with that core's busy DMA queues: HBM at `hbm_bytes_per_s / cores` (every core
 streaming), the link at `link_bytes_per_s`. A remote signal's arrival is its end plus the link
-latency; semaphore values count arrivals in time order. Not modeled: contention between cores
-beyond the per-core HBM share. `LoadedChip` prepares a chip program once to run many times (a compiled
-model's chunk programs on `chip`); its race check (races.check_chip_races) puts every core's engines
-in one happens-before relation, the cross-core signals and DMAs included.
+latency, a signalling `dma_core`'s its end (the last byte landed); semaphore values count arrivals in
+time order. Not modeled: contention between cores beyond the per-core HBM share. `LoadedChip` prepares
+a chip program once to run many times (a compiled model's chunk programs on `chip`); its race check
+(races.check_chip_races) puts every core's engines in one happens-before relation, the cross-core
+signals and DMAs included.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ def _plan(prog: Program, core: int, cores: int, cfg: NpuConfig):
     return rows
 
 
+def signal_of(c: int, ins, end: int, cfg: NpuConfig):
+    """(core, semaphore, arrival time) of the semaphore increment an instruction of core `c` ending at `end`
+    makes, or None: a `sem_signal` on its own core at its end, a `sem_signal_core` on the other core one
+    hop later, a `dma_core` with `signal` on the receiver when its data has landed (its end)."""
+    op = ins.op
+    if op == "sem_signal":
+        return c, ins["sem"], end
+    if op == "sem_signal_core":
+        return ins["core"], ins["sem"], end + cfg.link_latency_cycles
+    if op == "dma_core" and ins["signal"]:
+        return ins["core"], ins["sem"], end
+    return None
+
+
 def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> ChipTimeline:
     """Every core's timeline, the cores running concurrently; NpuError on a deadlock (naming the core).
     The config defaults to the `chip` preset."""
@@ -147,11 +163,11 @@ def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> Chip
         head[c, e] += 1
         offer((c, e))
         ins = chip.cores[c].instructions[i]
-        if ins.op in ("sem_signal", "sem_signal_core"):
-            dest = c if ins.op == "sem_signal" else ins["core"]
-            arrive = t + cycles + (cfg.link_latency_cycles if ins.op == "sem_signal_core" else 0)
-            bisect.insort(arrivals.setdefault((dest, ins["sem"]), []), arrive)
-            for w in waiting.pop((dest, ins["sem"]), []):
+        sig = signal_of(c, ins, t + cycles, cfg)
+        if sig:
+            dest, sem, arrive = sig
+            bisect.insort(arrivals.setdefault((dest, sem), []), arrive)
+            for w in waiting.pop((dest, sem), []):
                 offer((dest, w))
     blocked = [(c, queues[c, e][head[c, e]]) for (c, e) in queues if head[c, e] < len(queues[c, e])]
     if blocked:

@@ -1,10 +1,11 @@
-"""Collectives as DMA: a ring all-reduce over a chip's cores, from `dma_core` and `sem_signal_core`.
+"""Collectives as DMA: a ring all-reduce over a chip's cores, from `dma_core`.
 
 `ring_all_reduce(builders, tiles, chunks)` appends to each core's program the classic ring: N-1
 reduce-scatter steps (core c sends one chunk of its tile to core c+1, which adds it into its own)
 and N-1 all-gather steps (the fully reduced chunks travel on round the ring), so each core sends
-2 (N-1)/N of the tile over the link. Each arrival is counted on semaphore `RECV_SEM` of the
-receiving core; the adds run on VECTOR. `all_reduce_program` wraps it into a complete chip program
+2 (N-1)/N of the tile over the link. Each send counts its own arrival on semaphore `RECV_SEM` of the
+receiving core (`dma_core ... signal=1`: one link latency a step, not a second for a separate
+`sem_signal_core`); the adds run on VECTOR. `all_reduce_program` wraps it into a complete chip program
 (load x[c], all-reduce, store y[c]): the example and the test of the machine's multi-core side.
 """
 
@@ -39,8 +40,7 @@ def ring_all_reduce(builders: list[ProgramBuilder], tiles: list, queue: int = 0,
         for c, b in enumerate(builders):
             nxt = (c + 1) % n
             b.wait(dq, last_add[c])
-            b.dma_core(recv[nxt][s].ap(), chunk(tiles[c], (c - s) % n), core=nxt, queue=queue)
-            b.sem_signal_core(engine=dq, core=nxt, sem=RECV_SEM)
+            b.dma_core(recv[nxt][s].ap(), chunk(tiles[c], (c - s) % n), core=nxt, queue=queue, signal=1, sem=RECV_SEM)
         for c, b in enumerate(builders):
             arrivals[c] += 1
             k = (c - s - 1) % n
@@ -57,8 +57,7 @@ def ring_all_reduce(builders: list[ProgramBuilder], tiles: list, queue: int = 0,
             else:                                           # forward what arrived in the previous step
                 b.sem_wait(engine=dq, sem=RECV_SEM, value=arrivals[c])
             k = (c + 1 - s) % n
-            b.dma_core(chunk(tiles[nxt], k), chunk(tiles[c], k), core=nxt, queue=queue)
-            b.sem_signal_core(engine=dq, core=nxt, sem=RECV_SEM)
+            b.dma_core(chunk(tiles[nxt], k), chunk(tiles[c], k), core=nxt, queue=queue, signal=1, sem=RECV_SEM)
         for c in range(n):
             arrivals[c] += 1
     return [(arrivals[c], last_add[c]) for c in range(n)]

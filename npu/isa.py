@@ -232,10 +232,16 @@ OPS: dict[str, Op] = {op.name: op for op in (
        "Indirect DMA (embedding lookup): `dst` partition p <- `table` row `index[p]`. `table` is an "
        "HBM AP whose rows are the gatherable rows; `index` is i32, one element per dst partition. "
        "An index outside [0, rows) is an error."),
-    Op("dma_core", 0x12, "dma", "link", (ap("dst"), ap("src"), uint("core", 8), uint("queue", 6)),
+    Op("dma_core", 0x12, "dma", "link",
+       (ap("dst"), ap("src"), uint("core", 8), uint("queue", 6),
+        flag("signal", "1: when the data has landed, add 1 to semaphore `sem` of core `core`"),
+        Field("sem", "uint", 8, doc="the receiver's semaphore `signal` counts on", default=0)),
        "Copies `src` (this core's SBUF or HBM) into `dst` in core `core`'s SBUF over the core-to-core "
        "link (the building block of collectives: all-reduce, all-gather); same partitions and elements "
-       "per partition on both sides, dtypes convert as dma_copy's. Chip programs only (npu.chip)."),
+       "per partition on both sides, dtypes convert as dma_copy's. With `signal`, the receiver's "
+       "semaphore `sem` counts the arrival when the last byte lands (as a remote copy's receive "
+       "semaphore does on TPUs and Trainium2's send/recv): no separate `sem_signal_core`, whose hop "
+       "would follow the data's. Chip programs only (npu.chip)."),
     Op("matmul", 0x20, "tensor", "matmul",
        (ap("dst", "PSUM [M, N], fp32 (i32 for i8 operands)"), ap("stationary", "SBUF [K, M]"),
         ap("moving", "SBUF [K, N]"), flag("acc", "0: start (overwrite dst); 1: accumulate (add into dst)")),

@@ -59,22 +59,24 @@ def overlap(x, y) -> bool:
 
 def check_races(prog: Program, tl: Timeline) -> None:
     """Raise NpuError naming the first pair of unordered, conflicting instructions (in execution order)."""
-    _check([(0, i, prog.instructions[i], tl.engine[i], step) for step, i in enumerate(tl.order)],
+    _check([(0, i, ins, tl.engine[i], (0, ins["sem"], step) if ins.op == "sem_signal" else None)
+            for step, i in enumerate(tl.order) for ins in (prog.instructions[i],)],
            lambda c, j: f"instruction #{j} `{prog.instructions[j]}`", lambda c, err: err)
 
 
 def check_chip_races(chip, ctl, cfg) -> None:
     """The race check over a chip program (npu/chip.py) as its cores run together: every core's engines
     in one happens-before relation. A `sem_signal_core` counts on the receiving core's semaphore when it
-    arrives (its end plus the link latency, as schedule_chip times it), so a `sem_wait` there is ordered
-    after the senders' past; a `dma_core` writes the receiving core's SBUF, where it races with that
-    core's own engines unless a semaphore orders them. HBM is one memory for all cores."""
+    arrives (its end plus the link latency, as schedule_chip times it), a `dma_core` with `signal` when
+    its data has landed (its end), so a `sem_wait` there is ordered after the senders' past (the
+    signalling DMA's own write included); a `dma_core` writes the receiving core's SBUF, where it races
+    with that core's own engines unless a semaphore orders them. HBM is one memory for all cores."""
     from isthmus.errors import NpuError
+    from isthmus.npu.chip import signal_of
     items = []
     for c, i in ctl.order:
         tl, ins = ctl.timelines[c], chip.cores[c].instructions[i]
-        arrive = tl.end[i] + (cfg.link_latency_cycles if ins.op == "sem_signal_core" else 0)
-        items.append((c, i, ins, tl.engine[i], arrive))
+        items.append((c, i, ins, tl.engine[i], signal_of(c, ins, tl.end[i], cfg)))
     _check(items, lambda c, j: f"core {c}'s instruction #{j} `{chip.cores[c].instructions[j]}`",
            lambda c, err: NpuError(f"core {c}: {err}"))
 
@@ -87,9 +89,9 @@ def _space(c: int, ins, a: AP, write: bool):
 
 
 def _check(items, name, wrap) -> None:
-    """items: (core, instruction index, instruction, engine, arrival order of a signal), in execution order.
-    Happens-before by vector clocks over every (core, engine); a wait for v joins the clocks of the first
-    v signals of its semaphore to arrive."""
+    """items: (core, instruction index, instruction, engine, the semaphore increment it makes as (core,
+    semaphore, arrival order) or None), in execution order. Happens-before by vector clocks over every
+    (core, engine); a wait for v joins the clocks of the first v signals of its semaphore to arrive."""
     engines = sorted({(c, e) for c, _, _, e, _ in items}, key=lambda ce: (ce[0], ENGINES.index(ce[1])))
     index = {ce: n for n, ce in enumerate(engines)}
     n_eng = len(engines)
@@ -101,16 +103,16 @@ def _check(items, name, wrap) -> None:
     live: dict = {}                 # memory -> engine -> accesses (epoch, box, is_write, core, instruction)
     boxes: dict = {}                # identical instructions share footprints
     prune = PRUNE_EVERY * max(1, n_eng // 24)
-    for step, (c, i, ins, eng, arrive) in enumerate(items):
+    for step, (c, i, ins, eng, sig) in enumerate(items):
         e = index[c, eng]
         vc = clock[e]
         if ins.op == "sem_wait" and ins["value"]:
             seen = signals[c, ins["sem"]][2][ins["value"] - 1]
             clock[e] = vc = [max(a, b) for a, b in zip(vc, seen)]
         vc[e] += 1
-        if ins.op in ("sem_signal", "sem_signal_core"):
-            times, clocks, joins = signals.setdefault((ins["core"] if ins.op == "sem_signal_core" else c,
-                                                       ins["sem"]), ([], [], []))
+        if sig is not None:
+            dest, sem, arrive = sig
+            times, clocks, joins = signals.setdefault((dest, sem), ([], [], []))
             k = bisect.bisect_right(times, arrive)
             times.insert(k, arrive)
             clocks.insert(k, list(vc))

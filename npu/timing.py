@@ -83,7 +83,8 @@ COSTS = {
     "dequant": (_dequant, "as vector (engine=vector) or act (engine=act) over E = dst elements per partition. "
                           "FLOPs = 2 * partitions * E."),
     "link": (_dma, "link_latency_cycles + ceil(bytes * A / (link_bytes_per_s / clock_hz)), A = the core's DMA "
-                   "queues busy when it starts (npu.chip schedules it; a one-core program cannot hold it)."),
+                   "queues busy when it starts (npu.chip schedules it; a one-core program cannot hold it). With "
+                   "`signal`, the receiver's semaphore counts it at its end."),
     "sync": (_sync, "sync_cycles (plus, for sem_wait, the stall until the semaphore is reached)."),
 }
 

@@ -8,10 +8,12 @@ split by *inputs* (rows: the same F/n), so down_c a_c is a partial sum of the wh
 all-reduce of those partials (D floats a row) and the residual add finish the block on every core.
 
 The all-reduce is *one hop*: each core sends its partial to every other core at once (`dma_core`,
-one per peer, spread over its DMA queues) and signals the receiver (`sem_signal_core`); each core
-waits for its n-1 arrivals and adds them. A ring moves fewer bytes per core (2(n-1)/n of the vector
-against n-1 copies), but for a decode step's 2.3 KB vector the link latency, not its bandwidth, is
-the cost: 2(n-1) latencies in a row for the ring, one here. Receive slots alternate between two sets
+one per peer, spread over its DMA queues), each send counting its own arrival on the receiver's
+semaphore (`signal=1`, as a TPU remote copy's receive semaphore does); each core waits for its n-1
+arrivals and adds them. A ring moves fewer bytes per core (2(n-1)/n of the vector against n-1
+copies), but for a decode step's 2.3 KB vector the link latency, not its bandwidth, is the cost:
+2(n-1) latencies in a row for the ring, one here (a separate `sem_signal_core` after each send
+would add a second hop: ~450 cycles an all-reduce). Receive slots alternate between two sets
 and two semaphores (`RECV_SEMS`) by the parity of the all-reduce, so a fast core's next partial can
 neither overwrite a slot nor count as an arrival of the previous all-reduce on a slow core (a core
 sends all-reduce k+2 only after it has all-reduce k+1's partials, which every peer sent after its
@@ -132,8 +134,7 @@ def _all_reduce(em: Emitter, c: int, n: int, part, x, slots, sem: int, round_: i
     for j, k in enumerate(k for k in range(n) if k != c):
         q = queues[j % len(queues)]
         slot = c if c < k else c - 1                      # my slot among core k's n-1 senders
-        em.emit("dma_core", slots[:, slot, :, :], part.tile[:, :, :], core=k, queue=q)
-        em.emit("sem_signal_core", engine=f"dma{q}", core=k, sem=sem)
+        em.emit("dma_core", slots[:, slot, :, :], part.tile[:, :, :], core=k, queue=q, signal=1, sem=sem)
     em.tt(x.tile[:, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")       # while the partials travel
     em.emit("sem_wait", engine="vector", sem=sem, value=round_ * (n - 1))
     m = x.tile.shape[0] * x.tile.shape[1]                  # the n-1 received partials summed by one reduce

@@ -10,7 +10,8 @@ Split (Megatron-style, as tensor_parallel.py does for the MLP alone):
 - the embedding, norms and rotary tables are shared HBM tensors every core reads; the residual stream
   is replicated (each core normalises it itself).
 After o and after down, a one-hop all-reduce (tensor_parallel._all_reduce: each core sends its partial
-to the n-1 others with `dma_core` + `sem_signal_core`) adds the partials into every core's residual.
+to the n-1 others with a `dma_core` that counts its arrival on the receiver's semaphore) adds the
+partials into every core's residual.
 
 Heads that do not split evenly (SmolLM2-135M: 9 query heads, 3 kv heads, 8 cores) are split unevenly
 but contiguously: the first H mod n cores take one query head more (SmolLM2: core 0 heads 0-1, cores
