@@ -49,8 +49,8 @@ def test_tensor_parallel_mlp_timing_smollm2_shapes():
     docs/npu-performance.md ("Eight cores")."""
     gate, up, down, norm = weights(576, 1536)
     one = tp_mlp_figures(gate, up, down, norm, EPS, 1, layers=1)
-    assert (one["cycles"], one["one_core_cycles"]) == (9_504, 33_206)
+    assert (one["cycles"], one["one_core_cycles"]) == (9_472, 33_206)
     f = tp_mlp_figures(gate, up, down, norm, EPS, 1, layers=30)
-    assert (f["cycles"], f["one_core_cycles"]) == (141_445, 648_656)
-    assert f["speedup"] >= 4.5                      # 4.59x
-    assert f["hbm_ratio"] <= 1.87                   # 1.84x the chip's HBM bound (collectives included)
+    assert (f["cycles"], f["one_core_cycles"]) == (140_773, 648_656)
+    assert f["speedup"] >= 4.55                     # 4.61x
+    assert f["hbm_ratio"] <= 1.86                   # 1.83x the chip's HBM bound (collectives included)

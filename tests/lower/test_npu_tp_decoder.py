@@ -119,7 +119,7 @@ def test_chip_decode_step_timing_tiny():
     model = tiny_llama_model(CFG, seed=0, layout="half")
     spec = match_llama(run_pipeline(model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 256)
-    assert (f["cycles"], f["one_core_cycles"]) == (9_917, 10_346)      # too small to gain much: latency binds both
+    assert (f["cycles"], f["one_core_cycles"]) == (9_789, 10_346)      # too small to gain much: latency binds both
 
 
 @pytest.mark.slow
@@ -128,20 +128,20 @@ def test_chip_decode_step_smollm2(default_model):
     chip's HBM bound: the figures of docs/npu-performance.md ("Eight cores")."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096)
-    assert (f["cycles"], f["one_core_cycles"]) == (251_751, 1_101_937)
-    assert f["speedup"] >= 4.3              # 4.38x
-    assert f["hbm_ratio"] <= 1.93            # 1.90x; the issue's target is 1.5x: not met (see the docs)
+    assert (f["cycles"], f["one_core_cycles"]) == (249_748, 1_101_937)
+    assert f["speedup"] >= 4.35             # 4.41x
+    assert f["hbm_ratio"] <= 1.92            # 1.88x; the issue's target is 1.5x: not met (see the docs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights,cycles,bound", [("int8", 307_270, 76_725), ("q4", 307_197, 51_632)])
+@pytest.mark.parametrize("weights,cycles,bound", [("int8", 305_239, 76_725), ("q4", 304_610, 51_632)])
 def test_chip_decode_step_smollm2_quantized(default_model, weights, cycles, bound):
     """SmolLM2-135M's decode step on `chip` with the file's Q4_1 blocks (int8: in a byte; q4: as stored)
     sliced per core, against the chip's HBM bound for the step's bytes (docs/npu-performance.md)."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096, weights=weights)
     assert f["chip"].requantized == []
-    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 4.00x and 5.95x the bound
+    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 3.98x and 5.90x the bound
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,9 @@ all-reduce of those partials (D floats a row) and the residual add finish the bl
 
 The all-reduce is *one hop*: each core sends its partial to every other core at once (`dma_core`,
 one per peer, spread over its DMA queues), each send counting its own arrival on the receiver's
-semaphore (`signal=1`, as a TPU remote copy's receive semaphore does); each core waits for its n-1
-arrivals and adds them. A ring moves fewer bytes per core (2(n-1)/n of the vector against n-1
+semaphore (`signal=1`, as a TPU remote copy's receive semaphore does); meanwhile each core puts its
+residual plus its own partial in the n-th slot, then waits for its n-1 arrivals and sums the n slots
+into its residual with one reduce. A ring moves fewer bytes per core (2(n-1)/n of the vector against n-1
 copies), but for a decode step's 2.3 KB vector the link latency, not its bandwidth, is the cost:
 2(n-1) latencies in a row for the ring, one here (a separate `sem_signal_core` after each send
 would add a second hop: ~450 cycles an all-reduce). Receive slots alternate between two sets
@@ -84,7 +85,7 @@ def tp_mlp_program(gate: np.ndarray, up: np.ndarray, down: np.ndarray, norm: np.
         mine = ws[c]
         x = new_act(em, D, rows, "f32", "residual stream")
         gt = em.sbuf((nc,), "f32", what="norm weights")
-        slots = [em.sbuf((max(n - 1, 1), nc, rows), "f32", what="all-reduce receive") for _ in RECV_SEMS]
+        slots = [em.sbuf((n, nc, rows), "f32", what="all-reduce receive") for _ in RECV_SEMS]
         consts = Consts(em)
         with em.label("load"):
             em.dma(gt[:, :], g_t[0:P, 0:nc])
@@ -135,13 +136,12 @@ def _all_reduce(em: Emitter, c: int, n: int, part, x, slots, sem: int, round_: i
         q = queues[j % len(queues)]
         slot = c if c < k else c - 1                      # my slot among core k's n-1 senders
         em.emit("dma_core", slots[:, slot, :, :], part.tile[:, :, :], core=k, queue=q, signal=1, sem=sem)
-    em.tt(x.tile[:, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")       # while the partials travel
+    # while the partials travel: x + my partial into the last slot (no peer writes it), so that one reduce
+    # over the n slots sums everything into x
+    em.tt(slots[:, n - 1, :, :], x.tile[:, :, :], part.tile[:, :, :], "add")
     em.emit("sem_wait", engine="vector", sem=sem, value=round_ * (n - 1))
-    m = x.tile.shape[0] * x.tile.shape[1]                  # the n-1 received partials summed by one reduce
-    got = em.sbuf(x.tile.shape, "f32", what="all-reduce sum")
-    em.reduce(got.raw(0, P, 0, [(m, 1)]), slots.raw(0, P, 0, [(m, 1), (n - 1, m)]), "sum")
-    em.tt(x.tile[:, :, :], x.tile[:, :, :], got[:, :, :], "add")
-    em.free(got)
+    m = x.tile.shape[0] * x.tile.shape[1]
+    em.reduce(x.tile.raw(0, P, 0, [(m, 1)]), slots.raw(0, P, 0, [(m, 1), (n, m)]), "sum")
 
 
 def tp_mlp_figures(gate, up, down, norm, eps: float, rows: int = 1, layers: int = 1) -> dict:

@@ -169,9 +169,10 @@ class Shard:
         return own
 
     def slots(self, em, D: int, rows: int):
-        """Two sets of receive slots (alternating by the parity of the all-reduce: tensor_parallel)."""
+        """Two sets of receive slots (alternating by the parity of the all-reduce: tensor_parallel), each the
+        n-1 peers' partials and this core's residual plus its own."""
         nc = -(-D // em.cfg.partitions)
-        return [em.sbuf((max(self.cores - 1, 1), nc, rows), "f32", what="all-reduce receive") for _ in RECV_SEMS]
+        return [em.sbuf((self.cores, nc, rows), "f32", what="all-reduce receive") for _ in RECV_SEMS]
 
     def reduce_linear(self, em, act, w, stream, x, slots, k: int) -> None:
         """x += the sum over the cores of W_c act_c: this core's partial product, then the k-th all-reduce."""
