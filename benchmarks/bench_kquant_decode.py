@@ -23,13 +23,15 @@ from isthmus.bench.quant import quantized_file
 
 
 MATVEC_TYPES = ("q4_1", "q8_0", "q4_k", "q5_k", "q6_k", "q5_0", "q5_1", "q3_k", "q2_k", "iq4_nl")
+GROUPED = ("q4_1", "q8_0", "iq4_nl")     # measured in both layouts (kernels/numba/grouped.py)
 
 
 def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 10) -> None:
     """One decode-sized matvec (1 x cols by W[rows, cols]) per block format, the weights made by
     llama.cpp's quantizer (q4_1 and q8_0 by isthmus's, bit for bit the same): `copies` distinct
     copies cycled so that together they exceed the caches, as a model's layers do; best of `rounds`
-    interleaved rounds."""
+    interleaved rounds. q4_1, q8_0 and iq4_nl in both of their layouts: 16 rows a vector (the
+    default where the host has AVX2) and a row at a time."""
     import sys
     import time
 
@@ -48,12 +50,13 @@ def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 1
     for name in MATVEC_TYPES:
         qa = (quantize(wf, name) if name in ("q4_1", "q8_0")
               else QuantizedArray(name, wf.shape, ggml_ref.quantize(wf, T[name.upper()])))
-        calls = []
-        for _ in range(copies):
-            p = linear.pack(qa)
-            calls.append(linear.matvec_call(x, p, np.zeros((1, rows), np.float32), linear.Workspace()))
-            calls[-1][0](*calls[-1][1])
-        sets[name] = (calls, p.nbytes)
+        for layout in ("rows", "groups") if name in GROUPED else ("",):
+            calls = []
+            for _ in range(copies):
+                p = linear.pack(qa, group=layout != "rows")
+                calls.append(linear.matvec_call(x, p, np.zeros((1, rows), np.float32), linear.Workspace()))
+                calls[-1][0](*calls[-1][1])
+            sets[f"{name} {layout}".strip()] = (calls, p.nbytes)
     best = dict.fromkeys(sets, float("inf"))
     for _ in range(rounds):
         for name, (calls, _) in sets.items():
@@ -63,8 +66,8 @@ def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 1
             best[name] = min(best[name], (time.perf_counter() - t0) / copies)
     print(f"decode matvec {rows}x{cols}, {copies} copies cycled, best of {rounds} rounds (load {os.getloadavg()[0]:.2f})")
     for name, (calls, nbytes) in sets.items():
-        print(f"  {name:7s} {best[name] * 1e6:7.1f} us   {nbytes / best[name] / 1e9:5.1f} GB/s of weights   "
-              f"{best[name] / best['q4_1']:.2f}x q4_1's time")
+        print(f"  {name:14s} {best[name] * 1e6:7.1f} us   {nbytes / best[name] / 1e9:5.1f} GB/s of weights   "
+              f"{best[name] / best['q4_1 groups']:.2f}x q4_1's time")
 
 
 def rows(rounds: int = 5) -> None:
@@ -86,9 +89,9 @@ def rows(rounds: int = 5) -> None:
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
     print(f"ms per token, one thread, CPU time, best of {rounds}; integer kernels / dequantize+BLAS")
-    for fmt, shape in (("q4_k", (2816, 1024)), ("q5_0", (1536, 576)), ("q8_0", (1536, 576))):
+    for fmt, shape in (("q4_k", (2816, 1024)), ("q5_0", (1536, 576)), ("q4_1", (1536, 576)), ("q8_0", (1536, 576))):
         wf = rng.standard_normal(shape).astype(np.float32)
-        p = linear.pack(quantize(wf, fmt) if fmt == "q8_0"
+        p = linear.pack(quantize(wf, fmt) if fmt in ("q4_1", "q8_0")
                         else QuantizedArray(fmt, wf.shape, ggml_ref.quantize(wf, T[fmt.upper()])))
         ws, cells = linear.Workspace(), []
         for n in (1, 4, 8, 16, 32, 64, 128, 256):

@@ -13,13 +13,16 @@ Weights are repacked once, at load, into a layout whose inner loops vectorise (`
 
 (f16 held as u16 bits, converted in registers), so the block scales leave the byte stream, each
 block keeps its GGUF size (q4_1: 20 bytes per 32 weights; q4_0 grows from 18 to 20), and no fp32
-copy of a quantized matrix is ever kept. Sibling linears that read the same input
+copy of a quantized matrix is ever kept. Where the integer kernels run (AVX2) and the rows come in
+whole groups of 16, q4 and q8 go one step further, into grouped.py's layout: the same bytes, 16 rows
+interleaved two weights at a time, so that a vector lane is a weight row (3-4x faster dots). Sibling linears that read the same input
 (Q, K and V; gate and up) are packed as one matrix by stacking rows (`pack([w1, w2, ...])`).
 
 Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode, batched decode, short
 prefills) use the fused matvec kernels below: one parallel launch over weight rows, each block
 multiplied in registers (integer dot products with i16 or i8 activations on AVX2 hosts, f32
-elsewhere), four input rows per pass over a weight row where there are four (`_row_i16`). More
+elsewhere), four input rows per pass over a weight row where there are four (`_row_i16`; grouped
+weights: eight, four or one per pass over a group, `_group_rows`). More
 rows (prefill) dequantize `GEMM_ROWS` weight rows at a time into a tile per work item and multiply
 each tile with BLAS running single-threaded on that item's thread (`dequant_matmul`: one parallel
 launch, one thread pool; threads.py says why). Per token, one thread, CPU time, from 4 rows on:
@@ -27,10 +30,10 @@ the integer kernels 0.062 ms (q4_k 2816x1024), 0.033 (q5_0 1536x576), 0.022 (q8_
 BLAS 0.108 / 0.034 / 0.044 at 16 rows, 0.078 / 0.024 / 0.029 at 32, 0.050 / 0.015 / 0.016 at 256
 (`python benchmarks/bench_kquant_decode.py --rows`).
 
-The raw-block formats' row primitives live in kquant.py and kquant_simd.py and are compiled into
-this file's kernels: Numba's cache keys each kernel on its own file's contents only, so after
-editing those two files delete kernels/numba/__pycache__ (or this file's cached kernels keep the
-old code).
+The raw-block formats' row primitives live in kquant.py and kquant_simd.py, the grouped ones in
+grouped.py, and are compiled into this file's kernels: Numba's cache keys each kernel on its own
+file's contents only, so after editing those files delete kernels/numba/__pycache__ (or this
+file's cached kernels keep the old code).
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ from numba import get_num_threads, njit, prange, types
 from numba.extending import overload
 
 from isthmus.kernels.numba import JIT, PJIT
-from isthmus.kernels.numba import kquant
+from isthmus.kernels.numba import grouped, kquant
 from isthmus.kernels.numba.kquant_simd import I8_FORMATS
 from isthmus.kernels.numba.threads import serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
@@ -52,7 +55,7 @@ from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quant
 
 MATVEC_MAX_ROWS = 16      # input rows (tokens) up to which the matvec kernels beat dequantize+BLAS
 GEMM_ROWS = 256           # weight rows per BLAS call in the prefill path (one tile per work item)
-CHUNK = 16                # weight rows per parallel work item
+CHUNK = grouped.GROUP     # weight rows per parallel work item: one group of a grouped weight
 
 EPI_NONE, EPI_ADD, EPI_SWIGLU = 0, 1, 2
 
@@ -71,12 +74,18 @@ class Packed:
     def __init__(self, kind, qs, d, m, splits):
         self.kind, self.qs, self.d, self.m = kind, qs, d, m
         self.rows = qs.shape[0]
-        if qs.ndim == 3:        # raw blocks (kquant.py): [rows, blocks, bytes per block]
+        if qs.ndim == 4:        # grouped q4 / q8 (grouped.py): [rows / 16, blocks, chunks, 32]
+            self.rows, self.cols = qs.shape[0] * grouped.GROUP, qs.shape[1] * 32
+        elif qs.ndim == 3:      # raw blocks (kquant.py): [rows, blocks, bytes per block]
             self.cols = qs.shape[1] * kquant.BLOCK_VALUES[qs.shape[2]]
         else:
             self.cols = qs.shape[1] * 2 if kind == "q4" else qs.shape[1]
         self.splits = tuple(splits)
         self.nbytes = qs.nbytes + d.nbytes + m.nbytes
+
+    @property
+    def grouped(self) -> bool:
+        return self.qs.ndim == 4
 
     @property
     def arrays(self):
@@ -122,8 +131,10 @@ def _pack_one(w):
     return "f32", np.ascontiguousarray(dense, np.float32).reshape(dense.shape[0], -1), _EMPTY, _EMPTY
 
 
-def pack(weights) -> Packed:
-    """Repack one weight, or several with the same column count stacked by rows (fused siblings)."""
+def pack(weights, group: bool = True) -> Packed:
+    """Repack one weight, or several with the same column count stacked by rows (fused siblings);
+    q4 and q8 in grouped.py's layout where it applies (`group=False`: the row layout, for
+    comparison)."""
     if not isinstance(weights, (list, tuple)):
         weights = [weights]
     parts = [_pack_one(w) for w in weights]
@@ -133,10 +144,15 @@ def pack(weights) -> Packed:
     kind = parts[0][0]
     splits = [p[1].shape[0] for p in parts]
     if len(parts) == 1:
-        return Packed(kind, *parts[0][1:], splits)
-    qs = np.concatenate([p[1] for p in parts])
-    d = np.concatenate([p[2] for p in parts]) if kind in ("q4", "q8") else _EMPTY
-    m = np.concatenate([p[3] for p in parts]) if kind == "q4" else _EMPTY
+        qs, d, m = parts[0][1:]
+    else:
+        qs = np.concatenate([p[1] for p in parts])
+        d = np.concatenate([p[2] for p in parts]) if kind in ("q4", "q8") else _EMPTY
+        m = np.concatenate([p[3] for p in parts]) if kind == "q4" else _EMPTY
+    # the integer kernels' 16-rows-a-vector layout where every part's rows fill whole groups (a
+    # stacked swiglu finds its up rows' group at an offset of whole groups)
+    if group and INT_ACTIVATIONS and kind in ("q4", "q8") and all(r % grouped.GROUP == 0 for r in splits):
+        qs, d, m = grouped.group(kind, qs, d, m)
     return Packed(kind, qs, d, m, splits)
 
 
@@ -175,6 +191,10 @@ def _row_dot(qs, d, m, r, x, t, sx):
 
 @overload(dequant_row, jit_options=dict(fastmath=JIT["fastmath"]))
 def _dequant_row(qs, d, m, r, out, t):
+    if qs.ndim == 4:
+        def deq_grouped(qs, d, m, r, out, t):
+            grouped.dequant_row(qs, d, m, r, out, t)
+        return deq_grouped
     if qs.dtype == types.uint8 and qs.ndim == 3:
         def deq_blocks(qs, d, m, r, out, t):
             kquant.dequant_blocks_row(qs, r, out, t)
@@ -344,11 +364,68 @@ def _row_i16(qs, d, m, r, up, c, xq, xd, xs, res, out, epilogue, per_pass):
         t += 1
 
 
+def _is_grouped(qs):
+    """Whether qs is a grouped weight's (grouped.py; a constant of its type)."""
+
+
+@overload(_is_grouped)
+def _is_grouped_impl(qs):
+    four = qs.ndim == 4
+    return lambda qs: four
+
+
+_HALF = grouped.MAX_TOKENS * grouped.GROUP      # where a span's swiglu up dots start
+
+
+def _rows_of(qs):
+    """The weight rows that qs holds (a grouped weight's first axis counts groups of 16)."""
+
+
+@overload(_rows_of)
+def _rows_of_impl(qs):
+    per = grouped.GROUP if qs.ndim == 4 else 1
+    return lambda qs: qs.shape[0] * per
+
+
+@njit(inline="always", **JIT)
+def _group_rows(qs, d, m, r0, r1, up, c0, xq, xd, xs, res, out, epilogue, per_pass, span):
+    """`_rows_i16` of a grouped weight: r0 .. r1 - 1 are one group's rows (r0 a multiple of 16),
+    computed for 8, 4 or 1 tokens a pass into `span`, then stored through the epilogue."""
+    n = out.shape[0]
+    g, gu = r0 // grouped.GROUP, (r0 + up) // grouped.GROUP
+    swiglu = epilogue == EPI_SWIGLU
+    t = 0
+    while t < n:
+        if _four_per_pass(per_pass) and t + 8 <= n:
+            k = 8
+            grouped.dots8(qs, d, m, g, xq, xd, xs, t, span, 0)
+            if swiglu:
+                grouped.dots8(qs, d, m, gu, xq, xd, xs, t, span, _HALF)
+        elif _four_per_pass(per_pass) and t + 4 <= n:
+            k = 4
+            grouped.dots4(qs, d, m, g, xq, xd, xs, t, span, 0)
+            if swiglu:
+                grouped.dots4(qs, d, m, gu, xq, xd, xs, t, span, _HALF)
+        else:
+            k = 1
+            grouped.dots1(qs, d, m, g, xq, xd, xs, t, span, 0)
+            if swiglu:
+                grouped.dots1(qs, d, m, gu, xq, xd, xs, t, span, _HALF)
+        for j in range(k):
+            for i in range(r1 - r0):
+                at = grouped.GROUP * j + i
+                _store(span[at], span[_HALF + at], t + j, r0 + i, c0 + i, res, out, epilogue)
+        t += k
+
+
 @njit(inline="always", **JIT)
 def _rows_i16(qs, d, m, r0, r1, up, c0, xq, xd, xs, res, out, epilogue, per_pass, span):
     """Rows r0 .. r1 - 1 of W for every token into out's columns c0 + r - r0 (the swiglu's up row of
-    r: r + up). One token (a decode step): the rows' dots first into `span` (2 x CHUNK scratch of
-    this work item) in one call per span of rows (`row_span_i16`), then the epilogue."""
+    r: r + up). One token (a decode step): the rows' dots first into `span` (this work item's
+    scratch) in one call per span of rows (`row_span_i16`), then the epilogue."""
+    if _is_grouped(qs):
+        _group_rows(qs, d, m, r0, r1, up, c0, xq, xd, xs, res, out, epilogue, per_pass, span)
+        return
     if not _four_per_pass(per_pass) and out.shape[0] == 1:
         n = r1 - r0
         row_span_i16(qs, d, m, r0, r1, xq, xd, xs, 0, span[:n])
@@ -398,7 +475,7 @@ def siblings_matvec_i16(x, norm_w, eps, h, qa, da, ma, qb, db, mb, qc, dc, mc, x
         rmsnorm_into(x, norm_w, eps, h)
         src = h
     quantize_rows_i16(src, xq, xd, xs)
-    ra, rb, rc = qa.shape[0], qb.shape[0], qc.shape[0]
+    ra, rb, rc = _rows_of(qa), _rows_of(qb), _rows_of(qc)
     ca, cb = _part_chunks(ra), _part_chunks(rb)
     for c in prange(ca + cb + _part_chunks(rc)):
         if c < ca:
@@ -425,7 +502,7 @@ def dequant_rows(qs, d, m, r0, r1, tile):
 def dequant_matmul(x2, qs, d, m, tiles, out):
     """out = x2 @ W.T for a prefill: work item i dequantizes chunks i, i + items, ... of GEMM_ROWS
     weight rows into its own tile and multiplies each with BLAS on its own thread."""
-    rows, items, chunk = qs.shape[0], tiles.shape[0], tiles.shape[1]
+    rows, items, chunk = _rows_of(qs), tiles.shape[0], tiles.shape[1]
     chunks = (rows + chunk - 1) // chunk
     for it in prange(items):
         tile = tiles[it]
@@ -477,9 +554,10 @@ class Workspace:
         return xq[:n], xd[:n], xs[:n]
 
     def span(self, items):
-        """A [items, 2 x CHUNK] f32 scratch: each work item's row dots before their epilogue."""
+        """A [items, 2 x 8 x 16] f32 scratch: each work item's row dots (and a swiglu's up rows')
+        before their epilogue, for up to 8 tokens of a group (grouped.py)."""
         if self.sx.get("span") is None or self.sx["span"].shape[0] < items:
-            self.sx["span"] = np.empty((items, 2 * CHUNK), np.float32)
+            self.sx["span"] = np.empty((items, 2 * _HALF), np.float32)
         return self.sx["span"][:items]
 
     def sums(self, n, cols):
@@ -508,7 +586,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     alone (the matvec kernels compute rows independently; dense f32 weights go to BLAS one row at a
     time, since BLAS's result for a row may depend on how many rows it is given)."""
     n = x2.shape[0]
-    integer = INT_ACTIVATIONS and w.kind != "f32"
+    integer = (INT_ACTIVATIONS and w.kind != "f32") or w.grouped     # grouped: packed where INT_ACTIVATIONS
     if row_wise and n > 1 and w.kind == "f32":
         return _rows_one_by_one, (x2, w, out, ws, res, epilogue, norm, h)
     if (n > MATVEC_MAX_ROWS and not row_wise) or w.kind == "f32":   # dense f32 weights: BLAS is faster

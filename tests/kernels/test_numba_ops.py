@@ -115,7 +115,7 @@ def test_attention_softcap_and_window(seq, past, softcap, window):
 @pytest.mark.parametrize("int_dot", [True, False], ids=["i16-act", "f32-act"])
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
 @pytest.mark.parametrize("n", [1, 3, 20])
-@pytest.mark.parametrize("rows,cols", [(37, 64), (5, 96)])
+@pytest.mark.parametrize("rows,cols", [(37, 64), (5, 96), (48, 96)])     # 48: three groups of 16 rows
 def test_linear(qtype, n, rows, cols, int_dot, monkeypatch):
     if int_dot and not linear.INT_ACTIVATIONS:
         pytest.skip("no AVX2 here: the integer dot products are not used")
@@ -126,6 +126,7 @@ def test_linear(qtype, n, rows, cols, int_dot, monkeypatch):
     want = ref("linear", x, w)
     ws = linear.Workspace()
     p = linear.pack(w)
+    assert p.grouped == (int_dot and qtype is not None and rows % 16 == 0)       # grouped.py's layout
     out = np.empty((n, rows), np.float32)
     close_linear(linear.linear(x, p, out, ws), want)
     # epilogues: residual add, and a norm prologue
@@ -138,22 +139,24 @@ def test_linear(qtype, n, rows, cols, int_dot, monkeypatch):
 
 
 @pytest.mark.parametrize("n", [1, 2, 12])
-def test_linear_swiglu_stacked(n):
-    gf, uf = rand(29, 64), rand(29, 64)
+@pytest.mark.parametrize("rows", [29, 32])
+def test_linear_swiglu_stacked(n, rows):
+    gf, uf = rand(rows, 64), rand(rows, 64)
     g, u = quantize(gf, "q4_1"), quantize(uf, "q4_1")
     x = rand(n, 64)
     p = linear.pack([g, u])
-    assert p.splits == (29, 29) and packable_together([g, u])
-    got = linear.linear(x, p, np.empty((n, 29), np.float32), linear.Workspace(), epilogue=linear.EPI_SWIGLU)
+    assert p.splits == (rows, rows) and packable_together([g, u])
+    got = linear.linear(x, p, np.empty((n, rows), np.float32), linear.Workspace(), epilogue=linear.EPI_SWIGLU)
     close_linear(got, ref("swiglu", ref("linear", x, g), ref("linear", x, u)))
 
 
 @pytest.mark.parametrize("qtype", ["q4_0", "q4_1", "q8_0", None])
-def test_embedding_and_dequantize(qtype):
-    tf = rand(50, 64)
+@pytest.mark.parametrize("rows", [50, 64])
+def test_embedding_and_dequantize(qtype, rows):
+    tf = rand(rows, 64)
     t = quantize(tf, qtype) if qtype else tf
-    ids = np.array([0, 49, 7, 7], np.int64)
+    ids = np.array([0, rows - 1, 7, 7], np.int64)
     p = linear.pack(t)
     got = linear.embedding(p, ids, np.empty((4, 64), np.float32))
     np.testing.assert_allclose(got, ref("embedding", t, ids), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(p.dequantize(), ref("embedding", t, np.arange(50)), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(p.dequantize(), ref("embedding", t, np.arange(rows)), rtol=1e-6, atol=1e-6)
