@@ -73,7 +73,8 @@ def matvec(rows: int = 2816, cols: int = 1024, copies: int = 24, rounds: int = 1
 def rows(rounds: int = 5) -> None:
     """Per input row (token), on one thread, in CPU time (so other work on the machine skews it
     little): the integer matvec kernels (four tokens per pass over a weight row) against dequantize
-    + BLAS, at 1 to 256 rows: where `linear.MATVEC_MAX_ROWS` belongs."""
+    + BLAS, at 1 to 256 rows: where `linear.MATVEC_MAX_ROWS` belongs (q4_1 and q8_0 grouped for
+    the integer kernels, in rows for BLAS)."""
     import sys
     import time
 
@@ -91,8 +92,10 @@ def rows(rounds: int = 5) -> None:
     print(f"ms per token, one thread, CPU time, best of {rounds}; integer kernels / dequantize+BLAS")
     for fmt, shape in (("q4_k", (2816, 1024)), ("q5_0", (1536, 576)), ("q4_1", (1536, 576)), ("q8_0", (1536, 576))):
         wf = rng.standard_normal(shape).astype(np.float32)
-        p = linear.pack(quantize(wf, fmt) if fmt in ("q4_1", "q8_0")
-                        else QuantizedArray(fmt, wf.shape, ggml_ref.quantize(wf, T[fmt.upper()])))
+        qa = (quantize(wf, fmt) if fmt in ("q4_1", "q8_0")
+              else QuantizedArray(fmt, wf.shape, ggml_ref.quantize(wf, T[fmt.upper()])))
+        # grouped weights take the integer kernels at any row count: BLAS reads the row layout
+        packs = {True: linear.pack(qa), False: linear.pack(qa, group=False)}
         ws, cells = linear.Workspace(), []
         for n in (1, 4, 8, 16, 32, 64, 128, 256):
             x = rng.standard_normal((n, shape[1])).astype(np.float32)
@@ -106,7 +109,7 @@ def rows(rounds: int = 5) -> None:
                     linear.MATVEC_MAX_ROWS = threshold if integer else 0     # BLAS at any row count
                     try:
                         t0 = time.thread_time()
-                        linear.linear(x, p, out, ws, row_wise=integer)
+                        linear.linear(x, packs[integer], out, ws, row_wise=integer)
                         best[integer] = min(best.get(integer, 1e9), time.thread_time() - t0)
                     finally:
                         linear.MATVEC_MAX_ROWS = threshold

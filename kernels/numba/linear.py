@@ -15,20 +15,23 @@ Weights are repacked once, at load, into a layout whose inner loops vectorise (`
 block keeps its GGUF size (q4_1: 20 bytes per 32 weights; q4_0 grows from 18 to 20), and no fp32
 copy of a quantized matrix is ever kept. Where the integer kernels run (AVX2) and the rows come in
 whole groups of 16, q4 and q8 go one step further, into grouped.py's layout: the same bytes, 16 rows
-interleaved two weights at a time, so that a vector lane is a weight row (3-4x faster dots). Sibling linears that read the same input
-(Q, K and V; gate and up) are packed as one matrix by stacking rows (`pack([w1, w2, ...])`).
+interleaved two weights at a time, so that a vector lane is a weight row (3-4x faster dots).
+Sibling linears that read the same input (Q, K and V; gate and up) are packed as one matrix by
+stacking rows (`pack([w1, w2, ...])`).
 
 Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode, batched decode, short
-prefills) use the fused matvec kernels below: one parallel launch over weight rows, each block
-multiplied in registers (integer dot products with i16 or i8 activations on AVX2 hosts, f32
-elsewhere), four input rows per pass over a weight row where there are four (`_row_i16`; grouped
-weights: eight, four or one per pass over a group, `_group_rows`). More
-rows (prefill) dequantize `GEMM_ROWS` weight rows at a time into a tile per work item and multiply
-each tile with BLAS running single-threaded on that item's thread (`dequant_matmul`: one parallel
-launch, one thread pool; threads.py says why). Per token, one thread, CPU time, from 4 rows on:
-the integer kernels 0.062 ms (q4_k 2816x1024), 0.033 (q5_0 1536x576), 0.022 (q8_0); dequantize +
-BLAS 0.108 / 0.034 / 0.044 at 16 rows, 0.078 / 0.024 / 0.029 at 32, 0.050 / 0.015 / 0.016 at 256
-(`python benchmarks/bench_kquant_decode.py --rows`).
+prefills), and any number for grouped weights, use the fused matvec kernels below: one parallel
+launch over weight rows, each block multiplied in registers (integer dot products with i16 or i8
+activations on AVX2 hosts, f32 elsewhere), four input rows per pass over a weight row where there
+are four (`_row_i16`; grouped weights: eight, four or one per pass over a group, `_group_rows`).
+More rows (prefill) of the other formats dequantize `GEMM_ROWS` weight rows at a time into a tile
+per work item and multiply each tile with BLAS running single-threaded on that item's thread
+(`dequant_matmul`: one parallel launch, one thread pool; threads.py says why). Per token, one
+thread, CPU time (`python benchmarks/bench_kquant_decode.py --rows`): the integer kernels 0.055 ms
+(q4_k 2816x1024), 0.036 (q5_0 1536x576), 0.006-0.007 (q4_1 and q8_0 grouped, 1536x576) from 8
+rows on; dequantize + BLAS 0.121 / 0.040 / 0.045 at 16 rows, 0.055 / 0.017 / 0.016 at 256. So a
+grouped weight's prompt takes the integer kernels too (2.7x faster than BLAS at 256 rows), and its
+products are the same bits however the prompt is split.
 
 The raw-block formats' row primitives live in kquant.py and kquant_simd.py, the grouped ones in
 grouped.py, and are compiled into this file's kernels: Numba's cache keys each kernel on its own
@@ -589,7 +592,7 @@ def matvec_call(x2, w: Packed, out, ws: Workspace, *, res=None, epilogue=EPI_NON
     integer = (INT_ACTIVATIONS and w.kind != "f32") or w.grouped     # grouped: packed where INT_ACTIVATIONS
     if row_wise and n > 1 and w.kind == "f32":
         return _rows_one_by_one, (x2, w, out, ws, res, epilogue, norm, h)
-    if (n > MATVEC_MAX_ROWS and not row_wise) or w.kind == "f32":   # dense f32 weights: BLAS is faster
+    if (n > MATVEC_MAX_ROWS and not row_wise and not w.grouped) or w.kind == "f32":   # dense f32: BLAS
         return None
     res_arr = out if res is None else res
     if integer:
@@ -617,7 +620,8 @@ def siblings_call(x2, parts: list[Packed], out, ws: Workspace, *, norm=None, h=N
     siblings), and the caller makes one product per weight."""
     n = x2.shape[0]
     if (not INT_ACTIVATIONS or not 2 <= len(parts) <= 3 or any(p.kind == "f32" for p in parts)
-            or (n > MATVEC_MAX_ROWS and not row_wise) or len({p.cols for p in parts}) != 1):
+            or (n > MATVEC_MAX_ROWS and not row_wise and not all(p.grouped for p in parts))
+            or len({p.cols for p in parts}) != 1):
         return None
     xq, xd, xs = ws.act_i16(n, parts[0].cols, i8=any(p.kind in I8_FORMATS for p in parts),
                             i16=any(p.kind not in I8_FORMATS for p in parts))
