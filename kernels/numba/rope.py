@@ -129,15 +129,16 @@ def qkv_epilogue(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_out, v_
                        k_out[b], v_out[b], past + s, q_norm, k_norm, eps, cs, sn)
 
 
-@njit(**JIT)
+@njit(**PJIT)
 def qkv_epilogue_rows(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_addr, v_addr, capacity, pasts,
                       q_norm, k_norm, eps):
     """`qkv_epilogue` for a batched decode step: sequence b's caches are at addresses k_addr[b],
-    v_addr[b] ([n_kv, capacity, hd] each, kv_rows.py) and its rows go to pasts[b] onwards."""
+    v_addr[b] ([n_kv, capacity, hd] each, kv_rows.py) and its rows go to pasts[b] onwards. One
+    work item per sequence (a token's angles and rotations take ~3 us)."""
     nb, seq, hd = q_out.shape[0], q_out.shape[2], q_out.shape[3]
-    cs = np.empty(inv.shape[0], np.float32)
-    sn = np.empty(inv.shape[0], np.float32)
-    for b in range(nb):
+    for b in prange(nb):
+        cs = np.empty(inv.shape[0], np.float32)
+        sn = np.empty(inv.shape[0], np.float32)
         k_out = cache_at(k_addr[b], n_kv, capacity, hd)
         v_out = cache_at(v_addr[b], n_kv, capacity, hd)
         for s in range(seq):
