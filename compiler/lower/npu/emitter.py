@@ -13,6 +13,11 @@ implied by an earlier wait of the same engine is dropped), on the engine's own s
 valid serial order, so FORCE_SERIAL runs it too, and the simulator's race check passes by
 construction.
 
+Background work: `filler(engine, ready, start)`, if set, is called before each TENSOR, VECTOR or ACT
+instruction is emitted, with when that instruction could start by the estimated schedule; it may emit
+instructions first (the weight stream's unpacking, where VECTOR/ACT would otherwise idle: an in-order
+queue must not hold a layer's norm behind the next weights' conversion).
+
 Allocation is liveness-based: `alloc` takes bytes per partition from a first-fit free list and
 `free` gives them back once the value's last reader has been *emitted* (the reuse then waits for
 that reader through the footprint rule above). Every instruction carries the label of the graph
@@ -95,6 +100,9 @@ class Emitter:
         self._end: list[float] = []                 # per instruction: its estimated end (dependencies, queue, HBM share)
         self.spills: list[tuple[str, int]] = []      # (what, bytes) reported by the memory planner
         self.dma_queues = list(range(cfg.dma_queues))
+        # filler(engine, ready, start) -> bool: called before each TENSOR/VECTOR/ACT instruction is
+        # emitted, with when it could start; may emit background work first (WeightStream's unpacking)
+        self.filler = None
 
     # -- HBM --------------------------------------------------------------------------------------------
     def tensor(self, name: str, shape, dtype: str, kind: str = "input", align: int = 64) -> Hbm:
@@ -162,24 +170,22 @@ class Emitter:
             raise NpuError(f"{name}: unknown field(s) {', '.join(fields)}")
         ins = Instruction(name, args, self.current_label)
         engine = ins.engine
+        fps = footprints(name, args)
+        waits = self._conflicts(engine, fps)
+        if self.filler is not None and engine in ("tensor", "vector", "act"):
+            ready = max((self._end[j] for j in waits.values()), default=0.0)
+            start = max(ready, self.free_at.get(engine, 0.0))
+            filler, self.filler = self.filler, None      # (no filling from inside the filler)
+            try:
+                filled = filler(engine, ready, start)
+            finally:
+                self.filler = filler
+            if filled:
+                waits = self._conflicts(engine, fps)
         idx = len(self.records)
-        waits: dict[str, int] = {}
         boxes = self._boxes
-        for a, write in footprints(name, args):
-            info = boxes.get(a)
-            if info is None:
-                box = footprint_box(a)
-                psz = PAGE[a.space]
-                info = boxes[a] = (box, range(box[3] // psz, (box[4] - 1) // psz + 1), self._pages[a.space],
-                                   a.space != "hbm" or _dense(a))
-            box, keys, pages, can_cover = info
-            for k in keys:
-                lst = pages.get(k)
-                if lst:
-                    for acc in lst:
-                        if acc.engine != engine and (write or acc.write) and overlap(box, acc.box):
-                            if waits.get(acc.engine, -1) < acc.idx:
-                                waits[acc.engine] = acc.idx
+        for a, write in fps:
+            box, keys, pages, can_cover = boxes[a]
             new = _Access(box, write, engine, idx)
             for k in keys:
                 lst = pages.get(k)
@@ -214,17 +220,39 @@ class Emitter:
         self.free_at[engine] = end
         return idx
 
-    def _ready(self, *aps: AP) -> float:
-        """When the data `aps` read was last written, by the estimate `_end` (a static list schedule:
-        each instruction starts when its engine is free and what it reads is written)."""
-        t = 0.0
-        for a in aps:
+    def _box(self, a: AP):
+        info = self._boxes.get(a)
+        if info is None:
             box = footprint_box(a)
             psz = PAGE[a.space]
-            pages = self._pages[a.space]
-            for k in range(box[3] // psz, (box[4] - 1) // psz + 1):
+            info = self._boxes[a] = (box, range(box[3] // psz, (box[4] - 1) // psz + 1), self._pages[a.space],
+                                     a.space != "hbm" or _dense(a))
+        return info
+
+    def _conflicts(self, engine: str, fps) -> dict[str, int]:
+        """Per other engine, the last emitted instruction whose access conflicts with `fps`."""
+        waits: dict[str, int] = {}
+        for a, write in fps:
+            box, keys, pages, _ = self._box(a)
+            for k in keys:
+                lst = pages.get(k)
+                if lst:
+                    for acc in lst:
+                        if acc.engine != engine and (write or acc.write) and overlap(box, acc.box):
+                            if waits.get(acc.engine, -1) < acc.idx:
+                                waits[acc.engine] = acc.idx
+        return waits
+
+    def ready_for(self, reads=(), writes=()) -> float:
+        """When an instruction reading `reads` and writing `writes` could start by the estimate `_end` (a
+        static list schedule: each instruction starts when its engine is free and what it touches is no
+        longer used by an earlier conflicting access, on any engine)."""
+        t = 0.0
+        for a, write in [(a, False) for a in reads] + [(a, True) for a in writes]:
+            box, keys, pages, _ = self._box(a)
+            for k in keys:
                 for acc in pages.get(k, ()):
-                    if acc.write and acc.idx < len(self._end) and self._end[acc.idx] > t and overlap(box, acc.box):
+                    if (write or acc.write) and self._end[acc.idx] > t and overlap(box, acc.box):
                         t = self._end[acc.idx]
         return t
 
@@ -234,9 +262,9 @@ class Emitter:
         instruction's length, closer than the estimate can tell apart (both engines idle, waiting for
         its inputs, say): then the one with the fewer busy cycles so far, which keeps the two balanced."""
         cfg = self.cfg
-        ready = self._ready(*srcs)
-        ev = max(ready, self.free_at.get("vector", 0.0)) + elems / cfg.vector_elems_per_cycle + cfg.vector_fixed_cycles
-        ea = max(ready, self.free_at.get("act", 0.0)) + elems / cfg.act_elems_per_cycle + cfg.act_fixed_cycles
+        ready = self.ready_for(reads=srcs)
+        ev = max(ready, self.free_at.get("vector", 0.0)) + self.cost("vector", elems)
+        ea = max(ready, self.free_at.get("act", 0.0)) + self.cost("act", elems)
         if abs(ev - ea) <= elems / 4:
             ev = self.busy.get("vector", 0.0) + cfg.vector_fixed_cycles
             ea = self.busy.get("act", 0.0) + cfg.act_fixed_cycles
@@ -305,10 +333,17 @@ class Emitter:
             return self.act(dst, src)
         return self.emit("copy", dst, src)
 
-    def dequant(self, dst: AP, src: AP, scale: AP, zero: AP, group: int, packed: int) -> int:
-        """Weight dequantisation on VECTOR or ACT, whichever would finish it first."""
+    def dequant(self, dst: AP, src: AP, scale: AP, zero: AP, group: int, packed: int, engine: str | None = None) -> int:
+        """Weight dequantisation on VECTOR or ACT, whichever would finish it first unless `engine` says."""
         return self.emit("dequant", dst, src, scale, zero, group=group, packed=packed,
-                         engine=self._pick(dst.free_elems, src, scale, zero))
+                         engine=engine or self._pick(dst.free_elems, src, scale, zero))
+
+    def cost(self, engine: str, elems: int) -> float:
+        """Estimated cycles of a VECTOR or ACT instruction streaming `elems` per partition."""
+        cfg = self.cfg
+        if engine == "act":
+            return elems / cfg.act_elems_per_cycle + cfg.act_fixed_cycles
+        return elems / cfg.vector_elems_per_cycle + cfg.vector_fixed_cycles
 
     # -- the program --------------------------------------------------------------------------------------
     def build(self) -> Program:

@@ -21,6 +21,7 @@ being read waits for those matmuls (the emitter derives that wait from the footp
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -213,14 +214,42 @@ def piece_cols_for(k: int, n: int, parts: int, dtype: str, budget: int, fmt: str
 # 90.7 % of peak and the SmolLM2 decode step at 1.12x its roofline; 128 KB ones give 95.1 % and
 # 1.04x (64 KB: 95.3 %, 1.05x: more DMA latencies in flight; docs/npu-performance.md).
 LOAD_BYTES = 128 * 1024
-LOOKAHEAD = 1
+# A quantized piece is converted to bf16 in units of about this many PE-array widths of values a
+# partition (whole K tiles of the piece, or one K tile by some of its outputs), in the order its matmuls
+# read them. Measured (decode steps, bf16; docs/npu-performance.md): on `core` units of 512 values give
+# int8 923k / q4 939k cycles, 256 ones 924k / 941k with VECTOR busier than the tensor engine, one K tile
+# by the piece's whole width 940k / 979k; on `edge` (32 wide) 128 give int8 10.38M, 512 10.97M.
+UNIT_WIDTHS = 4
+
+
+@dataclass
+class _Unit:
+    """The conversion of K tiles t:t1, outputs a:b (of the piece) of a quantized piece into its bf16 tile
+    (several K tiles only with every output of the piece)."""
+    key: tuple                   # consumption order: (pieces added together, K tile, which of them, a)
+    w: PackedWeight
+    pc: Piece
+    t: int
+    t1: int
+    a: int
+    b: int
+    ready: float                 # when its inputs are loaded and its bytes free, by the emitter's estimate
+    qt: Tile                     # the staging tile of the piece's stored values
 
 
 @dataclass
 class WeightStream:
     """Loads weight pieces into an SBUF ring in the order they are `add`ed (the program's consumption
     order), as far ahead as the ring holds; `release` frees a piece's bytes once every matmul reading
-    it has been emitted (a piece used again later is added again)."""
+    it has been emitted (a piece used again later is added again).
+
+    A quantized piece's conversion to bf16 (VECTOR or ACT: int8/fp8 a converting copy, q4 an unpacking
+    `dequant`; both exact, the scales apply to the products) is split into units (UNIT_WIDTHS). The
+    emitter calls `_fill` before each compute instruction: units go, in consumption order, onto VECTOR
+    or ACT wherever they end before that instruction could start, so they never delay it (the engines
+    are in-order queues: a layer's norms and epilogues must not wait behind the next weights'
+    unpacking), and run as far ahead as the ring holds pieces; `need` emits, on the engine to finish it
+    first, a unit a matmul reads that is still pending; `acquire` (by default) a whole piece's."""
 
     em: Emitter
     ring: Tile                       # a byte tile [parts, capacity]
@@ -229,9 +258,14 @@ class WeightStream:
     _pos: int = 0                    # ring byte offset of the next load
     _live: dict = field(default_factory=dict)    # order index -> (lo, hi) ring bytes
     _where: dict = field(default_factory=dict)   # id(piece) -> order index it was loaded as
-    _pending: dict = field(default_factory=dict)  # order index -> its dequantisation, not yet emitted
+    _group: list = field(default_factory=list)   # per order entry: (first entry added with it, position)
+    _units: list = field(default_factory=list)   # pending conversion units, by key
+    _of: dict = field(default_factory=dict)      # id(piece) -> its pending units
     _unit_tile: Tile | None = None   # q4 unpacking's constants (`_unit`)
     queues: list[int] | None = None  # the DMA queues its loads take (default: the emitter's choice of all)
+
+    def __post_init__(self):
+        self.em.filler = self._fill
 
     def _queue(self) -> int | None:
         if self.queues is None:
@@ -245,9 +279,12 @@ class WeightStream:
     def add(self, *ws: PackedWeight) -> None:
         """Weights consumed together (gate and up) interleave piece by piece; lo parts follow their hi."""
         for pcs in zip(*(w.pieces for w in ws)):
+            first = len(self.order)
             for w, pc in zip(ws, pcs):
+                self._group.append((first, len(self.order) - first))
                 self.order.append((w, pc))
                 if w.lo is not None:
+                    self._group.append((first, len(self.order) - first))
                     self.order.append((w.lo, w.lo.pieces[w.pieces.index(pc)]))
 
     def _slot(self) -> tuple[int, int]:
@@ -270,7 +307,7 @@ class WeightStream:
         pc.tile = Tile("sbuf", w.dtype, 0, w.parts, self.ring.offset + lo, (w.kt, pc.o1 - pc.o0))
         cols = pc.o1 - pc.o0
         if w.fmt != "bf16":
-            self._pending[self._next] = self._load_quantized(w, pc, self.ring.offset + lo + pc.tile.nbytes)
+            self._load_quantized(w, pc, self.ring.offset + lo + pc.tile.nbytes, self._group[self._next])
         else:
             self._load_plain(w, pc, cols)
         pc.loaded = True
@@ -300,13 +337,9 @@ class WeightStream:
                 self.em.memset(self._unit_tile[:, i:i + 1], v)
         return self._unit_tile
 
-    def _load_quantized(self, w: PackedWeight, pc: Piece, stage: int):
+    def _load_quantized(self, w: PackedWeight, pc: Piece, stage: int, group_pos: tuple[int, int]) -> None:
         """DMA the stored values (and int8/q4's block scales) into staging behind the piece's bf16 tile
-        now; return the conversion of each K group into the tile (VECTOR or ACT: int8/fp8 a converting
-        copy, q4 an unpacking `dequant`; both exact: the scales apply to the products, in `linear`),
-        which `acquire` emits just before the piece is needed: emitted with the load, it would sit in
-        the in-order VECTOR/ACT queues ahead of the current layer's epilogues and norms, waiting for
-        DMAs far ahead."""
+        now; queue the conversion units (see the class docstring)."""
         cols, parts, kt = pc.o1 - pc.o0, w.parts, w.kt
         em = self.em
         offs = w._staging(cols)
@@ -315,12 +348,11 @@ class WeightStream:
         qt = Tile("sbuf", STORAGE_DTYPE[w.fmt], 0, parts, stage + offs[0], (kt, qcols))
         qoff = pc.offset // 2 if q4 else pc.offset
         group = max(1, LOAD_BYTES // (parts * qcols * DTYPES[qt.dtype].size))
-        unit = self._unit() if q4 or w.qoffset else None
-        steps = []
+        if q4 or w.qoffset:
+            self._unit()
 
         def load(rows: int, t0: int, t1: int, qsrc: int, row_stride: int):
             em.dma(qt[0:rows, t0:t1, :], w.qhbm.ap(qsrc, rows, row_stride * qcols // cols, [((t1 - t0) * qcols, 1)]), queue=self._queue())
-            steps.append((rows, t0, t1))
 
         with em.label(w.label):
             if w.fmt in BLOCKED:          # the piece's block scales (and mins): [parts, chunks, nbp]
@@ -337,21 +369,77 @@ class WeightStream:
                 load(parts, t0, t1, qoff + t0 * qcols, (kt - 1) * cols)
             kf = (kt - 1) * parts       # the last, partial K tile is stored after the full ones
             load(w.kp, kt - 1, kt, qoff + kf * qcols, cols)
+        first, pos = group_pos
+        elems = UNIT_WIDTHS * em.cfg.pe_cols
+        per = max(1, elems // cols)                  # whole K tiles a unit (the last, partial one alone)
+        spans = [(t0, min(kt - 1, t0 + per)) for t0 in range(0, kt - 1, per)] + [(kt - 1, kt)]
+        for t0, t1 in spans:
+            step = cols if t1 - t0 > 1 else max(2, elems // 2 * 2)
+            for a in range(0, cols, step):
+                u = _Unit((first, t0, pos, a), w, pc, t0, t1, a, min(cols, a + step), 0.0, qt)
+                dst, src = self._aps(u)
+                u.ready = em.ready_for(reads=[src], writes=[dst])
+                bisect.insort(self._units, u, key=lambda v: v.key)
+                self._of.setdefault(id(pc), []).append(u)
 
-        def emit():
-            with em.label(w.label):
-                for rows, t0, t1 in steps:
-                    dst, src = pc.tile[0:rows, t0:t1, :], qt[0:rows, t0:t1, :]
-                    if q4 or w.qoffset:             # q4: unpack; int8 with a zero point: q + 128
-                        n = (t1 - t0) * cols
-                        zcol = 2 if w.qoffset == 128 else 1
-                        em.dequant(dst, src, unit[0:rows, 0:1], unit[0:rows, zcol:zcol + 1], group=n, packed=int(q4))
-                    else:
-                        em.copy(dst, src)
-        return emit
+    def _aps(self, u: _Unit):
+        rows = u.w.parts if u.t < u.w.kt - 1 else u.w.kp
+        qa, qb = (u.a // 2, u.b // 2) if u.w.fmt == "q4" else (u.a, u.b)
+        return u.pc.tile[0:rows, u.t:u.t1, u.a:u.b], u.qt[0:rows, u.t:u.t1, qa:qb]
 
-    def acquire(self, w: PackedWeight, pc: Piece) -> Tile:
-        """Make sure `pc` is loaded (and as many later pieces as the ring holds); its tile."""
+    def _ends(self, u: _Unit) -> dict[str, float]:
+        """When VECTOR and ACT would finish unit `u`, by the emitter's estimate."""
+        em = self.em
+        n = (u.b - u.a) * (u.t1 - u.t)
+        return {e: max(em.free_at.get(e, 0.0), u.ready) + em.cost(e, n) for e in ("vector", "act")}
+
+    def _convert(self, u: _Unit, engine: str) -> None:
+        w, em = u.w, self.em
+        dst, src = self._aps(u)
+        with em.label(w.label):
+            if w.fmt == "q4" or w.qoffset:          # q4: unpack; int8 with a zero point: q + 128
+                unit = self._unit()
+                rows = dst.count
+                zcol = 2 if w.qoffset == 128 else 1
+                em.dequant(dst, src, unit[0:rows, 0:1], unit[0:rows, zcol:zcol + 1], group=dst.free_elems,
+                           packed=int(w.fmt == "q4"), engine=engine)
+            else:
+                em.copy(dst, src, engine=engine)
+        self._units.remove(u)
+        self._of[id(u.pc)].remove(u)
+
+    def _force(self, units) -> None:
+        """Emit `units` now, each on the engine that would finish it first (no filling meanwhile)."""
+        filler, self.em.filler = self.em.filler, None
+        try:
+            for u in units:
+                ends = self._ends(u)
+                self._convert(u, min(ends, key=lambda e: (ends[e], self.em.busy.get(e, 0.0))))
+        finally:
+            self.em.filler = filler
+
+    def need(self, w: PackedWeight, pc: Piece, t: int, a: int, b: int) -> None:
+        """A matmul is about to read outputs a:b (of the piece) of K tile t: emit what is still pending."""
+        self._force([u for u in self._of.get(id(pc), ()) if u.t <= t < u.t1 and u.a < b and a < u.b])
+
+    def _fill(self, engine: str, ready: float, start: float) -> bool:
+        """Before an instruction on `engine` that could start at `start` (its inputs ready at `ready`):
+        emit pending units, in order, on VECTOR/ACT wherever they end by then (on its own engine: by
+        `ready`, so it is not delayed)."""
+        done = False
+        while self._units:
+            u = self._units[0]
+            ends = self._ends(u)
+            fits = [e for e in ends if ends[e] <= (ready if e == engine else start)]
+            if not fits:
+                break
+            self._convert(u, min(fits, key=ends.get))
+            done = True
+        return done
+
+    def acquire(self, w: PackedWeight, pc: Piece, convert: bool = True) -> Tile:
+        """Make sure `pc` is loaded (and as many later pieces as the ring holds); its tile. With
+        `convert`, a quantized piece's conversion is emitted now (else: by `need`, per K tile and outputs)."""
         while not pc.loaded:
             if self._next >= len(self.order):
                 raise ValueError(f"weight piece of {w.name} was never added to the stream")
@@ -360,15 +448,13 @@ class WeightStream:
             self._load_next()
         while self._fits_next():
             self._load_next()
-        i = self._where[id(pc)]
-        for j in range(i, i + LOOKAHEAD + 1):   # this piece's dequantisation, and the next one's to overlap its matmuls
-            emit = self._pending.pop(j, None)
-            if emit is not None:
-                emit()
+        if convert:
+            self._force(list(self._of.get(id(pc), ())))
         return pc.tile
 
     def release(self, w: PackedWeight, pc: Piece) -> None:
         """Every matmul reading `pc` has been emitted: its ring bytes may be reused."""
+        self._force(list(self._of.get(id(pc), ())))
         self._live.pop(self._where.pop(id(pc)))
         pc.loaded = False
         while self._fits_next():
