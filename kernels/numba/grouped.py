@@ -7,7 +7,8 @@ weights at a time, so that one i16 multiply-add of pairs (vpdpwssd, 512 bits) ta
 2k, 2k + 1 of all 16 rows against the same two activations, broadcast. A block is 16 of them into
 one <16 x i32> (exact), then one conversion and two FMAs give the 16 rows' block terms: about 20
 instructions for 512 multiply-adds. One token, one thread, 1536 x 576 q4_1: 7.6 us against 30.6 on
-the row layout; eight tokens 39 against 145 (`python benchmarks/bench_kquant_decode.py --groups`).
+the row layout; eight tokens (two passes of four) 39 against 145 (`python
+benchmarks/bench_kquant_decode.py --matvec` compares the layouts).
 
 Layouts (`group`): G = rows / 16 groups, nb = cols / 32 blocks.
 
@@ -21,7 +22,8 @@ its high nibbles the pair eight further on), and the activations' pair (2k, 2k +
 i32 and broadcast, is the other operand.
 
 Every token's dots are computed by the same instructions in the same order whichever kernel
-(one, four or eight tokens a pass) and whichever group and batch it is in: the integer sums are
+(one or four tokens a pass; eight a pass measured no faster than two passes of four, 39.3 against
+2 x 19.5 us, and cost compile time) and whichever group and batch it is in: the integer sums are
 exact, and each row's float terms accumulate in its own lane block after block. So a sequence's
 logits are bitwise the same alone, batched, or read in prompt parts of any size.
 
@@ -42,7 +44,7 @@ from isthmus.kernels.numba.kquant_simd import WIDE
 from isthmus.kernels.numba.simd import HAVE_VNNI, StrictFloats, _array_parts, _fma, _row_ptr, _x86, f16_to_f32
 
 GROUP = 16           # weight rows per group: the lanes of a <16 x i32>
-MAX_TOKENS = 8       # tokens a pass at most (the scratch a caller gives holds this many)
+MAX_TOKENS = 4       # tokens a pass at most (the scratch a caller gives holds this many)
 
 
 def group(kind: str, qs: np.ndarray, d: np.ndarray, m: np.ndarray):
@@ -193,8 +195,8 @@ def _make(bits: int, tokens: int, chains: int):
     return intrinsic(typer)
 
 
-q4_dots1, q4_dots4, q4_dots8 = _make(4, 1, 4), _make(4, 4, 2), _make(4, 8, 1)
-q8_dots1, q8_dots4, q8_dots8 = _make(8, 1, 4), _make(8, 4, 2), _make(8, 8, 1)
+q4_dots1, q4_dots4 = _make(4, 1, 4), _make(4, 4, 2)
+q8_dots1, q8_dots4 = _make(8, 1, 4), _make(8, 4, 2)
 
 
 @njit(inline="always", **JIT)
@@ -225,9 +227,6 @@ def dots4(qs, d, m, g, xq, xd, xs, t, dst, at):
     """`dots1` of tokens t .. t + 3 into dst[at:at + 64], each bitwise its one-token dots."""
 
 
-def dots8(qs, d, m, g, xq, xd, xs, t, dst, at):
-    """`dots1` of tokens t .. t + 7 into dst[at:at + 128], each bitwise its one-token dots."""
-
 
 def _by_type(q4, q8):
     def impl(qs, d, m, g, xq, xd, xs, t, dst, at):
@@ -238,4 +237,3 @@ def _by_type(q4, q8):
 
 overload(dots1)(_by_type(q4_dots1, q8_dots1))
 overload(dots4)(_by_type(q4_dots4, q8_dots4))
-overload(dots8)(_by_type(q4_dots8, q8_dots8))

@@ -23,7 +23,7 @@ Dispatch rule (`linear`): up to `MATVEC_MAX_ROWS` input rows (decode, batched de
 prefills), and any number for grouped weights, use the fused matvec kernels below: one parallel
 launch over weight rows, each block multiplied in registers (integer dot products with i16 or i8
 activations on AVX2 hosts, f32 elsewhere), four input rows per pass over a weight row where there
-are four (`_row_i16`; grouped weights: eight, four or one per pass over a group, `_group_rows`).
+are four (`_row_i16`; grouped weights: four or one per pass over a group, `_group_rows`).
 More rows (prefill) of the other formats dequantize `GEMM_ROWS` weight rows at a time into a tile
 per work item and multiply each tile with BLAS running single-threaded on that item's thread
 (`dequant_matmul`: one parallel launch, one thread pool; threads.py says why). Per token, one
@@ -393,18 +393,13 @@ def _rows_of_impl(qs):
 @njit(inline="always", **JIT)
 def _group_rows(qs, d, m, r0, r1, up, c0, xq, xd, xs, res, out, epilogue, per_pass, span):
     """`_rows_i16` of a grouped weight: r0 .. r1 - 1 are one group's rows (r0 a multiple of 16),
-    computed for 8, 4 or 1 tokens a pass into `span`, then stored through the epilogue."""
+    computed for 4 or 1 tokens a pass into `span`, then stored through the epilogue."""
     n = out.shape[0]
     g, gu = r0 // grouped.GROUP, (r0 + up) // grouped.GROUP
     swiglu = epilogue == EPI_SWIGLU
     t = 0
     while t < n:
-        if _four_per_pass(per_pass) and t + 8 <= n:
-            k = 8
-            grouped.dots8(qs, d, m, g, xq, xd, xs, t, span, 0)
-            if swiglu:
-                grouped.dots8(qs, d, m, gu, xq, xd, xs, t, span, _HALF)
-        elif _four_per_pass(per_pass) and t + 4 <= n:
+        if _four_per_pass(per_pass) and t + 4 <= n:
             k = 4
             grouped.dots4(qs, d, m, g, xq, xd, xs, t, span, 0)
             if swiglu:
@@ -557,8 +552,8 @@ class Workspace:
         return xq[:n], xd[:n], xs[:n]
 
     def span(self, items):
-        """A [items, 2 x 8 x 16] f32 scratch: each work item's row dots (and a swiglu's up rows')
-        before their epilogue, for up to 8 tokens of a group (grouped.py)."""
+        """A [items, 2 x 4 x 16] f32 scratch: each work item's row dots (and a swiglu's up rows')
+        before their epilogue, for up to 4 tokens of a group (grouped.py)."""
         if self.sx.get("span") is None or self.sx["span"].shape[0] < items:
             self.sx["span"] = np.empty((items, 2 * _HALF), np.float32)
         return self.sx["span"][:items]
