@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import isthmus
+from isthmus.compiler.lower.npu.chunk_program import _mergeable
 from isthmus.compiler.lower.npu.llama_matcher import match_llama
 from isthmus.compiler.lower.npu.target import lower_npu
 from isthmus.compiler.lower.npu.tp_decoder import TpChip, shard_heads, tp_decode_figures
@@ -36,11 +37,22 @@ def test_shard_heads():
         shard_heads(4, 2, 8)
 
 
-@pytest.mark.parametrize("heads,kv,precision", [(8, 2, "bf16x3"), (9, 3, "f32"), (16, 4, "bf16")])
-def test_chip_decoder_matches_one_core_and_reference(heads, kv, precision):
-    model = tiny_llama_model(dict(CFG, n_heads=heads, n_kv_heads=kv), seed=0, layout="half")
+@pytest.mark.parametrize("heads,kv,precision,hd", [(8, 2, "bf16x3", 16), (9, 3, "f32", 16), (16, 4, "bf16", 16),
+                                                   (9, 3, "bf16x3", 32)])
+def test_chip_decoder_matches_one_core_and_reference(heads, kv, precision, hd):
+    wide = hd == 32
+    model = tiny_llama_model(dict(CFG, n_heads=heads, n_kv_heads=kv, head_dim=hd, hidden=288 if wide else 128,
+                                  ffn=1024 if wide else 256), seed=0, layout="half")
     exe = isthmus.compile(model, target="npu", config="chip", precision=precision, check_races=True)
     assert isinstance(exe, TpExecutable) and len(exe.chip.images) == 8
+    # head_dim 32: core 0's two heads (partition starts 0 and 32 of one chunk) share their score and p.V
+    # matmuls in a decode step (chunk_program._mergeable), and core 0 takes 32 hidden features fewer than
+    # the others' 128, core 1 the spare (tp_decoder.ffn_slices: two chunks of the MLP there, one elsewhere,
+    # so SBUF is laid out differently per core; the race check is on); head_dim 16 (starts 32 apart, half
+    # a 32-feature grain) neither
+    assert bool(_mergeable(exe.chip.images[0].slots, hd, 128)) == (heads == 9 and wide)
+    assert [img.spec.ffn for img in exe.chip.images] == ([96, 160, 128, 128, 128, 128, 128, 128] if heads == 9 and wide
+                                                         else [256 // 8] * 8)
     tp, other = exe.decoder(), exe.decoder()
     one = lower_npu(run_pipeline(model.graph), model=model, precision=precision, check_races=True).decoder()
     ref = isthmus.compile(model, target="reference").decoder()
@@ -48,9 +60,17 @@ def test_chip_decoder_matches_one_core_and_reference(heads, kv, precision):
     # a prompt chunk padded 5 -> 8, then decode steps; another conversation takes the chip in between
     for ids in ([5, 17, 99, 3, 42], [7], [8], [299]):
         got, alone, want = tp.step(ids), one.step(ids), ref.step(ids)
-        # the same products as one core; only the order of the partial sums' additions differs
-        assert np.abs(got - alone).max() <= 2e-5 * np.abs(alone).max()
-        assert np.abs(got - want).max() <= tol * np.abs(want).max()
+        err, err_one = np.abs(got - want).max(), np.abs(alone - want).max()
+        if precision == "bf16" and len(ids) == 1:
+            # a decode step defers each norm's 1/rms past its linears (resident_kernels.RowScale): the chip
+            # rounds x * g to bf16 where one core rounds x / rms * g, so its bf16 error to the reference is
+            # its own, of one core's size (measured: 0.80x-1.31x of it over these steps)
+            assert err <= 1.5 * err_one
+        else:
+            # the same products as one core; only the order of the partial sums' additions differs (and,
+            # for a decode step, where 1/rms multiplies: after the matmul, in fp32)
+            assert np.abs(got - alone).max() <= 2e-5 * np.abs(alone).max()
+        assert err <= tol * np.abs(want).max()
         other.step([1])
     assert tp.length == ref.length == 8 and other.length == 4
     assert set(exe.runtime.loaded) == {(8, 64), (1, 64)}
@@ -119,7 +139,7 @@ def test_chip_decode_step_timing_tiny():
     model = tiny_llama_model(CFG, seed=0, layout="half")
     spec = match_llama(run_pipeline(model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 256)
-    assert (f["cycles"], f["one_core_cycles"]) == (9_789, 10_346)      # too small to gain much: latency binds both
+    assert (f["cycles"], f["one_core_cycles"]) == (8_804, 10_346)      # too small to gain much: latency binds both
 
 
 @pytest.mark.slow
@@ -128,20 +148,20 @@ def test_chip_decode_step_smollm2(default_model):
     chip's HBM bound: the figures of docs/npu-performance.md ("Eight cores")."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096)
-    assert (f["cycles"], f["one_core_cycles"]) == (249_748, 1_101_937)
-    assert f["speedup"] >= 4.35             # 4.41x
-    assert f["hbm_ratio"] <= 1.92            # 1.88x; the issue's target is 1.5x: not met (see the docs)
+    assert (f["cycles"], f["one_core_cycles"]) == (224_420, 1_101_937)
+    assert f["speedup"] >= 4.85             # 4.91x
+    assert f["hbm_ratio"] <= 1.72            # 1.694x; the issue's target is 1.5x: not met (see the docs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights,cycles,bound", [("int8", 305_239, 76_725), ("q4", 304_610, 51_632)])
+@pytest.mark.parametrize("weights,cycles,bound", [("int8", 273_119, 76_725), ("q4", 272_700, 51_632)])
 def test_chip_decode_step_smollm2_quantized(default_model, weights, cycles, bound):
     """SmolLM2-135M's decode step on `chip` with the file's Q4_1 blocks (int8: in a byte; q4: as stored)
     sliced per core, against the chip's HBM bound for the step's bytes (docs/npu-performance.md)."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096, weights=weights)
     assert f["chip"].requantized == []
-    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 3.98x and 5.90x the bound
+    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 3.56x and 5.28x the bound
 
 
 @pytest.fixture(scope="module")

@@ -119,6 +119,9 @@ class Unit:
     query0: int          # the first query's index among this step's new tokens
     per_query: bool      # rows are queries (pcoef 1 in the causal mask) rather than heads
     row0: int = 0        # first row in a batch of units (a multiple of the PE partition alignment)
+    kparts: int | None = None   # partitions a score matmul contracts over (default: min(hd, partitions))
+    row_out: bool = False       # `out` holds one [hd, 1] AP per row (head) instead of one per tile of hd
+    chunks: tuple[int, int] = (0, 0)    # (decode) the q chunks [ca, cb) its heads sit in
 
 
 def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C: int, new: int, scale: float,
@@ -142,8 +145,9 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
         kb = k1 - k0
         S = em.psum((kb,), parts=M)
         for u in units:
+            kq = u.kparts or kp
             for t, (q, kc) in enumerate(zip(u.q, u.kchunks)):
-                em.matmul(S[u.row0:u.row0 + u.m, :], q, Kw[u.start:u.start + kp, kc, k0:k1], acc=t > 0)
+                em.matmul(S[u.row0:u.row0 + u.m, :], q, Kw[u.start:u.start + kq, kc, k0:k1], acc=t > 0)
         L = em.sbuf((kb,), "f32", parts=M, what="scores")
         if bias is not None:
             em.tt(L[0:M, :], S[0:M, :], bias[0:M, k0:k1], "add")
@@ -212,5 +216,8 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
         return Of
     for u in units:
         for t, out in enumerate(u.out):
-            em.transpose(out, Of[u.row0:u.row0 + u.m, t * kp:(t + 1) * kp])
+            if u.row_out:
+                em.transpose(out, Of[u.row0 + t:u.row0 + t + 1, 0:hd])
+            else:
+                em.transpose(out, Of[u.row0:u.row0 + u.m, t * kp:(t + 1) * kp])
     em.free(Of)

@@ -36,7 +36,8 @@ from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
 from isthmus.compiler.lower.npu.quant_weights import BLOCKED
-from isthmus.compiler.lower.npu.resident_kernels import Act, Consts, linear, linear_rows, new_act, rmsnorm, split_into
+from isthmus.compiler.lower.npu.resident_kernels import (Act, Consts, RowScale, linear, linear_rows, new_act, rmsnorm,
+                                                         split_into)
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
 from isthmus.errors import NpuError
 from isthmus.npu.config import NpuConfig
@@ -342,6 +343,9 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
     consts = Consts(em)
 
     # -- resident SBUF ------------------------------------------------------------------------------
+    # first: the all-reduce's receive slots, which peers write at this core's offsets of their own
+    # (the same on every core only ahead of the tiles whose sizes differ between cores)
+    reduce_slots = tp.slots(em, D, P) if tp is not None else None
     x = new_act(em, D, P, "f32", "residual stream")
     h = new_act(em, D, P, wdt, "normed", split)
     qT = new_act(em, sl.q_rows, P, adt, "q")
@@ -381,7 +385,6 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
     lg = new_act(em, Vh, nl, "f32", "logits") if batched else None
     # logits over 1/8 of SBUF (edge: 6 KB a partition for SmolLM2's 49,152) go to HBM a PSUM group at a time
     stream_logits = not batched and -(-Vh // NP) * 4 > cfg.sbuf_bytes_per_partition // 8
-    reduce_slots = tp.slots(em, D, P) if tp is not None else None
     rot = em.sbuf((NP,), adt, what="rotation")
     idx = em.sbuf((nb, 2), "i32", what="ids, positions")
     reserve = 8 * nc * P + 4 * 2 * NP * 4 + cfg.sbuf_bytes_per_partition // 8     # core: 24 KB of scratch
@@ -461,6 +464,25 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         sb = Kws[seq][st:st + n, j, w0:w0 + c1 - c0]
         em.dma(hb, sb) if store else em.dma(sb, hb)
 
+    # a tensor-parallel decode step defers each layer norm's 1/rms past the linears it feeds (RowScale): on
+    # the chip the norm follows an all-reduce on the critical path; one core streams weights slower than
+    # it computes, and keeps the plain rmsnorm
+    defer = tp is not None and P == 1 and not batched
+
+    def norm(g: Tile, eps: float) -> RowScale | None:
+        """h = rmsnorm(x) * g, or h = x * g and the deferred 1/rms (`defer`)."""
+        if defer:
+            return RowScale(em, consts, x, g, eps, h, mm_dtype=adt)
+        rmsnorm(em, consts, x, g, eps, h, mm_dtype=adt)
+        return None
+
+    # (tensor-parallel decode) heads of one kv group in one chunk at different partition starts share one
+    # score matmul and one p.V matmul: each head's q^T in its own column of a zeroed [P, heads] tile
+    merged = _mergeable(sl, hd, NP) if defer else []
+    for grp in merged:
+        grp["qd"] = em.sbuf((1, len(grp["starts"])), adt, what="q, one head a column")
+        em.memset(grp["qd"].ap(), 0.0)
+
     scale = spec.scale
     for L, lw in zip(spec.layers, img.weights):
         l = L.index
@@ -475,26 +497,35 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
                     v_rows(l, cmax - C + Pw, cmax, Pw, False, seq)
         with em.label(L.attn_norm.outputs[0].name):
             lnorm = load_norms(2 * l, 2)
-            rmsnorm(em, consts, x, _norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"], h, mm_dtype=adt)
+            rs = norm(_norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"])
         with shared_input(em, h) if share else contextlib.nullcontext():   # (blocked weights: x per block once)
             with em.label(L.q.outputs[0].name):
-                linear(em, h, lw["q"], stream, qT)
+                linear(em, h, lw["q"], stream, qT, scale=rs)
             with em.label(L.k.outputs[0].name):
-                linear(em, h, lw["k"], stream, kT)
-        with em.label(L.v.outputs[0].name):
-            for b in range(nb):
-                r0, r1 = b * NP, min(P, (b + 1) * NP)
-                linear_rows(em, h, lw["v"], stream, Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH * DTYPES[adt].size,
-                                                          (GH,)), r0, r1)
-            for seq in range(S if batched else 0):     # sequence b's new row: slot 0 of its window
-                ch, pp = divmod(seq, NP)
-                em.dma(Vws[seq][0:1, 0, :], Vnew[pp:pp + 1, ch, :])
+                linear(em, h, lw["k"], stream, kT, scale=rs)
+
+        def v_linear():
+            with em.label(L.v.outputs[0].name):
+                for b in range(nb):
+                    r0, r1 = b * NP, min(P, (b + 1) * NP)
+                    linear_rows(em, h, lw["v"], stream, Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH *
+                                                              DTYPES[adt].size, (GH,)), r0, r1, scale=rs)
+                if rs is not None:
+                    rs.free()
+                for seq in range(S if batched else 0):     # sequence b's new row: slot 0 of its window
+                    ch, pp = divmod(seq, NP)
+                    em.dma(Vws[seq][0:1, 0, :], Vnew[pp:pp + 1, ch, :])
+
+        if not defer:
+            v_linear()
         with em.label(L.q_rope.outputs[0].name):
             rope(em, qT, qr.tile, rot, cosT, sinT)
         with em.label(L.k_rope.outputs[0].name):
             rope(em, kT, Knew, rot, cosT, sinT)
             for seq in range(S if batched else 0):     # sequence b's new key: column 0 of its window
                 em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
+        if defer:               # after the rotary matmuls: its VECTOR chain runs beside v's, not after them
+            v_linear()
         with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first
             for seq in range(S):
                 for piece in sorted((p for p in kpieces if p[5]), key=lambda p: (p[0], p[1])):
@@ -509,6 +540,8 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         with em.label(L.attn.outputs[0].name):
             for seq in range(S if batched or P == 1 else 0):
                 units = _units(sl, qr, attnT, hd, 1, col=seq)
+                if merged:
+                    units = _merge(em, units, merged, qr, attnT, hd)
                 # decode: units at aligned rows, one softmax for all of them
                 align = cfg.pe_partition_align
                 batch, top = [], 0
@@ -532,20 +565,27 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             else:
                 tp.reduce_linear(em, attnS, lw["o"], stream, x, reduce_slots, 2 * l)
         with em.label(L.ffn_norm.outputs[0].name):
-            rmsnorm(em, consts, x, _norm_tile(lnorm, 1, nc, NP), L.ffn_norm.attrs["eps"], h, mm_dtype=adt)
+            rs = norm(_norm_tile(lnorm, 1, nc, NP), L.ffn_norm.attrs["eps"])
             if not norms_resident:
                 em.free(lnorm)
-        with em.label(L.gate.outputs[0].name):
-            linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"])
+        with em.label(L.gate.outputs[0].name):           # (a deferred 1/rms: the gate's here, the up's in down)
+            linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"], scale=rs, group=1 if defer else None)
         with em.label(L.down.outputs[0].name):
             if tp is None:
-                linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x)
+                linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x, scale=rs)
             else:
-                tp.reduce_linear(em, a, lw["down"], stream, x, reduce_slots, 2 * l + 1)
+                tp.reduce_linear(em, a, lw["down"], stream, x, reduce_slots, 2 * l + 1, scale=rs, k_outer=defer)
+            if rs is not None:
+                rs.free()
     hl = new_act(em, D, nl, wdt, "last row", split)
+    rs = None
     with em.label(spec.final_norm.outputs[0].name):
-        rmsnorm(em, consts, x, _norm_tile(load_norms(2 * Lc, 1), 0, nc, NP), spec.final_norm.attrs["eps"], hl,
-                P - nl, P, mm_dtype=adt)
+        if defer and not stream_logits:
+            rs = RowScale(em, consts, x, _norm_tile(load_norms(2 * Lc, 1), 0, nc, NP), spec.final_norm.attrs["eps"],
+                          hl, mm_dtype=adt)
+        else:
+            rmsnorm(em, consts, x, _norm_tile(load_norms(2 * Lc, 1), 0, nc, NP), spec.final_norm.attrs["eps"], hl,
+                    P - nl, P, mm_dtype=adt)
 
     def logits_out(t: Tile, c0: int, c1: int) -> None:
         """Logit chunks [c0, c1) of every row, held in `t` from its chunk 0, to HBM."""
@@ -567,8 +607,10 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             linear(em, hl, img.head, stream, None, evict=evict_logits)
         else:
             lg = lg or new_act(em, Vh, nl, "f32", "logits")
-            linear(em, hl, img.head, stream, lg)
+            linear(em, hl, img.head, stream, lg, scale=rs)
             logits_out(lg.tile, 0, lg.chunks)
+            if rs is not None:
+                rs.free()
     prog = em.build()
     from isthmus.compiler.lower.npu.op_runner import memory_report
     prog.memory = memory_report(em)
@@ -578,6 +620,50 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
 
 def _norm_tile(norms: Tile, i: int, nc: int, NP: int) -> Tile:
     return Tile("sbuf", "f32", 0, NP, norms.offset + 4 * i * nc, (nc,))
+
+
+def _mergeable(sl: Slots, hd: int, NP: int) -> list[dict]:
+    """Groups of query heads a decode step can attend with one score matmul: one head each at several
+    partition starts of one q chunk, all of one kv group whose k^T copies sit at those starts of one k
+    chunk, the starts tiling a partition range with no gap (so every partition the matmul contracts over
+    holds a head's q or a zero against a live key): {"chunk", "starts", "group", "kchunk"}."""
+    if sl.hc > 1 or sl.stride != hd:
+        return []
+    H = len(sl.head_slot)
+    group = H // (max(g for row in sl.k_groups for g in row if g is not None) + 1)
+    kpos = {(g, i * sl.stride): j for j, row in enumerate(sl.k_groups) for i, g in enumerate(row) if g is not None}
+    by: dict[tuple, list[int]] = {}
+    for h, (c, s) in enumerate(sl.head_slot):
+        by.setdefault((c, h // group), []).append(s)
+    out = []
+    for (c, g), starts in sorted(by.items()):
+        starts = sorted(starts)
+        ks = {kpos.get((g, s)) for s in starts}
+        tiled = starts == list(range(starts[0], starts[-1] + hd, hd))
+        if len(starts) > 1 and len(ks) == 1 and None not in ks and tiled:
+            out.append({"chunk": c, "starts": starts, "group": g, "kchunk": ks.pop()})
+    return out
+
+
+def _merge(em: Emitter, units: list[Unit], merged: list[dict], qr: Act, attnT: Act, hd: int) -> list[Unit]:
+    """Replace the one-head units of each `_mergeable` group by one unit: copy each head's q^T into its
+    column of the group's zeroed tile (the zeros keep the heads apart in the shared contraction)."""
+    col = 0                                    # (tensor-parallel decode: one sequence, column 0)
+    single = {(u.group, u.start, u.chunks[0]): u for u in units if u.chunks[1] == u.chunks[0] + 1}
+    out = []
+    taken = set()
+    for grp in merged:
+        c, starts, qd = grp["chunk"], grp["starts"], grp["qd"]
+        if any((grp["group"], s, c) not in single for s in starts):
+            continue                                   # a head attended in a run of chunks: leave it
+        for i, s in enumerate(starts):
+            em.copy(qd[s:s + hd, 0, i:i + 1], qr.tile[s:s + hd, c, col:col + 1])
+            taken.add(id(single[grp["group"], s, c]))
+        s0 = starts[0]
+        out.append(Unit([qd[s0:starts[-1] + hd, 0, 0:len(starts)]],
+                        [attnT.tile[s:s + hd, c, col] for s in starts], [grp["kchunk"]], s0, grp["group"],
+                        len(starts), 0, False, kparts=starts[-1] + hd - s0, row_out=True))
+    return out + [u for u in units if id(u) not in taken]
 
 
 def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int, col: int = 0) -> list[Unit]:
@@ -600,7 +686,8 @@ def _units(sl: Slots, qr: Act, attnT: Act, hd: int, P: int, col: int = 0) -> lis
         out = [attnT.tile[s:s + kp, ca + j * H:cb + j * H, col] if not per_query
                else attnT.tile[s:s + kp, ca + j * H, r0:r1] for j in range(sl.hc)]
         ks = [kpos[(g, s)] + j * G for j in range(sl.hc)]
-        return Unit(q, out, ks, s, g, (r1 - r0) if per_query else cb - ca, r0 if per_query else 0, per_query)
+        return Unit(q, out, ks, s, g, (r1 - r0) if per_query else cb - ca, r0 if per_query else 0, per_query,
+                    chunks=(ca, cb))
 
     if P == 1:
         by = {}

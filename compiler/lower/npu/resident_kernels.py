@@ -109,7 +109,8 @@ class Consts:
 
 def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act, *, epilogue: str = "copy",
            residual: Act | None = None, bias: Tile | None = None, func: str = "identity",
-           up: PackedWeight | None = None, evict=None) -> Act:
+           up: PackedWeight | None = None, evict=None, scale: "RowScale | None" = None,
+           group: int | None = None, k_outer: bool = False) -> Act:
     """out^T = epilogue(W x^T) for every row of x. Epilogues: "copy", "bias" (per-feature bias tile
     [P, chunks]), "act" (func), "bias_act", "residual" (out = residual + W x; out may be residual),
     "swiglu" (out = silu(W x) * (U x), with U = `up`, a weight of the same shape).
@@ -120,10 +121,23 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
     costs two matmuls per weight tile instead of three.
 
     `evict(c0, c1, r0, r1, srcs)`, if given, takes each group of output chunks from PSUM instead of the
-    epilogue (`out` is then unused: the decoder streams the logits to HBM a group at a time)."""
+    epilogue (`out` is then unused: the decoder streams the logits to HBM a group at a time).
+
+    `scale` (a RowScale: x's deferred 1/rms, one row): the product is W x * scale, applied by the
+    eviction (the per-row scalar commutes with the matmul, so the matmuls need not wait for it); under
+    "swiglu" only the gate's, out = silu(W x * s) * (U x), and the caller owes the up's s to the consumer
+    (the down projection's `scale`).
+
+    `group`: at most this many output chunks per eviction (default: a PSUM bank's worth), so the first
+    chunks' epilogue runs beside the later chunks' matmuls; `k_outer`: the matmuls input chunk by input
+    chunk (every output chunk's accumulation advanced by one K tile at a time), so they can start on
+    x's first chunks while its last are still being evicted (a `group`ed linear before this one)."""
+    if evict is not None and scale is not None:
+        raise ValueError("a row scale applies to linear's own epilogue, not to an `evict`")
     if evict is None:
         def evict(c0, c1, r0, r1, srcs):
-            _epilogue(em, out, c0, c1, r0, r1, epilogue, residual, bias, func, srcs)
+            _epilogue(em, out, c0, c1, r0, r1, epilogue, residual, bias, func, srcs,
+                      None if scale is None else scale.ap())
     if w.fmt in BLOCKED:               # int8 / q4: scales per block of inputs (block_linear.py)
         from isthmus.compiler.lower.npu.block_linear import linear_blocked
         linear_blocked(em, x, [w] if up is None else [w, up], stream, out, evict)
@@ -150,32 +164,37 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
             rn = r1 - r0
             cols = 2 * rn if paired else rn
             g = max(1, (cfg.psum_bank_bytes // 4) // cols)
+            g = min(g, group or g)
             chunk_lo, chunk_hi = pc0.o0 // P, -(-pc0.o1 // P)
             for gc0 in range(chunk_lo, chunk_hi, g):
                 gc1 = min(chunk_hi, gc0 + g)
                 ps = [em.psum((gc1 - gc0, cols)) for _ in pairs]
                 for ww, pc, pt in zip(pairs, pcs, ps):
                     lpc = ww.lo.pieces[ww.pieces.index(pc)] if ww.lo is not None else None
-                    for c in range(gc0, gc1):
+                    order = [(c, t) for c in range(gc0, gc1) for t in range(ww.kt)]
+                    if k_outer:
+                        order.sort(key=lambda ct: ct[1])
+                    for i, (c, t) in enumerate(order):
                         m0, m1 = c * P, min(ww.n, (c + 1) * P)
                         dst = pt[0:m1 - m0, c - gc0, :]
-                        for t in range(ww.kt):
-                            kp = P if t < ww.kt - 1 else ww.kp
-                            sta = ww.stationary(pc, t, m0, m1)
-                            if not xsplit:
-                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
-                            elif paired:
-                                em.matmul(dst, sta, x.tile[0:kp, t, 0:2 * R], acc=t > 0)
-                                if lpc is not None:
-                                    em.matmul(pt[0:m1 - m0, c - gc0, 0:R], ww.lo.stationary(lpc, t, m0, m1),
-                                              x.tile[0:kp, t, 0:R], acc=True)
-                            elif lpc is None:
-                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
-                                em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
-                            else:
-                                em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
-                                em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
-                                em.matmul(dst, ww.lo.stationary(lpc, t, m0, m1), x.tile[0:kp, t, r0:r1], acc=True)
+                        kp = P if t < ww.kt - 1 else ww.kp
+                        sta = ww.stationary(pc, t, m0, m1)
+                        if not xsplit:
+                            em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                        elif paired:
+                            em.matmul(dst, sta, x.tile[0:kp, t, 0:2 * R], acc=t > 0)
+                            if lpc is not None:
+                                em.matmul(pt[0:m1 - m0, c - gc0, 0:R], ww.lo.stationary(lpc, t, m0, m1),
+                                          x.tile[0:kp, t, 0:R], acc=True)
+                        elif lpc is None:
+                            em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                            em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
+                        else:
+                            em.matmul(dst, sta, x.tile[0:kp, t, r0:r1], acc=t > 0)
+                            em.matmul(dst, sta, x.tile[0:kp, t, R + r0:R + r1], acc=True)
+                            em.matmul(dst, ww.lo.stationary(lpc, t, m0, m1), x.tile[0:kp, t, r0:r1], acc=True)
+                        if scale is not None and i == ww.kt - 1:    # the 1/rms chain's matmul after one
+                            scale.ap()                                  # chunk's worth, not after all
                 for ww, pt in zip(pairs, ps):
                     if ww.scale_tile is not None:      # fp8: the per-output scale, one per partition
                         em.tt(pt[:, :, :], pt[:, :, :], bcast(ww.scale_tile, gc0, gc1, 0, cols, "rows"), "mul")
@@ -195,13 +214,21 @@ def linear(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, out: Act,
     return out
 
 
-def _epilogue(em, out: Act, c0, c1, r0, r1, epilogue, residual, bias, func, srcs):
+def _epilogue(em, out: Act, c0, c1, r0, r1, epilogue, residual, bias, func, srcs, s=None):
     src = srcs[0]
+    if s is not None and epilogue not in ("copy", "residual", "swiglu"):
+        raise ValueError(f"a row scale with epilogue {epilogue}")
     if epilogue == "copy":
-        store(em, out, c0, c1, r0, r1, lambda d: em.copy(d, src))
+        store(em, out, c0, c1, r0, r1, lambda d: em.copy(d, src) if s is None else em.ts(d, src, "mul", s))
     elif epilogue == "residual":
         res = residual.tile[:, c0:c1, r0:r1]
+        if s is not None:
+            tmp = em.sbuf((c1 - c0, r1 - r0), "f32", what="scaled")
+            em.ts(tmp[:, :, :], src, "mul", s)
+            src = tmp[:, :, :]
         store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, src, res, "add"))
+        if s is not None:
+            em.free(tmp)
     elif epilogue == "bias":
         b = bcast(bias, c0, c1, r0, r1, "rows")
         store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, src, b, "add"))
@@ -215,7 +242,7 @@ def _epilogue(em, out: Act, c0, c1, r0, r1, epilogue, residual, bias, func, srcs
         store(em, out, c0, c1, r0, r1, lambda d: em.act(d, src, func=func))
     elif epilogue == "swiglu":
         tmp = em.sbuf((c1 - c0, r1 - r0), "f32", what="swiglu")
-        em.act(tmp[:, :, :], src, func="silu")
+        em.act(tmp[:, :, :], src, func="silu", scale=1.0 if s is None else s)
         store(em, out, c0, c1, r0, r1, lambda d: em.tt(d, tmp[:, :, :], srcs[1], "mul"))
         em.free(tmp)
     else:
@@ -223,9 +250,10 @@ def _epilogue(em, out: Act, c0, c1, r0, r1, epilogue, residual, bias, func, srcs
 
 
 def linear_rows(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, dst: Tile, r0: int, r1: int,
-                copy_engine: str | None = None) -> None:
+                copy_engine: str | None = None, scale: "RowScale | None" = None) -> None:
     """Rows r0:r1 (at most P) of y = x W^T in *row-major* layout: dst [rows on partitions, outputs],
-    with the weight as the moving operand (outputs up to one PSUM bank per matmul)."""
+    with the weight as the moving operand (outputs up to one PSUM bank per matmul). `scale`: as
+    linear's (one row: its value on partition 0)."""
     cfg = em.cfg
     P = cfg.partitions
     per = cfg.moving_max
@@ -248,23 +276,20 @@ def linear_rows(em: Emitter, x: Act, w: PackedWeight, stream: WeightStream, dst:
                 if split:
                     em.matmul(pt[0:r1 - r0, :], x.tile[0:kp, t, r0:r1], lpc.tile[0:kp, t, o0 - pc.o0:o1 - pc.o0],
                               acc=True)
-            em.copy(dst[0:r1 - r0, o0:o1], pt[0:r1 - r0, :], engine=copy_engine)
+            if scale is None:
+                em.copy(dst[0:r1 - r0, o0:o1], pt[0:r1 - r0, :], engine=copy_engine)
+            else:
+                em.act(dst[0:r1 - r0, o0:o1], pt[0:r1 - r0, :], scale=scale.ap(r1 - r0))   # (VECTOR: rope's)
             em.free(pt)
         stream.release(w, pc)
         if split:
             stream.release(w.lo, lpc)
 
 
-def rmsnorm(em: Emitter, consts: Consts, x: Act, g: Tile, eps: float, out: Act, r0: int = 0,
-            r1: int | None = None, mm_dtype: str = "bf16") -> Act:
-    """out[:, :, 0:n] = x[:, :, r0:r1] / sqrt(mean over features of x^2 + eps) * g (g: [P, chunks] f32).
-    The sum over features crosses partitions: VECTOR sums each partition's squares over the chunks,
-    then one ones-matrix matmul sums over the partitions and broadcasts the total to all of them."""
+def _rms_partial(em: Emitter, x: Act, r0: int, r1: int, mm_dtype: str) -> Tile:
+    """Each partition's sum of squares of x[:, :, r0:r1] over the chunks ([P, rows], mm_dtype)."""
     P = em.cfg.partitions
-    r1 = x.rows if r1 is None else r1
-    n = r1 - r0
-    nc = x.chunks
-    per_bank = em.cfg.psum_bank_bytes // 4
+    n, nc = r1 - r0, x.chunks
     sq = em.sbuf((nc, n), "f32", what="rmsnorm squares")
     em.act(sq[:, :, :], x.block(0, nc, r0, r1), func="square")
     last = x.parts(nc - 1)
@@ -273,17 +298,73 @@ def rmsnorm(em: Emitter, consts: Consts, x: Act, g: Tile, eps: float, out: Act, 
     part = em.sbuf((n,), mm_dtype, what="rmsnorm partial sums")
     em.reduce(part[:, :], sq.raw(0, P, 0, [(n, 1), (nc, n)]), "sum")
     em.free(sq)
+    return part
+
+
+def _rms_rstd(em: Emitter, consts: Consts, part: Tile, rstd: Tile, features: int, eps: float, mm_dtype: str) -> None:
+    """rstd[:, r] = 1 / sqrt(sum over partitions of part[:, r] / features + eps) on every partition: one
+    ones-matrix matmul sums over the partitions and broadcasts the total to all of them."""
+    P = em.cfg.partitions
+    n = part.shape[-1]
+    per_bank = em.cfg.psum_bank_bytes // 4
     ones = consts.ones(mm_dtype)
-    rstd = em.sbuf((n,), "f32", what="rmsnorm rstd")
     for q0 in range(0, n, per_bank):
         q1 = min(n, q0 + per_bank)
         ss = em.psum((q1 - q0,))
         em.matmul(ss[:, :], ones[0:P, 0:P], part[:, q0:q1])
-        em.act(rstd[:, q0:q1], ss[:, :], func="rsqrt", scale=1.0 / x.features, bias=eps)
+        em.act(rstd[:, q0:q1], ss[:, :], func="rsqrt", scale=1.0 / features, bias=eps)
         em.free(ss)
     em.free(part)
+
+
+def rmsnorm(em: Emitter, consts: Consts, x: Act, g: Tile, eps: float, out: Act, r0: int = 0,
+            r1: int | None = None, mm_dtype: str = "bf16") -> Act:
+    """out[:, :, 0:n] = x[:, :, r0:r1] / sqrt(mean over features of x^2 + eps) * g (g: [P, chunks] f32).
+    The sum over features crosses partitions: VECTOR sums each partition's squares over the chunks,
+    then one ones-matrix matmul sums over the partitions and broadcasts the total to all of them."""
+    r1 = x.rows if r1 is None else r1
+    n = r1 - r0
+    nc = x.chunks
+    part = _rms_partial(em, x, r0, r1, mm_dtype)
+    consts.ones(mm_dtype)                         # (built on first use: before rstd, as SBUF was laid out)
+    rstd = em.sbuf((n,), "f32", what="rmsnorm rstd")
+    _rms_rstd(em, consts, part, rstd, x.features, eps, mm_dtype)
     tmp = em.sbuf((nc, n), "f32", what="rmsnorm scaled")
     em.tt(tmp[:, :, :], x.block(0, nc, r0, r1), bcast(rstd, 0, nc, 0, n, "chunks"), "mul")
     store(em, out, 0, nc, 0, n, lambda d: em.tt(d, tmp[:, :, :], bcast(g, 0, nc, 0, n, "rows"), "mul"))
     em.free(tmp, rstd)
     return out
+
+
+class RowScale:
+    """rmsnorm with its 1/rms deferred past the matmuls it feeds (one row: a decode step). rmsnorm(x) W =
+    ((x * g) W) / rms(x): the per-row scalar commutes with the matmul, so `out` = x * g (one VECTOR
+    instruction after x lands) lets the linears start at once, while the 1/rms chain (squares, sum,
+    ones-matmul, rsqrt) runs beside them and only their evictions wait for it (`linear(..., scale=)`).
+    The ones-matmul and the rsqrt are emitted at the first `ap()`, which `linear` makes after its first
+    output chunk's matmuls: the tensor engine meets that matmul when its input is long ready, and the
+    rsqrt is done before the first eviction needs it.
+    Rounding: out is x * g rounded to the matmul dtype (rmsnorm rounds x / rms * g), and 1/rms scales
+    the fp32 product."""
+
+    def __init__(self, em: Emitter, consts: Consts, x: Act, g: Tile, eps: float, out: Act, mm_dtype: str = "bf16"):
+        if x.rows != 1:
+            raise ValueError("a deferred rmsnorm scale is per row: one row (a decode step) only")
+        self.em, self.consts, self.eps, self.mm_dtype, self.features = em, consts, eps, mm_dtype, x.features
+        nc = x.chunks
+        store(em, out, 0, nc, 0, 1, lambda d: em.tt(d, x.block(0, nc), bcast(g, 0, nc, 0, 1, "rows"), "mul"))
+        self.part = _rms_partial(em, x, 0, 1, mm_dtype)
+        self.rstd = em.sbuf((1,), "f32", what="rmsnorm rstd")
+        self.ready = False
+
+    def ap(self, parts: int | None = None):
+        """1/rms(x) as a per-partition scalar (every partition holds it; `parts` of them from 0)."""
+        if not self.ready:
+            _rms_rstd(self.em, self.consts, self.part, self.rstd, self.features, self.eps, self.mm_dtype)
+            self.ready = True
+        P = self.em.cfg.partitions
+        return self.rstd[0:parts or P, 0:1]
+
+    def free(self) -> None:
+        self.ap()
+        self.em.free(self.rstd)
