@@ -136,9 +136,9 @@ def qkv_epilogue_rows(qkv, pos, inv, interleaved, n_q, n_kv, rope_k, q_out, k_ad
     v_addr[b] ([n_kv, capacity, hd] each, kv_rows.py) and its rows go to pasts[b] onwards. One
     work item per sequence (a token's angles and rotations take ~3 us)."""
     nb, seq, hd = q_out.shape[0], q_out.shape[2], q_out.shape[3]
+    css = np.empty((nb, 2, inv.shape[0]), np.float32)      # each sequence's angles: one allocation a call
     for b in prange(nb):
-        cs = np.empty(inv.shape[0], np.float32)
-        sn = np.empty(inv.shape[0], np.float32)
+        cs, sn = css[b, 0], css[b, 1]
         k_out = cache_at(k_addr[b], n_kv, capacity, hd)
         v_out = cache_at(v_addr[b], n_kv, capacity, hd)
         for s in range(seq):
