@@ -130,7 +130,7 @@ def encrypt(plan: Plan, dek, read: Callable, write: Callable | None = None, *, f
             got.append(bytes(out[at + n:at + n + TAG_BYTES]))
             pos, at = pos + n, at + n + TAG_BYTES
         if fd is not None:
-            _pwrite_all(fd, out[:at], file_at + first * (plan.size + TAG_BYTES))
+            pwrite_all(fd, out[:at], file_at + first * (plan.size + TAG_BYTES))
         return got
 
     def drain_one() -> None:
@@ -204,7 +204,7 @@ class _Buffers:
 _buffers = _Buffers(KEEP_BYTES)
 
 
-def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+def pwrite_all(fd: int, view: memoryview, offset: int) -> None:
     while len(view):
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
