@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -36,8 +37,8 @@ from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
 from isthmus.compiler.lower.npu.quant_weights import BLOCKED
-from isthmus.compiler.lower.npu.resident_kernels import (Act, Consts, RowScale, linear, linear_rows, new_act, rmsnorm,
-                                                         split_into)
+from isthmus.compiler.lower.npu.resident_kernels import (Act, Consts, GateUp, RowScale, gate_up_rows, linear,
+                                                         linear_rows, new_act, rmsnorm, split_into)
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
 from isthmus.errors import NpuError
 from isthmus.npu.config import NpuConfig
@@ -156,7 +157,9 @@ class DecoderImage:
 
 
 def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
-                weights: str = "bf16") -> DecoderImage:
+                weights: str = "bf16", stack_gate_up: bool = False) -> DecoderImage:
+    """The decoder's packed weights and resident tensors for `cfg`. `stack_gate_up` (the chip's cores):
+    gate and up as one weight "gu" where that takes fewer output chunks (resident_kernels.gate_up_rows)."""
     from isthmus.compiler.lower.npu.quant_weights import choose_format
     from isthmus.kernels.numba.weight_pack import dequantize
     P = cfg.partitions
@@ -205,12 +208,18 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
             img.scale_chunks += -(-n // P)
         return w
 
+    gu_rows = gate_up_rows(spec.ffn, P) if stack_gate_up else None
     for L in spec.layers:
         i = L.index
-        img.weights.append({"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
-                            "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=o_map),
-                            "gate": pack(f"L{i}.gate", L.gate), "up": pack(f"L{i}.up", L.up),
-                            "down": pack(f"L{i}.down", L.down)})
+        lw = {"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
+              "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=o_map)}
+        if gu_rows is None:
+            lw.update(gate=pack(f"L{i}.gate", L.gate), up=pack(f"L{i}.up", L.up))
+        else:
+            lw["gu"] = pack(f"L{i}.gu", SimpleNamespace(inputs=[None, SimpleNamespace(
+                data=_stack(L.gate.inputs[1].data, L.up.inputs[1].data))], outputs=L.gate.outputs), rows=gu_rows)
+        lw["down"] = pack(f"L{i}.down", L.down)
+        img.weights.append(lw)
     # the output head is the layer 4 bits hurt most (SmolLM2's Q8_0 head requantized to q4: logits 17.5 %
     # off); under q4 it takes int8, as llama.cpp's Q4 presets keep output.weight at Q6_K or Q8_0
     img.head = pack("head", spec.head, option="int8" if weights == "q4" else weights)
@@ -250,6 +259,14 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
     res.append(("kcache", img.adt, (Lc, G, hd, cmax), None))
     res.append(("vcache", img.adt, (Lc, cmax, G * hd), None))
     return img
+
+
+def _stack(a, b):
+    """Two weights as stored, rows of `a` then rows of `b` (a GGUF tensor's raw blocks stay as they are)."""
+    from isthmus.compiler.quant import QuantizedArray
+    if isinstance(a, QuantizedArray) and isinstance(b, QuantizedArray) and a.qtype == b.qtype:
+        return QuantizedArray(a.qtype, (a.shape[0] + b.shape[0], a.shape[1]), np.concatenate([a.raw, b.raw]))
+    return np.concatenate([dense_f32(a), dense_f32(b)])
 
 
 def resident_values(img: DecoderImage, skip=()) -> dict:
@@ -401,7 +418,10 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         for _ in range(nb):                      # V is computed per block of 128 rows
             stream.add(lw["v"])
         stream.add(lw["o"])
-        stream.add(lw["gate"], lw["up"])
+        if "gu" in lw:
+            stream.add(lw["gu"])
+        else:
+            stream.add(lw["gate"], lw["up"])
         stream.add(lw["down"])
     stream.add(img.head)
 
@@ -569,7 +589,11 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             if not norms_resident:
                 em.free(lnorm)
         with em.label(L.gate.outputs[0].name):           # (a deferred 1/rms: the gate's here, the up's in down)
-            linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"], scale=rs, group=1 if defer else None)
+            if "gu" in lw:
+                linear(em, h, lw["gu"], stream, None, evict=GateUp(em, a, rs), scale=rs, group=1)
+            else:
+                linear(em, h, lw["gate"], stream, a, epilogue="swiglu", up=lw["up"], scale=rs,
+                       group=1 if defer else None)
         with em.label(L.down.outputs[0].name):
             if tp is None:
                 linear(em, a, lw["down"], stream, x, epilogue="residual", residual=x, scale=rs)

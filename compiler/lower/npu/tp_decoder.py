@@ -229,7 +229,7 @@ class TpChip:
         specs, self.vocab = core_specs(spec, n)
         self.spec = spec
         self.weights = weights
-        self.images = [build_image(s, self.cfg, precision, context, weights) for s in specs]
+        self.images = [build_image(s, self.cfg, precision, context, weights, stack_gate_up=True) for s in specs]
         self.requantized = sorted({w.name for img in self.images for w in [*(w for lw in img.weights
                                    for w in lw.values()), img.head] if w.fmt in BLOCKED
                                    and hasattr(_source(spec, w.name), "qtype")
@@ -284,7 +284,7 @@ def _source(spec, name: str):
     if name == "head":
         return spec.head.inputs[1].data
     layer, what = name.split(".")
-    return getattr(spec.layers[int(layer[1:])], what).inputs[1].data
+    return getattr(spec.layers[int(layer[1:])], "gate" if what == "gu" else what).inputs[1].data
 
 
 def tp_decode_figures(spec, window: int = 64, precision: str = "bf16", context: int = 256,
