@@ -417,7 +417,7 @@ class Bound:
         return lambda: np.ascontiguousarray(np.broadcast_to(np.asarray(env[v], np.int64).reshape(-1, s), (b, s)))
 
     def _bind_attention(self, st: Step):
-        from isthmus.kernels.numba.attention import BLAS_MIN_SEQ, attention_kv
+        from isthmus.kernels.numba.attention import attention_kv, row_kernel
 
         node = st.group.attrs["node"]
         qv, kv, vv = node.inputs
@@ -446,7 +446,7 @@ class Bound:
                       if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
 
         q_static = env.get(qv) if qv in self._owned else None
-        if cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ:
+        if cache is not None and q_static is not None and row_kernel(q_static.shape[2], hd, self.row_wise):
             # a decode binding: the kernel and its arguments fixed once, the dispatch rule inline
             # (attention_kv's, without its Python per call: a decode step makes one such call a layer)
             from isthmus.kernels.numba.attention import attention_rows

@@ -8,9 +8,9 @@ output is written as [batch, seq, heads * hd], i.e. with the transpose + reshape
 attention in a decoder folded in.
 
 Decode: one kernel over (batch, head, query) work items, each computing its scores, softmax and
-weighted sum of values in a row of `scratch` (no allocation). Prefill: per KV head and chunk of
-query rows, BLAS for the two products with the causal softmax in between, one parallel launch
-(`attention_kv` holds the dispatch rule).
+weighted sum of values in a row of `scratch` (no allocation). A prompt part: sixteen query rows
+in the vector lanes (attention_tiles.py); BLAS for head dimensions the tiles cannot take
+(`attention_kv` holds the dispatch rule, `row_kernel`).
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import numpy as np
 from numba import get_num_threads, njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
+from isthmus.kernels.numba.attention_tiles import LANES, TILES_MIN_SEQ, attention_tiles
 from isthmus.kernels.numba.kv_rows import batch_addresses, cache_at
+from isthmus.kernels.numba.simd import exp_f32
 from isthmus.kernels.numba.softmax import softmax_row
 from isthmus.kernels.numba.threads import serial_blas
 
@@ -126,6 +128,39 @@ def causal_softmax(scores, past, seq, causal):
             scores[r, t] = 0.0
 
 
+@njit(inline="always", **JIT)
+def _softmax_visible(sc, r, lo, n, scale, softcap):
+    """Row r of scores sc [rows, total] (C order, raw q.k): scaled (and soft-capped), softmax over
+    the visible keys lo .. n - 1, zero elsewhere. Direct row indexing, the capped and uncapped
+    loops apart, so that each pass vectorises."""
+    total = sc.shape[1]
+    mx = np.float32(-np.inf)
+    if softcap > 0:
+        for t in range(lo, n):
+            x = np.float32(np.tanh(sc[r, t] * scale / softcap)) * softcap
+            sc[r, t] = x
+            mx = max(mx, x)
+    else:
+        for t in range(lo, n):
+            x = sc[r, t] * scale
+            sc[r, t] = x
+            mx = max(mx, x)
+    if mx == np.float32(-np.inf):
+        mx = np.float32(0.0)
+    s = np.float32(0.0)
+    for t in range(lo, n):
+        e = exp_f32(sc[r, t] - mx)
+        sc[r, t] = e
+        s += e
+    inv = np.float32(1.0) / s if s > 0 else np.float32(0.0)
+    for t in range(lo, n):
+        sc[r, t] *= inv
+    for t in range(lo):
+        sc[r, t] = 0.0
+    for t in range(n, total):
+        sc[r, t] = 0.0
+
+
 @njit(**PJIT)
 def attention_blas(q4, k, v, past, causal, scale, out, row_chunk, softcap, window):
     """Prefill: for each KV head, its group's queries (q4 [batch, kv_heads, group * seq, hd], query
@@ -143,14 +178,7 @@ def attention_blas(q4, k, v, past, causal, scale, out, row_chunk, softcap, windo
         sc = np.dot(q4[b, h, r0:r1], k[b, h, :total].T)
         for r in range(r1 - r0):
             lo, n = _keys(past, (r0 + r) % seq, seq, causal, window)
-            for t in range(lo, n):
-                sc[r, t] = _score(sc[r, t], scale, softcap)
-            row = sc[r:r + 1, lo:n]        # a view: the softmax over the visible keys only
-            softmax_row(row, row, 0, n - lo)
-            for t in range(lo):
-                sc[r, t] = 0.0
-            for t in range(n, total):
-                sc[r, t] = 0.0
+            _softmax_visible(sc, r, lo, n, scale, softcap)
         o = np.dot(sc, v[b, h, :total])
         for r in range(r1 - r0):
             g, i = (r0 + r) // seq, (r0 + r) % seq
@@ -159,15 +187,26 @@ def attention_blas(q4, k, v, past, causal, scale, out, row_chunk, softcap, windo
                 out[b, i, col + j] = o[r, j]
 
 
-BLAS_MIN_SEQ = 16          # queries from which BLAS (as for the prefill's matmuls) wins
+BLAS_MIN_SEQ = 16          # queries from which BLAS wins over the row kernel (head dims the tiles cannot take)
+
+
+def row_kernel(seq: int, hd: int, row_wise: bool) -> bool:
+    """Whether attention of `seq` queries a sequence takes `attention_rows`: a decode step (fewer
+    than TILES_MIN_SEQ queries) or `row_wise`; else the tile kernel (attention_tiles.py), or BLAS
+    for a head dimension not a multiple of 16."""
+    return row_wise or seq < TILES_MIN_SEQ or (hd % LANES and seq < BLAS_MIN_SEQ)
 
 
 def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window=0, row_wise=False):
-    """Dispatch rule: BLAS for a prefill (BLAS_MIN_SEQ queries or more); else `attention_rows`.
-    `row_wise`: never BLAS, whose rounding of a query's scores depends on how many queries it is
-    given, so each query's output is what it is alone. k and v: C-contiguous f32."""
+    """Dispatch rule (`row_kernel`): the row kernel for a decode step, or for every call when
+    `row_wise` (each query's output then what it is alone, in a batch of decode steps or in a
+    prompt part of any size); the tile kernel for prompt parts; BLAS where the tiles do not fit.
+    k and v: C-contiguous f32."""
     nb, hq, seq, hd = q.shape
-    if seq >= BLAS_MIN_SEQ and not row_wise:
+    if not row_kernel(seq, hd, row_wise):
+        if hd % LANES == 0:
+            attention_tiles(q, k, v, past, causal, scale, out, np.float32(softcap), np.int64(window))
+            return
         kvh = k.shape[1]
         rows = hq // kvh * seq
         # enough work items for every thread, each a whole number of rows

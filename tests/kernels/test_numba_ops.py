@@ -87,7 +87,8 @@ def test_rope(layout, shape, dim):
 @pytest.mark.parametrize("b,hq,hkv,seq,past,hd,causal", [
     (1, 9, 3, 1, 0, 64, True), (1, 9, 3, 1, 37, 64, True), (2, 4, 4, 5, 3, 7, True),
     (1, 6, 2, 11, 0, 16, True), (2, 2, 1, 3, 4, 5, False),
-    (1, 6, 2, 20, 3, 16, True), (2, 4, 2, 17, 0, 9, False)])     # seq >= 16: the BLAS prefill path
+    (1, 6, 2, 20, 3, 16, True), (2, 4, 2, 17, 0, 9, False),      # seq >= 4, hd % 16 == 0: tiles; hd 9: BLAS
+    (1, 9, 3, 4, 300, 64, True), (2, 8, 2, 33, 40, 32, True), (1, 4, 2, 6, 5, 80, False)])
 def test_attention(b, hq, hkv, seq, past, hd, causal):
     q, k, v = rand(b, hq, seq, hd), rand(b, hkv, past + seq, hd), rand(b, hkv, past + seq, hd)
     want = ref("attention", q, k, v, causal=causal, scale=0.0)
@@ -99,7 +100,7 @@ def test_attention(b, hq, hkv, seq, past, hd, causal):
     np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("seq,past", [(1, 0), (1, 30), (5, 9), (20, 3), (17, 0)])    # decode kernel; BLAS prefill
+@pytest.mark.parametrize("seq,past", [(1, 0), (1, 30), (5, 9), (20, 3), (17, 0)])    # decode kernel; tiles
 @pytest.mark.parametrize("softcap,window", [(0.5, 0), (0.0, 4), (2.0, 7)])
 def test_attention_softcap_and_window(seq, past, softcap, window):
     """Gemma 2's soft-capped scores and sliding windows against the op's reference definition."""
@@ -110,6 +111,30 @@ def test_attention_softcap_and_window(seq, past, softcap, window):
     np.testing.assert_allclose(got, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
     if past + seq > max(window, 1):        # with more keys than the window (or one key) either one matters
         assert np.abs(attention.attention(q, k, v, past, True) - got).max() > 1e-3
+
+
+@pytest.mark.parametrize("hq,hkv,hd,softcap,window,causal", [
+    (9, 3, 64, 0.0, 0, True), (6, 2, 16, 0.5, 0, True), (4, 2, 32, 0.0, 7, True), (4, 4, 16, 0.0, 0, False)])
+def test_attention_tiles_give_a_query_the_same_bits_in_any_prompt_part(hq, hkv, hd, softcap, window, causal):
+    """A prompt part of TILES_MIN_SEQ queries or more takes the tile kernel, whose every query is
+    computed by the same instructions in the same order whatever part it is in: a 40-token prompt
+    after 23 cached positions read whole and in parts of 4-16 gives each query the same bits."""
+    from isthmus.kernels.numba.attention_tiles import TILES_MIN_SEQ
+
+    b, past, seq = 2, 23, 40
+    q = rand(b, hq, seq, hd) * 2
+    k, v = rand(b, hkv, past + seq + 5, hd), rand(b, hkv, past + seq + 5, hd)
+    whole = attention.attention(q, k, v, past, causal, softcap=softcap, window=window)
+    at = 0
+    for n in (4, 9, 16, 11):
+        assert n >= TILES_MIN_SEQ
+        if causal:      # a part sees the cache up to its own last position
+            part = attention.attention(q[:, :, at:at + n], k, v, past + at, True, softcap=softcap, window=window)
+            assert np.array_equal(part, whole[:, at:at + n]), (at, n)
+        at += n
+    want = ref("attention", q, k[:, :, :past + seq], v[:, :, :past + seq], causal=causal, scale=0.0,
+               softcap=softcap, window=window)
+    np.testing.assert_allclose(whole, want.transpose(0, 2, 1, 3).reshape(b, seq, hq * hd), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("int_dot", [True, False], ids=["i16-act", "f32-act"])

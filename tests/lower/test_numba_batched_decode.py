@@ -119,22 +119,26 @@ def test_long_sequences_in_a_batch_are_bitwise_themselves_alone(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["q4_1", "q8_0", "q4_k_m"])
-def test_chunked_prefill_of_short_chunks_is_bitwise_the_whole_prompt(name):
-    """Block-quantized weights: prompts below attention's BLAS_MIN_SEQ (and within MATVEC_MAX_ROWS)
-    take the row-wise kernels, four tokens per pass or one, each token's dot the same bits either
-    way, so the next step's logits do not depend on the chunking. (Dense f32/f16 weights take BLAS
-    for several tokens, whose rounding depends on how many: not so.)"""
-    from isthmus.kernels.numba.attention import BLAS_MIN_SEQ
+def test_chunked_prefill_in_parts_of_tiles_is_bitwise_the_whole_prompt(name):
+    """Block-quantized weights, default mode: a prompt within MATVEC_MAX_ROWS read in parts of
+    TILES_MIN_SEQ tokens or more gives the next step the same bits as read whole: the row-wise
+    linear kernels compute each token's dots alike four or one a pass, and attention's tile kernel
+    each query alike in any part. (Parts of fewer tokens take the row attention kernel, which
+    rounds differently; dense f32/f16 weights take BLAS for several tokens, whose rounding depends
+    on how many. `--batch-invariant` covers those.)"""
+    from isthmus.kernels.numba.attention_tiles import TILES_MIN_SEQ
     from isthmus.kernels.numba.linear import MATVEC_MAX_ROWS
 
     exe = isthmus.compile(MODELS[name](), target="numba")
     vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
-    n = min(BLAS_MIN_SEQ - 1, MATVEC_MAX_ROWS)
+    n = min(15, MATVEC_MAX_ROWS)
     prompt = np.random.default_rng(3).integers(0, vocab, n).tolist()
     whole, chunked = exe.decoder(), exe.decoder()
     whole.step(prompt)
-    for chunk in (prompt[:3], prompt[3:4], prompt[4:9], prompt[9:]):
-        chunked.step(chunk)
+    cuts = (0, TILES_MIN_SEQ, n - TILES_MIN_SEQ - 1, n)
+    for a, b in zip(cuts, cuts[1:]):
+        assert b - a >= TILES_MIN_SEQ
+        chunked.step(prompt[a:b])
     assert np.array_equal(whole.step([5]), chunked.step([5]))
 
 
