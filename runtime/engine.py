@@ -441,7 +441,7 @@ class Engine:
         prompt (of this tenant only), or a fresh one; and how many prompt tokens it already holds."""
         hit = None
         if self.prefix_cache is not None:
-            hit = self.prefix_cache.take(t.tenant, t.prompt_ids)
+            hit = self.prefix_cache.take(t.tenant, t.prompt_ids, fresh=self.exe.decoder)
             if self.metrics is not None:
                 labels = {"model": self.name, "tenant": t.tenant, "tier": t.tier}
                 self.metrics.prefix_lookups.inc(outcome="hit" if hit else "miss", **labels)

@@ -7,9 +7,12 @@ chained to the one before it (a block's hash stands for the whole prefix up to i
 is then extended token by token and checked against the tokens themselves (a hash collision can
 cost a lookup, never a wrong reuse). Keys include the tenant: one tenant's cache is never another's.
 
-A hit takes the decoder out of the cache (a decoder's in-place KV cache has one owner at a time)
-and truncates it to the shared prefix (runtime/tee/kvstate.truncate), at most the prompt's length
-minus one so that the prefill yields the last position's logits. Entries leave least recently used
+A hit that uses (nearly) all of an entry, the next turn of its conversation, takes the decoder
+out of the cache (a decoder's in-place KV cache has one owner at a time) and truncates it to the
+shared prefix (runtime/tee/kvstate.truncate), at most the prompt's length minus one so that the
+prefill yields the last position's logits. A hit on a part of an entry (a system prompt that many
+conversations share) copies that part's positions into a fresh decoder and leaves the entry for
+the next one: otherwise the first conversation to arrive would consume the shared prefix. Entries leave least recently used
 first when the positions they hold pass `budget_bytes`; a decoder that `kvstate` cannot truncate is
 never cached.
 """
@@ -85,9 +88,11 @@ class PrefixCache:
                 self._drop(next(iter(self._entries)))
         return True
 
-    def take(self, tenant: str, prompt) -> tuple[object, int] | None:
-        """A cached decoder of `tenant` sharing the longest prefix with `prompt`, truncated to it
-        (at most len(prompt) - 1 positions), and that length; None on a miss."""
+    def take(self, tenant: str, prompt, fresh=None) -> tuple[object, int] | None:
+        """A decoder of `tenant` holding the longest cached prefix of `prompt` (at most len(prompt)
+        - 1 positions), and that length; None on a miss. The cached decoder itself when the prefix
+        covers all of its entry but at most a block (the entry leaves the cache), else, given
+        `fresh` (a callable making a new empty decoder), a copy of the prefix's positions into it (the entry stays)."""
         prompt = list(prompt)
         with self._lock:
             found = None
@@ -106,9 +111,16 @@ class PrefixCache:
                 if n > best_n or (n == best_n and best is not None and i > best):
                     best, best_n = i, n
             entry = self._entries[best]
-            self._drop(best)
             self.hits += 1
             self.reused_tokens += best_n
+            if fresh is None or best_n >= len(entry.tokens) - self.block:
+                self._drop(best)
+                fresh = None
+            else:                     # copied while held: nobody else may take the entry meanwhile
+                copy = kvstate.copy_prefix(entry.decoder, best_n, fresh())
+                if copy is not None:
+                    return copy, best_n
+                self._drop(best)
         kvstate.truncate(entry.decoder, best_n)
         return entry.decoder, best_n
 

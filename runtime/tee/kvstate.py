@@ -49,6 +49,29 @@ def restore(exe, arrays: list[np.ndarray]):
     return None
 
 
+def copy_prefix(decoder, n: int, fresh):
+    """`fresh` (a new decoder of the same executable) holding a copy of `decoder`'s first `n`
+    positions, or None if these decoders cannot."""
+    arrays = export(decoder)
+    if not arrays or n > decoder.length:
+        return None
+    if isinstance(fresh, FunctionalDecoder):
+        names = fresh.cache.names
+        if len(arrays) != len(names):
+            return None
+        fresh.cache.arrays = {k: a[:, :, :n].copy() for k, a in zip(names, arrays)}
+        return fresh if fresh.length == n else None
+    if _in_place(fresh):
+        targets = [a for pair in fresh.caches.values() for a in pair]
+        if len(arrays) != len(targets) or n > fresh.capacity:
+            return None
+        for dst, src in zip(targets, arrays):
+            dst[:, :, :n] = src[:, :, :n]
+        fresh.length = n
+        return fresh
+    return None
+
+
 def truncate(decoder, n: int) -> bool:
     """Keep the first `n` cached positions; False if this decoder cannot."""
     if n > decoder.length:

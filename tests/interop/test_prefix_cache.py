@@ -47,6 +47,28 @@ def test_take_finds_the_longest_prefix_of_the_same_tenant_only():
     assert decoder is d2 and n == len(old) - 1
 
 
+def test_a_shared_prefix_is_copied_and_stays_for_the_next_prompt():
+    """A hit on part of an entry (a system prompt many conversations share) copies that part's
+    positions into a fresh decoder and leaves the entry; a hit on (nearly) all of it takes it."""
+    rng = np.random.default_rng(0)
+    cache = PrefixCache(1 << 30, block=4)
+    shared, old = list(range(100, 120)), list(range(100, 120)) + list(range(500, 520))
+    d = _Decoder(len(old))
+    for a in d.caches[0]:
+        a[:, :, :len(old)] = rng.standard_normal((1, 1, len(old), 2))
+    before = [a.copy() for a in d.caches[0]]
+    assert cache.put("acme", old, d)
+    for tail in ([1, 2, 3], [7, 8]):                                    # two conversations, one prefix
+        got, n = cache.take("acme", shared + tail, fresh=lambda: _Decoder(0))
+        assert got is not d and n == len(shared) and got.length == n
+        for a, b in zip(got.caches[0], before):
+            assert np.array_equal(a[:, :, :n], b[:, :, :n])
+        assert len(cache) == 1                                          # still there for the next
+    assert all(np.array_equal(a, b) for a, b in zip(d.caches[0], before)) and d.length == len(old)
+    got, n = cache.take("acme", old[:-2] + [9], fresh=lambda: _Decoder(0))   # all but 2: a next turn
+    assert got is d and n == len(old) - 2 and len(cache) == 0
+
+
 def test_the_budget_drops_the_least_recently_used():
     per_position = 2 * 2 * 4                # K and V, 2 values, float32
     cache = PrefixCache(per_position * 100, block=4)
@@ -103,6 +125,40 @@ def test_a_second_turn_reuses_the_first_and_answers_as_a_cold_run(cached, tiny_c
     third = second + [{"role": "assistant", "content": got}, {"role": "user", "content": "Thanks!"}]
     assert _ask(cached, "acme", third) == tiny_chat.expected(third, max_tokens=12, temperature=0)[0]
     assert cache.hits == hits + 2
+
+
+def test_conversations_sharing_a_system_prompt_all_reuse_it_and_answer_as_cold_runs(cached, tiny_chat):
+    """Two conversations admitted together after a third with the same system prompt: both reuse
+    its positions (a copy each; taking the entry would leave the second to a cold prefill)."""
+    import threading
+    import time
+
+    cache, engine = cached.engine.prefix_cache, cached.engine
+    cache.clear()
+    system = {"role": "system", "content": "You are a patient guide to the harbour. " * 3}
+    convs = [[system, {"role": "user", "content": q}] for q in ("Where are the boats?", "When is high tide?",
+                                                                 "Who keeps the lighthouse?")]
+    assert _ask(cached, "acme", convs[0]) == tiny_chat.expected(convs[0], max_tokens=12, temperature=0)[0]
+    hits, reused = cache.hits, cache.reused_tokens
+    got = {}
+    engine.hold(True)                     # both wait, then are admitted in the same iteration
+    try:
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _ask(cached, "acme", convs[i])))
+                   for i in (1, 2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while engine.waiting < 2 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert engine.waiting == 2
+    finally:
+        engine.hold(False)
+    for t in threads:
+        t.join(60)
+    for i in (1, 2):
+        assert got[i] == tiny_chat.expected(convs[i], max_tokens=12, temperature=0)[0]
+    shared = len(tiny_chat.prompt_ids([system]))
+    assert cache.hits == hits + 2 and cache.reused_tokens - reused >= 2 * (shared - 16)
 
 
 def test_the_same_prompt_again_reuses_all_but_its_last_token(cached, tiny_chat):
