@@ -36,7 +36,9 @@ checked.
 --tiers measures service tiers (the target: with a flex tenant saturating the server with 32
 streams, priority requests keep p99 TTFT <= 2x their TTFT on an idle server): priority requests'
 TTFT on the idle server, then --streams flex streams of --tokens tokens (the server run with
---max-batch), and once they all run or wait, priority requests one after another.
+--max-batch; the streams from a process of their own, so that the probes' chunks do not wait
+behind the load's parsing on one client event loop), and once they all run or wait, priority
+requests one after another.
 """
 
 from __future__ import annotations
@@ -200,6 +202,29 @@ async def tiers_round(url: str, model: str, streams: int, n: int, probes: int) -
                 first = time.perf_counter() - t0
         return first
 
+    try:
+        idle = [await probe(i) for i in range(probes)]
+        # the flex load from a process of its own: on one event loop with the probes, their chunks
+        # would wait behind the load's own parsing, which is the client's cost, not the server's
+        load = subprocess.Popen([sys.executable, __file__, "--flex-load", url, model, str(streams), str(n)],
+                                stdout=subprocess.PIPE, text=True)
+        started = load.stdout.readline()              # "started" once every stream has its first chunk
+        busy = [await probe(100 + i) for i in range(probes)]
+        finished = load.communicate(timeout=600)[0]
+    finally:
+        await client.close()
+    if not started.startswith("started") or load.returncode != 0:
+        raise RuntimeError(f"the flex load failed: {started}{finished}")
+    return {"idle": idle, "busy": busy}
+
+
+async def flex_load(url: str, model: str, streams: int, n: int) -> None:
+    """--tiers' load: `streams` flex streams of n tokens; prints "started" 2 s after sending them
+    (every one then running or waiting in the server's queue), then waits for them all."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
+
     async def flex(i):
         stream = await client.chat.completions.create(
             model=model, temperature=0, max_tokens=n, stream=True, service_tier="flex",
@@ -208,14 +233,12 @@ async def tiers_round(url: str, model: str, streams: int, n: int, probes: int) -
             pass
 
     try:
-        idle = [await probe(i) for i in range(probes)]
-        load = [asyncio.create_task(flex(i)) for i in range(streams)]
+        tasks = [asyncio.create_task(flex(i)) for i in range(streams)]
         await asyncio.sleep(2.0)
-        busy = [await probe(100 + i) for i in range(probes)]
-        await asyncio.gather(*load)
+        print("started", flush=True)
+        await asyncio.gather(*tasks)
     finally:
         await client.close()
-    return {"idle": idle, "busy": busy}
 
 
 async def concurrent_round(url: str, model: str, streams: int, n: int, r: int = 0) -> dict:
@@ -270,6 +293,11 @@ def start_server(model: str, target: str, *extra):
 
 
 def main(argv=None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--flex-load"]:          # --tiers' load process
+        url, model, streams, n = argv[1:5]
+        asyncio.run(flex_load(url, model, int(streams), int(n)))
+        return {}
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--rounds", type=int, default=4)

@@ -5,13 +5,18 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
 
   1. admits waiting requests while batch slots are free (reusing a cached prefix of the prompt,
      runtime/prefix_cache.py) and prefills their prompts: all at once (up to `prefill_tokens`)
-     when nothing decodes, else in chunks of about one decode step's cost per iteration (chunked
-     prefill, `_feed_prompts`), so a long prompt does not stall the running streams;
+     when nothing decodes, else in chunks of about one decode step's cost (chunked prefill,
+     `_feed_prompts`), so a long prompt does not stall the running streams;
   2. steps every running sequence (`runtime.sequence.Sequence`, the generation core that
      `runtime.generate.TextStream` drives too: sampling, budget, stop ids, stop strings, UTF-8
      holdback) on its pending logits, emits the text, and retires the sequences that finished;
   3. runs ONE batched decode step for all the sequences still running
      (`compiler.batch.decode_batch`: numba and the reference target run one step for the whole batch).
+
+While streams decode, a prompt's chunk is an iteration of its own, between two decode steps (one
+chunk per step): between the chunk and the step the engine admits again, so a request of a better
+tier waits for at most one of them, not both, and its prompt, prefilled whole, gets its first token
+before any chunk of a worse tier's prompt.
 
 Every request has a service tier (TIERS: priority, default, flex). Batch slots go to the best
 tier first, and a decode step serves its sequences best tier first (a target that steps them one
@@ -168,6 +173,7 @@ class Engine:
         self._stop = False
         self._held = False
         self.steps = 0                        # batched decode steps run (for metrics and tests)
+        self._chunk_due = False               # a decode step ran since the last prompt chunk
         self.preemptions = 0                  # sequences preempted for another tenant's fair share
         self.decode = decode_batch            # swappable in tests (fault injection)
         # finished sequences' decoders, for prompts that extend theirs (runtime/prefix_cache.py); 0: off
@@ -337,7 +343,11 @@ class Engine:
                 self._resume(u)
             elif not u.ticket.done:
                 self._prefill(u.ticket, u.index)
-        self._feed_prompts()
+        if self._chunk_due:
+            self._chunk_due = False
+            if self._feed_prompts(chunk=True):
+                return                    # a chunk's iteration: admissions again before the decode step
+        self._feed_prompts(chunk=False)
         running = []
         for s in self._running:
             if s.request.cancelled:
@@ -362,6 +372,7 @@ class Engine:
         dt = time.perf_counter() - t0
         self._step_s = dt if not self._step_s else 0.8 * self._step_s + 0.2 * dt
         self.steps += 1
+        self._chunk_due = True
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(still), model=self.name)
             tiers = collections.Counter(s.request.tier for s in still)
@@ -391,42 +402,45 @@ class Engine:
             return
         self._running.append(s)
 
-    def _feed_prompts(self) -> None:
-        """Prefill the prompts of admitted sequences, best tier first: all of them (up to
-        `prefill_tokens`) when no sequence is decoding, else a chunk that costs about
-        `prefill_share` decode steps, so that running streams keep their pace (a prompt of a
-        better tier than every decoding stream's is not held back for them). A sequence whose
-        prompt is all in gets its first logits and joins this iteration's decode step."""
+    def _feed_prompts(self, chunk: bool) -> bool:
+        """Prefill the prompts of admitted sequences, best tier first. With nothing decoding: all of
+        them (each up to `prefill_tokens` an iteration). While streams decode: the prompts of a better
+        tier than every decoding stream's, whole (`chunk` false); or, when there are none, one chunk
+        of the others' that costs about `prefill_share` decode steps (`chunk` true), so that running
+        streams keep their pace. A sequence whose prompt is all in gets its first logits (and joins
+        the next decode step). True if it prefilled anything."""
         pending = sorted((s for s in self._running if s.todo and not s.request.cancelled), key=lambda s: s.request.rank)
-        if not pending:
-            return
         # the best tier among the decoding streams: a prompt of a better tier does not yield to them
         best = min((s.request.rank for s in self._running if not s.todo), default=len(TIERS))
-        budget = self._chunk() if best < len(TIERS) else self.prefill_tokens
-        for s in pending:
-            ahead = s.request.rank < best
-            if budget <= 0 and not ahead:
+        ahead = [s for s in pending if s.request.rank < best]         # all of them when nothing decodes
+        if chunk and (ahead or not pending):
+            return False
+        budget = self._chunk() if chunk else None
+        fed = False
+        for s in pending if chunk else ahead:
+            if budget is not None and budget <= 0:
                 break
-            n = min(len(s.todo), self.prefill_tokens if ahead else budget)
-            if n < len(s.todo) and not ahead:     # a part of a prompt: whole quanta only (fewer distinct shapes)
+            n = min(len(s.todo), self.prefill_tokens if budget is None else budget)
+            if n < len(s.todo) and budget is not None:    # a part of a prompt: whole quanta (fewer distinct shapes)
                 n = max(PREFILL_QUANTUM, n // PREFILL_QUANTUM * PREFILL_QUANTUM)
-            chunk = s.todo[:n]
             t0 = time.perf_counter()
             try:
-                logits = prefill(self.exe, s.decoder, chunk)
+                logits = prefill(self.exe, s.decoder, s.todo[:n])
             except Exception as e:
                 log.exception("prefill failed")
                 bad = isinstance(e, InputError)
                 self._fail(s.request, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
                 continue
+            fed = True
             dt = (time.perf_counter() - t0) / n
             if n >= PREFILL_QUANTUM:
                 self._token_s = dt if not self._token_s else 0.8 * self._token_s + 0.2 * dt
             s.todo = s.todo[n:]
             if not s.todo:
                 s.logits = logits
-            if not ahead:
+            if budget is not None:
                 budget -= n
+        return fed
 
     def _chunk(self) -> int:
         """Prompt tokens to prefill in one iteration while streams decode."""
