@@ -139,7 +139,7 @@ def test_chip_decode_step_timing_tiny():
     model = tiny_llama_model(CFG, seed=0, layout="half")
     spec = match_llama(run_pipeline(model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 256)
-    assert (f["cycles"], f["one_core_cycles"]) == (8_804, 10_346)      # too small to gain much: latency binds both
+    assert (f["cycles"], f["one_core_cycles"]) == (8_744, 10_346)      # too small to gain much: latency binds both
 
 
 @pytest.mark.slow

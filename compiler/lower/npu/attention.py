@@ -102,6 +102,29 @@ def rope(em: Emitter, src: Act, dst: Tile, rot: Tile, cos: Tile, sin: Tile) -> N
             em.free(t1, t2, ps)
 
 
+def rope_pair(em: Emitter, qk: Tile, rows: int, qdst: Tile, kdst: Tile, rot: Tile, cos: Tile, sin: Tile) -> None:
+    """rope of one row's q and k held side by side ([P, chunks, 2]: q in column 0, k in 1, the same rows
+    in every chunk, `rows` in all): one rotary matmul a chunk turns both (a decode matmul costs the same for 1 column as
+    for 2), and the products with cos and sin take both columns at once; q's result to qdst[:, c, 0],
+    k's to kdst[:, c, 0]."""
+    nch = qk.shape[0]
+    g = max(1, (em.cfg.psum_bank_bytes // 4) // 2)
+    P = qk.parts
+    for c0 in range(0, nch, g):
+        c1 = min(nch, c0 + g)
+        ps = em.psum((c1 - c0, 2))
+        for c in range(c0, c1):
+            kp = min(P, rows - c * P)              # (padding partitions hold garbage: contract over the rows)
+            em.matmul(ps[0:kp, c - c0, :], rot[0:kp, 0:kp], qk[0:kp, c, :])
+        t1 = em.sbuf((c1 - c0, 2), "f32", what="rope")
+        t2 = em.sbuf((c1 - c0, 2), "f32", what="rope")
+        em.tt(t1[:, :, :], qk[:, c0:c1, :], cos.raw(0, cos.parts, 0, [(c1 - c0, 0), (2, 0)]), "mul")
+        em.tt(t2[:, :, :], ps[:, :, :], sin.raw(0, sin.parts, 0, [(c1 - c0, 0), (2, 0)]), "mul")
+        em.tt(kdst[:, c0:c1, 0:1], t1[:, :, 1:2], t2[:, :, 1:2], "add")
+        em.tt(qdst[:, c0:c1, 0:1], t1[:, :, 0:1], t2[:, :, 0:1], "add")
+        em.free(t1, t2, ps)
+
+
 @dataclass
 class Unit:
     """Query rows of one kv head. `q`: the stationary [kp, M] APs, one per partition tile of the head

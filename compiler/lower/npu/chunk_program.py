@@ -32,7 +32,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from isthmus.compiler.lower.npu.attention import Unit, attend, head_perm, rope, rope_table, rotation_matrix
+from isthmus.compiler.lower.npu.attention import (Unit, attend, head_perm, rope, rope_pair, rope_table,
+                                                  rotation_matrix)
 from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
@@ -194,14 +195,15 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
         k_map[j * P + st:j * P + st + n] = g * hd + perm[row0:row0 + n]
     k_map = k_map[:int(np.max(np.nonzero(k_map >= 0)[0])) + 1]
 
-    def pack(name, node, rows=None, cols=None, row_major=False, option=weights):
+    def pack(name, node, rows=None, cols=None, row_major=False, option=weights, most=None):
         data = node.inputs[1].data
         n = len(rows) if rows is not None else data.shape[0]
         k = len(cols) if cols is not None else data.shape[1]
         fmt = choose_format(data, n, option)
         if row_major:          # V: the weight is the moving operand, its outputs along the free dim, where
             fmt = "bf16"       # neither a per-output scale nor per-block partial sums can be applied
-        w = make_weight(name, data, wdt, P, piece_cols_for(k, n, P, wdt, budget, fmt), rows=rows, cols=cols,
+        pcols = piece_cols_for(k, n, P, wdt, budget, fmt)
+        w = make_weight(name, data, wdt, P, min(pcols, most or pcols), rows=rows, cols=cols,
                         split=split, label=node.outputs[0].name, fmt=fmt)
         if w.chan_scale is not None:
             w.scale_chunk0 = img.scale_chunks
@@ -222,7 +224,10 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
         img.weights.append(lw)
     # the output head is the layer 4 bits hurt most (SmolLM2's Q8_0 head requantized to q4: logits 17.5 %
     # off); under q4 it takes int8, as llama.cpp's Q4 presets keep output.weight at Q6_K or Q8_0
-    img.head = pack("head", spec.head, option="int8" if weights == "q4" else weights)
+    # (the chip's cores) the head in pieces of HEAD_COLS outputs: it streams last, and its matmuls wait for
+    # whole pieces, so the step ends one small piece's matmuls after the stream instead of a big one's
+    img.head = pack("head", spec.head, option="int8" if weights == "q4" else weights,
+                    most=HEAD_COLS if stack_gate_up else None)
 
     nc = -(-D // P)
     norms = np.zeros((2 * len(spec.layers) + 1, P, nc), np.float32)
@@ -259,6 +264,9 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
     res.append(("kcache", img.adt, (Lc, G, hd, cmax), None))
     res.append(("vcache", img.adt, (Lc, cmax, G * hd), None))
     return img
+
+
+HEAD_COLS = 512
 
 
 def _stack(a, b):
@@ -365,9 +373,20 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
     reduce_slots = tp.slots(em, D, P) if tp is not None else None
     x = new_act(em, D, P, "f32", "residual stream")
     h = new_act(em, D, P, wdt, "normed", split)
-    qT = new_act(em, sl.q_rows, P, adt, "q")
+    # (tensor-parallel decode, q and k of as many chunks, each of the same rows) q and k side by side, column
+    # 0 and 1 of one tile, so one rotary matmul a chunk turns both (`rope_pair`)
+    kn = img.weights[0]["k"].n
+    paired = (tp is not None and P == 1 and not batched and sl.hc == 1 and -(-kn // NP) == -(-sl.q_rows // NP)
+              and all(min(NP, sl.q_rows - c * NP) == min(NP, kn - c * NP) for c in range(-(-kn // NP))))
+    if paired:
+        qk = em.sbuf((-(-kn // NP), 2), adt, what="q, k")
+        qT = Act(Tile("sbuf", adt, 0, NP, qk.offset, qk.shape), sl.q_rows, 1)
+        kT = Act(Tile("sbuf", adt, 0, NP, qk.offset + DTYPES[adt].size, qk.shape), kn, 1)
+    else:
+        qT = new_act(em, sl.q_rows, P, adt, "q")
     qr = new_act(em, sl.q_rows, P, adt, "q roped")
-    kT = new_act(em, img.weights[0]["k"].n, P, adt, "k")
+    if not paired:
+        kT = new_act(em, kn, P, adt, "k")
     Kws = [em.sbuf((sl.k_chunks, C), adt, what="K window") for _ in range(S)]
     Vws = [em.sbuf((nvch, G * hd), adt, what="V window") for _ in range(S)]
     Kw, Vw = Kws[0], Vws[0]
@@ -538,10 +557,15 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
 
         if not defer:
             v_linear()
-        with em.label(L.q_rope.outputs[0].name):
-            rope(em, qT, qr.tile, rot, cosT, sinT)
+        if paired:
+            with em.label(L.q_rope.outputs[0].name):
+                rope_pair(em, qk, kn, qr.tile, Knew, rot, cosT, sinT)
+        else:
+            with em.label(L.q_rope.outputs[0].name):
+                rope(em, qT, qr.tile, rot, cosT, sinT)
         with em.label(L.k_rope.outputs[0].name):
-            rope(em, kT, Knew, rot, cosT, sinT)
+            if not paired:
+                rope(em, kT, Knew, rot, cosT, sinT)
             for seq in range(S if batched else 0):     # sequence b's new key: column 0 of its window
                 em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
         if defer:               # after the rotary matmuls: its VECTOR chain runs beside v's, not after them

@@ -44,7 +44,7 @@ import numpy as np
 
 from isthmus.compiler.lower.npu.chunk_program import DecoderImage, build_chunk_program, build_image
 from isthmus.compiler.lower.npu.quant_weights import BLOCKED
-from isthmus.compiler.lower.npu.resident_kernels import linear, new_act
+from isthmus.compiler.lower.npu.resident_kernels import gate_up_rows, linear, new_act
 from isthmus.compiler.lower.npu.tensor_parallel import RECV_SEMS, _all_reduce, _slices
 from isthmus.compiler.lower.npu.weights import dense_f32
 from isthmus.npu.config import load_config
@@ -70,7 +70,7 @@ def shard_heads(H: int, G: int, n: int) -> list[tuple[list[int], list[int]]]:
     return out
 
 
-def ffn_slices(F: int, heads: list[int], hd: int, grain: int = 32) -> list[range]:
+def ffn_slices(F: int, heads: list[int], hd: int, grain: int = 32, stacked: int | None = None) -> list[range]:
     """Contiguous hidden-feature slices of the MLP, one per core, balancing what the uneven head split
     unbalances. A core with e query heads more than the fewest reads e*hd more rows of q, of o's
     columns and (its kv head's copy at a second partition start: chunk_program.assign_slots) of k: as
@@ -79,10 +79,19 @@ def ffn_slices(F: int, heads: list[int], hd: int, grain: int = 32) -> list[range
     others share them out, earliest cores first. SmolLM2 (1,536 features, 9 heads of 64 over 8 cores):
     core 0 (two heads) 128 features, cores 1-2 224, cores 3-7 192; core 0's gate/up/down then take one
     chunk of 128 (15 matmuls a layer) where 192 take two (30), which pays for its second head's
-    attention, and its weight stream is 36 MB a step instead of 42 (the other cores' 36 and 39)."""
+    attention, and its weight stream is 36 MB a step instead of 42 (the other cores' 36 and 39).
+
+    `stacked` (the partitions, where gate and up are stacked in one weight: chunk_program.build_image): the
+    even split where it leaves the busiest core fewer output chunks of gate and up (a decode matmul costs
+    the same whatever its fill): SmolLM2's 192 features a core stack into 3 chunks (15 matmuls), where
+    the uneven split's 224 take 4 (20) on cores 1-2, which set the MLP's pace. Core 0 then streams 42.5 MB
+    a step against the others' 35.8, which its attention's longer phase leaves room for."""
     n = len(heads)
     base = _slices(F, n)
     if F % (n * grain) or len(set(heads)) == 1:
+        return base
+    if stacked and max(map(len, base)) <= F // n and gate_up_rows(F // n, stacked) is not None \
+            and gate_up_rows(F // n + grain, stacked) is None:
         return base
     per = F // n
     fewest = min(heads)
@@ -135,12 +144,12 @@ def requantized(data) -> bool:
     return not hasattr(data, "qtype")
 
 
-def core_specs(spec, n: int) -> tuple[list, list[range]]:
+def core_specs(spec, n: int, stacked: int | None = None) -> tuple[list, list[range]]:
     """Each core's LlamaSpec (its heads, hidden features and vocabulary rows; the vocabulary of the
     embedding stays whole) and each core's vocabulary rows. Weights stay as stored (`take`)."""
     hd = spec.head_dim
     heads = shard_heads(spec.heads, spec.kv_heads, n)
-    fsl, vsl = ffn_slices(spec.ffn, [len(hs) for hs, _ in heads], hd), _slices(spec.vocab, n)
+    fsl, vsl = ffn_slices(spec.ffn, [len(hs) for hs, _ in heads], hd, stacked=stacked), _slices(spec.vocab, n)
     out = []
     for c, (hs, gs) in enumerate(heads):
         qr, kr, fr = _rows(hs, hd), _rows(gs, hd), fsl[c]
@@ -226,7 +235,7 @@ class TpChip:
                  weights: str = "bf16"):
         self.cfg = load_config(config)
         n = cores or self.cfg.cores
-        specs, self.vocab = core_specs(spec, n)
+        specs, self.vocab = core_specs(spec, n, stacked=self.cfg.partitions)
         self.spec = spec
         self.weights = weights
         self.images = [build_image(s, self.cfg, precision, context, weights, stack_gate_up=True) for s in specs]
