@@ -38,7 +38,7 @@ from isthmus.compiler.lower.npu.block_linear import shared_input
 from isthmus.compiler.lower.npu.emitter import Emitter, Tile
 from isthmus.compiler.lower.npu.llama_matcher import LlamaSpec
 from isthmus.compiler.lower.npu.quant_weights import BLOCKED
-from isthmus.compiler.lower.npu.resident_kernels import (Act, Consts, GateUp, RowScale, gate_up_rows, linear,
+from isthmus.compiler.lower.npu.resident_kernels import (Act, Consts, GateUp, RowScale, _sub, gate_up_rows, linear,
                                                          linear_rows, new_act, rmsnorm, split_into)
 from isthmus.compiler.lower.npu.weights import PackedWeight, WeightStream, dense_f32, make_weight, piece_cols_for
 from isthmus.errors import NpuError
@@ -116,6 +116,8 @@ class DecoderImage:
     resident: list[tuple[str, str, tuple, np.ndarray | None]] = field(default_factory=list)
     ring_piece_bytes: int = 0
     released: bool = False
+    k_rows: int = 0                           # rows of k^T (a kv head's copies included)
+    kv: bool = False                          # k and v stacked in one weight "kv" (build_image)
     weight_option: str = "bf16"               # quant_weights.OPTIONS: each weight's format follows from it
     scale_chunks: int = 0                     # columns of the per-output scale table (int8/fp8 weights)
 
@@ -211,10 +213,25 @@ def build_image(spec: LlamaSpec, cfg: NpuConfig, precision: str, context: int,
         return w
 
     gu_rows = gate_up_rows(spec.ffn, P) if stack_gate_up else None
+    img.k_rows = len(k_map)
+    # (the chip's cores, dense weights, one kv head of at most half the partitions) k and v stacked in one
+    # weight "kv": k's rows once (partitions [0, hd)), v's after them ([hd, 2 hd)); one chunk, 5 decode
+    # matmuls where k and v took 10; the chunk program puts k's other copies and v's row in place
+    firsts = [p for p in sl.k_pieces(hd) if p[5]]
+    kv_rows = None
+    if stack_gate_up and weights == "bf16" and sl.hc == 1 and sl.stride == hd and G == 1 and 2 * hd <= P \
+            and sl.k_chunks == 1 and [(p[3], p[4]) for p in firsts] == [(0, 0)]:
+        kv_rows = np.concatenate([k_map[:hd], G * hd + np.arange(hd)])
+    img.kv = kv_rows is not None
     for L in spec.layers:
         i = L.index
-        lw = {"q": pack(f"L{i}.q", L.q, rows=q_map), "k": pack(f"L{i}.k", L.k, rows=k_map),
-              "v": pack(f"L{i}.v", L.v, row_major=True), "o": pack(f"L{i}.o", L.o, cols=o_map)}
+        lw = {"q": pack(f"L{i}.q", L.q, rows=q_map)}
+        if kv_rows is None:
+            lw.update(k=pack(f"L{i}.k", L.k, rows=k_map), v=pack(f"L{i}.v", L.v, row_major=True))
+        else:
+            lw["kv"] = pack(f"L{i}.kv", SimpleNamespace(inputs=[None, SimpleNamespace(
+                data=_stack(L.k.inputs[1].data, L.v.inputs[1].data))], outputs=L.k.outputs), rows=kv_rows)
+        lw["o"] = pack(f"L{i}.o", L.o, cols=o_map)
         if gu_rows is None:
             lw.update(gate=pack(f"L{i}.gate", L.gate), up=pack(f"L{i}.up", L.up))
         else:
@@ -375,7 +392,7 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
     h = new_act(em, D, P, wdt, "normed", split)
     # (tensor-parallel decode, q and k of as many chunks, each of the same rows) q and k side by side, column
     # 0 and 1 of one tile, so one rotary matmul a chunk turns both (`rope_pair`)
-    kn = img.weights[0]["k"].n
+    kn = img.k_rows
     paired = (tp is not None and P == 1 and not batched and sl.hc == 1 and -(-kn // NP) == -(-sl.q_rows // NP)
               and all(min(NP, sl.q_rows - c * NP) == min(NP, kn - c * NP) for c in range(-(-kn // NP))))
     if paired:
@@ -432,10 +449,14 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         for pc in w.pieces + (w.lo.pieces if w.lo is not None else []):
             pc.loaded = False                    # a build stopped by a full SBUF may have left pieces marked
     for lw in img.weights:
-        stream.add(lw["q"])
-        stream.add(lw["k"])
-        for _ in range(nb):                      # V is computed per block of 128 rows
-            stream.add(lw["v"])
+        if img.kv:
+            stream.add(lw["kv"])
+            stream.add(lw["q"])
+        else:
+            stream.add(lw["q"])
+            stream.add(lw["k"])
+            for _ in range(nb):                  # V is computed per block of 128 rows
+                stream.add(lw["v"])
         stream.add(lw["o"])
         if "gu" in lw:
             stream.add(lw["gu"])
@@ -522,6 +543,39 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         grp["qd"] = em.sbuf((1, len(grp["starts"])), adt, what="q, one head a column")
         em.memset(grp["qd"].ap(), 0.0)
 
+    if img.kv and batched:
+        raise ValueError("a batched program on a stacked k/v weight (the chip's images) is not built")
+    kcopies = [p for p in kpieces if not p[5]]
+
+    def kv_evict(rs):
+        """linear's evict for the stacked "kv" weight (one chunk: k^T's rows at partitions [0, hd), v^T's at
+        [hd, 2 hd)): k^T into its first copy (1/rms applied, as linear's epilogue would), then its other
+        copies (the score matmul of heads at other partition starts) and v's rows (row-major, the V
+        window's new slot) through transposes: VECTOR/ACT lanes do not cross partitions."""
+        def evict(c0, c1, r0, r1, srcs):
+            R = r1 - r0
+            src = srcs[0]
+            sk = None if rs is None else rs.ap(hd)
+            sv = None if rs is None else rs.ap(hd, hd)
+            kdst = kT.tile[0:hd, 0:1, r0:r1]
+            ksrc = _sub(src, 0, hd)
+            em.copy(kdst, ksrc) if sk is None else em.ts(kdst, ksrc, "mul", sk)
+            vt = em.sbuf((1, R), "f32", what="v^T")
+            vsrc = _sub(src, hd, 2 * hd)
+            em.copy(vt[hd:2 * hd, :, :], vsrc) if sv is None else em.ts(vt[hd:2 * hd, :, :], vsrc, "mul", sv)
+            for b0 in range(0, R, NP):
+                b1 = min(R, b0 + NP)
+                b, p0 = divmod(r0 + b0, NP)
+                vrow = Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH * DTYPES[adt].size, (GH,))
+                em.transpose(vrow[p0:p0 + b1 - b0, 0:hd], vt[hd:2 * hd, 0, b0:b1])
+                for _, _, _, _, st, _ in kcopies:
+                    kt_ = em.sbuf((hd,), adt, what="k^T moved")
+                    em.transpose(kt_[0:b1 - b0, :], kT.tile[0:hd, 0, r0 + b0:r0 + b1])
+                    em.transpose(kT.tile[st:st + hd, 0, r0 + b0:r0 + b1], kt_[0:b1 - b0, :])
+                    em.free(kt_)
+            em.free(vt)
+        return evict
+
     scale = spec.scale
     for L, lw in zip(spec.layers, img.weights):
         l = L.index
@@ -537,11 +591,19 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         with em.label(L.attn_norm.outputs[0].name):
             lnorm = load_norms(2 * l, 2)
             rs = norm(_norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"])
-        with shared_input(em, h) if share else contextlib.nullcontext():   # (blocked weights: x per block once)
+        if img.kv:              # k and v stacked, first: their VECTOR work runs beside q's matmuls
+            with em.label(L.k.outputs[0].name):
+                linear(em, h, lw["kv"], stream, None, evict=kv_evict(rs), scale=rs)
             with em.label(L.q.outputs[0].name):
                 linear(em, h, lw["q"], stream, qT, scale=rs)
-            with em.label(L.k.outputs[0].name):
-                linear(em, h, lw["k"], stream, kT, scale=rs)
+            if rs is not None:
+                rs.free()
+        else:
+            with shared_input(em, h) if share else contextlib.nullcontext():   # (blocked weights: x per block once)
+                with em.label(L.q.outputs[0].name):
+                    linear(em, h, lw["q"], stream, qT, scale=rs)
+                with em.label(L.k.outputs[0].name):
+                    linear(em, h, lw["k"], stream, kT, scale=rs)
 
         def v_linear():
             with em.label(L.v.outputs[0].name):
@@ -555,7 +617,7 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
                     ch, pp = divmod(seq, NP)
                     em.dma(Vws[seq][0:1, 0, :], Vnew[pp:pp + 1, ch, :])
 
-        if not defer:
+        if not defer and not img.kv:
             v_linear()
         if paired:
             with em.label(L.q_rope.outputs[0].name):
@@ -568,7 +630,7 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
                 rope(em, kT, Knew, rot, cosT, sinT)
             for seq in range(S if batched else 0):     # sequence b's new key: column 0 of its window
                 em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
-        if defer:               # after the rotary matmuls: its VECTOR chain runs beside v's, not after them
+        if defer and not img.kv:       # after the rotary matmuls: its VECTOR chain runs beside v's, not after them
             v_linear()
         with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first
             for seq in range(S):

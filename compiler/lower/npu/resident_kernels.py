@@ -434,13 +434,13 @@ class RowScale:
         self.rstd = em.sbuf((1,), "f32", what="rmsnorm rstd")
         self.ready = False
 
-    def ap(self, parts: int | None = None):
-        """1/rms(x) as a per-partition scalar (every partition holds it; `parts` of them from 0)."""
+    def ap(self, parts: int | None = None, p0: int = 0):
+        """1/rms(x) as a per-partition scalar (every partition holds it; `parts` of them from p0)."""
         if not self.ready:
             _rms_rstd(self.em, self.consts, self.part, self.rstd, self.features, self.eps, self.mm_dtype)
             self.ready = True
         P = self.em.cfg.partitions
-        return self.rstd[0:parts or P, 0:1]
+        return self.rstd[p0:p0 + (parts or P - p0), 0:1]
 
     def free(self) -> None:
         self.ap()
