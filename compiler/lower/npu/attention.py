@@ -102,11 +102,13 @@ def rope(em: Emitter, src: Act, dst: Tile, rot: Tile, cos: Tile, sin: Tile) -> N
             em.free(t1, t2, ps)
 
 
-def rope_pair(em: Emitter, qk: Tile, rows: int, qdst: Tile, kdst: Tile, rot: Tile, cos: Tile, sin: Tile) -> None:
+def rope_pair(em: Emitter, qk: Tile, rows: int, qdst: Tile, kdst: Tile, rot: Tile, cos: Tile, sin: Tile,
+              qouts: dict | None = None) -> None:
     """rope of one row's q and k held side by side ([P, chunks, 2]: q in column 0, k in 1, the same rows
     in every chunk, `rows` in all): one rotary matmul a chunk turns both (a decode matmul costs the same for 1 column as
     for 2), and the products with cos and sin take both columns at once; q's result to qdst[:, c, 0],
-    k's to kdst[:, c, 0]."""
+    k's to kdst[:, c, 0]; `qouts` {chunk: [(p0, p1, dst)]}: that chunk's q rows p0:p1 to `dst` instead (the
+    columns of a merged decode unit's q tile: chunk_program._merge then copies nothing)."""
     nch = qk.shape[0]
     g = max(1, (em.cfg.psum_bank_bytes // 4) // 2)
     P = qk.parts
@@ -121,7 +123,9 @@ def rope_pair(em: Emitter, qk: Tile, rows: int, qdst: Tile, kdst: Tile, rot: Til
         em.tt(t1[:, :, :], qk[:, c0:c1, :], cos.raw(0, cos.parts, 0, [(c1 - c0, 0), (2, 0)]), "mul")
         em.tt(t2[:, :, :], ps[:, :, :], sin.raw(0, sin.parts, 0, [(c1 - c0, 0), (2, 0)]), "mul")
         em.tt(kdst[:, c0:c1, 0:1], t1[:, :, 1:2], t2[:, :, 1:2], "add")
-        em.tt(qdst[:, c0:c1, 0:1], t1[:, :, 0:1], t2[:, :, 0:1], "add")
+        for c in range(c0, c1):
+            for p0, p1, dst in (qouts or {}).get(c, [(0, P, qdst[:, c:c + 1, 0:1])]):
+                em.tt(dst, t1[p0:p1, c - c0:c - c0 + 1, 0:1], t2[p0:p1, c - c0:c - c0 + 1, 0:1], "add")
         em.free(t1, t2, ps)
 
 

@@ -542,6 +542,14 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
     for grp in merged:
         grp["qd"] = em.sbuf((1, len(grp["starts"])), adt, what="q, one head a column")
         em.memset(grp["qd"].ap(), 0.0)
+    # (q and k paired) a merged group that holds every q row of its chunk gets its heads' roped q straight
+    # into its columns (rope_pair's qouts), not through qr and a copy a head
+    qouts = {}
+    for grp in merged if paired else []:
+        c, st = grp["chunk"], grp["starts"]
+        if st[0] == 0 and st[-1] + hd == min(NP, sl.q_rows - c * NP):
+            qouts[c] = [(s0, s0 + hd, grp["qd"][s0:s0 + hd, 0:1, i:i + 1]) for i, s0 in enumerate(st)]
+            grp["placed"] = True
 
     if img.kv and batched:
         raise ValueError("a batched program on a stacked k/v weight (the chip's images) is not built")
@@ -559,10 +567,10 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             sv = None if rs is None else rs.ap(hd, hd)
             kdst = kT.tile[0:hd, 0:1, r0:r1]
             ksrc = _sub(src, 0, hd)
-            em.copy(kdst, ksrc) if sk is None else em.ts(kdst, ksrc, "mul", sk)
-            vt = em.sbuf((1, R), "f32", what="v^T")
+            em.copy(kdst, ksrc) if sk is None else em.act(kdst, ksrc, scale=sk)    # (ACT: VECTOR has the
+            vt = em.sbuf((1, R), "f32", what="v^T")                                  # transposes)
             vsrc = _sub(src, hd, 2 * hd)
-            em.copy(vt[hd:2 * hd, :, :], vsrc) if sv is None else em.ts(vt[hd:2 * hd, :, :], vsrc, "mul", sv)
+            em.copy(vt[hd:2 * hd, :, :], vsrc) if sv is None else em.act(vt[hd:2 * hd, :, :], vsrc, scale=sv)
             for b0 in range(0, R, NP):
                 b1 = min(R, b0 + NP)
                 b, p0 = divmod(r0 + b0, NP)
@@ -621,7 +629,7 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             v_linear()
         if paired:
             with em.label(L.q_rope.outputs[0].name):
-                rope_pair(em, qk, kn, qr.tile, Knew, rot, cosT, sinT)
+                rope_pair(em, qk, kn, qr.tile, Knew, rot, cosT, sinT, qouts)
         else:
             with em.label(L.q_rope.outputs[0].name):
                 rope(em, qT, qr.tile, rot, cosT, sinT)
@@ -767,7 +775,8 @@ def _merge(em: Emitter, units: list[Unit], merged: list[dict], qr: Act, attnT: A
         if any((grp["group"], s, c) not in single for s in starts):
             continue                                   # a head attended in a run of chunks: leave it
         for i, s in enumerate(starts):
-            em.copy(qd[s:s + hd, 0, i:i + 1], qr.tile[s:s + hd, c, col:col + 1])
+            if not grp.get("placed"):
+                em.copy(qd[s:s + hd, 0, i:i + 1], qr.tile[s:s + hd, c, col:col + 1])
             taken.add(id(single[grp["group"], s, c]))
         s0 = starts[0]
         out.append(Unit([qd[s0:starts[-1] + hd, 0, 0:len(starts)]],
