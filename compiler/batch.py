@@ -28,15 +28,17 @@ from isthmus.compiler.ops import OPS, ROW_WISE
 from isthmus.errors import InputError
 
 
-def decode_batch(exe, decoders: list, token_ids: list[int]) -> np.ndarray:
-    """Logits [B, vocab] after feeding one token to each decoder (each advances by one)."""
+def decode_batch(exe, decoders: list, token_ids: list[int], between=None) -> np.ndarray:
+    """Logits [B, vocab] after feeding one token to each decoder (each advances by one).
+    `between`: a callable run at the step's yield points where the target has them (numba: about
+    once a layer; none of these decoders may be used in it), else not at all."""
     if len(decoders) != len(token_ids):
         raise InputError(f"{len(decoders)} decoders but {len(token_ids)} tokens")
     if not decoders:
         raise InputError("decode_batch needs at least one decoder")
     own = getattr(exe, "decode_batch", None)
     if own is not None:
-        return own(decoders, token_ids)
+        return own(decoders, token_ids, between) if between is not None and _yields(exe) else own(decoders, token_ids)
     return step_each(decoders, token_ids)
 
 
@@ -306,13 +308,22 @@ def reference_decode_batch(exe, decoders: list, token_ids: list[int]) -> np.ndar
     return plan.run(decoders, [[int(t)] for t in token_ids])
 
 
-def prefill(exe, decoder, ids: list[int]) -> np.ndarray:
+def prefill(exe, decoder, ids: list[int], between=None) -> np.ndarray:
     """Feed a prompt to one decoder; the logits of its last position. The reference target runs
-    it through the batch plan (whose linear layers use BLAS on the whole [seq, D] block)."""
+    it through the batch plan (whose linear layers use BLAS on the whole [seq, D] block).
+    `between`: as for `decode_batch`."""
     plan = _plan_for_decoders(exe, [decoder])
     if plan is None or exe.batch_invariant:
+        if between is not None and _yields(exe):
+            return np.array(decoder.step(list(ids), between), np.float32)
         return np.array(decoder.step(list(ids)), np.float32)
     return plan.run([decoder], [list(ids)])[0]
+
+
+def _yields(exe) -> bool:
+    """Whether `exe`'s steps take a `between` callable (yield points): the numba target's."""
+    from isthmus.compiler.lower.numba import NumbaExecutable
+    return isinstance(exe, NumbaExecutable) and exe.in_place_cache
 
 
 def _plan_for_decoders(exe, decoders):

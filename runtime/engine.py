@@ -16,7 +16,11 @@ queue is `Overloaded`, which the server answers with 503); each loop iteration
 While streams decode, a prompt's chunk is an iteration of its own, between two decode steps (one
 chunk per step): between the chunk and the step the engine admits again, so a request of a better
 tier waits for at most one of them, not both, and its prompt, prefilled whole, gets its first token
-before any chunk of a worse tier's prompt.
+before any chunk of a worse tier's prompt. Where the target has yield points inside a step (numba:
+about once a layer, `compiler.batch.decode_batch(between=...)`), it does not wait for either: a
+request of one sequence whose tier is better than every running sequence's is prefilled and
+sampled there, its first token emitted mid-step (`_urgent`), and it joins the batch at the next
+iteration (a worse tier's sequence preempted if the batch is then over full).
 
 Every request has a service tier (TIERS: priority, default, flex). Batch slots go to the best
 tier first, and a decode step serves its sequences best tier first (a target that steps them one
@@ -50,6 +54,7 @@ from typing import Callable
 
 import numpy as np
 
+from isthmus.compiler import batch as _batch
 from isthmus.compiler.batch import decode_batch, prefill
 from isthmus.compiler.executable import context_length
 from isthmus.errors import InputError
@@ -112,6 +117,7 @@ class _Seq:
     decoder: object = None
     logits: np.ndarray | None = None
     fed: list = field(default_factory=list)     # generated tokens already in the KV cache (to resume)
+    sampled: bool = False                       # its next token sampled (and emitted) ahead of the iteration
     todo: list = field(default_factory=list)    # prompt tokens not prefilled yet (chunked prefill)
     first: float = 0.0                          # perf_counter of its first token, and of its last
     last: float = 0.0
@@ -279,6 +285,8 @@ class Engine:
         for s in [s for s in self._paused if s.request.cancelled]:
             self._paused.remove(s)
             self._release(s)
+        while len(self._running) > self.max_batch and self._preempt(lambda s: True) is not None:
+            pass                             # over full by requests served at a yield point (`_urgent`)
         admitted, tokens = [], 0
         running = collections.Counter(s.request.tenant for s in self._running)
         while (self._waiting or self._paused) and not self._held:
@@ -352,6 +360,9 @@ class Engine:
         for s in self._running:
             if s.request.cancelled:
                 self._release(s)
+            elif s.sampled:                 # its first token came at a yield point (`_urgent`)
+                s.sampled = False
+                running.append(s)
             elif s.todo or self._advance(s):
                 running.append(s)
         running.sort(key=lambda s: s.request.rank)     # stable: a stepping target serves the best tier first
@@ -361,7 +372,11 @@ class Engine:
             return
         t0 = time.perf_counter()
         try:
-            logits = self.decode(self.exe, [s.decoder for s in still], [s.core.token for s in still])
+            decoders, tokens = [s.decoder for s in still], [s.core.token for s in still]
+            if self.decode is _batch.decode_batch:       # (tests swap in their own, without yield points)
+                logits = self.decode(self.exe, decoders, tokens, between=self._urgent)
+            else:
+                logits = self.decode(self.exe, decoders, tokens)
         except Exception as e:
             log.exception("batched decode failed")
             bad = isinstance(e, InputError)
@@ -425,7 +440,10 @@ class Engine:
                 n = max(PREFILL_QUANTUM, n // PREFILL_QUANTUM * PREFILL_QUANTUM)
             t0 = time.perf_counter()
             try:
-                logits = prefill(self.exe, s.decoder, s.todo[:n])
+                if chunk and prefill is _batch.prefill:
+                    logits = prefill(self.exe, s.decoder, s.todo[:n], between=self._urgent)
+                else:
+                    logits = prefill(self.exe, s.decoder, s.todo[:n])
             except Exception as e:
                 log.exception("prefill failed")
                 bad = isinstance(e, InputError)
@@ -441,6 +459,39 @@ class Engine:
             if budget is not None:
                 budget -= n
         return fed
+
+    def _urgent(self) -> None:
+        """A yield point inside a decode step or a prompt chunk (about once a layer): a waiting
+        request of one sequence, of a better tier than every running one's, is prefilled whole and
+        sampled now, and its first token emitted, instead of after the step. It joins the batch at
+        the next iteration (the batch then over full by it, a worse tier's sequence is preempted)."""
+        if not self._waiting or self._held:
+            return
+        best = min((s.request.rank for s in self._running), default=len(TIERS))
+        with self._cond:
+            t = next((w for w in self._waiting if w.rank < best and w.n == 1 and not w.cancelled), None)
+            if t is None:
+                return
+            self._waiting.remove(t)
+            t.started = t.running = 1
+        self._prefill(t, 0)
+        s = self._running[-1] if self._running and self._running[-1].request is t else None
+        if s is None:
+            return                               # failed, and reported
+        try:
+            s.logits = prefill(self.exe, s.decoder, s.todo)
+        except Exception as e:
+            log.exception("prefill failed")
+            bad = isinstance(e, InputError)
+            self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
+            self._running.remove(s)
+            self._release(s)
+            return
+        s.todo = []
+        if self._advance(s):
+            s.sampled = True
+        else:
+            self._running.remove(s)
 
     def _chunk(self) -> int:
         """Prompt tokens to prefill in one iteration while streams decode."""

@@ -130,13 +130,16 @@ class NumbaExecutable(Executable):
             return FunctionalDecoder(self)
         return NumbaDecoder(self)
 
-    def decode_batch(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+    def decode_batch(self, decoders: list, token_ids: list[int], between=None) -> np.ndarray:
         """One decode step for B of this executable's in-place decoders at once: the linear layers
         compute the B rows in one pass over the weights, attention and the KV append work on each
         sequence's own cache (by address). Every row is computed as its sequence would be alone,
-        so its logits are bitwise those of `decoder.step`. Other decoders step one by one."""
+        so its logits are bitwise those of `decoder.step`. Other decoders step one by one.
+        `between`: called at the step's yield points (`Bound.run`), using none of these decoders."""
         from isthmus.compiler.batch import step_each
 
+        if len(decoders) == 1 and isinstance(decoders[0], NumbaDecoder) and between is not None:
+            return np.array(decoders[0].step([int(token_ids[0])], between), np.float32)[None]
         if len(decoders) < 2 or not all(isinstance(d, NumbaDecoder) and d.exe is self for d in decoders) \
                 or len({d.capacity for d in decoders}) > 1 or len({id(d) for d in decoders}) < len(decoders):
             return step_each(decoders, token_ids)
@@ -147,7 +150,7 @@ class NumbaExecutable(Executable):
         batches = self._row_batches.__dict__.setdefault("by_size", {})    # per thread: engines may share
         if key not in batches:
             batches[key] = RowBatch(self, *key)
-        return batches[key].step(decoders, token_ids)
+        return batches[key].step(decoders, token_ids, between)
 
 
 def _release_mapped_pages(graph: Graph) -> None:
@@ -520,8 +523,16 @@ class Bound:
                     env[v] = a
         return call
 
-    def run(self, past: int):
+    def run(self, past: int, between=None):
+        """Every kernel call in order; `between()` after every YIELD_EVERY of them (a server's engine
+        serves a request of a better tier there, without waiting for the whole step)."""
         exe = self.exe
+        if between is not None and not exe.profiling:
+            for i, call in enumerate(self.calls):
+                call(past)
+                if i % YIELD_EVERY == YIELD_EVERY - 1:
+                    between()
+            return
         if not exe.profiling:
             for call in self.calls:
                 call(past)
@@ -533,6 +544,9 @@ class Bound:
             p = prof.setdefault(kind, OpProfile(kind))
             p.calls += 1
             p.seconds += time.perf_counter() - t0
+
+
+YIELD_EVERY = 5      # kernel calls between two yield points of `Bound.run`: about one decoder layer
 
 
 class Siblings:
@@ -632,7 +646,9 @@ class NumbaDecoder:
             self._bound[n] = entry
         return self._bound[n]
 
-    def step(self, ids) -> np.ndarray:
+    def step(self, ids, between=None) -> np.ndarray:
+        """Feed `ids`; the last position's logits. `between`: called at the step's yield points
+        (`Bound.run`); it must not use this decoder."""
         n = len(ids)
         if n == 0:
             raise InputError("step needs at least one token")
@@ -645,7 +661,7 @@ class NumbaDecoder:
         else:
             id_buf[0] = ids
             pos_buf[0] = np.arange(self.length, self.length + n)
-        bound.run(self.length)
+        bound.run(self.length, between)
         self.length += n
         return logits() if callable(logits) else logits
 
@@ -682,13 +698,13 @@ class RowBatch:
         self.bound = Bound(exe, dims, env, {}, last_only=True, workspace=Workspace(), rows=self.rows)
         self.env, self.logits_value = env, d.logits
 
-    def step(self, decoders: list, token_ids: list[int]) -> np.ndarray:
+    def step(self, decoders: list, token_ids: list[int], between=None) -> np.ndarray:
         rows = self.rows
         for b, (dec, t) in enumerate(zip(decoders, token_ids)):
             self.ids[b, 0] = t
             self.pos[b, 0] = rows.pasts[b] = dec.length
             rows.k[:, b], rows.v[:, b] = dec.addresses
-        self.bound.run(0)
+        self.bound.run(0, between)
         for dec in decoders:
             dec.length += 1
         logits = self.env[self.logits_value]

@@ -204,3 +204,58 @@ def test_per_tier_metrics(tiered):
                  "isthmus_decode_batch_size_by_tier_count"):
         line = next((ln for ln in text.splitlines() if ln.startswith(name) and 'tier="flex"' in ln), None)
         assert line is not None and float(line.split()[-1]) >= 1, name
+
+
+def test_a_priority_request_gets_its_first_token_inside_a_running_decode_step(tiny_chat):
+    """Numba target: a decode step has yield points (about once a layer) where a waiting request
+    of a better tier than the whole batch is prefilled and sampled, its first token emitted before
+    the step ends; it joins the batch at the next iteration, a flex sequence preempted for it, and
+    every reply is what it would be alone."""
+    import isthmus
+    from isthmus.runtime.engine import Delta, Engine, Finished
+    from isthmus.runtime.sampling import SamplingParams
+
+    exe = isthmus.compile(tiny_chat.model, target="numba")
+    prompt = tiny_chat.prompt_ids(USER)
+    want_flex = "".join(isthmus.chat(exe, USER, max_tokens=12, temperature=0))
+    want_prio = "".join(isthmus.chat(exe, USER, max_tokens=3, temperature=0))
+    engine = Engine(exe, name=MODEL_ID, max_batch=2, max_waiting=8)
+    real, held, steps = exe.decode_batch, threading.Event(), []
+
+    def decode_batch(decoders, tokens, between=None):     # the first step of two flex streams stalls at a yield point
+        def at_yield():
+            if len(decoders) == 2 and not held.is_set():
+                held.set()
+                assert _wait(lambda: engine.waiting >= 1)
+            between()
+        t0 = time.perf_counter()
+        out = real(decoders, tokens, at_yield if between is not None else None)
+        steps.append((t0, time.perf_counter(), len(decoders)))
+        return out
+
+    exe.decode_batch = decode_batch
+    texts, first, finished = {}, {}, []
+
+    def sink(name):
+        def on(ev):
+            if isinstance(ev, Delta):
+                first.setdefault(name, time.perf_counter())
+                texts[name] = texts.get(name, "") + ev.text
+            elif isinstance(ev, Finished):
+                finished.append(name)
+        return on
+
+    engine.start()
+    try:
+        for name in ("flex0", "flex1"):
+            engine.submit(prompt, SamplingParams(max_tokens=12, temperature=0), sink(name), tier="flex")
+        assert _wait(lambda: held.is_set())
+        engine.submit(prompt, SamplingParams(max_tokens=3, temperature=0), sink("priority"), tier="priority")
+        assert _wait(lambda: len(finished) == 3, 60)
+    finally:
+        engine.stop()
+        del exe.decode_batch
+    stalled = next(s for s in steps if s[2] == 2)
+    assert stalled[0] < first["priority"] < stalled[1]          # inside the step, not after it
+    assert texts == {"flex0": want_flex, "flex1": want_flex, "priority": want_prio}
+    assert engine.preemptions >= 1                              # the batch was over full by one
