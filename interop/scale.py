@@ -63,12 +63,13 @@ class ModelReplica:
 
         from ray.util.metrics import Counter
 
-        from isthmus.interop.cli import build
+        from isthmus.interop.cli import build, settle_heap
         self.id = serve.get_replica_context().replica_id.unique_id
         self.state = state_client()
         self.state.heartbeat(self.id)
         args = argparse.Namespace(**options)
         self.app, self.session, _ = await asyncio.to_thread(build, args, self.state, self.id)
+        settle_heap()
         self.app.state.isthmus.metrics.labels = {"replica": self.id}
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()               # engines start, and the webhook's outbox worker
