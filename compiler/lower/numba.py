@@ -663,7 +663,10 @@ class NumbaDecoder:
             pos_buf[0] = np.arange(self.length, self.length + n)
         bound.run(self.length, between)
         self.length += n
-        return logits() if callable(logits) else logits
+        out = logits() if callable(logits) else logits
+        if n != 1:
+            bound.calls.clear()      # a prefill binding is used once: its closures (which hold it) go now,
+        return out                   # not at the next full garbage collection
 
 
 class RowCaches:
