@@ -139,7 +139,7 @@ def test_chip_decode_step_timing_tiny():
     model = tiny_llama_model(CFG, seed=0, layout="half")
     spec = match_llama(run_pipeline(model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 256)
-    assert (f["cycles"], f["one_core_cycles"]) == (8_744, 10_346)      # too small to gain much: latency binds both
+    assert (f["cycles"], f["one_core_cycles"]) == (8_706, 10_346)      # too small to gain much: latency binds both
 
 
 @pytest.mark.slow
@@ -148,9 +148,9 @@ def test_chip_decode_step_smollm2(default_model):
     chip's HBM bound: the figures of docs/npu-performance.md ("Eight cores")."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096)
-    assert (f["cycles"], f["one_core_cycles"]) == (207_831, 1_101_937)
-    assert f["speedup"] >= 5.25             # 5.30x
-    assert f["hbm_ratio"] <= 1.57            # 1.568x; the issue's target is 1.5x: not met (see the docs)
+    assert (f["cycles"], f["one_core_cycles"]) == (206_925, 1_101_937)
+    assert f["speedup"] >= 5.3              # 5.33x
+    assert f["hbm_ratio"] <= 1.565           # 1.562x; the issue's target is 1.5x: not met (see the docs)
 
 
 @pytest.mark.slow

@@ -629,7 +629,7 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             v_linear()
         if paired:
             with em.label(L.q_rope.outputs[0].name):
-                rope_pair(em, qk, kn, qr.tile, Knew, rot, cosT, sinT, qouts)
+                rope_pair(em, qk, kn, qr.tile, Knew, rot, cosT, sinT, qouts, fma=img.weight_option == "bf16")
         else:
             with em.label(L.q_rope.outputs[0].name):
                 rope(em, qT, qr.tile, rot, cosT, sinT)
