@@ -420,7 +420,7 @@ class Bound:
         return lambda: np.ascontiguousarray(np.broadcast_to(np.asarray(env[v], np.int64).reshape(-1, s), (b, s)))
 
     def _bind_attention(self, st: Step):
-        from isthmus.kernels.numba.attention import attention_kv, row_kernel
+        from isthmus.kernels.numba.attention import BLAS_MIN_SEQ, attention_kv, row_kernel
 
         node = st.group.attrs["node"]
         qv, kv, vv = node.inputs
@@ -449,9 +449,11 @@ class Bound:
                       if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
 
         q_static = env.get(qv) if qv in self._owned else None
-        if cache is not None and q_static is not None and row_kernel(q_static.shape[2], hd, self.row_wise):
+        if (cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ
+                and row_kernel(q_static.shape[2], hd, self.row_wise)):
             # a decode binding: the kernel and its arguments fixed once, the dispatch rule inline
-            # (attention_kv's, without its Python per call: a decode step makes one such call a layer)
+            # (attention_kv's, without its Python per call: a decode step makes one such call a
+            # layer); its scratch a layer spans the cache's capacity, so only for a few queries
             from isthmus.kernels.numba.attention import attention_rows
             from isthmus.kernels.numba.kv_rows import batch_addresses
 
