@@ -33,7 +33,7 @@ from numba import njit, prange, types
 from numba.extending import intrinsic
 
 from isthmus.kernels.numba import JIT, PJIT
-from isthmus.kernels.numba.simd import _array_parts, _fma, exp_f32
+from isthmus.kernels.numba.simd import _array_parts, _fma, exp_f32, fma_f32
 
 LANES = 16           # query rows (scores) or head dimensions (output) per vector
 TILE_ROWS = 4        # keys (scores) or query rows (output) per tile: 4 accumulators
@@ -114,21 +114,12 @@ def _tile(typingctx, a, b, c, a0, ak0, bk0, kc, b_col, c_row, c_col, a_by_row):
     return sig, codegen
 
 
-@intrinsic
-def _fma1(typingctx, a, b, c):
-    sig = types.float32(types.float32, types.float32, types.float32)
-
-    def codegen(context, builder, signature, args):
-        return _fma(builder, *args)
-    return sig, codegen
-
-
 @njit(inline="always", **JIT)
 def _fma_chain(k, t, qt, lane, hd):
     """The score of key t for lane `lane` as `_tile` computes it (for the keys after the last tile of 4)."""
     s = np.float32(0.0)
     for j in range(hd):
-        s = _fma1(k[t, j], qt[j, lane], s)
+        s = fma_f32(k[t, j], qt[j, lane], s)
     return s
 
 
