@@ -180,6 +180,41 @@ def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> Chip
     return ChipTimeline(tls, order)
 
 
+def critical_path(chip: ChipProgram, ctl: ChipTimeline, cfg: NpuConfig | str | None = None) -> list[tuple]:
+    """The chain of instructions that sets the chip's cycles, first to last, as (core, instruction index,
+    start, end): from the instruction that ends last, back through what let each one start: the signal
+    whose arrival released a `sem_wait` that waited (on any core), else the previous instruction of its
+    own engine queue (which ended when it started). A gap between a signal's end and its arrival (a
+    remote signal's hop) shows as the next entry's start. Aggregated by label and op, it says where a
+    step's cycles go (docs/npu-performance.md, *Eight cores*)."""
+    cfg = load_config(cfg or "chip")
+    arrive: dict[tuple[int, int, int], tuple[int, int]] = {}      # (core, sem, arrival) -> its signaller
+    prev: list[dict[int, int]] = []
+    for c, (prog, tl) in enumerate(zip(chip.cores, ctl.timelines)):
+        last: dict[str, int] = {}
+        pv: dict[int, int] = {}
+        for i in tl.order:
+            sig = signal_of(c, prog.instructions[i], tl.end[i], cfg)
+            if sig:
+                arrive.setdefault(sig, (c, i))
+        for i in sorted(tl.order):                  # queue order is program order within an engine
+            pv[i] = last.get(tl.engine[i])
+            last[tl.engine[i]] = i
+        prev.append(pv)
+    c = max(range(len(ctl.timelines)), key=lambda k: ctl.timelines[k].cycles)
+    tl = ctl.timelines[c]
+    i = max(tl.order, key=lambda j: tl.end[j])
+    path = []
+    while i is not None:
+        tl, ins = ctl.timelines[c], chip.cores[c].instructions[i]
+        path.append((c, i, tl.start[i], tl.end[i]))
+        if ins.op == "sem_wait" and tl.start[i] > tl.reach[i]:
+            c, i = arrive[(c, ins["sem"], tl.start[i])]
+        else:
+            i = prev[c][i]
+    return path[::-1]
+
+
 @dataclass
 class ChipResult:
     outputs: dict[str, np.ndarray]

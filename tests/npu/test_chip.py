@@ -10,7 +10,7 @@ import pytest
 
 from isthmus.errors import NpuError
 from isthmus.npu.builder import ProgramBuilder
-from isthmus.npu.chip import ChipProgram, run_chip, schedule_chip, write_chip_trace
+from isthmus.npu.chip import ChipProgram, critical_path, run_chip, schedule_chip, write_chip_trace
 from isthmus.npu.collectives import RECV_SEM, all_reduce_program
 from isthmus.npu.config import load_config
 from isthmus.npu.timing import schedule
@@ -169,3 +169,16 @@ def test_race_check_over_the_cores_catches_a_seeded_race():
         "sem_wait", dict(ins.args, value=ins["value"] - 1), ins.label))
     with pytest.raises(NpuError, match="core 3: .*data race with core .*dma_core"):
         LoadedChip(short, check_races=True)
+
+
+def test_critical_path_walks_back_from_the_last_instruction_across_cores():
+    """The chain that sets a chip's cycles: it ends where the chip ends, each entry starts when the one
+    before it ends (its queue predecessor) or at a signal's arrival (a wait released from another core),
+    and the ring all-reduce's chain crosses cores over its dma_core arrivals."""
+    chip = all_reduce_program("chip", 4, 256)
+    ctl = schedule_chip(chip, CHIP)
+    path = critical_path(chip, ctl, CHIP)
+    assert path[-1][3] == ctl.cycles and path[0][2] == 0
+    assert all(b[2] >= a[3] for a, b in zip(path, path[1:]))
+    assert len({c for c, *_ in path}) > 1
+    assert any(chip.cores[c].instructions[i].op == "dma_core" for c, i, *_ in path)
