@@ -57,6 +57,7 @@ class NumbaExecutable(Executable):
         self.groups = groups_of(self.graph)
         self.plan = make_plan(self.groups)
         self._row_batches = threading.local()
+        self._prompt_bindings = threading.local()       # NumbaDecoder's prompt-part bindings (_Prompts)
         self._packed: dict[tuple, object] = {}
         for st in self.plan.steps:
             g = st.group
@@ -207,6 +208,7 @@ class Bound:
         self._owned: dict[Value, np.ndarray] = {}   # values held in pooled buffers
         self._pinned: set[Value] = set()             # read by an `op` step, which may keep a view
         self.calls, self.kinds = [], []
+        self.fixed_caches = False
         plan = exe.plan
         outs = set(exe.graph.outputs)
         for i, st in enumerate(plan.steps):
@@ -258,7 +260,7 @@ class Bound:
         bias = g.attrs["bias"]           # the siblings' biases stacked as their weights are, or None
         if epi == "qkv":
             q = g.attrs["qkv"]
-            kc, vc = self.caches[st] if self.rows is None else (None, None)
+            caches = self.caches          # read at each call: a shared prompt binding is re-pointed (NumbaDecoder)
             q_out = self._buffer(g.outputs[0])
             n = q_out.shape[0] * q_out.shape[2]
             qkv = np.empty((n, w.rows), np.float32)
@@ -297,6 +299,7 @@ class Bound:
                 project()
                 if bias is not None:
                     np.add(qkv, bias, out=qkv)
+                kc, vc = caches[st]
                 qkv_epilogue(qkv, pos_get(), inv, inter, nq, nkv, rope_k, q_out, kc, vc, past, qn, kn, n_eps)
             return call
         if epi == "swiglu" and isinstance(w, Siblings):
@@ -445,8 +448,10 @@ class Bound:
                                self.scratch(jobs, int(rows.pasts.max()) + q.shape[2]), np.float32(softcap),
                                np.int64(window))
             return call_rows
-        cache = next((self.caches[c.step] for c in self.exe.plan.caches
-                      if c.present_k is kv and c.present_v is vv and c.step in self.caches), None)
+        caches = self.caches
+        step = next((c.step for c in self.exe.plan.caches
+                     if c.present_k is kv and c.present_v is vv and c.step in caches), None)
+        cache = caches[step] if step is not None else None
 
         q_static = env.get(qv) if qv in self._owned else None
         if (cache is not None and q_static is not None and q_static.shape[2] < BLAS_MIN_SEQ
@@ -465,6 +470,8 @@ class Bound:
             pasts = np.zeros(nb, np.int64)
             cap, win = np.float32(softcap), np.int64(window)
 
+            self.fixed_caches = True      # the caches' addresses are in the call: not to be re-pointed
+
             def call_decode(past):
                 pasts[:] = past
                 attention_rows(q, k_addr, v_addr, kvh, capacity, pasts, causal, scale, out, scratch, cap, win)
@@ -474,8 +481,8 @@ class Bound:
             q = env[qv]
             if q.dtype != np.float32 or not q.flags.c_contiguous:
                 q = np.ascontiguousarray(q, np.float32)
-            if cache is not None:
-                k, v, p = cache[0], cache[1], past
+            if step is not None:
+                (k, v), p = caches[step], past
             else:
                 k, v = (np.ascontiguousarray(env[x], np.float32) for x in (kv, vv))
                 p = k.shape[2] - q.shape[2]
@@ -632,43 +639,93 @@ class NumbaDecoder:
                                   np.int64)
 
     def _bind(self, n: int):
-        if n not in self._bound:
-            exe = self.exe
-            d = exe.graph.decoder.resolve(exe.graph)
-            ids = np.zeros((1, n), np.int64)
-            pos = np.zeros((1, n), np.int64)
-            env = {d.input_ids: ids, d.position_ids: pos}
-            dims = {k: size for k, size in zip(d.input_ids.shape, (1, n)) if isinstance(k, str)}
-            bound = Bound(exe, dims, env, self.caches, last_only=True, workspace=self.workspace)
-            # the logits' buffer when a fused step writes it (fixed for this binding), else read per run
-            logits = env[d.logits][0, -1] if d.logits in env else (lambda: env[d.logits][0, -1])
-            entry = (bound, ids, pos, logits)
-            if n != 1:
-                return entry      # prefill bindings are used once
-            self._bound[n] = entry
-        return self._bound[n]
+        """(bound, ids, pos, logits) for steps of n tokens: for n = 1 this decoder's own, kept; for a
+        prompt part, a binding of the executable shared by its decoders on this thread (`_Prompts`),
+        re-pointed at this decoder's caches, or one of its own used once."""
+        if n == 1:
+            if n not in self._bound:
+                self._bound[n] = self._new_binding(n, self.caches, self.workspace)
+            return self._bound[n]
+        return self.exe._prompt_bindings.__dict__.setdefault("lru", _Prompts()).take(self, n)
+
+    def _new_binding(self, n: int, caches: dict, workspace):
+        exe = self.exe
+        d = exe.graph.decoder.resolve(exe.graph)
+        ids = np.zeros((1, n), np.int64)
+        pos = np.zeros((1, n), np.int64)
+        env = {d.input_ids: ids, d.position_ids: pos}
+        dims = {k: size for k, size in zip(d.input_ids.shape, (1, n)) if isinstance(k, str)}
+        bound = Bound(exe, dims, env, caches, last_only=True, workspace=workspace)
+        # the logits' buffer when a fused step writes it (fixed for this binding), else read per run
+        logits = env[d.logits][0, -1] if d.logits in env else (lambda: env[d.logits][0, -1])
+        return bound, ids, pos, logits
 
     def step(self, ids, between=None) -> np.ndarray:
-        """Feed `ids`; the last position's logits. `between`: called at the step's yield points
+        """Feed `ids`; the last position's logits (for one token a view of a buffer that the next
+        step overwrites: copy it to keep it). `between`: called at the step's yield points
         (`Bound.run`); it must not use this decoder."""
         n = len(ids)
         if n == 0:
             raise InputError("step needs at least one token")
         if self.length + n > self.capacity:
             raise InputError(f"the KV cache holds {self.capacity} positions; {self.length} used, {n} more asked")
-        bound, id_buf, pos_buf, logits = self._bind(n)
+        entry = self._bind(n)
+        bound, id_buf, pos_buf, logits = entry
         if n == 1:
             id_buf[0, 0] = ids[0]
             pos_buf[0, 0] = self.length
-        else:
-            id_buf[0] = ids
-            pos_buf[0] = np.arange(self.length, self.length + n)
-        bound.run(self.length, between)
+            bound.run(self.length, between)
+            self.length += 1
+            return logits() if callable(logits) else logits
+        id_buf[0] = ids
+        pos_buf[0] = np.arange(self.length, self.length + n)
+        try:
+            bound.run(self.length, between)
+            out = logits() if callable(logits) else logits
+            out = np.array(out, np.float32)        # the binding's buffer is another decoder's next
+        finally:
+            self.exe._prompt_bindings.lru.give(entry)
         self.length += n
-        out = logits() if callable(logits) else logits
-        if n != 1:
-            bound.calls.clear()      # a prefill binding is used once: its closures (which hold it) go now,
-        return out                   # not at the next full garbage collection
+        return out
+
+
+class _Prompts:
+    """Prompt-part bindings of one executable on one thread, by token count, least recently used
+    first out: building one costs ~3 ms of Python (more under load, when it competes for the GIL),
+    which a server's chunked prompts (parts of 16 tokens) and priority prompts paid every time.
+    A binding's caches are re-pointed at the decoder that takes it; one in use (a prompt prefilled
+    at another's yield point) is not shared, nor one whose attention holds cache addresses (the
+    row kernel's, for parts of 1-15 tokens under --batch-invariant or of 1-3 by default)."""
+
+    KEEP = 8                  # bindings kept
+    MAX_TOKENS = 256          # parts longer than this bind once each (their time dwarfs the binding's)
+
+    def __init__(self):
+        self.free: dict[int, tuple] = {}           # n -> (entry, caches dict)
+        self.busy: dict[int, tuple] = {}           # id(entry) -> (n, caches dict, kept)
+
+    def take(self, decoder, n: int):
+        kept = self.free.pop(n, None)
+        if kept is None:
+            caches = dict(decoder.caches)
+            entry = decoder._new_binding(n, caches, None)
+            keep = n <= self.MAX_TOKENS and not entry[0].fixed_caches
+        else:
+            (entry, caches), keep = kept, True
+            caches.clear()
+            caches.update(decoder.caches)
+        self.busy[id(entry)] = (n, caches, keep)
+        return entry
+
+    def give(self, entry) -> None:
+        n, caches, keep = self.busy.pop(id(entry))
+        if not keep or n in self.free:
+            entry[0].calls.clear()     # its closures (which hold it) go now, not at a full collection
+            return
+        self.free[n] = (entry, caches)
+        while len(self.free) > self.KEEP:
+            old, _ = self.free.pop(next(iter(self.free)))
+            old[0].calls.clear()
 
 
 class RowCaches:

@@ -195,3 +195,33 @@ def test_batch_invariant_is_refused_where_it_is_not_built():
 
     with pytest.raises(UnsupportedError, match="batch-invariant"):
         isthmus.compile(tiny_llama_model(CFG, quant="q4_1"), target="npu", batch_invariant=True)
+
+
+@pytest.mark.parametrize("name", ["q4_1", "f32"])
+def test_prompt_bindings_shared_by_decoders_give_each_its_own_numbers(name):
+    """A prompt part's binding is shared by the executable's decoders (re-pointed at each one's
+    caches): prompts of the same length read by two decoders in turn, and one read at a yield point
+    of the other's (the server's priority path), give each decoder what it gets with a binding of
+    its own, checked against the reference target; the logits returned are the caller's to keep."""
+    exe = isthmus.compile(MODELS[name](), target="numba")
+    ref = isthmus.compile(MODELS[name](), target="reference")
+    vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
+    rng = np.random.default_rng(7)
+    p1, p2 = (rng.integers(0, vocab, 9).tolist() for _ in range(2))
+    a, b = exe.decoder(), exe.decoder()
+    la = a.step(p1)
+    lb = b.step(p2)
+    la_kept = la.copy()
+    assert not np.shares_memory(la, lb) and np.array_equal(la, la_kept)
+    want_a, want_b = a.step([3]).copy(), b.step([4]).copy()
+
+    c, d = exe.decoder(), exe.decoder()
+    inner = []
+    lc = c.step(p1, between=lambda: inner or inner.append(d.step(p2)))     # d's prompt inside c's
+    assert inner and np.array_equal(lc, la_kept) and np.array_equal(inner[0], lb)
+    assert np.array_equal(c.step([3]), want_a) and np.array_equal(d.step([4]), want_b)
+
+    for prompt, nxt, got in ((p1, 3, want_a), (p2, 4, want_b)):
+        r = ref.decoder()
+        r.step(prompt)
+        np.testing.assert_allclose(got, r.step([nxt]), rtol=2e-3, atol=2e-3 * np.abs(got).max())
