@@ -17,7 +17,8 @@ While streams decode, a prompt's chunk is an iteration of its own, between two d
 chunk per step): between the chunk and the step the engine admits again, so a request of a better
 tier waits for at most one of them, not both, and its prompt, prefilled whole, gets its first token
 before any chunk of a worse tier's prompt. Where the target has yield points inside a step (numba:
-about once a layer, `compiler.batch.decode_batch(between=...)`), it does not wait for either: a
+about once a layer, `compiler.batch.decode_batch(between=...)`, and in every prompt's prefill),
+it does not wait for either: a
 request of one sequence whose tier is better than every running sequence's is prefilled and
 sampled there, its first token emitted mid-step (`_urgent`), and it joins the batch at the next
 iteration (a worse tier's sequence preempted if the batch is then over full).
@@ -440,7 +441,7 @@ class Engine:
                 n = max(PREFILL_QUANTUM, n // PREFILL_QUANTUM * PREFILL_QUANTUM)
             t0 = time.perf_counter()
             try:
-                if chunk and prefill is _batch.prefill:
+                if prefill is _batch.prefill:       # (tests swap in their own, without yield points)
                     logits = prefill(self.exe, s.decoder, s.todo[:n], between=self._urgent)
                 else:
                     logits = prefill(self.exe, s.decoder, s.todo[:n])
