@@ -4,18 +4,18 @@ The row kernel (attention.py, `attention_rows`) computes one query at a time: ea
 a dot product along the head dimension that ends in a horizontal sum, and each value is added to
 the query's output through memory; for a decode step (one query a head) nothing else fits. A
 prompt part has many queries over the same keys: here a KV head's query rows (its group of heads
-times the part's tokens) go sixteen to a vector, and both products are tiles of 4 x 16 kept in
+times the part's tokens) go sixteen to a vector, and both products are tiles of 8 x 16 kept in
 registers over their whole contraction (`_tile`):
 
-    scores  S[t, r] = sum_j K[t, j] * (scale * Q[r, j])      4 keys x 16 rows, along j
-    output  O[r, d] = sum_t P[t, r] * V[t, d]                4 rows x 16 dims, along t
+    scores  S[t, r] = sum_j K[t, j] * (scale * Q[r, j])      8 keys x 16 rows, along j
+    output  O[r, d] = sum_t P[t, r] * V[t, d]                8 rows x 16 dims, along t
 
 one broadcast, one vector load and one FMA per 16 multiply-adds, no horizontal sums. The softmax
 runs down the keys with the rows in lanes (no reductions across lanes either), and its 1 / sum
 scales the output rows at the end.
 
 Every query's numbers come from the same instructions in the same order whatever the part it is
-in: its scores are FMA chains along j (the 4 x 16 tiles and the tail's scalar chains alike), its
+in: its scores are FMA chains along j (the 8 x 16 tiles and the tail's scalar chains alike), its
 softmax and weighted sum run along the keys 0 .. past + seq in order, and keys it cannot see add
 exact zeros. So a prompt read in parts gives the same bits as read whole, as long as every part
 takes this kernel (attention.py's dispatch rule: parts of `TILES_MIN_SEQ` tokens or more). Only
@@ -36,7 +36,7 @@ from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba.simd import _array_parts, _fma, exp_f32, fma_f32
 
 LANES = 16           # query rows (scores) or head dimensions (output) per vector
-TILE_ROWS = 4        # keys (scores) or query rows (output) per tile: 4 accumulators
+TILE_ROWS = 8        # keys (scores) or query rows (output) per tile: 8 accumulators (4: 1.3x slower)
 # queries a sequence from which the tiles take a call: below it, one block a KV head leaves the
 # row kernel's (KV head, query) items better spread over the threads (2 queries after 1,000
 # positions: 3.7 ms against 2.5 for the row kernel, 4: 2.7 against 6.6-8.7, whole model)
@@ -46,7 +46,7 @@ TILES_MIN_SEQ = 4
 @intrinsic
 def _tile(typingctx, a, b, c, a0, ak0, bk0, kc, b_col, c_row, c_col, a_by_row):
     """C[c_row + i, c_col : c_col + 16] = sum over k < kc of A_i(ak0 + k) * B[bk0 + k, b_col : b_col + 16]
-    for i < 4, each an FMA chain in k order from 0.0; A_i(k) = A[a0 + i, k] if `a_by_row` else
+    for i < TILE_ROWS, each an FMA chain in k order from 0.0; A_i(k) = A[a0 + i, k] if `a_by_row` else
     A[k, a0 + i]. f32 2-d arrays with unit inner stride."""
     f32arr = types.Array(types.float32, 2, "C")
     i64 = types.int64
