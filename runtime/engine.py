@@ -397,8 +397,9 @@ class Engine:
         for s, row in zip(still, logits):
             s.logits = row
 
-    def _prefill(self, t: Ticket, i: int) -> None:
-        """Start choice `i` of `t` (its slot is already counted in `t.running`)."""
+    def _prefill(self, t: Ticket, i: int) -> _Seq | None:
+        """Start choice `i` of `t` (its slot is already counted in `t.running`): its sequence, in the
+        batch with its prompt to feed; None if that failed (reported)."""
         params = t.params
         budget = min(params.max_tokens, self.n_ctx - len(t.prompt_ids))
         try:
@@ -412,11 +413,10 @@ class Engine:
             s.decoder, reused = self._decoder_for(t)
             s.todo = t.prompt_ids[reused:]           # prefilled by _feed_prompts, in chunks while others decode
         except Exception as e:
-            log.exception("prefill failed")
-            bad = isinstance(e, InputError)
-            self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
-            return
+            self._failed(t, e, "reading the prompt")
+            return None
         self._running.append(s)
+        return s
 
     def _feed_prompts(self, chunk: bool) -> bool:
         """Prefill the prompts of admitted sequences, best tier first. With nothing decoding: all of
@@ -446,9 +446,7 @@ class Engine:
                 else:
                     logits = prefill(self.exe, s.decoder, s.todo[:n])
             except Exception as e:
-                log.exception("prefill failed")
-                bad = isinstance(e, InputError)
-                self._fail(s.request, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
+                self._failed(s.request, e, "reading the prompt")
                 continue
             fed = True
             dt = (time.perf_counter() - t0) / n
@@ -475,16 +473,13 @@ class Engine:
                 return
             self._waiting.remove(t)
             t.started = t.running = 1
-        self._prefill(t, 0)
-        s = self._running[-1] if self._running and self._running[-1].request is t else None
+        s = self._prefill(t, 0)
         if s is None:
             return                               # failed, and reported
         try:
             s.logits = prefill(self.exe, s.decoder, s.todo)
         except Exception as e:
-            log.exception("prefill failed")
-            bad = isinstance(e, InputError)
-            self._fail(t, str(e) if bad else "internal error while reading the prompt", 400 if bad else 500)
+            self._failed(t, e, "reading the prompt")
             self._running.remove(s)
             self._release(s)
             return
@@ -525,9 +520,7 @@ class Engine:
             s.decoder = self.exe.decoder()
             prefill(self.exe, s.decoder, s.request.prompt_ids + s.fed)
         except Exception as e:
-            log.exception("resuming a preempted sequence failed")
-            bad = isinstance(e, InputError)
-            self._fail(s.request, str(e) if bad else "internal error while resuming", 400 if bad else 500)
+            self._failed(s.request, e, "resuming")
             return
         self._running.append(s)
 
@@ -576,6 +569,13 @@ class Engine:
             t.sink(event)
         except Exception:                   # the owner went away (event loop closed): drop the request
             t.cancelled = True
+
+    def _failed(self, t: Ticket, e: Exception, doing: str) -> None:
+        """Report `e`, raised while `doing`: a user's mistake (InputError) as itself with 400, else
+        an internal error with 500 (the traceback to the log)."""
+        log.exception("%s failed", doing)
+        bad = isinstance(e, InputError)
+        self._fail(t, str(e) if bad else f"internal error while {doing}", 400 if bad else 500)
 
     def _fail(self, t: Ticket, message: str, status: int = 500) -> None:
         t.cancelled = True                   # its other sequences leave the batch

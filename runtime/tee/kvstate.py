@@ -29,13 +29,27 @@ def export(decoder) -> list[np.ndarray] | None:
 
 def restore(exe, arrays: list[np.ndarray]):
     """A fresh decoder of `exe` holding `arrays` (as `export` gave them), or None if it cannot."""
-    decoder = exe.decoder()
+    return _fill(exe.decoder(), arrays)
+
+
+def copy_prefix(decoder, n: int, fresh):
+    """`fresh` (a new decoder of the same executable) holding a copy of `decoder`'s first `n`
+    positions, or None if these decoders cannot."""
+    arrays = export(decoder)
+    if not arrays or n > decoder.length:
+        return None
+    return _fill(fresh, [a[:, :, :n] for a in arrays], copy=True)
+
+
+def _fill(decoder, arrays: list[np.ndarray], copy: bool = False):
+    """`decoder` (new, empty) holding `arrays` as its cached positions (copies when `copy`; an
+    in-place cache always copies into its own buffers), or None if its cache is not of that shape."""
     if isinstance(decoder, FunctionalDecoder):
         names = decoder.cache.names
         if len(arrays) != len(names) or any(a.shape[:2] + a.shape[3:] != decoder.cache.arrays[n].shape[:2]
                                             + decoder.cache.arrays[n].shape[3:] for n, a in zip(names, arrays)):
             return None
-        decoder.cache.arrays = dict(zip(names, arrays))
+        decoder.cache.arrays = {k: a.copy() if copy else a for k, a in zip(names, arrays)}
         return decoder
     if _in_place(decoder):
         targets = [a for pair in decoder.caches.values() for a in pair]
@@ -46,29 +60,6 @@ def restore(exe, arrays: list[np.ndarray]):
             dst[:, :, :n] = src
         decoder.length = n
         return decoder
-    return None
-
-
-def copy_prefix(decoder, n: int, fresh):
-    """`fresh` (a new decoder of the same executable) holding a copy of `decoder`'s first `n`
-    positions, or None if these decoders cannot."""
-    arrays = export(decoder)
-    if not arrays or n > decoder.length:
-        return None
-    if isinstance(fresh, FunctionalDecoder):
-        names = fresh.cache.names
-        if len(arrays) != len(names):
-            return None
-        fresh.cache.arrays = {k: a[:, :, :n].copy() for k, a in zip(names, arrays)}
-        return fresh if fresh.length == n else None
-    if _in_place(fresh):
-        targets = [a for pair in fresh.caches.values() for a in pair]
-        if len(arrays) != len(targets) or n > fresh.capacity:
-            return None
-        for dst, src in zip(targets, arrays):
-            dst[:, :, :n] = src[:, :, :n]
-        fresh.length = n
-        return fresh
     return None
 
 
