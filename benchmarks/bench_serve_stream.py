@@ -277,16 +277,7 @@ def ready(url: str) -> str:
                 break
         except httpx.TransportError:
             time.sleep(0.2)
-    model = httpx.get(url + "/models").json()["data"][0]["id"]
-    # the client's garbage collector off, as timeit does: a full collection over the imported
-    # openai/pydantic objects paused this process 20-55 ms, inside whichever TTFT or chunk gap it
-    # fell in (a measurement of the server's latency, not the client's)
-    import gc
-
-    gc.collect()
-    gc.freeze()
-    gc.disable()
-    return model
+    return httpx.get(url + "/models").json()["data"][0]["id"]
 
 
 def start_server(model: str, target: str, *extra):
@@ -302,6 +293,12 @@ def start_server(model: str, target: str, *extra):
 
 
 def main(argv=None) -> dict:
+    # the client's garbage collector off, as timeit does: a full collection over the openai and
+    # pydantic objects paused a client 20-55 ms inside whichever TTFT or chunk gap it fell in
+    # (the figures measure the server, not the client; the load process's as well)
+    import gc
+
+    gc.disable()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--flex-load"]:          # --tiers' load process
         url, model, streams, n = argv[1:5]
