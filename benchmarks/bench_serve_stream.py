@@ -13,7 +13,11 @@ processing is left out of both). The chat side is `runtime.generate`'s loop (wha
 serve side is `isthmus serve` as its own process, with the official `openai` client (asyncio,
 streaming) in this process timing the SSE chunks as they arrive. The two take turns, --rounds
 times, and the best round of each is reported with their ratio (the target of issue 16: >= 0.9).
-The machine's load average is printed with the figures.
+A third side reads the same stream from a plain socket (no HTTP library: it counts the content
+deltas in what each recv returns): on a machine whose cores the kernels all use, the client's
+own CPU per token comes out of the server's decode, so the two serve sides tell the server's
+cost from the official client's (each side's CPU per token is printed). The machine's load
+average is printed with the figures.
 
 --prefix measures conversation KV reuse instead (issue 16's target: the second turn of a 1,000-token
 conversation within 1.5x the TTFT of a 20-token prompt): per round, a fresh ~1,000-token first
@@ -31,7 +35,7 @@ p99 and max are printed, with the long prompt's TTFT.
 32 streams all complete with exact token counts): per round, one stream alone, then --streams
 streams started together, each rate the generated tokens over the time from the request(s) to the
 last token (prompt processing included on both sides, alike); the token count of every stream is
-checked.
+checked. Both again with socket readers (threads) instead of the official client.
 
 --tiers measures service tiers (the target: with a flex tenant saturating the server with 32
 streams, priority requests keep p99 TTFT <= 2x their TTFT on an idle server): priority requests'
@@ -48,6 +52,8 @@ import asyncio
 import json
 import os
 import re
+import resource
+import socket
 import subprocess
 import sys
 import time
@@ -79,12 +85,52 @@ for line in sys.stdin:                     # one round per line
 """
 
 
+def _cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _socket_stream(url: str, model: str, n: int, prompt: str) -> list[float]:
+    """Stream one greedy reply of n tokens from a plain socket (no HTTP library): the time of each
+    content delta, that of the recv whose bytes carry it (a recv holding several times them all;
+    a delta may hold several tokens, as in `serve_round`); the token count is the usage's."""
+    host, port = re.match(r"http://([^:/]+):(\d+)/", url).groups()
+    body = json.dumps({"model": model, "temperature": 0, "max_tokens": n, "stream": True, "ignore_eos": True,
+                       "stream_options": {"include_usage": True},
+                       "messages": [{"role": "user", "content": prompt}]}).encode()
+    with socket.create_connection((host, int(port))) as s:
+        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                  b"Authorization: Bearer bench\r\nContent-Length: %d\r\n\r\n" % (host.encode(), len(body)) + body)
+        times, rest, tail = [], b"", b""
+        while not tail.endswith(b"0\r\n\r\n"):          # the chunked body's last chunk
+            d = s.recv(1 << 16)
+            if not d:
+                break
+            events, _, rest = (rest + d).rpartition(b"\n\n")     # whole SSE events only
+            k = events.count(b'"delta":{"content":"') - events.count(b'"delta":{"content":""')
+            times += [time.perf_counter()] * k
+            tail = (tail + d)[-200:]
+    tokens = re.search(rb'"completion_tokens":(\d+)', tail)
+    if not tokens or int(tokens.group(1)) != n:
+        raise RuntimeError(f"the server returned {tokens and int(tokens.group(1))} tokens, not {n}")
+    return times
+
+
+def raw_round(url: str, model: str, n: int) -> dict:
+    """`serve_round` read by `_socket_stream`."""
+    t0, c0 = time.perf_counter(), _cpu_s()
+    times = _socket_stream(url, model, n, PROMPT)
+    return {"tokens": n, "ttft": times[0] - t0, "rate": (len(times) - 1) / (times[-1] - times[0]),
+            "client_cpu": (_cpu_s() - c0) / n}
+
+
 async def serve_round(url: str, model: str, n: int) -> dict:
     import openai
 
     client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=0, timeout=600)
     try:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_s()
         stream = await client.chat.completions.create(
             model=model, temperature=0, max_tokens=n, stream=True, stream_options={"include_usage": True},
             extra_body={"ignore_eos": True}, messages=[{"role": "user", "content": PROMPT}])
@@ -93,6 +139,7 @@ async def serve_round(url: str, model: str, n: int) -> dict:
             usage = chunk.usage or usage
             if any(c.delta.content for c in chunk.choices):
                 times.append(time.perf_counter())
+        cpu = _cpu_s() - c0
     finally:
         await client.close()
     tokens = usage.completion_tokens if usage else 0
@@ -101,7 +148,7 @@ async def serve_round(url: str, model: str, n: int) -> dict:
     # chunks may carry more than one token (UTF-8 held back): the tokens between first and last chunk
     # are all but those of the first chunk; with one token per chunk (the usual case) it is n - 1
     return {"tokens": tokens, "chunks": len(times), "ttft": times[0] - t0,
-            "rate": (tokens - (tokens - len(times) + 1)) / (times[-1] - times[0])}
+            "rate": (tokens - (tokens - len(times) + 1)) / (times[-1] - times[0]), "client_cpu": cpu / tokens}
 
 
 async def ttft(url: str, model: str, messages: list, n: int = 1) -> tuple[float, str]:
@@ -267,6 +314,17 @@ async def concurrent_round(url: str, model: str, streams: int, n: int, r: int = 
     return {"streams": streams, "rate": streams * n / (max(lasts) - t0)}
 
 
+def socket_concurrent_round(url: str, model: str, streams: int, n: int, r: int = 0) -> dict:
+    """`concurrent_round` with each stream read by `_socket_stream` on a thread of its own."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(streams) as pool:
+        t0 = time.perf_counter()
+        lasts = list(pool.map(lambda i: _socket_stream(url, model, n, f"Round {r}: a story about {i}.")[-1],
+                              range(streams)))
+    return {"streams": streams, "rate": streams * n / (max(lasts) - t0)}
+
+
 def ready(url: str) -> str:
     """Wait for the server at `url` (.../v1) to answer /health; the id of its model."""
     import httpx
@@ -331,22 +389,26 @@ def main(argv=None) -> dict:
     chat = subprocess.Popen([sys.executable, "-c", CHAT, model, args.target, str(args.tokens), PROMPT],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     proc, url = start_server(model, args.target)
-    rows = {"chat": [], "serve": []}
+    rows = {"chat": [], "serve": [], "serve, socket reader": []}
     try:
         model_id = ready(url)
         asyncio.run(serve_round(url, model_id, 4))                         # warm-up: compile, bind
+        raw_round(url, model_id, 4)
         chat.stdin.write("warm\n")
         chat.stdin.flush()
         json.loads(chat.stdout.readline())
-        for r in range(args.rounds):                                       # taking turns
-            order = ("chat", "serve") if r % 2 == 0 else ("serve", "chat")
+
+        def chat_round():
+            chat.stdin.write("go\n")
+            chat.stdin.flush()
+            return json.loads(chat.stdout.readline())
+
+        sides = {"chat": chat_round, "serve": lambda: asyncio.run(serve_round(url, model_id, args.tokens)),
+                 "serve, socket reader": lambda: raw_round(url, model_id, args.tokens)}
+        for r in range(args.rounds):                                       # taking turns, each first in turn
+            order = list(sides)[r % 3:] + list(sides)[:r % 3]
             for side in order:
-                if side == "chat":
-                    chat.stdin.write("go\n")
-                    chat.stdin.flush()
-                    rows["chat"].append(json.loads(chat.stdout.readline()))
-                else:
-                    rows["serve"].append(asyncio.run(serve_round(url, model_id, args.tokens)))
+                rows[side].append(sides[side]())
     finally:
         proc.terminate()
         chat.stdin.close()
@@ -357,17 +419,22 @@ def main(argv=None) -> dict:
     load = os.getloadavg()
     out = {"tokens": args.tokens, "rounds": args.rounds, "target": args.target, "load": load,
            "best": best, "median": median, "ratio_best": best["serve"] / best["chat"],
-           "ratio_median": median["serve"] / median["chat"], "rows": rows}
+           "ratio_median": median["serve"] / median["chat"],
+           "ratio_best_socket": best["serve, socket reader"] / best["chat"],
+           "ratio_median_socket": median["serve, socket reader"] / median["chat"], "rows": rows}
     env = {k: os.environ[k] for k in ENV if k in os.environ}
     out["env"] = env
     print(f"one stream, {args.tokens} tokens, target {args.target}, {args.rounds} rounds taking turns; "
           f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; env {env}")
-    print("| side | best tokens/s | median tokens/s | each round |")
-    print("|---|---:|---:|---|")
-    for k in ("chat", "serve"):
+    print("| side | best tokens/s | median tokens/s | each round | client CPU a token |")
+    print("|---|---:|---:|---|---:|")
+    for k in rows:
         each = " ".join(f"{r['rate']:.1f}" for r in rows[k])
-        print(f"| {k} | {best[k]:.1f} | {median[k]:.1f} | {each} |")
-    print(f"serve / chat: best {out['ratio_best']:.2f}x, median {out['ratio_median']:.2f}x; serve TTFT "
+        cpu = [r["client_cpu"] * 1e6 for r in rows[k] if "client_cpu" in r]
+        cpu = f"{min(cpu):.0f}-{max(cpu):.0f} us" if cpu else ""
+        print(f"| {k} | {best[k]:.1f} | {median[k]:.1f} | {each} | {cpu} |")
+    print(f"serve / chat: best {out['ratio_best']:.2f}x, median {out['ratio_median']:.2f}x (official client); "
+          f"{out['ratio_best_socket']:.2f}x, {out['ratio_median_socket']:.2f}x (socket reader); serve TTFT "
           f"{min(r['ttft'] for r in rows['serve']) * 1e3:.0f} ms (best)")
     if args.json:
         with open(args.json, "w") as f:
@@ -472,14 +539,16 @@ def main_concurrent(args) -> dict:
 
     model = args.model or str(pull(progress=False))
     proc, url = start_server(model, args.target, "--max-batch", str(max(args.streams, 8)))
-    rows = {"one stream": [], f"{args.streams} streams": []}
+    many, one_raw, many_raw = f"{args.streams} streams", "one stream, socket readers", f"{args.streams} streams, socket readers"
+    rows = {"one stream": [], many: [], one_raw: [], many_raw: []}
     try:
         model_id = ready(url)
         asyncio.run(concurrent_round(url, model_id, 2, 4))                  # warm-up: compile, bind
         for r in range(args.rounds):
             rows["one stream"].append(asyncio.run(concurrent_round(url, model_id, 1, args.tokens, r))["rate"])
-            rows[f"{args.streams} streams"].append(
-                asyncio.run(concurrent_round(url, model_id, args.streams, args.tokens, r))["rate"])
+            rows[many].append(asyncio.run(concurrent_round(url, model_id, args.streams, args.tokens, r))["rate"])
+            rows[one_raw].append(socket_concurrent_round(url, model_id, 1, args.tokens, r)["rate"])
+            rows[many_raw].append(socket_concurrent_round(url, model_id, args.streams, args.tokens, r)["rate"])
     finally:
         proc.terminate()
         proc.wait(timeout=60)
@@ -491,9 +560,10 @@ def main_concurrent(args) -> dict:
     print("|---|---:|---|")
     for k, v in rows.items():
         print(f"| {k} | {best[k]:.1f} | {' '.join(f'{x:.1f}' for x in v)} |")
-    ratio = best[f"{args.streams} streams"] / best["one stream"]
-    print(f"{args.streams} streams / one: {ratio:.2f}x (every stream returned exactly {args.tokens} tokens)")
-    out = {"rows": rows, "best": best, "ratio": ratio, "load": load}
+    ratio, ratio_raw = best[many] / best["one stream"], best[many_raw] / best[one_raw]
+    print(f"{args.streams} streams / one: {ratio:.2f}x with the official client, {ratio_raw:.2f}x with socket "
+          f"readers (every stream returned exactly {args.tokens} tokens)")
+    out = {"rows": rows, "best": best, "ratio": ratio, "ratio_socket": ratio_raw, "load": load}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2)
