@@ -131,6 +131,20 @@ def test_limits_are_per_render_and_threads_do_not_share_budgets(monkeypatch):
         assert list(pool.map(lambda _: render_chat(loop, []), range(2))) == ["ok"] * 2
 
 
+def test_the_time_limit_counts_the_renders_cpu_not_the_wall_clock(monkeypatch):
+    """A render paused (a loaded machine, other threads holding the GIL, a stopped process) is not
+    cut off; the CPU it burns is."""
+    monkeypatch.setattr(chat_template, "MAX_SECONDS", 0.2)
+    budget = chat_template._Budget()
+    time.sleep(0.4)                         # twice the limit of wall-clock time, no CPU
+    budget.step()
+    spin = time.thread_time() + 0.25
+    while time.thread_time() < spin:
+        pass
+    with pytest.raises(TemplateError, match="time limit of 0.2 s of CPU"):
+        budget.step()
+
+
 def test_unparseable_template_is_a_model_format_error():
     with pytest.raises(ModelFormatError, match="does not parse"):
         render_chat("{% for %}", [])
