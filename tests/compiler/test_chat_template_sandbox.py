@@ -67,10 +67,10 @@ ATTACKS = {
 
 @pytest.mark.parametrize("name", ATTACKS)
 def test_hostile_template_is_one_line_template_error_in_bounded_time(name):
-    t0 = time.perf_counter()
+    t0 = time.thread_time()              # the limit is on the render's CPU (the wall clock depends on the load)
     with pytest.raises(TemplateError) as e:
         render_chat(ATTACKS[name], [{"role": "user", "content": "hi"}])
-    assert time.perf_counter() - t0 < 2.0
+    assert time.thread_time() - t0 < 2.0
     message = str(e.value)
     assert isinstance(e.value, InputError) and "\n" not in message and "chat template" in message
 
