@@ -9,9 +9,16 @@ core, seen there `link_latency_cycles` later); a `dma_core` with `signal` counts
 receiver's semaphore, without the second hop. Collectives are built from them (collectives.py).
 
 Timing (`schedule_chip`): the single-core event simulation over every core's engine queues at once
-(timing.py's rules: in-order queues, the earliest runnable start next, semaphores). A DMA shares its
-core's bandwidth with that core's busy DMA queues: HBM at `hbm_bytes_per_s / cores` (every core
-streaming), the link at `link_bytes_per_s`. A remote signal's arrival is its end plus the link
+(timing.py's rules: in-order queues, the earliest runnable start next, semaphores). A transfer shares
+the bandwidth of the resource it moves bytes over with the core's DMA queues busy moving bytes over the
+same resource when it starts: a `dma_copy` / `dma_gather` (HBM) the core's HBM share, `hbm_bytes_per_s /
+cores` (every core streaming), with the core's other HBM transfers; a `dma_core` the link,
+`link_bytes_per_s`, with its other link sends. A link send does not take HBM bandwidth from a weight load
+beside it, nor a load link bandwidth from a send (before this rule every busy queue counted: SmolLM2's
+chip decode step 206,925 cycles, 201,078 with it). Both kinds pass through the core's DMA engines, whose
+bandwidth (the link's figure, 3.5 TB/s a chip) is above the HBM share, and a step's link bytes are few
+(SmolLM2: 1.1 MB a core against 37-41 MB of HBM), so that common path is not modeled as a limit.
+A remote signal's arrival is its end plus the link
 latency, a signalling `dma_core`'s its end (the last byte landed); semaphore values count arrivals in
 time order. Not modeled: contention between cores beyond the per-core HBM share. `LoadedChip` prepares
 a chip program once to run many times (a compiled model's chunk programs on `chip`); its race check
@@ -118,6 +125,7 @@ def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> Chip
                             [r[3] for r in plan]))
     order: list[tuple[int, int]] = []
     free: dict[tuple[int, str], int] = {}
+    over: dict[tuple[int, str], str | None] = {}             # what each queue's latest instruction moves bytes over
     arrivals: dict[tuple[int, int], list[int]] = {}          # (core, sem) -> signal arrival times, sorted
     waiting: dict[tuple[int, int], list[str]] = {}
     queues: dict[tuple[int, str], list[int]] = {}
@@ -154,10 +162,12 @@ def schedule_chip(chip: ChipProgram, cfg: NpuConfig | str | None = None) -> Chip
         tl = tls[c]
         tl.reach[i] = free.get((c, e), 0)
         if nbytes:
-            active = 1 + sum(1 for q in dma_engines if q != e and free.get((c, q), 0) > t)
+            # the core's queues busy over the same resource share it (a send beside a load slows neither)
+            active = 1 + sum(1 for q in dma_engines if q != e and free.get((c, q), 0) > t and over.get((c, q)) == kind)
             cycles += math.ceil(nbytes * active / bpc[kind])
         tl.start[i], tl.end[i] = t, t + cycles
         free[c, e] = t + cycles
+        over[c, e] = kind
         tl.order.append(i)
         order.append((c, i))
         head[c, e] += 1

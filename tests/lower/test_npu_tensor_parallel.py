@@ -51,6 +51,6 @@ def test_tensor_parallel_mlp_timing_smollm2_shapes():
     one = tp_mlp_figures(gate, up, down, norm, EPS, 1, layers=1)
     assert (one["cycles"], one["one_core_cycles"]) == (9_472, 33_206)
     f = tp_mlp_figures(gate, up, down, norm, EPS, 1, layers=30)
-    assert (f["cycles"], f["one_core_cycles"]) == (140_773, 648_656)
-    assert f["speedup"] >= 4.55                     # 4.61x
-    assert f["hbm_ratio"] <= 1.86                   # 1.83x the chip's HBM bound (collectives included)
+    assert (f["cycles"], f["one_core_cycles"]) == (128_258, 648_656)
+    assert f["speedup"] >= 5.0                      # 5.06x
+    assert f["hbm_ratio"] <= 1.67                   # 1.668x the chip's HBM bound (collectives included)

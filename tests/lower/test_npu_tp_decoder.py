@@ -139,7 +139,7 @@ def test_chip_decode_step_timing_tiny():
     model = tiny_llama_model(CFG, seed=0, layout="half")
     spec = match_llama(run_pipeline(model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 256)
-    assert (f["cycles"], f["one_core_cycles"]) == (8_706, 10_346)      # too small to gain much: latency binds both
+    assert (f["cycles"], f["one_core_cycles"]) == (8_704, 10_346)      # too small to gain much: latency binds both
 
 
 @pytest.mark.slow
@@ -148,20 +148,20 @@ def test_chip_decode_step_smollm2(default_model):
     chip's HBM bound: the figures of docs/npu-performance.md ("Eight cores")."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096)
-    assert (f["cycles"], f["one_core_cycles"]) == (206_925, 1_101_937)
-    assert f["speedup"] >= 5.3              # 5.33x
-    assert f["hbm_ratio"] <= 1.565           # 1.562x; the issue's target is 1.5x: not met (see the docs)
+    assert (f["cycles"], f["one_core_cycles"]) == (201_078, 1_101_937)
+    assert f["speedup"] >= 5.45             # 5.48x
+    assert f["hbm_ratio"] <= 1.52            # 1.517x; the issue's target is 1.5x: not met (see the docs)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights,cycles,bound", [("int8", 271_927, 76_725), ("q4", 271_671, 51_632)])
+@pytest.mark.parametrize("weights,cycles,bound", [("int8", 270_583, 76_725), ("q4", 270_861, 51_632)])
 def test_chip_decode_step_smollm2_quantized(default_model, weights, cycles, bound):
     """SmolLM2-135M's decode step on `chip` with the file's Q4_1 blocks (int8: in a byte; q4: as stored)
     sliced per core, against the chip's HBM bound for the step's bytes (docs/npu-performance.md)."""
     spec = match_llama(run_pipeline(default_model.graph))
     f = tp_decode_figures(spec, 64, "bf16", 4096, weights=weights)
     assert f["chip"].requantized == []
-    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 3.56x and 5.28x the bound
+    assert (f["cycles"], round(f["hbm_bound_cycles"])) == (cycles, bound)     # 3.53x and 5.25x the bound
 
 
 @pytest.fixture(scope="module")

@@ -58,6 +58,33 @@ def test_dma_core_cost_is_the_links():
     assert tl1.start[wait] == tl0.end[k + 1] + CHIP.link_latency_cycles     # the signal after it, plus the hop
 
 
+def test_transfers_share_only_the_resource_they_use():
+    """A transfer shares bandwidth with its core's queues busy over the same resource when it starts: a
+    weight load beside a link send takes the core's whole HBM share (the send moves no HBM bytes) and the
+    send the whole link; a second HBM load started beside a first shares the HBM share with it."""
+    nbytes = 128 * 1024 * 4
+
+    def durations(second):
+        b0 = ProgramBuilder(CHIP)
+        x = b0.tensor("x", (128, 1024), "f32", "input")
+        t0, t1, t2 = (b0.sbuf(1024, "f32") for _ in range(3))
+        if second == "send":
+            b0.dma_core(t0.ap(), t1.ap(), core=1, queue=0)     # first, at cycle 0: busy when the load starts
+        else:
+            b0.dma_copy(t0.ap(), x[:, :], queue=0)
+        b0.dma_copy(t2.ap(), x[:, :], queue=1)
+        tl = schedule_chip(ChipProgram([b0.build(), ProgramBuilder(CHIP).build()])).timelines[0]
+        assert tl.start[0] == tl.start[1] == 0
+        return tl.end[0] - tl.start[0], tl.end[1] - tl.start[1]
+
+    alone = CHIP.dma_latency_cycles + math.ceil(nbytes / CHIP.hbm_bytes_per_cycle)
+    send, load = durations("send")
+    assert send == CHIP.link_latency_cycles + math.ceil(nbytes / CHIP.link_bytes_per_cycle)
+    assert load == alone                                       # (counted with the send before: 2x its bytes' time)
+    first, second = durations("load")
+    assert first == alone and second == CHIP.dma_latency_cycles + math.ceil(2 * nbytes / CHIP.hbm_bytes_per_cycle)
+
+
 def test_signalling_dma_core_counts_its_arrival():
     """`dma_core ... signal=1` adds 1 to the receiver's semaphore when its data has landed (its end): the
     waiter starts one link latency earlier than after a separate `sem_signal_core`, and the race check
