@@ -555,11 +555,13 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         raise ValueError("a batched program on a stacked k/v weight (the chip's images) is not built")
     kcopies = [p for p in kpieces if not p[5]]
 
-    def kv_evict(rs):
+    def kv_evict(rs, later: list):
         """linear's evict for the stacked "kv" weight (one chunk: k^T's rows at partitions [0, hd), v^T's at
         [hd, 2 hd)): k^T into its first copy (1/rms applied, as linear's epilogue would), then its other
         copies (the score matmul of heads at other partition starts) and v's rows (row-major, the V
-        window's new slot) through transposes: VECTOR/ACT lanes do not cross partitions."""
+        window's new slot) through transposes: VECTOR/ACT lanes do not cross partitions. v's transposes
+        go to `later` (the caller emits them after the rotary: on VECTOR they would hold up q's eviction
+        and the rotary's products, which need k's copies but not v)."""
         def evict(c0, c1, r0, r1, srcs):
             R = r1 - r0
             src = srcs[0]
@@ -573,15 +575,20 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
             em.copy(vt[hd:2 * hd, :, :], vsrc) if sv is None else em.act(vt[hd:2 * hd, :, :], vsrc, scale=sv)
             for b0 in range(0, R, NP):
                 b1 = min(R, b0 + NP)
-                b, p0 = divmod(r0 + b0, NP)
-                vrow = Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH * DTYPES[adt].size, (GH,))
-                em.transpose(vrow[p0:p0 + b1 - b0, 0:hd], vt[hd:2 * hd, 0, b0:b1])
                 for _, _, _, _, st, _ in kcopies:
                     kt_ = em.sbuf((hd,), adt, what="k^T moved")
                     em.transpose(kt_[0:b1 - b0, :], kT.tile[0:hd, 0, r0 + b0:r0 + b1])
                     em.transpose(kT.tile[st:st + hd, 0, r0 + b0:r0 + b1], kt_[0:b1 - b0, :])
                     em.free(kt_)
-            em.free(vt)
+
+            def v_rows_out():
+                for b0 in range(0, R, NP):
+                    b1 = min(R, b0 + NP)
+                    b, p0 = divmod(r0 + b0, NP)
+                    vrow = Tile("sbuf", adt, 0, NP, Vnew.offset + b * GH * DTYPES[adt].size, (GH,))
+                    em.transpose(vrow[p0:p0 + b1 - b0, 0:hd], vt[hd:2 * hd, 0, b0:b1])
+                em.free(vt)
+            later.append(v_rows_out)
         return evict
 
     scale = spec.scale
@@ -599,9 +606,10 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
         with em.label(L.attn_norm.outputs[0].name):
             lnorm = load_norms(2 * l, 2)
             rs = norm(_norm_tile(lnorm, 0, nc, NP), L.attn_norm.attrs["eps"])
+        later = []              # v's rows from a stacked k/v weight: VECTOR work after the rotary's
         if img.kv:              # k and v stacked, first: their VECTOR work runs beside q's matmuls
             with em.label(L.k.outputs[0].name):
-                linear(em, h, lw["kv"], stream, None, evict=kv_evict(rs), scale=rs)
+                linear(em, h, lw["kv"], stream, None, evict=kv_evict(rs, later), scale=rs)
             with em.label(L.q.outputs[0].name):
                 linear(em, h, lw["q"], stream, qT, scale=rs)
             if rs is not None:
@@ -638,6 +646,9 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
                 rope(em, kT, Knew, rot, cosT, sinT)
             for seq in range(S if batched else 0):     # sequence b's new key: column 0 of its window
                 em.copy(Kws[seq][:, :, 0:1], Knew[:, :, seq:seq + 1])
+        with em.label(L.v.outputs[0].name):
+            for f in later:
+                f()
         if defer and not img.kv:       # after the rotary matmuls: its VECTOR chain runs beside v's, not after them
             v_linear()
         with em.label(L.k_cat.outputs[0].name):          # the window back to the cache, oldest first

@@ -107,32 +107,6 @@ def ffn_slices(F: int, heads: list[int], hd: int, grain: int = 32, stacked: int 
     return out
 
 
-def head_slices(V: int, heads: list[int], P: int) -> list[range]:
-    """Contiguous vocabulary rows of the output head, one range per core. Where the heads split unevenly
-    (tensor-parallel decode with the even MLP split, `ffn_slices(stacked=)`), a core with more query heads
-    streams more weight bytes (SmolLM2: core 0 42.5 MB a step, 40.3 with k and v stacked, against the
-    others' 35.8) and its stream sets the pace of the first layers, while the head's matmuls end every
-    core's step: such a core gives one chunk of P rows to each of the others (SmolLM2: core 0 5,248 rows,
-    the others 6,272; measured with k and v stacked: 215,044 -> 210,359 cycles; two chunks each 210,758).
-    Dense weights only: quantized steps are VECTOR-bound, and the moved rows cost them ~300 cycles."""
-    n = len(heads)
-    base = _slices(V, n)
-    more = [c for c in range(n) if heads[c] > min(heads)]
-    if not more or len(more) == n or V % n or (V // n) % P:
-        return base
-    rest = n - len(more)
-    per_less = V // n - rest * P
-    per_rest = (V - len(more) * per_less) // rest
-    if per_rest % P or per_less <= 0:
-        return base
-    out, v0 = [], 0
-    for c in range(n):
-        k = per_less if c in more else per_rest
-        out.append(range(v0, v0 + k))
-        v0 += k
-    return out
-
-
 def _node(node, data):
     """A stand-in for a linear node whose weight is `data` (what build_image reads of a node)."""
     return SimpleNamespace(op=node.op, inputs=[node.inputs[0], SimpleNamespace(data=data)], outputs=node.outputs,
@@ -170,15 +144,18 @@ def requantized(data) -> bool:
     return not hasattr(data, "qtype")
 
 
-def core_specs(spec, n: int, stacked: int | None = None, dense: bool = True) -> tuple[list, list[range]]:
+def core_specs(spec, n: int, stacked: int | None = None) -> tuple[list, list[range]]:
     """Each core's LlamaSpec (its heads, hidden features and vocabulary rows; the vocabulary of the
     embedding stays whole) and each core's vocabulary rows. Weights stay as stored (`take`)."""
     hd = spec.head_dim
     heads = shard_heads(spec.heads, spec.kv_heads, n)
     nh = [len(hs) for hs, _ in heads]
     fsl = ffn_slices(spec.ffn, nh, hd, stacked=stacked)
-    even = stacked and dense and len(set(map(len, fsl))) == 1
-    vsl = head_slices(spec.vocab, nh, stacked) if even else _slices(spec.vocab, n)
+    # the head's rows evenly: its matmuls end every core's step. (A core with more query heads gave one
+    # chunk of rows to each of the others while the timing model charged its weight loads for the link
+    # sends beside them, which made its stream the pace of the first layers: SmolLM2 215,044 -> 210,359
+    # cycles then; since transfers share only their own resource, the even rows measure 199,120 -> 198,717.)
+    vsl = _slices(spec.vocab, n)
     out = []
     for c, (hs, gs) in enumerate(heads):
         qr, kr, fr = _rows(hs, hd), _rows(gs, hd), fsl[c]
@@ -264,7 +241,7 @@ class TpChip:
                  weights: str = "bf16"):
         self.cfg = load_config(config)
         n = cores or self.cfg.cores
-        specs, self.vocab = core_specs(spec, n, stacked=self.cfg.partitions, dense=weights == "bf16")
+        specs, self.vocab = core_specs(spec, n, stacked=self.cfg.partitions)
         self.spec = spec
         self.weights = weights
         self.images = [build_image(s, self.cfg, precision, context, weights, stack_gate_up=True) for s in specs]
