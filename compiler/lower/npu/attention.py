@@ -165,21 +165,36 @@ class Unit:
     chunks: tuple[int, int] = (0, 0)    # (decode) the q chunks [ca, cb) its heads sit in
 
 
+def o_transposed_pays(cfg, units, hd: int, C: int) -> bool:
+    """Whether `attend(..., transposed=True)` shortens the chain after exp by the cost formulas: 1/sum, p *
+    1/sum and a copy against O * 1/sum and a transpose an output (SmolLM2 on the chip: core 0's two heads
+    of 64, not the one-head cores)."""
+    vec = lambda e: -(-e // cfg.vector_elems_per_cycle) + cfg.vector_fixed_cycles
+    old = vec(hd) + sum(vec(max(1 if u.row_out else u.m, hd)) for u in units for _ in u.out)
+    return -(-1 // cfg.act_elems_per_cycle) + cfg.act_fixed_cycles + vec(C) + vec(1) < old
+
+
 def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C: int, new: int, scale: float,
-           mm_dtype: str, offset: int | None = None, dead_below: float | None = None):
+           mm_dtype: str, offset: int | None = None, dead_below: float | None = None, transposed: bool = False):
     """Units (one, or several decode units batched: each at its own `row0`, a multiple of the PE
     alignment) over C keys; see the module docstring. The softmax work runs once over all the rows;
     only the two matmuls are per unit. Causality: with `offset` None (the decoder's window
     [new keys 0:new | older keys]), query i sees new key j <= i and every older key; with an `offset`,
     query i sees key j <= i + offset (the reference's rule, offset = keys - queries); `new` = 0 and
     `offset` None: no causal mask. `dead_below`: a row whose largest (bias-added) score is below it
-    gives zeros, as the reference's softmax does for a row of -inf (see op_kernels_tensor._mask)."""
+    gives zeros, as the reference's softmax does for a row of -inf (see op_kernels_tensor._mask).
+    `transposed` (the chip's decode steps; one key block, hd <= partitions, `out` given): p is scaled by
+    1/sum before its transpose and the p.V matmul takes V as the stationary side, so it writes O^T, the
+    layout `out` wants, and copies replace the output transposes, where that is the shorter chain by the
+    cost formulas (SmolLM2 chip step: core 0's two heads, ~90 cycles a layer)."""
     units = [units] if isinstance(units, Unit) else list(units)
     P = em.cfg.partitions
     kp = min(hd, P)                                      # contraction partitions of one tile of a head
     kb_max = em.cfg.moving_max
     M = max(u.row0 + u.m for u in units)
     u0 = units[0]
+    transposed = transposed and C <= kb_max and hd <= P and dead_below is None and u0.out is not None \
+        and o_transposed_pays(em.cfg, units, hd, C)
     state = None          # (max, sum, O) after the previous key block
     for k0 in range(0, C, kb_max):
         k1 = min(C, k0 + kb_max)
@@ -212,12 +227,30 @@ def attend(em: Emitter, units, Kw: Tile, Vw: Tile, bias: Tile | None, hd: int, C
         lsum = em.sbuf((1,), "f32", parts=M, what="sum")
         em.act(p[0:M, :], L[0:M, :], "exp", scale=scale, bias=negm[0:M, 0:1], accum=lsum[0:M, 0:1])
         em.free(L)
+        if transposed:
+            rl = em.sbuf((1,), "f32", parts=M, what="1/sum")
+            em.act(rl[0:M, :], lsum[0:M, :], "reciprocal")
+            em.ts(p[0:M, :], p[0:M, :], "mul", rl[0:M, 0:1])
+            em.free(rl)
         nkc = -(-kb // P)
         pT = em.sbuf((nkc, M), mm_dtype, what="p^T")
         for j in range(nkc):
             a, z = j * P, min(kb, (j + 1) * P)
             em.transpose(pT[0:z - a, j, :], p[0:M, a:z])
         em.free(p)
+        if transposed:
+            OT = em.psum((M,), parts=hd)
+            for u in units:
+                for j in range(nkc):
+                    a, z = k0 + j * P, min(k1, k0 + (j + 1) * P)
+                    em.matmul(OT[0:hd, u.row0:u.row0 + u.m], Vw[0:z - a, a // P, u.group * hd:(u.group + 1) * hd],
+                              pT[0:z - a, j, u.row0:u.row0 + u.m], acc=j > 0)
+            em.free(pT, negm, mx, lsum)
+            for u in units:
+                for t, out in enumerate(u.out):
+                    em.copy(out, OT[0:hd, u.row0 + t:u.row0 + t + 1] if u.row_out else OT[0:hd, u.row0:u.row0 + u.m])
+            em.free(OT)
+            return None
         O = em.psum((hd,), parts=M)
         for u in units:
             for j in range(nkc):

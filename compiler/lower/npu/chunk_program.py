@@ -672,7 +672,8 @@ def _chunk_program(img: DecoderImage, P: int, C: int, batched: bool, cache_len: 
                 batch, top = [], 0
                 for u in units + [None]:
                     if u is None or top + u.m > NP:
-                        attend(em, batch, Kws[seq], Vws[seq], kvbs[seq], hd, C, 1, scale, adt)
+                        attend(em, batch, Kws[seq], Vws[seq], kvbs[seq], hd, C, 1, scale, adt,
+                               transposed=defer)
                         batch, top = [], 0
                     if u is not None:
                         u.row0 = top
