@@ -78,12 +78,13 @@ COSTS = {
     "act": (_act, "ceil(E / act_elems_per_cycle) + act_fixed_cycles, E = src elements per partition. "
                   "FLOPs = (3, or 4 with accum) * partitions * E."),
     "dma": (_dma, "dma_latency_cycles + ceil(bytes * A / (hbm_bytes_per_s / cores / clock_hz)), bytes = the larger "
-                  "side, A = DMA queues busy when it starts (itself included): queues share the core's HBM "
-                  "bandwidth."),
+                  "side, A = the core's HBM transfers in flight when it starts (itself included): they share the "
+                  "core's HBM bandwidth (link sends use none of it and do not count)."),
     "dequant": (_dequant, "as vector (engine=vector) or act (engine=act) over E = dst elements per partition. "
                           "FLOPs = 2 * partitions * E."),
-    "link": (_dma, "link_latency_cycles + ceil(bytes * A / (link_bytes_per_s / clock_hz)), A = the core's DMA "
-                   "queues busy when it starts (npu.chip schedules it; a one-core program cannot hold it). With "
+    "link": (_dma, "link_latency_cycles + ceil(bytes * A / (link_bytes_per_s / clock_hz)), A = the core's link "
+                   "sends in flight when it starts, itself included (they share the link; HBM transfers do not "
+                   "count; npu.chip schedules it, a one-core program cannot hold it). With "
                    "`signal`, the receiver's semaphore counts it at its end."),
     "sync": (_sync, "sync_cycles (plus, for sem_wait, the stall until the semaphore is reached)."),
 }
