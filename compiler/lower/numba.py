@@ -535,7 +535,10 @@ class Bound:
     def run(self, past: int, between=None):
         """Every kernel call in order; `between()` after every YIELD_EVERY of them (a server's engine
         serves a request of a better tier there, without waiting for the whole step)."""
+        from isthmus.kernels.numba.threads import pace
+
         exe = self.exe
+        pace()                     # fewer threads while other processes hold the cores (threads.py)
         if between is not None and not exe.profiling:
             for i, call in enumerate(self.calls):
                 call(past)
