@@ -16,14 +16,14 @@ in the vector lanes (attention_tiles.py); BLAS for head dimensions the tiles can
 from __future__ import annotations
 
 import numpy as np
-from numba import get_num_threads, njit, prange
+from numba import njit, prange
 
 from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba.attention_tiles import LANES, TILES_MIN_SEQ, attention_tiles
 from isthmus.kernels.numba.kv_rows import batch_addresses, cache_at
 from isthmus.kernels.numba.simd import exp_f32
 from isthmus.kernels.numba.softmax import softmax_row
-from isthmus.kernels.numba.threads import serial_blas
+from isthmus.kernels.numba.threads import pool_size, serial_blas
 
 
 @njit(inline="always", **JIT)
@@ -210,7 +210,7 @@ def attention_kv(q, k, v, past, causal, scale, out, scratch, softcap=0.0, window
         kvh = k.shape[1]
         rows = hq // kvh * seq
         # enough work items for every thread, each a whole number of rows
-        row_chunk = -(-rows // max(1, -(-2 * get_num_threads() // (nb * kvh))))
+        row_chunk = -(-rows // max(1, -(-2 * pool_size() // (nb * kvh))))
         with serial_blas():
             attention_blas(q.reshape(nb, kvh, rows, hd), k, v, past, causal, scale, out, row_chunk,
                            np.float32(softcap), np.int64(window))

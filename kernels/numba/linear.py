@@ -44,13 +44,13 @@ from __future__ import annotations
 import os
 
 import numpy as np
-from numba import get_num_threads, njit, prange, types
+from numba import njit, prange, types
 from numba.extending import overload
 
 from isthmus.kernels.numba import JIT, PJIT
 from isthmus.kernels.numba import grouped, kquant
 from isthmus.kernels.numba.kquant_simd import I8_FORMATS
-from isthmus.kernels.numba.threads import serial_blas
+from isthmus.kernels.numba.threads import pool_size, serial_blas
 from isthmus.kernels.numba.norm import rmsnorm_into
 from isthmus.kernels.numba.simd import (HAVE_AVX2, f16_to_f32, i8_columns, quantize_rows_i16, row_dot_q4,
                                         row_dot_q4_i16, row_dot_q8, row_dot_q8_i16, rows4_q4_i16, rows4_q8_i16,
@@ -566,7 +566,7 @@ class Workspace:
 
     @staticmethod
     def items() -> int:
-        return get_num_threads()
+        return pool_size()
 
     def tiles(self, items, rows, cols):
         """One [rows, cols] f32 tile per work item of `dequant_matmul`."""

@@ -34,6 +34,12 @@ def configure() -> None:
     numba.config.THREADING_LAYER_PRIORITY = LAYER_PRIORITY
 
 
+def pool_size() -> int:
+    """The pool's thread count, fixed for the process: what work is split by, so that how it is
+    split (and so any BLAS call's shape) does not follow the count `pace` runs it on."""
+    return numba.config.NUMBA_NUM_THREADS
+
+
 def serial_blas():
     """BLAS calls made inside Numba's parallel kernels run on the calling worker only."""
     return single_threaded("scipy")

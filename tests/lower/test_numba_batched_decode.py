@@ -225,3 +225,40 @@ def test_prompt_bindings_shared_by_decoders_give_each_its_own_numbers(name):
         r = ref.decoder()
         r.step(prompt)
         np.testing.assert_allclose(got, r.step([nxt]), rtol=2e-3, atol=2e-3 * np.abs(got).max())
+
+
+def test_the_thread_count_never_changes_the_numbers(exe, monkeypatch):
+    """kernels/numba/threads.pace runs launches on fewer threads while other processes keep cores
+    busy: a sequence's logits (a prompt of 40 tokens, read whole and in parts, then decode steps)
+    are bitwise the same on one thread and on the whole pool."""
+    import numba
+
+    from isthmus.kernels.numba import threads
+
+    monkeypatch.setattr(threads, "_USER_SET", True)        # the counts below, not pace's
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one core: a single thread count")
+    vocab = exe.graph.decoder.resolve(exe.graph).logits.shape[-1]
+    rng = np.random.default_rng(3)
+    prompt, fed = rng.integers(0, vocab, 40).tolist(), rng.integers(0, vocab, STEPS).tolist()
+
+    def run():
+        out = []
+        for parts in ([prompt], [prompt[:17], prompt[17:]]):
+            dec = exe.decoder()
+            for part in parts:
+                out.append(np.array(dec.step(part), copy=True))
+            out += [np.array(dec.step([t]), copy=True) for t in fed]
+        return out
+
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run()
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        whole = run()
+    finally:
+        numba.set_num_threads(before)
+    for a, b in zip(one, whole):
+        assert np.array_equal(a, b)
