@@ -15,6 +15,7 @@ from isthmus.runtime.generate import generate
 from isthmus.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]   # test_npu_model's
 DOC = Path(__file__).parents[2] / "docs" / "npu-performance.md"
 # the stated factors: decode step / its roofline, and a 64-token prompt / the sum of its chunks' rooflines
 # (measured 1.118 / 1.686 / 1.871 and 1.168 / 2.461 / 2.187: docs/npu-performance.md)
@@ -27,13 +28,19 @@ def pipelined(default_model):
     return run_pipeline(default_model.graph)
 
 
-def test_greedy_continuation_on_edge_matches_reference(default_model, default_exe, pipelined):
+@pytest.fixture(scope="module")
+def edge_exe(default_model, pipelined):
     exe = lower_npu(pipelined, model=default_model, config="edge")          # bf16x3, bf16 weights
     assert exe.spec is not None and exe.image.slots.hc == 2
-    ids = default_model.tokenizer.encode("The capital of France is")
+    return exe
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_greedy_continuation_on_edge_matches_reference(default_model, default_exe, edge_exe, prompt):
+    ids = default_model.tokenizer.encode(prompt)
     params = SamplingParams(max_tokens=20, temperature=0.0)
     want = list(generate(default_exe, ids, params))
-    assert list(generate(exe, ids, params)) == want and len(want) == 20
+    assert list(generate(edge_exe, ids, params)) == want and len(want) == 20
 
 
 def _doc_row(fmt: str) -> str:
