@@ -63,6 +63,7 @@ STARVED = 0.25         # a busy thread's share of its time spent waiting for a c
 BUSY = 0.8             # a thread is busy when it ran or waited to run this share of the window
 LEAVE = 0.6            # other processes' use of our cores past which one is left to them (and so on: 1.6 two)
 IDLE_CORES = 0.6       # idle cores, at fewer threads than the others leave room for, past which one more
+QUIET = 0.5            # cores this process used in a window below which the window says nothing of contention
 _TICK = _os.sysconf("SC_CLK_TCK") if hasattr(_os, "sysconf") else 100
 
 
@@ -107,6 +108,8 @@ def sample() -> Sample | None:
 
 def decide(threads: int, full: int, before: Sample, after: Sample, wall: float) -> int:
     """The thread count for the next window, from two samples taken `wall` seconds apart."""
+    if (after.cpu - before.cpu) / wall < QUIET:
+        return threads          # this process mostly waited (for a request, for its turn): no evidence
     starved = 0.0
     for tid, (ran, waited) in after.threads.items():
         if tid not in before.threads:

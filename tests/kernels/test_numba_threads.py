@@ -32,6 +32,12 @@ def test_a_core_another_process_keeps_busy_is_left_to_it():
     assert decide(16, 16, before, after, 0.1) == 15
 
 
+def test_a_window_this_process_mostly_waited_through_says_nothing():
+    # a benchmark's peer ran both cores while this process waited for its turn
+    before, after = two(0.5, mine=[(0.01, 0.0), (0.0, 0.0)], others=2.0)
+    assert decide(2, 2, before, after, 0.5) == 2
+
+
 def test_a_client_parsing_its_stream_is_not_a_core():
     before, after = two(0.1, mine=[(0.095, 0.005), (0.1, 0.0)], others=0.45)
     assert decide(2, 2, before, after, 0.1) == 2
