@@ -95,13 +95,20 @@ def test_a_priority_request_preempts_flex_which_resumes_and_completes(tiered, ti
     pauses, keeping its KV cache) and finishes first; the flex stream then resumes and completes
     with the same text as if it had run alone."""
     engine = tiered.engine
-    gate, entered = threading.Event(), threading.Event()
+    gate, entered, priority_done = threading.Event(), threading.Event(), threading.Event()
     real, start = engine.decode, engine.steps
+    seen = []                                   # each step's first decoder: flex's, then priority's, ...
 
     def decode(exe, decoders, tokens):          # hold the flex stream after a few steps until priority waits
         if engine.steps == start + 2:
             entered.set()
             gate.wait(20)
+        if seen and decoders[0] is seen[0] and seen[-1] is not seen[0]:
+            # flex resumes after priority's steps: let priority's client finish reading its response
+            # first, so the order below is the engine's, not the client threads' race for the GIL
+            # (a flex stream never preempted does not wait, and the test fails)
+            priority_done.wait(20)
+        seen.append(decoders[0])
         return real(exe, decoders, tokens)
 
     want = tiny_chat.expected(USER, max_tokens=30, temperature=0)[0]
@@ -114,6 +121,9 @@ def test_a_priority_request_preempts_flex_which_resumes_and_completes(tiered, ti
             done.append((tier, r.choices[0].message.content, r.service_tier))
         except Exception as e:            # pragma: no cover - reported below
             errors.append(e)
+        finally:
+            if tier == "priority":
+                priority_done.set()
 
     engine.decode = decode
     preemptions = engine.preemptions
