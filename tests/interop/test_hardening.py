@@ -286,7 +286,9 @@ def test_one_tenant_cannot_take_every_slot_from_another(guarded):
         results[f"a{i}"] = (time.monotonic(), usage.completion_tokens)
 
     async def polite():
-        await asyncio.sleep(0.3)
+        deadline = time.monotonic() + 30                              # (a loaded machine admits slowly)
+        while not (engine.running == 8 and engine.load().get("a") == 16) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         assert engine.running == 8 and engine.load()["a"] == 16       # A holds every slot, and more waiting
         b = openai.AsyncOpenAI(base_url=guarded.url + "/v1", api_key=KEYS["b"], max_retries=0, timeout=60)
         for i in range(3):
