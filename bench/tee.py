@@ -143,7 +143,7 @@ def _fresh_memory(size: int) -> None:
     from isthmus.runtime.tee.crypto import zeroise
     from isthmus.runtime.tee.package import _anonymous
 
-    buf = _anonymous(size, populate=False)
+    buf = _anonymous(size)
     zeroise(buf)
     buf.close()
 

@@ -34,6 +34,7 @@ IN_FLIGHT_BYTES = 128 << 20    # sealing: at most about this much input and outp
 KEEP_BYTES = 64 << 20          # sealing: buffers kept for the next seal
 
 
+POOL_NAME = "isthmus-gcm"     # its threads' name prefix (crypto.zeroise wipes inline on them)
 _pools: dict[int, ThreadPoolExecutor] = {}
 _pool_lock = threading.Lock()
 
@@ -45,7 +46,7 @@ def pool() -> ThreadPoolExecutor:
     with _pool_lock:
         if pid not in _pools:
             _pools.clear()
-            _pools[pid] = ThreadPoolExecutor(workers(), thread_name_prefix="isthmus-gcm")
+            _pools[pid] = ThreadPoolExecutor(workers(), thread_name_prefix=POOL_NAME)
         return _pools[pid]
 
 

@@ -34,7 +34,7 @@ from isthmus.runtime.tee.attestation import Platform, random_nonce
 from isthmus.runtime.tee.conversations import DEFAULT_BUDGET, ConversationStore
 from isthmus.runtime.tee.crypto import canonical, public_bytes, sha384, unwrap_with, zeroise
 from isthmus.runtime.tee.keyrelease import key_request
-from isthmus.runtime.tee.package import Package, fresh_memory, read_header, unseal
+from isthmus.runtime.tee.package import Package, read_header, unseal
 from isthmus.runtime.tee.payload import PROGRAM, model_parts, sections
 
 
@@ -101,25 +101,19 @@ class EnclaveSession:
         unseal, and compile. Any failure leaves no plaintext behind (best effort) and re-raises."""
         import time
 
-        from isthmus.runtime.tee.chunks import pool
         t0 = time.perf_counter()
         pkg = read_header(source)
         self.measure_program(pkg)
-        memory = pool().submit(fresh_memory, pkg.header.payload_size)   # while attesting: no plaintext yet
+        report = self.report(random_nonce(), key_request(pkg))
+        response = kms.release(report, pkg.signed_bytes())
         try:
-            report = self.report(random_nonce(), key_request(pkg))
-            response = kms.release(report, pkg.signed_bytes())
-            try:
-                wrapped = json.loads(response)["wrapped"]
-            except (ValueError, KeyError, TypeError):
-                raise SealError("the key release service's answer is malformed") from None
-            dek = unwrap_with(self._key, wrapped, sha384(report))
-        except BaseException:
-            memory.result().close()
-            raise
+            wrapped = json.loads(response)["wrapped"]
+        except (ValueError, KeyError, TypeError):
+            raise SealError("the key release service's answer is malformed") from None
+        dek = unwrap_with(self._key, wrapped, sha384(report))
         t1 = time.perf_counter()
         try:
-            unsealed, self._buffer = unseal(source, dek, name=pkg.name, progress=progress, into=memory.result())
+            unsealed, self._buffer = unseal(source, dek, name=pkg.name, progress=progress)
         finally:
             zeroise(dek)
         t2 = time.perf_counter()

@@ -414,23 +414,21 @@ def _parse_fields(f: dict, fail) -> Header:
 
 # -- unsealing -----------------------------------------------------------------------------------
 
-def unseal(source, dek, *, name: str | None = None, progress: bool = False,
-           into: mmap.mmap | None = None) -> tuple[Package, mmap.mmap]:
+def unseal(source, dek, *, name: str | None = None, progress: bool = False) -> tuple[Package, mmap.mmap]:
     """Decrypt a whole package into one new anonymous, writable mapping (enclave memory), checking
-    every chunk and the Merkle root; `into`: such a mapping made ahead (`fresh_memory`), of the
-    payload's size. On any failure the buffer is zeroised and SealError raised.
+    every chunk and the Merkle root. On any failure the buffer is zeroised and SealError raised.
 
-    A new mapping is not populated first: each cipher thread faults in the pages it decrypts into,
+    The mapping is not populated first: each cipher thread faults in the pages it decrypts into,
     so the kernel's page zeroing runs on every core and leaves the page in cache for the write
-    (128 MiB here: 14.0 ms against 16.2-16.8 populated up front; 42 against 57 ms without huge
-    pages)."""
+    (128 MiB on a Zen 5 VM: 14.0 ms against 16.2-16.8 populated up front; 42 against 57 ms without
+    huge pages). Populating it ahead, while attestation runs, gains nothing either: the two compete
+    for the same cores (the default model's attestation and unseal on a 2-core Xeon VM: 21-22 ms
+    faulted as written, 23-25 populated meanwhile)."""
     _check_key(dek)
     with _Source(source, name) as s:
         pkg = _read_header(s)
         h = pkg.header
-        if into is not None and len(into) != h.payload_size:
-            raise SealError(f"{s.name}: the payload is {h.payload_size} bytes, the memory given {len(into)}")
-        buf = into if into is not None else _anonymous(h.payload_size, populate=False)
+        buf = _anonymous(h.payload_size)
         bar = _progress("unseal", h.payload_size, progress)
         try:
             with memoryview(buf) as view:
@@ -453,30 +451,20 @@ def _check_chunks(name: str, h: Header, tags: list[bytes], bad: int | None) -> N
         raise SealError(f"{name}: the chunks' Merkle root does not match the header")
 
 
-def fresh_memory(size: int) -> mmap.mmap:
-    """Enclave memory for a payload of `size` bytes, populated: what `unseal(into=...)` takes. The
-    enclave makes it while attestation and key release run (the kernel's page zeroing then costs
-    no start-up time)."""
-    return _anonymous(size, populate=True)
-
-
-def _anonymous(size: int, populate: bool) -> mmap.mmap:
-    """Private anonymous memory, page-aligned, backed by huge pages where the kernel offers them,
-    and `populate`d up front (for memory made ahead, off the critical path) or faulted in as written."""
+def _anonymous(size: int) -> mmap.mmap:
+    """Private anonymous memory, page-aligned, backed by huge pages where the kernel offers them;
+    pages fault in as they are written."""
     try:
         buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     except OSError:
         return mmap.mmap(-1, size)
-    for advice in (getattr(mmap, "MADV_HUGEPAGE", None), _MADV_POPULATE_WRITE if populate else None):
-        if advice is not None and size >= 2 << 20:
-            try:
-                buf.madvise(advice)
-            except (OSError, ValueError):
-                pass                 # an older kernel: pages fault in as they are written
+    hugepage = getattr(mmap, "MADV_HUGEPAGE", None)
+    if hugepage is not None and size >= 2 << 20:
+        try:
+            buf.madvise(hugepage)
+        except (OSError, ValueError):
+            pass                 # pages stay small
     return buf
-
-
-_MADV_POPULATE_WRITE = 23 if hasattr(mmap, "MADV_HUGEPAGE") else None     # Linux >= 5.14
 
 
 def unseal_stream(source, dek, *, name: str | None = None, progress: bool = False) -> Iterator[memoryview]:

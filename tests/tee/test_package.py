@@ -272,3 +272,25 @@ def test_a_payload_of_several_groups_across_sections_round_trips_and_leaves_no_p
     kept = chunks._buffers._free
     assert kept and not any(any(b) for b in kept if len(b) == chunks.GROUP_BYTES)
     assert verify_package(out).header.merkle_root == pkg.header.merkle_root
+
+
+@pytest.mark.parametrize("size", [(8 << 20) + 12345, (9 << 20) + 4096 * 3 + 1])
+def test_a_large_buffer_is_wiped_to_the_last_byte_on_every_core_and_on_a_cipher_thread(size):
+    """zeroise splits buffers of 8 MiB and more over the cipher threads: every byte of a bytearray
+    and of an anonymous mapping is zero after, whatever the split's remainder, and a wipe called on a
+    cipher thread itself (which must not wait on the pool) wipes inline."""
+    import mmap
+
+    from isthmus.runtime.tee import chunks
+    from isthmus.runtime.tee.crypto import zeroise
+
+    for make in (lambda: bytearray(os.urandom(size)), lambda: mmap.mmap(-1, size)):
+        buf = make()
+        buf[:] = os.urandom(size)
+        zeroise(buf)
+        assert bytes(buf).count(0) == size
+        buf[:] = os.urandom(size)
+        chunks.pool().submit(zeroise, buf).result(timeout=30)
+        assert bytes(buf).count(0) == size
+        if isinstance(buf, mmap.mmap):
+            buf.close()
