@@ -41,7 +41,7 @@ from isthmus.compiler.kv_cache import FunctionalDecoder  # noqa: E402
 from isthmus.runtime.generate import generate  # noqa: E402
 from isthmus.runtime.sampling import SamplingParams  # noqa: E402
 from cli_runner import run  # noqa: E402
-from onnx_exports import VOCAB, export_dynamo, export_dynamo_with_cache, hf_model, hf_tokenizer  # noqa: E402
+from onnx_exports import VOCAB, exported, hf_model, hf_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 KINDS = ["dynamo-llama", "dynamo-gpt2", "dynamocache-llama", "dynamocache-gpt2", "optimum-llama", "optimum-gpt2",
@@ -83,8 +83,7 @@ def export(request, tmp_path_factory):
     kind, variant = request.param.split("-")
     tmp = tmp_path_factory.mktemp(request.param)
     if kind.startswith("dynamo"):
-        source = hf_model(variant)
-        folder = (export_dynamo if kind == "dynamo" else export_dynamo_with_cache)(source, tmp)
+        folder, source = exported(kind, variant, tmp_path_factory)
     else:
         folder = DATA / kind / variant.replace("int4shared", "int4-shared")
         src = DATA / kind / ("source" if kind == "genai" else f"{variant}-source")

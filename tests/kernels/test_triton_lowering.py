@@ -224,13 +224,13 @@ def test_errors(tiny_model, monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_torch_dynamo_onnx_exports_run_as_onnxruntime_does(arch, tmp_path):
+def test_torch_dynamo_onnx_exports_run_as_onnxruntime_does(arch, tmp_path_factory):
     """The exports build positions and masks with host-run integer ops fed 0-d constants (range):
     the decoder of a dynamo export with its cache, against onnxruntime on the same file."""
     import onnxruntime as ort
-    from onnx_exports import export_dynamo_with_cache, hf_model as hf_onnx_model
+    from onnx_exports import exported
 
-    path = export_dynamo_with_cache(hf_onnx_model(arch), tmp_path) / "model.onnx"
+    path = exported("dynamocache", arch, tmp_path_factory)[0] / "model.onnx"
     model = load_model(path)
     exe = isthmus.compile(model, target="triton")
     d = model.graph.decoder.resolve(model.graph)

@@ -28,11 +28,9 @@ DATA = Path(__file__).resolve().parents[1] / "data"
                                         "genai/int4-shared", "dynamocache-llama", "dynamo-gpt2"])
 def folder(request, tmp_path_factory):
     if request.param.startswith("dynamo"):
-        from onnx_exports import export_dynamo, export_dynamo_with_cache, hf_model
+        from onnx_exports import exported
 
-        kind, arch = request.param.split("-")
-        export = export_dynamo if kind == "dynamo" else export_dynamo_with_cache
-        return export(hf_model(arch), tmp_path_factory.mktemp(request.param))
+        return exported(*request.param.split("-"), tmp_path_factory)[0]
     return DATA / request.param
 
 

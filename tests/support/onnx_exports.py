@@ -199,3 +199,17 @@ def export_genai(model, folder, precision: str, *extra: str) -> Path:
     if r.returncode:
         raise RuntimeError(f"the genai builder failed: {r.stderr[-2000:]}")
     return out
+
+
+_EXPORTS: dict = {}
+
+
+def exported(kind: str, arch: str, tmp_path_factory):
+    """(folder, source model) of `hf_model(arch)` exported by `kind` ("dynamo" or "dynamocache"),
+    made once per test session: several modules test the same exports, each a few seconds of torch
+    export. Read-only: a test that edits a file copies the folder first."""
+    if (kind, arch) not in _EXPORTS:
+        export = export_dynamo if kind == "dynamo" else export_dynamo_with_cache
+        source = hf_model(arch)
+        _EXPORTS[kind, arch] = export(source, tmp_path_factory.mktemp(f"{kind}-{arch}")), source
+    return _EXPORTS[kind, arch]
