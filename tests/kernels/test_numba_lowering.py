@@ -10,6 +10,7 @@ import isthmus  # noqa: E402
 from isthmus.compiler.ir import Graph  # noqa: E402
 from isthmus.compiler.passes.fusion import format_groups, fuse  # noqa: E402
 from tiny_models import tiny_llama_model  # noqa: E402  # tests/support, on pythonpath
+from default_prompts import PROMPTS  # noqa: E402  # tests/support
 
 # hidden and ffn are multiples of 32 so every linear is really quantized
 CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=4, n_kv_heads=2, head_dim=16, vocab_size=67,
@@ -142,8 +143,7 @@ def default_numba_exe(default_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):",
-                                    "Once upon a time, in a small village,"])
+@pytest.mark.parametrize("prompt", PROMPTS)
 def test_default_model_greedy_matches_reference(default_model, default_exe, default_numba_exe, prompt):
     from isthmus.runtime.generate import generate
     from isthmus.runtime.sampling import SamplingParams

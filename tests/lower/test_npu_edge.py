@@ -15,7 +15,7 @@ from isthmus.runtime.generate import generate
 from isthmus.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]   # test_npu_model's
+from default_prompts import PROMPTS  # tests/support
 DOC = Path(__file__).parents[2] / "docs" / "npu-performance.md"
 # the stated factors: decode step / its roofline, and a 64-token prompt / the sum of its chunks' rooflines
 # (measured 1.118 / 1.686 / 1.871 and 1.168 / 2.461 / 2.187: docs/npu-performance.md)

@@ -11,7 +11,7 @@ from isthmus.runtime.generate import generate
 from isthmus.runtime.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+from default_prompts import PROMPTS  # tests/support
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from isthmus.compiler.passes.pipeline import run_pipeline
 from isthmus.errors import InputError
 from isthmus.kernels.numba.weight_pack import pack
 from tiny_models import tiny_llama_model  # tests/support, on pythonpath
+from default_prompts import PROMPTS  # tests/support
 
 CFG = dict(n_layers=2, hidden=64, ffn=96, n_heads=6, n_kv_heads=2, head_dim=16, vocab_size=131,
            rms_eps=1e-5, rope_theta=10000.0, context_length=256)
@@ -178,9 +179,6 @@ def test_quantized_weights_options():
         lower_npu(run_pipeline(model.graph), model=model, weights="int3")
     with pytest.raises(InputError, match="run at precision bf16 or bf16x3, not f32"):
         lower_npu(run_pipeline(model.graph), model=model, weights="int8", precision="f32")
-
-
-PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ from isthmus.errors import InputError, UnsupportedError
 from isthmus.runtime.generate import generate
 from isthmus.runtime.sampling import SamplingParams
 from tiny_models import tiny_llama_model  # tests/support, on pythonpath
+from default_prompts import PROMPTS  # tests/support
 
 # head_dim 16; vocab 300 does not split evenly over 8 cores (38 rows each, the last 34)
 CFG = dict(n_layers=2, hidden=128, ffn=256, n_heads=8, n_kv_heads=2, head_dim=16, vocab_size=300,
@@ -190,8 +191,7 @@ def chip_exe(default_model):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("prompt", ["The capital of France is", "def fibonacci(n):",
-                                    "Once upon a time, in a small village,"])
+@pytest.mark.parametrize("prompt", PROMPTS)
 def test_chip_greedy_continuation_matches_reference(default_model, default_exe, chip_exe, prompt):
     """SmolLM2-135M (9 query heads over 8 cores: core 0 takes two) through the chip target, bf16x3: greedy
     20 tokens identical to the reference on test_npu_model.py's prompts (~20-40 s of host time each)."""
