@@ -128,7 +128,7 @@ def decide(threads: int, full: int, before: Sample, after: Sample, wall: float) 
     return threads
 
 
-_STARTED = sample()                                 # the first look of each thread measures from here
+_STARTED, _STARTED_AT = sample(), _time.monotonic()  # the first look of each thread measures from here
 _USER_SET = "NUMBA_NUM_THREADS" in _os.environ      # a count the user chose is kept as it is
 
 
@@ -138,7 +138,6 @@ class _Governor(_threading.local):
         self.at, self.last = _STARTED_AT, _STARTED
 
 
-_STARTED_AT = _time.monotonic()
 _governor = _Governor()
 
 

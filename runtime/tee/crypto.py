@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
@@ -59,6 +60,9 @@ def unhex(text, what: str, size: int | None = None, error=SealError) -> bytes:
     return raw
 
 
+WIPE_SPLIT_BYTES = 8 << 20    # buffers at least this large are wiped on every core
+
+
 def zeroise(buf) -> None:
     """Overwrite a mutable buffer (bytearray, writable memoryview or numpy array) with zeros, best effort."""
     if buf is None:
@@ -75,8 +79,6 @@ def zeroise(buf) -> None:
         return
     at, n = ctypes.addressof(ctypes.c_char.from_buffer(view.cast("B"))), view.nbytes
     if n >= WIPE_SPLIT_BYTES:
-        import threading
-
         from isthmus.runtime.tee.chunks import POOL_NAME, pool, workers    # (chunks imports this module)
         parts = workers()
         if parts > 1 and not threading.current_thread().name.startswith(POOL_NAME):
@@ -88,9 +90,6 @@ def zeroise(buf) -> None:
                 f.result()
             return
     ctypes.memset(at, 0, n)
-
-
-WIPE_SPLIT_BYTES = 8 << 20    # buffers at least this large are wiped on every core
 
 
 # -- owner keys (Ed25519) ------------------------------------------------------------------------
