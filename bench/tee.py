@@ -3,7 +3,7 @@ them, AES-256-GCM alone over the same bytes in the same 1 MiB chunks (cryptograp
 stream into one reused buffer). Sealing encrypts on every core, writes the package file, builds the
 Merkle tree of the tags and signs the header; unsealing reads the file, decrypts into fresh enclave
 memory and checks every tag and the root. A third row: the default model's start-up sealed (attest,
-key release, unseal, program check, compile) against its bound: the unsealed start-up (load,
+key release, unseal alongside the frontend's parse, program check, compile) against its bound: the unsealed start-up (load,
 compile) on the reference target plus 1.2 x (the time to decrypt the payload at the measured
 AES-GCM rate + attestation and key release)."""
 
@@ -175,7 +175,7 @@ def startup(dec_rate: float, quick: bool = False, log=print, target: str = "refe
             log(f"  seal {DEFAULT_MODEL}")
             pkg, _ = seal_model(path, Path(tmp) / "m.isth", tenant="bench", owner_key=generate_signing_key(),
                                 kms=kms, targets=[target])
-            plain, sealed, attest, unseal_s = [], [], [], []
+            plain, sealed, attest, unseal_s, waited = [], [], [], [], []
             log(f"  start-up sealed and unsealed, {rounds} rounds each")
             for _ in range(rounds + 1):                 # the first round warms caches and is dropped
                 t0 = time.perf_counter()
@@ -186,15 +186,18 @@ def startup(dec_rate: float, quick: bool = False, log=print, target: str = "refe
                 session.load(Path(tmp) / "m.isth", kms)
                 sealed.append(time.perf_counter() - t0)
                 unseal_s.append(session.timings["unseal"])
+                waited.append(session.timings["unseal wait"])
                 session.close()
                 attest.append(_attest_and_release(platform, kms, pkg, target))
         finally:
             kms.close()
-    plain, sealed, attest, unseal_s = plain[1:], sealed[1:], attest[1:], unseal_s[1:]
+    plain, sealed, attest, unseal_s, waited = plain[1:], sealed[1:], attest[1:], unseal_s[1:], waited[1:]
     bound = 1.2 * (pkg.header.payload_size / dec_rate / 1e3 + min(attest) * 1e3)
     return Row("tee", "start-up", f"{pkg.header.payload_size / 1e6:.0f} MB {target}", "sealed start-up",
                min(sealed) * 1e3, "unsealed + 1.2 x (decrypt at AES-GCM rate + attest)", min(plain) * 1e3 + bound,
                "ms", note=f"best of {rounds}: extra when sealed {(min(sealed) - min(plain)) * 1e3:+.1f} ms, "
-                          f"bound {bound:.1f} ms (attest+key release {min(attest) * 1e3:.1f}, unseal "
-                          f"{min(unseal_s) * 1e3:.1f}); medians unsealed {statistics.median(plain) * 1e3:.0f}, "
+                          f"bound {bound:.1f} ms (attest+key release {min(attest) * 1e3:.1f}); the unseal "
+                          f"{statistics.median(unseal_s) * 1e3:.0f} ms beside the parse, waited for "
+                          f"{statistics.median(waited) * 1e3:.1f} (medians); medians unsealed "
+                          f"{statistics.median(plain) * 1e3:.0f}, "
                           f"sealed {statistics.median(sealed) * 1e3:.0f} ms")

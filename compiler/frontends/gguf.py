@@ -21,7 +21,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -64,11 +64,13 @@ class GGUFFile:
         return f"GGUFFile({self.path!r}, v{self.version}, {len(self.metadata)} keys, {len(self.tensors)} tensors)"
 
 
-def read_gguf(source, name: str | None = None) -> GGUFFile:
+def read_gguf(source, name: str | None = None, ready: Callable[[int], int] | None = None) -> GGUFFile:
     """Parse a GGUF file's metadata and tensor index, and map its tensors without reading them.
 
     `source` is a path (memory-mapped) or a buffer (bytes, bytearray, memoryview; the tensors are
-    then read-only views of it). `name` labels errors: by default the path, or "<buffer>"."""
+    then read-only views of it). `name` labels errors: by default the path, or "<buffer>".
+    `ready(end)`, for a buffer still being filled (a sealed model being decrypted), waits until its
+    first `end` bytes are in place and returns how many are: the parser asks before it reads."""
     if isinstance(source, (bytes, bytearray, memoryview)):
         name = name or "<buffer>"
         mm = _view(source, name)
@@ -76,7 +78,7 @@ def read_gguf(source, name: str | None = None) -> GGUFFile:
         name = name or os.fspath(source)
         mm = map_readonly(os.fspath(source), "GGUF")
     try:
-        return _Parser(mm, name).parse()
+        return _Parser(mm, name, ready).parse()
     except (ModelFormatError, UnsupportedError):
         raise
     except (struct.error, IndexError, KeyError, UnicodeDecodeError, ValueError, OverflowError, MemoryError, RecursionError) as e:
@@ -96,14 +98,25 @@ def _view(buf, name: str) -> memoryview:
 
 
 class _Parser:
-    def __init__(self, buf: mmap.mmap | memoryview, name: str):
+    def __init__(self, buf: mmap.mmap | memoryview, name: str, ready: Callable[[int], int] | None = None):
         self.buf, self.name, self.pos, self.size = buf, name, 0, len(buf)
+        # bytes readable now: all of them, or those `ready` has reported in place
+        self.ready, self.avail = ready, len(buf) if ready is None else 0
 
     def fail(self, what: str) -> ModelFormatError:
         return ModelFormatError(f"{self.name}: {what}")
 
+    def have(self, end: int) -> bool:
+        """Whether the first `end` bytes exist, waiting for them if they are still arriving."""
+        if end <= self.avail:
+            return True
+        if end > self.size:
+            return False
+        self.avail = self.ready(end)       # only reached with `ready`: otherwise avail == size
+        return True
+
     def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
+        if n > self.avail - self.pos and not self.have(self.pos + n):
             raise self.fail(f"truncated {what} at byte {self.pos} (needs {n} bytes, {self.size - self.pos} left)")
 
     def u32(self, what: str) -> int:
@@ -122,6 +135,7 @@ class _Parser:
         n = self.u64(what)
         if n > self.size - self.pos:
             raise self.fail(f"{what} at byte {self.pos - 8} claims {n} bytes but only {self.size - self.pos} remain")
+        self.have(self.pos + n)
         try:
             # str(): mmap slices are bytes, memoryview slices are not (and have no .decode)
             text = str(self.buf[self.pos : self.pos + n], "utf-8")
@@ -131,6 +145,7 @@ class _Parser:
         return text
 
     def parse(self) -> GGUFFile:
+        self.need(4, "header")
         magic = bytes(self.buf[:4])
         if magic != MAGIC:
             raise self.fail(f"not a GGUF file (starts with {magic!r}, expected {MAGIC!r})")
@@ -195,6 +210,7 @@ class _Parser:
             return []
         if etype in _SCALARS:
             # One numpy read for the whole array: token type lists run to 100k+ entries.
+            self.have(self.pos + count * np.dtype(_SCALARS[etype]).itemsize)
             values = np.frombuffer(self.buf, dtype=_SCALARS[etype], count=count, offset=self.pos)
             self.pos += values.nbytes
             return values.astype(bool).tolist() if etype == BOOL else values.tolist()
@@ -204,17 +220,22 @@ class _Parser:
 
     def strings(self, count: int, key: str) -> list[str]:
         # The vocabulary is ~50k-250k strings: keep this loop tight.
-        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        buf, pos, avail, unpack = self.buf, self.pos, self.avail, _U64.unpack_from
         out = []
         append = out.append
         try:
             for _ in range(count):
-                if pos + 8 > size:
-                    raise self.fail(f"truncated metadata {one_line(key)} at byte {pos}")
+                if pos + 8 > avail:
+                    if not self.have(pos + 8):
+                        raise self.fail(f"truncated metadata {one_line(key)} at byte {pos}")
+                    avail = self.avail
                 (n,) = unpack(buf, pos)
                 pos += 8
-                if n > size - pos:
-                    raise self.fail(f"string in metadata {one_line(key)} at byte {pos - 8} claims {n} bytes but only {size - pos} remain")
+                if n > avail - pos:
+                    if not self.have(pos + n):
+                        raise self.fail(f"string in metadata {one_line(key)} at byte {pos - 8} claims {n} bytes "
+                                        f"but only {self.size - pos} remain")
+                    avail = self.avail
                 append(str(buf[pos : pos + n], "utf-8"))
                 pos += n
         except UnicodeDecodeError:

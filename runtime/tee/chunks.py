@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
@@ -226,44 +227,107 @@ def _scratch(n: int) -> memoryview:
     return memoryview(buf)[:n]
 
 
-def decrypt(plan: Plan, dek, data_offset: int, read: Callable, dest: memoryview,
-            progress=lambda done: None) -> tuple[list[bytes], int | None]:
-    """Decrypt every chunk into `dest` (the payload's size). `read(pos, n, scratch)` returns n
-    package bytes at pos, thread-safely. Returns the tags in order and the first chunk that did not
-    authenticate (None when all did). Read errors (a SealError for a short file) propagate."""
-    aes = AESGCM(bytes(dek))
+class Decryption:
+    """Every chunk decrypted into `dest` (the payload's size), group by group in order of position,
+    started at construction and waited for by offset: `ready(end)` returns once every chunk before
+    byte `end` has authenticated, so a reader can parse the first bytes while the rest are still
+    being decrypted. `read(pos, n, scratch)` returns n package bytes at pos, thread-safely.
+    `threads`: how many of the pool's threads take groups (all by default; a caller that parses
+    meanwhile leaves its own core free, or the three threads share two cores).
 
-    def task(first: int, end: int, start: int) -> tuple[list[bytes], int | None]:
-        # read a few chunks at a time, so the ciphertext is still in cache when it is decrypted
-        got, pos, out, i = [], data_offset + start + TAG_BYTES * first, start, first
-        while i < end:
-            stop = min(end, i + max(1, READ_BYTES // plan.size))
-            m = plan.sealed_bytes(i, stop)
-            data, at = read(pos, m, _scratch(m)), 0
-            for j in range(i, stop):
-                n = plan.length(j)
-                iv, ad = plan.params(j)
+    Only authenticated plaintext is ever reported ready: a chunk's bytes count once `decrypt_into`
+    has verified its tag (a chunk that fails may have left unauthenticated bytes in `dest`, which
+    the caller zeroises after `stop`)."""
+
+    def __init__(self, plan: Plan, dek, data_offset: int, read: Callable, dest: memoryview,
+                 progress=lambda done: None, threads: int | None = None):
+        aes = AESGCM(bytes(dek))
+        self._progress, self._total = progress, plan.total
+        self._groups = list(plan.groups())
+        if self._groups:             # the first group chunk by chunk: a parser's first bytes come soonest
+            first, end, _, _ = self._groups[0]
+            self._groups[:1] = [(i, i + 1, i * plan.size, plan.length(i)) for i in range(first, end)]
+        self._results: list = [None] * len(self._groups)   # (tags, first bad chunk) or an exception
+        self._next, self._stopped = 0, False
+        self._changed = threading.Condition()
+
+        def decrypt_group(first: int, end: int, start: int) -> tuple[list[bytes], int | None]:
+            # read a few chunks at a time, so the ciphertext is still in cache when it is decrypted
+            got, pos, out, i = [], data_offset + start + TAG_BYTES * first, start, first
+            while i < end:
+                stop = min(end, i + max(1, READ_BYTES // plan.size))
+                m = plan.sealed_bytes(i, stop)
+                data, at = read(pos, m, _scratch(m)), 0
+                for j in range(i, stop):
+                    n = plan.length(j)
+                    iv, ad = plan.params(j)
+                    try:
+                        aes.decrypt_into(iv, data[at:at + n + TAG_BYTES], ad, dest[out:out + n])
+                    except InvalidTag:
+                        return got, j
+                    got.append(bytes(data[at + n:at + n + TAG_BYTES]))
+                    at, out = at + n + TAG_BYTES, out + n
+                pos, i = pos + m, stop
+            return got, None
+
+        def runner() -> None:
+            while True:
+                with self._changed:
+                    if self._stopped or self._next == len(self._groups):
+                        return
+                    g, self._next = self._next, self._next + 1
+                first, end, start, _ = self._groups[g]
                 try:
-                    aes.decrypt_into(iv, data[at:at + n + TAG_BYTES], ad, dest[out:out + n])
-                except InvalidTag:
-                    return got, j
-                got.append(bytes(data[at + n:at + n + TAG_BYTES]))
-                at, out = at + n + TAG_BYTES, out + n
-            pos, i = pos + m, stop
-        return got, None
+                    result = decrypt_group(first, end, start)
+                except BaseException as e:          # a short read: reported to whoever waits for g
+                    result = e
+                with self._changed:
+                    self._results[g] = result
+                    self.ended = time.perf_counter()
+                    if isinstance(result, BaseException) or result[1] is not None:
+                        self._stopped = True        # nothing after a failure is needed
+                    self._changed.notify_all()
 
-    futures = [(pool().submit(task, first, end, start), end) for first, end, start, _ in plan.groups()]
-    tags, bad, error = [], None, None
-    for future, end in futures:
-        try:
-            got, failed = future.result()
-        except Exception as e:        # keep waiting: no worker may still write into dest when we return
-            error = error or e
-            continue
-        tags.extend(got)
-        if failed is not None and bad is None:
-            bad = failed
-        progress(end * plan.size)
-    if error is not None:
-        raise error
-    return tags, bad
+        self.tags: list[bytes] = []
+        self.done = 0                 # plaintext bytes before this offset have authenticated
+        self.bad: int | None = None   # the first chunk that did not authenticate
+        self._waited = 0              # groups whose results `ready` has taken, in order
+        self.started = self.ended = time.perf_counter()   # ended: when the last group so far ended
+        count = min(len(self._groups), threads or workers())
+        self._runners = [pool().submit(runner) for _ in range(count)]
+
+    def ready(self, end: int) -> int:
+        """Wait until every chunk before byte `end` has been decrypted and authenticated (or the
+        first one that did not is known: `bad`). Returns the bytes ready from the start. Read errors
+        (a SealError for a short file) propagate, after the other groups have stopped."""
+        while self._waited < len(self._groups) and self.done < end and self.bad is None:
+            g = self._waited
+            with self._changed:
+                while self._results[g] is None:
+                    self._changed.wait()
+                result = self._results[g]
+            if isinstance(result, BaseException):
+                self.stop()
+                raise result
+            got, failed = result
+            self._waited += 1
+            self.tags.extend(got)
+            if failed is not None:
+                self.bad = failed
+                self.stop()
+                break
+            self.done = self._groups[g][2] + self._groups[g][3]
+            self._progress(self.done)
+        return self.done
+
+    def finish(self) -> tuple[list[bytes], int | None]:
+        """Wait for every chunk: the tags in order and the first chunk that did not authenticate."""
+        self.ready(self._total)
+        return self.tags, self.bad
+
+    def stop(self) -> None:
+        """Stop taking groups and wait for those begun: no worker writes into `dest` after this."""
+        with self._changed:
+            self._stopped = True
+        for runner in self._runners:
+            runner.result()

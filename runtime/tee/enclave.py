@@ -9,7 +9,7 @@ Start-up measures the runtime code and config into the registers (PCR0, PCR2) an
 X25519 key pair; `load` measures the package's compiled-program digest (PCR1), sends a report
 bound to the package to the key release service, unwraps the data key with the enclave's private
 key, unseals the payload into an anonymous memory mapping, has the model's frontend (GGUF, ONNX or
-safetensors) read its files in place from that mapping, recompiles the graph and checks the result
+safetensors) read its files in place from that mapping (as they are decrypted), recompiles the graph and checks the result
 is exactly the sealed (and measured) program, then lowers it for the target.
 
 Simulated: this object lives in an ordinary process. The operator can read its memory, attach a
@@ -34,8 +34,9 @@ from isthmus.runtime.tee.attestation import Platform, random_nonce
 from isthmus.runtime.tee.conversations import DEFAULT_BUDGET, ConversationStore
 from isthmus.runtime.tee.crypto import canonical, public_bytes, sha384, unwrap_with, zeroise
 from isthmus.runtime.tee.keyrelease import key_request
-from isthmus.runtime.tee.package import Package, read_header, unseal
-from isthmus.runtime.tee.payload import PROGRAM, model_parts, sections
+from isthmus.runtime.tee.package import Package, Unsealing, read_header
+from isthmus.runtime.tee.payload import FILE_PREFIX, LEGACY_GGUF, MANIFEST, PROGRAM, model_parts
+from isthmus.runtime.tee.payload import spans as payload_spans
 
 
 class EnclaveSession:
@@ -113,22 +114,29 @@ class EnclaveSession:
         dek = unwrap_with(self._key, wrapped, sha384(report))
         t1 = time.perf_counter()
         try:
-            unsealed, self._buffer = unseal(source, dek, name=pkg.name, progress=progress)
+            opening = Unsealing(source, dek, name=pkg.name, progress=progress, alongside=True)
         finally:
-            zeroise(dek)
-        t2 = time.perf_counter()
+            zeroise(dek)        # the cipher keeps its own schedule of the key
+        self._buffer = opening.buffer
         try:
-            if unsealed.digest != pkg.digest:
+            if opening.package.digest != pkg.digest:
                 raise SealError(f"{pkg.name}: the package changed while it was being opened")
-            self.exe = self._compile(sections(self._buffer), pkg)
+            self.exe = self._compile(opening, pkg)
         except BaseException:
+            opening.abort()
             self.close()
             raise
         self.conversations = ConversationStore(self.exe, self._secret, budget_bytes=self._kv_budget,
                                                blobs=self._blob_store)
-        self.timings = {"attest": t1 - t0, "unseal": t2 - t1, "compile": time.perf_counter() - t2}
+        # unseal: the decryption's own time, which overlaps the compile (the frontend's parse
+        # included); unseal wait: how long the compile waited for it
+        self.timings = {"attest": t1 - t0, "unseal": opening.seconds, "unseal wait": opening.waited,
+                        "compile": time.perf_counter() - t1}
 
-    def _compile(self, parts: dict, pkg: Package):
+    def _compile(self, opening: Unsealing, pkg: Package):
+        """The model's frontend reads its files in place from the mapping while it is decrypted (the
+        GGUF metadata and tokenizer before the weights); every chunk and the Merkle root are
+        checked before the graph is compiled and compared with the sealed program."""
         from isthmus.compiler.frontends import Model
         from isthmus.compiler.frontends.memfiles import load_model_from
         from isthmus.compiler.ir_text import print_graph
@@ -136,14 +144,25 @@ class EnclaveSession:
         from isthmus.compiler.targets import compile_model
 
         h = pkg.header
+        spans = payload_spans(opening.buffer, opening.ready)
+        parts = {name: memoryview(opening.buffer)[o:o + n].toreadonly() for name, (o, n) in spans.items()}
+        if MANIFEST in spans:
+            opening.ready(sum(spans[MANIFEST]))
         manifest, files = model_parts(parts, pkg.name)
+
+        def ready(rel: str, n: int) -> int:
+            start = spans[FILE_PREFIX + rel][0] if FILE_PREFIX + rel in spans else spans[LEGACY_GGUF][0]
+            return opening.ready(start + n) - start
+
+        # the frontend reads the model's files from the unsealed mapping, as it reads them on disk
+        model = load_model_from(files, format=manifest["format"], entry=manifest["entry"], name=manifest["name"],
+                                ready=ready)
+        opening.finish()
         if PROGRAM not in parts:
             raise SealError(f"{pkg.name}: the payload lacks {PROGRAM}")
         sealed_program = str(parts[PROGRAM], "utf-8")
         if measurement.program_digest(sealed_program) != h.program_digest:
             raise SealError(f"{pkg.name}: the sealed program does not match the digest in the header")
-        # the frontend reads the model's files from the unsealed mapping, as it reads them on disk
-        model = load_model_from(files, format=manifest["format"], entry=manifest["entry"], name=manifest["name"])
         with _no_ir_dumps():
             graph = run_pipeline(model.graph)
         if print_graph(graph) != sealed_program:

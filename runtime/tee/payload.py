@@ -134,13 +134,24 @@ def _map_file(path) -> memoryview:
         return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def sections(buf) -> dict[str, memoryview]:
+def sections(buf, ready=None) -> dict[str, memoryview]:
     """The named sections of an unsealed payload, as read-only views of `buf` (no copies)."""
     view = memoryview(buf).cast("B").toreadonly()
+    return {name: view[offset:offset + size] for name, (offset, size) in spans(view, ready).items()}
+
+
+def spans(buf, ready=None) -> dict[str, tuple[int, int]]:
+    """Each section's (offset, size) in an unsealed payload, from its table. `ready(end)`, when
+    given, is called before the table's bytes are read: they may still be being decrypted."""
+    view = memoryview(buf).cast("B")
     try:
+        if ready is not None:
+            ready(_U32.size)
         (n,) = _U32.unpack_from(view, 0)
         if n > len(view) - _U32.size:
             raise ValueError("table runs past the end")
+        if ready is not None:
+            ready(_U32.size + n)
         table = json.loads(str(view[_U32.size:_U32.size + n], "utf-8"))
         if table.get("format") != 1:
             raise ValueError(f"unknown payload format {table.get('format')!r}")
@@ -150,7 +161,7 @@ def sections(buf) -> dict[str, memoryview]:
             if not (isinstance(name, str) and type(offset) is int and type(size) is int
                     and 0 <= offset <= offset + size <= len(view)) or name in out:
                 raise ValueError(f"bad section entry {s!r}")
-            out[name] = view[offset:offset + size]
+            out[name] = (offset, size)
         return out
     except (ValueError, KeyError, TypeError, AttributeError, struct.error, RecursionError) as e:
         raise SealError(f"the unsealed payload's section table is malformed ({e})") from None

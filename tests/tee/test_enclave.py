@@ -50,7 +50,7 @@ def test_session_state_and_timings(session, sealed):
     pcrs = dict(session.pcrs)
     assert pcrs.pop("3") == expected_package_pcr(sealed.pkg.identity())      # PCR3: this very package
     assert pcrs == sealed.allow[0]                                             # PCR0-2: what the owner allowed
-    assert set(session.timings) == {"attest", "unseal", "compile"}
+    assert set(session.timings) == {"attest", "unseal", "unseal wait", "compile"}
     assert session.package.header.tenant == "acme"
     with pytest.raises(InputError, match="already runs"):
         session.measure_program(session.package)
@@ -289,6 +289,41 @@ def test_gguf_from_a_buffer_matches_the_file(chat_gguf):
         read_gguf(bytes(data[:100]), "in-memory")
     with pytest.raises(ModelFormatError):
         read_gguf(b"GGUF")
+
+
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_a_gguf_arriving_in_pieces_parses_the_same_and_reads_nothing_before_it_arrives(chat_gguf, piece):
+    """The sealed path parses a GGUF while it is being decrypted: the reader asks `ready(end)` before
+    it reads. Here the bytes arrive `piece` at a time into a buffer full of 0xFF (which would read as
+    absurd lengths and counts): the result is the file's, and the metadata and tokenizer came before
+    the tensor data was asked for."""
+    from isthmus.compiler.frontends.gguf import read_gguf
+    from isthmus.compiler.frontends.gguf_model import load_gguf
+    from isthmus.compiler.ir_text import print_graph
+
+    real = chat_gguf.read_bytes()
+
+    def arriving():
+        buf, state = bytearray(b"\xff" * len(real)), {"in": 0, "asked": []}
+
+        def ready(end: int) -> int:
+            assert 0 < end <= len(real) and end > state["in"]
+            state["asked"].append(end)
+            state["in"] = min(len(real), -(-end // piece) * piece)
+            buf[:state["in"]] = real[:state["in"]]
+            return state["in"]
+        return buf, state, ready
+
+    buf, state, ready = arriving()
+    parsed, plain = read_gguf(memoryview(buf), "in-memory", ready), read_gguf(chat_gguf)
+    assert parsed.metadata == plain.metadata and parsed.data_offset == plain.data_offset
+    assert state["in"] < len(real) and state["asked"] == sorted(state["asked"])
+    assert state["asked"][-1] <= plain.data_offset               # the index, not the tensors
+    buf, state, ready = arriving()
+    model, want = load_gguf(memoryview(buf), "in-memory", ready), load_gguf(chat_gguf)
+    assert state["in"] == len(real) and state["asked"][-1] == len(real)
+    assert print_graph(model.graph) == print_graph(want.graph)
+    assert model.tokenizer.encode("hi there") == want.tokenizer.encode("hi there")
 
 
 def test_the_plaintext_scanner_finds_planted_leaks(tmp_path, scan):

@@ -274,6 +274,34 @@ def test_a_payload_of_several_groups_across_sections_round_trips_and_leaves_no_p
     assert verify_package(out).header.merkle_root == pkg.header.merkle_root
 
 
+def test_an_unsealing_hands_out_bytes_only_as_they_authenticate():
+    """`Unsealing` decrypts in the background: `ready(end)` returns once the first `end` bytes have
+    authenticated; a tampered chunk after them fails only a wait that reaches it, and `abort` leaves
+    the buffer zero. Intact, `finish` checks everything and the bytes are the payload's."""
+    from isthmus.runtime.tee import chunks
+    from isthmus.runtime.tee.package import Unsealing
+
+    data, chunk = os.urandom(3 * chunks.GROUP_BYTES + 1000), 64 << 10
+    blob = make(data, chunk=chunk)
+    opening = Unsealing(blob, DEK)
+    assert opening.ready(10) >= 10 and bytes(opening.buffer[:10]) == data[:10]
+    assert opening.finish() == read_header(blob) and bytes(opening.buffer) == data
+    assert opening.ready(len(data) + 5) == len(data) and opening.seconds > 0
+
+    bad = 2 * chunks.GROUP_BYTES // chunk + 3                  # a chunk of the third group
+    damaged = bytearray(blob)
+    damaged[chunk_spans(blob)[bad][0] + 9] ^= 0x40
+    opening = Unsealing(bytes(damaged), DEK)
+    done = opening.ready(chunks.GROUP_BYTES)
+    assert chunks.GROUP_BYTES <= done <= bad * chunk and bytes(opening.buffer[:done]) == data[:done]
+    with pytest.raises(SealError, match=f"chunk {bad} of"):
+        opening.ready(bad * chunk + 1)
+    with pytest.raises(SealError, match=f"chunk {bad} of"):
+        opening.finish()
+    opening.abort()
+    assert bytes(opening.buffer).count(0) == len(data)
+
+
 @pytest.mark.parametrize("size", [(8 << 20) + 12345, (9 << 20) + 4096 * 3 + 1])
 def test_a_large_buffer_is_wiped_to_the_last_byte_on_every_core_and_on_a_cipher_thread(size):
     """zeroise splits buffers of 8 MiB and more over the cipher threads: every byte of a bytearray
