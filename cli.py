@@ -346,8 +346,9 @@ def print_timings(s, total: float, load_seconds: float, timings: dict) -> None:
              ("prompt eval rate", f"{s.prompt_rate:.2f} tokens/s"),
              ("eval count", f"{s.eval_tokens} token(s)"), ("eval duration", _dur(s.eval_seconds)),
              ("eval rate", f"{s.eval_rate:.2f} tokens/s")]
+    width = max(22, *(len(k) + 2 for k, _ in lines))
     for k, v in lines:
-        print(f"{k + ':':<22}{v}", file=sys.stderr)
+        print(f"{k + ':':<{width}}{v}", file=sys.stderr)
 
 
 def _dur(seconds: float) -> str:
