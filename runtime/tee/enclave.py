@@ -9,8 +9,8 @@ Start-up measures the runtime code and config into the registers (PCR0, PCR2) an
 X25519 key pair; `load` measures the package's compiled-program digest (PCR1), sends a report
 bound to the package to the key release service, unwraps the data key with the enclave's private
 key, unseals the payload into an anonymous memory mapping, has the model's frontend (GGUF, ONNX or
-safetensors) read its files in place from that mapping (as they are decrypted), recompiles the graph and checks the result
-is exactly the sealed (and measured) program, then lowers it for the target.
+safetensors) read its files in place from that mapping as they are decrypted, recompiles the graph
+and checks the result is exactly the sealed (and measured) program, then lowers it for the target.
 
 Simulated: this object lives in an ordinary process. The operator can read its memory, attach a
 debugger, or read the platform keys; nothing is encrypted in RAM. What it does guarantee is the
