@@ -35,7 +35,7 @@ from isthmus.runtime.tee.conversations import DEFAULT_BUDGET, ConversationStore
 from isthmus.runtime.tee.crypto import canonical, public_bytes, sha384, unwrap_with, zeroise
 from isthmus.runtime.tee.keyrelease import key_request
 from isthmus.runtime.tee.package import Package, Unsealing, read_header
-from isthmus.runtime.tee.payload import FILE_PREFIX, LEGACY_GGUF, MANIFEST, PROGRAM, model_parts
+from isthmus.runtime.tee.payload import FILE_PREFIX, LEGACY_GGUF, MANIFEST, PROGRAM, model_parts, views
 from isthmus.runtime.tee.payload import spans as payload_spans
 
 
@@ -145,7 +145,7 @@ class EnclaveSession:
 
         h = pkg.header
         spans = payload_spans(opening.buffer, opening.ready)
-        parts = {name: memoryview(opening.buffer)[o:o + n].toreadonly() for name, (o, n) in spans.items()}
+        parts = views(opening.buffer, spans)
         if MANIFEST in spans:
             opening.ready(sum(spans[MANIFEST]))
         manifest, files = model_parts(parts, pkg.name)

@@ -134,10 +134,15 @@ def _map_file(path) -> memoryview:
         return memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ))
 
 
-def sections(buf, ready=None) -> dict[str, memoryview]:
+def sections(buf) -> dict[str, memoryview]:
     """The named sections of an unsealed payload, as read-only views of `buf` (no copies)."""
+    return views(buf, spans(buf))
+
+
+def views(buf, placed: dict[str, tuple[int, int]]) -> dict[str, memoryview]:
+    """Read-only views of `buf` at the (offset, size) of each section named in `placed`."""
     view = memoryview(buf).cast("B").toreadonly()
-    return {name: view[offset:offset + size] for name, (offset, size) in spans(view, ready).items()}
+    return {name: view[offset:offset + size] for name, (offset, size) in placed.items()}
 
 
 def spans(buf, ready=None) -> dict[str, tuple[int, int]]:
